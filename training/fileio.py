@@ -1,0 +1,77 @@
+"""Artifact file helpers every stage uses: one error type for user mistakes, atomic writes, hashes.
+
+Stages talk only through files on disk (DESIGN.md), so these few functions are the whole contract for
+writing them safely: a crash mid-write never leaves a half file where a good one was.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+
+class UserError(Exception):
+    """A mistake the user can fix. The CLI prints its message as one line and exits 2, no traceback."""
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a temporary path next to `path`; on success rename it over `path` (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; give the file the mode a plain open() would
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_text(path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def write_json(path, obj) -> None:
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
+
+
+def read_json(path, what: str) -> dict:
+    """Read a JSON artifact; a missing or unparsable file is a UserError naming `what` it should be."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} not found: expected {what}")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); re-create {what}") from None
+
+
+def check_schema(doc: dict, path, kind: str, supported: int, required: tuple[str, ...]) -> None:
+    """Stop with one clear line on an unknown schema version or a missing field."""
+    version = doc.get("schema_version")
+    if version is None:
+        raise UserError(f"{path}: no schema_version; this is not a {kind} written by rescascade")
+    if not isinstance(version, int) or version > supported:
+        raise UserError(f"{path}: {kind} schema_version {version!r} is not supported by this rescascade "
+                        f"(it reads up to {supported}); upgrade rescascade or re-create the file")
+    missing = [k for k in required if k not in doc]
+    if missing:
+        raise UserError(f"{path}: {kind} lacks field(s) {', '.join(missing)}; the file is incomplete, re-create it")
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

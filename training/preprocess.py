@@ -1,0 +1,46 @@
+"""Preprocessing for resolution r (DESIGN.md): resize the shorter side to round(r / 0.875) (antialiased),
+center-crop r, scale to [0, 1], normalize with ImageNet mean/std. torchvision v2 functionals on tensors, shared
+by training, prediction, profiling and the runtime, so every stage sees exactly the same pixels."""
+from __future__ import annotations
+
+import torch
+import torchvision.transforms.v2 as T
+import torchvision.transforms.v2.functional as TF
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CROP_FRACTION = 0.875
+
+
+def eval_resize_size(resolution: int, crop_fraction: float = CROP_FRACTION) -> int:
+    return int(round(resolution / crop_fraction))
+
+
+def resize_center_crop(images: torch.Tensor, resolution: int, crop_fraction: float = CROP_FRACTION) -> torch.Tensor:
+    """Images [..., C, H, W] (uint8 stays uint8) -> [..., C, r, r]; works on a batch of equal-size images."""
+    x = TF.resize(images, [eval_resize_size(resolution, crop_fraction)], antialias=True)
+    return TF.center_crop(x, [resolution, resolution])
+
+
+def to_model_input(images: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """uint8 [..., C, r, r] -> normalized float32."""
+    x = TF.to_dtype(images, torch.float32, scale=True)
+    return TF.normalize(x, list(mean), list(std))
+
+
+def preprocess(images: torch.Tensor, resolution: int, crop_fraction: float = CROP_FRACTION,
+               mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """Decoded uint8 images [N, C, H, W] (or [C, H, W]) -> the model input at `resolution`."""
+    return to_model_input(resize_center_crop(images, resolution, crop_fraction), mean, std)
+
+
+def eval_transform(resolution: int, crop_fraction: float = CROP_FRACTION) -> T.Compose:
+    """The same as `preprocess`, as a torchvision v2 transform for datasets of uint8 tensors or PIL images."""
+    return T.Compose([T.ToImage(), T.Resize(eval_resize_size(resolution, crop_fraction), antialias=True),
+                      T.CenterCrop(resolution), T.ToDtype(torch.float32, scale=True),
+                      T.Normalize(list(IMAGENET_MEAN), list(IMAGENET_STD))])
+
+
+def train_transform(resolution: int) -> T.Compose:
+    """RandomResizedCrop(r) + horizontal flip, kept uint8 (the trainer normalizes on the device)."""
+    return T.Compose([T.ToImage(), T.RandomResizedCrop(resolution, antialias=True), T.RandomHorizontalFlip()])

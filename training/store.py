@@ -1,0 +1,114 @@
+"""The family directory on disk (DESIGN.md §1): family.json, shared.safetensors, patches/rNNN.safetensors.
+
+Like a PEFT adapter, a patch file is tiny and lives apart from the shared weights; shared + one patch is a
+plain torchvision state dict for that resolution.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import platform
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from .family import ARCH, ResolutionFamily, check_resolutions, res_key
+from .fileio import UserError, atomic_path, check_schema, read_json, sha256_file, write_json
+from .params import count_parameters
+from .preprocess import CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD
+
+SCHEMA_VERSION = 1
+REQUIRED = ("arch", "width_mult", "num_classes", "resolutions", "patch", "classifier", "files")
+
+
+def patch_path(run_dir, resolution: int) -> Path:
+    return Path(run_dir) / "patches" / f"{res_key(resolution)}.safetensors"
+
+
+def library_versions() -> dict:
+    import numpy
+    import torchvision
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "numpy": numpy.__version__}
+
+
+def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> str:
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp))
+    return sha256_file(path)
+
+
+def save_family(family: ResolutionFamily, run_dir, class_names=None, provenance: dict | None = None,
+                extra: dict | None = None) -> dict:
+    """Write the family directory; family.json goes last and records every file's sha256."""
+    run_dir = Path(run_dir)
+    files = {"shared.safetensors": _save_tensors(family.shared_state_dict(), run_dir / "shared.safetensors")}
+    for r in family.resolutions:
+        files[f"patches/{res_key(r)}.safetensors"] = _save_tensors(family.patch_state_dict(r), patch_path(run_dir, r))
+    doc = {
+        "schema_version": SCHEMA_VERSION,
+        **family.config,
+        "class_names": list(class_names) if class_names is not None else
+                       [str(i) for i in range(family.num_classes)],
+        "shared": {"convolutions": True, "classifier": family.classifier_kind == "shared",
+                   "bn_statistics": family.patch_kind == "scale_bias"},
+        "preprocessing": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "crop_fraction": CROP_FRACTION,
+                          "eval": "resize shorter side to round(r / crop_fraction), center-crop r, "
+                                  "scale to [0,1], normalize",
+                          "train": "RandomResizedCrop + horizontal flip"},
+        "parameters": count_parameters(family),
+        "provenance": {"created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                       "versions": library_versions(), **(provenance or {})},
+        "files": files,
+        **(extra or {}),
+    }
+    write_json(run_dir / "family.json", doc)
+    return doc
+
+
+def read_family_json(run_dir) -> dict:
+    path = Path(run_dir) / "family.json"
+    if Path(run_dir).is_file():
+        raise UserError(f"{run_dir} is a file; give the family directory written by `rescascade train`")
+    doc = read_json(path, "a family directory's family.json (written by `rescascade train`)")
+    check_schema(doc, path, "family", SCHEMA_VERSION, REQUIRED)
+    if doc["arch"] != ARCH:
+        raise UserError(f"{path}: arch {doc['arch']!r} is not supported; this rescascade builds {ARCH}")
+    check_resolutions(doc["resolutions"])
+    return doc
+
+
+def _load_tensors(path: Path, expected_sha: str | None, what: str) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise UserError(f"{path} is missing: family.json lists it ({what}); copy the whole family directory "
+                        "or re-run `rescascade train`")
+    if expected_sha is not None and sha256_file(path) != expected_sha:
+        raise UserError(f"{path} does not match the sha256 recorded in family.json: it changed after training; "
+                        "restore it or re-run `rescascade train`")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError) as e:
+        raise UserError(f"{path} is not a readable safetensors file ({e}); restore it or re-run train") from None
+
+
+def load_family(run_dir, verify: bool = True) -> tuple[ResolutionFamily, dict]:
+    """Load a family directory, validating schema, architecture, resolutions, files and shapes."""
+    run_dir = Path(run_dir)
+    doc = read_family_json(run_dir)
+    family = ResolutionFamily.from_config(doc)
+    files = doc["files"]
+    shared_sha = files.get("shared.safetensors") if verify else None
+    family.load_shared_state_dict(_load_tensors(run_dir / "shared.safetensors", shared_sha, "shared weights"),
+                                  what=str(run_dir / "shared.safetensors"))
+    for r in family.resolutions:
+        name = f"patches/{res_key(r)}.safetensors"
+        path = run_dir / name
+        family.load_patch_state_dict(r, _load_tensors(path, files.get(name) if verify else None,
+                                                      f"the patch of resolution {r}"), what=str(path))
+    return family.eval(), doc
+
+
+def family_sha256(run_dir) -> str:
+    """The identity of a family: the sha256 of its family.json (which records every weight file's sha256)."""
+    return sha256_file(Path(run_dir) / "family.json")
