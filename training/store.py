@@ -109,6 +109,14 @@ def load_family(run_dir, verify: bool = True) -> tuple[ResolutionFamily, dict]:
     return family.eval(), doc
 
 
+def weights_id(doc: dict) -> str:
+    """The identity of a family's weights: a sha256 over the sha256 of every weight file. Predictions and
+    profiles record it; it stays the same when family.json gains figures (top-1) after training."""
+    import hashlib
+    import json
+    return hashlib.sha256(json.dumps(doc["files"], sort_keys=True).encode()).hexdigest()
+
+
 def family_sha256(run_dir) -> str:
     """The identity of a family: the sha256 of its family.json (which records every weight file's sha256)."""
     return sha256_file(Path(run_dir) / "family.json")

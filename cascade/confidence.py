@@ -1,0 +1,48 @@
+"""Stage outputs and their confidence: temperature scaling, max-prob / margin / negative entropy, and the
+optional free ensemble (a stage averages its log-probabilities with those of the stages already run).
+
+The optimizer (on stored logits) and the runtime (on live logits) call the same functions, so a threshold
+means the same thing in both.
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import log_softmax
+
+MEASURES = ("max_prob", "margin", "entropy")
+
+
+def log_probs(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    """Temperature-scaled log-softmax over the last axis (float32: 50k x 1000 stays small)."""
+    return log_softmax(np.asarray(logits, dtype=np.float32) / np.float32(temperature), axis=-1)
+
+
+def combine(logp_stages: list[np.ndarray]) -> np.ndarray:
+    """The free ensemble: mean log-probability of the stages run so far, renormalised."""
+    return log_softmax(np.mean(logp_stages, axis=0, dtype=np.float32), axis=-1)
+
+
+def confidence(logp: np.ndarray, measure: str) -> np.ndarray:
+    """Higher = more confident. max_prob: top probability; margin: top-1 minus top-2 probability;
+    entropy: negative entropy (in nats) of the predictive distribution."""
+    if measure == "max_prob":
+        return np.exp(logp.max(-1))
+    if measure == "margin":
+        top2 = np.partition(logp, -2, axis=-1)[..., -2:]
+        return np.exp(top2[..., 1]) - np.exp(top2[..., 0])
+    if measure == "entropy":
+        p = np.exp(logp)
+        return (p * logp).sum(-1)
+    raise ValueError(f"unknown confidence measure {measure!r}; choose one of {', '.join(MEASURES)}")
+
+
+def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
+    """The temperature that minimises the negative log-likelihood (Guo et al. 2017), in [0.05, 20]."""
+    logits = np.asarray(logits, dtype=np.float64)
+    rows = np.arange(len(labels))
+
+    def nll(log_t: float) -> float:
+        return float(-log_softmax(logits / np.exp(log_t), axis=-1)[rows, labels].mean())
+    res = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded", options={"xatol": 1e-4})
+    return float(np.exp(res.x))

@@ -1,0 +1,91 @@
+"""Per-stage costs from a profile table (DESIGN.md §2): measured, not counted.
+
+A stage at resolution r costs its inference, plus the preprocessing of the source image to r, plus the
+runtime's decision step (confidence, exit mask), per image, at the serving batch size. Expected cost of a cascade = Σ_k P(reach stage k) · cost_k. In batch-aware mode
+(throughput serving) stage k runs on the shrunken batch that reaches it, so its per-image cost is read from
+the profile row nearest (in log scale) that batch size.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from training.fileio import UserError
+
+
+@dataclass
+class CostModel:
+    backend: str
+    precision: str
+    batch_size: int
+    batch_aware: bool
+    # resolution -> {batch_size: per-image ms (inference + preprocessing)}
+    table: dict[int, dict[int, float]]
+
+    @classmethod
+    def from_profile(cls, df: pd.DataFrame, resolutions, backend: str | None, precision: str | None,
+                     batch_size: int, batch_aware: bool = False, where: str = "profile") -> "CostModel":
+        if backend is None:
+            backends = sorted(df.backend.unique())
+            if len(backends) != 1:
+                raise UserError(f"{where} holds backends {backends}; choose one with --backend")
+            backend = backends[0]
+        sel = df[df.backend == backend]
+        if sel.empty:
+            raise UserError(f"{where} has no rows for backend {backend!r} (it has {sorted(df.backend.unique())}); "
+                            f"profile it with `rescascade profile RUN_DIR --backend {backend}`")
+        if precision is None:
+            precisions = sorted(sel.precision.unique())
+            if len(precisions) != 1:
+                raise UserError(f"{where} holds precisions {precisions} for {backend}; choose one with --precision")
+            precision = precisions[0]
+        sel = sel[sel.precision == precision]
+        if sel.empty:
+            raise UserError(f"{where} has no {precision} rows for backend {backend}")
+        table = {}
+        for r in resolutions:
+            rows = sel[sel.resolution == r]
+            if rows.empty:
+                raise UserError(f"resolution {r} is missing from {where} ({backend}, {precision}); profile it: "
+                                f"`rescascade profile RUN_DIR --backend {backend} --precision {precision}`")
+            table[int(r)] = {int(row.batch_size): float(row.median_ms + row.preprocess_ms +
+                                                         getattr(row, "overhead_ms", 0.0)) / int(row.batch_size)
+                             for row in rows.itertuples()}
+            if not batch_aware and batch_size not in table[int(r)]:
+                raise UserError(f"{where} has no batch-size-{batch_size} row for resolution {r} "
+                                f"(has {sorted(table[int(r)])}); profile with --batch-sizes {batch_size} or pick "
+                                "one of those with --batch-size")
+        return cls(backend, precision, int(batch_size), batch_aware, table)
+
+    def per_image(self, resolution: int, batch: float | None = None) -> float:
+        """Per-image ms of a stage at `resolution` run on `batch` images (nearest profiled size, log scale)."""
+        rows = self.table[resolution]
+        b = self.batch_size if batch is None else batch
+        if b in rows:
+            return rows[b]
+        sizes = np.array(sorted(rows))
+        nearest = sizes[np.argmin(np.abs(np.log(sizes) - np.log(max(b, 1e-9))))]
+        return rows[int(nearest)]
+
+    def unit_costs(self) -> dict[int, float]:
+        """Per-image cost of each resolution at the serving batch size."""
+        return {r: self.per_image(r) for r in self.table}
+
+    def expected(self, resolutions: list[int], reach: list[float]) -> float:
+        """Expected per-image ms of a cascade whose stage k runs on a fraction reach[k] of the inputs."""
+        total = 0.0
+        for r, frac in zip(resolutions, reach):
+            if frac <= 0:
+                continue
+            if self.batch_aware:
+                total += frac * self.per_image(r, max(1.0, frac * self.batch_size))
+            else:
+                total += frac * self.per_image(r)
+        return total
+
+    def describe(self) -> dict:
+        return {"backend": self.backend, "precision": self.precision, "batch_size": self.batch_size,
+                "batch_aware": self.batch_aware,
+                "per_image_ms": {str(r): self.per_image(r) for r in sorted(self.table)}}

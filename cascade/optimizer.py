@@ -1,0 +1,309 @@
+"""Choosing a cascade: Streeter-style cost-aware greedy, exact search for small pools, and the Pareto sweep.
+
+A cascade is an ordered list of stages (resolution, threshold); an input exits at the first stage whose
+confidence reaches its threshold, and the last stage answers everything.
+
+Greedy (after Streeter, "Approximation Algorithms for Cascading Prediction Models", ICML 2018): candidates are
+(resolution, threshold) with thresholds at confidence quantiles of the still-unresolved calib examples. A
+candidate is *admissible* when, on the examples it would answer, it is at least as accurate as the reference
+model on those same examples (minus a tolerance). Repeatedly add the admissible candidate that resolves the
+most examples per unit of added cost, while it lowers the expected cost; finish with the reference. With
+tolerance 0 the cascade is at least as accurate as the reference on calib, by construction.
+
+Exact search enumerates every increasing chain of resolutions over a threshold grid (branch and bound on
+packed bitsets), under the global accuracy constraint, to measure the greedy's gap.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .confidence import combine, confidence, log_probs
+from .costs import CostModel
+from .predictions import Predictions
+
+DEFAULT_TOLERANCES = (0.0, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0)
+
+
+@dataclass(frozen=True)
+class Stage:
+    resolution: int
+    threshold: float  # -inf for the last stage
+
+
+@dataclass
+class Cascade:
+    stages: list[Stage]
+    tolerance: float | None = None  # the greedy tolerance that produced it (None: exact / single model)
+    method: str = "greedy"
+
+    @property
+    def resolutions(self) -> list[int]:
+        return [s.resolution for s in self.stages]
+
+    def key(self) -> tuple:
+        return tuple((s.resolution, round(s.threshold, 9)) for s in self.stages)
+
+    def describe(self) -> str:
+        parts = [f"r{s.resolution}" + (f"@{s.threshold:.4g}" if math.isfinite(s.threshold) else "")
+                 for s in self.stages]
+        return " -> ".join(parts)
+
+
+@dataclass
+class StageViews:
+    """What each stage sees on a set of examples: its prediction, confidence and correctness.
+
+    measure: max_prob | margin | entropy; temperatures: per resolution; combined: the free ensemble, where a
+    stage's output is the mean log-probability of every stage run so far (so it depends on the prefix).
+    """
+    preds: Predictions
+    measure: str = "max_prob"
+    temperatures: dict[int, float] = field(default_factory=dict)
+    combined: bool = False
+
+    def __post_init__(self):
+        self._cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+        self._logp: dict[int, np.ndarray] = {}
+
+    def logp(self, r: int) -> np.ndarray:
+        if r not in self._logp:
+            self._logp[r] = log_probs(self.preds.column(r), self.temperatures.get(r, 1.0))
+        return self._logp[r]
+
+    def view(self, prefix: tuple[int, ...], r: int) -> tuple[np.ndarray, np.ndarray]:
+        """(confidence [N] float64, correct [N] bool) of stage r after the stages in prefix."""
+        key = (tuple(prefix) if self.combined else (), r)
+        if key not in self._cache:
+            if self.combined and prefix:
+                lp = combine([self.logp(p) for p in prefix] + [self.logp(r)])
+            else:
+                lp = self.logp(r)
+            conf = confidence(lp, self.measure).astype(np.float64)
+            correct = lp.argmax(-1) == self.preds.labels
+            if not self.combined:  # the full log-probs are no longer needed
+                self._logp.pop(r, None)
+            self._cache[key] = (conf, correct)
+        return self._cache[key]
+
+    def predictions(self, prefix: tuple[int, ...], r: int) -> np.ndarray:
+        lp = combine([self.logp(p) for p in prefix] + [self.logp(r)]) if self.combined and prefix else self.logp(r)
+        return lp.argmax(-1)
+
+
+@dataclass
+class Outcome:
+    accuracy: float
+    correct: int
+    n: int
+    mean_cost: float
+    exit_fractions: list[float]
+    reach_fractions: list[float]
+    exit_stage: np.ndarray
+    correct_mask: np.ndarray
+
+    def summary(self, reference_cost: float | None = None) -> dict:
+        d = {"accuracy": self.accuracy, "n": self.n, "mean_cost_ms": self.mean_cost,
+             "exit_fractions": self.exit_fractions}
+        if reference_cost:
+            d["cost_vs_reference"] = self.mean_cost / reference_cost
+        return d
+
+
+def simulate(cascade: Cascade, views: StageViews, costs: CostModel) -> Outcome:
+    """Run the cascade over stored logits: who exits where, accuracy, expected cost."""
+    n = views.preds.n
+    remaining = np.ones(n, dtype=bool)
+    exit_stage = np.full(n, -1, dtype=np.int64)
+    correct = np.zeros(n, dtype=bool)
+    reach, exits, prefix = [], [], ()
+    for k, stage in enumerate(cascade.stages):
+        reach.append(remaining.mean())
+        conf, corr = views.view(prefix, stage.resolution)
+        last = k == len(cascade.stages) - 1
+        out = remaining if last else remaining & (conf >= stage.threshold)
+        exit_stage[out] = k
+        correct[out] = corr[out]
+        exits.append(out.mean())
+        remaining &= ~out
+        prefix = prefix + (stage.resolution,)
+    return Outcome(float(correct.mean()), int(correct.sum()), n, costs.expected(cascade.resolutions, reach),
+                   [float(e) for e in exits], [float(r) for r in reach], exit_stage, correct)
+
+
+def reference_resolution(views: StageViews, resolutions) -> int:
+    """The most accurate single resolution on these examples (ties: the cheaper, i.e. lower, one)."""
+    accs = {r: views.view((), r)[1].mean() for r in resolutions}
+    best = max(accs.values())
+    return min(r for r in resolutions if accs[r] >= best - 1e-12)
+
+
+def greedy(views: StageViews, costs: CostModel, reference: int, candidates, tolerance: float = 0.0,
+           quantiles: int = 100, min_exit: int = 1) -> Cascade:
+    """Streeter-style greedy; the reference closes the cascade."""
+    n = views.preds.n
+    unit = costs.unit_costs()
+    _, ref_correct = views.view((), reference)
+    remaining = np.ones(n, dtype=bool)
+    stages, prefix = [], ()
+    pool = [r for r in candidates if r != reference]
+    while pool:
+        idx = np.flatnonzero(remaining)
+        m = len(idx)
+        if m == 0:
+            break
+        best = None  # (ratio, r, threshold, k)
+        for r in pool:
+            conf, corr = views.view(prefix, r)
+            c = conf[idx]
+            order = np.argsort(-c, kind="stable")
+            cs = c[order]
+            cum_r = np.cumsum(corr[idx][order])
+            cum_ref = np.cumsum(ref_correct[idx][order])
+            # thresholds at quantiles of the unresolved examples' confidence; k = how many would exit
+            ts = np.unique(np.quantile(cs, np.linspace(0, 1, quantiles + 1)[:-1]))
+            ks = m - np.searchsorted(cs[::-1], ts, side="left")  # count of conf >= t
+            ok = (ks >= min_exit)
+            ks_i = np.clip(ks, 1, m) - 1
+            ok &= cum_r[ks_i] >= cum_ref[ks_i] - tolerance * ks - 1e-9
+            # it must lower the expected cost: exits saved at the reference outweigh running r on all remaining
+            ok &= ks * unit[reference] > m * unit[r]
+            if not ok.any():
+                continue
+            ratio = np.where(ok, ks / (m * unit[r]), -np.inf)
+            j = int(np.argmax(ratio))
+            if best is None or ratio[j] > best[0]:
+                best = (ratio[j], r, float(ts[j]), int(ks[j]))
+        if best is None:
+            break
+        _, r, t, _ = best
+        conf, _ = views.view(prefix, r)
+        remaining &= ~(conf >= t)
+        stages.append(Stage(r, t))
+        prefix = prefix + (r,)
+        pool.remove(r)
+    stages.append(Stage(reference, -math.inf))
+    return Cascade(stages, tolerance=tolerance, method="greedy")
+
+
+# ---- exact search --------------------------------------------------------------------------------------
+def _pack(mask: np.ndarray) -> np.ndarray:
+    return np.packbits(mask)
+
+
+def _count(packed: np.ndarray) -> int:
+    return int(np.bitwise_count(packed).sum()) if hasattr(np, "bitwise_count") else \
+        int(np.unpackbits(packed).sum())
+
+
+def exact_search(views: StageViews, costs: CostModel, resolutions, min_correct: int, grid: int = 16,
+                 extra_thresholds: dict[int, list[float]] | None = None,
+                 max_nodes: int = 5_000_000) -> tuple[Cascade | None, int, bool]:
+    """Cheapest cascade over increasing chains x threshold grid with at least min_correct correct answers.
+
+    The grid per resolution is `grid` confidence quantiles plus `extra_thresholds` (pass the greedy's, so the
+    greedy's own cascade is in the search space and the reported gap is >= 0). Branch and bound on expected
+    cost (costs are non-negative, so a partial chain already costlier than the best is cut). Returns
+    (cascade or None if no chain meets the constraint, nodes visited, whether max_nodes cut the search)."""
+    resolutions = sorted(resolutions)
+    n = views.preds.n
+    unit = costs.unit_costs()
+    if costs.batch_aware:
+        cost_of = lambda r, frac: frac * costs.per_image(r, max(1.0, frac * costs.batch_size))  # noqa: E731
+    else:
+        cost_of = lambda r, frac: frac * unit[r]  # noqa: E731
+    packs: dict[tuple, tuple] = {}
+
+    def stage_bits(prefix: tuple, r: int):
+        key = (prefix if views.combined else (), r)
+        if key not in packs:
+            conf, corr = views.view(prefix, r)
+            ts = np.quantile(conf, np.linspace(0, 1, grid + 1)[1:-1])
+            ts = np.unique(np.concatenate([ts, (extra_thresholds or {}).get(r, [])]))
+            packs[key] = (ts, [_pack(conf >= t) for t in ts], _pack(corr))
+        return packs[key]
+
+    best = {"cost": math.inf, "stages": None}
+    nodes = 0
+    all_bits = _pack(np.ones(n, dtype=bool))
+
+    def dfs(start: int, prefix: tuple, stages: list, remaining: np.ndarray, n_rem: int, cost: float, correct: int):
+        nonlocal nodes
+        nodes += 1
+        if nodes > max_nodes:
+            return
+        frac = n_rem / n
+        for j in range(start, len(resolutions)):
+            r = resolutions[j]
+            c_stage = cost_of(r, frac)
+            if cost + c_stage >= best["cost"]:
+                continue
+            ts, exit_bits, corr_bits = stage_bits(prefix, r)
+            # r as the last stage: it answers everything left
+            total = correct + _count(remaining & corr_bits)
+            if total >= min_correct:
+                best["cost"], best["stages"] = cost + c_stage, stages + [Stage(r, -math.inf)]
+            # r as an intermediate stage at each threshold
+            for t, xb in zip(ts, exit_bits):
+                out = remaining & xb
+                n_out = _count(out)
+                if n_out == 0 or n_out == n_rem:
+                    continue
+                dfs(j + 1, prefix + (r,), stages + [Stage(r, float(t))], remaining & ~xb, n_rem - n_out,
+                    cost + c_stage, correct + _count(out & corr_bits))
+
+    dfs(0, (), [], all_bits, n, 0.0, 0)
+    cut = nodes > max_nodes
+    if best["stages"] is None:
+        return None, nodes, cut
+    return Cascade(best["stages"], method="exact"), nodes, cut
+
+
+# ---- sweeps and selection ------------------------------------------------------------------------------
+@dataclass
+class Candidate:
+    cascade: Cascade
+    outcome: Outcome
+    finisher: int
+
+
+def tolerance_sweep(views: StageViews, costs: CostModel, resolutions, finishers=None,
+                    tolerances=DEFAULT_TOLERANCES, quantiles: int = 100) -> list[Candidate]:
+    """Greedy cascades over tolerances x finishing models, plus every single model: the raw Pareto cloud."""
+    finishers = list(finishers or resolutions)
+    seen, out = set(), []
+    for r in resolutions:  # single models
+        c = Cascade([Stage(r, -math.inf)], tolerance=None, method="single")
+        out.append(Candidate(c, simulate(c, views, costs), r))
+        seen.add(c.key())
+    for f in finishers:
+        for tol in tolerances:
+            c = greedy(views, costs, f, resolutions, tol, quantiles)
+            if c.key() in seen:
+                continue
+            seen.add(c.key())
+            out.append(Candidate(c, simulate(c, views, costs), f))
+    return out
+
+
+def pareto_front(cands: list[Candidate]) -> list[Candidate]:
+    """Candidates not beaten on both cost and accuracy, by increasing cost."""
+    ordered = sorted(cands, key=lambda c: (c.outcome.mean_cost, -c.outcome.accuracy))
+    front, best_acc = [], -1.0
+    for c in ordered:
+        if c.outcome.accuracy > best_acc + 1e-12:
+            front.append(c)
+            best_acc = c.outcome.accuracy
+    return front
+
+
+def cheapest_meeting(cands: list[Candidate], min_accuracy: float) -> Candidate | None:
+    ok = [c for c in cands if c.outcome.accuracy >= min_accuracy - 1e-12]
+    return min(ok, key=lambda c: (c.outcome.mean_cost, -c.outcome.accuracy)) if ok else None
+
+
+def best_under_budget(cands: list[Candidate], budget_ms: float) -> Candidate | None:
+    ok = [c for c in cands if c.outcome.mean_cost <= budget_ms + 1e-12]
+    return max(ok, key=lambda c: (c.outcome.accuracy, -c.outcome.mean_cost)) if ok else None

@@ -1,0 +1,81 @@
+"""Reading predictions/{calib,test}.npz (DESIGN.md §1) with every check a user's mistake needs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from training.fileio import UserError
+
+SUPPORTED = 1
+
+
+@dataclass
+class Predictions:
+    logits: np.ndarray        # [N, R, C] float32
+    labels: np.ndarray        # [N] int64
+    resolutions: list[int]    # [R]
+    ids: np.ndarray           # [N]
+    weights_sha256: str
+    path: str = ""
+
+    @property
+    def n(self) -> int:
+        return len(self.labels)
+
+    def column(self, resolution: int) -> np.ndarray:
+        return self.logits[:, self.resolutions.index(resolution)]
+
+    def subset(self, idx) -> "Predictions":
+        return Predictions(self.logits[idx], self.labels[idx], self.resolutions, self.ids[idx], self.weights_sha256,
+                           self.path)
+
+    def restrict(self, resolutions) -> "Predictions":
+        k = [self.resolutions.index(r) for r in resolutions]
+        return Predictions(self.logits[:, k], self.labels, list(resolutions), self.ids, self.weights_sha256, self.path)
+
+
+def validate(logits, labels, resolutions, where: str) -> None:
+    if logits.ndim != 3 or labels.ndim != 1 or logits.shape[0] != labels.shape[0] or \
+            logits.shape[1] != len(resolutions):
+        raise UserError(f"{where}: logits {list(logits.shape)}, labels {list(labels.shape)} and "
+                        f"{len(resolutions)} resolutions do not fit [N, R, C] / [N] / [R]")
+    if logits.shape[0] == 0:
+        raise UserError(f"{where} holds no examples")
+    bad = ~np.isfinite(logits)
+    if bad.any():
+        n_rows = int(bad.any(axis=(1, 2)).sum())
+        r = resolutions[int(np.argwhere(bad)[0][1])]
+        raise UserError(f"{where}: {n_rows} example(s) have NaN or inf logits (first at resolution {r}); the model "
+                        "diverged or the file is damaged: retrain or re-run prediction")
+    c = logits.shape[2]
+    if labels.min() < 0 or labels.max() >= c:
+        raise UserError(f"{where}: labels range {labels.min()}..{labels.max()} falls outside the {c} classes of the "
+                        "logits; predictions and labels come from different label spaces")
+    if len(set(resolutions)) != len(resolutions):
+        raise UserError(f"{where}: resolutions {resolutions} repeat")
+
+
+def load_predictions(path) -> Predictions:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path} not found; `rescascade train` writes predictions/calib.npz and test.npz")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            version = int(z["schema_version"]) if "schema_version" in z else None
+            if version is None or version > SUPPORTED:
+                raise UserError(f"{path}: predictions schema_version {version} is not supported (reads up to "
+                                f"{SUPPORTED}); upgrade rescascade or re-run prediction")
+            missing = [k for k in ("logits", "labels", "resolutions") if k not in z]
+            if missing:
+                raise UserError(f"{path} lacks {', '.join(missing)}; it is not a predictions file from train")
+            logits = z["logits"].astype(np.float32, copy=False)
+            labels = z["labels"].astype(np.int64)
+            resolutions = [int(r) for r in z["resolutions"]]
+            ids = z["ids"] if "ids" in z else np.arange(len(labels)).astype(str)
+            wid = str(z["weights_sha256"]) if "weights_sha256" in z else ""
+    except (OSError, ValueError) as e:
+        raise UserError(f"{path} is not a readable .npz ({e}); re-run prediction") from None
+    validate(logits, labels, resolutions, str(path))
+    return Predictions(logits, labels, resolutions, ids, wid, str(path))

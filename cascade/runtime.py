@@ -1,0 +1,162 @@
+"""The cascade runtime: execute cascade.json on a backend, really skipping the stages an input does not need.
+
+Stage 1 runs on the whole batch; rows whose confidence reaches the stage's threshold exit; only the rest are
+resized to the next stage's resolution and sent on. Outputs come back in input order with the exit stage.
+The confidence is computed by the same functions the optimizer used on stored logits.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from profiling.backends import get_backend
+from profiling.measure import torch_threads
+from training.data import decode
+from training.fileio import UserError, sha256_file
+from training.preprocess import preprocess
+from training.store import load_family, weights_id
+
+from .config import CascadeConfig, read_config
+from .confidence import combine, confidence, log_probs
+
+
+@dataclass
+class StageTiming:
+    resolution: int
+    rows: int = 0
+    calls: int = 0
+    preprocess_s: float = 0.0
+    inference_s: float = 0.0
+    decide_s: float = 0.0
+
+
+@dataclass
+class CascadeResult:
+    labels: np.ndarray          # [N] predicted class (-1 where the input failed)
+    probs: np.ndarray           # [N, C] probabilities of the answering stage (NaN rows where failed)
+    exit_stage: np.ndarray      # [N] index of the answering stage (-1 where failed)
+    confidence: np.ndarray      # [N] confidence at the answering stage
+    errors: dict[int, str] = field(default_factory=dict)   # input index -> what went wrong
+    stage_timings: list[StageTiming] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+class CascadeRunner:
+    """Load cascade.json + its family (hashes verified) and run the cascade on `backend`.
+
+    runner(images) accepts a uint8 tensor [N, 3, H, W], or a list of uint8 [3, H, W] tensors and/or image
+    file paths (decoded here; a corrupt file is an error for that input only).
+    """
+
+    def __init__(self, config, backend: str | None = None, precision: str | None = None,
+                 threads: int | None = None, stages=None):
+        self.config: CascadeConfig = config if isinstance(config, CascadeConfig) else read_config(config)
+        fam_dir = self.config.family_dir
+        doc_family = self.config.doc["family"]
+        if not (fam_dir / "family.json").is_file():
+            raise UserError(f"the family {fam_dir} named by {self.config.path} is not there; copy the family "
+                            "directory next to cascade.json as recorded, or re-run build")
+        if sha256_file(fam_dir / "family.json") != doc_family["family_json_sha256"]:
+            raise UserError(f"{fam_dir}/family.json changed since {self.config.path} was built; "
+                            "re-run `rescascade build` for this family")
+        family, doc = load_family(fam_dir)  # verifies every weight file's sha256
+        if weights_id(doc) != doc_family["weights_sha256"]:
+            raise UserError(f"the weights in {fam_dir} are not the ones {self.config.path} was built for")
+        self.backend_name = backend or self.config.doc["profile"]["backend"]
+        self.precision = precision or self.config.doc["profile"]["precision"]
+        prep = doc.get("preprocessing", {})
+        self.crop_fraction = prep.get("crop_fraction", 0.875)
+        self.mean, self.std = prep.get("mean"), prep.get("std")
+        self.cascade = self.config.cascade if stages is None else stages
+        self.temperatures = self.config.temperatures
+        self.measure, self.combined = self.config.measure, self.config.combined
+        self.num_classes = doc["num_classes"]
+        be = get_backend(self.backend_name)
+        self.device = be.device
+        self.engines = {}
+        for s in self.cascade.stages:
+            if s.resolution not in self.engines:
+                self.engines[s.resolution] = be.open(family, fam_dir, weights_id(doc), s.resolution, self.precision,
+                                                     threads)
+
+    # ---- inputs --------------------------------------------------------------------------------------------
+    def _load(self, images) -> tuple[list[torch.Tensor | None], dict[int, str]]:
+        if isinstance(images, torch.Tensor):
+            if images.dim() != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
+                raise UserError(f"images tensor must be uint8 [N, 3, H, W], got {images.dtype} {list(images.shape)}")
+            return list(images), {}
+        out, errors = [], {}
+        for i, item in enumerate(images):
+            try:
+                if isinstance(item, (str, Path)):
+                    item = decode(Path(item).read_bytes())
+                if not (isinstance(item, torch.Tensor) and item.dim() == 3 and item.shape[0] == 3
+                        and item.dtype == torch.uint8):
+                    raise ValueError("not a decoded uint8 [3, H, W] image")
+                out.append(item)
+            except Exception as e:  # a corrupt or missing file fails that input, not the batch
+                out.append(None)
+                errors[i] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'unreadable'}"
+        return out, errors
+
+    def _stage_input(self, images: list[torch.Tensor], rows: np.ndarray, r: int) -> torch.Tensor:
+        kwargs = dict(crop_fraction=self.crop_fraction)
+        if self.mean is not None:
+            kwargs.update(mean=self.mean, std=self.std)
+        sizes = {tuple(images[i].shape) for i in rows}
+        if len(sizes) == 1:  # one resize call for the whole batch
+            batch = torch.stack([images[i] for i in rows]).to(self.device, non_blocking=True)
+            return preprocess(batch, r, **kwargs)
+        return torch.stack([preprocess(images[i].to(self.device), r, **kwargs) for i in rows])
+
+    # ---- running -------------------------------------------------------------------------------------------
+    def __call__(self, images) -> CascadeResult:
+        threads = next(iter(self.engines.values())).preprocess_threads
+        with torch_threads(threads):
+            return self._run(images)
+
+    def _run(self, images) -> CascadeResult:
+        t_start = time.perf_counter()
+        imgs, errors = self._load(images)
+        n = len(imgs)
+        labels = np.full(n, -1, dtype=np.int64)
+        probs = np.full((n, self.num_classes), np.nan, dtype=np.float32)
+        exit_stage = np.full(n, -1, dtype=np.int64)
+        conf_out = np.full(n, np.nan)
+        active = np.array([i for i in range(n) if imgs[i] is not None], dtype=np.int64)
+        history: list[np.ndarray] = []  # log-probs of the stages run so far, rows aligned with `active`
+        timings = []
+        stages = self.cascade.stages
+        for k, stage in enumerate(stages):
+            t = StageTiming(stage.resolution)
+            timings.append(t)
+            if len(active) == 0:
+                break
+            t0 = time.perf_counter()
+            x = self._stage_input(imgs, active, stage.resolution)
+            t1 = time.perf_counter()
+            logits = self.engines[stage.resolution].run(x)
+            logits = logits.detach().float().cpu().numpy()
+            t2 = time.perf_counter()
+            lp = log_probs(logits, self.temperatures.get(stage.resolution, 1.0))
+            if self.combined:
+                history.append(lp)
+                lp = combine(history) if len(history) > 1 else lp
+            conf = confidence(lp, self.measure)
+            last = k == len(stages) - 1
+            done = np.ones(len(active), dtype=bool) if last else conf >= stage.threshold
+            rows = active[done]
+            labels[rows] = lp[done].argmax(-1)
+            probs[rows] = np.exp(lp[done])
+            exit_stage[rows] = k
+            conf_out[rows] = conf[done]
+            active = active[~done]
+            if self.combined:
+                history = [h[~done] for h in history]
+            t.rows, t.calls = int(len(done)), 1
+            t.preprocess_s, t.inference_s, t.decide_s = t1 - t0, t2 - t1, time.perf_counter() - t2
+        return CascadeResult(labels, probs, exit_stage, conf_out, errors, timings, time.perf_counter() - t_start)

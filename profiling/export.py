@@ -1,0 +1,101 @@
+"""Export one resolution of a family to ONNX with its patch folded into the preceding convolutions.
+
+The graph is a plain torchvision MobileNetV2 with every BatchNorm folded away (conv weight and bias absorb
+γ, β, μ, σ²), input `input` [batch, 3, r, r] (spatial size static, batch dynamic so ONNX Runtime serves any
+batch and TensorRT builds one static-shape engine per batch size from it), output `logits`. Each export is
+checked numerically against the PyTorch family at that resolution; past the tolerance it fails loudly.
+Exports are cached in RUN_DIR/onnx/ keyed by the family's weights id.
+"""
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from training.family import ResolutionFamily, res_key
+from training.fileio import UserError, atomic_path, sha256_file, write_json
+
+EXPORT_VERSION = 1
+TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}  # max |logit difference|, relative to max(1, max |logit|)
+
+
+def fold_batchnorm(model: nn.Module) -> nn.Module:
+    """Fold every Conv2d -> BatchNorm2d pair of an eval-mode torchvision model (in place); BN becomes Identity."""
+    for parent in list(model.modules()):
+        children = list(parent.named_children())
+        for (n1, m1), (n2, m2) in zip(children, children[1:]):
+            if isinstance(m1, nn.Conv2d) and isinstance(m2, nn.BatchNorm2d):
+                setattr(parent, n1, fuse_conv_bn_eval(m1.eval(), m2.eval()))
+                setattr(parent, n2, nn.Identity())
+    leftover = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    if leftover:
+        raise RuntimeError(f"BatchNorm layers not preceded by a convolution: {leftover[:3]}")
+    return model
+
+
+def folded_model(family: ResolutionFamily, resolution: int) -> nn.Module:
+    return fold_batchnorm(family.to_torchvision(resolution).eval())
+
+
+def _export(model: nn.Module, example: torch.Tensor, path: Path) -> None:
+    kwargs = dict(input_names=["input"], output_names=["logits"], opset_version=17,
+                  dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:  # the TorchScript-based exporter: fast and dependable for this plain CNN
+            torch.onnx.export(model, (example,), str(path), dynamo=False, **kwargs)
+        except (TypeError, RuntimeError, AttributeError):  # newer torch without it: the torch.export path
+            batch = torch.export.Dim("batch", min=1, max=4096)
+            torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=["input"],
+                              output_names=["logits"], dynamic_shapes=({0: batch},))
+
+
+def check_onnx(path: Path, reference: nn.Module, resolution: int, precision: str, n: int = 4) -> float:
+    """Max |ONNX - PyTorch| logits on random inputs (ONNX Runtime CPU); raises past the tolerance."""
+    import onnxruntime as ort
+    torch.manual_seed(0)
+    x = torch.randn(n, 3, resolution, resolution)
+    with torch.no_grad():
+        want = reference(x).float().numpy()
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    feed = x.numpy().astype(np.float16 if precision == "fp16" else np.float32)
+    got = sess.run(None, {"input": feed})[0].astype(np.float32)
+    diff = float(np.abs(got - want).max())
+    limit = TOLERANCE[precision] * max(1.0, float(np.abs(want).max()))
+    if not np.isfinite(diff) or diff > limit:
+        raise UserError(f"ONNX export of resolution {resolution} ({precision}) differs from PyTorch by {diff:.3g} "
+                        f"(tolerance {limit:.3g}); this is a bug in export, please report it")
+    return diff
+
+
+def export_resolution(family: ResolutionFamily, run_dir, resolution: int, weights_id: str,
+                      precision: str = "fp32") -> tuple[Path, dict]:
+    """ONNX file for one resolution (cached in RUN_DIR/onnx); returns (path, info with max_abs_diff)."""
+    if precision not in TOLERANCE:
+        raise UserError(f"precision {precision!r} is not one of {', '.join(TOLERANCE)}")
+    out = Path(run_dir) / "onnx" / f"{res_key(resolution)}.{precision}.onnx"
+    meta_path = out.with_suffix(".json")
+    if out.is_file() and meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("weights_sha256") == weights_id and meta.get("export_version") == EXPORT_VERSION:
+            return out, meta
+    model = folded_model(family, resolution)
+    reference = family.to_torchvision(resolution).eval()  # unfolded, with its patch: what we must match
+    example = torch.randn(1, 3, resolution, resolution)
+    if precision == "fp16":
+        model = model.half()
+        example = example.half()
+    with atomic_path(out) as tmp:
+        _export(model, example, tmp)
+        diff = check_onnx(tmp, reference, resolution, precision)
+    meta = {"export_version": EXPORT_VERSION, "weights_sha256": weights_id, "resolution": resolution,
+            "precision": precision, "max_abs_diff": diff, "opset": 17, "batch": "dynamic",
+            "onnx_sha256": sha256_file(out)}
+    write_json(meta_path, meta)
+    return out, meta
+

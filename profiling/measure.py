@@ -1,0 +1,146 @@
+"""The timing protocol every backend shares (after trtexec's): warm up by count *and* time, then measure at
+least N iterations *and* T seconds, and summarise with median, mean, std, p90, p99 and CV.
+
+`step()` runs one timed execution and returns its duration in milliseconds; CUDA backends time it with CUDA
+events after synchronising, CPU backends with perf_counter.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+
+@dataclass
+class Protocol:
+    warmup_iters: int = 10
+    warmup_seconds: float = 0.5
+    min_iters: int = 30
+    min_seconds: float = 2.0
+    max_iters: int = 100_000
+    max_seconds: float = 60.0
+
+    def __post_init__(self):
+        from training.fileio import UserError
+        if self.min_iters < 1 or self.warmup_iters < 0 or self.min_seconds < 0 or self.warmup_seconds < 0:
+            raise UserError("protocol needs min-iters >= 1 and non-negative warm-up and seconds")
+
+
+QUICK = Protocol(warmup_iters=2, warmup_seconds=0.0, min_iters=5, min_seconds=0.0)
+
+
+def run_protocol(step: Callable[[], float], protocol: Protocol) -> np.ndarray:
+    """Warm up, then collect per-iteration milliseconds until both minimums are met (or a maximum hit)."""
+    t0, n = time.perf_counter(), 0
+    while n < protocol.warmup_iters or time.perf_counter() - t0 < protocol.warmup_seconds:
+        step()
+        n += 1
+    times = []
+    t0 = time.perf_counter()
+    while True:
+        times.append(step())
+        elapsed = time.perf_counter() - t0
+        enough = len(times) >= protocol.min_iters and elapsed >= protocol.min_seconds
+        if enough or len(times) >= protocol.max_iters or elapsed >= protocol.max_seconds:
+            break
+    return np.asarray(times, dtype=np.float64)
+
+
+def summarize(times_ms: np.ndarray) -> dict:
+    mean = float(times_ms.mean())
+    std = float(times_ms.std(ddof=1)) if len(times_ms) > 1 else 0.0
+    return {"median_ms": float(np.median(times_ms)), "mean_ms": mean, "std_ms": std,
+            "p90_ms": float(np.percentile(times_ms, 90)), "p99_ms": float(np.percentile(times_ms, 99)),
+            "min_ms": float(times_ms.min()), "cv": std / mean if mean > 0 else 0.0, "n_iters": int(len(times_ms))}
+
+
+def cpu_timer(fn: Callable[[], object]) -> Callable[[], float]:
+    def step() -> float:
+        t = time.perf_counter()
+        fn()
+        return 1000 * (time.perf_counter() - t)
+    return step
+
+
+def cuda_timer(fn: Callable[[], object]) -> Callable[[], float]:
+    """Time fn on the current stream with CUDA events, synchronising before and after (no async lies)."""
+    import torch
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+
+    def step() -> float:
+        torch.cuda.synchronize()
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    return step
+
+
+@contextmanager
+def torch_threads(n: int | None):
+    """Run torch ops with n intra-op threads (None: leave as is). ONNX Runtime CPU backends preprocess with one
+    torch thread: torch's idle OpenMP threads spin-wait and starve ORT's pool otherwise (measured 2x slower)."""
+    import torch
+    if n is None:
+        yield
+        return
+    prev = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(prev)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def fingerprint(threads: int | None = None) -> dict:
+    """What the numbers were measured on: CPU, threads, GPU, driver, CUDA and library versions."""
+    import torch
+    fp = {"hostname": platform.node(), "platform": platform.platform(), "cpu": cpu_model(),
+          "logical_cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
+          "torch": torch.__version__}
+    try:
+        import onnxruntime
+        fp["onnxruntime"] = onnxruntime.__version__
+        fp["onnxruntime_providers"] = onnxruntime.get_available_providers()
+    except ImportError:
+        pass
+    try:
+        import tensorrt
+        fp["tensorrt"] = tensorrt.__version__
+    except ImportError:
+        pass
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        fp.update({"gpu": props.name, "gpu_memory_gib": round(props.total_memory / 2**30, 1),
+                   "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(), "driver": _nvidia_driver()})
+    return fp
+
+
+def _nvidia_driver() -> str | None:
+    try:
+        with open("/proc/driver/nvidia/version") as f:
+            return f.readline().split("Kernel Module")[-1].split()[0]
+    except (OSError, IndexError):
+        return None
+
+
+def device_key(fp: dict) -> str:
+    """The part of a fingerprint that must match for two profile rows to be comparable."""
+    return "|".join(str(fp.get(k)) for k in ("cpu", "logical_cores", "gpu"))

@@ -1,0 +1,183 @@
+"""`rescascade profile`: per-resolution latency of a family on this device -> profile.csv + profile.json (§2).
+
+For every (resolution, batch size): build/warm the engine (build time recorded), time inference with the
+shared protocol, and time separately the preprocessing a cascade stage pays for that resolution (resize a
+decoded uint8 source image to r, crop, normalize) on the backend's device. Rows are merged into profile.csv
+atomically: re-running a configuration replaces its row.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+from pathlib import Path
+
+import pandas as pd
+import torch
+from tqdm import tqdm
+
+from training.fileio import UserError, atomic_path, check_schema, read_json, write_json
+from training.preprocess import eval_resize_size, preprocess
+from training.store import family_sha256, load_family, weights_id
+
+from .backends import get_backend
+from .measure import (Protocol, cpu_timer, cuda_timer, device_key, fingerprint, run_protocol, summarize,
+                      torch_threads)
+
+PROFILE_SCHEMA = 1
+KEY = ["backend", "precision", "resolution", "batch_size"]
+COLUMNS = KEY + ["median_ms", "mean_ms", "std_ms", "p90_ms", "p99_ms", "min_ms", "cv", "n_iters", "per_image_ms",
+                 "preprocess_ms", "preprocess_per_image_ms", "overhead_ms", "source_size", "threads", "build_s",
+                 "measured_at"]
+
+
+def default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def time_preprocess(resolution: int, batch: int, source_size: tuple[int, int], device: str, protocol: Protocol,
+                    threads: int | None = None) -> dict:
+    """Median cost of turning a decoded uint8 batch [b, 3, H, W] into the model input at r, on `device`, with
+    the torch threads the runtime will use next to this backend."""
+    images = torch.randint(0, 256, (batch, 3, *source_size), dtype=torch.uint8, device=device)
+    step = (cuda_timer if device == "cuda" else cpu_timer)(lambda: preprocess(images, resolution))
+    with torch_threads(threads):
+        return summarize(run_protocol(step, protocol))
+
+
+def time_decision(batch: int, num_classes: int, protocol: Protocol) -> dict:
+    """The runtime's per-stage bookkeeping on [b, C] logits: temperature log-softmax, confidence, exit mask,
+    gathering the answers (the same functions cascade.runtime calls)."""
+    import numpy as np
+
+    from cascade.confidence import confidence, log_probs
+    logits = np.random.default_rng(0).normal(size=(batch, num_classes)).astype(np.float32)
+    rows = np.arange(batch)
+
+    def decide():
+        lp = log_probs(logits, 1.3)
+        done = confidence(lp, "max_prob") >= 0.5
+        return rows[done], lp[done].argmax(-1), rows[~done]
+    return summarize(run_protocol(cpu_timer(decide), protocol))
+
+
+def _source_size(given, doc: dict, family) -> tuple[int, int]:
+    """The decoded image size preprocessing is timed on: --source-size, else the held-out images' typical size
+    recorded at training, else round(top resolution / 0.875) square."""
+    if given:
+        return (given, given) if isinstance(given, int) else tuple(given)
+    recorded = doc.get("provenance", {}).get("data", {}).get("source_size")
+    if recorded:
+        return tuple(int(v) for v in recorded)
+    side = eval_resize_size(max(family.resolutions))
+    return side, side
+
+
+def read_profile(path) -> tuple[pd.DataFrame, dict]:
+    """profile.csv and its profile.json, validated."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "profile.csv"
+    if not path.is_file():
+        raise UserError(f"profile {path} not found; run `rescascade profile RUN_DIR` first")
+    meta_path = path.with_suffix(".json")
+    meta = read_json(meta_path, "the profile.json written beside profile.csv by `rescascade profile`")
+    check_schema(meta, meta_path, "profile", PROFILE_SCHEMA, ("weights_sha256", "device"))
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+        raise UserError(f"{path} is not a readable CSV ({e}); re-run `rescascade profile`") from None
+    missing = [c for c in KEY + ["median_ms", "preprocess_ms"] if c not in df.columns]
+    if missing:
+        raise UserError(f"{path} lacks column(s) {', '.join(missing)}; re-run `rescascade profile`")
+    return df, meta
+
+
+def run_profile(run_dir, backend: str = "onnxruntime", precision: str = "fp32", batch_sizes=(1,),
+                resolutions=None, threads: int | None = None, protocol: Protocol | None = None, out=None,
+                source_size: int | None = None, log=print) -> pd.DataFrame:
+    protocol = protocol or Protocol()
+    family, doc = load_family(run_dir)
+    wid = weights_id(doc)
+    engine_backend = get_backend(backend)
+    resolutions = list(resolutions or family.resolutions)
+    bad = [r for r in resolutions if r not in family.resolutions]
+    if bad:
+        raise UserError(f"resolution(s) {bad} are not in the family {list(family.resolutions)}")
+    batch_sizes = sorted({int(b) for b in batch_sizes})
+    if not batch_sizes or batch_sizes[0] < 1:
+        raise UserError(f"batch sizes must be positive integers, got {batch_sizes}")
+    device = engine_backend.device
+    threads = threads or (default_threads() if device == "cpu" else None)
+    if threads:
+        torch.set_num_threads(threads)
+    source_size = _source_size(source_size, doc, family)
+    out = Path(out) if out else Path(run_dir) / "profile.csv"
+    if out.is_dir():
+        out = out / "profile.csv"
+    fp = fingerprint(threads)
+    old = None
+    if out.is_file():
+        old, meta = read_profile(out)
+        if meta["weights_sha256"] != wid:
+            raise UserError(f"{out} profiles another family (weights {meta['weights_sha256'][:12]}, this one "
+                            f"{wid[:12]}); write this profile elsewhere with --out")
+        if device_key(meta["device"]) != device_key(fp):
+            raise UserError(f"{out} was measured on another device ({meta['device'].get('cpu')}, "
+                            f"gpu {meta['device'].get('gpu')}); profiles of different devices go in different "
+                            "files: pass --out")
+    rows = []
+    combos = [(r, b) for r in resolutions for b in batch_sizes]
+    bar = tqdm(combos, desc=f"profile {backend} {precision}", unit="config", disable=None)
+    for r in resolutions:
+        engine = engine_backend.open(family, run_dir, wid, r, precision, threads)
+        for b in batch_sizes:
+            before = engine.build_seconds
+            engine.warm(b)
+            stats = summarize(run_protocol(engine.timer(b), protocol))
+            pre = time_preprocess(r, b, source_size, device, protocol, engine.preprocess_threads)
+            decision = time_decision(b, family.num_classes, protocol)
+            rows.append({"backend": backend, "precision": precision, "resolution": r, "batch_size": b, **stats,
+                         "per_image_ms": stats["median_ms"] / b, "preprocess_ms": pre["median_ms"],
+                         "preprocess_per_image_ms": pre["median_ms"] / b, "overhead_ms": decision["median_ms"],
+                         "source_size": f"{source_size[0]}x{source_size[1]}",
+                         "threads": threads or 0, "build_s": round(engine.build_seconds - before, 3),
+                         "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+            bar.update(1)
+            bar.set_postfix(r=r, b=b, ms=f"{stats['median_ms']:.2f}")
+        del engine
+    bar.close()
+    new = pd.DataFrame(rows, columns=COLUMNS)
+    if old is not None:
+        keys = set(map(tuple, new[KEY].astype(str).values))
+        old = old[[tuple(k) not in keys for k in old[KEY].astype(str).values]]
+        new = pd.concat([old, new], ignore_index=True)
+    new = new.sort_values(KEY).reset_index(drop=True)
+    with atomic_path(out) as tmp:
+        new.to_csv(tmp, index=False, float_format="%.6g")
+    meta = {"schema_version": PROFILE_SCHEMA, "family": str(Path(run_dir).resolve()),
+            "family_json_sha256": family_sha256(run_dir), "weights_sha256": wid, "device": fp,
+            "protocol": vars(protocol), "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    write_json(out.with_suffix(".json"), meta)
+    return new
+
+
+def format_profile(df: pd.DataFrame, backend: str | None = None, precision: str | None = None) -> str:
+    """The profile as a table: per resolution and batch size, latency, spread and cost relative to the top r."""
+    sel = df
+    if backend:
+        sel = sel[sel.backend == backend]
+    if precision:
+        sel = sel[sel.precision == precision]
+    lines = [f"| backend | prec | res | batch | median ms | p90 | p99 | CV | ms/img | preproc ms/img | "
+             "decide ms/img | vs top r |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (be, pr, b), g in sel.groupby(["backend", "precision", "batch_size"]):
+        top = g.loc[g.resolution.idxmax()]
+        for _, row in g.sort_values("resolution").iterrows():
+            lines.append(f"| {be} | {pr} | {row.resolution} | {b} | {row.median_ms:.3f} | {row.p90_ms:.3f} | "
+                         f"{row.p99_ms:.3f} | {row.cv:.2f} | {row.per_image_ms:.3f} | {row.preprocess_per_image_ms:.3f} | "
+                         f"{row.overhead_ms / row.batch_size:.3f} | "
+                         f"{row.median_ms / top.median_ms:.2f} |")
+    return "\n".join(lines)

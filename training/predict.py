@@ -1,0 +1,68 @@
+"""Logits of every resolution on held-out images, written as predictions/{calib,test}.npz (DESIGN.md §1).
+
+Each resolution sees the source image with its own eval preprocessing (resize r/0.875, center-crop r), as a
+deployed cascade would. Inference runs each resolution as a plain torchvision model in channels_last.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .data import EvalDataset, ImageSet, collate_skipping
+from .fileio import UserError, atomic_path
+from .preprocess import CROP_FRACTION, to_model_input
+
+PREDICTIONS_SCHEMA = 1
+
+
+def predict_logits(models: dict[int, torch.nn.Module], images: ImageSet, batch_size: int = 64,
+                   device: str = "cpu", workers: int = 0, crop_fraction: float = CROP_FRACTION,
+                   desc: str = "predict") -> dict:
+    """models: resolution -> eval-mode model. Returns logits [N, R, C], labels, ids, resolutions, skipped."""
+    resolutions = sorted(models)
+    ds = EvalDataset(images, resolutions, crop_fraction)
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                         collate_fn=collate_skipping)
+    for m in models.values():
+        m.to(device, memory_format=torch.channels_last).eval()
+    chunks, labels, positions, skipped = [], [], [], 0
+    t0 = time.perf_counter()
+    with torch.inference_mode(), tqdm(total=len(ds), desc=desc, unit="img", leave=False, mininterval=2,
+                                      disable=None) as bar:
+        for batch, n_bad in loader:
+            skipped += n_bad
+            bar.update(n_bad)
+            if batch is None:
+                continue
+            views, y, pos = batch
+            out = []
+            for r, v in zip(resolutions, views):
+                x = to_model_input(v.to(device)).contiguous(memory_format=torch.channels_last)
+                out.append(models[r](x).float().cpu())
+            chunks.append(torch.stack(out, 1))
+            labels.append(y)
+            positions.append(pos)
+            bar.update(len(y))
+    if not chunks:
+        raise UserError(f"no readable images among {len(ds)} to predict on")
+    pos = torch.cat(positions).numpy()
+    return {"logits": torch.cat(chunks).numpy().astype(np.float32), "labels": torch.cat(labels).numpy(),
+            "resolutions": np.array(resolutions, dtype=np.int64), "ids": np.array([images.ids[i] for i in pos]),
+            "skipped": skipped, "seconds": time.perf_counter() - t0}
+
+
+def write_predictions(path, pred: dict, weights_sha256: str | None = None, split: str = "") -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, schema_version=np.int64(PREDICTIONS_SCHEMA), logits=pred["logits"], labels=pred["labels"],
+                     resolutions=pred["resolutions"], ids=pred["ids"], split=np.array(split),
+                     weights_sha256=np.array(weights_sha256 or ""))
+
+
+def top1(pred: dict) -> dict[int, float]:
+    correct = pred["logits"].argmax(-1) == pred["labels"][:, None]
+    return {int(r): float(correct[:, k].mean()) for k, r in enumerate(pred["resolutions"])}

@@ -1,0 +1,127 @@
+"""`rescascade train`: data -> trained family directory with predictions (DESIGN.md §1)."""
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torchvision.models import mobilenet_v2
+
+from .data import load_data
+from .family import ResolutionFamily, res_key
+from .fileio import UserError, write_json
+from .predict import predict_logits, top1, write_predictions
+from .store import library_versions, save_family, weights_id
+from .trainer import DistEnv, IndependentModels, TrainConfig, pick_device, train
+from .weights import resolve_weights
+
+
+def build_model(cfg: TrainConfig, num_classes: int, width_mult: float, patch: str, classifier_kind: str,
+                weights: str | None):
+    state, weights_desc = resolve_weights(weights)
+    if state is not None and width_mult != 1.0:
+        raise UserError(f"pretrained weights are for width_mult 1.0; drop --width-mult {width_mult} or use --weights none")
+    if cfg.independent:
+        def make():
+            m = mobilenet_v2(num_classes=num_classes, width_mult=width_mult)
+            if state is not None:
+                fam = ResolutionFamily([cfg.resolutions[0]], num_classes=num_classes, width_mult=width_mult)
+                fam.load_torchvision_state_dict(state)  # same classifier-replacement rule as the family
+                m.load_state_dict(fam.state_dict_for(cfg.resolutions[0]), strict=False)
+            return m
+        torch.manual_seed(cfg.seed)
+        return IndependentModels(cfg.resolutions, make), weights_desc
+    torch.manual_seed(cfg.seed)  # the fresh classifier's init
+    family = ResolutionFamily(cfg.resolutions, num_classes=num_classes, width_mult=width_mult, patch=patch,
+                              classifier=classifier_kind)
+    if state is not None:
+        family.load_torchvision_state_dict(state, what=f"--weights {weights}")
+    return family, weights_desc
+
+
+def run_train(data: str, out: str, cfg: TrainConfig, *, width_mult: float = 1.0, patch: str = "scale_bias_stats",
+              classifier_kind: str = "shared", weights: str | None = "imagenet", resume: bool = False,
+              data_options: dict | None = None, predict_batch: int = 64, log=print, preset: str | None = None) -> dict:
+    """Train and write the family directory; returns family.json (or the baseline's json for --independent)."""
+    env = DistEnv.from_env()
+    out = Path(out)
+    if env.main and out.exists() and (out / "family.json").exists() and not resume:
+        raise UserError(f"{out} already holds a family; choose a new --out (or --resume an interrupted run there)")
+    splits = load_data(data, seed=cfg.seed, **(data_options or {}))
+    if splits.train is None:
+        raise UserError(f"--data {data} holds only held-out images; train on another source")
+    num_classes = len(splits.class_names)
+    model, weights_desc = build_model(cfg, num_classes, width_mult, patch, classifier_kind, weights)
+    if env.main:
+        d = splits.description
+        log(f"data: {d['train_images']} train, {d['calib_images']} calib, {d['test_images']} test images, "
+            f"{num_classes} classes; weights: {weights_desc}")
+    result = train(model, splits.train, cfg, out, resume=resume, log=log)
+    if env.world > 1:
+        dist.barrier()
+        if not env.main:
+            dist.destroy_process_group()
+            return {}
+    model = result.model.cpu()
+    splits.description["source_size"] = typical_size(splits.test)
+    provenance = {"data": splits.description, "weights": weights_desc, "train_config": asdict(cfg),
+                  "preset": preset, "epochs": cfg.epochs, "train_seconds": round(result.seconds, 1),
+                  "skipped_train_images": result.skipped_images, "world_size": env.world}
+    device = pick_device(cfg.device, env)
+    if cfg.independent:
+        doc = _save_independent(model, out, splits.class_names, provenance)
+        models = {r: model.models[res_key(r)] for r in cfg.resolutions}
+    else:
+        doc = save_family(model, out, class_names=splits.class_names, provenance=provenance)
+        models = {r: model.to_torchvision(r) for r in cfg.resolutions}
+    wid = weights_id(doc)
+    figures = {}
+    for split, images in (("calib", splits.calib), ("test", splits.test)):
+        pred = predict_logits(models, images, batch_size=predict_batch, device=str(device),
+                              workers=min(cfg.workers, 2), desc=f"predict {split}")
+        write_predictions(out / "predictions" / f"{split}.npz", pred, wid, split)
+        figures[split] = {str(r): acc for r, acc in top1(pred).items()}
+        if pred["skipped"]:
+            log(f"{split}: {pred['skipped']} unreadable images skipped")
+    doc["top1"] = figures
+    write_json(out / ("independent.json" if cfg.independent else "family.json"), doc)
+    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    if env.world > 1:
+        dist.destroy_process_group()
+    log("top-1 (test): " + "  ".join(f"r{r}: {100 * figures['test'][str(r)]:.2f}%" for r in cfg.resolutions))
+    return doc
+
+
+def typical_size(images, n: int = 32) -> list[int] | None:
+    """Median decoded [H, W] of a few held-out images: what a deployed cascade resizes from (for profiling)."""
+    sizes = []
+    for i in range(0, len(images), max(1, len(images) // n)):
+        try:
+            sizes.append(images.read(i).shape[-2:])
+        except Exception:
+            continue
+    return [int(v) for v in np.median(np.array(sizes), 0)] if sizes else None
+
+
+def _save_independent(model: IndependentModels, out: Path, class_names, provenance) -> dict:
+    """The baseline's directory: one full torchvision state dict per resolution; not a family."""
+    from safetensors.torch import save_file
+
+    from .fileio import atomic_path, sha256_file
+    files = {}
+    for r in model.resolutions:
+        path = out / "models" / f"{res_key(r)}.safetensors"
+        with atomic_path(path) as tmp:
+            save_file({k: v.detach().contiguous() for k, v in model.models[res_key(r)].state_dict().items()}, str(tmp))
+        files[f"models/{res_key(r)}.safetensors"] = sha256_file(path)
+    one = sum(p.numel() for p in next(iter(model.models.values())).parameters())
+    k = len(model.resolutions)
+    return {"schema_version": 1, "kind": "independent", "arch": "mobilenet_v2", "resolutions": list(model.resolutions),
+            "class_names": list(class_names), "files": files,
+            "parameters": {"one_model": one, "k": k, "k_independent": k * one},
+            "provenance": {"versions": library_versions(), **provenance}}

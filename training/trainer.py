@@ -1,0 +1,406 @@
+"""Multitask training of a resolution family (and the K-independent-models baseline).
+
+Every step feeds the batch to every resolution (the same random crop resized on the device, or one crop per
+resolution), sums the weighted per-resolution losses and steps once: shared weights learn from all
+resolutions, each patch from its own. Runs as one process or under `torchrun` with DistributedDataParallel
+(gloo on CPU, nccl on GPU). A checkpoint is written atomically after every epoch; resuming from it continues
+exactly as an uninterrupted run would (seeds are derived from (seed, epoch), not carried in RNG state).
+"""
+from __future__ import annotations
+
+import copy
+import csv
+import io
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from .data import ImageSet, TrainDataset, collate_skipping
+from .family import ResolutionFamily, check_resolutions, res_key
+from .fileio import UserError, atomic_path, write_text
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD
+
+OPTIMIZERS = ("sgd", "rmsprop", "adamw")
+SCHEDULES = ("cosine", "step", "constant")
+DISTILL = ("none", "top", "ensemble", "teacher")
+
+
+@dataclass
+class TrainConfig:
+    resolutions: tuple[int, ...]
+    epochs: int = 10
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    lr: float = 0.01                # shared weights
+    patch_lr: float | None = None   # BatchNorm patches; None = lr (the paper found patches like larger rates)
+    head_lr: float | None = None    # classifier; None = lr
+    momentum: float = 0.9
+    weight_decay: float = 4e-5      # not applied to patches (γ, β) or biases
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    loss_weights: tuple[float, ...] | None = None
+    label_weight: float = 1.0
+    shared: str = "train"           # train | frozen (transfer mode: only patches, and the head, learn)
+    classifier: str = "train"       # train | frozen
+    distill: str = "none"           # none | top | ensemble (RS-Nets) | teacher (frozen copy of the start, top res)
+    distill_weight: float = 1.0
+    distill_temperature: float = 1.0
+    crop: str = "same"              # same: one RandomResizedCrop resized to every r | independent: one per r
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    seed: int = 0
+    workers: int = 2
+    device: str = "auto"
+    amp: bool = True                # bf16 autocast on CUDA
+    independent: bool = False       # K separate torchvision models, same recipe: the baseline
+
+    def __post_init__(self):
+        self.resolutions = check_resolutions(self.resolutions)
+        for name, value, allowed in (("optimizer", self.optimizer, OPTIMIZERS), ("schedule", self.schedule, SCHEDULES),
+                                     ("distill", self.distill, DISTILL), ("shared", self.shared, ("train", "frozen")),
+                                     ("classifier", self.classifier, ("train", "frozen")),
+                                     ("crop", self.crop, ("same", "independent"))):
+            if value not in allowed:
+                raise UserError(f"--{name} {value!r} is not one of {', '.join(allowed)}")
+        if self.epochs < 1 or self.batch_size < 2:
+            raise UserError(f"need --epochs >= 1 and --batch-size >= 2 (got {self.epochs}, {self.batch_size})")
+        if self.loss_weights is not None:
+            self.loss_weights = tuple(float(w) for w in self.loss_weights)
+            if len(self.loss_weights) != len(self.resolutions):
+                raise UserError(f"--loss-weights has {len(self.loss_weights)} values for "
+                                f"{len(self.resolutions)} resolutions; give one per resolution")
+        if self.distill == "top" and len(self.resolutions) < 2:
+            raise UserError("--distill top needs at least two resolutions")
+        self.crop_scale = tuple(float(s) for s in self.crop_scale)
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        return self.loss_weights or tuple(1.0 for _ in self.resolutions)
+
+
+class IndependentModels(nn.Module):
+    """K plain torchvision MobileNetV2s, one per resolution: the baseline with no sharing at all."""
+
+    def __init__(self, resolutions, make_model):
+        super().__init__()
+        self.resolutions = tuple(resolutions)
+        self.models = nn.ModuleDict({res_key(r): make_model() for r in resolutions})
+
+    def forward(self, x, resolution):
+        return self.models[res_key(resolution)](x)
+
+    def groups(self):
+        """(shared-like convs, patch-like BN affine, classifier) parameters, for the same recipe."""
+        convs, bns, head = [], [], []
+        for m in self.models.values():
+            for name, mod in m.named_modules():
+                if isinstance(mod, nn.BatchNorm2d):
+                    bns += list(mod.parameters())
+                elif isinstance(mod, nn.Linear):
+                    head += list(mod.parameters())
+                elif isinstance(mod, nn.Conv2d):
+                    convs += list(mod.parameters())
+        return convs, bns, head
+
+
+class MultiResolutionForward(nn.Module):
+    """One forward over all resolutions (so DDP sees one forward per backward), plus RS-Nets' ensemble weights."""
+
+    def __init__(self, model: nn.Module, resolutions, ensemble: bool):
+        super().__init__()
+        self.model, self.resolutions = model, tuple(resolutions)
+        self.alpha = nn.Parameter(torch.zeros(len(resolutions))) if ensemble else None
+
+    def forward(self, xs: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [self.model(x, r) for x, r in zip(xs, self.resolutions)]
+
+
+def kd_loss(student: torch.Tensor, teacher: torch.Tensor, t: float) -> torch.Tensor:
+    """KL(teacher || student) at temperature t, scaled by t² (Hinton et al.); teacher is detached."""
+    return F.kl_div(F.log_softmax(student / t, -1), F.log_softmax(teacher.detach() / t, -1),
+                    reduction="batchmean", log_target=True) * t * t
+
+
+# ---- distributed environment ----------------------------------------------------------------------------
+@dataclass
+class DistEnv:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> "DistEnv":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def pick_device(name: str, env: DistEnv) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise UserError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+        return torch.device(f"cuda:{env.local_rank}" if name == "cuda" else name)
+    return torch.device(name)
+
+
+# ---- the trainer ----------------------------------------------------------------------------------------
+@dataclass
+class TrainResult:
+    model: nn.Module
+    metrics: list[dict] = field(default_factory=list)
+    skipped_images: int = 0
+    seconds: float = 0.0
+
+
+def _param_groups(model: nn.Module, cfg: TrainConfig, ensemble: nn.Parameter | None) -> list[dict]:
+    lr = cfg.lr
+    patch_lr = cfg.patch_lr if cfg.patch_lr is not None else lr
+    head_lr = cfg.head_lr if cfg.head_lr is not None else lr
+    if isinstance(model, IndependentModels):
+        convs, patches, head = model.groups()
+    else:
+        patches = [p for r in model.resolutions for p in model.patch_parameters(r)]
+        head = [p for p in model.classifier_parameters() if all(p is not q for q in patches)]
+        convs = model.shared_parameters(include_classifier=False)
+    for p in convs:
+        p.requires_grad_(cfg.shared == "train")
+    for p in head:
+        p.requires_grad_(cfg.classifier == "train")
+    # a per-resolution classifier lives in the patches; "frozen" freezes it as well
+    if cfg.classifier == "frozen" and not isinstance(model, IndependentModels):
+        for p in model.classifier_parameters():
+            p.requires_grad_(False)
+    groups = [
+        {"name": "shared", "params": [p for p in convs if p.requires_grad], "lr": lr, "weight_decay": cfg.weight_decay},
+        {"name": "patches", "params": [p for p in patches if p.requires_grad], "lr": patch_lr, "weight_decay": 0.0},
+        {"name": "head", "params": [p for p in head if p.requires_grad], "lr": head_lr, "weight_decay": cfg.weight_decay},
+    ]
+    if ensemble is not None:
+        groups.append({"name": "ensemble", "params": [ensemble], "lr": head_lr, "weight_decay": 0.0})
+    return [g for g in groups if g["params"]]
+
+
+def _optimizer(groups, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
+    if cfg.optimizer == "rmsprop":  # the paper's (TF-style) optimizer
+        return torch.optim.RMSprop(groups, alpha=0.9, eps=0.0316, momentum=cfg.momentum)
+    return torch.optim.AdamW(groups)
+
+
+def _schedule(opt, cfg: TrainConfig, steps_per_epoch: int):
+    total = cfg.epochs * steps_per_epoch
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if cfg.schedule == "constant":
+            return 1.0
+        if cfg.schedule == "step":  # the paper's recipe, rescaled: x0.98 per epoch-equivalent
+            return 0.98 ** (step / steps_per_epoch)
+        return 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+class _TrainCrops:
+    """uint8 crop(s) for one image: one RandomResizedCrop at the top resolution, or one per resolution."""
+
+    def __init__(self, resolutions, mode: str, scale):
+        import torchvision.transforms.v2 as T
+        sizes = [max(resolutions)] if mode == "same" else list(resolutions)
+        self.transforms = [T.Compose([T.RandomResizedCrop(r, scale=scale, antialias=True), T.RandomHorizontalFlip()])
+                           for r in sizes]
+
+    def __call__(self, img):
+        return [t(img) for t in self.transforms]
+
+
+def _inputs(crops: list[torch.Tensor], resolutions, device, channels_last: bool) -> list[torch.Tensor]:
+    """uint8 crops -> normalized float inputs at every resolution (resized on the device when one crop)."""
+    mean = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
+    xs = [((c.to(device, non_blocking=True).float() / 255) - mean) / std for c in crops]
+    if len(xs) == 1 and len(resolutions) > 1:
+        top = xs[0]
+        xs = [top if r == top.shape[-1] else
+              F.interpolate(top, size=(r, r), mode="bilinear", antialias=True, align_corners=False)
+              for r in resolutions]
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return [x.contiguous(memory_format=fmt) for x in xs]
+
+
+def _config_json(cfg: TrainConfig) -> str:
+    d = asdict(cfg)
+    for k in ("workers", "device"):  # how to run, not what is trained: may change on resume
+        d.pop(k)
+    return json.dumps(d, sort_keys=True)
+
+
+def train(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, out_dir, resume: bool = False,
+          log=print) -> TrainResult:
+    """Train `model` (a ResolutionFamily or IndependentModels) in place; checkpoints go to out_dir."""
+    env = DistEnv.from_env()
+    if env.world > 1 and not dist.is_initialized():
+        backend = "nccl" if cfg.device != "cpu" and torch.cuda.is_available() else "gloo"
+        dist.init_process_group(backend)
+    device = pick_device(cfg.device, env)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    out_dir = Path(out_dir)
+    ckpt_path = out_dir / "checkpoints" / "last.pt"
+    channels_last = True  # halves eager cost on CPU (SETUP.md) and suits tensor cores on GPU
+    model.to(device, memory_format=torch.channels_last)
+    teacher = None
+    if cfg.distill == "teacher":  # a frozen copy of the starting point, asked at the top resolution
+        teacher = copy.deepcopy(model).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+    wrapper = MultiResolutionForward(model, cfg.resolutions, ensemble=cfg.distill == "ensemble").to(device)
+    groups = _param_groups(model, cfg, wrapper.alpha)
+    if not groups:
+        raise UserError("nothing to train: shared weights and classifier are frozen and there are no patches")
+    opt = _optimizer(groups, cfg)
+    for g in opt.param_groups:
+        g["initial_lr"] = g["lr"]
+
+    per_rank_batch = cfg.batch_size // env.world
+    if per_rank_batch < 2:
+        raise UserError(f"--batch-size {cfg.batch_size} over {env.world} processes leaves < 2 images per process")
+    dataset = TrainDataset(train_set, _TrainCrops(cfg.resolutions, cfg.crop, cfg.crop_scale))
+    steps_per_epoch = len(dataset) // cfg.batch_size
+    if steps_per_epoch < 1:
+        raise UserError(f"{len(dataset)} training images are fewer than one batch of {cfg.batch_size}; "
+                        "lower --batch-size or add images")
+    sched = _schedule(opt, cfg, steps_per_epoch)
+
+    start_epoch, metrics = 0, []
+    if resume and ckpt_path.is_file():
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if ck["config"] != _config_json(cfg):
+            old, new = json.loads(ck["config"]), json.loads(_config_json(cfg))
+            diff = [k for k in new if old.get(k) != new[k]]
+            raise UserError(f"{ckpt_path} was written with other settings ({', '.join(diff)} differ); "
+                            "resume with the same flags or train into a new --out")
+        wrapper.load_state_dict(ck["model"])
+        opt.load_state_dict(ck["optimizer"])
+        sched.load_state_dict(ck["scheduler"])
+        start_epoch, metrics = ck["epoch"], json.loads(ck["metrics"])
+        if env.main:
+            log(f"resuming from {ckpt_path} after epoch {start_epoch}")
+    elif resume and env.main:
+        log(f"--resume: no checkpoint at {ckpt_path}; starting from the beginning")
+
+    net = wrapper
+    if env.world > 1:
+        net = nn.parallel.DistributedDataParallel(wrapper, device_ids=[device.index] if device.type == "cuda" else None)
+    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.amp
+                else torch.autocast("cpu", enabled=False))
+    t_start, skipped_total = time.perf_counter(), 0
+    for epoch in range(start_epoch, cfg.epochs):
+        torch.manual_seed(cfg.seed * 100_003 + epoch)  # augmentation and dropout: a function of (seed, epoch)
+        if env.world > 1:
+            sampler = torch.utils.data.DistributedSampler(dataset, env.world, env.rank, shuffle=True,
+                                                          seed=cfg.seed, drop_last=True)
+            sampler.set_epoch(epoch)
+        else:
+            sampler = torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        loader = torch.utils.data.DataLoader(
+            dataset, batch_size=per_rank_batch, sampler=sampler, num_workers=cfg.workers, drop_last=True,
+            collate_fn=collate_skipping, persistent_workers=False, pin_memory=device.type == "cuda",
+            generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+        net.train()
+        if teacher is not None:
+            teacher.eval()
+        sums = {r: {"loss": 0.0, "correct": 0} for r in cfg.resolutions}
+        seen, kd_sum, skipped, t_epoch = 0, 0.0, 0, time.perf_counter()
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=None if env.main else True,
+                   leave=False, mininterval=1)
+        for batch, n_bad in bar:
+            skipped += n_bad
+            if batch is None or len(batch[1]) < 2:
+                continue
+            crops, y = batch
+            y = y.to(device, non_blocking=True)
+            xs = _inputs(crops, cfg.resolutions, device, channels_last)
+            with autocast:
+                logits = net(xs)
+                losses = [F.cross_entropy(l.float(), y, label_smoothing=cfg.label_smoothing) for l in logits]
+                loss = cfg.label_weight * sum(w * l for w, l in zip(cfg.weights, losses))
+                kd = torch.zeros((), device=device)
+                T = cfg.distill_temperature
+                if cfg.distill == "top":
+                    kd = sum(kd_loss(l.float(), logits[-1].float(), T) for l in logits[:-1])
+                elif cfg.distill == "teacher":
+                    with torch.no_grad():
+                        t_logits = teacher(xs[-1], cfg.resolutions[-1]).float()
+                    kd = sum(kd_loss(l.float(), t_logits, T) for l in logits)
+                elif cfg.distill == "ensemble":  # RS-Nets: ensemble logit + (ensemble -> each) + top-down KD
+                    a = torch.softmax(wrapper.alpha, 0)
+                    ens = sum(a[k] * l.detach().float() for k, l in enumerate(logits))
+                    loss = loss + cfg.label_weight * F.cross_entropy(ens, y)
+                    kd = sum(kd_loss(l.float(), ens, T) for l in logits)
+                    kd = kd + sum(kd_loss(logits[i].float(), logits[j].float(), T)
+                                  for i in range(len(logits)) for j in range(i + 1, len(logits)))
+                    kd = kd * 2 / (len(logits) + 1)
+                total = loss + cfg.distill_weight * kd
+            opt.zero_grad(set_to_none=True)
+            total.backward()
+            opt.step()
+            sched.step()
+            n = len(y)
+            seen += n
+            kd_sum += kd.item() * n
+            for r, l, lg in zip(cfg.resolutions, losses, logits):
+                sums[r]["loss"] += l.item() * n
+                sums[r]["correct"] += int((lg.argmax(1) == y).sum())
+            ips = seen * env.world / (time.perf_counter() - t_epoch)
+            bar.set_postfix(loss=f"{total.item():.3f}", top1=f"{sums[cfg.resolutions[-1]]['correct'] / seen:.3f}",
+                            img_s=f"{ips:.0f}")
+        bar.close()
+        secs = time.perf_counter() - t_epoch
+        skipped_total += skipped
+        lr_now = {g["name"]: g["lr"] for g in opt.param_groups}
+        for r in cfg.resolutions:
+            metrics.append({"epoch": epoch + 1, "resolution": r, "loss": sums[r]["loss"] / max(seen, 1),
+                            "top1": sums[r]["correct"] / max(seen, 1), "distill_loss": kd_sum / max(seen, 1),
+                            "lr": lr_now.get("shared", lr_now.get("patches")), "patch_lr": lr_now.get("patches"),
+                            "images_per_s": seen * env.world / secs, "skipped_images": skipped * env.world})
+        if env.main:
+            accs = " ".join(f"r{r}:{sums[r]['correct'] / max(seen, 1):.3f}" for r in cfg.resolutions)
+            log(f"epoch {epoch + 1}/{cfg.epochs}  loss {sum(sums[r]['loss'] for r in cfg.resolutions) / max(seen, 1):.4f}"
+                f"  train top-1 {accs}  {seen * env.world / secs:.1f} img/s" +
+                (f"  ({skipped} unreadable images skipped)" if skipped else ""))
+            with atomic_path(ckpt_path) as tmp:
+                torch.save({"model": wrapper.state_dict(), "optimizer": opt.state_dict(),
+                            "scheduler": sched.state_dict(), "epoch": epoch + 1, "config": _config_json(cfg),
+                            "metrics": json.dumps(metrics)}, tmp)
+            write_metrics_csv(out_dir / "metrics.csv", metrics)
+        if env.world > 1:
+            dist.barrier()
+    model.eval()
+    return TrainResult(model, metrics, skipped_total, time.perf_counter() - t_start)
+
+
+def write_metrics_csv(path, rows: list[dict]) -> None:
+    if not rows:
+        return
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    w.writeheader()
+    w.writerows(rows)
+    write_text(path, buf.getvalue())
