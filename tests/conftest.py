@@ -20,3 +20,23 @@ def need(path: Path):
 @pytest.fixture
 def imagenet_weights_path():
     return need(IMAGENET_WEIGHTS)
+
+
+TINY_RES = (32, 48)
+
+
+@pytest.fixture(scope="session")
+def tiny_family(tmp_path_factory):
+    """A tiny trained family with predictions and a quick ONNX Runtime profile (~10 s on 2 cores)."""
+    from profiling.measure import QUICK
+    from profiling.profile import run_profile
+    from training.run import run_train
+    from training.trainer import TrainConfig
+
+    # ~100 steps: fewer leave a from-scratch net degenerate in eval mode (every input gets the same logits)
+    out = tmp_path_factory.mktemp("tiny") / "family"
+    cfg = TrainConfig(TINY_RES, epochs=4, batch_size=16, optimizer="adamw", lr=0.003, workers=0, seed=0)
+    run_train("synthetic:384", out, cfg, width_mult=0.35, weights="none", log=lambda s: None,
+              data_options={"heldout_per_class": 20})
+    run_profile(out, "onnxruntime", "fp32", (1, 4), protocol=QUICK, threads=1, log=lambda s: None)
+    return out

@@ -24,8 +24,9 @@ from .weights import resolve_weights
 def build_model(cfg: TrainConfig, num_classes: int, width_mult: float, patch: str, classifier_kind: str,
                 weights: str | None):
     state, weights_desc = resolve_weights(weights)
-    if state is not None and width_mult != 1.0:
-        raise UserError(f"pretrained weights are for width_mult 1.0; drop --width-mult {width_mult} or use --weights none")
+    if weights and weights.startswith("imagenet") and width_mult != 1.0:
+        raise UserError(f"torchvision's ImageNet weights are for width_mult 1.0; drop --width-mult {width_mult} "
+                        "or use --weights none / PATH")
     if cfg.independent:
         def make():
             m = mobilenet_v2(num_classes=num_classes, width_mult=width_mult)

@@ -1,0 +1,171 @@
+import itertools
+import math
+
+import numpy as np
+import pytest
+
+from cascade.confidence import combine, confidence, fit_temperature, log_probs
+from cascade.costs import CostModel
+from cascade.guarantee import binomial_p_value, certify, split_calib
+from cascade.optimizer import (Cascade, Stage, StageViews, exact_search, greedy, pareto_front, reference_resolution,
+                               simulate, tolerance_sweep)
+from cascade.synthetic_predictions import synthetic_predictions
+
+RES = [96, 128, 160, 192, 224]
+
+
+def flops_costs(batch=1, batch_aware=False):
+    """Per-image costs proportional to r^2 (a MAC-like model) at one batch size."""
+    return CostModel("test", "fp32", batch, batch_aware, {r: {batch: (r / 224) ** 2} for r in RES})
+
+
+@pytest.fixture(scope="module")
+def preds():
+    return synthetic_predictions(6000, RES, num_classes=10, seed=1)
+
+
+def test_confidence_measures_on_hand_examples():
+    lp = np.log(np.array([[0.7, 0.2, 0.1], [0.4, 0.35, 0.25]]))
+    assert np.allclose(confidence(lp, "max_prob"), [0.7, 0.4])
+    assert np.allclose(confidence(lp, "margin"), [0.5, 0.05])
+    ent = -(np.array([0.7, 0.2, 0.1]) * np.log([0.7, 0.2, 0.1])).sum()
+    assert np.isclose(confidence(lp, "entropy")[0], -ent)
+    both = combine([np.log([[0.9, 0.1]]), np.log([[0.5, 0.5]])])
+    assert np.allclose(np.exp(both).sum(-1), 1) and np.exp(both)[0, 0] > 0.5
+
+
+def test_temperature_fit_recovers_overconfidence():
+    rng = np.random.default_rng(0)
+    n, c, t_true = 20000, 5, 3.0
+    base = rng.normal(0, 2, (n, c))
+    p = np.exp(base - np.logaddexp.reduce(base, 1, keepdims=True))
+    labels = np.array([rng.choice(c, p=row) for row in p])  # labels drawn from the calibrated model
+    t = fit_temperature(base * t_true, labels)               # the model is t_true x over-confident
+    assert abs(t - t_true) / t_true < 0.05
+
+
+def test_greedy_at_zero_tolerance_keeps_reference_accuracy_and_saves_cost(preds):
+    views, costs = StageViews(preds), flops_costs()
+    ref = reference_resolution(views, RES)
+    assert ref == 224
+    casc = greedy(views, costs, ref, RES, tolerance=0.0)
+    out = simulate(casc, views, costs)
+    ref_out = simulate(Cascade([Stage(ref, -math.inf)]), views, costs)
+    assert out.accuracy >= ref_out.accuracy
+    assert out.mean_cost < 0.9 * ref_out.mean_cost
+    assert casc.stages[-1] == Stage(ref, -math.inf) and len(casc.stages) >= 2
+    # every early stage is admissible: on what it answers it is at least as accurate as the reference there
+    _, ref_correct = views.view((), ref)
+    for k, stage in enumerate(casc.stages[:-1]):
+        exits = out.exit_stage == k
+        assert out.correct_mask[exits].sum() >= ref_correct[exits].sum()
+
+
+def test_greedy_tolerance_trades_accuracy_for_cost(preds):
+    views, costs = StageViews(preds), flops_costs()
+    outs = [simulate(greedy(views, costs, 224, RES, tol), views, costs) for tol in (0.0, 0.05, 0.2)]
+    assert outs[0].mean_cost >= outs[1].mean_cost >= outs[2].mean_cost
+    assert outs[2].mean_cost < outs[0].mean_cost
+    ref_acc = simulate(Cascade([Stage(224, -math.inf)]), views, costs).accuracy
+    for tol, out in zip((0.0, 0.05, 0.2), outs):
+        assert out.accuracy >= ref_acc - tol - 1e-9  # the per-stage deficit bounds the total
+
+
+def brute_force(views, costs, min_correct, thresholds):
+    """Every increasing chain x every threshold combination, evaluated by simulate()."""
+    best = (math.inf, None)
+    for k in range(1, len(RES) + 1):
+        for chain in itertools.combinations(RES, k):
+            for ts in itertools.product(*[thresholds[r] for r in chain[:-1]]):
+                c = Cascade([Stage(r, t) for r, t in zip(chain[:-1], ts)] + [Stage(chain[-1], -math.inf)])
+                out = simulate(c, views, costs)
+                if out.correct >= min_correct and out.mean_cost < best[0]:
+                    best = (out.mean_cost, c)
+    return best
+
+
+def test_exact_search_matches_brute_force_on_a_small_instance():
+    small = synthetic_predictions(300, RES, num_classes=4, seed=3)
+    views, costs = StageViews(small), flops_costs()
+    ref_correct = int(views.view((), 224)[1].sum())
+    grid = 3
+    cascade, nodes, cut = exact_search(views, costs, RES, ref_correct, grid=grid)
+    thresholds = {r: np.unique(np.quantile(views.view((), r)[0], np.linspace(0, 1, grid + 1)[1:-1])) for r in RES}
+    best_cost, _ = brute_force(views, costs, ref_correct, thresholds)
+    assert not cut and cascade is not None
+    assert simulate(cascade, views, costs).mean_cost == pytest.approx(best_cost)
+
+
+def test_exact_is_never_worse_than_greedy_when_given_its_thresholds(preds):
+    views, costs = StageViews(preds), flops_costs()
+    casc = greedy(views, costs, 224, RES)
+    g = simulate(casc, views, costs)
+    extra = {s.resolution: [s.threshold] for s in casc.stages[:-1]}
+    ex, _, _ = exact_search(views, costs, RES, g.correct, grid=6, extra_thresholds=extra)
+    assert simulate(ex, views, costs).mean_cost <= g.mean_cost + 1e-12
+
+
+def test_batch_aware_costs_use_the_shrunken_batch():
+    table = {96: {1: 1.0, 32: 0.2}, 224: {1: 4.0, 32: 1.0}}
+    plain = CostModel("t", "fp32", 32, False, table)
+    aware = CostModel("t", "fp32", 32, True, table)
+    # half the batch reaches r224: 16 images is nearer (log scale) to 32 than to 1
+    assert plain.expected([96, 224], [1.0, 0.5]) == pytest.approx(0.2 + 0.5 * 1.0)
+    assert aware.expected([96, 224], [1.0, 0.5]) == pytest.approx(0.2 + 0.5 * 1.0)
+    # 1/32 of the batch: one image runs at batch-1 cost
+    assert aware.expected([96, 224], [1.0, 1 / 32]) == pytest.approx(0.2 + 4.0 / 32)
+    assert plain.expected([96, 224], [1.0, 1 / 32]) == pytest.approx(0.2 + 1.0 / 32)
+
+
+def test_pareto_front_is_monotone(preds):
+    views = StageViews(preds)
+    front = pareto_front(tolerance_sweep(views, flops_costs(), RES, finishers=[192, 224], tolerances=(0, 0.02, 0.1)))
+    costs = [c.outcome.mean_cost for c in front]
+    accs = [c.outcome.accuracy for c in front]
+    assert costs == sorted(costs) and accs == sorted(accs) and len(front) >= 3
+
+
+def test_margin_and_combined_views_build_valid_cascades(preds):
+    for views in (StageViews(preds, "margin"), StageViews(preds, "entropy"), StageViews(preds, combined=True)):
+        casc = greedy(views, flops_costs(), 224, RES)
+        out = simulate(casc, views, flops_costs())
+        assert 0 < out.mean_cost <= 1.0 + 1e-9 and abs(sum(out.exit_fractions) - 1) < 1e-9
+
+
+def test_binomial_p_value():
+    assert binomial_p_value(0, 600, 0.005) == pytest.approx(0.995 ** 600)
+    assert binomial_p_value(3, 100, 0.01) > 0.9  # 3 losses in 100 are no evidence that the risk is below 1 %
+
+
+def test_guarantee_holds_in_simulation():
+    """Many random calib draws from one population: the certified cascade's true risk exceeds epsilon in at
+    most ~delta of them, while picking the cheapest cascade with empirical risk <= epsilon (no test) violates
+    far more often. The second assertion shows the simulation can detect violations at all."""
+    population = synthetic_predictions(120_000, RES, num_classes=10, seed=7)
+    pop_views, costs = StageViews(population), flops_costs()
+    _, ref_pop = pop_views.view((), 224)
+    eps, delta, n_calib, trials = 0.02, 0.1, 1200, 60
+    rng = np.random.default_rng(0)
+    tol = tuple(np.linspace(0, 0.2, 41))
+
+    def true_risk(c):
+        out = simulate(c, pop_views, costs)
+        return float(((~out.correct_mask) & ref_pop).mean())
+
+    ltt_violations = naive_violations = 0
+    for trial in range(trials):
+        idx = rng.choice(population.n, n_calib, replace=False)
+        calib = population.subset(idx)
+        sel, cert = split_calib(calib.n, 0.5, trial)
+        result = certify(StageViews(calib.subset(sel)), StageViews(calib.subset(cert)), costs, 224, RES, eps, delta,
+                         tol)
+        ltt_violations += true_risk(result.cascade) > eps
+        views = StageViews(calib)
+        _, ref_c = views.view((), 224)
+        naive = [greedy(views, costs, 224, RES, t) for t in tol]
+        ok = [c for c in naive if ((~simulate(c, views, costs).correct_mask) & ref_c).mean() <= eps]
+        cheapest = min(ok, key=lambda c: simulate(c, views, costs).mean_cost)
+        naive_violations += true_risk(cheapest) > eps
+    # binomial slack: with rate delta over 60 trials, P(count > 12) < 1 %
+    assert ltt_violations <= 12, ltt_violations
+    assert naive_violations > 2 * ltt_violations and naive_violations >= 15, (naive_violations, ltt_violations)

@@ -1,0 +1,43 @@
+"""Loading code on the real shared data (../shared/data): Imagenette tars + manifests, ImageNet samples,
+ImageNet MobileNetV2 weights. Skipped, with the reason, where ../shared is absent."""
+import numpy as np
+import pytest
+import torch
+
+from training.data import load_data
+from training.family import ResolutionFamily
+from training.predict import predict_logits, top1
+from training.weights import resolve_weights
+
+from .conftest import IMAGENETTE, SAMPLE_IMAGES, need
+
+pytestmark = pytest.mark.slow
+
+
+def test_shared_imagenette_10_and_1000_way():
+    d = need(IMAGENETTE)
+    s = load_data(f"shared-imagenette:{d}", seed=0)
+    assert len(s.train) == 5000 and len(s.calib) + len(s.test) == 3925 and len(s.class_names) == 10
+    assert abs(len(s.calib) - len(s.test)) <= 10
+    img = s.test.read(0)
+    assert img.dtype == torch.uint8 and img.shape == (3, 224, 224)
+    assert np.bincount(s.train.labels).tolist() == [500] * 10
+    wide = load_data(f"shared-imagenette:{d}", seed=0, label_space="imagenet", train_per_class=5,
+                     heldout_per_class=5)
+    assert len(wide.class_names) == 1000 and set(np.unique(wide.train.labels)) == {0, 217, 482, 491, 497, 566,
+                                                                                    569, 571, 574, 701}
+    assert len(wide.train) == 50
+
+
+def test_pretrained_family_on_imagenet_samples(imagenet_weights_path):
+    d = need(SAMPLE_IMAGES)
+    s = load_data(f"shared-imagenet-samples:{d}", seed=0)
+    assert s.train is None and len(s.calib) + len(s.test) == 1000 and len(s.class_names) == 1000
+    sd, _ = resolve_weights(str(imagenet_weights_path))
+    fam = ResolutionFamily((96, 224))
+    fam.load_torchvision_state_dict(sd)
+    images = s.test.subset(np.arange(80))
+    pred = predict_logits({r: fam.to_torchvision(r) for r in fam.resolutions}, images, batch_size=40)
+    acc = top1(pred)
+    # the shared README: 827 / 482 of 1000 at 224 / 96 (these files); 80 images leave room for noise
+    assert acc[224] > 0.65 and acc[96] < acc[224]

@@ -1,0 +1,224 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from training.data import load_data
+from training.family import ResolutionFamily
+from training.fileio import UserError
+from training.run import run_train
+from training.store import load_family
+from training.synthetic import make_synthetic
+from training.trainer import MultiResolutionForward, TrainConfig, _inputs, _param_groups
+
+from .test_family import random_torchvision
+
+RES = (32, 48)
+QUIET = dict(log=lambda s: None)
+
+
+def tiny_cfg(**kw):
+    base = dict(resolutions=RES, epochs=1, batch_size=16, optimizer="adamw", lr=0.003, workers=0)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_multitask_step_shared_learns_from_all_each_patch_from_its_own():
+    fam = ResolutionFamily(RES, num_classes=4, width_mult=0.35)
+    fam.load_torchvision_state_dict(random_torchvision(num_classes=4).state_dict())
+    fam.train()
+    wrapper = MultiResolutionForward(fam, RES, ensemble=False)
+    x = torch.randint(0, 255, (4, 3, 48, 48), dtype=torch.uint8)
+    xs = _inputs([x], RES, "cpu", channels_last=True)
+    assert [t.shape[-1] for t in xs] == [32, 48]
+    logits = wrapper(xs)
+    conv = fam.features[0][0].weight
+    # loss of r32 alone: the shared conv and r32's patch get gradients, r48's patch none
+    logits[0].sum().backward(retain_graph=True)
+    assert conv.grad is not None and conv.grad.abs().sum() > 0
+    assert all(p.grad is not None for p in fam.patch_parameters(32))
+    assert all(p.grad is None for p in fam.patch_parameters(48))
+    g32 = conv.grad.clone()
+    logits[1].sum().backward()
+    assert not torch.equal(conv.grad, g32)  # r48 added its own gradient to the shared weights
+
+
+@pytest.mark.parametrize("shared, classifier", [("frozen", "train"), ("frozen", "frozen"), ("train", "frozen")])
+def test_frozen_parts_do_not_change(shared, classifier, tmp_path):
+    splits = load_data("synthetic:64", seed=0, heldout_per_class=4)
+    cfg = tiny_cfg(shared=shared, classifier=classifier)
+    fam = ResolutionFamily(RES, num_classes=8, width_mult=0.35)
+    before = {k: v.clone() for k, v in fam.state_dict_for(32).items()}
+    from training.trainer import train
+    train(fam, splits.train, cfg, tmp_path, **QUIET)
+    after = fam.state_dict_for(32)
+    conv_same = torch.equal(before["features.1.conv.0.0.weight"], after["features.1.conv.0.0.weight"])
+    head_same = torch.equal(before["classifier.1.weight"], after["classifier.1.weight"])
+    bn_same = torch.equal(before["features.0.1.weight"], after["features.0.1.weight"])
+    assert conv_same == (shared == "frozen")
+    assert head_same == (classifier == "frozen")
+    assert not bn_same  # the patches always learn
+    assert not torch.equal(before["features.0.1.running_mean"], after["features.0.1.running_mean"])
+
+
+@pytest.mark.parametrize("distill", ["top", "ensemble", "teacher"])
+def test_distillation_modes_train(distill, tmp_path):
+    doc = run_train("synthetic:64", tmp_path / "f", tiny_cfg(distill=distill, distill_temperature=2.0),
+                    width_mult=0.35, weights="none", data_options={"heldout_per_class": 4}, **QUIET)
+    rows = list(csv_rows(tmp_path / "f" / "metrics.csv"))
+    assert len(rows) == 2 and float(rows[0]["distill_loss"]) > 0
+    assert set(doc["top1"]["test"]) == {"32", "48"}
+
+
+def csv_rows(path):
+    import csv
+    with open(path) as f:
+        yield from csv.DictReader(f)
+
+
+def test_train_writes_family_predictions_and_metrics(tmp_path):
+    out = tmp_path / "fam"
+    doc = run_train("synthetic:64", out, tiny_cfg(), width_mult=0.35, weights="none",
+                    classifier_kind="per_resolution", data_options={"heldout_per_class": 6}, **QUIET)
+    fam, loaded = load_family(out)
+    assert loaded["top1"]["calib"].keys() == {"32", "48"} and loaded["classifier"] == "per_resolution"
+    assert not (out / "checkpoints").exists()
+    for split in ("calib", "test"):
+        z = np.load(out / "predictions" / f"{split}.npz")
+        n = len(z["labels"])
+        assert z["logits"].shape == (n, 2, 8) and z["logits"].dtype == np.float32
+        assert list(z["resolutions"]) == [32, 48] and len(set(z["ids"])) == n
+        assert str(z["weights_sha256"]) and int(z["schema_version"]) == 1
+    calib_ids = set(np.load(out / "predictions/calib.npz")["ids"])
+    test_ids = set(np.load(out / "predictions/test.npz")["ids"])
+    assert not calib_ids & test_ids
+    header = (out / "metrics.csv").read_text().splitlines()[0]
+    for col in ("epoch", "resolution", "loss", "top1", "lr", "images_per_s"):
+        assert col in header
+    with pytest.raises(UserError, match="already holds a family"):
+        run_train("synthetic:64", out, tiny_cfg(), width_mult=0.35, weights="none", **QUIET)
+
+
+def test_independent_baseline(tmp_path):
+    doc = run_train("synthetic:64", tmp_path / "ind", tiny_cfg(independent=True), width_mult=0.35,
+                    weights="none", data_options={"heldout_per_class": 4}, **QUIET)
+    assert doc["kind"] == "independent" and doc["parameters"]["k_independent"] == 2 * doc["parameters"]["one_model"]
+    assert (tmp_path / "ind/models/r048.safetensors").is_file()
+    assert np.load(tmp_path / "ind/predictions/test.npz")["logits"].shape[1] == 2
+
+
+def test_synthetic_is_deterministic_and_resolution_sensitive():
+    a, la = make_synthetic(64, seed=3)
+    b, lb = make_synthetic(64, seed=3)
+    assert torch.equal(a, b) and torch.equal(la, lb)
+    assert not torch.equal(a, make_synthetic(64, seed=4)[0])
+    from training.preprocess import resize_center_crop
+    imgs, labels = make_synthetic(400, num_classes=8, seed=0)
+    fine = imgs[labels >= 4].float()
+
+    def texture_energy(x, r):  # high-frequency energy left after the eval resize to r
+        y = resize_center_crop(x, r)
+        return (y[..., 1:, :] - y[..., :-1, :]).abs().mean() + (y[..., :, 1:] - y[..., :, :-1]).abs().mean()
+    assert texture_energy(fine, 96) > 2 * texture_energy(fine, 32)
+
+
+def write_image_folder(root: Path, classes=("a", "b"), per_class=10, corrupt=0, size=40):
+    rng = np.random.default_rng(0)
+    for c in classes:
+        (root / c).mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            Image.fromarray(rng.integers(0, 255, (size, size + 8, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
+    for i in range(corrupt):
+        (root / classes[0] / f"broken{i}.jpg").write_bytes(b"\xff\xd8not a jpeg at all")
+
+
+def test_corrupt_images_are_skipped_and_counted(tmp_path):
+    write_image_folder(tmp_path / "imgs", per_class=24, corrupt=5)
+    logs = []
+    cfg = tiny_cfg(batch_size=8)
+    run_train(f"imagefolder:{tmp_path / 'imgs'}", tmp_path / "fam", cfg, width_mult=0.35, weights="none",
+              log=logs.append, data_options={"val_fraction": 0.3})
+    metrics = list(csv_rows(tmp_path / "fam" / "metrics.csv"))
+    skipped_train = int(metrics[0]["skipped_images"])
+    doc = json.loads((tmp_path / "fam/family.json").read_text())
+    n_pred = sum(len(np.load(tmp_path / f"fam/predictions/{s}.npz")["labels"]) for s in ("calib", "test"))
+    held = doc["provenance"]["data"]["calib_images"] + doc["provenance"]["data"]["test_images"]
+    assert skipped_train + (held - n_pred) == 5  # every broken file counted once, in train or held-out
+    assert any("unreadable" in line for line in logs)
+
+
+def test_data_errors_up_front(tmp_path):
+    write_image_folder(tmp_path / "one", classes=("only",))
+    with pytest.raises(UserError, match="at least 2"):
+        load_data(f"imagefolder:{tmp_path / 'one'}")
+    write_image_folder(tmp_path / "two", classes=("a", "b"))
+    (tmp_path / "two" / "empty").mkdir()
+    with pytest.raises(UserError, match="empty have no images"):
+        load_data(f"imagefolder:{tmp_path / 'two'}")
+    with pytest.raises(UserError, match="unknown --data"):
+        load_data("mnist")
+    with pytest.raises(UserError, match="not found"):
+        load_data(f"imagefolder:{tmp_path / 'nope'}")
+
+
+def test_bad_train_config():
+    with pytest.raises(UserError, match="--loss-weights has 1 values"):
+        TrainConfig(RES, loss_weights=(1.0,))
+    with pytest.raises(UserError, match="--optimizer"):
+        TrainConfig(RES, optimizer="lbfgs")
+
+
+def _train_cmd(out, epochs=3):
+    return [sys.executable, "-m", "cascade.cli", "train", "--data", "synthetic:96", "--out", str(out),
+            "--resolutions", "32,48", "--width-mult", "0.35", "--weights", "none", "--epochs", str(epochs),
+            "--batch-size", "16", "--optimizer", "adamw", "--lr", "0.003", "--workers", "0", "--heldout-per-class", "3"]
+
+
+@pytest.mark.slow
+def test_resume_after_kill_equals_uninterrupted(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    full = subprocess.run(_train_cmd(tmp_path / "full"), env=env, capture_output=True, text=True)
+    assert full.returncode == 0, full.stderr[-2000:]
+    proc = subprocess.Popen(_train_cmd(tmp_path / "killed"), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    ckpt = tmp_path / "killed" / "checkpoints" / "last.pt"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.is_file():
+            break
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL and ckpt.is_file()
+    epoch = torch.load(ckpt, weights_only=True)["epoch"]
+    assert 1 <= epoch < 3 and not (tmp_path / "killed" / "family.json").exists()
+    resumed = subprocess.run(_train_cmd(tmp_path / "killed") + ["--resume"], env=env, capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, _ = load_family(tmp_path / "full")
+    b, _ = load_family(tmp_path / "killed")
+    for r in (32, 48):
+        for (k, va), (_, vb) in zip(sorted(a.state_dict_for(r).items()), sorted(b.state_dict_for(r).items())):
+            assert torch.equal(va, vb), k
+    assert np.array_equal(np.load(tmp_path / "full/predictions/test.npz")["logits"],
+                          np.load(tmp_path / "killed/predictions/test.npz")["logits"])
+
+
+@pytest.mark.slow
+def test_torchrun_two_cpu_processes(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
+           "-m", "cascade.cli"] + _train_cmd(tmp_path / "ddp", epochs=1)[3:]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = json.loads((tmp_path / "ddp/family.json").read_text())
+    assert doc["provenance"]["world_size"] == 2
+    fam, _ = load_family(tmp_path / "ddp")
+    assert set(doc["top1"]["test"]) == {"32", "48"}
