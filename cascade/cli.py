@@ -88,6 +88,8 @@ def add_train_parser(sub) -> None:
                    help="patch = γ, β and BN statistics (default) or γ, β only (statistics shared)")
     s.add_argument("--shared", choices=["train", "frozen"], help="frozen = transfer mode (only patches learn)")
     s.add_argument("--classifier", choices=["shared", "per-resolution", "frozen"])
+    s.add_argument("--patches", choices=["train", "stats", "frozen"],
+                   help="train: learn γ, β and statistics; stats: re-estimate statistics only; frozen: keep them")
     s.add_argument("--distill", choices=["none", "top", "ensemble", "teacher"],
                    help="top: top resolution teaches the others; ensemble: RS-Nets; teacher: frozen start at top r")
     s.add_argument("--distill-weight", type=float)

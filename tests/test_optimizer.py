@@ -109,12 +109,14 @@ def test_batch_aware_costs_use_the_shrunken_batch():
     table = {96: {1: 1.0, 32: 0.2}, 224: {1: 4.0, 32: 1.0}}
     plain = CostModel("t", "fp32", 32, False, table)
     aware = CostModel("t", "fp32", 32, True, table)
-    # half the batch reaches r224: 16 images is nearer (log scale) to 32 than to 1
+    # half the batch reaches r224: 16 images, batch latency interpolated between the b1 (4 ms) and b32 (32 ms) rows
+    lat16 = 4.0 + (32.0 - 4.0) * (16 - 1) / (32 - 1)
+    assert aware.expected([96, 224], [1.0, 0.5]) == pytest.approx(0.2 + 0.5 * lat16 / 16)
     assert plain.expected([96, 224], [1.0, 0.5]) == pytest.approx(0.2 + 0.5 * 1.0)
-    assert aware.expected([96, 224], [1.0, 0.5]) == pytest.approx(0.2 + 0.5 * 1.0)
     # 1/32 of the batch: one image runs at batch-1 cost
     assert aware.expected([96, 224], [1.0, 1 / 32]) == pytest.approx(0.2 + 4.0 / 32)
     assert plain.expected([96, 224], [1.0, 1 / 32]) == pytest.approx(0.2 + 1.0 / 32)
+    assert aware.per_image(224, 32) == 1.0 and aware.per_image(224, 64) == 1.0 and aware.per_image(224, 0.5) == 4.0
 
 
 def test_pareto_front_is_monotone(preds):

@@ -69,6 +69,22 @@ def test_frozen_parts_do_not_change(shared, classifier, tmp_path):
     assert not torch.equal(before["features.0.1.running_mean"], after["features.0.1.running_mean"])
 
 
+@pytest.mark.parametrize("patches", ["frozen", "stats"])
+def test_frozen_or_statistics_only_patches(patches, tmp_path):
+    splits = load_data("synthetic:64", seed=0, heldout_per_class=4)
+    fam = ResolutionFamily(RES, num_classes=8, width_mult=0.35)
+    fam.load_torchvision_state_dict(random_torchvision(num_classes=8).state_dict())
+    before = {k: v.clone() for k, v in fam.state_dict_for(32).items()}
+    from training.trainer import train
+    train(fam, splits.train, tiny_cfg(shared="frozen", patches=patches), tmp_path, **QUIET)
+    after = fam.state_dict_for(32)
+    assert torch.equal(before["features.0.1.weight"], after["features.0.1.weight"])  # γ never learns here
+    assert torch.equal(before["features.0.1.running_mean"], after["features.0.1.running_mean"]) == (patches == "frozen")
+    assert not torch.equal(before["classifier.1.weight"], after["classifier.1.weight"])
+    fam2 = ResolutionFamily(RES, num_classes=8, width_mult=0.35)
+    train(fam2, splits.train, tiny_cfg(shared="frozen", classifier="frozen", patches="stats"), tmp_path / "s", **QUIET)
+
+
 @pytest.mark.parametrize("distill", ["top", "ensemble", "teacher"])
 def test_distillation_modes_train(distill, tmp_path):
     doc = run_train("synthetic:64", tmp_path / "f", tiny_cfg(distill=distill, distill_temperature=2.0),

@@ -238,6 +238,11 @@ class ResolutionFamily(MobileNetV2):
         return [m.weight[key] for m in self.patched_modules().values()] + \
                [m.bias[key] for m in self.patched_modules().values()]
 
+    def bn_parameters(self) -> list[nn.Parameter]:
+        """Every patch's γ and β (all resolutions)."""
+        return [p for m in self.modules() if isinstance(m, PatchedBatchNorm2d) for p in (*m.weight.values(),
+                                                                                       *m.bias.values())]
+
     def classifier_parameters(self) -> list[nn.Parameter]:
         return list(self.classifier.parameters())
 

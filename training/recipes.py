@@ -20,7 +20,7 @@ PRESETS: dict[str, dict] = {
     # From scratch on the built-in synthetic data: small, fast on two CPU cores (used by `rescascade demo`).
     "synthetic": {
         "doc": "small family from scratch on the built-in synthetic set (CPU, minutes)",
-        "weights": "none", "width_mult": 0.35, "resolutions": (32, 48, 64, 96), "epochs": 10, "batch_size": 64,
+        "weights": "none", "width_mult": 0.35, "resolutions": (32, 48, 64, 96), "epochs": 12, "batch_size": 64,
         "optimizer": "adamw", "lr": 0.003, "patch_lr": 0.003, "head_lr": 0.003, "weight_decay": 0.01,
         "schedule": "cosine", "warmup_epochs": 0.5, "crop_scale": (0.5, 1.0), "data": "synthetic:2400",
     },

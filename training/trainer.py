@@ -52,6 +52,7 @@ class TrainConfig:
     label_weight: float = 1.0
     shared: str = "train"           # train | frozen (transfer mode: only patches, and the head, learn)
     classifier: str = "train"       # train | frozen
+    patches: str = "train"          # train (γ, β and statistics) | stats (statistics only) | frozen (nothing)
     distill: str = "none"           # none | top | ensemble (RS-Nets) | teacher (frozen copy of the start, top res)
     distill_weight: float = 1.0
     distill_temperature: float = 1.0
@@ -68,6 +69,7 @@ class TrainConfig:
         for name, value, allowed in (("optimizer", self.optimizer, OPTIMIZERS), ("schedule", self.schedule, SCHEDULES),
                                      ("distill", self.distill, DISTILL), ("shared", self.shared, ("train", "frozen")),
                                      ("classifier", self.classifier, ("train", "frozen")),
+                                     ("patches", self.patches, ("train", "stats", "frozen")),
                                      ("crop", self.crop, ("same", "independent"))):
             if value not in allowed:
                 raise UserError(f"--{name} {value!r} is not one of {', '.join(allowed)}")
@@ -167,23 +169,20 @@ class TrainResult:
 
 
 def _param_groups(model: nn.Module, cfg: TrainConfig, ensemble: nn.Parameter | None) -> list[dict]:
+    """shared convolutions / BatchNorm patches (γ, β) / classifier, each with its rate and trainability."""
     lr = cfg.lr
     patch_lr = cfg.patch_lr if cfg.patch_lr is not None else lr
     head_lr = cfg.head_lr if cfg.head_lr is not None else lr
     if isinstance(model, IndependentModels):
         convs, patches, head = model.groups()
     else:
-        patches = [p for r in model.resolutions for p in model.patch_parameters(r)]
-        head = [p for p in model.classifier_parameters() if all(p is not q for q in patches)]
-        convs = model.shared_parameters(include_classifier=False)
-    for p in convs:
-        p.requires_grad_(cfg.shared == "train")
-    for p in head:
-        p.requires_grad_(cfg.classifier == "train")
-    # a per-resolution classifier lives in the patches; "frozen" freezes it as well
-    if cfg.classifier == "frozen" and not isinstance(model, IndependentModels):
-        for p in model.classifier_parameters():
-            p.requires_grad_(False)
+        patches, head = model.bn_parameters(), model.classifier_parameters()
+        taken = {id(p) for p in patches + head}
+        convs = [p for p in model.parameters() if id(p) not in taken]
+    for params, trainable in ((convs, cfg.shared == "train"), (patches, cfg.patches == "train"),
+                              (head, cfg.classifier == "train")):
+        for p in params:
+            p.requires_grad_(trainable)
     groups = [
         {"name": "shared", "params": [p for p in convs if p.requires_grad], "lr": lr, "weight_decay": cfg.weight_decay},
         {"name": "patches", "params": [p for p in patches if p.requires_grad], "lr": patch_lr, "weight_decay": 0.0},
@@ -192,6 +191,15 @@ def _param_groups(model: nn.Module, cfg: TrainConfig, ensemble: nn.Parameter | N
     if ensemble is not None:
         groups.append({"name": "ensemble", "params": [ensemble], "lr": head_lr, "weight_decay": 0.0})
     return [g for g in groups if g["params"]]
+
+
+def _set_bn_mode(model: nn.Module, cfg: TrainConfig) -> None:
+    """patches 'frozen': BatchNorm keeps its statistics (eval mode); otherwise it re-estimates them."""
+    if cfg.patches == "frozen":
+        from .family import PatchedBatchNorm2d
+        for m in model.modules():
+            if isinstance(m, (PatchedBatchNorm2d, nn.BatchNorm2d)):
+                m.eval()
 
 
 def _optimizer(groups, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -272,8 +280,12 @@ def train(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, out_dir, resu
             p.requires_grad_(False)
     wrapper = MultiResolutionForward(model, cfg.resolutions, ensemble=cfg.distill == "ensemble").to(device)
     groups = _param_groups(model, cfg, wrapper.alpha)
-    if not groups:
-        raise UserError("nothing to train: shared weights and classifier are frozen and there are no patches")
+    if not groups and cfg.patches != "stats":
+        raise UserError("nothing to train: shared weights, patches and classifier are all frozen")
+    # statistics only, nothing learned: forward passes in train mode re-estimate each resolution's BN statistics
+    stats_only = not groups
+    if stats_only:
+        groups = [{"name": "none", "params": [nn.Parameter(torch.zeros(1))], "lr": 0.0, "weight_decay": 0.0}]
     opt = _optimizer(groups, cfg)
     for g in opt.param_groups:
         g["initial_lr"] = g["lr"]
@@ -324,6 +336,7 @@ def train(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, out_dir, resu
             collate_fn=collate_skipping, persistent_workers=False, pin_memory=device.type == "cuda",
             generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
         net.train()
+        _set_bn_mode(model, cfg)
         if teacher is not None:
             teacher.eval()
         sums = {r: {"loss": 0.0, "correct": 0} for r in cfg.resolutions}
@@ -337,6 +350,13 @@ def train(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, out_dir, resu
             crops, y = batch
             y = y.to(device, non_blocking=True)
             xs = _inputs(crops, cfg.resolutions, device, channels_last)
+            if stats_only:
+                with torch.no_grad():
+                    logits = net(xs)
+                seen += len(y)
+                for r, lg in zip(cfg.resolutions, logits):
+                    sums[r]["correct"] += int((lg.argmax(1) == y).sum())
+                continue
             with autocast:
                 logits = net(xs)
                 losses = [F.cross_entropy(l.float(), y, label_smoothing=cfg.label_smoothing) for l in logits]

@@ -1,0 +1,110 @@
+"""Runtime overhead: the cascade runner's wall time against the sum of its stages' own work on the same inputs.
+
+A three-stage cascade r96 -> r160 -> r224 of MobileNetV2 1.0 on ONNX Runtime CPU, thresholds set so that about
+half the batch exits at each early stage. For each batch, the runner is timed end to end; then the same rows
+each stage received are pushed through the same engines directly (preprocessing and inference timed apart).
+Overhead = runner wall / (sum of stage preprocessing + inference) - 1; target <= 5 %. Interleaved, medians.
+
+    python benchmarks/runtime_overhead.py [--batch-sizes 1,32] [--batches 24] [--repeats 5]
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import numpy as np
+import torch
+from _common import IMAGENETTE, ROOT, imagenet_family, table
+
+from cascade.config import read_config, write_config
+from cascade.confidence import confidence, log_probs
+from cascade.runtime import CascadeRunner
+from profiling.measure import torch_threads
+from training.fileio import sha256_file
+from training.preprocess import preprocess
+from training.store import read_family_json, weights_id
+
+STAGES = (96, 160, 224)
+
+
+def source_images(n: int) -> list[torch.Tensor]:
+    if (IMAGENETTE / "manifest_val.csv").is_file():
+        from training.data import shared_imagenette
+        _, val = shared_imagenette(str(IMAGENETTE), "native")
+        return [val.read(i) for i in range(0, n * 7, 7)][:n]
+    g = torch.Generator().manual_seed(0)
+    return [torch.randint(0, 256, (3, 224, 224), dtype=torch.uint8, generator=g) for _ in range(n)]
+
+
+def write_cascade(fam, thresholds) -> str:
+    doc = read_family_json(fam)
+    path = fam / "overhead_cascade.json"
+    write_config(path, {
+        "family": {"path": ".", "family_json_sha256": sha256_file(fam / "family.json"), "weights_sha256": weights_id(doc)},
+        "profile": {"backend": "onnxruntime", "precision": "fp32", "batch_size": 32},
+        "confidence": {"measure": "max_prob", "temperatures": {}, "combine": False},
+        "stages": [{"resolution": r, "threshold": t} for r, t in zip(STAGES, thresholds)],
+        "reference": {"resolution": 224}, "expected": {}})
+    return path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--batch-sizes", default="1,32")
+    ap.add_argument("--batches", type=int, default=24, help="distinct input batches per batch size")
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args()
+    fam = imagenet_family(ROOT / ".bench" / "mnv2_family")
+    images = source_images(256)
+    # thresholds: the median confidence of each early stage on these images (about half exit at each)
+    probe = CascadeRunner(read_config(write_cascade(fam, [0.0, 0.0, None])))
+    ths = []
+    for r in STAGES[:2]:
+        x = torch.stack([preprocess(im, r) for im in images[:64]])
+        ths.append(float(np.median(confidence(log_probs(probe.engines[r].run(x).numpy()), "max_prob"))))
+    runner = CascadeRunner(read_config(write_cascade(fam, ths + [None])))
+    engines = runner.engines
+    rows = []
+    for b in (int(v) for v in args.batch_sizes.split(",")):
+        batches = [images[(i * b) % len(images):][:b] for i in range(args.batches)]
+        batches = [x if len(x) == b else images[:b] for x in batches]
+        walls, pres, infs = [], [], []
+        for rep in range(args.repeats + 1):  # the first pass warms up every shape
+            w_rep, p_rep, i_rep = [], [], []
+            for batch in batches:
+                res = runner(batch)
+                pre = inf = 0.0
+                with torch_threads(1):  # the runner's own setting for ONNX Runtime CPU
+                    for k, r in enumerate(STAGES):
+                        rows_k = [im for im, e in zip(batch, res.exit_stage) if e >= k]
+                        if not rows_k:
+                            continue
+                        t0 = time.perf_counter()
+                        x = preprocess(torch.stack(rows_k), r)
+                        t1 = time.perf_counter()
+                        engines[r].run(x)
+                        t2 = time.perf_counter()
+                        pre, inf = pre + t1 - t0, inf + t2 - t1
+                w_rep.append(res.wall_s)
+                p_rep.append(pre)
+                i_rep.append(inf)
+            if rep:
+                walls.append(w_rep)
+                pres.append(p_rep)
+                infs.append(i_rep)
+        wall = np.median(walls, 0).sum()
+        pre, inf = np.median(pres, 0).sum(), np.median(infs, 0).sum()
+        exits = np.bincount(np.concatenate([runner(x).exit_stage for x in batches]), minlength=3) / (b * len(batches))
+        rows.append([b, " / ".join(f"{100 * e:.0f}%" for e in exits), f"{1000 * inf / len(batches):.2f}",
+                     f"{1000 * pre / len(batches):.2f}", f"{1000 * wall / len(batches):.2f}",
+                     f"{100 * (wall / (pre + inf) - 1):+.1f}%", f"{100 * (wall / inf - 1):+.1f}%"])
+    print(f"\ncascade r96 -> r160 -> r224, MobileNetV2 1.0, ONNX Runtime CPU, {torch.get_num_threads()} threads, "
+          f"{args.batches} batches x {args.repeats} passes (median per batch)\n")
+    print(table(["batch", "exits per stage", "inference ms/batch", "preprocess ms/batch", "runner wall ms/batch",
+                 "overhead vs stage work", "overhead vs inference only"], rows))
+    print("\ntarget: overhead vs stage work (preprocessing + inference, both part of a stage's profiled cost) <= 5%")
+
+
+if __name__ == "__main__":
+    main()
