@@ -131,7 +131,7 @@ def cmd_profile(args) -> None:
 
     protocol = QUICK if args.quick else Protocol(
         warmup_iters=args.warmup_iters, warmup_seconds=args.warmup_seconds, min_iters=args.min_iters,
-        min_seconds=args.min_seconds)
+        min_seconds=args.min_seconds, rounds=args.rounds)
     df = run_profile(args.run_dir, args.backend, args.precision, args.batch_sizes, args.resolutions, args.threads,
                      protocol, args.out, args.source_size)
     print(format_profile(df, args.backend, args.precision))
@@ -156,6 +156,7 @@ def add_profile_parser(sub) -> None:
     s.add_argument("--warmup-seconds", type=float, default=0.5)
     s.add_argument("--min-iters", type=int, default=30)
     s.add_argument("--min-seconds", type=float, default=2.0)
+    s.add_argument("--rounds", type=int, default=5, help="round-robin passes the minimums are spread over")
     s.add_argument("--quick", action="store_true", help="a few iterations only (smoke runs, not figures)")
     s.add_argument("--out", help="profile.csv to write or update (default: RUN_DIR/profile.csv)")
     s.set_defaults(func=cmd_profile)

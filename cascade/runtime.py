@@ -107,6 +107,8 @@ class CascadeRunner:
         kwargs = dict(crop_fraction=self.crop_fraction)
         if self.mean is not None:
             kwargs.update(mean=self.mean, std=self.std)
+        if len(rows) == 1:
+            return preprocess(images[rows[0]].unsqueeze(0).to(self.device), r, **kwargs)
         sizes = {tuple(images[i].shape) for i in rows}
         if len(sizes) == 1:  # one resize call for the whole batch
             batch = torch.stack([images[i] for i in rows]).to(self.device, non_blocking=True)

@@ -24,14 +24,24 @@ class Protocol:
     min_seconds: float = 2.0
     max_iters: int = 100_000
     max_seconds: float = 60.0
+    rounds: int = 5  # the minimums are spread over this many round-robin passes over all configurations
 
     def __post_init__(self):
         from training.fileio import UserError
-        if self.min_iters < 1 or self.warmup_iters < 0 or self.min_seconds < 0 or self.warmup_seconds < 0:
-            raise UserError("protocol needs min-iters >= 1 and non-negative warm-up and seconds")
+        if self.min_iters < 1 or self.warmup_iters < 0 or self.min_seconds < 0 or self.warmup_seconds < 0 \
+                or self.rounds < 1:
+            raise UserError("protocol needs min-iters >= 1, rounds >= 1 and non-negative warm-up and seconds")
+
+    def round(self, k: int) -> "Protocol":
+        """The share of round k: the full warm-up first, a short re-warm (caches) later; 1/rounds of the rest."""
+        return Protocol(warmup_iters=self.warmup_iters if k == 0 else min(2, self.warmup_iters),
+                        warmup_seconds=self.warmup_seconds if k == 0 else 0.0,
+                        min_iters=max(1, -(-self.min_iters // self.rounds)), min_seconds=self.min_seconds / self.rounds,
+                        max_iters=max(1, self.max_iters // self.rounds), max_seconds=self.max_seconds / self.rounds,
+                        rounds=1)
 
 
-QUICK = Protocol(warmup_iters=2, warmup_seconds=0.0, min_iters=5, min_seconds=0.0)
+QUICK = Protocol(warmup_iters=2, warmup_seconds=0.0, min_iters=5, min_seconds=0.0, rounds=1)
 
 
 def run_protocol(step: Callable[[], float], protocol: Protocol) -> np.ndarray:

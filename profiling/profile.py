@@ -1,8 +1,10 @@
 """`rescascade profile`: per-resolution latency of a family on this device -> profile.csv + profile.json (§2).
 
 For every (resolution, batch size): build/warm the engine (build time recorded), time inference with the
-shared protocol, and time separately the preprocessing a cascade stage pays for that resolution (resize a
-decoded uint8 source image to r, crop, normalize) on the backend's device. Rows are merged into profile.csv
+shared protocol, and time separately what else a cascade stage pays at that resolution: the preprocessing
+(resize a decoded uint8 source image to r, crop, normalize) on the backend's device, and the runtime's decision
+step. Timing runs in rounds over all configurations (round-robin), so a burst of noise on a shared machine
+lands on every configuration a little instead of on one configuration entirely. Rows are merged into profile.csv
 atomically: re-running a configuration replaces its row.
 """
 from __future__ import annotations
@@ -11,6 +13,7 @@ import datetime as _dt
 import os
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import torch
 from tqdm import tqdm
@@ -38,20 +41,18 @@ def default_threads() -> int:
 
 
 def time_preprocess(resolution: int, batch: int, source_size: tuple[int, int], device: str, protocol: Protocol,
-                    threads: int | None = None) -> dict:
+                    threads: int | None = None) -> np.ndarray:
     """Median cost of turning a decoded uint8 batch [b, 3, H, W] into the model input at r, on `device`, with
     the torch threads the runtime will use next to this backend."""
     images = torch.randint(0, 256, (batch, 3, *source_size), dtype=torch.uint8, device=device)
     step = (cuda_timer if device == "cuda" else cpu_timer)(lambda: preprocess(images, resolution))
     with torch_threads(threads):
-        return summarize(run_protocol(step, protocol))
+        return run_protocol(step, protocol)
 
 
-def time_decision(batch: int, num_classes: int, protocol: Protocol) -> dict:
+def time_decision(batch: int, num_classes: int, protocol: Protocol) -> np.ndarray:
     """The runtime's per-stage bookkeeping on [b, C] logits: temperature log-softmax, confidence, exit mask,
     gathering the answers (the same functions cascade.runtime calls)."""
-    import numpy as np
-
     from cascade.confidence import confidence, log_probs
     logits = np.random.default_rng(0).normal(size=(batch, num_classes)).astype(np.float32)
     rows = np.arange(batch)
@@ -60,7 +61,7 @@ def time_decision(batch: int, num_classes: int, protocol: Protocol) -> dict:
         lp = log_probs(logits, 1.3)
         done = confidence(lp, "max_prob") >= 0.5
         return rows[done], lp[done].argmax(-1), rows[~done]
-    return summarize(run_protocol(cpu_timer(decide), protocol))
+    return run_protocol(cpu_timer(decide), protocol)
 
 
 def _source_size(given, doc: dict, family) -> tuple[int, int]:
@@ -128,27 +129,39 @@ def run_profile(run_dir, backend: str = "onnxruntime", precision: str = "fp32", 
             raise UserError(f"{out} was measured on another device ({meta['device'].get('cpu')}, "
                             f"gpu {meta['device'].get('gpu')}); profiles of different devices go in different "
                             "files: pass --out")
-    rows = []
     combos = [(r, b) for r in resolutions for b in batch_sizes]
-    bar = tqdm(combos, desc=f"profile {backend} {precision}", unit="config", disable=None)
-    for r in resolutions:
-        engine = engine_backend.open(family, run_dir, wid, r, precision, threads)
+    engines, build = {}, {}
+    for r in resolutions:  # build and warm everything first; timing below interleaves the configurations
+        engines[r] = engine_backend.open(family, run_dir, wid, r, precision, threads)
         for b in batch_sizes:
-            before = engine.build_seconds
-            engine.warm(b)
-            stats = summarize(run_protocol(engine.timer(b), protocol))
-            pre = time_preprocess(r, b, source_size, device, protocol, engine.preprocess_threads)
-            decision = time_decision(b, family.num_classes, protocol)
-            rows.append({"backend": backend, "precision": precision, "resolution": r, "batch_size": b, **stats,
-                         "per_image_ms": stats["median_ms"] / b, "preprocess_ms": pre["median_ms"],
-                         "preprocess_per_image_ms": pre["median_ms"] / b, "overhead_ms": decision["median_ms"],
-                         "source_size": f"{source_size[0]}x{source_size[1]}",
-                         "threads": threads or 0, "build_s": round(engine.build_seconds - before, 3),
-                         "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+            before = engines[r].build_seconds
+            engines[r].warm(b)
+            build[r, b] = engines[r].build_seconds - before
+    timers = {(r, b): engines[r].timer(b) for r, b in combos}
+    inference = {c: [] for c in combos}
+    prep = {c: [] for c in combos}
+    decide = {c: [] for c in combos}
+    bar = tqdm(total=protocol.rounds * len(combos), desc=f"profile {backend} {precision}", unit="config",
+               disable=None)
+    for k in range(protocol.rounds):  # round-robin: a burst of machine noise hits one round, not one config
+        part = protocol.round(k)
+        for r, b in combos:
+            inference[r, b].append(run_protocol(timers[r, b], part))
+            prep[r, b].append(time_preprocess(r, b, source_size, device, part, engines[r].preprocess_threads))
+            decide[r, b].append(time_decision(b, family.num_classes, part))
             bar.update(1)
-            bar.set_postfix(r=r, b=b, ms=f"{stats['median_ms']:.2f}")
-        del engine
     bar.close()
+    rows = []
+    for r, b in combos:
+        stats = summarize(np.concatenate(inference[r, b]))
+        pre, decision = (summarize(np.concatenate(x[r, b])) for x in (prep, decide))
+        rows.append({"backend": backend, "precision": precision, "resolution": r, "batch_size": b, **stats,
+                     "per_image_ms": stats["median_ms"] / b, "preprocess_ms": pre["median_ms"],
+                     "preprocess_per_image_ms": pre["median_ms"] / b, "overhead_ms": decision["median_ms"],
+                     "source_size": f"{source_size[0]}x{source_size[1]}", "threads": threads or 0,
+                     "build_s": round(build[r, b], 3),
+                     "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
+    del engines, timers
     new = pd.DataFrame(rows, columns=COLUMNS)
     if old is not None:
         keys = set(map(tuple, new[KEY].astype(str).values))
