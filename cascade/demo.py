@@ -12,7 +12,7 @@ from pathlib import Path
 
 from profiling.measure import Protocol
 from profiling.profile import read_profile, run_profile
-from training.recipes import preset
+from training.recipes import preset, split_options
 from training.run import run_train
 from training.trainer import TrainConfig
 
@@ -32,10 +32,8 @@ def run_demo(out: str = "demo_out", batch_size: int = 32, epochs: int | None = N
     p.pop("data", None)
     if not (family / "family.json").is_file():
         log(f"[1/4] train: {data}, resolutions {p['resolutions']}, MobileNetV2 x{p['width_mult']} from scratch")
-        fields = TrainConfig.__dataclass_fields__
-        cfg = TrainConfig(**{k: v for k, v in p.items() if k in fields and k != "epochs"},
-                          epochs=epochs or p["epochs"], workers=1)
-        run_train(data, family, cfg, width_mult=p["width_mult"], weights=p["weights"], preset="synthetic", log=log,
+        cfg, fam_opts = split_options({**p, "epochs": epochs or p["epochs"], "workers": 1})
+        run_train(data, family, TrainConfig(**cfg), **fam_opts, preset="synthetic", log=log,
                   resume=(family / "checkpoints" / "last.pt").is_file())
     else:
         log(f"[1/4] train: reusing {family} (pass --fresh to retrain)")

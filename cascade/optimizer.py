@@ -7,7 +7,8 @@ Greedy (after Streeter, "Approximation Algorithms for Cascading Prediction Model
 (resolution, threshold) with thresholds at confidence quantiles of the still-unresolved calib examples. A
 candidate is *admissible* when, on the examples it would answer, it is at least as accurate as the reference
 model on those same examples (minus a tolerance). Repeatedly add the admissible candidate that resolves the
-most examples per unit of added cost, while it lowers the expected cost; finish with the reference. With
+most examples per unit of added cost, while it lowers the expected cost; finish with the reference. Stages run
+in increasing resolution (a later stage sees more detail), the same chains the exact search enumerates. With
 tolerance 0 the cascade is at least as accurate as the reference on calib, by construction.
 
 Exact search enumerates every increasing chain of resolutions over a threshold grid (branch and bound on
@@ -183,7 +184,7 @@ def greedy(views: StageViews, costs: CostModel, reference: int, candidates, tole
         remaining &= ~(conf >= t)
         stages.append(Stage(r, t))
         prefix = prefix + (r,)
-        pool.remove(r)
+        pool = [q for q in pool if q > r]  # stages run in increasing resolution, as the exact search's chains
     stages.append(Stage(reference, -math.inf))
     return Cascade(stages, tolerance=tolerance, method="greedy")
 

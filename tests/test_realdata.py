@@ -41,3 +41,19 @@ def test_pretrained_family_on_imagenet_samples(imagenet_weights_path):
     acc = top1(pred)
     # the shared README: 827 / 482 of 1000 at 224 / 96 (these files); 80 images leave room for noise
     assert acc[224] > 0.65 and acc[96] < acc[224]
+
+
+def test_cascade_realdata_benchmark_quick(tmp_path, imagenet_weights_path):
+    """The real-data benchmark's pipeline end to end on a few images per class (its figures mean nothing)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    need(IMAGENETTE)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cascade_realdata.py"
+    res = subprocess.run([sys.executable, str(script), "--quick", "--task", "both", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    for task in ("10way", "1000way"):
+        assert f"## {task}: per-resolution top-1" in res.stdout
+        assert f"## {task}: the chosen family" in res.stdout
+    assert "sample images r96..r224" in res.stdout and "cost ratio measured" in res.stdout

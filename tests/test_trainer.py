@@ -69,8 +69,8 @@ def test_frozen_parts_do_not_change(shared, classifier, tmp_path):
     assert not torch.equal(before["features.0.1.running_mean"], after["features.0.1.running_mean"])
 
 
-@pytest.mark.parametrize("patches", ["frozen", "stats"])
-def test_frozen_or_statistics_only_patches(patches, tmp_path):
+@pytest.mark.parametrize("patches", ["frozen", "stats", "affine"])
+def test_frozen_affine_or_statistics_only_patches(patches, tmp_path):
     splits = load_data("synthetic:64", seed=0, heldout_per_class=4)
     fam = ResolutionFamily(RES, num_classes=8, width_mult=0.35)
     fam.load_torchvision_state_dict(random_torchvision(num_classes=8).state_dict())
@@ -78,8 +78,9 @@ def test_frozen_or_statistics_only_patches(patches, tmp_path):
     from training.trainer import train
     train(fam, splits.train, tiny_cfg(shared="frozen", patches=patches), tmp_path, **QUIET)
     after = fam.state_dict_for(32)
-    assert torch.equal(before["features.0.1.weight"], after["features.0.1.weight"])  # γ never learns here
-    assert torch.equal(before["features.0.1.running_mean"], after["features.0.1.running_mean"]) == (patches == "frozen")
+    assert torch.equal(before["features.0.1.weight"], after["features.0.1.weight"]) == (patches != "affine")
+    assert torch.equal(before["features.0.1.running_mean"], after["features.0.1.running_mean"]) == \
+        (patches in ("frozen", "affine"))
     assert not torch.equal(before["classifier.1.weight"], after["classifier.1.weight"])
     fam2 = ResolutionFamily(RES, num_classes=8, width_mult=0.35)
     train(fam2, splits.train, tiny_cfg(shared="frozen", classifier="frozen", patches="stats"), tmp_path / "s", **QUIET)
@@ -238,3 +239,28 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert doc["provenance"]["world_size"] == 2
     fam, _ = load_family(tmp_path / "ddp")
     assert set(doc["top1"]["test"]) == {"32", "48"}
+
+
+def test_linear_probe_fits_separable_features():
+    from training.probe import fit_linear
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 16, generator=g) * 3
+    y = torch.arange(200) % 4
+    x = centers[y] + torch.randn(200, 16, generator=g) + 5.0  # offset: the standardisation must fold back
+    w, b = fit_linear(x, y, 4)
+    assert ((x @ w.T + b).argmax(1) == y).float().mean() > 0.97
+
+
+@pytest.mark.parametrize("classifier_kind", ["per_resolution", "shared"])
+def test_probe_head_init_sets_the_heads(classifier_kind, tmp_path):
+    from training.probe import init_heads_by_probe
+    splits = load_data("synthetic:64", seed=0, heldout_per_class=4)
+    fam = ResolutionFamily(RES, num_classes=8, width_mult=0.35, classifier=classifier_kind)
+    fam.load_torchvision_state_dict(random_torchvision(num_classes=8).state_dict())
+    before = [p.clone() for p in fam.classifier_parameters()]
+    logs = []
+    init_heads_by_probe(fam, splits.train, "cpu", log=logs.append)
+    assert all(not torch.equal(a, b) for a, b in zip(before, fam.classifier_parameters()))
+    assert len(logs) == (2 if classifier_kind == "per_resolution" else 0)
+    run_train("synthetic:64", tmp_path / "f", tiny_cfg(head_init="probe", shared="frozen"), width_mult=0.35,
+              weights="none", classifier_kind=classifier_kind, data_options={"heldout_per_class": 4}, **QUIET)

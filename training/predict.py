@@ -19,16 +19,18 @@ from .preprocess import CROP_FRACTION, to_model_input
 PREDICTIONS_SCHEMA = 1
 
 
-def predict_logits(models: dict[int, torch.nn.Module], images: ImageSet, batch_size: int = 64,
+def predict_logits(models: dict, images: ImageSet, batch_size: int = 64,
                    device: str = "cpu", workers: int = 0, crop_fraction: float = CROP_FRACTION,
                    desc: str = "predict") -> dict:
-    """models: resolution -> eval-mode model. Returns logits [N, R, C], labels, ids, resolutions, skipped."""
+    """models: resolution -> an nn.Module, or any callable input -> logits (e.g. an ONNX Runtime engine's run).
+    Returns logits [N, R, C], labels, ids, resolutions, skipped."""
     resolutions = sorted(models)
     ds = EvalDataset(images, resolutions, crop_fraction)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
                                          collate_fn=collate_skipping)
     for m in models.values():
-        m.to(device, memory_format=torch.channels_last).eval()
+        if isinstance(m, torch.nn.Module):
+            m.to(device, memory_format=torch.channels_last).eval()
     chunks, labels, positions, skipped = [], [], [], 0
     t0 = time.perf_counter()
     with torch.inference_mode(), tqdm(total=len(ds), desc=desc, unit="img", leave=False, mininterval=2,

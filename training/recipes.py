@@ -17,6 +17,30 @@ PRESETS: dict[str, dict] = {
         "weights": "imagenet", "shared": "frozen", "epochs": 10, "optimizer": "sgd", "lr": 0.0, "patch_lr": 0.1,
         "head_lr": 0.1, "schedule": "cosine", "warmup_epochs": 0.5, "crop_scale": (0.25, 1.0),
     },
+    # Real-data cascades with a new head (e.g. Imagenette 10-way): convolutions frozen; each resolution gets a
+    # linear head fitted on frozen features first (a linear probe), then its patch and head train with the labels
+    # and with distillation from the frozen probed model at the top resolution. AdamW: plain SGD at the rates
+    # patches like diverged here (a fresh 10-way head's gradients are large), see README.
+    "patches-distill": {
+        "doc": "new-head transfer for cascades: frozen convolutions, linear-probe heads per resolution, learned "
+               "patches, the probed top-resolution model distils into the lower ones",
+        "weights": "imagenet", "shared": "frozen", "classifier": "per-resolution", "head_init": "probe",
+        "patches": "train", "distill": "teacher", "distill_weight": 1.0, "distill_temperature": 2.0,
+        "epochs": 2, "batch_size": 32, "optimizer": "adamw", "lr": 0.0, "patch_lr": 0.003, "head_lr": 0.001,
+        "weight_decay": 1e-4, "schedule": "cosine", "warmup_epochs": 0.2, "crop_scale": (0.25, 1.0), "crop": "same",
+    },
+    # Keep a pretrained head (e.g. ImageNet 1000-way): convolutions, head and BN statistics frozen; the lower
+    # resolutions' γ, β learn only by distillation from the frozen top-resolution model (labels unused), held near
+    # their start by L2-SP so that narrow training data (10 classes) does not narrow the 1000-way model.
+    "patches-distill-keep-head": {
+        "doc": "keep the pretrained head: frozen convolutions, head and statistics; lower resolutions' γ, β learn "
+               "by distillation from the frozen top-resolution model (labels unused), L2-SP 10",
+        "weights": "imagenet", "shared": "frozen", "classifier": "frozen", "patches": "affine",
+        "distill": "teacher", "label_weight": 0.0, "distill_weight": 1.0, "distill_temperature": 1.0,
+        "patch_l2sp": 10.0, "epochs": 2, "batch_size": 32, "optimizer": "adamw", "lr": 0.0, "patch_lr": 0.003,
+        "head_lr": 0.0, "weight_decay": 0.0, "schedule": "cosine", "warmup_epochs": 0.2, "crop_scale": (0.25, 1.0),
+        "crop": "same",
+    },
     # From scratch on the built-in synthetic data: small, fast on two CPU cores (used by `rescascade demo`).
     "synthetic": {
         "doc": "small family from scratch on the built-in synthetic set (CPU, minutes)",
@@ -25,6 +49,22 @@ PRESETS: dict[str, dict] = {
         "schedule": "cosine", "warmup_epochs": 0.5, "crop_scale": (0.5, 1.0), "data": "synthetic:2400",
     },
 }
+
+
+FAMILY_OPTIONS = ("width_mult", "patch", "weights")
+
+
+def split_options(opts: dict) -> tuple[dict, dict]:
+    """Preset/CLI options -> (TrainConfig fields, run_train family options). `classifier` is the CLI's
+    shared | per-resolution | frozen: the head's layout (shared or per resolution) and whether it trains."""
+    from .trainer import TrainConfig
+    fields = set(TrainConfig.__dataclass_fields__)
+    classifier = opts.get("classifier", "shared")
+    cfg = {k: v for k, v in opts.items() if k in fields and k != "classifier"}
+    cfg["classifier"] = "frozen" if classifier == "frozen" else "train"
+    family = {k: opts[k] for k in FAMILY_OPTIONS if k in opts}
+    family["classifier_kind"] = "per_resolution" if classifier == "per-resolution" else "shared"
+    return cfg, family
 
 
 def preset(name: str | None) -> dict:

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torchvision.models import mobilenet_v2
 
-from .data import load_data
+from .data import DataSplits, load_data
 from .family import ResolutionFamily, res_key
 from .fileio import UserError, write_json
 from .predict import predict_logits, top1, write_predictions
@@ -47,13 +47,19 @@ def build_model(cfg: TrainConfig, num_classes: int, width_mult: float, patch: st
 
 def run_train(data: str, out: str, cfg: TrainConfig, *, width_mult: float = 1.0, patch: str = "scale_bias_stats",
               classifier_kind: str = "shared", weights: str | None = "imagenet", resume: bool = False,
-              data_options: dict | None = None, predict_batch: int = 64, log=print, preset: str | None = None) -> dict:
-    """Train and write the family directory; returns family.json (or the baseline's json for --independent)."""
+              data_options: dict | None = None, predict_batch: int = 64, log=print, preset: str | None = None,
+              splits: DataSplits | None = None, predict_backend: str = "torch") -> dict:
+    """Train and write the family directory; returns family.json (or the baseline's json for --independent).
+
+    splits: already loaded data (skips --data parsing; its description is recorded). predict_backend: torch, or
+    onnxruntime for faster bulk prediction on CPU (the exported, folded graphs the profiler uses too)."""
     env = DistEnv.from_env()
     out = Path(out)
     if env.main and out.exists() and (out / "family.json").exists() and not resume:
         raise UserError(f"{out} already holds a family; choose a new --out (or --resume an interrupted run there)")
-    splits = load_data(data, seed=cfg.seed, **(data_options or {}))
+    if predict_backend not in ("torch", "onnxruntime"):
+        raise UserError(f"--predict-backend {predict_backend!r}: use torch or onnxruntime")
+    splits = splits or load_data(data, seed=cfg.seed, **(data_options or {}))
     if splits.train is None:
         raise UserError(f"--data {data} holds only held-out images; train on another source")
     num_classes = len(splits.class_names)
@@ -79,7 +85,7 @@ def run_train(data: str, out: str, cfg: TrainConfig, *, width_mult: float = 1.0,
         models = {r: model.models[res_key(r)] for r in cfg.resolutions}
     else:
         doc = save_family(model, out, class_names=splits.class_names, provenance=provenance)
-        models = {r: model.to_torchvision(r) for r in cfg.resolutions}
+        models = family_predictors(model, out, weights_id(doc), predict_backend)
     wid = weights_id(doc)
     figures = {}
     for split, images in (("calib", splits.calib), ("test", splits.test)):
@@ -96,6 +102,15 @@ def run_train(data: str, out: str, cfg: TrainConfig, *, width_mult: float = 1.0,
         dist.destroy_process_group()
     log("top-1 (test): " + "  ".join(f"r{r}: {100 * figures['test'][str(r)]:.2f}%" for r in cfg.resolutions))
     return doc
+
+
+def family_predictors(family: ResolutionFamily, run_dir, wid: str, backend: str) -> dict:
+    """resolution -> what predicts at it: the plain torchvision model, or its ONNX Runtime engine."""
+    if backend == "torch":
+        return {r: family.to_torchvision(r) for r in family.resolutions}
+    from profiling.backends import get_backend
+    be = get_backend(backend)
+    return {r: be.open(family, run_dir, wid, r, "fp32").run for r in family.resolutions}
 
 
 def typical_size(images, n: int = 32) -> list[int] | None:

@@ -48,16 +48,19 @@ class TrainConfig:
     schedule: str = "cosine"
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
-    loss_weights: tuple[float, ...] | None = None
+    loss_weights: tuple[float, ...] | None = None   # per resolution, on its label and distillation losses
     label_weight: float = 1.0
     shared: str = "train"           # train | frozen (transfer mode: only patches, and the head, learn)
     classifier: str = "train"       # train | frozen
-    patches: str = "train"          # train (γ, β and statistics) | stats (statistics only) | frozen (nothing)
-    distill: str = "none"           # none | top | ensemble (RS-Nets) | teacher (frozen copy of the start, top res)
+    patches: str = "train"          # train (γ, β and statistics) | affine (γ, β; statistics kept) | stats | frozen
+    distill: str = "none"           # none | top | ensemble (RS-Nets) | teacher (frozen start at the top resolution
+                                    # teaches the lower ones)
     distill_weight: float = 1.0
     distill_temperature: float = 1.0
     crop: str = "same"              # same: one RandomResizedCrop resized to every r | independent: one per r
     crop_scale: tuple[float, float] = (0.08, 1.0)
+    head_init: str = "none"         # none | probe (fit each new head on frozen features first, then train)
+    patch_l2sp: float = 0.0         # penalty on the patches' distance to their start (L2-SP); keeps them general
     seed: int = 0
     workers: int = 2
     device: str = "auto"
@@ -69,12 +72,13 @@ class TrainConfig:
         for name, value, allowed in (("optimizer", self.optimizer, OPTIMIZERS), ("schedule", self.schedule, SCHEDULES),
                                      ("distill", self.distill, DISTILL), ("shared", self.shared, ("train", "frozen")),
                                      ("classifier", self.classifier, ("train", "frozen")),
-                                     ("patches", self.patches, ("train", "stats", "frozen")),
+                                     ("patches", self.patches, ("train", "affine", "stats", "frozen")),
+                                     ("head_init", self.head_init, ("none", "probe")),
                                      ("crop", self.crop, ("same", "independent"))):
             if value not in allowed:
                 raise UserError(f"--{name} {value!r} is not one of {', '.join(allowed)}")
-        if self.epochs < 1 or self.batch_size < 2:
-            raise UserError(f"need --epochs >= 1 and --batch-size >= 2 (got {self.epochs}, {self.batch_size})")
+        if self.epochs < 0 or self.batch_size < 2:
+            raise UserError(f"need --epochs >= 0 and --batch-size >= 2 (got {self.epochs}, {self.batch_size})")
         if self.loss_weights is not None:
             self.loss_weights = tuple(float(w) for w in self.loss_weights)
             if len(self.loss_weights) != len(self.resolutions):
@@ -179,7 +183,7 @@ def _param_groups(model: nn.Module, cfg: TrainConfig, ensemble: nn.Parameter | N
         patches, head = model.bn_parameters(), model.classifier_parameters()
         taken = {id(p) for p in patches + head}
         convs = [p for p in model.parameters() if id(p) not in taken]
-    for params, trainable in ((convs, cfg.shared == "train"), (patches, cfg.patches == "train"),
+    for params, trainable in ((convs, cfg.shared == "train"), (patches, cfg.patches in ("train", "affine")),
                               (head, cfg.classifier == "train")):
         for p in params:
             p.requires_grad_(trainable)
@@ -194,8 +198,9 @@ def _param_groups(model: nn.Module, cfg: TrainConfig, ensemble: nn.Parameter | N
 
 
 def _set_bn_mode(model: nn.Module, cfg: TrainConfig) -> None:
-    """patches 'frozen': BatchNorm keeps its statistics (eval mode); otherwise it re-estimates them."""
-    if cfg.patches == "frozen":
+    """patches 'frozen' or 'affine': BatchNorm keeps its statistics (eval mode); otherwise it re-estimates them
+    from the training crops (on narrow data that hurts a wide head: statistics of 10 classes are not ImageNet's)."""
+    if cfg.patches in ("frozen", "affine"):
         from .family import PatchedBatchNorm2d
         for m in model.modules():
             if isinstance(m, (PatchedBatchNorm2d, nn.BatchNorm2d)):
@@ -261,8 +266,11 @@ def _config_json(cfg: TrainConfig) -> str:
 
 def train(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, out_dir, resume: bool = False,
           log=print) -> TrainResult:
-    """Train `model` (a ResolutionFamily or IndependentModels) in place; checkpoints go to out_dir."""
+    """Train `model` (a ResolutionFamily or IndependentModels) in place; checkpoints go to out_dir.
+    epochs 0 trains nothing: the starting point (e.g. ImageNet weights in every patch) is written as is."""
     env = DistEnv.from_env()
+    if cfg.epochs == 0:
+        return TrainResult(model.eval())
     if env.world > 1 and not dist.is_initialized():
         backend = "nccl" if cfg.device != "cpu" and torch.cuda.is_available() else "gloo"
         dist.init_process_group(backend)
@@ -273,6 +281,9 @@ def train(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, out_dir, resu
     ckpt_path = out_dir / "checkpoints" / "last.pt"
     channels_last = True  # halves eager cost on CPU (SETUP.md) and suits tensor cores on GPU
     model.to(device, memory_format=torch.channels_last)
+    if cfg.head_init == "probe" and not (resume and ckpt_path.is_file()):
+        from .probe import init_heads_by_probe
+        init_heads_by_probe(model, train_set, device, log=log if env.main else (lambda s: None))
     teacher = None
     if cfg.distill == "teacher":  # a frozen copy of the starting point, asked at the top resolution
         teacher = copy.deepcopy(model).eval()
@@ -287,6 +298,10 @@ def train(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, out_dir, resu
     if stats_only:
         groups = [{"name": "none", "params": [nn.Parameter(torch.zeros(1))], "lr": 0.0, "weight_decay": 0.0}]
     opt = _optimizer(groups, cfg)
+    anchors = []
+    if cfg.patch_l2sp:
+        patch_ids = {id(p) for g in groups if g["name"] == "patches" for p in g["params"]}
+        anchors = [(p, p.detach().clone()) for p in model.parameters() if id(p) in patch_ids]
     for g in opt.param_groups:
         g["initial_lr"] = g["lr"]
 
@@ -364,11 +379,13 @@ def train(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, out_dir, resu
                 kd = torch.zeros((), device=device)
                 T = cfg.distill_temperature
                 if cfg.distill == "top":
-                    kd = sum(kd_loss(l.float(), logits[-1].float(), T) for l in logits[:-1])
+                    top = logits[-1].float()
+                    kd = sum((w * kd_loss(l.float(), top, T) for w, l in zip(cfg.weights, logits[:-1])), kd)
                 elif cfg.distill == "teacher":
                     with torch.no_grad():
                         t_logits = teacher(xs[-1], cfg.resolutions[-1]).float()
-                    kd = sum(kd_loss(l.float(), t_logits, T) for l in logits)
+                    # the top resolution is the teacher's own: it learns from labels only (if at all)
+                    kd = sum((w * kd_loss(l.float(), t_logits, T) for w, l in zip(cfg.weights, logits[:-1])), kd)
                 elif cfg.distill == "ensemble":  # RS-Nets: ensemble logit + (ensemble -> each) + top-down KD
                     a = torch.softmax(wrapper.alpha, 0)
                     ens = sum(a[k] * l.detach().float() for k, l in enumerate(logits))
@@ -378,6 +395,8 @@ def train(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, out_dir, resu
                                   for i in range(len(logits)) for j in range(i + 1, len(logits)))
                     kd = kd * 2 / (len(logits) + 1)
                 total = loss + cfg.distill_weight * kd
+                if cfg.patch_l2sp:  # keep the patches near where they started (L2-SP)
+                    total = total + cfg.patch_l2sp * sum(((p - p0) ** 2).sum() for p, p0 in anchors)
             opt.zero_grad(set_to_none=True)
             total.backward()
             opt.step()

@@ -1,0 +1,258 @@
+"""The whole loop on real photos: Imagenette (../shared/data) from ImageNet MobileNetV2 weights, ONNX Runtime CPU.
+
+Two tasks:
+  10way    a new 10-way head trained on the 5,000-image train subset; calib/test = Imagenette val halves
+  1000way  the ImageNet head kept, patches learned by distillation from the 224 model; evaluated on Imagenette
+           val (1000-way argmax) and on the 1,000 ImageNet sample images (all 1,000 classes)
+
+For each task, five ways to get per-resolution models from the same weights and the same training budget:
+  unpatched          BatchNorm as pretrained (10way: a linear head per resolution is trained)
+  stats-only         BatchNorm statistics re-estimated per resolution, γ/β kept (AdaBN-style)
+  patches            γ, β and statistics learned per resolution (transfer mode: convolutions frozen)
+  patches+distill    the `patches-distill*` presets of `rescascade train`: 10way: linear-probe heads, then
+                     patches + heads with labels and distillation from the probed 224 model; 1000way: γ, β of
+                     the lower resolutions learned by distillation from the frozen 224 model (labels unused,
+                     statistics kept, L2-SP towards the start; also shown without L2-SP)
+  independent        K separately fine-tuned torchvision models (same optimizer, steps and loss)
+Then the variant whose cascade is cheapest on calib is profiled (ONNX Runtime CPU, batch 1..32), its cascade is
+built at batch 1 and 32 (target: the family's best single resolution's accuracy on calib) and measured on test
+against that single model with the cascade runtime.
+
+    python benchmarks/cascade_realdata.py [--task 10way|1000way|both] [--quick] [--train-per-class N] [--epochs E]
+
+--quick runs the same pipeline on a few images per class (the tests use it); its figures mean nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import IMAGENET_WEIGHTS, IMAGENETTE, ROOT, SHARED_DATA, table  # noqa: E402
+
+from cascade.build import paired_difference, run_build  # noqa: E402
+from cascade.confidence import fit_temperature  # noqa: E402
+from cascade.costs import CostModel  # noqa: E402
+from cascade.evaluate import run_eval  # noqa: E402
+from cascade.optimizer import (Cascade, Stage, StageViews, cheapest_meeting, reference_resolution,  # noqa: E402
+                               simulate, tolerance_sweep)
+from cascade.predictions import load_predictions  # noqa: E402
+from profiling.measure import Protocol  # noqa: E402
+from profiling.profile import read_profile, run_profile  # noqa: E402
+from training.data import DataSplits, ImageSet, TensorReader, load_data, shared_imagenet_samples  # noqa: E402
+from training.predict import predict_logits, top1  # noqa: E402
+from training.recipes import preset, split_options  # noqa: E402
+from training.run import family_predictors, run_train  # noqa: E402
+from training.store import load_family, weights_id  # noqa: E402
+from training.trainer import TrainConfig  # noqa: E402
+
+RES = (96, 128, 160, 192, 224)
+SAMPLES = SHARED_DATA / "imagenet_sample_images"
+
+
+def in_memory(images: ImageSet) -> ImageSet:
+    """Decode once: epochs then cost no JPEG decoding (Imagenette is 224x224; the sample images vary)."""
+    decoded = [images.read(i) for i in range(len(images))]
+    same = len({tuple(t.shape) for t in decoded}) == 1
+    return ImageSet(images.class_names, images.labels, images.ids, TensorReader(torch.stack(decoded) if same else decoded))
+
+
+def variants(task: str) -> dict[str, dict]:
+    """name -> TrainConfig fields and family options. Everything not listed comes from the task's preset."""
+    if task == "10way":
+        base = {**preset("patches-distill"), "preset": "patches-distill"}
+        return {
+            "unpatched": {**base, "patches": "frozen", "distill": "none"},
+            "stats-only": {**base, "patches": "stats", "distill": "none"},
+            "patches": {**base, "distill": "none"},
+            "patches+distill": base,
+            "independent": {**base, "independent": True, "shared": "train", "lr": 1e-4, "distill": "none"},
+        }
+    base = {**preset("patches-distill-keep-head"), "preset": "patches-distill-keep-head"}
+    return {
+        "unpatched": {**base, "epochs": 0},
+        "stats-only": {**base, "patches": "stats", "distill": "none"},
+        "patches": {**base, "patches": "train", "distill": "none", "label_weight": 1.0, "patch_l2sp": 0.0},
+        "patches+distill, no L2-SP": {**base, "patch_l2sp": 0.0},
+        "patches+distill": base,
+        "independent": {**base, "independent": True, "shared": "train", "lr": 1e-4},
+    }
+
+
+def train_variant(task, name, opts, splits, out: Path, args, log) -> Path:
+    fam = out / name
+    if (fam / ("independent.json" if opts.get("independent") else "family.json")).is_file() and not args.fresh:
+        log(f"  {name}: reusing {fam}")
+        return fam
+    shutil.rmtree(fam, ignore_errors=True)
+    cfg_opts, fam_opts = split_options(opts)
+    cfg_opts.update(resolutions=RES, workers=0, seed=0)
+    if args.epochs is not None and cfg_opts.get("epochs", 1) > 0:
+        cfg_opts["epochs"] = args.epochs
+    if args.quick:
+        cfg_opts.update(batch_size=8, epochs=min(cfg_opts.get("epochs", 1), 1))
+    cfg = TrainConfig(**cfg_opts)
+    t0 = time.perf_counter()
+    fam_opts["weights"] = str(IMAGENET_WEIGHTS)
+    run_train(f"shared-imagenette:{IMAGENETTE}", fam, cfg, **fam_opts, splits=splits, log=lambda s: None,
+              predict_backend="torch" if opts.get("independent") else "onnxruntime", preset=opts.get("preset"))
+    log(f"  {name}: trained and predicted in {time.perf_counter() - t0:.0f} s")
+    return fam
+
+
+def sample_top1(fam: Path, samples: ImageSet) -> dict[int, float]:
+    """Per-resolution top-1 on the 1,000 ImageNet sample images (1000-way families only)."""
+    if (fam / "independent.json").is_file():
+        from safetensors.torch import load_file
+        from torchvision.models import mobilenet_v2
+        models = {}
+        for r in RES:
+            m = mobilenet_v2()
+            m.load_state_dict(load_file(fam / "models" / f"r{r:03d}.safetensors"))
+            models[r] = m
+    else:
+        family, doc = load_family(fam)
+        models = family_predictors(family, fam, weights_id(doc), "onnxruntime")
+    return top1(predict_logits(models, samples, batch_size=32, desc="sample images"))
+
+
+def cascade_on_predictions(fam: Path, costs: CostModel) -> dict:
+    """The build's selection (target: the best single resolution's calib accuracy), simulated: for comparing
+    variants with one profile (same architecture, same latency)."""
+    calib, test = (load_predictions(fam / "predictions" / f"{s}.npz") for s in ("calib", "test"))
+    best = None
+    temps = {r: fit_temperature(calib.column(r), calib.labels) for r in RES}
+    for m in ("max_prob", "margin", "entropy"):
+        for comb in (False, True):
+            views = StageViews(calib, m, temps, comb)
+            ref = reference_resolution(views, RES)
+            ref_out = simulate(Cascade([Stage(ref, -math.inf)]), views, costs)
+            pick = cheapest_meeting(tolerance_sweep(views, costs, RES, [ref]), ref_out.accuracy)
+            if best is None or pick.outcome.mean_cost < best[0].outcome.mean_cost:
+                best = (pick, ref, ref_out, StageViews(test, m, temps, comb))
+    pick, ref, ref_out, tviews = best
+    t = simulate(pick.cascade, tviews, costs)
+    tr = simulate(Cascade([Stage(ref, -math.inf)]), tviews, costs)
+    return {"cascade": pick.cascade.describe(), "calib_cost": pick.outcome.mean_cost / ref_out.mean_cost,
+            "test_cost": t.mean_cost / tr.mean_cost, "test_acc": t.accuracy, "ref_acc": tr.accuracy, "ref": ref,
+            "diff": paired_difference(t.correct_mask, tr.correct_mask)}
+
+
+def run_task(task: str, args, log) -> str:
+    t_task = time.perf_counter()
+    out = Path(args.out) / task / ("quick" if args.quick else "full")
+    label_space = "native" if task == "10way" else "imagenet"
+    per_class = 4 if args.quick else args.train_per_class
+    held = 6 if args.quick else None
+    log(f"\n=== {task}: loading Imagenette ({per_class or 500} train images per class) ===")
+    raw = load_data(f"shared-imagenette:{IMAGENETTE}", seed=0, label_space=label_space, train_per_class=per_class,
+                    heldout_per_class=held)
+    splits = DataSplits(in_memory(raw.train), in_memory(raw.calib), in_memory(raw.test), raw.class_names,
+                        {**raw.description, "source": f"shared-imagenette:{IMAGENETTE}"})
+    samples = None
+    if task == "1000way" and (SAMPLES / "labels.csv").is_file():
+        samples = shared_imagenet_samples(str(SAMPLES))
+        if args.quick:
+            samples = samples.subset(np.arange(0, 1000, 100))
+        samples = in_memory(samples)
+    fams = {}
+    for name, opts in variants(task).items():
+        fams[name] = train_variant(task, name, opts, splits, out, args, log)
+
+    # per-resolution top-1 of every variant (test half of Imagenette val; 1000way: also the sample images)
+    rows = []
+    for name, fam in fams.items():
+        doc = json.loads((fam / ("independent.json" if (fam / "independent.json").is_file() else "family.json"))
+                         .read_text())
+        acc = doc["top1"]["test"]
+        row = [name] + [f"{100 * acc[str(r)]:.1f}" for r in RES]
+        if samples is not None:
+            s = sample_top1(fam, samples)
+            row.append(" / ".join(f"{100 * s[r]:.1f}" for r in RES))
+        rows.append(row)
+    headers = ["variant"] + [f"r{r}" for r in RES] + (["sample images r96..r224"] if samples is not None else [])
+    report = [f"## {task}: per-resolution top-1 (%) on the Imagenette val test half ({len(splits.test)} images)",
+              "", table(headers, rows)]
+
+    # profile one family (all variants share the architecture, so latency is the same), compare cascades
+    first = fams["patches+distill"]
+    sizes = [1, 2, 4, 8, 16, 32]
+    protocol = Protocol(warmup_iters=3, warmup_seconds=0.1, min_iters=3, min_seconds=0.0, rounds=1) if args.quick \
+        else Protocol(min_seconds=1.0, rounds=3)
+    log(f"  profiling {first} (ONNX Runtime CPU, batch {sizes})")
+    run_profile(first, "onnxruntime", "fp32", sizes, protocol=protocol, log=lambda s: None)
+    df, _ = read_profile(first / "profile.csv")
+    costs32 = CostModel.from_profile(df, RES, "onnxruntime", "fp32", 32, batch_aware=True)
+    crow, choice = [], {}
+    for name, fam in fams.items():
+        c = cascade_on_predictions(fam, costs32)
+        choice[name] = c
+        d = c["diff"]
+        crow.append([name, c["cascade"], f"{100 * c['test_acc']:.2f} vs {100 * c['ref_acc']:.2f} (r{c['ref']})",
+                     f"{100 * d['difference']:+.2f} [{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}]",
+                     f"{c['calib_cost']:.3f}", f"{c['test_cost']:.3f}"])
+    report += ["", f"## {task}: cheapest cascade per variant (target: the variant's best single resolution on "
+               "calib), predicted from the profile, batch 32 batch-aware", "",
+               table(["variant", "cascade", "test top-1 vs best single", "difference, 95% CI (points)",
+                      "cost ratio calib", "cost ratio test"], crow)]
+
+    # the chosen variant: a real cascade.json at batch 1 and 32, measured by the runtime against its reference
+    fam_variants = [n for n in fams if not (fams[n] / "independent.json").is_file()]
+    chosen = min(fam_variants, key=lambda n: choice[n]["calib_cost"])
+    fam = fams[chosen]
+    if fam != first:
+        run_profile(fam, "onnxruntime", "fp32", sizes, protocol=protocol, log=lambda s: None)
+    mrow = []
+    for b in (1, 32):
+        path = fam / f"cascade_b{b}.json"
+        config = run_build(fam, batch_size=b, batch_aware=b > 1, measure="auto", combine="auto", out=path,
+                           log=lambda s: None)
+        ev = run_eval(path, batch_size=b, repeats=1 if args.quick else 2, log=lambda s: None,
+                      limit=16 if args.quick else None)
+        d = config["expected"]["test"]["paired_difference"]
+        stages = " -> ".join(f"r{s['resolution']}" + (f"@{s['threshold']:.3g}" if s["threshold"] is not None else "")
+                             for s in config["stages"])
+        mrow.append([b, f"{stages} ({config['confidence']['measure']}"
+                        f"{', combined' if config['confidence']['combine'] else ''})",
+                     f"{100 * ev['cascade']['accuracy']:.2f} vs {100 * ev['reference']['accuracy']:.2f}",
+                     f"{100 * d['difference']:+.2f} [{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}]",
+                     f"{config['expected']['test']['cost_vs_reference']:.3f}", f"{ev['measured_cost_ratio']:.3f}",
+                     f"{ev['cascade']['ms_per_image']:.2f} vs {ev['reference']['ms_per_image']:.2f}"])
+    report += ["", f"## {task}: the chosen family ({chosen}), cascade.json at batch 1 and 32, measured on the test "
+               "half with ONNX Runtime CPU", "",
+               table(["batch", "cascade (stages @ thresholds)", "test top-1 vs reference (measured)",
+                      "difference, 95% CI (points)", "cost ratio predicted", "cost ratio measured",
+                      "ms/image cascade vs reference"], mrow),
+               "", f"{task} took {(time.perf_counter() - t_task) / 60:.1f} min"]
+    return "\n".join(report)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--task", default="both", choices=["10way", "1000way", "both"])
+    ap.add_argument("--quick", action="store_true", help="a few images per class: checks the pipeline only")
+    ap.add_argument("--train-per-class", type=int, default=150, help="training images per class (of 500)")
+    ap.add_argument("--epochs", type=int, help="override the presets' epochs")
+    ap.add_argument("--out", default=str(ROOT / ".bench" / "realdata"))
+    ap.add_argument("--fresh", action="store_true", help="retrain variants that already exist in --out")
+    args = ap.parse_args()
+    if not IMAGENET_WEIGHTS.is_file() or not (IMAGENETTE / "manifest_val.csv").is_file():
+        sys.exit(f"needs {IMAGENET_WEIGHTS} and {IMAGENETTE} (the shared real data beside the checkout)")
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    tasks = ["10way", "1000way"] if args.task == "both" else [args.task]
+    reports = [run_task(t, args, print) for t in tasks]
+    print("\n\n" + "\n\n".join(reports))
+    print(f"\ntotal {(time.perf_counter() - t0) / 60:.1f} min on {torch.get_num_threads()} CPU threads")
+
+
+if __name__ == "__main__":
+    main()

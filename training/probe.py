@@ -1,0 +1,95 @@
+"""Linear-probe initialisation of new heads: fit each resolution's linear classifier on frozen features
+(multinomial logistic regression, L-BFGS) before the patches train.
+
+Why: a fresh head starts random, so in the first steps its gradients are large and, under distillation, the
+teacher's targets are noise; fitting the head first (linear probing, then fine-tuning) gives the patches a
+sensible target from the first step. Features are taken in eval mode on the eval crop of every image.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .data import EvalDataset, ImageSet, collate_skipping
+from .family import PatchedLinear, ResolutionFamily, res_key
+from .preprocess import to_model_input
+
+
+@torch.no_grad()
+def probe_features(backbone, images: ImageSet, resolutions, device, batch_size: int = 64) -> tuple[dict, torch.Tensor]:
+    """backbone(x, r) -> pooled features. Returns ({r: [N, D]}, labels [N]) over the readable images."""
+    loader = torch.utils.data.DataLoader(EvalDataset(images, resolutions, 0.875), batch_size=batch_size,
+                                         collate_fn=collate_skipping)
+    feats = {r: [] for r in resolutions}
+    labels = []
+    for batch, _ in loader:
+        if batch is None:
+            continue
+        views, y, _ = batch
+        for r, v in zip(resolutions, views):
+            x = to_model_input(v.to(device)).contiguous(memory_format=torch.channels_last)
+            feats[r].append(backbone(x, r).float().cpu())
+        labels.append(y)
+    return {r: torch.cat(f) for r, f in feats.items()}, torch.cat(labels)
+
+
+def fit_linear(x: torch.Tensor, y: torch.Tensor, num_classes: int, l2: float = 1e-4, iters: int = 200):
+    """Multinomial logistic regression with an L2 penalty on the weights; returns (weight [C, D], bias [C])."""
+    mean, std = x.mean(0), x.std(0) + 1e-6  # standardise for conditioning, folded back into W, b below
+    z = (x - mean) / std
+    w = torch.zeros(num_classes, x.shape[1], requires_grad=True)
+    b = torch.zeros(num_classes, requires_grad=True)
+    opt = torch.optim.LBFGS([w, b], lr=1, max_iter=iters, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(z @ w.T + b, y) + l2 * (w ** 2).sum()
+        loss.backward()
+        return loss
+    opt.step(closure)
+    with torch.no_grad():
+        weight = w / std
+        bias = b - (w * (mean / std)).sum(1)
+    return weight, bias
+
+
+def init_heads_by_probe(model: nn.Module, images: ImageSet, device, log=print) -> None:
+    """Fit the classifier(s) of a ResolutionFamily (per-resolution or shared head) or of IndependentModels."""
+    was_training = model.training
+    model.eval()
+    if isinstance(model, ResolutionFamily):
+        resolutions = model.resolutions
+
+        def backbone(x, r):
+            model.set_resolution(r)
+            return F.adaptive_avg_pool2d(model.features(x), 1).flatten(1)
+        linear = model.classifier[1]
+        heads = {r: (linear.weight[res_key(r)], linear.bias[res_key(r)]) for r in resolutions} \
+            if isinstance(linear, PatchedLinear) else None
+        shared = None if heads else (linear.weight, linear.bias)
+        num_classes = model.num_classes
+    else:  # IndependentModels
+        resolutions = model.resolutions
+
+        def backbone(x, r):
+            m = model.models[res_key(r)]
+            return F.adaptive_avg_pool2d(m.features(x), 1).flatten(1)
+        heads = {r: (model.models[res_key(r)].classifier[1].weight, model.models[res_key(r)].classifier[1].bias)
+                 for r in resolutions}
+        shared = None
+        num_classes = heads[resolutions[0]][0].shape[0]
+    feats, y = probe_features(backbone, images, resolutions, device)
+    with torch.no_grad():
+        if heads:
+            for r in resolutions:
+                w, b = fit_linear(feats[r], y, num_classes)
+                heads[r][0].copy_(w)
+                heads[r][1].copy_(b)
+                acc = float(((feats[r] @ w.T + b).argmax(1) == y).float().mean())
+                log(f"linear probe r{r}: train top-1 {100 * acc:.1f}%")
+        else:
+            w, b = fit_linear(torch.cat([feats[r] for r in resolutions]), y.repeat(len(resolutions)), num_classes)
+            shared[0].copy_(w)
+            shared[1].copy_(b)
+    model.train(was_training)
