@@ -11,7 +11,6 @@ Prints top-1 per resolution on the test half of Imagenette val and the total par
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import sys
 import time

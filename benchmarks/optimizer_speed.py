@@ -11,7 +11,6 @@ import argparse
 import math
 import time
 
-import numpy as np
 
 from cascade.costs import CostModel
 from cascade.optimizer import Cascade, Stage, StageViews, exact_search, greedy, reference_resolution, simulate

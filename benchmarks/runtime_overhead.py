@@ -10,7 +10,6 @@ Overhead = runner wall / (sum of stage preprocessing + inference) - 1; target <=
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import numpy as np

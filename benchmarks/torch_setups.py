@@ -126,7 +126,7 @@ def main() -> None:
         ]
     cols = [f"b{b}@{r}" for b, r in SHAPES]
     print(f"\nMobileNetV2 1.0 CPU inference, median ms, 2 threads, {args.iters} iterations ({os.cpu_count()} cores)\n")
-    print(f"| set-up | torch | " + " | ".join(cols) + " |")
+    print("| set-up | torch | " + " | ".join(cols) + " |")
     print("|---|---|" + "---|" * len(cols))
     for name, r in rows:
         if "error" in r:

@@ -273,8 +273,8 @@ def format_build_summary(config: dict, out) -> str:
                      f"{ex['calib_cost_ms']:.3f} ms; greedy gap {100 * ex['greedy_gap']:+.1f}%")
     if "guarantee" in config:
         g = config["guarantee"]
-        lines.append(f"guarantee: {g['statement']} (LTT on {g['n_certify']} held-out calib images, "
-                     f"p = {g['p_value'] if g['p_value'] is not None else 'n/a'})")
+        p = f"p = {g['p_value']:.3g}" if g["p_value"] is not None else "nothing certified: the reference alone"
+        lines.append(f"guarantee: {g['statement']} (Learn-then-Test on {g['n_certify']} held-out calib images, {p})")
     if config["single_model_wins"]:
         lines.append(f"no cascade beats the single model r{config['stages'][0]['resolution']} here "
                      f"({prof['backend']}, batch {prof['batch_size']}): the config is the single model")

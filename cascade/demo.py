@@ -46,7 +46,7 @@ def run_demo(out: str = "demo_out", batch_size: int = 32, epochs: int | None = N
         "(batch-aware: later stages run on the shrunken batch)")
     config = run_build(family, batch_size=batch_size, batch_aware=True, measure="auto", combine="auto",
                        log=lambda s: None)
-    log(f"[4/4] eval: measured on the test split, cascade vs the best single model")
+    log("[4/4] eval: measured on the test split, cascade vs the best single model")
     report = run_eval(family / "cascade.json", batch_size=batch_size, repeats=3, log=lambda s: None)
     summary = demo_table(family, config, report)
     log("\n" + summary)

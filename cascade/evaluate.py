@@ -9,9 +9,7 @@ median. Machine noise hits both sides alike; the ratio is what we report.
 from __future__ import annotations
 
 import datetime as _dt
-import json
 import math
-import time
 from pathlib import Path
 
 import numpy as np

@@ -36,7 +36,7 @@ class Certified:
                 "method": "learn-then-test, fixed-sequence, exact binomial p-values",
                 "loss": "1[cascade wrong and reference right]",
                 "statement": f"with probability >= {1 - self.delta:g}, the cascade's accuracy is at most "
-                             f"{100 * self.epsilon:g} points below the reference's",
+                             f"{100 * self.epsilon:g} percentage point(s) below the reference's",
                 "n_select": self.n_select, "n_certify": self.n_certify, "n": self.n_certify,
                 "p_value": chosen["p_value"] if chosen else None,
                 "certify_loss": chosen["loss"] if chosen else 0.0, "path": self.tested}

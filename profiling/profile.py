@@ -184,7 +184,7 @@ def format_profile(df: pd.DataFrame, backend: str | None = None, precision: str 
         sel = sel[sel.backend == backend]
     if precision:
         sel = sel[sel.precision == precision]
-    lines = [f"| backend | prec | res | batch | median ms | p90 | p99 | CV | ms/img | preproc ms/img | "
+    lines = ["| backend | prec | res | batch | median ms | p90 | p99 | CV | ms/img | preproc ms/img | "
              "decide ms/img | vs top r |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (be, pr, b), g in sel.groupby(["backend", "precision", "batch_size"]):
         top = g.loc[g.resolution.idxmax()]

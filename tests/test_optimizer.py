@@ -4,7 +4,7 @@ import math
 import numpy as np
 import pytest
 
-from cascade.confidence import combine, confidence, fit_temperature, log_probs
+from cascade.confidence import combine, confidence, fit_temperature
 from cascade.costs import CostModel
 from cascade.guarantee import binomial_p_value, certify, split_calib
 from cascade.optimizer import (Cascade, Stage, StageViews, exact_search, greedy, pareto_front, reference_resolution,
@@ -56,7 +56,7 @@ def test_greedy_at_zero_tolerance_keeps_reference_accuracy_and_saves_cost(preds)
     assert casc.stages[-1] == Stage(ref, -math.inf) and len(casc.stages) >= 2
     # every early stage is admissible: on what it answers it is at least as accurate as the reference there
     _, ref_correct = views.view((), ref)
-    for k, stage in enumerate(casc.stages[:-1]):
+    for k in range(len(casc.stages) - 1):
         exits = out.exit_stage == k
         assert out.correct_mask[exits].sum() >= ref_correct[exits].sum()
 

@@ -1,10 +1,7 @@
-import json
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 from profiling.backends import available_backends, get_backend
@@ -145,3 +142,16 @@ def test_tensorrt_engine_matches_pytorch_and_caches(fam_dir, precision):
 def test_torch_cuda_backends(fam_dir, backend):
     df = run_profile(fam_dir, backend, "fp16", (1, 4), protocol=QUICK)
     assert (df.median_ms > 0).all()
+
+
+@pytest.mark.slow
+def test_torch_compile_backend_reports_build_time(fam_dir, tmp_path):
+    df = run_profile(fam_dir, "torch-compile", "fp32", (2,), resolutions=[32], protocol=QUICK, threads=1,
+                     out=tmp_path / "p.csv")
+    assert len(df) == 1 and df.median_ms.iloc[0] > 0 and df.build_s.iloc[0] > 0
+
+
+def test_static_engine_buckets():
+    from profiling.backends import bucket
+    assert bucket(5, {}) == 8 and bucket(1, {}) == 1 and bucket(32, {}) == 32
+    assert bucket(5, {4: 0, 16: 0, 32: 0}) == 16 and bucket(40, {4: 0, 32: 0}) == 64

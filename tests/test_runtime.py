@@ -4,7 +4,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 from cascade.build import run_build
 from cascade.cli import main
@@ -16,8 +15,6 @@ from cascade.predictions import load_predictions
 from cascade.runtime import CascadeRunner
 from training.data import load_data
 from training.fileio import UserError
-from training.predict import predict_logits
-from training.store import load_family
 
 QUIET = dict(log=lambda s: None)
 

@@ -17,7 +17,7 @@ from training.fileio import UserError
 from training.run import run_train
 from training.store import load_family
 from training.synthetic import make_synthetic
-from training.trainer import MultiResolutionForward, TrainConfig, _inputs, _param_groups
+from training.trainer import MultiResolutionForward, TrainConfig, _inputs
 
 from .test_family import random_torchvision
 
@@ -103,8 +103,8 @@ def csv_rows(path):
 
 def test_train_writes_family_predictions_and_metrics(tmp_path):
     out = tmp_path / "fam"
-    doc = run_train("synthetic:64", out, tiny_cfg(), width_mult=0.35, weights="none",
-                    classifier_kind="per_resolution", data_options={"heldout_per_class": 6}, **QUIET)
+    run_train("synthetic:64", out, tiny_cfg(), width_mult=0.35, weights="none",
+              classifier_kind="per_resolution", data_options={"heldout_per_class": 6}, **QUIET)
     fam, loaded = load_family(out)
     assert loaded["top1"]["calib"].keys() == {"32", "48"} and loaded["classifier"] == "per_resolution"
     assert not (out / "checkpoints").exists()

@@ -14,7 +14,6 @@ Unreadable images are skipped at load time and counted, never a crash in the mid
 from __future__ import annotations
 
 import csv
-import io
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path

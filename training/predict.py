@@ -6,7 +6,6 @@ deployed cascade would. Inference runs each resolution as a plain torchvision mo
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import numpy as np
 import torch

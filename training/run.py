@@ -1,9 +1,7 @@
 """`rescascade train`: data -> trained family directory with predictions (DESIGN.md §1)."""
 from __future__ import annotations
 
-import json
 import shutil
-import time
 from dataclasses import asdict
 from pathlib import Path
 

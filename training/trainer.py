@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import ImageSet, TrainDataset, collate_skipping
-from .family import ResolutionFamily, check_resolutions, res_key
+from .family import check_resolutions, res_key
 from .fileio import UserError, atomic_path, write_text
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 
@@ -108,7 +108,7 @@ class IndependentModels(nn.Module):
         """(shared-like convs, patch-like BN affine, classifier) parameters, for the same recipe."""
         convs, bns, head = [], [], []
         for m in self.models.values():
-            for name, mod in m.named_modules():
+            for mod in m.modules():
                 if isinstance(mod, nn.BatchNorm2d):
                     bns += list(mod.parameters())
                 elif isinstance(mod, nn.Linear):

@@ -35,6 +35,14 @@ class Engine(Protocol):
     def timer(self, batch_size: int) -> Callable[[], float]: ...
 
 
+def bucket(n: int, built) -> int:
+    """Static-shape engines (TensorRT plans, CUDA graphs): the batch size to run n inputs at, padding them: the
+    smallest size already built that fits, else the next power of two (a shrinking cascade batch would
+    otherwise build an engine for every size it passes through)."""
+    fits = [b for b in built if b >= n]
+    return min(fits) if fits else 1 << max(0, (n - 1).bit_length())
+
+
 def _registry() -> dict:
     from .onnxruntime_backend import OnnxRuntimeBackend
     from .tensorrt_backend import TensorRTBackend

@@ -18,6 +18,7 @@ import torch
 
 from training.fileio import UserError, atomic_path
 
+from . import bucket
 from ..export import export_resolution
 from ..measure import cuda_timer
 
@@ -109,9 +110,12 @@ class TensorRTEngine:
         torch.cuda.synchronize()
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
-        _, _, buf, _ = self._engine(x.shape[0])
-        buf.copy_(x.to("cuda", buf.dtype))
-        return self._execute(x.shape[0]).float().clone()
+        """Static engines: a shrunken batch is padded to the smallest engine that fits (built: power of two)."""
+        n = x.shape[0]
+        size = bucket(n, self._engines)
+        _, _, buf, _ = self._engine(size)
+        buf[:n].copy_(x.to("cuda", buf.dtype))
+        return self._execute(size)[:n].float().clone()
 
     def timer(self, batch_size: int):
         _, _, buf, _ = self._engine(batch_size)

@@ -7,6 +7,7 @@ import torch
 
 from training.fileio import UserError
 
+from . import bucket
 from ..measure import cpu_timer, cuda_timer
 
 
@@ -63,11 +64,12 @@ class TorchEngine:
 
     def run(self, x: torch.Tensor) -> torch.Tensor:
         x = self._prepare(x)
-        if self.graphs:
-            graph, static_in, static_out = self._graph(x.shape[0])
-            static_in.copy_(x)
+        if self.graphs:  # one graph per bucket: a shrunken batch is padded to the smallest captured size
+            n = x.shape[0]
+            graph, static_in, static_out = self._graph(bucket(n, self._graphs))
+            static_in[:n].copy_(x)
             graph.replay()
-            return static_out.float().clone()
+            return static_out[:n].float().clone()
         return self._forward(x).float()
 
     def timer(self, batch_size: int):
