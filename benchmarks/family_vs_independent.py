@@ -6,7 +6,7 @@
 
 Prints top-1 per resolution on the test half of Imagenette val and the total parameters each needs.
 
-    python benchmarks/family_vs_independent.py [--resolutions 96,128,160,224] [--train-per-class 150] [--epochs 1]
+    python benchmarks/family_vs_independent.py [--resolutions 96,128,160,224] [--train-per-class 150] [--epochs 2]
 """
 from __future__ import annotations
 
@@ -24,12 +24,14 @@ from training.data import DataSplits, load_data  # noqa: E402
 from training.run import run_train  # noqa: E402
 from training.trainer import TrainConfig  # noqa: E402
 
-COMMON = dict(optimizer="sgd", batch_size=32, schedule="cosine", warmup_epochs=0.2, crop_scale=(0.25, 1.0),
-              workers=0, seed=0, patch_lr=0.05, head_lr=0.05)
+# The recipe the real-data presets use (AdamW; heads fitted on frozen features first): plain SGD at the paper's
+# patch rates diverged on a fresh 10-way head (README). Only what the mode decides differs between rows.
+COMMON = dict(optimizer="adamw", batch_size=32, schedule="cosine", warmup_epochs=0.2, crop_scale=(0.25, 1.0),
+              workers=0, seed=0, patch_lr=0.003, head_lr=0.001, weight_decay=1e-4, head_init="probe")
 MODES = {
     "family, transfer mode": dict(shared="frozen", lr=0.0),
-    "family, multitask mode": dict(shared="train", lr=0.005),
-    "independent models": dict(shared="train", lr=0.005, independent=True),
+    "family, multitask mode": dict(shared="train", lr=1e-4),
+    "independent models": dict(shared="train", lr=1e-4, independent=True),
 }
 
 
@@ -37,7 +39,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--resolutions", default="96,128,160,224")
     ap.add_argument("--train-per-class", type=int, default=150)
-    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--out", default=str(ROOT / ".bench" / "family_vs_independent"))
     ap.add_argument("--quick", action="store_true", help="4 images per class: checks the pipeline only")
     args = ap.parse_args()
@@ -61,8 +63,8 @@ def main() -> None:
         rows.append([name] + [f"{100 * doc['top1']['test'][str(r)]:.2f}" for r in res] +
                      [f"{total:,}", f"{total / p['one_model']:.2f}x", f"{time.perf_counter() - t:.0f}"])
     print(f"\nImagenette 10-way, ImageNet MobileNetV2 weights, {len(splits.train)} training images x {args.epochs} "
-          f"epoch(s), batch 32, SGD (patches/head lr 0.05, shared lr 0.005); top-1 (%) on {len(splits.test)} test "
-          "images\n")
+          f"epoch(s), batch 32, AdamW (patches 3e-3, head 1e-3 after a linear probe, shared 1e-4 where it trains); "
+          f"top-1 (%) on {len(splits.test)} test images\n")
     print(table(["model"] + [f"r{r}" for r in res] + ["parameters", "vs one model", "train+predict s"], rows))
     print(f"\ntotal {(time.perf_counter() - t0) / 60:.1f} min")
 
