@@ -212,8 +212,9 @@ def run_task(task: str, args, log) -> str:
     # the chosen variant: a real cascade.json at batch 1 and 32, measured by the runtime against its reference
     # candidates: families (not the independent models); 1000way: only those that leave the labels unused (the
     # task: patches learned by distillation; label-trained patches narrow the 1000-way model to 10 classes)
-    fam_variants = [n for n in fams if not (fams[n] / "independent.json").is_file()
-                    and not (task == "1000way" and variants(task)[n].get("label_weight", 1.0) > 0)]
+    families = [n for n in fams if not (fams[n] / "independent.json").is_file()]
+    fam_variants = [n for n in families
+                    if not (task == "1000way" and variants(task)[n].get("label_weight", 1.0) > 0)] or families
     # the most accurate family on calib (its best single resolution), then the cheapest cascade: a cheap
     # cascade of a weaker family is no win for the user
     chosen = max(fam_variants, key=lambda n: (round(choice[n]["calib_ref_acc"], 4), -choice[n]["calib_cost"]))
