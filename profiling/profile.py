@@ -140,7 +140,7 @@ def run_profile(run_dir, backend: str = "onnxruntime", precision: str = "fp32", 
     timers = {(r, b): engines[r].timer(b) for r, b in combos}
     inference = {c: [] for c in combos}
     prep = {c: [] for c in combos}
-    decide = {c: [] for c in combos}
+    decide = {b: [] for b in batch_sizes}  # the decision step does not depend on the resolution
     bar = tqdm(total=protocol.rounds * len(combos), desc=f"profile {backend} {precision}", unit="config",
                disable=None)
     for k in range(protocol.rounds):  # round-robin: a burst of machine noise hits one round, not one config
@@ -148,16 +148,18 @@ def run_profile(run_dir, backend: str = "onnxruntime", precision: str = "fp32", 
         for r, b in combos:
             inference[r, b].append(run_protocol(timers[r, b], part))
             prep[r, b].append(time_preprocess(r, b, source_size, device, part, engines[r].preprocess_threads))
-            decide[r, b].append(time_decision(b, family.num_classes, part))
             bar.update(1)
+        for b in batch_sizes:
+            decide[b].append(time_decision(b, family.num_classes, part))
     bar.close()
+    decision = {b: summarize(np.concatenate(times)) for b, times in decide.items()}
     rows = []
     for r, b in combos:
         stats = summarize(np.concatenate(inference[r, b]))
-        pre, decision = (summarize(np.concatenate(x[r, b])) for x in (prep, decide))
+        pre = summarize(np.concatenate(prep[r, b]))
         rows.append({"backend": backend, "precision": precision, "resolution": r, "batch_size": b, **stats,
                      "per_image_ms": stats["median_ms"] / b, "preprocess_ms": pre["median_ms"],
-                     "preprocess_per_image_ms": pre["median_ms"] / b, "overhead_ms": decision["median_ms"],
+                     "preprocess_per_image_ms": pre["median_ms"] / b, "overhead_ms": decision[b]["median_ms"],
                      "source_size": f"{source_size[0]}x{source_size[1]}", "threads": threads or 0,
                      "build_s": round(build[r, b], 3),
                      "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})

@@ -13,13 +13,13 @@ from torch import nn
 
 from .data import EvalDataset, ImageSet, collate_skipping
 from .family import PatchedLinear, ResolutionFamily, res_key
-from .preprocess import to_model_input
+from .preprocess import CROP_FRACTION, to_model_input
 
 
 @torch.no_grad()
 def probe_features(backbone, images: ImageSet, resolutions, device, batch_size: int = 64) -> tuple[dict, torch.Tensor]:
     """backbone(x, r) -> pooled features. Returns ({r: [N, D]}, labels [N]) over the readable images."""
-    loader = torch.utils.data.DataLoader(EvalDataset(images, resolutions, 0.875), batch_size=batch_size,
+    loader = torch.utils.data.DataLoader(EvalDataset(images, resolutions, CROP_FRACTION), batch_size=batch_size,
                                          collate_fn=collate_skipping)
     feats = {r: [] for r in resolutions}
     labels = []

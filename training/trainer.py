@@ -25,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import ImageSet, TrainDataset, collate_skipping
-from .family import check_resolutions, res_key
+from .family import PatchedBatchNorm2d, check_resolutions, res_key
 from .fileio import UserError, atomic_path, write_text
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 
@@ -201,7 +201,6 @@ def _set_bn_mode(model: nn.Module, cfg: TrainConfig) -> None:
     """patches 'frozen' or 'affine': BatchNorm keeps its statistics (eval mode); otherwise it re-estimates them
     from the training crops (on narrow data that hurts a wide head: statistics of 10 classes are not ImageNet's)."""
     if cfg.patches in ("frozen", "affine"):
-        from .family import PatchedBatchNorm2d
         for m in model.modules():
             if isinstance(m, (PatchedBatchNorm2d, nn.BatchNorm2d)):
                 m.eval()
@@ -300,8 +299,7 @@ def train(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, out_dir, resu
     opt = _optimizer(groups, cfg)
     anchors = []
     if cfg.patch_l2sp:
-        patch_ids = {id(p) for g in groups if g["name"] == "patches" for p in g["params"]}
-        anchors = [(p, p.detach().clone()) for p in model.parameters() if id(p) in patch_ids]
+        anchors = [(p, p.detach().clone()) for g in groups if g["name"] == "patches" for p in g["params"]]
     for g in opt.param_groups:
         g["initial_lr"] = g["lr"]
 
