@@ -83,7 +83,7 @@ def variants(task: str) -> dict[str, dict]:
         "unpatched": {**base, "epochs": 0},
         "stats-only": {**base, "patches": "stats", "distill": "none"},
         "patches": {**base, "patches": "train", "distill": "none", "label_weight": 1.0, "patch_l2sp": 0.0},
-        "patches+distill, no L2-SP": {**base, "patch_l2sp": 0.0},
+        "patches+distill (no L2-SP)": {**base, "patch_l2sp": 0.0},
         "patches+distill": base,
         "independent": {**base, "independent": True, "shared": "train", "lr": 1e-4},
     }

@@ -251,6 +251,18 @@ def test_linear_probe_fits_separable_features():
     assert ((x @ w.T + b).argmax(1) == y).float().mean() > 0.97
 
 
+def test_probe_penalty_is_cross_validated():
+    """Few noisy images want a strong penalty, many clean ones a weak one."""
+    from training.probe import L2_GRID, choose_l2
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(4, 8, generator=g)
+    y_few, y_many = torch.arange(80) % 4, torch.arange(800) % 4
+    noisy = torch.cat([centers[y_few] + 2 * torch.randn(80, 8, generator=g), torch.randn(80, 300, generator=g)], 1)
+    clean = centers[y_many] * 4 + torch.randn(800, 8, generator=g)
+    strong, weak = choose_l2(noisy, y_few, 4), choose_l2(clean, y_many, 4)
+    assert strong in L2_GRID and weak in L2_GRID and strong > weak
+
+
 @pytest.mark.parametrize("classifier_kind", ["per_resolution", "shared"])
 def test_probe_head_init_sets_the_heads(classifier_kind, tmp_path):
     from training.probe import init_heads_by_probe
