@@ -167,7 +167,9 @@ def run_task(task: str, args, log) -> str:
         if args.quick:
             samples = samples.subset(np.arange(0, 1000, 100))
         samples = in_memory(samples)
-    wanted = variants(task) if not args.variants else {n: variants(task)[n] for n in args.variants}
+    specs = variants(task)
+    wanted = specs if not args.variants else {n: specs[n] for n in args.variants}
+    families = [n for n in wanted if not specs[n].get("independent")]  # the independent models have no family
     fams = {}
     for name, opts in wanted.items():
         fams[name] = train_variant(task, name, opts, splits, out, args, log)
@@ -188,7 +190,7 @@ def run_task(task: str, args, log) -> str:
               "", table(headers, rows)]
 
     # profile one family (all variants share the architecture, so latency is the same), compare cascades
-    first = next(fam for fam in fams.values() if not (fam / "independent.json").is_file())
+    first = fams[families[0]]
     sizes = [1, 2, 4, 8, 16, 32]
     protocol = Protocol(warmup_iters=3, warmup_seconds=0.1, min_iters=3, min_seconds=0.0, rounds=1) if args.quick \
         else Protocol(min_seconds=1.0, rounds=3)
@@ -212,9 +214,8 @@ def run_task(task: str, args, log) -> str:
     # the chosen variant: a real cascade.json at batch 1 and 32, measured by the runtime against its reference
     # candidates: families (not the independent models); 1000way: only those that leave the labels unused (the
     # task: patches learned by distillation; label-trained patches narrow the 1000-way model to 10 classes)
-    families = [n for n in fams if not (fams[n] / "independent.json").is_file()]
     fam_variants = [n for n in families
-                    if not (task == "1000way" and variants(task)[n].get("label_weight", 1.0) > 0)] or families
+                    if not (task == "1000way" and specs[n].get("label_weight", 1.0) > 0)] or families
     # the most accurate family on calib (its best single resolution), then the cheapest cascade: a cheap
     # cascade of a weaker family is no win for the user
     chosen = max(fam_variants, key=lambda n: (round(choice[n]["calib_ref_acc"], 4), -choice[n]["calib_cost"]))
