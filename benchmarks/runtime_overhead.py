@@ -5,6 +5,10 @@ half the batch exits at each early stage. For each batch, the runner is timed en
 each stage received are pushed through the same engines directly (preprocessing and inference timed apart).
 Overhead = runner wall / (sum of stage preprocessing + inference) - 1; target <= 5 %. Interleaved, medians.
 
+A second table times preprocessing alone per resolution, side by side: torchvision's to_dtype + normalize on a
+channels-first batch (how the runtime preprocessed before) against training.preprocess (channels-last resize, one
+fused normalize into a contiguous buffer), on the same decoded images, one torch thread as the runtime uses.
+
     python benchmarks/runtime_overhead.py [--batch-sizes 1,32] [--batches 24] [--repeats 5]
 """
 from __future__ import annotations
@@ -14,6 +18,7 @@ import time
 
 import numpy as np
 import torch
+import torchvision.transforms.v2.functional as TF
 from _common import IMAGENETTE, ROOT, imagenet_family, table
 
 from cascade.config import read_config, write_config
@@ -21,7 +26,7 @@ from cascade.confidence import confidence, log_probs
 from cascade.runtime import CascadeRunner
 from profiling.measure import torch_threads
 from training.fileio import sha256_file
-from training.preprocess import preprocess
+from training.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess, resize_center_crop
 from training.store import read_family_json, weights_id
 
 STAGES = (96, 160, 224)
@@ -46,6 +51,35 @@ def write_cascade(fam, thresholds) -> str:
         "stages": [{"resolution": r, "threshold": t} for r, t in zip(STAGES, thresholds)],
         "reference": {"resolution": 224}, "expected": {}})
     return path
+
+
+def channels_last_batch(images: list[torch.Tensor]) -> torch.Tensor:
+    """Decoded images as one uint8 batch in channels-last memory, as the runner batches them."""
+    return torch.stack([im.permute(1, 2, 0) for im in images]).permute(0, 3, 1, 2)
+
+
+def preprocess_before(images: list[torch.Tensor], r: int) -> torch.Tensor:
+    """The previous path: stack channels-first, resize, to_dtype + normalize (three passes over the floats)."""
+    x = resize_center_crop(torch.stack([im.contiguous() for im in images]), r)
+    return TF.normalize(TF.to_dtype(x, torch.float32, scale=True), list(IMAGENET_MEAN), list(IMAGENET_STD))
+
+
+def preprocess_table(images: list[torch.Tensor], b: int, repeats: int) -> str:
+    batch = images[:b]
+    rows = []
+    with torch_threads(1):
+        for r in (96, 128, 160, 192, 224):
+            assert torch.allclose(preprocess_before(batch, r), preprocess(channels_last_batch(batch), r), atol=1e-5)
+            ms = {"before": [], "now": []}
+            for _ in range(repeats * 10):  # interleaved
+                for name, fn in (("before", lambda: preprocess_before(batch, r)),
+                                 ("now", lambda: preprocess(channels_last_batch(batch), r))):
+                    t0 = time.perf_counter()
+                    fn()
+                    ms[name].append(1000 * (time.perf_counter() - t0) / b)
+            before, now = np.median(ms["before"]), np.median(ms["now"])
+            rows.append([r, f"{before:.3f}", f"{now:.3f}", f"{before / now:.2f}x"])
+    return table(["resolution", "before ms/image", "now ms/image", "speed-up"], rows)
 
 
 def main() -> None:
@@ -80,7 +114,7 @@ def main() -> None:
                         if not rows_k:
                             continue
                         t0 = time.perf_counter()
-                        x = preprocess(torch.stack(rows_k), r)
+                        x = preprocess(channels_last_batch(rows_k), r)
                         t1 = time.perf_counter()
                         engines[r].run(x)
                         t2 = time.perf_counter()
@@ -103,6 +137,10 @@ def main() -> None:
     print(table(["batch", "exits per stage", "inference ms/batch", "preprocess ms/batch", "runner wall ms/batch",
                  "overhead vs stage work", "overhead vs inference only"], rows))
     print("\ntarget: overhead vs stage work (preprocessing + inference, both part of a stage's profiled cost) <= 5%")
+    source = "x".join(str(v) for v in images[0].shape[1:])
+    print(f"\npreprocessing alone, batch 32 of {source} decoded images, 1 torch thread (median of "
+          f"{args.repeats * 10} interleaved runs)\n")
+    print(preprocess_table(images, 32, args.repeats))
 
 
 if __name__ == "__main__":

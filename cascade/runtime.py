@@ -103,16 +103,23 @@ class CascadeRunner:
                 errors[i] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'unreadable'}"
         return out, errors
 
-    def _stage_input(self, images: list[torch.Tensor], rows: np.ndarray, r: int) -> torch.Tensor:
+    def _source_batch(self, images: list[torch.Tensor | None], rows: np.ndarray) -> torch.Tensor | None:
+        """The readable images as one contiguous uint8 batch [n, H, W, 3] (channels-last, the layout decode_image
+        gives and the resize's fast path), copied to the device once for all stages; None if sizes differ."""
+        if len(rows) == 0 or len({tuple(images[i].shape) for i in rows}) != 1:
+            return None
+        return torch.stack([images[i].permute(1, 2, 0) for i in rows]).to(self.device, non_blocking=True)
+
+    def _stage_input(self, images: list[torch.Tensor | None], source: torch.Tensor | None, source_row: np.ndarray,
+                     rows: np.ndarray, r: int) -> torch.Tensor:
         kwargs = dict(crop_fraction=self.crop_fraction)
         if self.mean is not None:
             kwargs.update(mean=self.mean, std=self.std)
-        if len(rows) == 1:
-            return preprocess(images[rows[0]].unsqueeze(0).to(self.device), r, **kwargs)
-        sizes = {tuple(images[i].shape) for i in rows}
-        if len(sizes) == 1:  # one resize call for the whole batch
-            batch = torch.stack([images[i] for i in rows]).to(self.device, non_blocking=True)
-            return preprocess(batch, r, **kwargs)
+        if source is not None:  # one resize call for the rows still running
+            pick = source_row[rows]
+            # index_select on the contiguous batch: 20x faster than indexing a permuted view (measured, 14 rows)
+            batch = source if len(pick) == len(source) else source.index_select(0, torch.from_numpy(pick).to(source.device))
+            return preprocess(batch.permute(0, 3, 1, 2), r, **kwargs)
         return torch.stack([preprocess(images[i].to(self.device), r, **kwargs) for i in rows])
 
     # ---- running -------------------------------------------------------------------------------------------
@@ -130,6 +137,9 @@ class CascadeRunner:
         exit_stage = np.full(n, -1, dtype=np.int64)
         conf_out = np.full(n, np.nan)
         active = np.array([i for i in range(n) if imgs[i] is not None], dtype=np.int64)
+        source_row = np.full(n, -1, dtype=np.int64)
+        source_row[active] = np.arange(len(active))
+        source = None
         history: list[np.ndarray] = []  # log-probs of the stages run so far, rows aligned with `active`
         timings = []
         stages = self.cascade.stages
@@ -139,7 +149,9 @@ class CascadeRunner:
             if len(active) == 0:
                 break
             t0 = time.perf_counter()
-            x = self._stage_input(imgs, active, stage.resolution)
+            if k == 0:
+                source = self._source_batch(imgs, active)
+            x = self._stage_input(imgs, source, source_row, active, stage.resolution)
             t1 = time.perf_counter()
             logits = self.engines[stage.resolution].run(x)
             logits = logits.detach().float().cpu().numpy()

@@ -44,7 +44,8 @@ def time_preprocess(resolution: int, batch: int, source_size: tuple[int, int], d
                     threads: int | None = None) -> np.ndarray:
     """Median cost of turning a decoded uint8 batch [b, 3, H, W] into the model input at r, on `device`, with
     the torch threads the runtime will use next to this backend."""
-    images = torch.randint(0, 256, (batch, 3, *source_size), dtype=torch.uint8, device=device)
+    # channels-last uint8, as decode_image gives pixels and the runtime batches them
+    images = torch.randint(0, 256, (batch, *source_size, 3), dtype=torch.uint8, device=device).permute(0, 3, 1, 2)
     step = (cuda_timer if device == "cuda" else cpu_timer)(lambda: preprocess(images, resolution))
     with torch_threads(threads):
         return run_protocol(step, protocol)

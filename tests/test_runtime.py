@@ -74,6 +74,20 @@ def test_runner_onnxruntime_and_corrupt_input(built, tmp_path):
     assert res.labels[0] == res.labels[2] >= 0 and np.isclose(np.nansum(res.probs[0]), 1, atol=1e-4)
 
 
+def test_runner_mixed_image_sizes_answer_as_one_by_one(built):
+    """A batch of differently sized images (preprocessed one by one) gets the answers each image gets alone."""
+    _, out, _ = built
+    runner = CascadeRunner(out, backend="torch")
+    splits = load_data("synthetic:384", seed=0, heldout_per_class=20)
+    import torchvision.transforms.v2.functional as TF
+    images = [splits.test.read(i) for i in range(6)]
+    images = [TF.resize(im, [40 + 4 * i], antialias=True) if i % 2 else im for i, im in enumerate(images)]
+    res = runner(images)
+    alone = [runner([im]) for im in images]
+    assert np.array_equal(res.labels, [a.labels[0] for a in alone])
+    assert np.array_equal(res.exit_stage, [a.exit_stage[0] for a in alone])
+
+
 def test_runner_refuses_a_changed_family(built, tmp_path):
     fam, out, _ = built
     copy = tmp_path / "fam"

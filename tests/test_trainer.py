@@ -276,3 +276,20 @@ def test_probe_head_init_sets_the_heads(classifier_kind, tmp_path):
     assert len(logs) == (2 if classifier_kind == "per_resolution" else 0)
     run_train("synthetic:64", tmp_path / "f", tiny_cfg(head_init="probe", shared="frozen"), width_mult=0.35,
               weights="none", classifier_kind=classifier_kind, data_options={"heldout_per_class": 4}, **QUIET)
+
+
+def test_preprocess_matches_torchvision_in_any_memory_layout():
+    """The fused preprocessing gives torchvision's to_dtype + normalize pixels, from channels-first or channels-last
+    uint8 (as decode_image returns), one image or a batch; the model input comes out contiguous."""
+    import torchvision.transforms.v2.functional as TF
+    from training.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess, resize_center_crop
+    hwc = torch.randint(0, 256, (3, 57, 71, 3), dtype=torch.uint8)
+    channels_last, channels_first = hwc.permute(0, 3, 1, 2), hwc.permute(0, 3, 1, 2).contiguous()
+    for r in (32, 48):
+        expected = TF.normalize(TF.to_dtype(resize_center_crop(channels_first, r), torch.float32, scale=True),
+                                list(IMAGENET_MEAN), list(IMAGENET_STD))
+        for x in (channels_last, channels_first):
+            out = preprocess(x, r)
+            assert out.is_contiguous() and out.shape == (3, 3, r, r)
+            assert torch.allclose(out, expected, atol=1e-5)
+        assert torch.allclose(preprocess(channels_last[1], r), expected[1], atol=1e-5)
