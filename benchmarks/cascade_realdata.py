@@ -227,7 +227,7 @@ def run_task(task: str, args, log) -> str:
         path = fam / f"cascade_b{b}.json"
         config = run_build(fam, batch_size=b, batch_aware=b > 1, measure="auto", combine="auto", out=path,
                            log=lambda s: None)
-        ev = run_eval(path, batch_size=b, repeats=1 if args.quick else 2, log=lambda s: None,
+        ev = run_eval(path, batch_size=b, repeats=1 if args.quick else 3, log=lambda s: None,
                       limit=16 if args.quick else None)
         d = config["expected"]["test"]["paired_difference"]
         stages = " -> ".join(f"r{s['resolution']}" + (f"@{s['threshold']:.3g}" if s["threshold"] is not None else "")
