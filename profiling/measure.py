@@ -92,6 +92,14 @@ def cuda_timer(fn: Callable[[], object]) -> Callable[[], float]:
     return step
 
 
+def default_threads() -> int:
+    """The CPUs this process may run on (its affinity mask, e.g. under taskset or a container's cpuset)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
 @contextmanager
 def torch_threads(n: int | None):
     """Run torch ops with n intra-op threads (None: leave as is). ONNX Runtime CPU backends preprocess with one

@@ -10,7 +10,6 @@ atomically: re-running a configuration replaces its row.
 from __future__ import annotations
 
 import datetime as _dt
-import os
 from pathlib import Path
 
 import numpy as np
@@ -23,21 +22,14 @@ from training.preprocess import eval_resize_size, preprocess
 from training.store import family_sha256, load_family, weights_id
 
 from .backends import get_backend
-from .measure import (Protocol, cpu_timer, cuda_timer, device_key, fingerprint, run_protocol, summarize,
-                      torch_threads)
+from .measure import (Protocol, cpu_timer, cuda_timer, default_threads, device_key, fingerprint, run_protocol,
+                      summarize, torch_threads)
 
 PROFILE_SCHEMA = 1
 KEY = ["backend", "precision", "resolution", "batch_size"]
 COLUMNS = KEY + ["median_ms", "mean_ms", "std_ms", "p90_ms", "p99_ms", "min_ms", "cv", "n_iters", "per_image_ms",
                  "preprocess_ms", "preprocess_per_image_ms", "overhead_ms", "source_size", "threads", "build_s",
                  "measured_at"]
-
-
-def default_threads() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 def time_preprocess(resolution: int, batch: int, source_size: tuple[int, int], device: str, protocol: Protocol,
