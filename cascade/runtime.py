@@ -17,7 +17,7 @@ from profiling.backends import get_backend
 from profiling.measure import torch_threads
 from training.data import decode
 from training.fileio import UserError, sha256_file
-from training.preprocess import preprocess
+from training.preprocess import channels_last_batch, preprocess
 from training.store import load_family, weights_id
 
 from .config import CascadeConfig, read_config
@@ -108,7 +108,7 @@ class CascadeRunner:
         gives and the resize's fast path), copied to the device once for all stages; None if sizes differ."""
         if len(rows) == 0 or len({tuple(images[i].shape) for i in rows}) != 1:
             return None
-        return torch.stack([images[i].permute(1, 2, 0) for i in rows]).to(self.device, non_blocking=True)
+        return channels_last_batch([images[i] for i in rows], self.device)
 
     def _stage_input(self, images: list[torch.Tensor | None], source: torch.Tensor | None, source_row: np.ndarray,
                      rows: np.ndarray, r: int) -> torch.Tensor:
@@ -117,7 +117,6 @@ class CascadeRunner:
             kwargs.update(mean=self.mean, std=self.std)
         if source is not None:  # one resize call for the rows still running
             pick = source_row[rows]
-            # index_select on the contiguous batch: 20x faster than indexing a permuted view (measured, 14 rows)
             batch = source if len(pick) == len(source) else source.index_select(0, torch.from_numpy(pick).to(source.device))
             return preprocess(batch.permute(0, 3, 1, 2), r, **kwargs)
         return torch.stack([preprocess(images[i].to(self.device), r, **kwargs) for i in rows])

@@ -155,3 +155,15 @@ def test_static_engine_buckets():
     from profiling.backends import bucket
     assert bucket(5, {}) == 8 and bucket(1, {}) == 1 and bucket(32, {}) == 32
     assert bucket(5, {4: 0, 16: 0, 32: 0}) == 16 and bucket(40, {4: 0, 32: 0}) == 64
+
+
+def test_preprocess_is_timed_cold_and_between_inferences():
+    """The pool outgrows the caches, its images are laid out as decode_image returns them, and the stage's
+    inference runs (untimed) before every timed preprocessing step, as in the runtime."""
+    from profiling.profile import SOURCE_POOL_BYTES, source_pool, time_preprocess
+    pool = source_pool((64, 80))
+    assert sum(im.numel() for im in pool) >= SOURCE_POOL_BYTES
+    assert pool[0].shape == (3, 64, 80) and pool[0].stride() == (1, 80 * 3, 3)
+    calls = []
+    times = time_preprocess(32, 4, pool[:10], "cpu", QUICK, threads=1, between=lambda: calls.append(1))
+    assert len(calls) == QUICK.warmup_iters + len(times) and (times > 0).all()

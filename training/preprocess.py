@@ -42,6 +42,13 @@ def preprocess(images: torch.Tensor, resolution: int, crop_fraction: float = CRO
     return to_model_input(resize_center_crop(images, resolution, crop_fraction), mean, std)
 
 
+def channels_last_batch(images: list[torch.Tensor], device="cpu") -> torch.Tensor:
+    """Equal-size decoded uint8 images [3, H, W] -> one contiguous uint8 batch [n, H, W, 3] on `device`: the
+    layout decode_image gives (each image's permute is a plain copy) and the resize's fast path. Index its rows
+    with index_select (indexing a permuted view is ~20x slower); preprocess(batch.permute(0, 3, 1, 2), r)."""
+    return torch.stack([im.permute(1, 2, 0) for im in images]).to(device, non_blocking=True)
+
+
 def eval_transform(resolution: int, crop_fraction: float = CROP_FRACTION) -> T.Compose:
     """The same as `preprocess`, as a torchvision v2 transform for datasets of uint8 tensors or PIL images."""
     return T.Compose([T.ToImage(), T.Resize(eval_resize_size(resolution, crop_fraction), antialias=True),
