@@ -6,6 +6,7 @@ The confidence is computed by the same functions the optimizer used on stored lo
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,40 @@ class CascadeResult:
     errors: dict[int, str] = field(default_factory=dict)   # input index -> what went wrong
     stage_timings: list[StageTiming] = field(default_factory=list)
     wall_s: float = 0.0
+
+
+@dataclass
+class Answers:
+    labels: np.ndarray       # [N] (-1: no answer yet)
+    probs: np.ndarray        # [N, C]
+    exit_stage: np.ndarray   # [N]
+    confidence: np.ndarray   # [N]
+
+    @classmethod
+    def empty(cls, n: int, num_classes: int) -> "Answers":
+        return cls(np.full(n, -1, dtype=np.int64), np.full((n, num_classes), np.nan, dtype=np.float32),
+                   np.full(n, -1, dtype=np.int64), np.full(n, np.nan))
+
+
+def exit_step(logits: np.ndarray, k: int, threshold: float, temperature: float, measure: str, combined: bool,
+              history: list[np.ndarray], active: np.ndarray, answers: Answers):
+    """Stage k's decision on its logits (rows aligned with `active`): the confident rows get their answers,
+    the rest go on. -> (rows still active, log-probabilities of the stages run so far for those rows).
+    The profile times this very function as the stage's decision cost."""
+    lp = log_probs(logits, temperature)
+    if combined:
+        history = history + [lp]
+        lp = combine(history) if len(history) > 1 else lp
+    conf = confidence(lp, measure)
+    done = np.ones(len(active), dtype=bool) if threshold == -math.inf else conf >= threshold  # the last answers all
+    rows = active[done]
+    answers.labels[rows] = lp[done].argmax(-1)
+    answers.probs[rows] = np.exp(lp[done])
+    answers.exit_stage[rows] = k
+    answers.confidence[rows] = conf[done]
+    if combined:
+        history = [h[~done] for h in history]
+    return active[~done], history
 
 
 class CascadeRunner:
@@ -131,10 +166,7 @@ class CascadeRunner:
         t_start = time.perf_counter()
         imgs, errors = self._load(images)
         n = len(imgs)
-        labels = np.full(n, -1, dtype=np.int64)
-        probs = np.full((n, self.num_classes), np.nan, dtype=np.float32)
-        exit_stage = np.full(n, -1, dtype=np.int64)
-        conf_out = np.full(n, np.nan)
+        answers = Answers.empty(n, self.num_classes)
         active = np.array([i for i in range(n) if imgs[i] is not None], dtype=np.int64)
         source_row = np.full(n, -1, dtype=np.int64)
         source_row[active] = np.arange(len(active))
@@ -155,21 +187,10 @@ class CascadeRunner:
             logits = self.engines[stage.resolution].run(x)
             logits = logits.detach().float().cpu().numpy()
             t2 = time.perf_counter()
-            lp = log_probs(logits, self.temperatures.get(stage.resolution, 1.0))
-            if self.combined:
-                history.append(lp)
-                lp = combine(history) if len(history) > 1 else lp
-            conf = confidence(lp, self.measure)
-            last = k == len(stages) - 1
-            done = np.ones(len(active), dtype=bool) if last else conf >= stage.threshold
-            rows = active[done]
-            labels[rows] = lp[done].argmax(-1)
-            probs[rows] = np.exp(lp[done])
-            exit_stage[rows] = k
-            conf_out[rows] = conf[done]
-            active = active[~done]
-            if self.combined:
-                history = [h[~done] for h in history]
-            t.rows, t.calls = int(len(done)), 1
+            t.rows, t.calls = len(active), 1
+            threshold = -math.inf if k == len(stages) - 1 else stage.threshold
+            active, history = exit_step(logits, k, threshold, self.temperatures.get(stage.resolution, 1.0),
+                                        self.measure, self.combined, history, active, answers)
             t.preprocess_s, t.inference_s, t.decide_s = t1 - t0, t2 - t1, time.perf_counter() - t2
-        return CascadeResult(labels, probs, exit_stage, conf_out, errors, timings, time.perf_counter() - t_start)
+        return CascadeResult(answers.labels, answers.probs, answers.exit_stage, answers.confidence, errors, timings,
+                             time.perf_counter() - t_start)
