@@ -17,7 +17,7 @@ For each task, five ways to get per-resolution models from the same weights and 
 Then the most accurate family on calib (ties: the cheapest cascade on calib; 1000way: among those that leave
 the labels unused) is profiled (ONNX Runtime CPU, batch 1..32), its cascade is built at batch 1 and 32
 (target: the family's best single resolution's accuracy on calib) and measured on test against that single
-model with the cascade runtime.
+model with the cascade runtime, three times (median and range: single measurements vary on shared CPUs).
 
     python benchmarks/cascade_realdata.py [--task 10way|1000way|both] [--quick] [--train-per-class N] [--epochs E]
                                           [--variants unpatched,patches+distill]
@@ -227,8 +227,14 @@ def run_task(task: str, args, log) -> str:
         path = fam / f"cascade_b{b}.json"
         config = run_build(fam, batch_size=b, batch_aware=b > 1, measure="auto", combine="auto", out=path,
                            log=lambda s: None)
-        ev = run_eval(path, batch_size=b, repeats=1 if args.quick else 3, log=lambda s: None,
-                      limit=16 if args.quick else None)
+        # three independent measurements (fresh sessions and threads each): on these shared CPUs one
+        # measurement now and then runs the cascade's sessions 10-30 % slow; report the median and the range
+        evs = sorted((run_eval(path, batch_size=b, repeats=1 if args.quick else 3, log=lambda s: None,
+                               limit=16 if args.quick else None) for _ in range(1 if args.quick else 3)),
+                     key=lambda e: e["measured_cost_ratio"])
+        ev = evs[len(evs) // 2]
+        spread = "" if len(evs) == 1 else \
+            f" ({evs[0]['measured_cost_ratio']:.3f}-{evs[-1]['measured_cost_ratio']:.3f})"
         d = config["expected"]["test"]["paired_difference"]
         stages = " -> ".join(f"r{s['resolution']}" + (f"@{s['threshold']:.3g}" if s["threshold"] is not None else "")
                              for s in config["stages"])
@@ -236,12 +242,12 @@ def run_task(task: str, args, log) -> str:
                         f"{', combined' if config['confidence']['combine'] else ''})",
                      f"{100 * ev['cascade']['accuracy']:.2f} vs {100 * ev['reference']['accuracy']:.2f}",
                      f"{100 * d['difference']:+.2f} [{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}]",
-                     f"{config['expected']['test']['cost_vs_reference']:.3f}", f"{ev['measured_cost_ratio']:.3f}",
+                     f"{config['expected']['test']['cost_vs_reference']:.3f}", f"{ev['measured_cost_ratio']:.3f}{spread}",
                      f"{ev['cascade']['ms_per_image']:.2f} vs {ev['reference']['ms_per_image']:.2f}"])
     report += ["", f"## {task}: the chosen family ({chosen}), cascade.json at batch 1 and 32, measured on the test "
                "half with ONNX Runtime CPU", "",
                table(["batch", "cascade (stages @ thresholds)", "test top-1 vs reference (measured)",
-                      "difference, 95% CI (points)", "cost ratio predicted", "cost ratio measured",
+                      "difference, 95% CI (points)", "cost ratio predicted", "cost ratio measured (median of 3, range)",
                       "ms/image cascade vs reference"], mrow),
                "", f"{task} took {(time.perf_counter() - t_task) / 60:.1f} min"]
     return "\n".join(report)
