@@ -20,8 +20,6 @@ from torch.nn.utils.fusion import fuse_conv_bn_eval
 from training.family import ResolutionFamily, res_key
 from training.fileio import UserError, atomic_path, sha256_file, write_json
 
-from .ort_threads import session_options
-
 EXPORT_VERSION = 1
 TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}  # max |logit difference|, relative to max(1, max |logit|)
 
@@ -64,7 +62,7 @@ def check_onnx(path: Path, reference: nn.Module, resolution: int, precision: str
     x = torch.randn(n, 3, resolution, resolution)
     with torch.no_grad():
         want = reference(x).float().numpy()
-    sess = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feed = x.numpy().astype(np.float16 if precision == "fp16" else np.float32)
     got = sess.run(None, {"input": feed})[0].astype(np.float32)
     diff = float(np.abs(got - want).max())

@@ -1,6 +1,4 @@
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -169,31 +167,3 @@ def test_preprocess_is_timed_cold_and_between_inferences():
     calls = []
     times = time_preprocess(32, 4, pool[:10], "cpu", QUICK, threads=1, between=lambda: calls.append(1))
     assert len(calls) == QUICK.warmup_iters + len(times) and (times > 0).all()
-
-
-@pytest.mark.parametrize("pool", ["global", "session"])
-def test_sessions_share_one_process_wide_pool(pool, tmp_path):
-    """Every session this package opens uses ONNX Runtime's process-wide pool (created once), or, with
-    RESCASCADE_ORT_POOL=session, a pool of its own; either way two sessions open and run side by side."""
-    import os
-    import subprocess
-    import sys
-    code = """
-import numpy as np, onnx, onnxruntime as ort
-from onnx import TensorProto, helper
-from profiling.ort_threads import session_options, uses_global_pool
-x = helper.make_tensor_value_info("input", TensorProto.FLOAT, [None, 3])
-y = helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, 3])
-model = helper.make_model(helper.make_graph([helper.make_node("Relu", ["input"], ["out"])], "g", [x], [y]),
-                          opset_imports=[helper.make_opsetid("", 17)])
-sessions = [ort.InferenceSession(model.SerializeToString(), session_options(2), providers=["CPUExecutionProvider"])
-            for _ in range(2)]
-out = [s.run(None, {"input": np.array([[-1.0, 0.0, 2.0]], np.float32)})[0] for s in sessions]
-assert all((o == [[0.0, 0.0, 2.0]]).all() for o in out)
-print(uses_global_pool(2))
-"""
-    env = {**os.environ, "RESCASCADE_ORT_POOL": pool}
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                         cwd=Path(__file__).resolve().parents[1])
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split()[-1] == ("True" if pool == "global" else "False")
