@@ -152,8 +152,9 @@ class CascadeRunner:
             kwargs.update(mean=self.mean, std=self.std)
         if source is not None:  # one resize call for the rows still running
             pick = source_row[rows]
-            batch = source if len(pick) == len(source) else source.index_select(0, torch.from_numpy(pick).to(source.device))
-            return preprocess(batch.permute(0, 3, 1, 2), r, **kwargs)
+            if len(pick) < len(source):
+                source = source.index_select(0, torch.from_numpy(pick).to(source.device))
+            return preprocess(source.permute(0, 3, 1, 2), r, **kwargs)
         return torch.stack([preprocess(images[i].to(self.device), r, **kwargs) for i in rows])
 
     # ---- running -------------------------------------------------------------------------------------------
