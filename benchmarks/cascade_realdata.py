@@ -242,7 +242,8 @@ def run_task(task: str, args, log) -> str:
                         f"{', combined' if config['confidence']['combine'] else ''})",
                      f"{100 * ev['cascade']['accuracy']:.2f} vs {100 * ev['reference']['accuracy']:.2f}",
                      f"{100 * d['difference']:+.2f} [{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}]",
-                     f"{config['expected']['test']['cost_vs_reference']:.3f}", f"{ev['measured_cost_ratio']:.3f}{spread}",
+                     f"{config['expected']['test']['cost_vs_reference']:.3f}",
+                     f"{ev['measured_cost_ratio']:.3f}{spread}",
                      f"{ev['cascade']['ms_per_image']:.2f} vs {ev['reference']['ms_per_image']:.2f}"])
     report += ["", f"## {task}: the chosen family ({chosen}), cascade.json at batch 1 and 32, measured on the test "
                "half with ONNX Runtime CPU", "",

@@ -77,6 +77,18 @@ def cpu_timer(fn: Callable[[], object]) -> Callable[[], float]:
     return step
 
 
+def after(untimed: Callable[[], object] | None, step: Callable[[], float]) -> Callable[[], float]:
+    """A protocol step that first runs `untimed` (when given), then returns `step()`'s milliseconds: to time work
+    in the state the runtime meets it in (e.g. right after an inference)."""
+    if untimed is None:
+        return step
+
+    def both() -> float:
+        untimed()
+        return step()
+    return both
+
+
 def cuda_timer(fn: Callable[[], object]) -> Callable[[], float]:
     """Time fn on the current stream with CUDA events, synchronising before and after (no async lies)."""
     import torch

@@ -23,8 +23,8 @@ from training.preprocess import channels_last_batch, eval_resize_size, preproces
 from training.store import family_sha256, load_family, weights_id
 
 from .backends import get_backend
-from .measure import (Protocol, cpu_timer, cuda_timer, default_threads, device_key, fingerprint, run_protocol,
-                      summarize, torch_threads)
+from .measure import (Protocol, after, cpu_timer, cuda_timer, default_threads, device_key, fingerprint,
+                      run_protocol, summarize, torch_threads)
 
 PROFILE_SCHEMA = 1
 KEY = ["backend", "precision", "resolution", "batch_size"]
@@ -58,12 +58,7 @@ def time_preprocess(resolution: int, batch: int, pool: list[torch.Tensor], devic
     def work():
         s = next(starts)
         return preprocess(channels_last_batch(pool[s:s + batch], device).permute(0, 3, 1, 2), resolution)
-    timed = (cuda_timer if device == "cuda" else cpu_timer)(work)
-
-    def step() -> float:
-        if between is not None:
-            between()
-        return timed()
+    step = after(between, (cuda_timer if device == "cuda" else cpu_timer)(work))
     with torch_threads(threads):
         return run_protocol(step, protocol)
 
@@ -79,13 +74,8 @@ def time_decision(batch: int, num_classes: int, protocol: Protocol, between=None
     earlier = [rng.normal(size=(batch, num_classes)).astype(np.float32)]
     active = np.arange(batch)
     answers = Answers.empty(batch, num_classes)
-    timed = cpu_timer(lambda: exit_step(logits, 1, 0.5, 1.3, "max_prob", True, earlier, active, answers))
-
-    def step() -> float:
-        if between is not None:
-            between()
-        return timed()
-    return run_protocol(step, protocol)
+    step = cpu_timer(lambda: exit_step(logits, 1, 0.5, 1.3, "max_prob", True, earlier, active, answers))
+    return run_protocol(after(between, step), protocol)
 
 
 def _source_size(given, doc: dict, family) -> tuple[int, int]:
