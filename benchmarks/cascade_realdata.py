@@ -8,9 +8,11 @@ Two tasks:
 For each task, five ways to get per-resolution models from the same weights and the same training budget:
   unpatched          BatchNorm as pretrained (10way: a linear head per resolution is trained)
   stats-only         BatchNorm statistics re-estimated per resolution, γ/β kept (AdaBN-style)
-  patches            γ, β and statistics learned per resolution (transfer mode: convolutions frozen)
-  patches+distill    the `patches-distill*` presets of `rescascade train`: 10way: linear-probe heads, then
-                     patches + heads with labels and distillation from the probed 224 model; 1000way: γ, β of
+  patches            learned per resolution from the labels (transfer mode: convolutions frozen): γ, β (10way,
+                     statistics kept) or γ, β and statistics (1000way)
+  patches+distill    the `patches-distill*` presets of `rescascade train`: 10way: linear-probe heads, then the
+                     lower resolutions' γ, β + heads with labels and distillation from the probed 224 model
+                     (which stays as it is), on the eval crop + flip; 1000way: γ, β of
                      the lower resolutions learned by distillation from the frozen 224 model (labels unused,
                      statistics kept, L2-SP towards the start; also shown without L2-SP)
   independent        K separately fine-tuned torchvision models (same optimizer, steps and loss)
@@ -72,11 +74,12 @@ def variants(task: str) -> dict[str, dict]:
     if task == "10way":
         base = {**preset("patches-distill"), "preset": "patches-distill"}
         return {
-            "unpatched": {**base, "patches": "frozen", "distill": "none"},
+            "unpatched": {**base, "patches": "frozen", "distill": "none", "label_weight": 1.0},
             "stats-only": {**base, "patches": "stats", "distill": "none"},
-            "patches": {**base, "distill": "none"},
+            "patches": {**base, "distill": "none", "label_weight": 1.0},
             "patches+distill": base,
-            "independent": {**base, "independent": True, "shared": "train", "lr": 1e-4, "distill": "none"},
+            "independent": {**base, "independent": True, "shared": "train", "lr": 1e-4, "distill": "none",
+                            "label_weight": 1.0, "freeze_top": False},
         }
     base = {**preset("patches-distill-keep-head"), "preset": "patches-distill-keep-head"}
     return {

@@ -96,6 +96,8 @@ def add_train_parser(sub) -> None:
     s.add_argument("--label-weight", type=float, help="weight of the label loss (0 = distillation only)")
     s.add_argument("--loss-weights", type=_floats, help="one weight per resolution (label and distillation loss)")
     s.add_argument("--patch-l2sp", type=float, help="penalty on the patches' distance from their start (L2-SP)")
+    s.add_argument("--freeze-top", action="store_true", default=None,
+                   help="keep the top resolution's patch and own head as they start (e.g. the distillation teacher)")
     s.add_argument("--independent", action="store_true", default=None,
                    help="train K separate torchvision models instead (the baseline)")
     s.add_argument("--epochs", type=int)
@@ -109,7 +111,9 @@ def add_train_parser(sub) -> None:
     s.add_argument("--schedule", choices=["cosine", "step", "constant"])
     s.add_argument("--warmup-epochs", type=float)
     s.add_argument("--label-smoothing", type=float)
-    s.add_argument("--crop", choices=["same", "independent"], help="one random crop for all resolutions, or one each")
+    s.add_argument("--dropout", type=float, help="the classifier's dropout while training (default: the model's, 0.2)")
+    s.add_argument("--crop", choices=["same", "independent", "center"],
+                   help="one random crop for all resolutions, one each, or the eval crop (+ flip) for all")
     s.add_argument("--crop-scale", type=_floats, help="RandomResizedCrop scale range, e.g. 0.25,1")
     s.add_argument("--label-space", choices=["native", "imagenet"], help="shared-imagenette: 10-way or 1000-way labels")
     s.add_argument("--calib-fraction", type=float, help="share of held-out images used for calib (rest: test)")

@@ -14,6 +14,7 @@ from PIL import Image
 from training.data import load_data
 from training.family import ResolutionFamily
 from training.fileio import UserError
+from training.preprocess import resize_center_crop
 from training.run import run_train
 from training.store import load_family
 from training.synthetic import make_synthetic
@@ -93,6 +94,30 @@ def test_distillation_modes_train(distill, tmp_path):
     rows = list(csv_rows(tmp_path / "f" / "metrics.csv"))
     assert len(rows) == 2 and float(rows[0]["distill_loss"]) > 0
     assert set(doc["top1"]["test"]) == {"32", "48"}
+
+
+def test_frozen_top_is_the_teacher_and_lower_resolutions_learn_on_the_eval_crop(tmp_path):
+    """freeze_top keeps the top resolution's patch and own head exactly (the teacher, the cascade's reference);
+    crop "center" trains on the eval crop (+ flip) resized to every resolution."""
+    from training.trainer import _TrainCrops, train
+    splits = load_data("synthetic:64", seed=0, heldout_per_class=4)
+    fam = ResolutionFamily(RES, num_classes=8, width_mult=0.35, classifier="per_resolution")
+    fam.load_torchvision_state_dict(random_torchvision(num_classes=8).state_dict())
+    before = {r: {k: v.clone() for k, v in fam.state_dict_for(r).items()} for r in RES}
+    cfg = tiny_cfg(shared="frozen", patches="train", distill="teacher", freeze_top=True, crop="center",
+                   weight_decay=0.1)
+    train(fam, splits.train, cfg, tmp_path, **QUIET)
+    after = {r: fam.state_dict_for(r) for r in RES}
+    assert all(torch.equal(before[48][k], after[48][k]) for k in before[48])  # statistics included
+    for k in ("features.0.1.weight", "features.0.1.running_mean", "classifier.1.weight"):
+        assert not torch.equal(before[32][k], after[32][k])
+    with pytest.raises(UserError, match="--freeze-top needs"):  # a shared head would change the top anyway
+        train(ResolutionFamily(RES, num_classes=8, width_mult=0.35), splits.train, cfg, tmp_path / "s", **QUIET)
+    img = torch.randint(0, 255, (3, 60, 70), dtype=torch.uint8)
+    center = resize_center_crop(img, 48)
+    crops = [_TrainCrops(RES, "center", (0.25, 1.0))(img) for _ in range(20)]
+    assert all(len(c) == 1 and (torch.equal(c[0], center) or torch.equal(c[0], center.flip(-1))) for c in crops)
+    assert any(torch.equal(c[0], center.flip(-1)) for c in crops)
 
 
 def csv_rows(path):

@@ -17,17 +17,21 @@ PRESETS: dict[str, dict] = {
         "weights": "imagenet", "shared": "frozen", "epochs": 10, "optimizer": "sgd", "lr": 0.0, "patch_lr": 0.1,
         "head_lr": 0.1, "schedule": "cosine", "warmup_epochs": 0.5, "crop_scale": (0.25, 1.0),
     },
-    # Real-data cascades with a new head (e.g. Imagenette 10-way): convolutions frozen; each resolution gets a
-    # linear head fitted on frozen features first (a linear probe), then its patch and head train with the labels
-    # and with distillation from the frozen probed model at the top resolution. AdamW: plain SGD at the rates
-    # patches like diverged here (a fresh 10-way head's gradients are large), see README.
+    # Real-data cascades with a new head (e.g. Imagenette 10-way): convolutions and BN statistics frozen; each
+    # resolution gets a linear head fitted on frozen features first (a linear probe); then the lower resolutions'
+    # γ, β and heads learn from the labels and, mostly, from the probed top-resolution model (the teacher, which
+    # stays as it is: it is the reference a cascade must match), on the eval crop + flip: on 5,000 Imagenette images
+    # this lifted r96 from 92.3 to 93.6 % test top-1 and r128 from 94.8 to 96.3 %, where random-resized crops and
+    # re-estimated statistics lowered every resolution (README). AdamW: plain SGD at the rates patches like
+    # diverged here (a fresh 10-way head's gradients are large).
     "patches-distill": {
-        "doc": "new-head transfer for cascades: frozen convolutions, linear-probe heads per resolution, learned "
-               "patches, the probed top-resolution model distils into the lower ones",
+        "doc": "new-head transfer for cascades: frozen convolutions and statistics, linear-probe heads per "
+               "resolution, the lower resolutions' γ, β and heads learn by distillation from the probed top one",
         "weights": "imagenet", "shared": "frozen", "classifier": "per-resolution", "head_init": "probe",
-        "patches": "train", "distill": "teacher", "distill_weight": 1.0, "distill_temperature": 2.0,
-        "epochs": 2, "batch_size": 32, "optimizer": "adamw", "lr": 0.0, "patch_lr": 0.003, "head_lr": 0.001,
-        "weight_decay": 1e-4, "schedule": "cosine", "warmup_epochs": 0.2, "crop_scale": (0.25, 1.0), "crop": "same",
+        "patches": "affine", "distill": "teacher", "freeze_top": True, "label_weight": 0.3, "distill_weight": 0.7,
+        "distill_temperature": 2.0, "epochs": 5, "batch_size": 32, "optimizer": "adamw", "lr": 0.0,
+        "patch_lr": 0.001, "head_lr": 0.0003, "weight_decay": 0.0, "dropout": 0.0, "schedule": "cosine",
+        "warmup_epochs": 0.5, "crop": "center",
     },
     # Keep a pretrained head (e.g. ImageNet 1000-way): convolutions, head and BN statistics frozen; the lower
     # resolutions' γ, β learn only by distillation from the frozen top-resolution model (labels unused), held near

@@ -25,9 +25,9 @@ from torch import nn
 from tqdm import tqdm
 
 from .data import ImageSet, TrainDataset, collate_skipping
-from .family import PatchedBatchNorm2d, check_resolutions, res_key
+from .family import PatchedBatchNorm2d, PatchedLinear, check_resolutions, res_key
 from .fileio import UserError, atomic_path, write_text
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, eval_resize_size
 
 OPTIMIZERS = ("sgd", "rmsprop", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
@@ -57,10 +57,14 @@ class TrainConfig:
                                     # teaches the lower ones)
     distill_weight: float = 1.0
     distill_temperature: float = 1.0
-    crop: str = "same"              # same: one RandomResizedCrop resized to every r | independent: one per r
+    crop: str = "same"              # same: one RandomResizedCrop resized to every r | independent: one per r |
+                                    # center: the eval crop (+ flip) at the top r, resized to every r
     crop_scale: tuple[float, float] = (0.08, 1.0)
     head_init: str = "none"         # none | probe (fit each new head on frozen features first, then train)
     patch_l2sp: float = 0.0         # penalty on the patches' distance to their start (L2-SP); keeps them general
+    dropout: float | None = None    # the classifier's dropout while training; None keeps the model's (0.2)
+    freeze_top: bool = False        # the top resolution's patch and own head stay as they start (the teacher, and
+                                    # the reference a cascade must match)
     seed: int = 0
     workers: int = 2
     device: str = "auto"
@@ -74,9 +78,11 @@ class TrainConfig:
                                      ("classifier", self.classifier, ("train", "frozen")),
                                      ("patches", self.patches, ("train", "affine", "stats", "frozen")),
                                      ("head_init", self.head_init, ("none", "probe")),
-                                     ("crop", self.crop, ("same", "independent"))):
+                                     ("crop", self.crop, ("same", "independent", "center"))):
             if value not in allowed:
                 raise UserError(f"--{name} {value!r} is not one of {', '.join(allowed)}")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"--dropout {self.dropout} must be in [0, 1)")
         if self.epochs < 0 or self.batch_size < 2:
             raise UserError(f"need --epochs >= 0 and --batch-size >= 2 (got {self.epochs}, {self.batch_size})")
         if self.loss_weights is not None:
@@ -187,6 +193,9 @@ def _param_groups(model: nn.Module, cfg: TrainConfig, ensemble: nn.Parameter | N
                               (head, cfg.classifier == "train")):
         for p in params:
             p.requires_grad_(trainable)
+    if cfg.freeze_top:
+        for p in _own_parameters(model, cfg.resolutions[-1]):
+            p.requires_grad_(False)
     groups = [
         {"name": "shared", "params": [p for p in convs if p.requires_grad], "lr": lr, "weight_decay": cfg.weight_decay},
         {"name": "patches", "params": [p for p in patches if p.requires_grad], "lr": patch_lr, "weight_decay": 0.0},
@@ -195,6 +204,22 @@ def _param_groups(model: nn.Module, cfg: TrainConfig, ensemble: nn.Parameter | N
     if ensemble is not None:
         groups.append({"name": "ensemble", "params": [ensemble], "lr": head_lr, "weight_decay": 0.0})
     return [g for g in groups if g["params"]]
+
+
+def _own_parameters(model: nn.Module, resolution: int) -> list[nn.Parameter]:
+    """What belongs to one resolution alone: its patch and, if heads are per resolution, its head (a family); its
+    whole model (independent models)."""
+    if isinstance(model, IndependentModels):
+        return list(model.models[res_key(resolution)].parameters())
+    own = model.patch_parameters(resolution)
+    if _per_resolution_head(model):
+        linear = model.classifier[1]
+        own += [linear.weight[res_key(resolution)], linear.bias[res_key(resolution)]]
+    return own
+
+
+def _per_resolution_head(model: nn.Module) -> bool:
+    return isinstance(model, IndependentModels) or isinstance(model.classifier[1], PatchedLinear)
 
 
 def _set_bn_mode(model: nn.Module, cfg: TrainConfig) -> None:
@@ -230,13 +255,19 @@ def _schedule(opt, cfg: TrainConfig, steps_per_epoch: int):
 
 
 class _TrainCrops:
-    """uint8 crop(s) for one image: one RandomResizedCrop at the top resolution, or one per resolution."""
+    """uint8 crop(s) for one image: one RandomResizedCrop at the top resolution, or one per resolution; or
+    ("center") the eval crop at the top resolution, flipped at random: short fine-tuning on few images then learns
+    on the pixels it will be tested on (objects at the test scale), not on zoomed-in random crops."""
 
     def __init__(self, resolutions, mode: str, scale):
         import torchvision.transforms.v2 as T
-        sizes = [max(resolutions)] if mode == "same" else list(resolutions)
-        self.transforms = [T.Compose([T.RandomResizedCrop(r, scale=scale, antialias=True), T.RandomHorizontalFlip()])
-                           for r in sizes]
+        sizes = list(resolutions) if mode == "independent" else [max(resolutions)]
+        if mode == "center":
+            self.transforms = [T.Compose([T.Resize(eval_resize_size(r), antialias=True), T.CenterCrop(r),
+                                          T.RandomHorizontalFlip()]) for r in sizes]
+        else:
+            self.transforms = [T.Compose([T.RandomResizedCrop(r, scale=scale, antialias=True),
+                                          T.RandomHorizontalFlip()]) for r in sizes]
 
     def __call__(self, img):
         return [t(img) for t in self.transforms]
@@ -280,11 +311,20 @@ def train(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, out_dir, resu
     ckpt_path = out_dir / "checkpoints" / "last.pt"
     channels_last = True  # halves eager cost on CPU (SETUP.md) and suits tensor cores on GPU
     model.to(device, memory_format=torch.channels_last)
+    if cfg.dropout is not None:
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = cfg.dropout
     if cfg.head_init == "probe" and not (resume and ckpt_path.is_file()):
         from .probe import init_heads_by_probe
         init_heads_by_probe(model, train_set, device, log=log if env.main else (lambda s: None))
+    if cfg.freeze_top and not isinstance(model, IndependentModels) and (cfg.shared == "train" or (cfg.classifier == "train" and not _per_resolution_head(model))):
+        raise UserError("--freeze-top needs --shared frozen and a per-resolution or frozen classifier: trained "
+                        "shared weights would change the top resolution anyway")
     teacher = None
-    if cfg.distill == "teacher":  # a frozen copy of the starting point, asked at the top resolution
+    if cfg.distill == "teacher" or cfg.freeze_top:
+        # a frozen copy of the starting point, asked at the top resolution: the teacher, and with freeze_top the
+        # top resolution itself (so its statistics never see a training-mode forward)
         teacher = copy.deepcopy(model).eval()
         for p in teacher.parameters():
             p.requires_grad_(False)
@@ -363,15 +403,19 @@ def train(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, out_dir, resu
             crops, y = batch
             y = y.to(device, non_blocking=True)
             xs = _inputs(crops, cfg.resolutions, device, channels_last)
+            fixed_top = None
+            if teacher is not None:
+                with torch.no_grad(), autocast:
+                    fixed_top = teacher(xs[-1], cfg.resolutions[-1]).float()
             if stats_only:
                 with torch.no_grad():
-                    logits = net(xs)
+                    logits = net(xs[:-1]) + [fixed_top] if cfg.freeze_top else net(xs)
                 seen += len(y)
                 for r, lg in zip(cfg.resolutions, logits):
                     sums[r]["correct"] += int((lg.argmax(1) == y).sum())
                 continue
             with autocast:
-                logits = net(xs)
+                logits = net(xs[:-1]) + [fixed_top] if cfg.freeze_top else net(xs)
                 losses = [F.cross_entropy(l.float(), y, label_smoothing=cfg.label_smoothing) for l in logits]
                 loss = cfg.label_weight * sum(w * l for w, l in zip(cfg.weights, losses))
                 kd = torch.zeros((), device=device)
@@ -380,10 +424,8 @@ def train(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, out_dir, resu
                     top = logits[-1].float()
                     kd = sum((w * kd_loss(l.float(), top, T) for w, l in zip(cfg.weights, logits[:-1])), kd)
                 elif cfg.distill == "teacher":
-                    with torch.no_grad():
-                        t_logits = teacher(xs[-1], cfg.resolutions[-1]).float()
                     # the top resolution is the teacher's own: it learns from labels only (if at all)
-                    kd = sum((w * kd_loss(l.float(), t_logits, T) for w, l in zip(cfg.weights, logits[:-1])), kd)
+                    kd = sum((w * kd_loss(l.float(), fixed_top, T) for w, l in zip(cfg.weights, logits[:-1])), kd)
                 elif cfg.distill == "ensemble":  # RS-Nets: ensemble logit + (ensemble -> each) + top-down KD
                     a = torch.softmax(wrapper.alpha, 0)
                     ens = sum(a[k] * l.detach().float() for k, l in enumerate(logits))
