@@ -221,7 +221,9 @@ def test_bad_train_config():
 def _train_cmd(out, epochs=3):
     return [sys.executable, "-m", "cascade.cli", "train", "--data", "synthetic:96", "--out", str(out),
             "--resolutions", "32,48", "--width-mult", "0.35", "--weights", "none", "--epochs", str(epochs),
-            "--batch-size", "16", "--optimizer", "adamw", "--lr", "0.003", "--workers", "0", "--heldout-per-class", "3"]
+            "--batch-size", "16", "--optimizer", "adamw", "--lr", "0.003", "--workers", "0", "--heldout-per-class", "3",
+            # the teacher is a copy of the probed start: a resumed run must rebuild the same one
+            "--classifier", "per-resolution", "--head-init", "probe", "--distill", "teacher"]
 
 
 @pytest.mark.slow

@@ -315,10 +315,11 @@ def train(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, out_dir, resu
         for m in model.modules():
             if isinstance(m, nn.Dropout):
                 m.p = cfg.dropout
-    if cfg.head_init == "probe" and not (resume and ckpt_path.is_file()):
+    if cfg.head_init == "probe":  # on resume too: the teacher below is a copy of this start (heads then reload)
         from .probe import init_heads_by_probe
         init_heads_by_probe(model, train_set, device, log=log if env.main else (lambda s: None))
-    if cfg.freeze_top and not isinstance(model, IndependentModels) and (cfg.shared == "train" or (cfg.classifier == "train" and not _per_resolution_head(model))):
+    changes_top = cfg.shared == "train" or (cfg.classifier == "train" and not _per_resolution_head(model))
+    if cfg.freeze_top and not isinstance(model, IndependentModels) and changes_top:
         raise UserError("--freeze-top needs --shared frozen and a per-resolution or frozen classifier: trained "
                         "shared weights would change the top resolution anyway")
     teacher = None
