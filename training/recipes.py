@@ -21,7 +21,7 @@ PRESETS: dict[str, dict] = {
     # resolution gets a linear head fitted on frozen features first (a linear probe); then the lower resolutions'
     # γ, β and heads learn from the labels and, mostly, from the probed top-resolution model (the teacher, which
     # stays as it is: it is the reference a cascade must match), on the eval crop + flip: on 5,000 Imagenette images
-    # this lifted r96 from 92.3 to 93.6 % test top-1 and r128 from 94.8 to 96.3 %, where random-resized crops and
+    # this lifted r96 from 92.3 to 94.1 % test top-1 and r128 from 94.8 to 96.2 %, where random-resized crops and
     # re-estimated statistics lowered every resolution (README). AdamW: plain SGD at the rates patches like
     # diverged here (a fresh 10-way head's gradients are large).
     "patches-distill": {
