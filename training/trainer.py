@@ -212,14 +212,10 @@ def _own_parameters(model: nn.Module, resolution: int) -> list[nn.Parameter]:
     if isinstance(model, IndependentModels):
         return list(model.models[res_key(resolution)].parameters())
     own = model.patch_parameters(resolution)
-    if _per_resolution_head(model):
-        linear = model.classifier[1]
+    linear = model.classifier[1]
+    if isinstance(linear, PatchedLinear):
         own += [linear.weight[res_key(resolution)], linear.bias[res_key(resolution)]]
     return own
-
-
-def _per_resolution_head(model: nn.Module) -> bool:
-    return isinstance(model, IndependentModels) or isinstance(model.classifier[1], PatchedLinear)
 
 
 def _set_bn_mode(model: nn.Module, cfg: TrainConfig) -> None:
@@ -318,8 +314,8 @@ def train(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, out_dir, resu
     if cfg.head_init == "probe":  # on resume too: the teacher below is a copy of this start (heads then reload)
         from .probe import init_heads_by_probe
         init_heads_by_probe(model, train_set, device, log=log if env.main else (lambda s: None))
-    changes_top = cfg.shared == "train" or (cfg.classifier == "train" and not _per_resolution_head(model))
-    if cfg.freeze_top and not isinstance(model, IndependentModels) and changes_top:
+    if cfg.freeze_top and not isinstance(model, IndependentModels) and (cfg.shared == "train" or (
+            cfg.classifier == "train" and not isinstance(model.classifier[1], PatchedLinear))):
         raise UserError("--freeze-top needs --shared frozen and a per-resolution or frozen classifier: trained "
                         "shared weights would change the top resolution anyway")
     teacher = None
@@ -408,15 +404,18 @@ def train(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, out_dir, resu
             if teacher is not None:
                 with torch.no_grad(), autocast:
                     fixed_top = teacher(xs[-1], cfg.resolutions[-1]).float()
+
+            def forward():  # a frozen top resolution is the teacher's forward, run once above
+                return net(xs[:-1]) + [fixed_top] if cfg.freeze_top else net(xs)
             if stats_only:
                 with torch.no_grad():
-                    logits = net(xs[:-1]) + [fixed_top] if cfg.freeze_top else net(xs)
+                    logits = forward()
                 seen += len(y)
                 for r, lg in zip(cfg.resolutions, logits):
                     sums[r]["correct"] += int((lg.argmax(1) == y).sum())
                 continue
             with autocast:
-                logits = net(xs[:-1]) + [fixed_top] if cfg.freeze_top else net(xs)
+                logits = forward()
                 losses = [F.cross_entropy(l.float(), y, label_smoothing=cfg.label_smoothing) for l in logits]
                 loss = cfg.label_weight * sum(w * l for w, l in zip(cfg.weights, losses))
                 kd = torch.zeros((), device=device)
