@@ -6,7 +6,7 @@ Two tasks:
            val (1000-way argmax) and on the 1,000 ImageNet sample images (all 1,000 classes)
 
 For each task, five ways to get per-resolution models from the same weights and the same training budget:
-  unpatched          BatchNorm as pretrained (10way: a linear head per resolution is trained)
+  unpatched          BatchNorm as pretrained (10way: a linear-probe head per resolution, nothing else trained)
   stats-only         BatchNorm statistics re-estimated per resolution, γ/β kept (AdaBN-style)
   patches            learned per resolution from the labels (transfer mode: convolutions frozen): γ, β (10way,
                      statistics kept) or γ, β and statistics (1000way)
@@ -74,7 +74,8 @@ def variants(task: str) -> dict[str, dict]:
     if task == "10way":
         base = {**preset("patches-distill"), "preset": "patches-distill"}
         return {
-            "unpatched": {**base, "patches": "frozen", "distill": "none", "label_weight": 1.0},
+            # the linear probe alone (--epochs 0 --head-init probe): training the heads further changed nothing
+            "unpatched": {**base, "patches": "frozen", "distill": "none", "label_weight": 1.0, "epochs": 0},
             "stats-only": {**base, "patches": "stats", "distill": "none"},
             "patches": {**base, "distill": "none", "label_weight": 1.0},
             "patches+distill": base,

@@ -305,6 +305,24 @@ def test_probe_head_init_sets_the_heads(classifier_kind, tmp_path):
               weights="none", classifier_kind=classifier_kind, data_options={"heldout_per_class": 4}, **QUIET)
 
 
+def test_zero_epochs_with_probe_writes_the_probed_heads(tmp_path):
+    """--epochs 0 --head-init probe is the linear-probe baseline: heads fitted, everything else as it started."""
+    from training.store import load_family
+    w = tmp_path / "w.pt"
+    torch.save(random_torchvision(num_classes=1000).state_dict(), w)
+    kw = dict(width_mult=0.35, weights=str(w), classifier_kind="per_resolution",
+              data_options={"heldout_per_class": 4}, **QUIET)
+    for head_init in ("none", "probe"):
+        run_train("synthetic:64", tmp_path / head_init, tiny_cfg(epochs=0, head_init=head_init, shared="frozen"),
+                  **kw)
+    start, probed = load_family(tmp_path / "none")[0], load_family(tmp_path / "probe")[0]
+    for r in RES:
+        assert not torch.equal(start.state_dict_for(r)["classifier.1.weight"],
+                               probed.state_dict_for(r)["classifier.1.weight"])
+        assert torch.equal(start.state_dict_for(r)["features.3.conv.1.1.weight"],
+                           probed.state_dict_for(r)["features.3.conv.1.1.weight"])
+
+
 def test_preprocess_matches_torchvision_in_any_memory_layout():
     """The fused preprocessing gives torchvision's to_dtype + normalize pixels, from channels-first or channels-last
     uint8 (as decode_image returns), one image or a batch; the model input comes out contiguous."""

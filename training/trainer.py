@@ -293,9 +293,15 @@ def _config_json(cfg: TrainConfig) -> str:
 def train(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, out_dir, resume: bool = False,
           log=print) -> TrainResult:
     """Train `model` (a ResolutionFamily or IndependentModels) in place; checkpoints go to out_dir.
-    epochs 0 trains nothing: the starting point (e.g. ImageNet weights in every patch) is written as is."""
+    epochs 0 trains nothing: the starting point (e.g. ImageNet weights in every patch, with --head-init probe the
+    linear-probe heads on them) is written as is."""
     env = DistEnv.from_env()
     if cfg.epochs == 0:
+        if cfg.head_init == "probe":
+            from .probe import init_heads_by_probe
+            t0, device = time.perf_counter(), pick_device(cfg.device, env)
+            init_heads_by_probe(model.to(device, memory_format=torch.channels_last), train_set, device, log=log)
+            return TrainResult(model.cpu().eval(), seconds=time.perf_counter() - t0)
         return TrainResult(model.eval())
     if env.world > 1 and not dist.is_initialized():
         backend = "nccl" if cfg.device != "cpu" and torch.cuda.is_available() else "gloo"
