@@ -1,15 +1,19 @@
 """Per-stage costs from a profile table (DESIGN.md §2): measured, not counted.
 
 A stage at resolution r costs its inference, plus the preprocessing of the source image to r, plus the
-runtime's decision step (confidence, exit mask), per image, at the serving batch size. Expected cost of a cascade = Σ_k P(reach stage k) · cost_k. In batch-aware mode
-(throughput serving) stage k runs on the shrunken batch that reaches it: its cost is the profile row at that
-batch size, or, between profiled sizes, the batch latency interpolated linearly between the two nearest rows
-(small batches cost more per image; measured on CPU, picking the single nearest row underestimated a stage
-run on 4 of 32 images by 2x). Profile the batch sizes you serve at, and a few below.
+runtime's decision step (confidence, exit mask), per image, at the serving batch size. The runtime uploads a
+batch (stacks the decoded images on the device) once, in the first stage's preprocessing, and later stages
+gather their rows from it instead: so a stage's cost here carries the gather, not the upload, and every cascade
+(a single model too) pays upload - gather once. On a GPU the upload includes the host-to-device copy.
+Expected cost of a cascade = (upload - gather) + Σ_k P(reach stage k) · cost_k.
+In batch-aware mode (throughput serving) stage k runs on the shrunken batch that reaches it: its cost is the
+profile row at that batch size, or, between profiled sizes, the batch latency interpolated linearly between the
+two nearest rows (small batches cost more per image; measured on CPU, picking the single nearest row
+underestimated a stage run on 4 of 32 images by 2x). Profile the batch sizes you serve at, and a few below.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pandas as pd
 
@@ -22,8 +26,10 @@ class CostModel:
     precision: str
     batch_size: int
     batch_aware: bool
-    # resolution -> {batch_size: per-image ms (inference + preprocessing)}
+    # resolution -> {batch_size: per-image ms: inference + preprocessing + decision, with the gather, not the upload}
     table: dict[int, dict[int, float]]
+    # batch_size -> per-image ms that every cascade pays once: upload - gather (0 for profiles without them)
+    once: dict[int, float] = field(default_factory=dict)
 
     @classmethod
     def from_profile(cls, df: pd.DataFrame, resolutions, backend: str | None, precision: str | None,
@@ -45,37 +51,36 @@ class CostModel:
         sel = sel[sel.precision == precision]
         if sel.empty:
             raise UserError(f"{where} has no {precision} rows for backend {backend}")
-        table = {}
+        table, once = {}, {}
+        moves = {"upload_ms", "gather_ms"} <= set(sel.columns) and sel[["upload_ms", "gather_ms"]].notna().all().all()
         for r in resolutions:
             rows = sel[sel.resolution == r]
             if rows.empty:
                 raise UserError(f"resolution {r} is missing from {where} ({backend}, {precision}); profile it: "
                                 f"`rescascade profile RUN_DIR --backend {backend} --precision {precision}`")
-            table[int(r)] = {int(row.batch_size): float(row.median_ms + row.preprocess_ms +
-                                                         getattr(row, "overhead_ms", 0.0)) / int(row.batch_size)
-                             for row in rows.itertuples()}
+            table[int(r)] = {}
+            for row in rows.itertuples():
+                b = int(row.batch_size)
+                # measured apart from preprocess_ms (which includes the upload): never more than it
+                shift = min(float(row.upload_ms - row.gather_ms), float(row.preprocess_ms)) if moves else 0.0
+                table[int(r)][b] = float(row.median_ms + row.preprocess_ms + getattr(row, "overhead_ms", 0.0)
+                                         - shift) / b
+                once[b] = shift / b
             if not batch_aware and batch_size not in table[int(r)]:
                 raise UserError(f"{where} has no batch-size-{batch_size} row for resolution {r} "
                                 f"(has {sorted(table[int(r)])}); profile with --batch-sizes {batch_size} or pick "
                                 "one of those with --batch-size")
-        return cls(backend, precision, int(batch_size), batch_aware, table)
+        return cls(backend, precision, int(batch_size), batch_aware, table, once)
 
     def per_image(self, resolution: int, batch: float | None = None) -> float:
         """Per-image ms of a stage at `resolution` run on `batch` images: the profiled row, or the batch
         latency interpolated between the two profiled sizes around it (the end rows' per-image cost outside)."""
-        rows = self.table[resolution]
-        b = self.batch_size if batch is None else batch
-        if b in rows:
-            return rows[b]
-        sizes = sorted(rows)
-        if b <= sizes[0]:
-            return rows[sizes[0]]
-        if b >= sizes[-1]:
-            return rows[sizes[-1]]
-        hi = next(s for s in sizes if s > b)
-        lo = max(s for s in sizes if s < b)
-        lat_lo, lat_hi = rows[lo] * lo, rows[hi] * hi
-        return (lat_lo + (lat_hi - lat_lo) * (b - lo) / (hi - lo)) / b
+        return _interpolate(self.table[resolution], self.batch_size if batch is None else batch)
+
+    def once_per_image(self) -> float:
+        """Per-image ms every cascade pays once at the serving batch: the upload, less the gather its first stage
+        does not do."""
+        return _interpolate(self.once, self.batch_size) if self.once else 0.0
 
     def unit_costs(self) -> dict[int, float]:
         """Per-image cost of each resolution at the serving batch size."""
@@ -83,7 +88,7 @@ class CostModel:
 
     def expected(self, resolutions: list[int], reach: list[float]) -> float:
         """Expected per-image ms of a cascade whose stage k runs on a fraction reach[k] of the inputs."""
-        total = 0.0
+        total = self.once_per_image()
         for r, frac in zip(resolutions, reach):
             if frac <= 0:
                 continue
@@ -96,4 +101,21 @@ class CostModel:
     def describe(self) -> dict:
         return {"backend": self.backend, "precision": self.precision, "batch_size": self.batch_size,
                 "batch_aware": self.batch_aware,
-                "per_image_ms": {str(r): self.per_image(r) for r in sorted(self.table)}}
+                "per_image_ms": {str(r): self.per_image(r) for r in sorted(self.table)},
+                "once_per_image_ms": self.once_per_image()}
+
+
+def _interpolate(rows: dict[int, float], b: float) -> float:
+    """Per-image cost at batch b from per-image costs at profiled batch sizes: linear in the batch latency between
+    the two sizes around b, the end rows' per-image cost outside."""
+    if b in rows:
+        return rows[b]
+    sizes = sorted(rows)
+    if b <= sizes[0]:
+        return rows[sizes[0]]
+    if b >= sizes[-1]:
+        return rows[sizes[-1]]
+    hi = next(s for s in sizes if s > b)
+    lo = max(s for s in sizes if s < b)
+    lat_lo, lat_hi = rows[lo] * lo, rows[hi] * hi
+    return (lat_lo + (lat_hi - lat_lo) * (b - lo) / (hi - lo)) / b

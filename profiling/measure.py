@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -166,9 +167,16 @@ def fingerprint(threads: int | None = None) -> dict:
 def _nvidia_driver() -> str | None:
     try:
         with open("/proc/driver/nvidia/version") as f:
-            return f.readline().split("Kernel Module")[-1].split()[0]
-    except (OSError, IndexError):
+            return driver_version(f.readline())
+    except OSError:
         return None
+
+
+def driver_version(line: str) -> str | None:
+    """The version number in /proc/driver/nvidia/version's first line. The words before it vary:
+    "... x86_64 Kernel Module  535.104.05  ..." or "... Open Kernel Module for x86_64  570.86.15  ..."."""
+    m = re.search(r"\b\d+\.\d+(?:\.\d+)?\b", line)
+    return m.group(0) if m else None
 
 
 def device_key(fp: dict) -> str:

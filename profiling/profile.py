@@ -3,9 +3,12 @@
 For every (resolution, batch size): build/warm the engine (build time recorded), time inference with the
 shared protocol, and time separately what else a cascade stage pays at that resolution: the preprocessing
 (resize a decoded uint8 source image to r, crop, normalize) on the backend's device, and the runtime's decision
-step. Timing runs in rounds over all configurations (round-robin), so a burst of noise on a shared machine
-lands on every configuration a little instead of on one configuration entirely. Rows are merged into profile.csv
-atomically: re-running a configuration replaces its row.
+step. Per batch size it also times the two parts of moving images that differ between stages: the upload (stack
+the decoded images into one batch on the device), which the runtime does once per batch and which is included in
+preprocess_ms, and the gather (pick the rows still running) that every later stage pays instead. Timing runs in
+rounds over all configurations (round-robin), so a burst of noise on a shared machine lands on every configuration
+a little instead of on one configuration entirely. Rows are merged into profile.csv atomically: re-running a
+configuration replaces its row.
 """
 from __future__ import annotations
 
@@ -29,8 +32,8 @@ from .measure import (Protocol, after, cpu_timer, cuda_timer, default_threads, d
 PROFILE_SCHEMA = 1
 KEY = ["backend", "precision", "resolution", "batch_size"]
 COLUMNS = KEY + ["median_ms", "mean_ms", "std_ms", "p90_ms", "p99_ms", "min_ms", "cv", "n_iters", "per_image_ms",
-                 "preprocess_ms", "preprocess_per_image_ms", "overhead_ms", "source_size", "threads", "build_s",
-                 "measured_at"]
+                 "preprocess_ms", "preprocess_per_image_ms", "overhead_ms", "upload_ms", "gather_ms", "source_size",
+                 "threads", "build_s", "measured_at"]
 
 
 SOURCE_POOL_BYTES = 64 << 20  # more than a CPU's last-level cache
@@ -61,6 +64,28 @@ def time_preprocess(resolution: int, batch: int, pool: list[torch.Tensor], devic
     step = after(between, (cuda_timer if device == "cuda" else cpu_timer)(work))
     with torch_threads(threads):
         return run_protocol(step, protocol)
+
+
+def time_upload(batch: int, pool: list[torch.Tensor], device: str, protocol: Protocol, threads: int | None = None,
+                between=None) -> tuple[np.ndarray, np.ndarray]:
+    """(upload, gather) times of a batch: stacking b decoded images into the runtime's one channels-last batch on
+    `device` (once per batch: the first stage's preprocessing includes it), and index_select of the rows still
+    running from that batch (every later stage; timed on all b rows, the most a later stage picks)."""
+    if batch > len(pool):
+        pool = pool * -(-batch // len(pool))
+    starts = itertools.cycle(range(0, len(pool) - batch + 1, batch))
+    timer = cuda_timer if device == "cuda" else cpu_timer
+    sources = []
+
+    def upload():
+        s = next(starts)
+        sources.append(channels_last_batch(pool[s:s + batch], device))
+        del sources[:-1]  # keep only the batch just uploaded (the gather reads it)
+    rows = torch.arange(batch, device=device).flip(0)  # every row, reordered: a gather, not a contiguous slice
+    with torch_threads(threads):
+        up = run_protocol(after(between, timer(upload)), protocol)
+        gather = run_protocol(after(between, timer(lambda: sources[-1].index_select(0, rows))), protocol)
+    return up, gather
 
 
 def time_decision(batch: int, num_classes: int, protocol: Protocol, between=None) -> np.ndarray:
@@ -155,6 +180,7 @@ def run_profile(run_dir, backend: str = "onnxruntime", precision: str = "fp32", 
     inference = {c: [] for c in combos}
     prep = {c: [] for c in combos}
     decide = {b: [] for b in batch_sizes}  # the decision step does not depend on the resolution
+    moves = {b: ([], []) for b in batch_sizes}  # (upload, gather): nor do these (same source images)
     pool = source_pool(source_size)
     bar = tqdm(total=protocol.rounds * len(combos), desc=f"profile {backend} {precision}", unit="config",
                disable=None)
@@ -167,8 +193,13 @@ def run_profile(run_dir, backend: str = "onnxruntime", precision: str = "fp32", 
             bar.update(1)
         for b in batch_sizes:
             decide[b].append(time_decision(b, family.num_classes, part, between=timers[resolutions[0], b]))
+            for times, t in zip(moves[b], time_upload(b, pool, device, part, engines[resolutions[0]].preprocess_threads,
+                                                      between=timers[resolutions[0], b])):
+                times.append(t)
     bar.close()
     decision = {b: summarize(np.concatenate(times)) for b, times in decide.items()}
+    upload = {b: summarize(np.concatenate(up))["median_ms"] for b, (up, _) in moves.items()}
+    gather = {b: summarize(np.concatenate(g))["median_ms"] for b, (_, g) in moves.items()}
     rows = []
     for r, b in combos:
         stats = summarize(np.concatenate(inference[r, b]))
@@ -176,6 +207,7 @@ def run_profile(run_dir, backend: str = "onnxruntime", precision: str = "fp32", 
         rows.append({"backend": backend, "precision": precision, "resolution": r, "batch_size": b, **stats,
                      "per_image_ms": stats["median_ms"] / b, "preprocess_ms": pre["median_ms"],
                      "preprocess_per_image_ms": pre["median_ms"] / b, "overhead_ms": decision[b]["median_ms"],
+                     "upload_ms": upload[b], "gather_ms": gather[b],
                      "source_size": f"{source_size[0]}x{source_size[1]}", "threads": threads or 0,
                      "build_s": round(build[r, b], 3),
                      "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
@@ -203,12 +235,13 @@ def format_profile(df: pd.DataFrame, backend: str | None = None, precision: str 
     if precision:
         sel = sel[sel.precision == precision]
     lines = ["| backend | prec | res | batch | median ms | p90 | p99 | CV | ms/img | preproc ms/img | "
-             "decide ms/img | vs top r |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "of which upload | decide ms/img | vs top r |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for (be, pr, b), g in sel.groupby(["backend", "precision", "batch_size"]):
         top = g.loc[g.resolution.idxmax()]
         for _, row in g.sort_values("resolution").iterrows():
+            upload = row.get("upload_ms", float("nan")) / row.batch_size  # nan: a profile from before the column
             lines.append(f"| {be} | {pr} | {row.resolution} | {b} | {row.median_ms:.3f} | {row.p90_ms:.3f} | "
-                         f"{row.p99_ms:.3f} | {row.cv:.2f} | {row.per_image_ms:.3f} | {row.preprocess_per_image_ms:.3f} | "
-                         f"{row.overhead_ms / row.batch_size:.3f} | "
+                         f"{row.p99_ms:.3f} | {row.cv:.2f} | {row.per_image_ms:.3f} | "
+                         f"{row.preprocess_per_image_ms:.3f} | {upload:.3f} | {row.overhead_ms / row.batch_size:.3f} | "
                          f"{row.median_ms / top.median_ms:.2f} |")
     return "\n".join(lines)

@@ -119,6 +119,21 @@ def test_batch_aware_costs_use_the_shrunken_batch():
     assert aware.per_image(224, 32) == 1.0 and aware.per_image(224, 64) == 1.0 and aware.per_image(224, 0.5) == 4.0
 
 
+def test_the_upload_is_paid_once_and_later_stages_pay_the_gather():
+    """The runtime stacks a batch on the device once (in the first stage's preprocessing); later stages gather rows
+    from it. A single model pays its full row; a cascade's later stages pay the gather instead of the upload."""
+    import pandas as pd
+    rows = [dict(backend="t", precision="fp32", resolution=r, batch_size=32, median_ms=m, preprocess_ms=p,
+                 overhead_ms=0.32, upload_ms=6.4, gather_ms=0.64) for r, m, p in ((96, 6.4, 7.0), (224, 32.0, 9.6))]
+    costs = CostModel.from_profile(pd.DataFrame(rows), [96, 224], None, None, 32)
+    full = {96: (6.4 + 7.0 + 0.32) / 32, 224: (32.0 + 9.6 + 0.32) / 32}
+    assert costs.expected([224], [1.0]) == pytest.approx(full[224])
+    assert costs.expected([96, 224], [1.0, 0.5]) == pytest.approx(full[96] + 0.5 * (full[224] - (6.4 - 0.64) / 32))
+    # a profile without the two columns (older) charges every stage its full row, as before
+    old = CostModel.from_profile(pd.DataFrame(rows).drop(columns=["upload_ms", "gather_ms"]), [96, 224], None, None, 32)
+    assert old.expected([96, 224], [1.0, 0.5]) == pytest.approx(full[96] + 0.5 * full[224])
+
+
 def test_pareto_front_is_monotone(preds):
     views = StageViews(preds)
     front = pareto_front(tolerance_sweep(views, flops_costs(), RES, finishers=[192, 224], tolerances=(0, 0.02, 0.1)))

@@ -72,6 +72,8 @@ def test_profile_writes_rows_and_rerun_replaces_them(fam_dir, backend, tmp_path)
     assert len(df) == 4 and set(df.resolution) == {32, 48} and set(df.batch_size) == {1, 2}
     assert (df.median_ms > 0).all() and (df.preprocess_ms > 0).all() and (df.n_iters >= QUICK.min_iters).all()
     assert np.allclose(df.per_image_ms, df.median_ms / df.batch_size)
+    assert (df.upload_ms > 0).all() and (df.gather_ms > 0).all()
+    assert (df.groupby("batch_size").upload_ms.nunique() == 1).all()  # one figure per batch, for every resolution
     df2 = run_profile(fam_dir, backend, "fp32", (2,), resolutions=[48], protocol=QUICK, threads=1, out=out)
     assert len(df2) == 4 and not df2.duplicated(KEY).any()
     read, meta = read_profile(out)
@@ -167,3 +169,12 @@ def test_preprocess_is_timed_cold_and_between_inferences():
     calls = []
     times = time_preprocess(32, 4, pool[:10], "cpu", QUICK, threads=1, between=lambda: calls.append(1))
     assert len(calls) == QUICK.warmup_iters + len(times) and (times > 0).all()
+
+
+def test_driver_version_from_either_kernel_module_line():
+    from profiling.measure import driver_version
+    assert driver_version("NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023") \
+        == "535.104.05"
+    assert driver_version("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  570.86.15  Release Build  "
+                          "(dvs-builder@U16-I3-B14-4-3)  Thu Jan 23 23:17:37 UTC 2025") == "570.86.15"
+    assert driver_version("no version here") is None
