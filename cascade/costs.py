@@ -51,26 +51,27 @@ class CostModel:
         sel = sel[sel.precision == precision]
         if sel.empty:
             raise UserError(f"{where} has no {precision} rows for backend {backend}")
-        table, once = {}, {}
-        moves = {"upload_ms", "gather_ms"} <= set(sel.columns) and sel[["upload_ms", "gather_ms"]].notna().all().all()
+        # per batch size: what a cascade's first stage pays and later stages do not (upload - gather), measured apart
+        # from preprocess_ms (which includes the upload), so never more than the smallest preprocessing
+        once = {}
+        if {"upload_ms", "gather_ms"} <= set(sel.columns) and sel[["upload_ms", "gather_ms"]].notna().all().all():
+            once = {int(b): min(float(g.upload_ms.iloc[0] - g.gather_ms.iloc[0]), float(g.preprocess_ms.min()))
+                    for b, g in sel.groupby("batch_size")}
+        table = {}
         for r in resolutions:
             rows = sel[sel.resolution == r]
             if rows.empty:
                 raise UserError(f"resolution {r} is missing from {where} ({backend}, {precision}); profile it: "
                                 f"`rescascade profile RUN_DIR --backend {backend} --precision {precision}`")
-            table[int(r)] = {}
-            for row in rows.itertuples():
-                b = int(row.batch_size)
-                # measured apart from preprocess_ms (which includes the upload): never more than it
-                shift = min(float(row.upload_ms - row.gather_ms), float(row.preprocess_ms)) if moves else 0.0
-                table[int(r)][b] = float(row.median_ms + row.preprocess_ms + getattr(row, "overhead_ms", 0.0)
-                                         - shift) / b
-                once[b] = shift / b
+            table[int(r)] = {
+                int(row.batch_size): float(row.median_ms + row.preprocess_ms + getattr(row, "overhead_ms", 0.0)
+                                           - once.get(int(row.batch_size), 0.0)) / int(row.batch_size)
+                for row in rows.itertuples()}
             if not batch_aware and batch_size not in table[int(r)]:
                 raise UserError(f"{where} has no batch-size-{batch_size} row for resolution {r} "
                                 f"(has {sorted(table[int(r)])}); profile with --batch-sizes {batch_size} or pick "
                                 "one of those with --batch-size")
-        return cls(backend, precision, int(batch_size), batch_aware, table, once)
+        return cls(backend, precision, int(batch_size), batch_aware, table, {b: ms / b for b, ms in once.items()})
 
     def per_image(self, resolution: int, batch: float | None = None) -> float:
         """Per-image ms of a stage at `resolution` run on `batch` images: the profiled row, or the batch

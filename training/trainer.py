@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
 import io
 import json
 import math
@@ -27,7 +28,7 @@ from tqdm import tqdm
 from .data import ImageSet, TrainDataset, collate_skipping
 from .family import PatchedBatchNorm2d, PatchedLinear, check_resolutions, res_key
 from .fileio import UserError, atomic_path, write_text
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD, eval_resize_size
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, resize_center_crop
 
 OPTIMIZERS = ("sgd", "rmsprop", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
@@ -258,8 +259,8 @@ class _TrainCrops:
     def __init__(self, resolutions, mode: str, scale):
         import torchvision.transforms.v2 as T
         sizes = list(resolutions) if mode == "independent" else [max(resolutions)]
-        if mode == "center":
-            self.transforms = [T.Compose([T.Resize(eval_resize_size(r), antialias=True), T.CenterCrop(r),
+        if mode == "center":  # the eval crop itself (the function prediction and the runtime use), then a flip
+            self.transforms = [T.Compose([functools.partial(resize_center_crop, resolution=r),
                                           T.RandomHorizontalFlip()]) for r in sizes]
         else:
             self.transforms = [T.Compose([T.RandomResizedCrop(r, scale=scale, antialias=True),
