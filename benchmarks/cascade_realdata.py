@@ -54,7 +54,7 @@ from profiling.profile import read_profile, run_profile  # noqa: E402
 from training.data import DataSplits, ImageSet, TensorReader, load_data, shared_imagenet_samples  # noqa: E402
 from training.predict import predict_logits, top1  # noqa: E402
 from training.recipes import preset, split_options  # noqa: E402
-from training.run import family_predictors, run_train  # noqa: E402
+from training.run import family_predictors, onnx_predictors, run_train  # noqa: E402
 from training.store import load_family, weights_id  # noqa: E402
 from training.trainer import TrainConfig  # noqa: E402
 
@@ -112,7 +112,7 @@ def train_variant(task, name, opts, splits, out: Path, args, log) -> Path:
     t0 = time.perf_counter()
     fam_opts["weights"] = str(IMAGENET_WEIGHTS)
     run_train(f"shared-imagenette:{IMAGENETTE}", fam, cfg, **fam_opts, splits=splits, log=lambda s: None,
-              predict_backend="torch" if opts.get("independent") else "onnxruntime", preset=opts.get("preset"))
+              predict_backend="onnxruntime", preset=opts.get("preset"))
     log(f"  {name}: trained and predicted in {time.perf_counter() - t0:.0f} s")
     return fam
 
@@ -127,33 +127,46 @@ def sample_top1(fam: Path, samples: ImageSet) -> dict[int, float]:
             m = mobilenet_v2()
             m.load_state_dict(load_file(fam / "models" / f"r{r:03d}.safetensors"))
             models[r] = m
+        models = onnx_predictors(models, fam)
     else:
         family, doc = load_family(fam)
         models = family_predictors(family, fam, weights_id(doc), "onnxruntime")
     return top1(predict_logits(models, samples, batch_size=32, desc="sample images"))
 
 
-def cascade_on_predictions(fam: Path, costs: CostModel) -> dict:
-    """The build's selection (target: the best single resolution's calib accuracy), simulated: for comparing
-    variants with one profile (same architecture, same latency)."""
+def lever_outcomes(fam: Path, costs: CostModel) -> list[dict]:
+    """The build's selection (target: the best single resolution's calib accuracy), simulated for every setting
+    of the optimizer's levers (confidence measure x temperature x free ensemble): chosen on calib, scored on test.
+    Simulated, so variants are compared on one profile (same architecture, same latency)."""
     calib, test = (load_predictions(fam / "predictions" / f"{s}.npz") for s in ("calib", "test"))
-    best = None
-    temps = {r: fit_temperature(calib.column(r), calib.labels) for r in RES}
-    for m in ("max_prob", "margin", "entropy"):
-        for comb in (False, True):
-            views = StageViews(calib, m, temps, comb)
-            ref = reference_resolution(views, RES)
-            ref_out = simulate(Cascade([Stage(ref, -math.inf)]), views, costs)
-            pick = cheapest_meeting(tolerance_sweep(views, costs, RES, [ref]), ref_out.accuracy)
-            if best is None or pick.outcome.mean_cost < best[0].outcome.mean_cost:
-                best = (pick, ref, ref_out, StageViews(test, m, temps, comb))
-    pick, ref, ref_out, tviews = best
-    t = simulate(pick.cascade, tviews, costs)
-    tr = simulate(Cascade([Stage(ref, -math.inf)]), tviews, costs)
-    return {"cascade": pick.cascade.describe(), "calib_cost": pick.outcome.mean_cost / ref_out.mean_cost,
-            "test_cost": t.mean_cost / tr.mean_cost, "test_acc": t.accuracy, "ref_acc": tr.accuracy, "ref": ref,
-            "calib_ref_acc": ref_out.accuracy,
-            "diff": paired_difference(t.correct_mask, tr.correct_mask)}
+    fitted = {r: fit_temperature(calib.column(r), calib.labels) for r in RES}
+    out = []
+    for measure in ("max_prob", "margin", "entropy"):
+        for temperature in (True, False):
+            temps = fitted if temperature else {}
+            for comb in (False, True):
+                views = StageViews(calib, measure, temps, comb)
+                ref = reference_resolution(views, RES)
+                single = Cascade([Stage(ref, -math.inf)])
+                ref_out = simulate(single, views, costs)
+                pick = cheapest_meeting(tolerance_sweep(views, costs, RES, [ref]), ref_out.accuracy)
+                tviews = StageViews(test, measure, temps, comb)
+                t, tr = simulate(pick.cascade, tviews, costs), simulate(single, tviews, costs)
+                out.append({"measure": measure, "temperature": temperature, "combine": comb,
+                            "cascade": pick.cascade.describe(), "calib_cost": pick.outcome.mean_cost / ref_out.mean_cost,
+                            "test_cost": t.mean_cost / tr.mean_cost, "test_acc": t.accuracy, "ref_acc": tr.accuracy,
+                            "ref": ref, "calib_ref_acc": ref_out.accuracy,
+                            "diff": paired_difference(t.correct_mask, tr.correct_mask)})
+    return out
+
+
+def build_choice(levers: list[dict]) -> dict:
+    """What `rescascade build --confidence auto --combine auto` picks: temperature on, the cheapest on calib."""
+    return min((o for o in levers if o["temperature"]), key=lambda o: o["calib_cost"])
+
+
+def ci(d: dict) -> str:
+    return f"{100 * d['difference']:+.2f} [{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}]"
 
 
 def run_task(task: str, args, log) -> str:
@@ -202,17 +215,17 @@ def run_task(task: str, args, log) -> str:
     protocol = Protocol(warmup_iters=3, warmup_seconds=0.1, min_iters=3, min_seconds=0.0, rounds=1) if args.quick \
         else Protocol(min_seconds=1.0, rounds=3)
     log(f"  profiling {first} (ONNX Runtime CPU, batch {sizes})")
+    t0 = time.perf_counter()
     run_profile(first, "onnxruntime", "fp32", sizes, protocol=protocol, log=lambda s: None)
+    log(f"  profiled in {time.perf_counter() - t0:.0f} s")
     df, _ = read_profile(first / "profile.csv")
     costs32 = CostModel.from_profile(df, RES, "onnxruntime", "fp32", 32, batch_aware=True)
-    crow, choice = [], {}
+    crow, choice, levers = [], {}, {}
     for name, fam in fams.items():
-        c = cascade_on_predictions(fam, costs32)
-        choice[name] = c
-        d = c["diff"]
+        levers[name] = lever_outcomes(fam, costs32)
+        c = choice[name] = build_choice(levers[name])
         crow.append([name, c["cascade"], f"{100 * c['test_acc']:.2f} vs {100 * c['ref_acc']:.2f} (r{c['ref']})",
-                     f"{100 * d['difference']:+.2f} [{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}]",
-                     f"{c['calib_cost']:.3f}", f"{c['test_cost']:.3f}"])
+                     ci(c["diff"]), f"{c['calib_cost']:.3f}", f"{c['test_cost']:.3f}"])
     report += ["", f"## {task}: cheapest cascade per variant (target: the variant's best single resolution on "
                "calib), predicted from the profile, batch 32 batch-aware", "",
                table(["variant", "cascade", "test top-1 vs best single", "difference, 95% CI (points)",
@@ -227,6 +240,13 @@ def run_task(task: str, args, log) -> str:
     # cascade of a weaker family is no win for the user
     chosen = max(fam_variants, key=lambda n: (round(choice[n]["calib_ref_acc"], 4), -choice[n]["calib_cost"]))
     fam = fams[chosen]
+    lrow = [[o["measure"], "yes" if o["temperature"] else "no", "yes" if o["combine"] else "no", o["cascade"],
+             f"{o['calib_cost']:.3f}", f"{o['test_cost']:.3f}", ci(o["diff"])] for o in levers[chosen]]
+    report += ["", f"## {task}: the optimizer's levers on the chosen family ({chosen}): each setting's cheapest "
+               "cascade that matches the best single resolution on calib, scored on test (batch 32, predicted)", "",
+               table(["confidence", "temperature", "free ensemble", "cascade", "cost calib", "cost test",
+                      "test difference, 95% CI (points)"], lrow)]
+    t_measure = time.perf_counter()
     if fam != first:
         run_profile(fam, "onnxruntime", "fp32", sizes, protocol=protocol, log=lambda s: None)
     mrow = []
@@ -234,11 +254,11 @@ def run_task(task: str, args, log) -> str:
         path = fam / f"cascade_b{b}.json"
         config = run_build(fam, batch_size=b, batch_aware=b > 1, measure="auto", combine="auto", out=path,
                            log=lambda s: None)
-        # three independent measurements (fresh sessions and threads each): on these shared CPUs one
-        # measurement now and then runs the cascade's sessions 10-30 % slow; report the median and the range
-        evs = sorted((run_eval(path, batch_size=b, repeats=1 if args.quick else 3, log=lambda s: None,
-                               limit=16 if args.quick else None) for _ in range(1 if args.quick else 3)),
-                     key=lambda e: e["measured_cost_ratio"])
+        # three independent measurements (fresh sessions and threads each; cascade and reference alternate batch
+        # by batch): on these shared CPUs one process now and then runs the cascade's sessions 10-30 % slow;
+        # report the median and the range
+        evs = sorted((run_eval(path, batch_size=b, repeats=1, log=lambda s: None, limit=16 if args.quick else None)
+                      for _ in range(1 if args.quick else 3)), key=lambda e: e["measured_cost_ratio"])
         ev = evs[len(evs) // 2]
         spread = "" if len(evs) == 1 else \
             f" ({evs[0]['measured_cost_ratio']:.3f}-{evs[-1]['measured_cost_ratio']:.3f})"
@@ -248,10 +268,10 @@ def run_task(task: str, args, log) -> str:
         mrow.append([b, f"{stages} ({config['confidence']['measure']}"
                         f"{', combined' if config['confidence']['combine'] else ''})",
                      f"{100 * ev['cascade']['accuracy']:.2f} vs {100 * ev['reference']['accuracy']:.2f}",
-                     f"{100 * d['difference']:+.2f} [{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}]",
-                     f"{config['expected']['test']['cost_vs_reference']:.3f}",
+                     ci(d), f"{config['expected']['test']['cost_vs_reference']:.3f}",
                      f"{ev['measured_cost_ratio']:.3f}{spread}",
                      f"{ev['cascade']['ms_per_image']:.2f} vs {ev['reference']['ms_per_image']:.2f}"])
+    log(f"  {chosen}: built and measured at batch 1 and 32 in {time.perf_counter() - t_measure:.0f} s")
     report += ["", f"## {task}: the chosen family ({chosen}), cascade.json at batch 1 and 32, measured on the test "
                "half with ONNX Runtime CPU", "",
                table(["batch", "cascade (stages @ thresholds)", "test top-1 vs reference (measured)",

@@ -57,7 +57,7 @@ def main() -> None:
         cfg = TrainConfig(res, epochs=args.epochs, **{**COMMON, **mode, **({"batch_size": 8} if args.quick else {})})
         t = time.perf_counter()
         doc = run_train("", out, cfg, weights=str(IMAGENET_WEIGHTS), splits=splits, log=lambda s: None,
-                        predict_backend="torch" if cfg.independent else "onnxruntime")
+                        predict_backend="onnxruntime")
         p = doc["parameters"]
         total = p["k_independent"] if cfg.independent else p["family"]
         rows.append([name] + [f"{100 * doc['top1']['test'][str(r)]:.2f}" for r in res] +

@@ -8,6 +8,7 @@ Exports are cached in RUN_DIR/onnx/ keyed by the family's weights id.
 """
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from pathlib import Path
@@ -36,10 +37,6 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
     if leftover:
         raise RuntimeError(f"BatchNorm layers not preceded by a convolution: {leftover[:3]}")
     return model
-
-
-def folded_model(family: ResolutionFamily, resolution: int) -> nn.Module:
-    return fold_batchnorm(family.to_torchvision(resolution).eval())
 
 
 def _export(model: nn.Module, example: torch.Tensor, path: Path) -> None:
@@ -73,6 +70,20 @@ def check_onnx(path: Path, reference: nn.Module, resolution: int, precision: str
     return diff
 
 
+def export_model(model: nn.Module, resolution: int, out: Path, precision: str = "fp32") -> float:
+    """Fold a copy of a plain torchvision model, export it to OUT (atomically) and check it against the model;
+    returns the max |logit difference|."""
+    reference = model.eval()  # unfolded: what the export must match
+    folded = fold_batchnorm(copy.deepcopy(reference))
+    example = torch.randn(1, 3, resolution, resolution)
+    if precision == "fp16":
+        folded = folded.half()
+        example = example.half()
+    with atomic_path(out) as tmp:
+        _export(folded, example, tmp)
+        return check_onnx(tmp, reference, resolution, precision)
+
+
 def export_resolution(family: ResolutionFamily, run_dir, resolution: int, weights_id: str,
                       precision: str = "fp32") -> tuple[Path, dict]:
     """ONNX file for one resolution (cached in RUN_DIR/onnx); returns (path, info with max_abs_diff)."""
@@ -84,15 +95,7 @@ def export_resolution(family: ResolutionFamily, run_dir, resolution: int, weight
         meta = json.loads(meta_path.read_text())
         if meta.get("weights_sha256") == weights_id and meta.get("export_version") == EXPORT_VERSION:
             return out, meta
-    model = folded_model(family, resolution)
-    reference = family.to_torchvision(resolution).eval()  # unfolded, with its patch: what we must match
-    example = torch.randn(1, 3, resolution, resolution)
-    if precision == "fp16":
-        model = model.half()
-        example = example.half()
-    with atomic_path(out) as tmp:
-        _export(model, example, tmp)
-        diff = check_onnx(tmp, reference, resolution, precision)
+    diff = export_model(family.to_torchvision(resolution), resolution, out, precision)
     meta = {"export_version": EXPORT_VERSION, "weights_sha256": weights_id, "resolution": resolution,
             "precision": precision, "max_abs_diff": diff, "opset": 17, "batch": "dynamic",
             "onnx_sha256": sha256_file(out)}

@@ -149,12 +149,25 @@ def test_train_writes_family_predictions_and_metrics(tmp_path):
         run_train("synthetic:64", out, tiny_cfg(), width_mult=0.35, weights="none", **QUIET)
 
 
-def test_independent_baseline(tmp_path):
-    doc = run_train("synthetic:64", tmp_path / "ind", tiny_cfg(independent=True), width_mult=0.35,
-                    weights="none", data_options={"heldout_per_class": 4}, **QUIET)
+def test_independent_baseline_predicts_with_onnxruntime_as_torch_does(tmp_path):
+    from safetensors.torch import load_file
+    from torchvision.models import mobilenet_v2
+
+    from training.predict import predict_logits
+    cfg = tiny_cfg(independent=True)
+    doc = run_train("synthetic:64", tmp_path / "ind", cfg, width_mult=0.35, weights="none",
+                    data_options={"heldout_per_class": 4}, predict_backend="onnxruntime", **QUIET)
     assert doc["kind"] == "independent" and doc["parameters"]["k_independent"] == 2 * doc["parameters"]["one_model"]
-    assert (tmp_path / "ind/models/r048.safetensors").is_file()
-    assert np.load(tmp_path / "ind/predictions/test.npz")["logits"].shape[1] == 2
+    saved = np.load(tmp_path / "ind/predictions/test.npz")
+    assert saved["logits"].shape[1] == 2
+    models = {}
+    for r in RES:  # the saved torchvision models, run by torch, give the logits ONNX Runtime wrote
+        models[r] = mobilenet_v2(num_classes=len(doc["class_names"]), width_mult=0.35)
+        models[r].load_state_dict(load_file(tmp_path / f"ind/models/r{r:03d}.safetensors"))
+    test = load_data("synthetic:64", seed=cfg.seed, heldout_per_class=4).test
+    want = predict_logits(models, test)
+    assert list(want["ids"]) == list(saved["ids"])
+    np.testing.assert_allclose(saved["logits"], want["logits"], atol=1e-3, rtol=1e-3)
 
 
 def test_synthetic_is_deterministic_and_resolution_sensitive():

@@ -81,6 +81,8 @@ def run_train(data: str, out: str, cfg: TrainConfig, *, width_mult: float = 1.0,
     if cfg.independent:
         doc = _save_independent(model, out, splits.class_names, provenance)
         models = {r: model.models[res_key(r)] for r in cfg.resolutions}
+        if predict_backend == "onnxruntime":
+            models = onnx_predictors(models, out)
     else:
         doc = save_family(model, out, class_names=splits.class_names, provenance=provenance)
         models = family_predictors(model, out, weights_id(doc), predict_backend)
@@ -109,6 +111,19 @@ def family_predictors(family: ResolutionFamily, run_dir, wid: str, backend: str)
     from profiling.backends import get_backend
     be = get_backend(backend)
     return {r: be.open(family, run_dir, wid, r, "fp32").run for r in family.resolutions}
+
+
+def onnx_predictors(models: dict, run_dir) -> dict:
+    """resolution -> ONNX Runtime (CPU) engine of a plain torchvision model, exported to RUN_DIR/onnx: the
+    independent baseline predicts as fast as a family does."""
+    from profiling.backends.onnxruntime_backend import OnnxRuntimeEngine
+    from profiling.export import export_model
+    engines = {}
+    for r, m in models.items():
+        path = Path(run_dir) / "onnx" / f"{res_key(r)}.fp32.onnx"
+        export_model(m, r, path)
+        engines[r] = OnnxRuntimeEngine(path, r, "cpu", "fp32", None, Path(run_dir) / "engines").run
+    return engines
 
 
 def typical_size(images, n: int = 32) -> list[int] | None:
