@@ -318,6 +318,47 @@ def test_probe_head_init_sets_the_heads(classifier_kind, tmp_path):
               weights="none", classifier_kind=classifier_kind, data_options={"heldout_per_class": 4}, **QUIET)
 
 
+def test_probe_of_the_same_start_on_the_same_images_is_fitted_once():
+    """Variants trained from one start in one process share its probe; any change in what the features depend on
+    (a patch, the image set) probes again."""
+    from torchvision.models import mobilenet_v2
+
+    from training.probe import init_heads_by_probe
+    from training.trainer import IndependentModels
+    splits = load_data("synthetic:64", seed=0, heldout_per_class=4)
+    start = random_torchvision(num_classes=8).state_dict()
+
+    def family():
+        fam = ResolutionFamily(RES, num_classes=8, width_mult=0.35, classifier="per_resolution")
+        fam.load_torchvision_state_dict(start)
+        return fam
+
+    def probe(model, images):
+        logs = []
+        init_heads_by_probe(model, images, "cpu", log=logs.append)
+        return sum("cross-validated" in line for line in logs)  # resolutions fitted anew
+
+    first, second = family(), family()
+    assert probe(first, splits.train) == 2 and probe(second, splits.train) == 0
+    for r in RES:
+        assert torch.equal(first.state_dict_for(r)["classifier.1.weight"], second.state_dict_for(r)["classifier.1.weight"])
+
+    def plain():  # the independent baseline: plain torchvision models with the same weights see the same features
+        m = mobilenet_v2(num_classes=8, width_mult=0.35)
+        m.load_state_dict(start)
+        return m
+    independent = IndependentModels(RES, plain)
+    assert probe(independent, splits.train) == 0
+    assert torch.equal(independent.models["r048"].classifier[1].weight, first.state_dict_for(48)["classifier.1.weight"])
+
+    changed = family()
+    with torch.no_grad():
+        changed.features[1].conv[0][1].weight["r048"].mul_(2)  # one patch's γ
+    assert probe(changed, splits.train) == 1
+    same_pixels = load_data("synthetic:64", seed=0, heldout_per_class=4).train  # another ImageSet object
+    assert probe(family(), same_pixels) == 2
+
+
 def test_zero_epochs_with_probe_writes_the_probed_heads(tmp_path):
     """--epochs 0 --head-init probe is the linear-probe baseline: heads fitted, everything else as it started."""
     from training.store import load_family

@@ -7,6 +7,8 @@ sensible target from the first step. Features are taken in eval mode on the eval
 """
 from __future__ import annotations
 
+import hashlib
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -74,6 +76,23 @@ def choose_l2(x: torch.Tensor, y: torch.Tensor, num_classes: int, grid=L2_GRID, 
     return grid[min(range(len(grid)), key=losses.__getitem__)]
 
 
+# (backbone sha256, resolution, classes) -> (the ImageSet probed, weight, bias, L2): several variants trained from
+# one start in one process (a benchmark's unpatched, statistics-only and patch families, the independent models)
+# probe the same frozen features; the fit is deterministic, so it is done once. Keyed on the very ImageSet object.
+_PROBED: dict[tuple, tuple] = {}
+
+
+def backbone_sha256(state: dict[str, torch.Tensor]) -> str:
+    """Hash of a torchvision state dict without its classifier: what the probe's features depend on."""
+    h = hashlib.sha256()
+    for name in sorted(state):
+        if name.startswith("classifier.") or name.endswith("num_batches_tracked"):
+            continue
+        h.update(name.encode())
+        h.update(state[name].detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def init_heads_by_probe(model: nn.Module, images: ImageSet, device, log=print) -> None:
     """Fit the classifier(s) of a ResolutionFamily (per-resolution or shared head) or of IndependentModels."""
     was_training = model.training
@@ -89,6 +108,7 @@ def init_heads_by_probe(model: nn.Module, images: ImageSet, device, log=print) -
             if isinstance(linear, PatchedLinear) else None
         shared = None if heads else (linear.weight, linear.bias)
         num_classes = model.num_classes
+        state_at = model.state_dict_for
     else:  # IndependentModels
         resolutions = model.resolutions
 
@@ -99,20 +119,30 @@ def init_heads_by_probe(model: nn.Module, images: ImageSet, device, log=print) -
                  for r in resolutions}
         shared = None
         num_classes = heads[resolutions[0]][0].shape[0]
-    feats, y = probe_features(backbone, images, resolutions, device)
-    with torch.no_grad():
-        if heads:
+        state_at = lambda r: model.models[res_key(r)].state_dict()  # noqa: E731
+    if heads:
+        keys = {r: (backbone_sha256(state_at(r)), r, num_classes) for r in resolutions}
+        todo = [r for r in resolutions if keys[r] not in _PROBED or _PROBED[keys[r]][0] is not images]
+        feats, y = probe_features(backbone, images, todo, device) if todo else ({}, None)
+        with torch.no_grad():
             for r in resolutions:
-                l2 = choose_l2(feats[r], y, num_classes)
-                w, b = fit_linear(feats[r], y, num_classes, l2=l2)
+                if r in todo:
+                    l2 = choose_l2(feats[r], y, num_classes)
+                    w, b = fit_linear(feats[r], y, num_classes, l2=l2)
+                    acc = float(((feats[r] @ w.T + b).argmax(1) == y).float().mean())
+                    log(f"linear probe r{r}: L2 {l2:g} (cross-validated), train top-1 {100 * acc:.1f}%")
+                    _PROBED[keys[r]] = (images, w, b, l2)
+                else:
+                    _, w, b, l2 = _PROBED[keys[r]]
+                    log(f"linear probe r{r}: L2 {l2:g}, the same start probed before in this process")
                 heads[r][0].copy_(w)
                 heads[r][1].copy_(b)
-                acc = float(((feats[r] @ w.T + b).argmax(1) == y).float().mean())
-                log(f"linear probe r{r}: L2 {l2:g} (cross-validated), train top-1 {100 * acc:.1f}%")
-        else:
-            x, ys = torch.cat([feats[r] for r in resolutions]), y.repeat(len(resolutions))
-            l2 = choose_l2(x, ys, num_classes)
-            w, b = fit_linear(x, ys, num_classes, l2=l2)
+    else:  # one head for every resolution: fitted on all of their features
+        feats, y = probe_features(backbone, images, resolutions, device)
+        x, ys = torch.cat([feats[r] for r in resolutions]), y.repeat(len(resolutions))
+        l2 = choose_l2(x, ys, num_classes)
+        w, b = fit_linear(x, ys, num_classes, l2=l2)
+        with torch.no_grad():
             shared[0].copy_(w)
             shared[1].copy_(b)
     model.train(was_training)
