@@ -121,8 +121,10 @@ def init_heads_by_probe(model: nn.Module, images: ImageSet, device, log=print) -
         num_classes = heads[resolutions[0]][0].shape[0]
         state_at = lambda r: model.models[res_key(r)].state_dict()  # noqa: E731
     if heads:
+        if any(entry[0] is not images for entry in _PROBED.values()):
+            _PROBED.clear()  # another image set: hold on to one set of images at most
         keys = {r: (backbone_sha256(state_at(r)), r, num_classes) for r in resolutions}
-        todo = [r for r in resolutions if keys[r] not in _PROBED or _PROBED[keys[r]][0] is not images]
+        todo = [r for r in resolutions if keys[r] not in _PROBED]
         feats, y = probe_features(backbone, images, todo, device) if todo else ({}, None)
         with torch.no_grad():
             for r in resolutions:
