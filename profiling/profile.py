@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import itertools
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,13 @@ def source_pool(source_size: tuple[int, int]) -> list[torch.Tensor]:
     return [im.permute(2, 0, 1) for im in torch.randint(0, 256, (n, h, w, 3), dtype=torch.uint8)]
 
 
+def cycle_batches(pool: list[torch.Tensor], batch: int) -> Iterator[list[torch.Tensor]]:
+    """Consecutive, endlessly repeated batches of b images from the pool (repeated to b images if it is smaller)."""
+    if batch > len(pool):
+        pool = pool * -(-batch // len(pool))
+    return (pool[s:s + batch] for s in itertools.cycle(range(0, len(pool) - batch + 1, batch)))
+
+
 def time_preprocess(resolution: int, batch: int, pool: list[torch.Tensor], device: str, protocol: Protocol,
                     threads: int | None = None, between=None) -> np.ndarray:
     """Median cost of turning b decoded images into the model input at r on `device`, the way the runtime does
@@ -54,13 +62,10 @@ def time_preprocess(resolution: int, batch: int, pool: list[torch.Tensor], devic
     backend. `between`, untimed, runs before each timed step: the stage's inference, which in the runtime comes
     between two batches' preprocessing (timed back to back, preprocessing measured 1.3-2x less than the runtime
     paid at batch 1 to 4)."""
-    if batch > len(pool):
-        pool = pool * -(-batch // len(pool))
-    starts = itertools.cycle(range(0, len(pool) - batch + 1, batch))
+    batches = cycle_batches(pool, batch)
 
     def work():
-        s = next(starts)
-        return preprocess(channels_last_batch(pool[s:s + batch], device).permute(0, 3, 1, 2), resolution)
+        return preprocess(channels_last_batch(next(batches), device).permute(0, 3, 1, 2), resolution)
     step = after(between, (cuda_timer if device == "cuda" else cpu_timer)(work))
     with torch_threads(threads):
         return run_protocol(step, protocol)
@@ -71,15 +76,12 @@ def time_upload(batch: int, pool: list[torch.Tensor], device: str, protocol: Pro
     """(upload, gather) times of a batch: stacking b decoded images into the runtime's one channels-last batch on
     `device` (once per batch: the first stage's preprocessing includes it), and index_select of the rows still
     running from that batch (every later stage; timed on all b rows, the most a later stage picks)."""
-    if batch > len(pool):
-        pool = pool * -(-batch // len(pool))
-    starts = itertools.cycle(range(0, len(pool) - batch + 1, batch))
+    batches = cycle_batches(pool, batch)
     timer = cuda_timer if device == "cuda" else cpu_timer
     sources = []
 
     def upload():
-        s = next(starts)
-        sources.append(channels_last_batch(pool[s:s + batch], device))
+        sources.append(channels_last_batch(next(batches), device))
         del sources[:-1]  # keep only the batch just uploaded (the gather reads it)
     rows = torch.arange(batch, device=device).flip(0)  # every row, reordered: a gather, not a contiguous slice
     with torch_threads(threads):

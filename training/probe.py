@@ -119,7 +119,9 @@ def init_heads_by_probe(model: nn.Module, images: ImageSet, device, log=print) -
                  for r in resolutions}
         shared = None
         num_classes = heads[resolutions[0]][0].shape[0]
-        state_at = lambda r: model.models[res_key(r)].state_dict()  # noqa: E731
+
+        def state_at(r):
+            return model.models[res_key(r)].state_dict()
     if heads:
         if any(entry[0] is not images for entry in _PROBED.values()):
             _PROBED.clear()  # another image set: hold on to one set of images at most
