@@ -8,7 +8,11 @@ STAMP := $(VENV)/.installed
 
 setup: $(STAMP)
 
+# torch and torchvision from pip are CUDA builds: a new environment takes ~6 GB. Say so before pip fails halfway.
+NEED_GIB ?= 7
 $(STAMP): pyproject.toml
+	@test -x $(VENV)/bin/python || $(PYTHON) -c "import shutil, sys; free = shutil.disk_usage('.').free / 2**30; \
+	sys.exit(0 if free >= $(NEED_GIB) else f'make: only {free:.1f} GiB of disk free here; a new environment needs ~6 GiB (torch, torchvision): free some and run make again')"
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(VENV)/bin/python -m pip install --quiet -e ".[dev]"
