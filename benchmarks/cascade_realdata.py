@@ -58,7 +58,7 @@ from training.data import (DataSplits, ImageSet, TensorReader, limit_per_class, 
                            shared_imagenet_samples)
 from training.predict import predict_logits, top1  # noqa: E402
 from training.recipes import preset, split_options  # noqa: E402
-from training.run import family_predictors, onnx_predictors, run_train  # noqa: E402
+from training.run import family_predictors, independent_ids, onnx_predictors, run_train  # noqa: E402
 from training.store import load_family, weights_id  # noqa: E402
 from training.trainer import TrainConfig  # noqa: E402
 
@@ -131,7 +131,7 @@ def predictors(fam: Path) -> dict:
             m = mobilenet_v2()
             m.load_state_dict(load_file(fam / "models" / f"r{r:03d}.safetensors"))
             models[r] = m
-        return onnx_predictors(models, fam)
+        return onnx_predictors(models, fam, independent_ids(json.loads((fam / "independent.json").read_text())))
     family, doc = load_family(fam)
     return family_predictors(family, fam, weights_id(doc), "onnxruntime")
 

@@ -89,13 +89,20 @@ def export_resolution(family: ResolutionFamily, run_dir, resolution: int, weight
     """ONNX file for one resolution (cached in RUN_DIR/onnx); returns (path, info with max_abs_diff)."""
     if precision not in TOLERANCE:
         raise UserError(f"precision {precision!r} is not one of {', '.join(TOLERANCE)}")
-    out = Path(run_dir) / "onnx" / f"{res_key(resolution)}.{precision}.onnx"
+    return cached_export(lambda: family.to_torchvision(resolution), resolution,
+                         Path(run_dir) / "onnx" / f"{res_key(resolution)}.{precision}.onnx", weights_id, precision)
+
+
+def cached_export(make_model, resolution: int, out: Path, weights_id: str,
+                  precision: str = "fp32") -> tuple[Path, dict]:
+    """OUT, exported from make_model() unless OUT's meta file says it holds these weights (weights_id) already;
+    returns (path, info with max_abs_diff)."""
     meta_path = out.with_suffix(".json")
     if out.is_file() and meta_path.is_file():
         meta = json.loads(meta_path.read_text())
         if meta.get("weights_sha256") == weights_id and meta.get("export_version") == EXPORT_VERSION:
             return out, meta
-    diff = export_model(family.to_torchvision(resolution), resolution, out, precision)
+    diff = export_model(make_model(), resolution, out, precision)
     meta = {"export_version": EXPORT_VERSION, "weights_sha256": weights_id, "resolution": resolution,
             "precision": precision, "max_abs_diff": diff, "opset": 17, "batch": "dynamic",
             "onnx_sha256": sha256_file(out)}

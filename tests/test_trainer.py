@@ -15,7 +15,7 @@ from training.data import load_data
 from training.family import ResolutionFamily
 from training.fileio import UserError
 from training.preprocess import resize_center_crop
-from training.run import run_train
+from training.run import independent_ids, onnx_predictors, run_train
 from training.store import load_family
 from training.synthetic import make_synthetic
 from training.trainer import MultiResolutionForward, TrainConfig, _inputs
@@ -168,6 +168,14 @@ def test_independent_baseline_predicts_with_onnxruntime_as_torch_does(tmp_path):
     want = predict_logits(models, test)
     assert list(want["ids"]) == list(saved["ids"])
     np.testing.assert_allclose(saved["logits"], want["logits"], atol=1e-3, rtol=1e-3)
+    # the exports are cached by each model file's sha256: predicting again does not export again; other weights do
+    onnx = {r: tmp_path / f"ind/onnx/r{r:03d}.fp32.onnx" for r in RES}
+    stamps = {r: p.stat().st_mtime_ns for r, p in onnx.items()}
+    ids = independent_ids(doc)
+    onnx_predictors(models, tmp_path / "ind", ids)
+    assert {r: p.stat().st_mtime_ns for r, p in onnx.items()} == stamps
+    onnx_predictors(models, tmp_path / "ind", {**ids, RES[0]: "other weights"})
+    assert onnx[RES[0]].stat().st_mtime_ns != stamps[RES[0]] and onnx[RES[1]].stat().st_mtime_ns == stamps[RES[1]]
 
 
 def test_synthetic_is_deterministic_and_resolution_sensitive():

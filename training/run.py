@@ -82,7 +82,7 @@ def run_train(data: str, out: str, cfg: TrainConfig, *, width_mult: float = 1.0,
         doc = _save_independent(model, out, splits.class_names, provenance)
         models = {r: model.models[res_key(r)] for r in cfg.resolutions}
         if predict_backend == "onnxruntime":
-            models = onnx_predictors(models, out)
+            models = onnx_predictors(models, out, independent_ids(doc))
     else:
         doc = save_family(model, out, class_names=splits.class_names, provenance=provenance)
         models = family_predictors(model, out, weights_id(doc), predict_backend)
@@ -113,15 +113,19 @@ def family_predictors(family: ResolutionFamily, run_dir, wid: str, backend: str)
     return {r: be.open(family, run_dir, wid, r, "fp32").run for r in family.resolutions}
 
 
-def onnx_predictors(models: dict, run_dir) -> dict:
-    """resolution -> ONNX Runtime (CPU) engine of a plain torchvision model, exported to RUN_DIR/onnx: the
-    independent baseline predicts as fast as a family does."""
+def independent_ids(doc: dict) -> dict[int, str]:
+    """resolution -> the sha256 of that independent model's weight file (independent.json records them)."""
+    return {r: doc["files"][f"models/{res_key(r)}.safetensors"] for r in doc["resolutions"]}
+
+
+def onnx_predictors(models: dict, run_dir, ids: dict[int, str]) -> dict:
+    """resolution -> ONNX Runtime (CPU) engine of a plain torchvision model, exported to RUN_DIR/onnx (cached by
+    ids: resolution -> the model's weights sha256): the independent baseline predicts as fast as a family does."""
     from profiling.backends.onnxruntime_backend import OnnxRuntimeEngine
-    from profiling.export import export_model
+    from profiling.export import cached_export
     engines = {}
     for r, m in models.items():
-        path = Path(run_dir) / "onnx" / f"{res_key(r)}.fp32.onnx"
-        export_model(m, r, path)
+        path, _ = cached_export(lambda m=m: m, r, Path(run_dir) / "onnx" / f"{res_key(r)}.fp32.onnx", ids[r])
         engines[r] = OnnxRuntimeEngine(path, r, "cpu", "fp32", None, Path(run_dir) / "engines").run
     return engines
 
