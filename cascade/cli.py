@@ -63,7 +63,8 @@ def cmd_train(args) -> None:
                             "label_space": opts.get("label_space", "native"),
                             "data_root": opts.get("data_root", "data"), "download": args.download,
                             "train_per_class": opts.get("train_per_class"),
-                            "heldout_per_class": opts.get("heldout_per_class")})
+                            "heldout_per_class": opts.get("heldout_per_class"),
+                            **({"max_image_pixels": opts["max_image_pixels"]} if "max_image_pixels" in opts else {})})
 
 
 def add_train_parser(sub) -> None:
@@ -120,6 +121,9 @@ def add_train_parser(sub) -> None:
     s.add_argument("--val-fraction", type=float, help="imagefolder without train/val: held-out share")
     s.add_argument("--train-per-class", type=int, help="use at most N training images per class")
     s.add_argument("--heldout-per-class", type=int, help="use at most N held-out images per class")
+    s.add_argument("--max-image-pixels", type=int,
+                   help="images with more pixels are left out, checked from the header before decoding "
+                        "(default: Pillow's Image.MAX_IMAGE_PIXELS)")
     s.add_argument("--data-root", help="root for torchvision datasets")
     s.add_argument("--download", action="store_true", help="let torchvision download the dataset (needs network)")
     s.add_argument("--seed", type=int)

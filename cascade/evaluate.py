@@ -16,41 +16,104 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from training.data import load_data
+from training.data import ImageSet, load_data, resolve_source
 from training.fileio import UserError, write_json
+from training.images import ImageError, pixel_digest
 from training.store import read_family_json
 
 from .config import read_config
 from .optimizer import Cascade, Stage
+from .predictions import Predictions, load_predictions
 from .runtime import CascadeRunner
 
 
-def test_images(config, data: str | None, split: str, limit: int | None):
-    """The held-out split the family was built with (re-derived from its provenance), or --data."""
+# the load_data options family.json records (training/data.py): replaying them re-derives the same splits
+SPLIT_OPTIONS = ("calib_fraction", "val_fraction", "seed", "label_space", "train_per_class", "heldout_per_class",
+                 "synthetic_classes", "max_image_pixels", "data_root")
+
+
+def _own_images(images: ImageSet, pred: Predictions, source: str) -> ImageSet:
+    """Exactly the images of a predictions file, in its order: by id, with the labels it recorded."""
+    position = {image_id: k for k, image_id in enumerate(images.ids)}
+    missing = [str(i) for i in pred.ids if str(i) not in position]
+    if missing:
+        raise UserError(f"{len(missing)} of the {pred.n} images in {pred.path} are not in {source} (e.g. "
+                        f"{missing[0]}): the data changed since training; restore it, or give other images with --data")
+    chosen = images.subset([position[str(i)] for i in pred.ids])
+    if not np.array_equal(chosen.labels, pred.labels):
+        k = int(np.flatnonzero(chosen.labels != pred.labels)[0])
+        raise UserError(f"{source} labels {chosen.ids[k]} as class {chosen.class_names[chosen.labels[k]]!r}, but the "
+                        f"family predicted it as class {chosen.class_names[pred.labels[k]]!r}: the data changed since "
+                        "training; restore it")
+    return chosen
+
+
+def _by_class_name(images: ImageSet, family_names: list[str], spec: str) -> ImageSet:
+    """Relabel images into the family's class order, matching class names (other names stop)."""
+    if images.class_names == family_names:
+        return images
+    unknown = [c for c in images.class_names if c not in family_names]
+    if unknown:
+        def show(names):
+            return ", ".join(names[:10]) + (f" ... ({len(names)} in all)" if len(names) > 10 else "")
+        raise UserError(f"--data {spec} has classes the family does not know ({show(unknown)}); its classes are "
+                        f"[{show(images.class_names)}], the family's [{show(family_names)}]: evaluate on images of the "
+                        "family's classes, in folders named as the family names them")
+    to_family = np.array([family_names.index(c) for c in images.class_names], dtype=np.int64)
+    return ImageSet(family_names, to_family[images.labels], images.ids, images.reader, images.index)
+
+
+def images_to_score(config, data: str | None, split: str, limit: int | None,
+                log=print) -> tuple[ImageSet, str, np.ndarray | None]:
+    """The images to score -> (images, their source, the pixel digests the family predicted them with or None).
+
+    Without --data (or with the family's own source): exactly the ids of predictions/{split}.npz, from the source
+    as family.json recorded it (resolved path, split options), their labels checked. With other data: the held-out
+    split that the same options give there, classes matched to the family's by name."""
     fam = read_family_json(config.family_dir)
     prov = fam.get("provenance", {}).get("data", {})
-    spec = data or prov.get("source")
+    opts = {k: prov[k] for k in SPLIT_OPTIONS if prov.get(k) is not None}
+    recorded = prov.get("resolved_source") or prov.get("source")
+    own = data is None or resolve_source(data, opts.get("data_root", "data")) == recorded
+    spec = recorded if own else data
     if not spec:
         raise UserError(f"{config.family_dir}/family.json does not record its data source; pass --data")
-    opts = {"seed": prov.get("seed", 0), "calib_fraction": prov.get("calib_fraction", 0.5),
-            "label_space": prov.get("label_space", "native"), "heldout_per_class": prov.get("heldout_per_class")}
-    splits = load_data(spec, **opts)
+    splits = load_data(spec, **opts, check_train=False, log=log)
     images = splits.test if split == "test" else splits.calib
+    digests = None
+    if own:
+        if splits.class_names != fam["class_names"]:
+            raise UserError(f"{spec} now has classes {splits.class_names[:10]}, the family was trained on "
+                            f"{fam['class_names'][:10]}: the data changed since training; restore it")
+        pred = load_predictions(config.family_dir / "predictions" / f"{split}.npz")
+        images, digests = _own_images(images, pred, spec), pred.pixel_digests
+    else:
+        images = _by_class_name(images, fam["class_names"], spec)
     if limit:
         images = images.subset(np.arange(min(limit, len(images))))
-    if len(splits.class_names) != fam["num_classes"]:
-        raise UserError(f"--data {spec} has {len(splits.class_names)} classes, the family {fam['num_classes']}")
-    return images, spec
+        digests = None if digests is None else digests[:len(images)]
+    return images, spec, digests
 
 
-def _decode_all(images) -> tuple[list[torch.Tensor | None], np.ndarray]:
-    out = []
+def _decode_all(images: ImageSet, digests: np.ndarray | None, log) -> tuple[list[torch.Tensor], np.ndarray]:
+    """Decoded images and labels; unreadable ones left out (named); with digests, each image must decode to the
+    pixels it was predicted on."""
+    out, labels, changed = [], [], []
     for i in range(len(images)):
         try:
-            out.append(images.read(i))
-        except Exception:
-            out.append(None)
-    return out, images.labels
+            image = images.read(i)
+        except (ImageError, OSError) as e:
+            log(f"{images.ids[i]}: unreadable, left out ({e})")
+            continue
+        if digests is not None and pixel_digest(image) != digests[i]:
+            changed.append(images.ids[i])
+        out.append(image)
+        labels.append(images.labels[i])
+    if changed:
+        raise UserError(f"{len(changed)} of {len(images)} images decode to other pixels than the family predicted on "
+                        f"(e.g. {changed[0]}): the files changed since training; restore them, or give other "
+                        "images with --data")
+    return out, np.array(labels, dtype=np.int64)
 
 
 def _batches(n: int, b: int):
@@ -64,12 +127,10 @@ def run_eval(cascade_json, data: str | None = None, backend: str | None = None, 
     if threads:
         torch.set_num_threads(threads)
     b = batch_size or int(config.doc["profile"]["batch_size"])
-    images, spec = test_images(config, data, split, limit)
-    decoded, labels = _decode_all(images)
-    good = [i for i, im in enumerate(decoded) if im is not None]
-    if len(good) < len(decoded):
-        log(f"{len(decoded) - len(good)} unreadable test images left out")
-    decoded, labels = [decoded[i] for i in good], labels[good]
+    images, spec, digests = images_to_score(config, data, split, limit, log)
+    decoded, labels = _decode_all(images, digests, log)
+    if not decoded:
+        raise UserError(f"no readable {split} images in {spec}")
     ref = config.reference
     casc = CascadeRunner(config, backend=backend, threads=threads)
     refr = CascadeRunner(config, backend=backend, threads=threads, stages=Cascade([Stage(ref, -math.inf)]))

@@ -19,6 +19,7 @@ class Predictions:
     ids: np.ndarray           # [N]
     weights_sha256: str
     path: str = ""
+    pixel_digests: np.ndarray | None = None   # [N] training.images.pixel_digest of each image (None: not recorded)
 
     @property
     def n(self) -> int:
@@ -28,12 +29,14 @@ class Predictions:
         return self.logits[:, self.resolutions.index(resolution)]
 
     def subset(self, idx) -> "Predictions":
+        digests = None if self.pixel_digests is None else self.pixel_digests[idx]
         return Predictions(self.logits[idx], self.labels[idx], self.resolutions, self.ids[idx], self.weights_sha256,
-                           self.path)
+                           self.path, digests)
 
     def restrict(self, resolutions) -> "Predictions":
         k = [self.resolutions.index(r) for r in resolutions]
-        return Predictions(self.logits[:, k], self.labels, list(resolutions), self.ids, self.weights_sha256, self.path)
+        return Predictions(self.logits[:, k], self.labels, list(resolutions), self.ids, self.weights_sha256, self.path,
+                           self.pixel_digests)
 
 
 def validate(logits, labels, resolutions, where: str) -> None:
@@ -75,7 +78,8 @@ def load_predictions(path) -> Predictions:
             resolutions = [int(r) for r in z["resolutions"]]
             ids = z["ids"] if "ids" in z else np.arange(len(labels)).astype(str)
             wid = str(z["weights_sha256"]) if "weights_sha256" in z else ""
+            digests = z["pixel_digests"] if "pixel_digests" in z and len(z["pixel_digests"]) == len(labels) else None
     except (OSError, ValueError) as e:
         raise UserError(f"{path} is not a readable .npz ({e}); re-run prediction") from None
     validate(logits, labels, resolutions, str(path))
-    return Predictions(logits, labels, resolutions, ids, wid, str(path))
+    return Predictions(logits, labels, resolutions, ids, wid, str(path), digests)

@@ -16,13 +16,14 @@ import torch
 
 from profiling.backends import get_backend
 from profiling.measure import torch_threads
-from training.data import decode
 from training.fileio import UserError, sha256_file
+from training.images import DEFAULT_MAX_PIXELS, decode
 from training.preprocess import channels_last_batch, preprocess
 from training.store import load_family, weights_id
 
 from .config import CascadeConfig, read_config
 from .confidence import combine, confidence, log_probs
+from .optimizer import Cascade, Stage
 
 
 @dataclass
@@ -83,12 +84,19 @@ def exit_step(logits: np.ndarray, k: int, threshold: float, temperature: float, 
 class CascadeRunner:
     """Load cascade.json + its family (hashes verified) and run the cascade on `backend`.
 
-    runner(images) accepts a uint8 tensor [N, 3, H, W], or a list of uint8 [3, H, W] tensors and/or image
-    file paths (decoded here; a corrupt file is an error for that input only).
+    runner(images) accepts a uint8 tensor [N, 3, H, W], or a list of inputs, each a uint8 [3, H, W] tensor, an
+    image file path or the encoded bytes of an image file. Files and bytes are decoded by training.images.decode,
+    the decode training and prediction used (EXIF orientation applied, any bit depth to 8 bits, first frame of an
+    animation, at most max_image_pixels pixels, checked from the header before decoding). An input that fails
+    (missing, not an image, damaged, too large) gets an error of its own in the result; the others are answered.
+
+    warmup (default on): run every stage once at load, on a batch of the size the cascade was built for, so that
+    the first request is not the slow one (sessions allocate and plan on their first run).
     """
 
     def __init__(self, config, backend: str | None = None, precision: str | None = None,
-                 threads: int | None = None, stages=None):
+                 threads: int | None = None, stages=None, max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 warmup: bool = True):
         self.config: CascadeConfig = config if isinstance(config, CascadeConfig) else read_config(config)
         fam_dir = self.config.family_dir
         doc_family = self.config.doc["family"]
@@ -110,6 +118,7 @@ class CascadeRunner:
         self.temperatures = self.config.temperatures
         self.measure, self.combined = self.config.measure, self.config.combined
         self.num_classes = doc["num_classes"]
+        self.max_image_pixels = max_image_pixels
         be = get_backend(self.backend_name)
         self.device = be.device
         self.engines = {}
@@ -117,6 +126,23 @@ class CascadeRunner:
             if s.resolution not in self.engines:
                 self.engines[s.resolution] = be.open(family, fam_dir, weights_id(doc), s.resolution, self.precision,
                                                      threads)
+        if warmup:
+            self.warmup(int(self.config.doc["profile"].get("batch_size", 1)),
+                        doc.get("provenance", {}).get("data", {}).get("source_size"))
+
+    def warmup(self, batch_size: int = 1, source_size=None) -> None:
+        """Run every stage (preprocessing, inference, decision) on a batch of grey images of source_size [H, W]
+        (default: the top stage's resize size): what a first request would otherwise pay alone."""
+        from training.preprocess import eval_resize_size
+        side = eval_resize_size(max(s.resolution for s in self.cascade.stages), self.crop_fraction)
+        h, w = source_size or (side, side)
+        grey = torch.full((h, w, 3), 128, dtype=torch.uint8).permute(2, 0, 1)
+        every = Cascade([Stage(s.resolution, math.inf) for s in self.cascade.stages])  # no row exits early
+        stages, self.cascade = self.cascade, every
+        try:
+            self([grey] * max(1, batch_size))
+        finally:
+            self.cascade = stages
 
     # ---- inputs --------------------------------------------------------------------------------------------
     def _load(self, images) -> tuple[list[torch.Tensor | None], dict[int, str]]:
@@ -128,12 +154,14 @@ class CascadeRunner:
         for i, item in enumerate(images):
             try:
                 if isinstance(item, (str, Path)):
-                    item = decode(Path(item).read_bytes())
+                    item = Path(item).read_bytes()
+                if isinstance(item, (bytes, bytearray, memoryview)):
+                    item = decode(item, self.max_image_pixels)
                 if not (isinstance(item, torch.Tensor) and item.dim() == 3 and item.shape[0] == 3
                         and item.dtype == torch.uint8):
-                    raise ValueError("not a decoded uint8 [3, H, W] image")
+                    raise ValueError("not an image: give a file path, encoded bytes or a uint8 [3, H, W] tensor")
                 out.append(item)
-            except Exception as e:  # a corrupt or missing file fails that input, not the batch
+            except (OSError, ValueError) as e:  # a missing, corrupt or oversized file fails that input only
                 out.append(None)
                 errors[i] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'unreadable'}"
         return out, errors

@@ -40,3 +40,13 @@ def tiny_family(tmp_path_factory):
               data_options={"heldout_per_class": 20})
     run_profile(out, "onnxruntime", "fp32", (1, 4), protocol=QUICK, threads=1, log=lambda s: None)
     return out
+
+
+@pytest.fixture(scope="session")
+def built(tiny_family, tmp_path_factory):
+    """(family dir, cascade.json, config) of a two-stage cascade on the tiny family, whatever its quality (a lenient
+    target)."""
+    from cascade.build import run_build
+    out = tmp_path_factory.mktemp("casc") / "cascade.json"
+    config = run_build(tiny_family, batch_size=4, target="0.05", out=out, exact="off", log=lambda s: None)
+    return tiny_family, out, config

@@ -11,14 +11,15 @@ import pytest
 import torch
 from PIL import Image
 
-from training.data import load_data
+from training.data import FileReader, ImageSet, load_data
 from training.family import ResolutionFamily
 from training.fileio import UserError
 from training.preprocess import resize_center_crop
 from training.run import independent_ids, onnx_predictors, run_train
 from training.store import load_family
 from training.synthetic import make_synthetic
-from training.trainer import MultiResolutionForward, TrainConfig, _inputs
+from training.predict import predict_logits
+from training.trainer import MultiResolutionForward, TrainConfig, _inputs, train
 
 from .test_family import random_torchvision
 
@@ -193,7 +194,7 @@ def test_synthetic_is_deterministic_and_resolution_sensitive():
     assert texture_energy(fine, 96) > 2 * texture_energy(fine, 32)
 
 
-def write_image_folder(root: Path, classes=("a", "b"), per_class=10, corrupt=0, size=40):
+def write_image_folder(root: Path, classes=("a", "b"), per_class=10, corrupt=0, size=40, truncated=0):
     rng = np.random.default_rng(0)
     for c in classes:
         (root / c).mkdir(parents=True, exist_ok=True)
@@ -201,21 +202,52 @@ def write_image_folder(root: Path, classes=("a", "b"), per_class=10, corrupt=0, 
             Image.fromarray(rng.integers(0, 255, (size, size + 8, 3), dtype=np.uint8)).save(root / c / f"{i}.png")
     for i in range(corrupt):
         (root / classes[0] / f"broken{i}.jpg").write_bytes(b"\xff\xd8not a jpeg at all")
+    for i in range(truncated):  # a header that reads, data cut short (PNG's checksums find it before decoding)
+        data = (root / classes[1] / "0.png").read_bytes()
+        (root / classes[1] / f"truncated{i}.png").write_bytes(data[:len(data) // 2])
 
 
-def test_corrupt_images_are_skipped_and_counted(tmp_path):
-    write_image_folder(tmp_path / "imgs", per_class=24, corrupt=5)
+def test_corrupt_images_are_skipped_counted_and_named(tmp_path):
+    write_image_folder(tmp_path / "imgs", per_class=24, corrupt=5, truncated=3)
     logs = []
     cfg = tiny_cfg(batch_size=8)
     run_train(f"imagefolder:{tmp_path / 'imgs'}", tmp_path / "fam", cfg, width_mult=0.35, weights="none",
               log=logs.append, data_options={"val_fraction": 0.3})
-    metrics = list(csv_rows(tmp_path / "fam" / "metrics.csv"))
-    skipped_train = int(metrics[0]["skipped_images"])
     doc = json.loads((tmp_path / "fam/family.json").read_text())
-    n_pred = sum(len(np.load(tmp_path / f"fam/predictions/{s}.npz")["labels"]) for s in ("calib", "test"))
-    held = doc["provenance"]["data"]["calib_images"] + doc["provenance"]["data"]["test_images"]
-    assert skipped_train + (held - n_pred) == 5  # every broken file counted once, in train or held-out
-    assert any("unreadable" in line for line in logs)
+    data = doc["provenance"]["data"]
+    named = [b for split in data["unreadable"].values() for b in split]
+    assert sorted(b["id"].split("/")[-1] for b in named) == [f"broken{i}.jpg" for i in range(5)] + \
+        [f"truncated{i}.png" for i in range(3)]
+    assert all("not an image" in b["error"] for b in named if "broken" in b["id"])
+    assert all("damaged" in b["error"] for b in named if "truncated" in b["id"])
+    # the counts are the images actually trained on and scored
+    for split in ("calib", "test"):
+        assert data[f"{split}_images"] == len(np.load(tmp_path / f"fam/predictions/{split}.npz")["labels"])
+    assert data["train_images"] + data["calib_images"] + data["test_images"] == 48
+    assert any("unreadable" in line and "broken" in line for line in logs)
+
+
+def test_images_that_fail_to_decode_are_named_where_they_are_read(tmp_path):
+    """A truncated JPEG passes the header check and fails in the middle of its data: prediction and training leave
+    it out and name it; the batch goes on."""
+    import io
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(8):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(buf, "JPEG")
+        data = buf.getvalue()
+        paths.append(tmp_path / f"{i}.jpg")
+        paths[-1].write_bytes(data[:len(data) // 2] if i in (2, 5) else data)
+    images = ImageSet(["a", "b"], [i % 2 for i in range(8)], [p.name for p in paths], FileReader([str(p) for p in paths]))
+    assert len(images.readable("test")[0]) == 8  # the headers read
+    fam = ResolutionFamily(RES, num_classes=2, width_mult=0.35).eval()
+    pred = predict_logits({r: fam.to_torchvision(r) for r in RES}, images, batch_size=4)
+    assert [b["id"] for b in pred["unreadable"]] == ["2.jpg", "5.jpg"] and len(pred["labels"]) == 6
+    assert all("does not decode" in b["error"] for b in pred["unreadable"])
+    result = train(ResolutionFamily(RES, num_classes=2, width_mult=0.35), images, tiny_cfg(batch_size=2), tmp_path,
+                   log=lambda s: None)
+    assert sorted(result.unreadable) == ["2.jpg", "5.jpg"]
 
 
 def test_data_errors_up_front(tmp_path):
@@ -224,7 +256,7 @@ def test_data_errors_up_front(tmp_path):
         load_data(f"imagefolder:{tmp_path / 'one'}")
     write_image_folder(tmp_path / "two", classes=("a", "b"))
     (tmp_path / "two" / "empty").mkdir()
-    with pytest.raises(UserError, match="empty have no images"):
+    with pytest.raises(UserError, match="empty have no readable images"):
         load_data(f"imagefolder:{tmp_path / 'two'}")
     with pytest.raises(UserError, match="unknown --data"):
         load_data("mnist")

@@ -8,12 +8,16 @@ Sources (the --data argument):
                                 with --label-space imagenet)
   shared-imagenet-samples:DIR   ../shared/data/imagenet_sample_images: 1,000 held-out photos, 1000-way
 
-Held-out images (never trained on) are split into calib and test deterministically (stratified, seeded).
-Unreadable images are skipped at load time and counted, never a crash in the middle of an epoch.
+Held-out images (never trained on) are split into calib and test deterministically (stratified, seeded), from
+the listing alone, so the same data and options always give the same ids. Then every listed image's header is
+read (training/images.py: no pixel decoded): unreadable images and images over the pixel limit are left out and
+named, and a class left without images stops with one line. An image that fails later, in the middle of its
+data, is skipped where it is read and named too; one bad image never stops a batch.
 """
 from __future__ import annotations
 
 import csv
+import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,34 +25,36 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torchvision.io import ImageReadMode, decode_image
+from tqdm import tqdm
 
 from .fileio import UserError
-
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif")
+from .images import DEFAULT_MAX_PIXELS, ImageError, decode, pixel_digest, probe
 
 
 # ---- readers: picklable callables index -> uint8 [3, H, W] (they cross DataLoader worker processes) -------
-def decode(data: bytes | torch.Tensor) -> torch.Tensor:
-    if isinstance(data, bytes):
-        data = torch.frombuffer(bytearray(data), dtype=torch.uint8)
-    return decode_image(data, mode=ImageReadMode.RGB)
-
-
 class FileReader:
-    def __init__(self, paths: list[str]):
-        self.paths = paths
+    """Image files by path, decoded by training.images.decode (EXIF orientation, any bit depth, pixel limit)."""
+
+    def __init__(self, paths: list[str], max_pixels: int | None = DEFAULT_MAX_PIXELS):
+        self.paths, self.max_pixels = paths, max_pixels
+
+    def encoded(self, i: int) -> bytes:
+        with open(self.paths[i], "rb") as f:
+            return f.read()
+
+    def check(self, i: int) -> None:
+        """Read the header only (raises ImageError or OSError)."""
+        probe(self.paths[i], self.max_pixels)
 
     def __call__(self, i: int) -> torch.Tensor:
-        with open(self.paths[i], "rb") as f:
-            return decode(f.read())
+        return decode(self.encoded(i), self.max_pixels)
 
 
 class TarReader:
     """Reads members of an uncompressed tar by offset; the file is opened lazily in each process."""
 
-    def __init__(self, tar_path: str, members: list[str]):
-        self.tar_path = tar_path
+    def __init__(self, tar_path: str, members: list[str], max_pixels: int | None = DEFAULT_MAX_PIXELS):
+        self.tar_path, self.max_pixels = tar_path, max_pixels
         with tarfile.open(tar_path) as tf:
             index = {m.name: (m.offset_data, m.size) for m in tf.getmembers() if m.isfile()}
         missing = [m for m in members if m not in index]
@@ -60,12 +66,18 @@ class TarReader:
     def __getstate__(self):
         return {**self.__dict__, "_fh": None}
 
-    def __call__(self, i: int) -> torch.Tensor:
+    def encoded(self, i: int) -> bytes:
         if self._fh is None:
             self._fh = open(self.tar_path, "rb")
         offset, size = self.spans[i]
         self._fh.seek(offset)
-        return decode(self._fh.read(size))
+        return self._fh.read(size)
+
+    def check(self, i: int) -> None:
+        probe(self.encoded(i), self.max_pixels)
+
+    def __call__(self, i: int) -> torch.Tensor:
+        return decode(self.encoded(i), self.max_pixels)
 
 
 class TensorReader:
@@ -76,14 +88,14 @@ class TensorReader:
         return self.images[i]
 
 
-class TorchvisionReader:
-    def __init__(self, dataset):
-        self.dataset = dataset
+class ArrayReader:
+    """Images held as uint8 arrays [N, H, W, 3] (torchvision's CIFAR datasets keep theirs so)."""
+
+    def __init__(self, images: np.ndarray):
+        self.images = images
 
     def __call__(self, i: int) -> torch.Tensor:
-        from torchvision.transforms.v2.functional import pil_to_tensor
-        img = self.dataset[i][0]
-        return pil_to_tensor(img.convert("RGB")) if not isinstance(img, torch.Tensor) else img
+        return torch.from_numpy(np.ascontiguousarray(self.images[i])).permute(2, 0, 1)
 
 
 @dataclass
@@ -110,6 +122,22 @@ class ImageSet:
         idx = np.asarray(idx, dtype=np.int64)
         return ImageSet(self.class_names, self.labels[idx], [self.ids[i] for i in idx], self.reader, self.index[idx])
 
+    def readable(self, what: str) -> tuple["ImageSet", list[dict]]:
+        """(the images whose header reads and whose size is within the pixel limit, [{id, error}] of the others).
+        Reads headers only; sets decoded already (tensors, arrays) are all readable."""
+        check = getattr(self.reader, "check", None)
+        if check is None or len(self) == 0:
+            return self, []
+        keep, bad = [], []
+        for i in tqdm(range(len(self)), desc=f"checking {what} images", unit="img", leave=False, mininterval=2,
+                      disable=None):
+            try:
+                check(int(self.index[i]))
+                keep.append(i)
+            except (ImageError, OSError) as e:
+                bad.append({"id": self.ids[i], "error": str(e)})
+        return self.subset(keep), bad
+
 
 @dataclass
 class DataSplits:
@@ -120,13 +148,15 @@ class DataSplits:
     description: dict
 
 
-def check_classes(labels: np.ndarray, class_names: list[str], what: str) -> None:
+def check_classes(labels: np.ndarray, class_names: list[str], what: str, hint: str = "add images or remove the "
+                  "class") -> None:
     if len(class_names) < 2:
         raise UserError(f"{what} has {len(class_names)} class(es); a classifier needs at least 2")
     counts = np.bincount(labels, minlength=len(class_names))
     empty = [class_names[i] for i in np.flatnonzero(counts == 0)]
     if empty:
-        raise UserError(f"{what}: class(es) {', '.join(empty[:5])} have no images; add images or remove the class")
+        more = f" (and {len(empty) - 5} more)" if len(empty) > 5 else ""
+        raise UserError(f"{what}: class(es) {', '.join(empty[:5])}{more} have no readable images; {hint}")
 
 
 def limit_per_class(s: ImageSet, n: int | None, seed: int) -> ImageSet:
@@ -151,39 +181,53 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
 
 
 # ---- sources ---------------------------------------------------------------------------------------------
-def _list_image_folder(root: Path) -> tuple[list[str], list[int], list[str]]:
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir())
-    if not classes:
-        raise UserError(f"{root} has no class folders; an image folder holds one sub-folder of images per class")
-    paths, labels = [], []
-    for c, name in enumerate(classes):
-        files = sorted(p for p in (root / name).rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS)
-        paths += [str(p) for p in files]
-        labels += [c] * len(files)
-    return paths, labels, classes
+def list_image_folder(root: Path, id_root: Path, max_pixels: int | None) -> tuple[ImageSet, dict[str, int]]:
+    """Class folders of images, listed exactly as torchvision's ImageFolder lists them (its own find_classes and
+    make_dataset, its IMG_EXTENSIONS). -> (images with ids relative to id_root, {extension: count} of the files in
+    class folders that ImageFolder does not list, e.g. .gif)."""
+    from torchvision.datasets.folder import IMG_EXTENSIONS, find_classes, make_dataset
+    try:
+        classes, class_to_idx = find_classes(root)
+    except FileNotFoundError:
+        raise UserError(f"{root} has no class folders; an image folder holds one sub-folder of images per "
+                        "class") from None
+    samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
+    listed = {path for path, _ in samples}
+    not_listed: dict[str, int] = {}
+    for name in classes:
+        for folder, _, files in os.walk(root / name, followlinks=True):
+            for f in files:
+                if os.path.join(folder, f) not in listed:
+                    ext = os.path.splitext(f)[1].lower() or "(none)"
+                    not_listed[ext] = not_listed.get(ext, 0) + 1
+    paths = [path for path, _ in samples]
+    ids = [os.path.relpath(path, id_root) for path in paths]
+    images = ImageSet(classes, [label for _, label in samples], ids, FileReader(paths, max_pixels))
+    return images, dict(sorted(not_listed.items()))
 
 
-def image_folder(path: str, val_fraction: float, seed: int) -> tuple[ImageSet, ImageSet]:
+def image_folder(path: str, val_fraction: float, seed: int,
+                 max_pixels: int | None) -> tuple[ImageSet, ImageSet, dict[str, int]]:
+    """(train, held-out, files not listed) of PATH/train + PATH/val, or of one class-folder tree split by
+    val_fraction (stratified, seeded). Held-out classes are checked like training ones (after reading headers)."""
     root = Path(path)
     if not root.is_dir():
         raise UserError(f"image folder {root} not found")
     if (root / "train").is_dir():
         if not (root / "val").is_dir():
             raise UserError(f"{root}/train exists but {root}/val does not; add val/ or point at one class-folder tree")
-        tp, tl, classes = _list_image_folder(root / "train")
-        vp, vl, vclasses = _list_image_folder(root / "val")
-        if vclasses != classes:
-            raise UserError(f"{root}/val has classes {vclasses[:5]}... but train has {classes[:5]}...; "
+        train, skipped = list_image_folder(root / "train", root, max_pixels)
+        val, skipped_val = list_image_folder(root / "val", root, max_pixels)
+        if val.class_names != train.class_names:
+            raise UserError(f"{root}/val has classes {val.class_names} but {root}/train has {train.class_names}; "
                             "both need the same class folders")
-        train = ImageSet(classes, tl, [str(Path(p).relative_to(root)) for p in tp], FileReader(tp))
-        check_classes(train.labels, classes, f"{root}/train")
-        val = ImageSet(classes, vl, [str(Path(p).relative_to(root)) for p in vp], FileReader(vp))
-        return train, val
-    paths, labels, classes = _list_image_folder(root)
-    full = ImageSet(classes, labels, [str(Path(p).relative_to(root)) for p in paths], FileReader(paths))
-    check_classes(full.labels, classes, str(root))
+        return train, val, {k: skipped.get(k, 0) + skipped_val.get(k, 0) for k in {**skipped, **skipped_val}}
+    if not 0 < val_fraction < 1:
+        raise UserError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+    full, skipped = list_image_folder(root, root, max_pixels)
+    check_classes(full.labels, full.class_names, str(root))
     val_idx, train_idx = stratified_split(full.labels, val_fraction, seed + 1)
-    return full.subset(train_idx), full.subset(val_idx)
+    return full.subset(train_idx), full.subset(val_idx), skipped
 
 
 def _read_manifest(path: Path) -> list[dict]:
@@ -199,7 +243,7 @@ def imagenet_class_names() -> list[str]:
     return list(MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"])
 
 
-def shared_imagenette(path: str, label_space: str) -> tuple[ImageSet, ImageSet]:
+def shared_imagenette(path: str, label_space: str, max_pixels: int | None) -> tuple[ImageSet, ImageSet]:
     root = Path(path)
     out = []
     for split, tar in (("train_subset500", "imagenette224_train_subset500.tar"), ("val", "imagenette224_val.tar")):
@@ -209,21 +253,22 @@ def shared_imagenette(path: str, label_space: str) -> tuple[ImageSet, ImageSet]:
         else:
             names = {int(r["imagenette_index"]): r["class_name"] for r in rows}
             labels, classes = [int(r["imagenette_index"]) for r in rows], [names[i] for i in sorted(names)]
-        reader = TarReader(str(root / tar), [r["path"] for r in rows])
+        reader = TarReader(str(root / tar), [r["path"] for r in rows], max_pixels)
         out.append(ImageSet(classes, labels, [r["path"] for r in rows], reader))
     return out[0], out[1]
 
 
-def shared_imagenet_samples(path: str) -> ImageSet:
+def shared_imagenet_samples(path: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ImageSet:
     root = Path(path)
     rows = _read_manifest(root / "labels.csv")
     tar = root / "imagenet_sample_images_1000.tar"
     members = [f"imagenet_sample_images/{r['file']}" for r in rows]
     return ImageSet(imagenet_class_names(), [int(r["imagenet_index"]) for r in rows], [r["file"] for r in rows],
-                    TarReader(str(tar), members))
+                    TarReader(str(tar), members, max_pixels))
 
 
-def torchvision_dataset(name: str, root: str, download: bool) -> tuple[ImageSet, ImageSet]:
+def torchvision_dataset(name: str, root: str, download: bool, max_pixels: int | None) -> tuple[ImageSet, ImageSet]:
+    """CIFAR (its uint8 arrays) or Imagenette (its files, decoded by training.images like every file)."""
     import torchvision.datasets as D
     try:
         if name in ("cifar10", "cifar100"):
@@ -237,9 +282,15 @@ def torchvision_dataset(name: str, root: str, download: bool) -> tuple[ImageSet,
                         "or --data-root pointing at a copy") from None
     out = []
     for ds in (train, val):
-        labels = ds.targets if hasattr(ds, "targets") else [s[1] for s in ds._samples]
-        classes = list(ds.classes) if name != "imagenette" else [c[0] for c in ds.classes]
-        out.append(ImageSet(classes, labels, [f"{name}/{i}" for i in range(len(labels))], TorchvisionReader(ds)))
+        if name == "imagenette":
+            paths, labels = [str(p) for p, _ in ds._samples], [y for _, y in ds._samples]
+            classes = [c[0] for c in ds.classes]
+            ids = [os.path.relpath(p, root) for p in paths]
+            out.append(ImageSet(classes, labels, ids, FileReader(paths, max_pixels)))
+        else:
+            labels = ds.targets
+            out.append(ImageSet(list(ds.classes), labels, [f"{name}/{'train' if ds.train else 'test'}/{i}"
+                                                           for i in range(len(labels))], ArrayReader(ds.data)))
     return out[0], out[1]
 
 
@@ -252,40 +303,103 @@ def synthetic(n_train: int, num_classes: int, seed: int) -> tuple[ImageSet, Imag
     return full.subset(np.arange(n_train)), full.subset(np.arange(n_train, len(labels)))
 
 
+def resolve_source(spec: str, data_root: str = "data") -> str:
+    """The --data spec with its path made absolute: what the family records, so that `eval` run from another
+    directory reads the same images (a relative imagefolder:../photos would name another folder there)."""
+    kind, _, arg = spec.partition(":")
+    if kind in ("imagefolder", "shared-imagenette", "shared-imagenet-samples") and arg:
+        return f"{kind}:{Path(arg).expanduser().resolve()}"
+    if kind in ("cifar10", "cifar100", "imagenette"):
+        return f"{kind}:{Path(arg or data_root).expanduser().resolve()}"
+    return spec
+
+
+def _check_unreadable(what: str, bad: list[dict], log) -> None:
+    if bad:
+        log(f"{what}: {len(bad)} unreadable image(s) left out, e.g. " +
+            "; ".join(f"{b['id']} ({b['error']})" for b in bad[:3]))
+
+
 def load_data(spec: str, *, calib_fraction: float = 0.5, val_fraction: float = 0.2, seed: int = 0,
               label_space: str = "native", data_root: str = "data", download: bool = False,
               train_per_class: int | None = None, heldout_per_class: int | None = None,
-              synthetic_classes: int = 8) -> DataSplits:
-    """Parse --data SPEC into train / calib / test splits."""
+              synthetic_classes: int = 8, max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
+              check_train: bool = True, log=print) -> DataSplits:
+    """Parse --data SPEC into train / calib / test splits of readable images.
+
+    The splits are made from the listing (deterministic in the options and seed), then each split keeps the
+    images whose header reads within max_image_pixels (check_train=False skips reading the training images'
+    headers, for callers that use only the held-out ones). The description records every option that defines
+    the splits, the resolved source, the images each split holds and the unreadable ones, by id.
+    Raises UserError for an unknown source, bad fractions, or a class left without readable images."""
     kind, _, arg = spec.partition(":")
+    if not 0 < calib_fraction < 1:
+        raise UserError(f"--calib-fraction must be between 0 and 1, got {calib_fraction}")
+    not_listed: dict[str, int] = {}
     if kind == "synthetic":
         train, heldout = synthetic(int(arg) if arg else 2000, synthetic_classes, seed)
     elif kind == "imagefolder":
-        train, heldout = image_folder(arg, val_fraction, seed)
+        train, heldout, not_listed = image_folder(arg, val_fraction, seed, max_image_pixels)
     elif kind in ("cifar10", "cifar100", "imagenette"):
-        train, heldout = torchvision_dataset(kind, arg or data_root, download)
+        train, heldout = torchvision_dataset(kind, arg or data_root, download, max_image_pixels)
     elif kind == "shared-imagenette":
-        train, heldout = shared_imagenette(arg, label_space)
+        train, heldout = shared_imagenette(arg, label_space, max_image_pixels)
     elif kind == "shared-imagenet-samples":
-        train, heldout = None, shared_imagenet_samples(arg)
+        train, heldout = None, shared_imagenet_samples(arg, max_image_pixels)
     else:
         raise UserError(f"unknown --data {spec!r}; use synthetic[:N], imagefolder:PATH, cifar10, cifar100, "
                         "imagenette, shared-imagenette:DIR or shared-imagenet-samples:DIR")
-    if not 0 < calib_fraction < 1:
-        raise UserError(f"--calib-fraction must be between 0 and 1, got {calib_fraction}")
+    if not_listed:
+        log(f"{sum(not_listed.values())} file(s) in the class folders are not images torchvision's ImageFolder "
+            f"lists and are not used ({', '.join(f'{k} {v}' for k, v in not_listed.items())})")
+    unreadable = {}
     if train is not None:
         train = limit_per_class(train, train_per_class, seed)
+        if check_train:
+            train, unreadable["train"] = train.readable("training")
+            _check_unreadable("train", unreadable["train"], log)
+            if kind == "imagefolder":  # classes that come from the folders (not a fixed label space) need images
+                check_classes(train.labels, train.class_names, f"{spec} (training images)")
     heldout = limit_per_class(heldout, heldout_per_class, seed + 2)
     calib_idx, test_idx = stratified_split(heldout.labels, calib_fraction, seed + 3)
-    desc = {"source": spec, "label_space": label_space, "seed": seed, "calib_fraction": calib_fraction,
-            "train_images": 0 if train is None else len(train), "calib_images": len(calib_idx),
-            "test_images": len(test_idx), "train_per_class": train_per_class, "heldout_per_class": heldout_per_class}
-    return DataSplits(train, heldout.subset(calib_idx), heldout.subset(test_idx), heldout.class_names, desc)
+    calib, unreadable["calib"] = heldout.subset(calib_idx).readable("calib")
+    test, unreadable["test"] = heldout.subset(test_idx).readable("test")
+    for split in ("calib", "test"):
+        _check_unreadable(split, unreadable[split], log)
+    if kind == "imagefolder":
+        check_classes(np.concatenate([calib.labels, test.labels]), heldout.class_names, f"{spec} (held-out images)",
+                      "add images, or raise --val-fraction if the folder is split by it")
+    for split, images in (("calib", calib), ("test", test)):
+        if len(images) == 0 and train is not None:  # a family needs both (an evaluation-only source may not)
+            raise UserError(f"{spec}: the {split} split has no readable images ({len(heldout)} held-out images, "
+                            f"--calib-fraction {calib_fraction}); add held-out images or change --calib-fraction")
+    desc = {"source": spec, "resolved_source": resolve_source(spec, data_root), "label_space": label_space,
+            "seed": seed, "calib_fraction": calib_fraction, "val_fraction": val_fraction,
+            "train_per_class": train_per_class, "heldout_per_class": heldout_per_class,
+            "synthetic_classes": synthetic_classes, "max_image_pixels": max_image_pixels,
+            "data_root": str(Path(data_root).expanduser().resolve()),
+            "train_images": 0 if train is None else len(train), "calib_images": len(calib), "test_images": len(test),
+            "unreadable": {k: v for k, v in unreadable.items() if v}, "not_listed": not_listed}
+    return DataSplits(train, calib, test, heldout.class_names, desc)
 
 
 # ---- torch datasets over an ImageSet ----------------------------------------------------------------------
+@dataclass
+class Unreadable:
+    """What a dataset returns for an image that failed to decode: the collate leaves it out and passes it on."""
+    id: str
+    error: str
+
+
+def _read(images: ImageSet, i: int) -> torch.Tensor | Unreadable:
+    try:
+        return images.read(i)
+    except (ImageError, OSError) as e:  # damaged data behind a readable header, or a file gone since listing
+        return Unreadable(images.ids[i], str(e))
+
+
 class TrainDataset(torch.utils.data.Dataset):
-    """(crop, label) with crop = transform(image), or None for an unreadable image (the collate drops it)."""
+    """(crop, label) with crop = transform(image), or Unreadable (the collate leaves it out)."""
 
     def __init__(self, images: ImageSet, transform):
         self.images, self.transform = images, transform
@@ -294,15 +408,13 @@ class TrainDataset(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i):
-        try:
-            img = self.images.read(i)
-        except Exception:  # corrupt / unreadable file: counted and skipped by the collate
-            return None
-        return self.transform(img), int(self.images.labels[i])
+        img = _read(self.images, i)
+        return img if isinstance(img, Unreadable) else (self.transform(img), int(self.images.labels[i]))
 
 
 class EvalDataset(torch.utils.data.Dataset):
-    """(list of uint8 [3, r, r] per resolution, label, position) with the eval preprocessing of each r."""
+    """(list of uint8 [3, r, r] per resolution, label, position, pixel digest) with the eval preprocessing of each
+    r, or Unreadable."""
 
     def __init__(self, images: ImageSet, resolutions, crop_fraction: float):
         from .preprocess import resize_center_crop
@@ -313,17 +425,17 @@ class EvalDataset(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, i):
-        try:
-            img = self.images.read(i)
-        except Exception:
-            return None
-        return [self._resize(img, r, self.crop_fraction) for r in self.resolutions], int(self.images.labels[i]), i
+        img = _read(self.images, i)
+        if isinstance(img, Unreadable):
+            return img
+        return ([self._resize(img, r, self.crop_fraction) for r in self.resolutions], int(self.images.labels[i]), i,
+                pixel_digest(img))
 
 
 def collate_skipping(batch):
-    """Default collate over the readable items; returns (collated or None, number skipped)."""
-    good = [b for b in batch if b is not None]
-    skipped = len(batch) - len(good)
+    """Default collate over the readable items -> (collated or None, [Unreadable] left out)."""
+    bad = [b for b in batch if isinstance(b, Unreadable)]
+    good = [b for b in batch if not isinstance(b, Unreadable)]
     if not good:
-        return None, skipped
-    return torch.utils.data.default_collate(good), skipped
+        return None, bad
+    return torch.utils.data.default_collate(good), bad

@@ -22,7 +22,8 @@ def predict_logits(models: dict, images: ImageSet, batch_size: int = 64,
                    device: str = "cpu", workers: int = 0, crop_fraction: float = CROP_FRACTION,
                    desc: str = "predict") -> dict:
     """models: resolution -> an nn.Module, or any callable input -> logits (e.g. an ONNX Runtime engine's run).
-    Returns logits [N, R, C], labels, ids, resolutions, skipped."""
+    Returns logits [N, R, C], labels, ids, pixel_digests (training.images.pixel_digest of each decoded image),
+    resolutions, skipped (count) and unreadable ([{id, error}]) over the images that failed to decode."""
     resolutions = sorted(models)
     ds = EvalDataset(images, resolutions, crop_fraction)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
@@ -30,16 +31,17 @@ def predict_logits(models: dict, images: ImageSet, batch_size: int = 64,
     for m in models.values():
         if isinstance(m, torch.nn.Module):
             m.to(device, memory_format=torch.channels_last).eval()
-    chunks, labels, positions, skipped = [], [], [], 0
+    chunks, labels, positions, digests, unreadable = [], [], [], [], []
     t0 = time.perf_counter()
     with torch.inference_mode(), tqdm(total=len(ds), desc=desc, unit="img", leave=False, mininterval=2,
                                       disable=None) as bar:
-        for batch, n_bad in loader:
-            skipped += n_bad
-            bar.update(n_bad)
+        for batch, bad in loader:
+            unreadable += [{"id": b.id, "error": b.error} for b in bad]
+            bar.update(len(bad))
             if batch is None:
                 continue
-            views, y, pos = batch
+            views, y, pos, digest = batch
+            digests += list(digest)
             out = []
             for r, v in zip(resolutions, views):
                 x = to_model_input(v.to(device)).contiguous(memory_format=torch.channels_last)
@@ -53,7 +55,8 @@ def predict_logits(models: dict, images: ImageSet, batch_size: int = 64,
     pos = torch.cat(positions).numpy()
     return {"logits": torch.cat(chunks).numpy().astype(np.float32), "labels": torch.cat(labels).numpy(),
             "resolutions": np.array(resolutions, dtype=np.int64), "ids": np.array([images.ids[i] for i in pos]),
-            "skipped": skipped, "seconds": time.perf_counter() - t0}
+            "pixel_digests": np.array(digests), "skipped": len(unreadable), "unreadable": unreadable,
+            "seconds": time.perf_counter() - t0}
 
 
 def write_predictions(path, pred: dict, weights_sha256: str | None = None, split: str = "") -> None:
@@ -61,7 +64,8 @@ def write_predictions(path, pred: dict, weights_sha256: str | None = None, split
         with open(tmp, "wb") as f:
             np.savez(f, schema_version=np.int64(PREDICTIONS_SCHEMA), logits=pred["logits"], labels=pred["labels"],
                      resolutions=pred["resolutions"], ids=pred["ids"], split=np.array(split),
-                     weights_sha256=np.array(weights_sha256 or ""))
+                     weights_sha256=np.array(weights_sha256 or ""),
+                     pixel_digests=pred.get("pixel_digests", np.array([], dtype=str)))
 
 
 def top1(pred: dict) -> dict[int, float]:

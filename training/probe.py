@@ -28,7 +28,7 @@ def probe_features(backbone, images: ImageSet, resolutions, device, batch_size: 
     for batch, _ in loader:
         if batch is None:
             continue
-        views, y, _ = batch
+        views, y = batch[:2]
         for r, v in zip(resolutions, views):
             x = to_model_input(v.to(device)).contiguous(memory_format=torch.channels_last)
             feats[r].append(backbone(x, r).float().cpu())

@@ -57,7 +57,7 @@ def run_train(data: str, out: str, cfg: TrainConfig, *, width_mult: float = 1.0,
         raise UserError(f"{out} already holds a family; choose a new --out (or --resume an interrupted run there)")
     if predict_backend not in ("torch", "onnxruntime"):
         raise UserError(f"--predict-backend {predict_backend!r}: use torch or onnxruntime")
-    splits = splits or load_data(data, seed=cfg.seed, **(data_options or {}))
+    splits = splits or load_data(data, seed=cfg.seed, **(data_options or {}), log=log if env.main else _quiet)
     if splits.train is None:
         raise UserError(f"--data {data} holds only held-out images; train on another source")
     num_classes = len(splits.class_names)
@@ -73,8 +73,13 @@ def run_train(data: str, out: str, cfg: TrainConfig, *, width_mult: float = 1.0,
             dist.destroy_process_group()
             return {}
     model = result.model.cpu()
-    splits.description["source_size"] = typical_size(splits.test)
-    provenance = {"data": splits.description, "weights": weights_desc, "train_config": asdict(cfg),
+    data_desc = splits.description
+    data_desc["source_size"] = typical_size(splits.test)
+    if result.unreadable:  # damaged data behind a readable header: not trained on
+        data_desc["train_images"] -= len(result.unreadable)
+        data_desc.setdefault("unreadable", {}).setdefault("train", []).extend(
+            {"id": k, "error": v} for k, v in sorted(result.unreadable.items()))
+    provenance = {"data": data_desc, "weights": weights_desc, "train_config": asdict(cfg),
                   "preset": preset, "epochs": cfg.epochs, "train_seconds": round(result.seconds, 1),
                   "skipped_train_images": result.skipped_images, "world_size": env.world}
     device = pick_device(cfg.device, env)
@@ -93,8 +98,11 @@ def run_train(data: str, out: str, cfg: TrainConfig, *, width_mult: float = 1.0,
                               workers=min(cfg.workers, 2), desc=f"predict {split}")
         write_predictions(out / "predictions" / f"{split}.npz", pred, wid, split)
         figures[split] = {str(r): acc for r, acc in top1(pred).items()}
-        if pred["skipped"]:
-            log(f"{split}: {pred['skipped']} unreadable images skipped")
+        data_desc[f"{split}_images"] = len(pred["labels"])  # the images actually scored
+        if pred["unreadable"]:
+            data_desc.setdefault("unreadable", {}).setdefault(split, []).extend(pred["unreadable"])
+            log(f"{split}: {pred['skipped']} unreadable image(s) skipped, e.g. {pred['unreadable'][0]['id']} "
+                f"({pred['unreadable'][0]['error']})")
     doc["top1"] = figures
     write_json(out / ("independent.json" if cfg.independent else "family.json"), doc)
     shutil.rmtree(out / "checkpoints", ignore_errors=True)
@@ -102,6 +110,10 @@ def run_train(data: str, out: str, cfg: TrainConfig, *, width_mult: float = 1.0,
         dist.destroy_process_group()
     log("top-1 (test): " + "  ".join(f"r{r}: {100 * figures['test'][str(r)]:.2f}%" for r in cfg.resolutions))
     return doc
+
+
+def _quiet(_: str) -> None:
+    pass
 
 
 def family_predictors(family: ResolutionFamily, run_dir, wid: str, backend: str) -> dict:

@@ -175,8 +175,9 @@ def pick_device(name: str, env: DistEnv) -> torch.device:
 class TrainResult:
     model: nn.Module
     metrics: list[dict] = field(default_factory=list)
-    skipped_images: int = 0
+    skipped_images: int = 0         # summed over epochs
     seconds: float = 0.0
+    unreadable: dict[str, str] = field(default_factory=dict)   # id -> error of the images that failed to decode
 
 
 def _param_groups(model: nn.Module, cfg: TrainConfig, ensemble: nn.Parameter | None) -> list[dict]:
@@ -379,7 +380,7 @@ def train(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, out_dir, resu
         net = nn.parallel.DistributedDataParallel(wrapper, device_ids=[device.index] if device.type == "cuda" else None)
     autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.amp
                 else torch.autocast("cpu", enabled=False))
-    t_start, skipped_total = time.perf_counter(), 0
+    t_start, skipped_total, unreadable = time.perf_counter(), 0, {}
     for epoch in range(start_epoch, cfg.epochs):
         torch.manual_seed(cfg.seed * 100_003 + epoch)  # augmentation and dropout: a function of (seed, epoch)
         if env.world > 1:
@@ -400,8 +401,9 @@ def train(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, out_dir, resu
         seen, kd_sum, skipped, t_epoch = 0, 0.0, 0, time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=None if env.main else True,
                    leave=False, mininterval=1)
-        for batch, n_bad in bar:
-            skipped += n_bad
+        for batch, bad in bar:
+            skipped += len(bad)
+            unreadable.update((b.id, b.error) for b in bad)
             if batch is None or len(batch[1]) < 2:
                 continue
             crops, y = batch
@@ -479,7 +481,7 @@ def train(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, out_dir, resu
         if env.world > 1:
             dist.barrier()
     model.eval()
-    return TrainResult(model, metrics, skipped_total, time.perf_counter() - t_start)
+    return TrainResult(model, metrics, skipped_total, time.perf_counter() - t_start, unreadable)
 
 
 def write_metrics_csv(path, rows: list[dict]) -> None:

@@ -1,0 +1,141 @@
+"""One decode for every stage: encoded image bytes -> uint8 RGB tensor [3, H, W].
+
+Training, prediction, eval and the cascade runtime all call `decode`, so a photo means the same pixels
+everywhere. Pillow reads it (every format Pillow reads; for JPEG its pixels equal torchvision's `decode_image`,
+both being libjpeg-turbo), and:
+
+- the size is read from the header and checked against a pixel limit before any pixel is decoded (default:
+  Pillow's own `Image.MAX_IMAGE_PIXELS`), so a few-byte "decompression bomb" costs nothing;
+- the EXIF orientation is applied (`ImageOps.exif_transpose`): a portrait phone photo stored sideways comes out
+  upright, as torchvision's `decode_image(..., apply_exif_orientation=True)` gives it;
+- a multi-frame file (animated GIF, WebP or PNG, multi-page TIFF) gives its first frame;
+- any bit depth and mode becomes 8-bit RGB: 16-bit samples keep their high byte (v x 257 -> v, as torchvision's
+  `to_dtype(..., scale=True)` does), grey is repeated over the channels, palettes are expanded, CMYK and YCbCr
+  converted, alpha dropped.
+
+Anything else (not an image, truncated, over the limit, floating-point pixels) raises `ImageError` with what is
+wrong; callers that read many images fail that image only.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import re
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's default decompression-bomb limit (89,478,485 pixels)
+
+_SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # "I": Pillow's mode for 16-bit PPM/PGM and some TIFFs
+
+
+class ImageError(ValueError):
+    """An input that does not decode to an image: not an image, truncated, unsupported pixels, or more pixels
+    than the limit allows. The message says which."""
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What the header says, before any pixel is decoded."""
+    format: str | None   # Pillow's format name: JPEG, PNG, GIF, WEBP, BMP, TIFF, PPM, ...
+    width: int
+    height: int
+    mode: str            # Pillow's mode: RGB, L, P, I;16, CMYK, ...
+
+
+def _open(data: bytes | str | os.PathLike, max_pixels: int | None) -> Image.Image:
+    """Open (header only: bytes in memory, or a file of which only the header is read) and check the pixel
+    count; the caller closes the image."""
+    in_memory = isinstance(data, bytes)
+    try:
+        with warnings.catch_warnings():  # our own limit decides, below; Pillow's warning would repeat it
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data) if in_memory else data)
+    except Image.DecompressionBombError as e:  # Pillow's own hard limit (2 x Image.MAX_IMAGE_PIXELS) came first
+        found = re.search(r"\((\d+) pixels\)", str(e))
+        pixels = f"{int(found.group(1)):,} pixels" if found else "the image"
+        limit = min(max_pixels or 2 * Image.MAX_IMAGE_PIXELS, 2 * Image.MAX_IMAGE_PIXELS)
+        raise ImageError(f"{pixels} exceeds the limit of {limit:,} (max_image_pixels; above "
+                         f"{2 * Image.MAX_IMAGE_PIXELS:,} raise PIL.Image.MAX_IMAGE_PIXELS too); not decoded: raise "
+                         "the limit only for files you trust") from None
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        raise ImageError(f"cannot read the file: {e.strerror}") from None
+    except UnidentifiedImageError:
+        size = len(data) if in_memory else os.path.getsize(data)
+        raise ImageError(f"not an image Pillow can read ({size} bytes)") from None
+    except (OSError, ValueError, SyntaxError) as e:  # Pillow's plugins raise these for damaged headers
+        raise ImageError(f"damaged image header: {e}") from None
+    w, h = im.size
+    if w * h == 0:
+        im.close()
+        raise ImageError(f"the image is empty ({w}x{h} pixels)")
+    if max_pixels is not None and w * h > max_pixels:
+        im.close()
+        raise ImageError(f"{w}x{h} = {w * h:,} pixels exceeds the limit of {max_pixels:,} (max_image_pixels); "
+                         "not decoded: raise the limit only for files you trust")
+    return im
+
+
+def probe(data: bytes | str | os.PathLike, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ImageInfo:
+    """Check an encoded image without decoding its pixels: read the header (format, size, mode), check the pixel
+    count, and verify the data where the format carries checksums (PNG's CRCs catch a truncated file).
+
+    data: the encoded file's bytes, or its path. max_pixels: width x height above which the image is refused (None:
+    no limit). Raises ImageError. Cheap, so listing a folder can check every file first; damage that only a decode
+    finds (a truncated JPEG) is reported by `decode`."""
+    with _open(data, max_pixels) as im:
+        info = ImageInfo(im.format, im.size[0], im.size[1], im.mode)
+        try:
+            im.verify()
+        except Exception as e:  # noqa: BLE001 (Pillow's plugins raise many kinds here)
+            raise ImageError(f"{info.format or 'image'} data is damaged: {e}") from None
+        return info
+
+
+def _rgb8(im: Image.Image) -> np.ndarray:
+    """Any Pillow image -> uint8 [H, W, 3]."""
+    if im.mode in _SIXTEEN_BIT:
+        grey = (np.clip(np.asarray(im), 0, 65535).astype(np.uint16) >> 8).astype(np.uint8)
+        return np.repeat(grey[..., None], 3, axis=2)
+    if im.mode == "F":
+        raise ImageError("floating-point pixels (mode F) have no defined 8-bit range; save the image as 8- or 16-bit")
+    if im.mode != "RGB":
+        with warnings.catch_warnings():  # palette transparency is dropped with the alpha channel anyway
+            warnings.simplefilter("ignore", UserWarning)
+            im = im.convert("RGB")
+    return np.array(im, dtype=np.uint8)
+
+
+def decode(data: bytes | bytearray | memoryview | torch.Tensor,
+           max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+    """Encoded image -> uint8 RGB tensor [3, H, W] in channels-last memory (the layout `decode_image` returns
+    and the resize's fast path), upright (EXIF orientation applied), first frame of an animation.
+
+    data: the file's bytes (or a 1-D uint8 tensor of them). max_pixels: refuse images with more pixels, checked
+    from the header before decoding (None: no limit; Pillow's own hard limit, twice `Image.MAX_IMAGE_PIXELS`,
+    still applies unless that is raised too). Raises ImageError."""
+    if isinstance(data, torch.Tensor):
+        data = data.numpy().tobytes()
+    with _open(bytes(data), max_pixels) as im:
+        try:
+            im.seek(0)
+            upright = ImageOps.exif_transpose(im)
+            pixels = _rgb8(upright)
+        except ImageError:
+            raise
+        except (OSError, ValueError, SyntaxError, EOFError) as e:  # truncated or damaged data
+            raise ImageError(f"{im.format or 'image'} data does not decode: {e}") from None
+    return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
+def pixel_digest(image: torch.Tensor) -> str:
+    """A short fingerprint (16 hex digits, BLAKE2b) of decoded pixels and their shape, whatever the memory layout:
+    predictions record it per image so that `eval` can check it scores the very images the family predicted."""
+    h = hashlib.blake2b(str(tuple(image.shape)).encode(), digest_size=8)
+    h.update(image.contiguous().numpy().tobytes())
+    return h.hexdigest()
