@@ -21,7 +21,7 @@ from training.store import read_family_json, weights_id
 from .config import stages_json, write_config
 from .confidence import MEASURES, fit_temperature
 from .costs import CostModel
-from .guarantee import certify, split_calib
+from .guarantee import certify_settings
 from .optimizer import (DEFAULT_TOLERANCES, Candidate, Cascade, Stage, StageViews, best_under_budget,
                         cheapest_meeting, exact_search, pareto_front, reference_resolution, simulate,
                         tolerance_sweep)
@@ -149,36 +149,35 @@ def run_build(run_dir, profile=None, backend: str | None = None, precision: str 
     if measure != "auto" and measure not in MEASURES:
         raise UserError(f"--confidence {measure!r} is not one of {', '.join(MEASURES)}, auto")
     costs = CostModel.from_profile(df, resolutions, backend, precision, batch_size, batch_aware, str(profile_path))
-    temps = {r: fit_temperature(calib.column(r), calib.labels) if temperature else 1.0 for r in resolutions}
-
+    if reference is not None and reference not in resolutions:
+        raise UserError(f"--reference {reference} is not among the resolutions {resolutions}")
     measures = list(MEASURES) if measure == "auto" else [measure]
     combines = {"off": [False], "on": [True], "auto": [False, True]}[combine]
-    settings = [(m, c) for m in measures for c in combines]
 
-    # --- choose: per setting, sweep (or certify), pick by the target; then the cheapest setting -------------
-    best_pick = None
-    for m, comb in settings:
-        views = StageViews(calib, m, temps, comb)
-        ref = reference if reference is not None else reference_resolution(views, resolutions)
-        if ref not in resolutions:
-            raise UserError(f"--reference {ref} is not among the resolutions {resolutions}")
+    if guarantee is not None:  # everything chosen on one part of calib, one path certified on the other
+        cs = certify_settings(calib, costs, resolutions, eps, delta, measures, combines, temperature, reference,
+                              guarantee_fraction, seed, tolerances)
+        measure, comb, temps, ref = cs.measure, cs.combined, cs.temperatures, cs.reference
+        views = StageViews(calib, measure, temps, comb)
         ref_out = simulate(Cascade([Stage(ref, -math.inf)]), views, costs)
-        if guarantee is not None:
-            sel_idx, cert_idx = split_calib(calib.n, guarantee_fraction, seed)
-            sel_views = StageViews(calib.subset(sel_idx), m, temps, comb)
-            cert_views = StageViews(calib.subset(cert_idx), m, temps, comb)
-            cert = certify(sel_views, cert_views, costs, ref, resolutions, eps, delta, tolerances)
-            pick = Candidate(cert.cascade, simulate(cert.cascade, views, costs), ref)
-            cands, extra = [pick], {"certified": cert}
-        else:
-            finishers = [ref] if tgt.kind == "best" else resolutions
-            cands = tolerance_sweep(views, costs, resolutions, finishers, tolerances)
-            pick = _select(cands, tgt, ref_out.accuracy, f"{m}, combine {'on' if comb else 'off'}")
-            extra = {}
-        key = (pick.outcome.mean_cost, -pick.outcome.accuracy)
-        if best_pick is None or key < best_pick[0]:
-            best_pick = (key, m, comb, views, ref, ref_out, pick, cands, extra)
-    _, measure, comb, views, ref, ref_out, chosen, cands, extra = best_pick
+        chosen = Candidate(cs.certified.cascade, simulate(cs.certified.cascade, views, costs), ref)
+        cands, extra = [chosen], {"certified": cs.certified}
+    else:  # per setting, sweep and pick by the target; then the cheapest setting
+        temps = {r: fit_temperature(calib.column(r), calib.labels) if temperature else 1.0 for r in resolutions}
+        best_pick = None
+        for m in measures:
+            for comb in combines:
+                views = StageViews(calib, m, temps, comb)
+                ref = reference if reference is not None else reference_resolution(views, resolutions)
+                ref_out = simulate(Cascade([Stage(ref, -math.inf)]), views, costs)
+                finishers = [ref] if tgt.kind == "best" else resolutions
+                cands = tolerance_sweep(views, costs, resolutions, finishers, tolerances)
+                pick = _select(cands, tgt, ref_out.accuracy, f"{m}, combine {'on' if comb else 'off'}")
+                key = (pick.outcome.mean_cost, -pick.outcome.accuracy)
+                if best_pick is None or key < best_pick[0]:
+                    best_pick = (key, m, comb, views, ref, ref_out, pick, cands)
+        _, measure, comb, views, ref, ref_out, chosen, cands = best_pick
+        extra = {}
     front = pareto_front(cands)
 
     # --- exact search for small pools: the greedy's gap -------------------------------------------------------
@@ -220,6 +219,8 @@ def run_build(run_dir, profile=None, backend: str | None = None, precision: str 
                    "weights_sha256": wid, "resolutions": doc["resolutions"], "num_classes": doc["num_classes"]},
         "profile": {"path": str(profile_path.resolve()), **costs.describe(), "device": profile_meta["device"]},
         "confidence": {"measure": measure, "temperatures": {str(r): temps[r] for r in resolutions},
+                       "temperature_fitted_on": (None if not temperature else
+                                                 "calib" if guarantee is None else "the select part of calib"),
                        "combine": comb},
         "stages": stages_json(cascade),
         "reference": {"resolution": ref, "accuracy_calib": ref_out.accuracy, "accuracy_test": ref_test.accuracy,
@@ -246,13 +247,18 @@ def run_build(run_dir, profile=None, backend: str | None = None, precision: str 
     return config
 
 
+def _temperature_words(confidence: dict) -> str:
+    fitted = confidence.get("temperature_fitted_on")
+    return f"temperature-scaled (fitted on {fitted})" if fitted else "no temperature scaling"
+
+
 def format_build_summary(config: dict, out) -> str:
     e, ref = config["expected"], config["reference"]
     prof = config["profile"]
     stages = [f"r{s['resolution']}" + (f" (conf >= {s['threshold']:.4g})" if s["threshold"] is not None else "")
               for s in config["stages"]]
     lines = [f"cascade: {' -> '.join(stages)}",
-             f"confidence: {config['confidence']['measure']}, temperature-scaled, "
+             f"confidence: {config['confidence']['measure']}, {_temperature_words(config['confidence'])}, "
              f"combine {'on' if config['confidence']['combine'] else 'off'}; costs: {prof['backend']} "
              f"{prof['precision']} batch {prof['batch_size']}{' (batch-aware)' if prof['batch_aware'] else ''}",
              "",

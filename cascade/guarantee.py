@@ -4,11 +4,15 @@ Loss of a cascade on an example: 1[cascade wrong and reference right]. Since
     acc(reference) - acc(cascade) = P(ref right, casc wrong) - P(ref wrong, casc right) <= E[loss],
 certifying E[loss] <= epsilon certifies "accuracy drop <= epsilon" with probability >= 1 - delta.
 
-Procedure: split calib in two. On the *select* part, build the tolerance path of greedy cascades (most
-conservative first); it is fixed before the *certify* part is looked at. On the certify part, test
-H_j: risk > epsilon with the exact binomial tail p_j = P(Binom(n, epsilon) <= k_j) (valid for 0/1 losses),
-in fixed sequence at level delta, stopping at the first non-rejection (family-wise error <= delta without a
-multiplicity penalty). Emit the cheapest certified cascade; the reference alone (loss 0) is the fallback.
+Procedure: split calib in two. On the *select* part alone, fit the per-resolution temperatures, choose the
+reference, and, for every optimizer setting asked for (confidence measure, free ensemble), build the tolerance
+path of greedy cascades (most conservative first); keep the one setting whose path reaches the lowest cost
+among the cascades that pass the same test on the select part. All of it is fixed before the *certify* part is
+looked at, and only that one path is tested there: H_j: risk > epsilon with the exact binomial tail
+p_j = P(Binom(n, epsilon) <= k_j) (valid for 0/1 losses), in fixed sequence at level delta, stopping at the
+first non-rejection (family-wise error <= delta without a multiplicity penalty). Emit the cheapest certified
+cascade; the reference alone (loss 0) is the fallback. (Testing each setting's path on the certify part and
+keeping the cheapest certified one would spend delta once per setting.)
 """
 from __future__ import annotations
 
@@ -17,8 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import binom
 
+from .confidence import fit_temperature
 from .costs import CostModel
-from .optimizer import DEFAULT_TOLERANCES, Cascade, Stage, StageViews, greedy, simulate
+from .optimizer import DEFAULT_TOLERANCES, Cascade, Stage, StageViews, greedy, reference_resolution, simulate
+from .predictions import Predictions
 
 
 @dataclass
@@ -53,22 +59,28 @@ def split_calib(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndar
     return np.sort(perm[:k]), np.sort(perm[k:])
 
 
-def certify(select: StageViews, certify_views: StageViews, costs: CostModel, reference: int, resolutions,
-            epsilon: float, delta: float, tolerances=DEFAULT_TOLERANCES, quantiles: int = 100) -> Certified:
-    """Learn the path on `select`, test it on `certify_views`, return the cheapest certified cascade."""
+def tolerance_path(select: StageViews, costs: CostModel, reference: int, resolutions,
+                   tolerances=DEFAULT_TOLERANCES, quantiles: int = 100) -> list[Cascade]:
+    """Distinct greedy cascades over increasing tolerance (most conservative first), built on `select` only."""
     path, seen = [], set()
-    for tol in sorted(tolerances):  # most conservative first: fixed before the certify split is seen
+    for tol in sorted(tolerances):
         c = greedy(select, costs, reference, resolutions, tol, quantiles)
         if c.key() not in seen:
             seen.add(c.key())
             path.append(c)
-    _, ref_correct = certify_views.view((), reference)
-    n = certify_views.preds.n
+    return path
+
+
+def fixed_sequence_test(path: list[Cascade], views: StageViews, select: StageViews, costs: CostModel,
+                        reference: int, epsilon: float, delta: float) -> tuple[list[dict], list[Cascade]]:
+    """Test H_j: risk > epsilon on `views` along the path, stopping at the first non-rejection.
+    -> (the tested steps with k, n, p-value, and the cascades certified, in path order)."""
+    _, ref_correct = views.view((), reference)
+    n = views.preds.n
     tested, certified = [], []
     for c in path:
-        out = simulate(c, certify_views, costs)
-        loss = (~out.correct_mask) & ref_correct
-        k = int(loss.sum())
+        out = simulate(c, views, costs)
+        k = int(((~out.correct_mask) & ref_correct).sum())
         p = binomial_p_value(k, n, epsilon)
         rejected = p <= delta
         tested.append({"cascade": c.describe(), "tolerance": c.tolerance, "k": k, "n": n, "loss": k / n,
@@ -77,8 +89,64 @@ def certify(select: StageViews, certify_views: StageViews, costs: CostModel, ref
         if not rejected:
             break
         certified.append(c)
+    return tested, certified
+
+
+def certify(select: StageViews, certify_views: StageViews, costs: CostModel, reference: int, resolutions,
+            epsilon: float, delta: float, tolerances=DEFAULT_TOLERANCES, quantiles: int = 100) -> Certified:
+    """Learn the path on `select`, test it on `certify_views`, return the cheapest certified cascade."""
+    path = tolerance_path(select, costs, reference, resolutions, tolerances, quantiles)
+    tested, certified = fixed_sequence_test(path, certify_views, select, costs, reference, epsilon, delta)
     if certified:
         chosen = min(certified, key=lambda c: simulate(c, select, costs).mean_cost)
     else:
         chosen = Cascade([Stage(reference, -np.inf)], method="single")
-    return Certified(chosen, tested, select.preds.n, n, epsilon, delta)
+    return Certified(chosen, tested, select.preds.n, certify_views.preds.n, epsilon, delta)
+
+
+@dataclass
+class CertifiedSetting:
+    """The outcome of `certify_settings`: the certificate and the setting it was found with."""
+    certified: Certified
+    measure: str
+    combined: bool
+    temperatures: dict[int, float]
+    reference: int
+    settings_tried: list[dict]   # per setting: the cost on select of its cheapest cascade passing there
+
+
+def certify_settings(calib: Predictions, costs: CostModel, resolutions, epsilon: float, delta: float,
+                     measures=("max_prob",), combines=(False,), temperature: bool = True,
+                     reference: int | None = None, fraction: float = 0.5, seed: int = 0,
+                     tolerances=DEFAULT_TOLERANCES, quantiles: int = 100) -> CertifiedSetting:
+    """Learn-then-Test over several optimizer settings with one test at level delta (module docstring).
+
+    calib: predictions [N, R, C]; costs: per-image ms per resolution. measures x combines are the settings;
+    temperatures (if asked), the reference (if None: the most accurate resolution) and the setting are all chosen
+    on the select part (`fraction` of calib, drawn with `seed`), and only the chosen setting's path is tested on
+    the rest. Source: Angelopoulos et al., "Learn then Test" (2021), fixed-sequence testing, section 3."""
+    sel_idx, cert_idx = split_calib(calib.n, fraction, seed)
+    select, certify_part = calib.subset(sel_idx), calib.subset(cert_idx)
+    temps = {r: fit_temperature(select.column(r), select.labels) if temperature else 1.0 for r in resolutions}
+    if reference is None:
+        reference = reference_resolution(StageViews(select), resolutions)
+    ref_cost = costs.expected([reference], [1.0])
+    best, tried = None, []
+    for m in measures:
+        for comb in combines:
+            sel_views = StageViews(select, m, temps, comb)
+            path = tolerance_path(sel_views, costs, reference, resolutions, tolerances, quantiles)
+            _, passing = fixed_sequence_test(path, sel_views, sel_views, costs, reference, epsilon, delta)
+            cost = min([simulate(c, sel_views, costs).mean_cost for c in passing], default=ref_cost)
+            tried.append({"measure": m, "combine": comb, "select_cost_ms": cost})
+            if best is None or cost < best[0]:
+                best = (cost, m, comb, sel_views, path)
+    _, m, comb, sel_views, path = best
+    cert_views = StageViews(certify_part, m, temps, comb)
+    tested, certified = fixed_sequence_test(path, cert_views, sel_views, costs, reference, epsilon, delta)
+    if certified:
+        chosen = min(certified, key=lambda c: simulate(c, sel_views, costs).mean_cost)
+    else:
+        chosen = Cascade([Stage(reference, -np.inf)], method="single")
+    return CertifiedSetting(Certified(chosen, tested, select.n, certify_part.n, epsilon, delta), m, comb, temps,
+                            reference, tried)

@@ -6,7 +6,7 @@ import pytest
 
 from cascade.confidence import combine, confidence, fit_temperature
 from cascade.costs import CostModel
-from cascade.guarantee import binomial_p_value, certify, split_calib
+from cascade.guarantee import binomial_p_value, certify, certify_settings, split_calib
 from cascade.optimizer import (Cascade, Stage, StageViews, exact_search, greedy, pareto_front, reference_resolution,
                                simulate, tolerance_sweep)
 from cascade.synthetic_predictions import synthetic_predictions
@@ -186,3 +186,47 @@ def test_guarantee_holds_in_simulation():
     # binomial slack: with rate delta over 60 trials, P(count > 12) < 1 %
     assert ltt_violations <= 12, ltt_violations
     assert naive_violations > 2 * ltt_violations and naive_violations >= 15, (naive_violations, ltt_violations)
+
+
+@pytest.mark.slow
+def test_guarantee_over_auto_settings_holds_in_simulation():
+    """--guarantee with --confidence auto --combine auto (6 settings) and fitted temperatures: over 200 random calib
+    draws from one population, the certified cascade's true risk exceeds epsilon in at most ~delta of them, since
+    the setting and the temperatures are chosen on the select half and one path is tested. Picking, over the same
+    settings, the cheapest cascade with empirical risk <= epsilon on all of calib violates far more often (the
+    simulation can detect violations)."""
+    res3 = [96, 160, 224]
+    costs = CostModel("test", "fp32", 1, False, {r: {1: (r / 224) ** 2} for r in res3})
+    population = synthetic_predictions(60_000, res3, num_classes=10, seed=7)
+    eps, delta, n_calib, trials = 0.02, 0.1, 1000, 200
+    measures, combines = ("max_prob", "margin", "entropy"), (False, True)
+    tol = tuple(np.linspace(0, 0.2, 11))
+    rng = np.random.default_rng(0)
+
+    def true_risk(cascade, measure, temps, combined):
+        views = StageViews(population, measure, temps, combined)
+        _, ref = views.view((), 224)
+        return float(((~simulate(cascade, views, costs).correct_mask) & ref).mean())
+
+    ltt_violations = naive_violations = 0
+    for trial in range(trials):
+        calib = population.subset(rng.choice(population.n, n_calib, replace=False))
+        cs = certify_settings(calib, costs, res3, eps, delta, measures, combines, True, None, 0.5, trial, tol)
+        assert cs.reference == 224
+        ltt_violations += true_risk(cs.certified.cascade, cs.measure, cs.temperatures, cs.combined) > eps
+        temps = {r: fit_temperature(calib.column(r), calib.labels) for r in res3}
+        naive = []
+        for m in measures:
+            for comb in combines:
+                views = StageViews(calib, m, temps, comb)
+                _, ref_c = views.view((), 224)
+                for t in tol:
+                    c = greedy(views, costs, 224, res3, t)
+                    out = simulate(c, views, costs)
+                    if ((~out.correct_mask) & ref_c).mean() <= eps:
+                        naive.append((out.mean_cost, c, m, comb))
+        _, c, m, comb = min(naive, key=lambda x: x[0])
+        naive_violations += true_risk(c, m, temps, comb) > eps
+    # binomial slack: at rate delta over 200 trials, P(count > 30) is about 1 %
+    assert ltt_violations <= 30, ltt_violations
+    assert naive_violations > 30 and naive_violations > 2 * ltt_violations, (naive_violations, ltt_violations)

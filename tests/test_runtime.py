@@ -19,14 +19,6 @@ from training.fileio import UserError
 QUIET = dict(log=lambda s: None)
 
 
-@pytest.fixture(scope="module")
-def built(tiny_family, tmp_path_factory):
-    out = tmp_path_factory.mktemp("casc") / "cascade.json"
-    # a two-stage cascade whatever the tiny model's quality: a lenient target
-    config = run_build(tiny_family, batch_size=4, target="0.05", out=out, exact="off", **QUIET)
-    return tiny_family, out, config
-
-
 def test_build_writes_a_complete_config(built):
     fam, out, config = built
     cfg = read_config(out)
@@ -159,6 +151,18 @@ def test_guarantee_is_written(tiny_family, tmp_path):
     config = run_build(tiny_family, batch_size=1, guarantee=(0.2, 0.1), out=tmp_path / "g.json", **QUIET)
     g = config["guarantee"]
     assert g["epsilon"] == 0.2 and g["delta"] == 0.1 and g["n_certify"] > 0 and g["path"]
+    assert config["confidence"]["temperature_fitted_on"] == "the select part of calib"
+
+
+def test_build_summary_says_what_was_done(tiny_family, tmp_path):
+    logs = []
+    config = run_build(tiny_family, batch_size=1, temperature=False, out=tmp_path / "c.json", plots=False,
+                       log=logs.append)
+    assert set(config["confidence"]["temperatures"].values()) == {1.0}
+    assert "no temperature scaling" in logs[-1] and "temperature-scaled" not in logs[-1]
+    logs.clear()
+    run_build(tiny_family, batch_size=1, out=tmp_path / "c.json", plots=False, log=logs.append)
+    assert "temperature-scaled (fitted on calib)" in logs[-1]
 
 
 def test_cli_pipeline_end_to_end(tmp_path, capsys):
