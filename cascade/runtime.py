@@ -10,6 +10,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -90,13 +91,14 @@ class CascadeRunner:
     animation, at most max_image_pixels pixels, checked from the header before decoding). An input that fails
     (missing, not an image, damaged, too large) gets an error of its own in the result; the others are answered.
 
-    warmup (default on): run every stage once at load, on a batch of the size the cascade was built for, so that
-    the first request is not the slow one (sessions allocate and plan on their first run).
+    warmup: run every stage at load on batches of these sizes (True, the default: 1 and the batch size the cascade
+    was built for; False: none), so that the first request is not the slow one: sessions allocate and plan on
+    their first run at each batch size. Give the batch sizes you serve.
     """
 
     def __init__(self, config, backend: str | None = None, precision: str | None = None,
                  threads: int | None = None, stages=None, max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 warmup: bool = True):
+                 warmup: bool | Sequence[int] = True):
         self.config: CascadeConfig = config if isinstance(config, CascadeConfig) else read_config(config)
         fam_dir = self.config.family_dir
         doc_family = self.config.doc["family"]
@@ -126,21 +128,28 @@ class CascadeRunner:
             if s.resolution not in self.engines:
                 self.engines[s.resolution] = be.open(family, fam_dir, weights_id(doc), s.resolution, self.precision,
                                                      threads)
-        if warmup:
-            self.warmup(int(self.config.doc["profile"].get("batch_size", 1)),
-                        doc.get("provenance", {}).get("data", {}).get("source_size"))
+        built = int(self.config.doc["profile"].get("batch_size", 1))
+        sizes = sorted({1, built}) if warmup is True else sorted(set(warmup or ()))
+        for b in sizes:
+            self.warmup(b, doc.get("provenance", {}).get("data", {}).get("source_size"))
 
     def warmup(self, batch_size: int = 1, source_size=None) -> None:
-        """Run every stage (preprocessing, inference, decision) on a batch of grey images of source_size [H, W]
-        (default: the top stage's resize size): what a first request would otherwise pay alone."""
+        """Run every stage (decode, preprocessing, inference, decision) on a batch of grey JPEGs of source_size
+        [H, W] (default: the top stage's resize size): what a first request would otherwise pay alone (Pillow
+        loads its format plugins on the first decode, sessions allocate on their first run at a batch size)."""
+        import io
+
+        from PIL import Image
+
         from training.preprocess import eval_resize_size
         side = eval_resize_size(max(s.resolution for s in self.cascade.stages), self.crop_fraction)
         h, w = source_size or (side, side)
-        grey = torch.full((h, w, 3), 128, dtype=torch.uint8).permute(2, 0, 1)
+        jpeg = io.BytesIO()
+        Image.new("RGB", (w, h), (128, 128, 128)).save(jpeg, "JPEG")
         every = Cascade([Stage(s.resolution, math.inf) for s in self.cascade.stages])  # no row exits early
         stages, self.cascade = self.cascade, every
         try:
-            self([grey] * max(1, batch_size))
+            self([jpeg.getvalue()] * max(1, batch_size))
         finally:
             self.cascade = stages
 

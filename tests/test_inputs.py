@@ -363,4 +363,8 @@ def test_runner_warms_every_stage_at_load(built, monkeypatch):
     assert calls == []
     rt.CascadeRunner(out, backend="onnxruntime")
     built_batch = config["profile"]["batch_size"]
-    assert sorted(calls) == [(s["resolution"], built_batch) for s in config["stages"]]
+    assert built_batch > 1 and sorted(calls) == sorted((s["resolution"], b) for s in config["stages"]
+                                                       for b in (1, built_batch))
+    calls.clear()
+    rt.CascadeRunner(out, backend="onnxruntime", warmup=[8])
+    assert sorted(calls) == [(s["resolution"], 8) for s in config["stages"]]
