@@ -9,38 +9,24 @@ r; `to_torchvision(r)` builds that model (used for export, profiling and fast in
 from __future__ import annotations
 
 from functools import partial
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torchvision.models import MobileNetV2, mobilenet_v2
 
+from .config import check_resolutions
 from .fileio import UserError
 
 ARCH = "mobilenet_v2"
 PATCH_KINDS = ("scale_bias_stats", "scale_bias")  # γ,β,μ,σ² private | γ,β private, statistics shared
 CLASSIFIER_KINDS = ("shared", "per_resolution")
-MIN_RESOLUTION = 32  # MobileNetV2 downsamples 32x
 
 
 def res_key(resolution: int) -> str:
     """Name of a resolution's patch: r096, r128, ... (also the patch file's stem)."""
     return f"r{int(resolution):03d}"
-
-
-def check_resolutions(resolutions: Iterable[int]) -> tuple[int, ...]:
-    try:
-        rs = [int(r) for r in resolutions]
-    except (TypeError, ValueError):
-        raise UserError(f"resolutions must be integers, got {resolutions!r}; e.g. 96,128,160,192,224") from None
-    if not rs:
-        raise UserError("no resolutions given; pass e.g. --resolutions 96,128,160,192,224")
-    if len(set(rs)) != len(rs):
-        raise UserError(f"resolutions {rs} repeat a value; give each resolution once")
-    if min(rs) < MIN_RESOLUTION:
-        raise UserError(f"resolution {min(rs)} is below {MIN_RESOLUTION}, the smallest input MobileNetV2 accepts")
-    return tuple(sorted(rs))
 
 
 class PatchedBatchNorm2d(nn.Module):

@@ -1,7 +1,8 @@
 """`rescascade train`: data -> trained family directory with predictions (DESIGN.md §1)."""
 from __future__ import annotations
 
-import shutil
+import inspect
+import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -10,7 +11,8 @@ import torch
 import torch.distributed as dist
 from torchvision.models import mobilenet_v2
 
-from .data import DataSplits, load_data
+from . import rundir
+from .data import DataSplits, load_data, resolve_source
 from .family import ResolutionFamily, res_key
 from .fileio import UserError, write_json
 from .predict import predict_logits, top1, write_predictions
@@ -45,19 +47,29 @@ def build_model(cfg: TrainConfig, num_classes: int, width_mult: float, patch: st
 
 def run_train(data: str, out: str, cfg: TrainConfig, *, width_mult: float = 1.0, patch: str = "scale_bias_stats",
               classifier_kind: str = "shared", weights: str | None = "imagenet", resume: bool = False,
+              overwrite: bool = False,
               data_options: dict | None = None, predict_batch: int = 64, log=print, preset: str | None = None,
               splits: DataSplits | None = None, predict_backend: str = "torch") -> dict:
     """Train and write the family directory; returns family.json (or the baseline's json for --independent).
 
+    out: a new or empty directory; an interrupted run there needs resume=True (continue) or overwrite=True (start
+    over); a finished run there is returned as it is with resume=True and the same settings, replaced with
+    overwrite=True; a folder of the user's own files needs overwrite=True (nothing of theirs is deleted).
+    family.json is written last: a directory without it is an unfinished run.
     splits: already loaded data (skips --data parsing; its description is recorded). predict_backend: torch, or
     onnxruntime for faster bulk prediction on CPU (the exported, folded graphs the profiler uses too)."""
     env = DistEnv.from_env()
     out = Path(out)
-    if env.main and out.exists() and (out / "family.json").exists() and not resume:
-        raise UserError(f"{out} already holds a family; choose a new --out (or --resume an interrupted run there)")
     if predict_backend not in ("torch", "onnxruntime"):
         raise UserError(f"--predict-backend {predict_backend!r}: use torch or onnxruntime")
-    splits = splits or load_data(data, seed=cfg.seed, **(data_options or {}), log=log if env.main else _quiet)
+    data_options = {"seed": cfg.seed, **(data_options or {})}
+    source = splits.description["resolved_source"] if splits else resolve_source(data, data_options.get("data_root",
+                                                                                                       "data"))
+    finished = rundir.prepare(out, resume, overwrite, lambda doc: _differences(doc, cfg, source, data_options),
+                              log if env.main else _quiet, remove=env.main)
+    if finished is not None:
+        return finished
+    splits = splits or load_data(data, **data_options, log=log if env.main else _quiet)
     if splits.train is None:
         raise UserError(f"--data {data} holds only held-out images; train on another source")
     num_classes = len(splits.class_names)
@@ -89,7 +101,7 @@ def run_train(data: str, out: str, cfg: TrainConfig, *, width_mult: float = 1.0,
         if predict_backend == "onnxruntime":
             models = onnx_predictors(models, out, independent_ids(doc))
     else:
-        doc = save_family(model, out, class_names=splits.class_names, provenance=provenance)
+        doc = save_family(model, out, class_names=splits.class_names, provenance=provenance, write_doc=False)
         models = family_predictors(model, out, weights_id(doc), predict_backend)
     wid = weights_id(doc)
     figures = {}
@@ -104,8 +116,8 @@ def run_train(data: str, out: str, cfg: TrainConfig, *, width_mult: float = 1.0,
             log(f"{split}: {pred['skipped']} unreadable image(s) skipped, e.g. {pred['unreadable'][0]['id']} "
                 f"({pred['unreadable'][0]['error']})")
     doc["top1"] = figures
-    write_json(out / ("independent.json" if cfg.independent else "family.json"), doc)
-    shutil.rmtree(out / "checkpoints", ignore_errors=True)
+    write_json(out / ("independent.json" if cfg.independent else "family.json"), doc)  # last: the run is complete
+    rundir.remove_checkpoint(out)
     if env.world > 1:
         dist.destroy_process_group()
     log("top-1 (test): " + "  ".join(f"r{r}: {100 * figures['test'][str(r)]:.2f}%" for r in cfg.resolutions))
@@ -114,6 +126,26 @@ def run_train(data: str, out: str, cfg: TrainConfig, *, width_mult: float = 1.0,
 
 def _quiet(_: str) -> None:
     pass
+
+
+# options recorded in family.json's provenance.data that define the data a run trains on
+DATA_IDENTITY = ("seed", "calib_fraction", "val_fraction", "label_space", "train_per_class", "heldout_per_class",
+                 "synthetic_classes", "max_image_pixels")
+
+
+def _differences(doc: dict, cfg: TrainConfig, source: str, data_options: dict) -> list[str]:
+    """What differs between a finished run (its family.json) and the run asked for: config fields, data."""
+    prov = doc.get("provenance", {})
+    old = json.loads(json.dumps(prov.get("train_config", {})))
+    new = json.loads(json.dumps(asdict(cfg)))
+    differ = [k for k in new if k not in ("workers", "device") and old.get(k) != new[k]]
+    data = prov.get("data", {})
+    if data.get("resolved_source", data.get("source")) != source:
+        differ.append("--data")
+    defaults = {k: v.default for k, v in inspect.signature(load_data).parameters.items()}
+    differ += [f"--{k.replace('_', '-')}" for k in DATA_IDENTITY
+               if k in data and data_options.get(k, defaults[k]) != data[k]]
+    return differ
 
 
 def family_predictors(family: ResolutionFamily, run_dir, wid: str, backend: str) -> dict:

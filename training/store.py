@@ -40,8 +40,9 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> str:
 
 
 def save_family(family: ResolutionFamily, run_dir, class_names=None, provenance: dict | None = None,
-                extra: dict | None = None) -> dict:
-    """Write the family directory; family.json goes last and records every file's sha256."""
+                extra: dict | None = None, write_doc: bool = True) -> dict:
+    """Write the family directory; family.json goes last and records every file's sha256 (write_doc=False: the
+    weight files only, and the doc returned for the caller to write when the rest of the run is done)."""
     run_dir = Path(run_dir)
     files = {"shared.safetensors": _save_tensors(family.shared_state_dict(), run_dir / "shared.safetensors")}
     for r in family.resolutions:
@@ -63,7 +64,8 @@ def save_family(family: ResolutionFamily, run_dir, class_names=None, provenance:
         "files": files,
         **(extra or {}),
     }
-    write_json(run_dir / "family.json", doc)
+    if write_doc:
+        write_json(run_dir / "family.json", doc)
     return doc
 
 
@@ -71,6 +73,10 @@ def read_family_json(run_dir) -> dict:
     path = Path(run_dir) / "family.json"
     if Path(run_dir).is_file():
         raise UserError(f"{run_dir} is a file; give the family directory written by `rescascade train`")
+    if not path.exists() and any((Path(run_dir) / f).exists() for f in ("shared.safetensors",
+                                                                          "checkpoints/last.pt")):  # written last
+        raise UserError(f"{run_dir} is an unfinished run of `rescascade train` (stopped before family.json was "
+                        "written): re-run the same train command with --resume")
     doc = read_json(path, "a family directory's family.json (written by `rescascade train`)")
     check_schema(doc, path, "family", SCHEMA_VERSION, REQUIRED)
     if doc["arch"] != ARCH:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import csv
 import functools
+import hashlib
 import io
 import json
 import math
@@ -23,82 +24,13 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
+from .config import TrainConfig
 from .data import ImageSet, TrainDataset, collate_skipping
-from .family import PatchedBatchNorm2d, PatchedLinear, check_resolutions, res_key
+from .family import PatchedBatchNorm2d, PatchedLinear, res_key
 from .fileio import UserError, atomic_path, write_text
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, resize_center_crop
-
-OPTIMIZERS = ("sgd", "rmsprop", "adamw")
-SCHEDULES = ("cosine", "step", "constant")
-DISTILL = ("none", "top", "ensemble", "teacher")
-
-
-@dataclass
-class TrainConfig:
-    resolutions: tuple[int, ...]
-    epochs: int = 10
-    batch_size: int = 64
-    optimizer: str = "sgd"
-    lr: float = 0.01                # shared weights
-    patch_lr: float | None = None   # BatchNorm patches; None = lr (the paper found patches like larger rates)
-    head_lr: float | None = None    # classifier; None = lr
-    momentum: float = 0.9
-    weight_decay: float = 4e-5      # not applied to patches (γ, β) or biases
-    schedule: str = "cosine"
-    warmup_epochs: float = 0.0
-    label_smoothing: float = 0.0
-    loss_weights: tuple[float, ...] | None = None   # per resolution, on its label and distillation losses
-    label_weight: float = 1.0
-    shared: str = "train"           # train | frozen (transfer mode: only patches, and the head, learn)
-    classifier: str = "train"       # train | frozen
-    patches: str = "train"          # train (γ, β and statistics) | affine (γ, β; statistics kept) | stats | frozen
-    distill: str = "none"           # none | top | ensemble (RS-Nets) | teacher (frozen start at the top resolution
-                                    # teaches the lower ones)
-    distill_weight: float = 1.0
-    distill_temperature: float = 1.0
-    crop: str = "same"              # same: one RandomResizedCrop resized to every r | independent: one per r |
-                                    # center: the eval crop (+ flip) at the top r, resized to every r
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    head_init: str = "none"         # none | probe (fit each new head on frozen features first, then train)
-    patch_l2sp: float = 0.0         # penalty on the patches' distance to their start (L2-SP); keeps them general
-    dropout: float | None = None    # the classifier's dropout while training; None keeps the model's (0.2)
-    freeze_top: bool = False        # the top resolution's patch and own head stay as they start (the teacher, and
-                                    # the reference a cascade must match)
-    seed: int = 0
-    workers: int = 2
-    device: str = "auto"
-    amp: bool = True                # bf16 autocast on CUDA
-    independent: bool = False       # K separate torchvision models, same recipe: the baseline
-
-    def __post_init__(self):
-        self.resolutions = check_resolutions(self.resolutions)
-        for name, value, allowed in (("optimizer", self.optimizer, OPTIMIZERS), ("schedule", self.schedule, SCHEDULES),
-                                     ("distill", self.distill, DISTILL), ("shared", self.shared, ("train", "frozen")),
-                                     ("classifier", self.classifier, ("train", "frozen")),
-                                     ("patches", self.patches, ("train", "affine", "stats", "frozen")),
-                                     ("head_init", self.head_init, ("none", "probe")),
-                                     ("crop", self.crop, ("same", "independent", "center"))):
-            if value not in allowed:
-                raise UserError(f"--{name} {value!r} is not one of {', '.join(allowed)}")
-        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"--dropout {self.dropout} must be in [0, 1)")
-        if self.epochs < 0 or self.batch_size < 2:
-            raise UserError(f"need --epochs >= 0 and --batch-size >= 2 (got {self.epochs}, {self.batch_size})")
-        if self.loss_weights is not None:
-            self.loss_weights = tuple(float(w) for w in self.loss_weights)
-            if len(self.loss_weights) != len(self.resolutions):
-                raise UserError(f"--loss-weights has {len(self.loss_weights)} values for "
-                                f"{len(self.resolutions)} resolutions; give one per resolution")
-        if self.distill == "top" and len(self.resolutions) < 2:
-            raise UserError("--distill top needs at least two resolutions")
-        self.crop_scale = tuple(float(s) for s in self.crop_scale)
-
-    @property
-    def weights(self) -> tuple[float, ...]:
-        return self.loss_weights or tuple(1.0 for _ in self.resolutions)
-
+from .progress import progress
 
 class IndependentModels(nn.Module):
     """K plain torchvision MobileNetV2s, one per resolution: the baseline with no sharing at all."""
@@ -285,6 +217,14 @@ def _inputs(crops: list[torch.Tensor], resolutions, device, channels_last: bool)
     return [x.contiguous(memory_format=fmt) for x in xs]
 
 
+def _data_identity(images: ImageSet) -> dict:
+    """What the training images are (class names, count, a sha256 over ids and labels): a checkpoint records it, so
+    that --resume with other data stops instead of mixing two data sets in one run."""
+    h = hashlib.sha256(json.dumps([list(images.class_names), list(images.ids),
+                                   [int(y) for y in images.labels]]).encode())
+    return {"classes": list(images.class_names), "images": len(images), "sha256": h.hexdigest()}
+
+
 def _config_json(cfg: TrainConfig) -> str:
     d = asdict(cfg)
     for k in ("workers", "device"):  # how to run, not what is trained: may change on resume
@@ -359,13 +299,23 @@ def train(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, out_dir, resu
     sched = _schedule(opt, cfg, steps_per_epoch)
 
     start_epoch, metrics = 0, []
+    data_id = _data_identity(train_set)
     if resume and ckpt_path.is_file():
-        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        try:
+            ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 (a damaged file: torch raises many kinds)
+            raise UserError(f"{ckpt_path} cannot be read ({type(e).__name__}); start over with --overwrite") from None
         if ck["config"] != _config_json(cfg):
             old, new = json.loads(ck["config"]), json.loads(_config_json(cfg))
             diff = [k for k in new if old.get(k) != new[k]]
             raise UserError(f"{ckpt_path} was written with other settings ({', '.join(diff)} differ); "
                             "resume with the same flags or train into a new --out")
+        old_data = json.loads(ck.get("data", "null"))
+        if old_data is not None and old_data != data_id:
+            raise UserError(f"{ckpt_path} was trained on other data ({old_data['images']} images of "
+                            f"{len(old_data['classes'])} classes, now {data_id['images']} of {len(data_id['classes'])}"
+                            "; or the same counts, other images): resume with the same --data and options, or train "
+                            "into a new --out")
         wrapper.load_state_dict(ck["model"])
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
@@ -399,8 +349,7 @@ def train(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, out_dir, resu
             teacher.eval()
         sums = {r: {"loss": 0.0, "correct": 0} for r in cfg.resolutions}
         seen, kd_sum, skipped, t_epoch = 0, 0.0, 0, time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", disable=None if env.main else True,
-                   leave=False, mininterval=1)
+        bar = progress(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", enabled=env.main)
         for batch, bad in bar:
             skipped += len(bad)
             unreadable.update((b.id, b.error) for b in bad)
@@ -476,7 +425,7 @@ def train(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, out_dir, resu
             with atomic_path(ckpt_path) as tmp:
                 torch.save({"model": wrapper.state_dict(), "optimizer": opt.state_dict(),
                             "scheduler": sched.state_dict(), "epoch": epoch + 1, "config": _config_json(cfg),
-                            "metrics": json.dumps(metrics)}, tmp)
+                            "metrics": json.dumps(metrics), "data": json.dumps(data_id)}, tmp)
             write_metrics_csv(out_dir / "metrics.csv", metrics)
         if env.world > 1:
             dist.barrier()

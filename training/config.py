@@ -1,0 +1,121 @@
+"""What a training run is: the TrainConfig dataclass and its checks (no torch import, so `--help` and argument
+errors stay fast). Like a PEFT config: plain values, validated when made, recorded in family.json."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable
+
+from .fileio import UserError
+
+MIN_RESOLUTION = 32    # MobileNetV2 downsamples 32x
+MAX_RESOLUTION = 1024  # above, a batch's activations outgrow any machine's memory (r=20000: ~38 GB per image)
+
+
+def check_resolutions(resolutions: Iterable[int]) -> tuple[int, ...]:
+    try:
+        rs = [int(r) for r in resolutions]
+    except (TypeError, ValueError):
+        raise UserError(f"resolutions must be integers, got {resolutions!r}; e.g. 96,128,160,192,224") from None
+    if not rs:
+        raise UserError("no resolutions given; pass e.g. --resolutions 96,128,160,192,224")
+    if len(set(rs)) != len(rs):
+        raise UserError(f"resolutions {rs} repeat a value; give each resolution once")
+    if min(rs) < MIN_RESOLUTION:
+        raise UserError(f"resolution {min(rs)} is below {MIN_RESOLUTION}, the smallest input MobileNetV2 accepts")
+    if max(rs) > MAX_RESOLUTION:
+        raise UserError(f"resolution {max(rs)} is above {MAX_RESOLUTION}; give input sizes such as 96,128,160,192,224")
+    return tuple(sorted(rs))
+
+
+OPTIMIZERS = ("sgd", "rmsprop", "adamw")
+SCHEDULES = ("cosine", "step", "constant")
+DISTILL = ("none", "top", "ensemble", "teacher")
+
+
+@dataclass
+class TrainConfig:
+    resolutions: tuple[int, ...]
+    epochs: int = 10
+    batch_size: int = 64
+    optimizer: str = "sgd"
+    lr: float = 0.01                # shared weights
+    patch_lr: float | None = None   # BatchNorm patches; None = lr (the paper found patches like larger rates)
+    head_lr: float | None = None    # classifier; None = lr
+    momentum: float = 0.9
+    weight_decay: float = 4e-5      # not applied to patches (γ, β) or biases
+    schedule: str = "cosine"
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    loss_weights: tuple[float, ...] | None = None   # per resolution, on its label and distillation losses
+    label_weight: float = 1.0
+    shared: str = "train"           # train | frozen (transfer mode: only patches, and the head, learn)
+    classifier: str = "train"       # train | frozen
+    patches: str = "train"          # train (γ, β and statistics) | affine (γ, β; statistics kept) | stats | frozen
+    distill: str = "none"           # none | top | ensemble (RS-Nets) | teacher (frozen start at the top resolution
+                                    # teaches the lower ones)
+    distill_weight: float = 1.0
+    distill_temperature: float = 1.0
+    crop: str = "same"              # same: one RandomResizedCrop resized to every r | independent: one per r |
+                                    # center: the eval crop (+ flip) at the top r, resized to every r
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    head_init: str = "none"         # none | probe (fit each new head on frozen features first, then train)
+    patch_l2sp: float = 0.0         # penalty on the patches' distance to their start (L2-SP); keeps them general
+    dropout: float | None = None    # the classifier's dropout while training; None keeps the model's (0.2)
+    freeze_top: bool = False        # the top resolution's patch and own head stay as they start (the teacher, and
+                                    # the reference a cascade must match)
+    seed: int = 0
+    workers: int = 2
+    device: str = "auto"
+    amp: bool = True                # bf16 autocast on CUDA
+    independent: bool = False       # K separate torchvision models, same recipe: the baseline
+
+    def __post_init__(self):
+        """Every value checked here, so a Python caller gets the CLI's one-line errors (UserError)."""
+        self.resolutions = check_resolutions(self.resolutions)
+        for name, value, allowed in (("optimizer", self.optimizer, OPTIMIZERS), ("schedule", self.schedule, SCHEDULES),
+                                     ("distill", self.distill, DISTILL), ("shared", self.shared, ("train", "frozen")),
+                                     ("classifier", self.classifier, ("train", "frozen")),
+                                     ("patches", self.patches, ("train", "affine", "stats", "frozen")),
+                                     ("head_init", self.head_init, ("none", "probe")),
+                                     ("crop", self.crop, ("same", "independent", "center"))):
+            if value not in allowed:
+                raise UserError(f"--{name} {value!r} is not one of {', '.join(allowed)}")
+        if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"--dropout {self.dropout} must be in [0, 1)")
+        if self.epochs < 0 or self.batch_size < 2:
+            raise UserError(f"need --epochs >= 0 and --batch-size >= 2 (got {self.epochs}, {self.batch_size})")
+        if self.loss_weights is not None:
+            self.loss_weights = tuple(float(w) for w in self.loss_weights)
+            if len(self.loss_weights) != len(self.resolutions):
+                raise UserError(f"--loss-weights has {len(self.loss_weights)} values for "
+                                f"{len(self.resolutions)} resolutions; give one per resolution")
+        if self.distill == "top" and len(self.resolutions) < 2:
+            raise UserError("--distill top needs at least two resolutions")
+        self.crop_scale = tuple(float(s) for s in self.crop_scale)
+        if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise UserError(f"--crop-scale {','.join(f'{v:g}' for v in self.crop_scale)}: give MIN,MAX with "
+                            "0 < MIN <= MAX <= 1 (the share of the image a random crop covers), e.g. 0.25,1")
+        for name in ("lr", "patch_lr", "head_lr", "weight_decay", "warmup_epochs", "label_weight", "distill_weight",
+                     "patch_l2sp"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise UserError(f"--{name.replace('_', '-')} {value:g} must be a number >= 0")
+        for name, value, lo, hi in (("momentum", self.momentum, 0.0, 1.0),
+                                    ("label_smoothing", self.label_smoothing, 0.0, 1.0)):
+            if not lo <= value < hi:
+                raise UserError(f"--{name.replace('_', '-')} {value:g} must be in [{lo:g}, {hi:g})")
+        if not (math.isfinite(self.distill_temperature) and self.distill_temperature > 0):
+            raise UserError(f"--distill-temperature {self.distill_temperature:g} must be > 0")
+        if self.loss_weights is not None and min(self.loss_weights) < 0:
+            raise UserError(f"--loss-weights {self.loss_weights} must all be >= 0")
+        if self.workers < 0:
+            raise UserError(f"--workers {self.workers} must be >= 0 (0 loads images in the training process)")
+        if self.seed < 0:
+            raise UserError(f"--seed {self.seed} must be >= 0")
+
+    @property
+    def weights(self) -> tuple[float, ...]:
+        return self.loss_weights or tuple(1.0 for _ in self.resolutions)
+
+
