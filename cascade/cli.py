@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 
 from training.fileio import UserError
 
@@ -18,26 +19,62 @@ def cmd_info(args) -> None:
           f"{len(family.resolutions)} resolutions ({rs})")
     print(f"patch: {family.patch_kind} (BatchNorm γ, β; {stats}); classifier {family.classifier_kind}\n")
     print(format_parameter_table(doc["parameters"]))
-    top1 = doc.get("top1")
-    if top1:
-        print("\ntop-1 (%s split):" % doc.get("top1_split", "held-out"))
+    top1 = doc.get("top1", {})
+    splits = [split for split in ("calib", "test") if split in top1]
+    if splits:
+        counts = doc.get("provenance", {}).get("data", {})
+        print("\ntop-1 | " + " | ".join(f"{split} ({counts.get(f'{split}_images', '?')} images)" for split in splits))
         for r in family.resolutions:
-            if str(r) in top1:
-                print(f"  r{r:<5}{100 * top1[str(r)]:6.2f} %")
+            print(f"  r{r:<5}" + " | ".join(f"{100 * top1[split][str(r)]:6.2f} %" for split in splits))
 
 
-def _floats(text: str) -> tuple[float, ...]:
-    try:
-        return tuple(float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+def _number_list(kind, what: str):
+    def parse(text: str) -> tuple:
+        try:
+            return tuple(kind(v) for v in text.split(","))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
+    return parse
 
 
-def _ints(text: str) -> tuple[int, ...]:
-    try:
-        return tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+_floats = _number_list(float, "numbers")
+_ints = _number_list(int, "integers")
+
+
+def _bounded(kind, low, what: str):
+    """An argparse type: a number >= low (argparse then prints one line and exits 2)."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not value >= low:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
+        return value
+    return parse
+
+
+_positive_int = _bounded(int, 1, "an integer >= 1")
+_count = _bounded(int, 0, "an integer >= 0")
+_nonnegative = _bounded(float, 0.0, "a number >= 0")
+
+
+def _positive(text: str) -> float:
+    value = _bounded(float, 0.0, "a number > 0")(text)
+    if value == 0:
+        raise argparse.ArgumentTypeError("must be a number > 0, got 0")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = _positive(text)
+    if value >= 1:
+        raise argparse.ArgumentTypeError(f"must be a fraction between 0 and 1, got {text}")
+    return value
+
+
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions keep their line breaks; each option's help states its own default."""
 
 
 # train options whose default may come from a --preset (argparse default None = "not given")
@@ -56,7 +93,8 @@ def cmd_train(args) -> None:
     if opts.get("data") is None:
         raise UserError("no --data given; e.g. --data imagefolder:PATH, --data synthetic, or pick a --preset")
     cfg, family = split_options(opts)
-    run_train(opts["data"], opts["out"], TrainConfig(**cfg), **family, resume=args.resume, preset=args.preset,
+    run_train(opts["data"], opts["out"], TrainConfig(**cfg), **family, resume=args.resume, overwrite=args.overwrite,
+              preset=args.preset,
               predict_backend=opts.get("predict_backend", "torch"),
               data_options={"calib_fraction": opts.get("calib_fraction", 0.5),
                             "val_fraction": opts.get("val_fraction", 0.2),
@@ -67,71 +105,115 @@ def cmd_train(args) -> None:
                             **({"max_image_pixels": opts["max_image_pixels"]} if "max_image_pixels" in opts else {})})
 
 
+def _train_default(name: str) -> str:
+    """'default: X' for a TrainConfig field (presets set their own)."""
+    from training.config import TrainConfig
+    value = TrainConfig.__dataclass_fields__[name].default
+    if isinstance(value, tuple):
+        value = ",".join(f"{v:g}" for v in value)
+    return f"default: {value}, or the preset's"
+
+
 def add_train_parser(sub) -> None:
     from training.recipes import PRESETS
-    s = sub.add_parser("train", help="train a resolution family and write its predictions",
-                       description="Train a resolution family (shared MobileNetV2 + one BatchNorm patch per "
-                                   "resolution) and write the family directory with predictions on calib/test. "
-                                   "Presets: " + "; ".join(f"{k}: {v['doc']}" for k, v in PRESETS.items()),
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    s.add_argument("--data", help="synthetic[:N] | imagefolder:PATH | cifar10 | cifar100 | imagenette | "
-                                  "shared-imagenette:DIR | shared-imagenet-samples:DIR")
-    s.add_argument("--out", required=True, help="family directory to write")
-    s.add_argument("--preset", help=f"named recipe: {', '.join(PRESETS)}")
-    s.add_argument("--resolutions", type=_ints, help="e.g. 96,128,160,192,224")
-    s.add_argument("--weights", help="imagenet[:TAG] | none | PATH to a torchvision state dict")
-    s.add_argument("--width-mult", type=float)
-    s.add_argument("--patch", choices=["scale_bias_stats", "scale_bias"],
-                   help="patch = γ, β and BN statistics (default) or γ, β only (statistics shared)")
-    s.add_argument("--shared", choices=["train", "frozen"], help="frozen = transfer mode (only patches learn)")
-    s.add_argument("--classifier", choices=["shared", "per-resolution", "frozen"])
-    s.add_argument("--patches", choices=["train", "affine", "stats", "frozen"],
-                   help="train: learn γ, β and statistics; affine: learn γ, β, keep statistics; stats: "
-                        "re-estimate statistics only; frozen: keep all")
-    s.add_argument("--distill", choices=["none", "top", "ensemble", "teacher"],
-                   help="top: top resolution teaches the others; ensemble: RS-Nets; teacher: frozen start at top r")
-    s.add_argument("--head-init", choices=["none", "probe"],
-                   help="probe: fit each new head on frozen features (logistic regression) before training")
-    s.add_argument("--distill-weight", type=float)
-    s.add_argument("--distill-temperature", type=float)
-    s.add_argument("--label-weight", type=float, help="weight of the label loss (0 = distillation only)")
-    s.add_argument("--loss-weights", type=_floats, help="one weight per resolution (label and distillation loss)")
-    s.add_argument("--patch-l2sp", type=float, help="penalty on the patches' distance from their start (L2-SP)")
-    s.add_argument("--freeze-top", action="store_true", default=None,
-                   help="keep the top resolution's patch and own head as they start (e.g. the distillation teacher)")
-    s.add_argument("--independent", action="store_true", default=None,
-                   help="train K separate torchvision models instead (the baseline)")
-    s.add_argument("--epochs", type=int)
-    s.add_argument("--batch-size", type=int)
-    s.add_argument("--optimizer", choices=["sgd", "rmsprop", "adamw"])
-    s.add_argument("--lr", type=float, help="learning rate of the shared weights")
-    s.add_argument("--patch-lr", type=float, help="learning rate of the patches")
-    s.add_argument("--head-lr", type=float, help="learning rate of the classifier")
-    s.add_argument("--weight-decay", type=float)
-    s.add_argument("--momentum", type=float)
-    s.add_argument("--schedule", choices=["cosine", "step", "constant"])
-    s.add_argument("--warmup-epochs", type=float)
-    s.add_argument("--label-smoothing", type=float)
-    s.add_argument("--dropout", type=float, help="the classifier's dropout while training (default: the model's, 0.2)")
-    s.add_argument("--crop", choices=["same", "independent", "center"],
-                   help="one random crop for all resolutions, one each, or the eval crop (+ flip) for all")
-    s.add_argument("--crop-scale", type=_floats, help="RandomResizedCrop scale range, e.g. 0.25,1")
-    s.add_argument("--label-space", choices=["native", "imagenet"], help="shared-imagenette: 10-way or 1000-way labels")
-    s.add_argument("--calib-fraction", type=float, help="share of held-out images used for calib (rest: test)")
-    s.add_argument("--val-fraction", type=float, help="imagefolder without train/val: held-out share")
-    s.add_argument("--train-per-class", type=int, help="use at most N training images per class")
-    s.add_argument("--heldout-per-class", type=int, help="use at most N held-out images per class")
-    s.add_argument("--max-image-pixels", type=int,
+    s = sub.add_parser("train", help="train a resolution family and write its predictions", formatter_class=_Formatter,
+                       usage="%(prog)s --out DIR [--data SPEC] [--preset NAME] [options]",
+                       description="Train a resolution family (shared MobileNetV2 + one BatchNorm patch per\n"
+                                   "resolution) and write the family directory with predictions on calib/test.\n\n"
+                                   "Presets (--preset NAME; flags given explicitly win):\n" +
+                                   "\n".join(textwrap.fill(f"{k}: {v['doc']}", 100, initial_indent="  ",
+                                                            subsequent_indent="    ") for k, v in PRESETS.items()))
+    d = _train_default
+    g = s.add_argument_group("data and output")
+    g.add_argument("--data", metavar="SPEC", help="synthetic[:N] | imagefolder:PATH | cifar10 | cifar100 | imagenette | "
+                                  "shared-imagenette:DIR | shared-imagenet-samples:DIR (required unless the preset "
+                                  "names its data)")
+    g.add_argument("--out", required=True, metavar="DIR", help="the family directory to write: new or empty, or an interrupted run "
+                                                 "of rescascade (--resume)")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace the family in --out (removes rescascade's own files there, never others)")
+    g.add_argument("--resume", action="store_true", help="continue an interrupted run in --out from its checkpoint")
+    g.add_argument("--preset", metavar="NAME", help=f"a named recipe: {', '.join(PRESETS)} (default: none)")
+    g.add_argument("--label-space", choices=["native", "imagenet"],
+                   help="shared-imagenette: 10-way (native) or 1000-way ImageNet labels (default: native)")
+    g.add_argument("--calib-fraction", type=_fraction,
+                   help="share of the held-out images used for calib; the rest is test (default: 0.5)")
+    g.add_argument("--val-fraction", type=_fraction,
+                   help="imagefolder without train/ and val/: the share held out (default: 0.2)")
+    g.add_argument("--train-per-class", type=_positive_int, help="use at most N training images per class "
+                                                                  "(default: all)")
+    g.add_argument("--heldout-per-class", type=_positive_int, help="use at most N held-out images per class "
+                                                                    "(default: all)")
+    g.add_argument("--max-image-pixels", type=_positive_int,
                    help="images with more pixels are left out, checked from the header before decoding "
                         "(default: Pillow's Image.MAX_IMAGE_PIXELS)")
-    s.add_argument("--data-root", help="root for torchvision datasets")
-    s.add_argument("--download", action="store_true", help="let torchvision download the dataset (needs network)")
-    s.add_argument("--seed", type=int)
-    s.add_argument("--workers", type=int, help="data-loading processes")
-    s.add_argument("--device", help="auto | cpu | cuda | cuda:N")
-    s.add_argument("--resume", action="store_true", help="continue an interrupted run in --out from its checkpoint")
-    s.add_argument("--predict-backend", choices=["torch", "onnxruntime"],
-                   help="what writes predictions/ after training (onnxruntime: 4-8x faster on CPU)")
+    g.add_argument("--data-root", help="where torchvision datasets live (default: ./data)")
+    g.add_argument("--download", action="store_true", help="let torchvision download the dataset (needs network)")
+    g = s.add_argument_group("model")
+    g.add_argument("--resolutions", type=_ints, metavar="R,R,...", help="input resolutions, e.g. 96,128,160,192,224 (default: those, "
+                                                     "or the preset's)")
+    g.add_argument("--weights", help="imagenet[:TAG] | none | PATH to a torchvision state dict (default: imagenet, "
+                                     "or the preset's)")
+    g.add_argument("--width-mult", type=_positive, help="MobileNetV2 width multiplier (default: 1.0, or the "
+                                                        "preset's)")
+    g.add_argument("--patch", choices=["scale_bias_stats", "scale_bias"],
+                   help="the patch: γ, β and BN statistics, or γ, β only with statistics shared "
+                        "(default: scale_bias_stats)")
+    g.add_argument("--classifier", choices=["shared", "per-resolution", "frozen"],
+                   help="one head for all resolutions, one per resolution, or the starting head kept frozen "
+                        "(default: shared, or the preset's)")
+    g.add_argument("--independent", action="store_true", default=None,
+                   help="train K separate torchvision models instead (the baseline)")
+    g = s.add_argument_group("what learns")
+    g.add_argument("--shared", choices=["train", "frozen"],
+                   help=f"the shared convolutions; frozen = transfer mode ({d('shared')})")
+    g.add_argument("--patches", choices=["train", "affine", "stats", "frozen"],
+                   help="train: learn γ, β and statistics; affine: learn γ, β, keep statistics; stats: re-estimate "
+                        f"statistics only; frozen: keep all ({d('patches')})")
+    g.add_argument("--head-init", choices=["none", "probe"],
+                   help=f"probe: fit each new head on frozen features (logistic regression) first ({d('head_init')})")
+    g.add_argument("--freeze-top", action="store_true", default=None,
+                   help="keep the top resolution's patch and own head as they start (e.g. the distillation teacher)")
+    g.add_argument("--distill", choices=["none", "top", "ensemble", "teacher"],
+                   help="top: the top resolution teaches the others; ensemble: RS-Nets; teacher: the frozen start at "
+                        f"the top resolution ({d('distill')})")
+    g.add_argument("--distill-weight", type=_nonnegative, help=f"weight of the distillation loss ({d('distill_weight')})")
+    g.add_argument("--distill-temperature", type=_positive, help=f"distillation temperature "
+                                                                 f"({d('distill_temperature')})")
+    g.add_argument("--label-weight", type=_nonnegative,
+                   help=f"weight of the label loss, 0 = distillation only ({d('label_weight')})")
+    g.add_argument("--loss-weights", type=_floats, help="one weight per resolution on its losses (default: 1 each)")
+    g.add_argument("--patch-l2sp", type=_nonnegative,
+                   help=f"penalty on the patches' distance from their start, L2-SP ({d('patch_l2sp')})")
+    g = s.add_argument_group("optimization")
+    g.add_argument("--epochs", type=_count, help=f"passes over the training images; 0 packages the start "
+                                                 f"({d('epochs')})")
+    g.add_argument("--batch-size", type=_bounded(int, 2, "an integer >= 2"), help=f"images per step ({d('batch_size')})")
+    g.add_argument("--optimizer", choices=["sgd", "rmsprop", "adamw"], help=d("optimizer"))
+    g.add_argument("--lr", type=_nonnegative, help=f"learning rate of the shared weights ({d('lr')})")
+    g.add_argument("--patch-lr", type=_nonnegative, help="learning rate of the patches (default: --lr, or the "
+                                                         "preset's)")
+    g.add_argument("--head-lr", type=_nonnegative, help="learning rate of the classifier (default: --lr, or the "
+                                                        "preset's)")
+    g.add_argument("--weight-decay", type=_nonnegative, help=f"not applied to patches or biases ({d('weight_decay')})")
+    g.add_argument("--momentum", type=_nonnegative, help=f"SGD / RMSProp momentum ({d('momentum')})")
+    g.add_argument("--schedule", choices=["cosine", "step", "constant"], help=f"learning-rate schedule "
+                                                                              f"({d('schedule')})")
+    g.add_argument("--warmup-epochs", type=_nonnegative, help=f"linear warm-up of the rates ({d('warmup_epochs')})")
+    g.add_argument("--label-smoothing", type=_nonnegative, help=d("label_smoothing"))
+    g.add_argument("--dropout", type=_nonnegative, help="the classifier's dropout while training (default: the "
+                                                        "model's, 0.2)")
+    g.add_argument("--crop", choices=["same", "independent", "center"],
+                   help="one random crop for all resolutions, one each, or the eval crop (+ flip) for all "
+                        f"({d('crop')})")
+    g.add_argument("--crop-scale", type=_floats, help=f"RandomResizedCrop scale range MIN,MAX ({d('crop_scale')})")
+    g = s.add_argument_group("running")
+    g.add_argument("--seed", type=_count, help=f"seeds the splits, the head's init and the augmentation "
+                                               f"({d('seed')})")
+    g.add_argument("--workers", type=_count, help=f"data-loading processes; 0 loads in this one ({d('workers')})")
+    g.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: auto: cuda when there is one)")
+    g.add_argument("--predict-backend", choices=["torch", "onnxruntime"],
+                   help="what writes predictions/ after training; onnxruntime is 4-8x faster on CPU (default: torch)")
     s.set_defaults(func=cmd_train)
 
 
@@ -150,24 +232,26 @@ def cmd_profile(args) -> None:
 
 def add_profile_parser(sub) -> None:
     from profiling.backends import BACKEND_NAMES
-    s = sub.add_parser("profile", help="measure each resolution's latency on this device",
+    s = sub.add_parser("profile", help="measure each resolution's latency on this device", formatter_class=_Formatter,
                        description="Measure each resolution's real inference latency (and the cost of resizing a "
-                                   "decoded image to it) on this device; writes profile.csv and profile.json.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   "decoded image to it) on this device; writes profile.csv and profile.json.")
     s.add_argument("run_dir", help="family directory")
-    s.add_argument("--backend", default="onnxruntime", choices=BACKEND_NAMES)
-    s.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
-    s.add_argument("--batch-sizes", type=_ints, default=(1,), help="e.g. 1,32,256")
-    s.add_argument("--resolutions", type=_ints, help="subset of the family's resolutions (default: all)")
-    s.add_argument("--threads", type=int, help="CPU threads (default: the cores this process may use)")
-    s.add_argument("--source-size", type=int, help="side of the decoded source image the preprocessing cost is "
-                                                    "measured on (default: round(top resolution / 0.875))")
-    s.add_argument("--warmup-iters", type=int, default=10)
-    s.add_argument("--warmup-seconds", type=float, default=0.5)
-    s.add_argument("--min-iters", type=int, default=30)
-    s.add_argument("--min-seconds", type=float, default=2.0)
-    s.add_argument("--rounds", type=int, default=5, help="round-robin passes the minimums are spread over")
-    s.add_argument("--quick", action="store_true", help="a few iterations only (smoke runs, not figures)")
+    s.add_argument("--backend", default="onnxruntime", choices=BACKEND_NAMES, help="default: onnxruntime")
+    s.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="default: fp32")
+    s.add_argument("--batch-sizes", type=_ints, default=(1,), help="e.g. 1,32,256 (default: 1)")
+    s.add_argument("--resolutions", type=_ints, help="a subset of the family's resolutions (default: all)")
+    s.add_argument("--threads", type=_positive_int, help="CPU threads (default: the cores this process may use)")
+    s.add_argument("--source-size", type=_positive_int,
+                   help="side of the decoded source image the preprocessing cost is measured on (default: the "
+                        "held-out images' typical size)")
+    s.add_argument("--warmup-iters", type=_count, default=10, help="default: 10")
+    s.add_argument("--warmup-seconds", type=_nonnegative, default=0.5, help="default: 0.5")
+    s.add_argument("--min-iters", type=_positive_int, default=30, help="timed iterations at least (default: 30)")
+    s.add_argument("--min-seconds", type=_nonnegative, default=2.0, help="timed seconds at least (default: 2)")
+    s.add_argument("--rounds", type=_positive_int, default=5,
+                   help="round-robin passes the minimums are spread over (default: 5)")
+    s.add_argument("--quick", action="store_true",
+                   help="a few iterations only: smoke figures, which never replace measured rows")
     s.add_argument("--out", help="profile.csv to write or update (default: RUN_DIR/profile.csv)")
     s.set_defaults(func=cmd_profile)
 
@@ -177,6 +261,8 @@ def _guarantee(text: str) -> tuple[float, float]:
         eps, delta = (float(v) for v in text.split(","))
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected EPS,DELTA such as 0.01,0.05, got {text!r}") from None
+    if not (0 < eps < 1 and 0 < delta < 1):
+        raise argparse.ArgumentTypeError(f"EPS and DELTA must both lie in (0, 1), got {text}")
     return eps, delta
 
 
@@ -191,31 +277,37 @@ def cmd_build(args) -> None:
 
 def add_build_parser(sub) -> None:
     s = sub.add_parser("build", help="choose a cascade (stages, thresholds) and write cascade.json",
+                       formatter_class=_Formatter,
                        description="Choose which resolutions run in which order and the confidence threshold at "
                                    "which each stops, from the calib predictions and the measured profile; "
-                                   "writes cascade.json, a Pareto plot and an exit histogram.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   "writes cascade.json, a Pareto plot and an exit histogram.")
     s.add_argument("run_dir", help="family directory (with predictions/)")
     s.add_argument("--profile", help="profile.csv (default: RUN_DIR/profile.csv)")
     s.add_argument("--backend", help="backend rows of the profile to cost with (default: its only backend)")
     s.add_argument("--precision", help="precision rows of the profile (default: its only precision)")
-    s.add_argument("--batch-size", type=int, default=1, help="serving batch size the costs are read at")
+    s.add_argument("--batch-size", type=_positive_int, default=1,
+                   help="serving batch size the costs are read at (default: 1)")
     s.add_argument("--batch-aware", action="store_true",
                    help="throughput serving: each stage runs on the shrunken batch that reaches it")
-    s.add_argument("--target", help="'best' (>= the reference's accuracy, default) or an accuracy, e.g. 0.712")
-    s.add_argument("--max-drop", type=float, help="accuracy points the cascade may lose against the reference")
-    s.add_argument("--budget", type=float, help="most accurate cascade with expected cost <= this many ms")
+    s.add_argument("--target", help="'best' (>= the reference's calib accuracy; the default) or an accuracy: 0.712 "
+                                    "or 71.2%%")
+    s.add_argument("--max-drop", type=_nonnegative, help="accuracy points the cascade may lose against the reference")
+    s.add_argument("--budget", type=_positive, help="the most accurate cascade with expected cost <= this many ms "
+                                                    "per image")
     s.add_argument("--guarantee", type=_guarantee, metavar="EPS,DELTA",
-                   help="certify accuracy drop <= EPS with probability >= 1-DELTA (Learn-then-Test)")
-    s.add_argument("--confidence", default="max_prob", choices=["max_prob", "margin", "entropy", "auto"])
+                   help="certify an accuracy drop <= EPS with probability >= 1-DELTA (Learn-then-Test), "
+                        "e.g. 0.01,0.05")
+    s.add_argument("--confidence", default="max_prob", choices=["max_prob", "margin", "entropy", "auto"],
+                   help="confidence measure; auto picks the cheapest (default: max_prob)")
     s.add_argument("--no-temperature", action="store_true", help="do not fit per-resolution temperatures")
     s.add_argument("--combine", default="off", choices=["off", "on", "auto"],
-                   help="a later stage averages its log-probabilities with the stages already run")
+                   help="a later stage averages its log-probabilities with the stages already run (default: off)")
     s.add_argument("--exact", default="auto", choices=["auto", "on", "off"],
-                   help="exact search over threshold grids (auto: pools of <= 6 resolutions)")
-    s.add_argument("--reference", type=int, help="reference resolution (default: the most accurate on calib)")
-    s.add_argument("--resolutions", type=_ints, help="restrict the pool to these resolutions")
-    s.add_argument("--seed", type=int, default=0, help="seed of the guarantee's calib split")
+                   help="exact search over threshold grids (default: auto: pools of <= 6 resolutions)")
+    s.add_argument("--reference", type=_positive_int, help="reference resolution (default: the most accurate on "
+                                                           "calib)")
+    s.add_argument("--resolutions", type=_ints, help="restrict the pool to these resolutions (default: all)")
+    s.add_argument("--seed", type=_count, default=0, help="seed of the guarantee's calib split (default: 0)")
     s.add_argument("--out", help="cascade.json to write (default: RUN_DIR/cascade.json)")
     s.set_defaults(func=cmd_build)
 
@@ -228,18 +320,19 @@ def cmd_eval(args) -> None:
 
 def add_eval_parser(sub) -> None:
     s = sub.add_parser("eval", help="measure a cascade against the best single model (accuracy and latency)",
+                       formatter_class=_Formatter,
                        description="Run the cascade and its reference model on the same backend, batch size and "
                                    "test images; report measured accuracy, latency and throughput, and predicted "
-                                   "vs measured cost. Writes a JSON report and a plot.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                   "vs measured cost. Writes a JSON report and a plot.")
     s.add_argument("cascade_json")
-    s.add_argument("--data", help="data source (default: the one recorded in family.json, same split)")
-    s.add_argument("--split", default="test", choices=["test", "calib"])
+    s.add_argument("--data", help="other images to score (default: exactly the family's own test images)")
+    s.add_argument("--split", default="test", choices=["test", "calib"], help="default: test")
     s.add_argument("--backend", help="default: the backend the cascade was costed on")
-    s.add_argument("--batch-size", type=int, help="default: the batch size the cascade was costed at")
-    s.add_argument("--repeats", type=int, default=3, help="timed passes over the data (median per batch)")
-    s.add_argument("--threads", type=int)
-    s.add_argument("--limit", type=int, help="evaluate on the first N images only")
+    s.add_argument("--batch-size", type=_positive_int, help="default: the batch size the cascade was costed at")
+    s.add_argument("--repeats", type=_positive_int, default=3, help="timed passes over the data, median per batch "
+                                                                    "(default: 3)")
+    s.add_argument("--threads", type=_positive_int, help="CPU threads (default: the backend's)")
+    s.add_argument("--limit", type=_positive_int, help="evaluate on the first N images only (default: all)")
     s.add_argument("--out", help="report path (default: next to cascade.json)")
     s.set_defaults(func=cmd_eval)
 
@@ -252,11 +345,12 @@ def cmd_demo(args) -> None:
 
 def add_demo_parser(sub) -> None:
     s = sub.add_parser("demo", help="the whole pipeline on built-in synthetic data (CPU, minutes)",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    s.add_argument("--out", default="demo_out")
-    s.add_argument("--batch-size", type=int, default=32, help="serving batch size")
-    s.add_argument("--epochs", type=int, help="training epochs (default: the synthetic preset's)")
-    s.add_argument("--train-images", type=int, help="synthetic training images (default: the preset's)")
+                       formatter_class=_Formatter)
+    s.add_argument("--out", default="demo_out", help="default: demo_out")
+    s.add_argument("--batch-size", type=_positive_int, default=32, help="serving batch size (default: 32)")
+    s.add_argument("--epochs", type=_positive_int, help="training epochs (default: the synthetic preset's, 12)")
+    s.add_argument("--train-images", type=_positive_int, help="synthetic training images (default: the preset's, "
+                                                              "2400)")
     s.add_argument("--fresh", action="store_true", help="retrain even if --out holds a family")
     s.set_defaults(func=cmd_demo)
 

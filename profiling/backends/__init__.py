@@ -16,11 +16,12 @@ cascade runs on exactly what was measured.
 """
 from __future__ import annotations
 
-from typing import Callable, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Callable, Protocol
 
 from training.fileio import UserError
+
+if TYPE_CHECKING:  # the CLI reads BACKEND_NAMES for --help: no torch import for that
+    import torch
 
 
 class Engine(Protocol):
