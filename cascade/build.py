@@ -28,6 +28,9 @@ from .optimizer import (DEFAULT_TOLERANCES, Candidate, Cascade, Stage, StageView
 from .predictions import Predictions, load_predictions
 
 
+CALIB_HALF_WIDTH = 0.01  # warn when calib pins the reference's accuracy down to less than +-1 point (95 %)
+
+
 @dataclass
 class Target:
     kind: str            # best | accuracy | max_drop | budget
@@ -48,14 +51,19 @@ class Target:
             return cls("max_drop", float(max_drop))
         if target in (None, "best"):
             return cls("best")
+        text = str(target).strip()
+        percent = text.endswith("%")
         try:
-            v = float(target)
+            v = float(text.rstrip("%").strip())
         except ValueError:
-            raise UserError(f"--target {target!r}: use 'best' or an accuracy such as 0.712 (or 71.2 %)") from None
-        if 1 < v <= 100:
+            raise UserError(f"--target {target!r}: use 'best' or an accuracy, 0.712 or 71.2%") from None
+        if percent:
             v /= 100
+        elif v > 1:  # 1.5 could mean 1.5 % or a typo for 0.15: say so rather than guess
+            raise UserError(f"--target {target} is ambiguous: an accuracy is a fraction such as 0.712, or a percentage "
+                            f"written with %, such as 71.2%")
         if not 0 < v <= 1:
-            raise UserError(f"--target {target}: an accuracy lies in (0, 1] (or (0, 100] as a percentage)")
+            raise UserError(f"--target {target}: an accuracy lies in (0, 1], or (0 %, 100 %]")
         return cls("accuracy", v)
 
     def min_accuracy(self, reference_acc: float) -> float | None:
@@ -86,9 +94,28 @@ def paired_difference(casc_correct: np.ndarray, ref_correct: np.ndarray) -> dict
             "wins": int((d > 0).sum()), "losses": int((d < 0).sum())}
 
 
+def build_warnings(calib: Predictions, profile, costs: CostModel, resolutions, guarantee) -> list[str]:
+    """What makes the chosen cascade's figures less trustworthy than they look: smoke-test costs, and (without a
+    guarantee, which accounts for it) a calib set too small to pin the reference's accuracy down: thresholds
+    matched to it there move on new images."""
+    out = []
+    rows = profile[(profile.backend == costs.backend) & (profile.precision == costs.precision) &
+                   profile.resolution.isin(resolutions)]
+    if rows.smoke.any():
+        out.append("the costs come from a --quick profile (smoke figures of a few iterations); profile without "
+                   "--quick before relying on them")
+    accuracy = max(float((calib.column(r).argmax(-1) == calib.labels).mean()) for r in resolutions)
+    half_width = 1.96 * math.sqrt(max(accuracy * (1 - accuracy), 1 / calib.n) / calib.n)
+    if half_width > CALIB_HALF_WIDTH and guarantee is None:
+        out.append(f"calib has {calib.n} images: the best model's calib accuracy ({100 * accuracy:.1f} %) is known to "
+                   f"+-{100 * half_width:.1f} points (95 %), and a cascade matched to it there can lose about that much "
+                   "on new images; use more calibration images (more held-out data, --calib-fraction) or --guarantee")
+    return out
+
+
 def _check_same_family(calib: Predictions, test: Predictions, wid: str, profile_meta: dict, run_dir) -> None:
     for p in (calib, test):
-        if p.weights_sha256 and p.weights_sha256 != wid:
+        if p.weights_sha256 != wid:
             raise UserError(f"{p.path} was predicted by another family (weights {p.weights_sha256[:12]}, "
                             f"{run_dir} has {wid[:12]}); re-run prediction for this family")
     if profile_meta["weights_sha256"] != wid:
@@ -126,6 +153,8 @@ def run_build(run_dir, profile=None, backend: str | None = None, precision: str 
               tolerances=DEFAULT_TOLERANCES, log=print) -> dict:
     run_dir = Path(run_dir)
     t_start = time.perf_counter()
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise UserError(f"--batch-size {batch_size!r} must be an integer >= 1")
     doc = read_family_json(run_dir)
     wid = weights_id(doc)
     calib = load_predictions(run_dir / "predictions" / "calib.npz")
@@ -149,6 +178,7 @@ def run_build(run_dir, profile=None, backend: str | None = None, precision: str 
     if measure != "auto" and measure not in MEASURES:
         raise UserError(f"--confidence {measure!r} is not one of {', '.join(MEASURES)}, auto")
     costs = CostModel.from_profile(df, resolutions, backend, precision, batch_size, batch_aware, str(profile_path))
+    warnings = build_warnings(calib, df, costs, resolutions, guarantee)  # printed with the summary, recorded in cascade.json
     if reference is not None and reference not in resolutions:
         raise UserError(f"--reference {reference} is not among the resolutions {resolutions}")
     measures = list(MEASURES) if measure == "auto" else [measure]
@@ -233,6 +263,7 @@ def run_build(run_dir, profile=None, backend: str | None = None, precision: str 
                                         "cost_ms": c.outcome.mean_cost} for c in front],
                       "exact": exact_info, "seconds": round(time.perf_counter() - t_start, 3)},
         "single_model_wins": len(cascade.stages) == 1,
+        "warnings": warnings,
     }
     if "certified" in extra:
         config["guarantee"] = extra["certified"].describe()
@@ -281,6 +312,7 @@ def format_build_summary(config: dict, out) -> str:
         g = config["guarantee"]
         p = f"p = {g['p_value']:.3g}" if g["p_value"] is not None else "nothing certified: the reference alone"
         lines.append(f"guarantee: {g['statement']} (Learn-then-Test on {g['n_certify']} held-out calib images, {p})")
+    lines += [f"warning: {w}" for w in config.get("warnings", [])]
     if config["single_model_wins"]:
         lines.append(f"no cascade beats the single model r{config['stages'][0]['resolution']} here "
                      f"({prof['backend']}, batch {prof['batch_size']}): the config is the single model")

@@ -11,14 +11,15 @@ from __future__ import annotations
 import datetime as _dt
 import math
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
-from training.data import ImageSet, load_data, resolve_source
+from training.data import ImageSet, heldout_listing, resolve_source
 from training.fileio import UserError, write_json
 from training.images import ImageError, pixel_digest
+from training.progress import progress
 from training.store import read_family_json
 
 from .config import read_config
@@ -63,13 +64,20 @@ def _by_class_name(images: ImageSet, family_names: list[str], spec: str) -> Imag
     return ImageSet(family_names, to_family[images.labels], images.ids, images.reader, images.index)
 
 
-def images_to_score(config, data: str | None, split: str, limit: int | None,
-                log=print) -> tuple[ImageSet, str, np.ndarray | None]:
-    """The images to score -> (images, their source, the pixel digests the family predicted them with or None).
+class ScoredImages(NamedTuple):
+    images: ImageSet
+    source: str                  # the --data spec they come from (resolved)
+    digests: np.ndarray | None   # per image, the pixel digest the family predicted it with (own images only)
+    own: bool                    # the family's own held-out images (else other data)
 
-    Without --data (or with the family's own source): exactly the ids of predictions/{split}.npz, from the source
-    as family.json recorded it (resolved path, split options), their labels checked. With other data: the held-out
-    split that the same options give there, classes matched to the family's by name."""
+
+def images_to_score(config, data: str | None, split: str, limit: int | None, log=print) -> ScoredImages:
+    """The images `eval` scores.
+
+    Without --data (or with the family's own source): exactly the ids of predictions/{split}.npz, looked up in the
+    source as family.json recorded it (resolved path), their labels and pixels checked. With other data: every
+    image it holds out (an image folder's val/, else all of it), classes matched to the family's by name.
+    limit: N images spread evenly over them (every class, not the first one's)."""
     fam = read_family_json(config.family_dir)
     prov = fam.get("provenance", {}).get("data", {})
     opts = {k: prov[k] for k in SPLIT_OPTIONS if prov.get(k) is not None}
@@ -78,31 +86,38 @@ def images_to_score(config, data: str | None, split: str, limit: int | None,
     spec = recorded if own else data
     if not spec:
         raise UserError(f"{config.family_dir}/family.json does not record its data source; pass --data")
-    splits = load_data(spec, **opts, check_train=False, log=log)
-    images = splits.test if split == "test" else splits.calib
+    pool = heldout_listing(spec, **opts)
     digests = None
     if own:
-        if splits.class_names != fam["class_names"]:
-            raise UserError(f"{spec} now has classes {splits.class_names[:10]}, the family was trained on "
+        if pool.class_names != fam["class_names"]:
+            raise UserError(f"{spec} now has classes {pool.class_names[:10]}, the family was trained on "
                             f"{fam['class_names'][:10]}: the data changed since training; restore it")
         pred = load_predictions(config.family_dir / "predictions" / f"{split}.npz")
-        images, digests = _own_images(images, pred, spec), pred.pixel_digests
+        images, digests = _own_images(pool, pred, spec), pred.pixel_digests
     else:
-        images = _by_class_name(images, fam["class_names"], spec)
-    if limit:
-        images = images.subset(np.arange(min(limit, len(images))))
-        digests = None if digests is None else digests[:len(images)]
-    return images, spec, digests
+        if split != "test":
+            raise UserError("--split chooses among the family's own held-out images; --data images are scored whole")
+        images, bad = _by_class_name(pool, fam["class_names"], spec).readable("--data")
+        for b in bad:
+            log(f"{b['id']}: unreadable, left out ({b['error']})")
+    if limit and limit < len(images):
+        keep = np.unique(np.linspace(0, len(images) - 1, limit).round().astype(np.int64))
+        images = images.subset(keep)
+        digests = None if digests is None else digests[keep]
+    return ScoredImages(images, spec, digests, own)
 
 
 def _decode_all(images: ImageSet, digests: np.ndarray | None, log) -> tuple[list[torch.Tensor], np.ndarray]:
-    """Decoded images and labels; unreadable ones left out (named); with digests, each image must decode to the
-    pixels it was predicted on."""
+    """Decoded images and labels. With digests (the family's own images) every image must decode to the pixels it
+    was predicted on; other data leaves unreadable images out, named."""
     out, labels, changed = [], [], []
     for i in range(len(images)):
         try:
             image = images.read(i)
         except (ImageError, OSError) as e:
+            if digests is not None:
+                raise UserError(f"{images.ids[i]} no longer decodes ({e}), though the family predicted on it: the "
+                                "file changed since training; restore it, or give other images with --data") from None
             log(f"{images.ids[i]}: unreadable, left out ({e})")
             continue
         if digests is not None and pixel_digest(image) != digests[i]:
@@ -123,11 +138,17 @@ def _batches(n: int, b: int):
 def run_eval(cascade_json, data: str | None = None, backend: str | None = None, batch_size: int | None = None,
              split: str = "test", repeats: int = 3, threads: int | None = None, limit: int | None = None,
              out: str | None = None, plot: bool = True, log=print) -> dict:
+    for name, value in (("batch_size", batch_size), ("repeats", repeats), ("threads", threads), ("limit", limit)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise UserError(f"--{name.replace('_', '-')} {value!r} must be an integer >= 1"
+                            f"{' (omit it for the default)' if name != 'repeats' else ''}")
+    if split not in ("calib", "test"):
+        raise UserError(f"--split {split!r}: use test or calib")
     config = read_config(cascade_json)
     if threads:
         torch.set_num_threads(threads)
     b = batch_size or int(config.doc["profile"]["batch_size"])
-    images, spec, digests = images_to_score(config, data, split, limit, log)
+    images, spec, digests, own = images_to_score(config, data, split, limit, log)
     decoded, labels = _decode_all(images, digests, log)
     if not decoded:
         raise UserError(f"no readable {split} images in {spec}")
@@ -146,7 +167,7 @@ def run_eval(cascade_json, data: str | None = None, backend: str | None = None, 
     exits = np.zeros(len(decoded), dtype=np.int64)
     stage_time = {}
     for rep in range(repeats):
-        for j, idx in enumerate(tqdm(batches, desc=f"eval pass {rep + 1}/{repeats}", leave=False, disable=None)):
+        for j, idx in enumerate(progress(batches, desc=f"eval pass {rep + 1}/{repeats}", unit="batch")):
             batch = [decoded[i] for i in idx]
             order = (casc, refr) if (j + rep) % 2 == 0 else (refr, casc)
             for runner in order:
@@ -187,7 +208,13 @@ def run_eval(cascade_json, data: str | None = None, backend: str | None = None, 
         "predicted_accuracy": exp.get("accuracy"),
         "agreement_with_reference": float((pred_c == pred_r).mean()),
     }
-    out = Path(out) if out else config.path.with_name(config.path.stem + f"_eval_{split}.json")
+    figures = [acc_c, acc_r, ms_img_c, ms_img_r, report["measured_cost_ratio"]]
+    if not all(math.isfinite(v) for v in figures):  # never replace a report with a broken one
+        raise UserError(f"the measurement gave no valid figures ({figures}); nothing written")
+    if out is None:  # a partial or other-data run gets its own report, not the test split's
+        name = split if own else f"data-{Path(spec.partition(':')[2] or spec).name}"
+        out = config.path.with_name(config.path.stem + f"_eval_{name}" + (f"_limit{limit}" if limit else "") + ".json")
+    out = Path(out)
     write_json(out, report)
     if plot:
         _plot(report, out.with_suffix(".png"))

@@ -1,6 +1,7 @@
 """Reading predictions/{calib,test}.npz (DESIGN.md §1) with every check a user's mistake needs."""
 from __future__ import annotations
 
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,7 +80,16 @@ def load_predictions(path) -> Predictions:
             ids = z["ids"] if "ids" in z else np.arange(len(labels)).astype(str)
             wid = str(z["weights_sha256"]) if "weights_sha256" in z else ""
             digests = z["pixel_digests"] if "pixel_digests" in z and len(z["pixel_digests"]) == len(labels) else None
-    except (OSError, ValueError) as e:
-        raise UserError(f"{path} is not a readable .npz ({e}); re-run prediction") from None
+    except ValueError as e:
+        if "allow_pickle" in str(e):  # never unpickle a file: it could run code
+            raise UserError(f"{path} holds pickled Python objects, which rescascade does not load; re-create it "
+                            "with `rescascade train`") from None
+        raise UserError(f"{path} is not a readable .npz ({e}); re-create it with `rescascade train`") from None
+    except (OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path} is not a readable .npz ({type(e).__name__}: the file is damaged or truncated); "
+                        "re-create it with `rescascade train`") from None
+    if not wid:
+        raise UserError(f"{path} records no weights id, so it cannot be matched to its family; re-create it with "
+                        "`rescascade train`")
     validate(logits, labels, resolutions, str(path))
     return Predictions(logits, labels, resolutions, ids, wid, str(path), digests)

@@ -26,6 +26,7 @@ class Protocol:
     max_iters: int = 100_000
     max_seconds: float = 60.0
     rounds: int = 5  # the minimums are spread over this many round-robin passes over all configurations
+    smoke: bool = False  # a few iterations to check that things run: its figures never replace measurements
 
     def __post_init__(self):
         from training.fileio import UserError
@@ -39,10 +40,10 @@ class Protocol:
                         warmup_seconds=self.warmup_seconds if k == 0 else 0.0,
                         min_iters=max(1, -(-self.min_iters // self.rounds)), min_seconds=self.min_seconds / self.rounds,
                         max_iters=max(1, self.max_iters // self.rounds), max_seconds=self.max_seconds / self.rounds,
-                        rounds=1)
+                        rounds=1, smoke=self.smoke)
 
 
-QUICK = Protocol(warmup_iters=2, warmup_seconds=0.0, min_iters=5, min_seconds=0.0, rounds=1)
+QUICK = Protocol(warmup_iters=2, warmup_seconds=0.0, min_iters=5, min_seconds=0.0, rounds=1, smoke=True)
 
 
 def run_protocol(step: Callable[[], float], protocol: Protocol) -> np.ndarray:

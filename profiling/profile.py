@@ -20,10 +20,10 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from tqdm import tqdm
 
 from training.fileio import UserError, atomic_path, check_schema, read_json, write_json
 from training.preprocess import channels_last_batch, eval_resize_size, preprocess
+from training.progress import progress
 from training.store import family_sha256, load_family, weights_id
 
 from .backends import get_backend
@@ -34,7 +34,7 @@ PROFILE_SCHEMA = 1
 KEY = ["backend", "precision", "resolution", "batch_size"]
 COLUMNS = KEY + ["median_ms", "mean_ms", "std_ms", "p90_ms", "p99_ms", "min_ms", "cv", "n_iters", "per_image_ms",
                  "preprocess_ms", "preprocess_per_image_ms", "overhead_ms", "upload_ms", "gather_ms", "source_size",
-                 "threads", "build_s", "measured_at"]
+                 "threads", "build_s", "smoke", "measured_at"]
 
 
 SOURCE_POOL_BYTES = 64 << 20  # more than a CPU's last-level cache
@@ -134,6 +134,7 @@ def read_profile(path) -> tuple[pd.DataFrame, dict]:
     missing = [c for c in KEY + ["median_ms", "preprocess_ms"] if c not in df.columns]
     if missing:
         raise UserError(f"{path} lacks column(s) {', '.join(missing)}; re-run `rescascade profile`")
+    df["smoke"] = df["smoke"].astype(bool) if "smoke" in df.columns else False  # profiles before the column: measured
     return df, meta
 
 
@@ -171,6 +172,13 @@ def run_profile(run_dir, backend: str = "onnxruntime", precision: str = "fp32", 
                             f"gpu {meta['device'].get('gpu')}); profiles of different devices go in different "
                             "files: pass --out")
     combos = [(r, b) for r in resolutions for b in batch_sizes]
+    if old is not None and protocol.smoke:  # smoke figures never replace measurements
+        measured = old[~old.smoke & (old.backend == backend) & (old.precision == precision)]
+        hit = sorted({(int(r), int(b)) for r, b in zip(measured.resolution, measured.batch_size)} & set(combos))
+        if hit:
+            raise UserError(f"{out} holds measured rows for {', '.join(f'r{r} batch {b}' for r, b in hit[:4])}"
+                            f"{' ...' if len(hit) > 4 else ''}; --quick figures would replace them: write the smoke "
+                            "run elsewhere with --out, or measure without --quick")
     engines, build = {}, {}
     for r in resolutions:  # build and warm everything first; timing below interleaves the configurations
         engines[r] = engine_backend.open(family, run_dir, wid, r, precision, threads)
@@ -184,8 +192,7 @@ def run_profile(run_dir, backend: str = "onnxruntime", precision: str = "fp32", 
     decide = {b: [] for b in batch_sizes}  # the decision step does not depend on the resolution
     moves = {b: ([], []) for b in batch_sizes}  # (upload, gather): nor do these (same source images)
     pool = source_pool(source_size)
-    bar = tqdm(total=protocol.rounds * len(combos), desc=f"profile {backend} {precision}", unit="config",
-               disable=None)
+    bar = progress(total=protocol.rounds * len(combos), desc=f"profile {backend} {precision}", unit="config")
     for k in range(protocol.rounds):  # round-robin: a burst of machine noise hits one round, not one config
         part = protocol.round(k)
         for r, b in combos:
@@ -211,7 +218,7 @@ def run_profile(run_dir, backend: str = "onnxruntime", precision: str = "fp32", 
                      "preprocess_per_image_ms": pre["median_ms"] / b, "overhead_ms": decision[b]["median_ms"],
                      "upload_ms": upload[b], "gather_ms": gather[b],
                      "source_size": f"{source_size[0]}x{source_size[1]}", "threads": threads or 0,
-                     "build_s": round(build[r, b], 3),
+                     "build_s": round(build[r, b], 3), "smoke": protocol.smoke,
                      "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
     del engines, timers
     new = pd.DataFrame(rows, columns=COLUMNS)

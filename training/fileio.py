@@ -51,9 +51,14 @@ def read_json(path, what: str) -> dict:
     if not path.is_file():
         raise UserError(f"{path} not found: expected {what}")
     try:
-        return json.loads(path.read_text())
+        doc = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); re-create {what}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"{path} is not a text file; expected {what}") from None
+    if not isinstance(doc, dict):
+        raise UserError(f"{path} holds a JSON {type(doc).__name__}, not an object; expected {what}")
+    return doc
 
 
 def check_schema(doc: dict, path, kind: str, supported: int, required: tuple[str, ...]) -> None:

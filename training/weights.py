@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import urllib.error
 from pathlib import Path
 
@@ -35,10 +36,14 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             sd = load_file(str(path))
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # corrupt file, or a pickle with code in it
-        raise UserError(f"cannot read weights {path}: {str(e).splitlines()[0][:200]}; "
-                        "give a plain state dict (.pth saved with torch.save(model.state_dict())) "
-                        "or a .safetensors file") from None
+    except Exception as e:  # noqa: BLE001 (a corrupt file, or a pickle with code in it)
+        if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in str(e):
+            raise UserError(f"{path} holds pickled Python objects besides tensors, which rescascade does not load "
+                            "(unpickling can run code); save the state dict alone, torch.save(model.state_dict(), "
+                            "path), or as .safetensors") from None
+        raise UserError(f"cannot read weights {path} ({type(e).__name__}: damaged or not a weights file); give a "
+                        "plain state dict (.pth saved with torch.save(model.state_dict())) or a .safetensors "
+                        "file") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]  # common checkpoint layout
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
