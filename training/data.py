@@ -25,10 +25,10 @@ from typing import Callable
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .fileio import UserError
 from .images import DEFAULT_MAX_PIXELS, ImageError, decode, pixel_digest, probe
+from .progress import progress
 
 
 # ---- readers: picklable callables index -> uint8 [3, H, W] (they cross DataLoader worker processes) -------
@@ -129,8 +129,7 @@ class ImageSet:
         if check is None or len(self) == 0:
             return self, []
         keep, bad = [], []
-        for i in tqdm(range(len(self)), desc=f"checking {what} images", unit="img", leave=False, mininterval=2,
-                      disable=None):
+        for i in progress(range(len(self)), desc=f"checking {what} images", unit="img"):
             try:
                 check(int(self.index[i]))
                 keep.append(i)
@@ -206,11 +205,12 @@ def list_image_folder(root: Path, id_root: Path, max_pixels: int | None) -> tupl
     return images, dict(sorted(not_listed.items()))
 
 
-def image_folder(path: str, val_fraction: float, seed: int,
+def image_folder(path: str, val_fraction: float | None, seed: int,
                  max_pixels: int | None) -> tuple[ImageSet, ImageSet, dict[str, int]]:
     """(train, held-out, files not listed) of PATH/train + PATH/val, or of one class-folder tree split by
-    val_fraction (stratified, seeded). Held-out classes are checked like training ones (after reading headers)."""
-    root = Path(path)
+    val_fraction (stratified, seeded; None: every image is held out). Held-out classes are checked like training
+    ones (after reading headers)."""
+    root = Path(path).expanduser()
     if not root.is_dir():
         raise UserError(f"image folder {root} not found")
     if (root / "train").is_dir():
@@ -222,9 +222,11 @@ def image_folder(path: str, val_fraction: float, seed: int,
             raise UserError(f"{root}/val has classes {val.class_names} but {root}/train has {train.class_names}; "
                             "both need the same class folders")
         return train, val, {k: skipped.get(k, 0) + skipped_val.get(k, 0) for k in {**skipped, **skipped_val}}
+    full, skipped = list_image_folder(root, root, max_pixels)
+    if val_fraction is None:
+        return full.subset([]), full, skipped
     if not 0 < val_fraction < 1:
         raise UserError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
-    full, skipped = list_image_folder(root, root, max_pixels)
     check_classes(full.labels, full.class_names, str(root))
     val_idx, train_idx = stratified_split(full.labels, val_fraction, seed + 1)
     return full.subset(train_idx), full.subset(val_idx), skipped
@@ -317,7 +319,44 @@ def resolve_source(spec: str, data_root: str = "data") -> str:
 def _check_unreadable(what: str, bad: list[dict], log) -> None:
     if bad:
         log(f"{what}: {len(bad)} unreadable image(s) left out, e.g. " +
-            "; ".join(f"{b['id']} ({b['error']})" for b in bad[:3]))
+            "; ".join(f"{b['id']} ({b['error']})" for b in bad[:3]) +
+            " (family.json lists them all under provenance.data.unreadable)")
+
+
+def _read_source(spec: str, val_fraction: float | None, seed: int, label_space: str, data_root: str, download: bool,
+                 synthetic_classes: int, max_image_pixels: int | None):
+    """--data SPEC -> (training images or None, held-out images, {extension: count} of files not listed)."""
+    kind, _, arg = spec.partition(":")
+    not_listed: dict[str, int] = {}
+    if kind == "synthetic":
+        try:
+            n_train = int(arg) if arg else 2000
+        except ValueError:
+            raise UserError(f"--data {spec}: synthetic:N takes a number of training images") from None
+        train, heldout = synthetic(n_train, synthetic_classes, seed)
+    elif kind == "imagefolder":
+        train, heldout, not_listed = image_folder(arg, val_fraction, seed, max_image_pixels)
+    elif kind in ("cifar10", "cifar100", "imagenette"):
+        train, heldout = torchvision_dataset(kind, arg or data_root, download, max_image_pixels)
+    elif kind == "shared-imagenette":
+        train, heldout = shared_imagenette(arg, label_space, max_image_pixels)
+    elif kind == "shared-imagenet-samples":
+        train, heldout = None, shared_imagenet_samples(arg, max_image_pixels)
+    else:
+        raise UserError(f"unknown --data {spec!r}; use synthetic[:N], imagefolder:PATH, cifar10, cifar100, "
+                        "imagenette, shared-imagenette:DIR or shared-imagenet-samples:DIR")
+    return train, heldout, not_listed
+
+
+def heldout_listing(spec: str, *, seed: int = 0, label_space: str = "native", data_root: str = "data",
+                    synthetic_classes: int = 8, max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
+                    **_split_options) -> ImageSet:
+    """Every image SPEC can hold out, listed, neither split nor checked: an image folder's val/ (or all of a tree
+    that --val-fraction splits), a dataset's held-out part. Recorded ids are looked up here, so images added to or
+    removed from the data since do not move them; other data is scored whole."""
+    _, heldout, _ = _read_source(spec, None, seed, label_space, data_root, False, synthetic_classes,
+                                 max_image_pixels)
+    return heldout
 
 
 def load_data(spec: str, *, calib_fraction: float = 0.5, val_fraction: float = 0.2, seed: int = 0,
@@ -335,20 +374,8 @@ def load_data(spec: str, *, calib_fraction: float = 0.5, val_fraction: float = 0
     kind, _, arg = spec.partition(":")
     if not 0 < calib_fraction < 1:
         raise UserError(f"--calib-fraction must be between 0 and 1, got {calib_fraction}")
-    not_listed: dict[str, int] = {}
-    if kind == "synthetic":
-        train, heldout = synthetic(int(arg) if arg else 2000, synthetic_classes, seed)
-    elif kind == "imagefolder":
-        train, heldout, not_listed = image_folder(arg, val_fraction, seed, max_image_pixels)
-    elif kind in ("cifar10", "cifar100", "imagenette"):
-        train, heldout = torchvision_dataset(kind, arg or data_root, download, max_image_pixels)
-    elif kind == "shared-imagenette":
-        train, heldout = shared_imagenette(arg, label_space, max_image_pixels)
-    elif kind == "shared-imagenet-samples":
-        train, heldout = None, shared_imagenet_samples(arg, max_image_pixels)
-    else:
-        raise UserError(f"unknown --data {spec!r}; use synthetic[:N], imagefolder:PATH, cifar10, cifar100, "
-                        "imagenette, shared-imagenette:DIR or shared-imagenet-samples:DIR")
+    train, heldout, not_listed = _read_source(spec, val_fraction, seed, label_space, data_root, download,
+                                              synthetic_classes, max_image_pixels)
     if not_listed:
         log(f"{sum(not_listed.values())} file(s) in the class folders are not images torchvision's ImageFolder "
             f"lists and are not used ({', '.join(f'{k} {v}' for k, v in not_listed.items())})")

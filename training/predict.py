@@ -9,11 +9,11 @@ import time
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from .data import EvalDataset, ImageSet, collate_skipping
 from .fileio import UserError, atomic_path
 from .preprocess import CROP_FRACTION, to_model_input
+from .progress import progress
 
 PREDICTIONS_SCHEMA = 1
 
@@ -33,8 +33,7 @@ def predict_logits(models: dict, images: ImageSet, batch_size: int = 64,
             m.to(device, memory_format=torch.channels_last).eval()
     chunks, labels, positions, digests, unreadable = [], [], [], [], []
     t0 = time.perf_counter()
-    with torch.inference_mode(), tqdm(total=len(ds), desc=desc, unit="img", leave=False, mininterval=2,
-                                      disable=None) as bar:
+    with torch.inference_mode(), progress(total=len(ds), desc=desc, unit="img") as bar:
         for batch, bad in loader:
             unreadable += [{"id": b.id, "error": b.error} for b in bad]
             bar.update(len(bad))
