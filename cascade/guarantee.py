@@ -10,9 +10,9 @@ path of greedy cascades (most conservative first); keep the one setting whose pa
 among the cascades that pass the same test on the select part. All of it is fixed before the *certify* part is
 looked at, and only that one path is tested there: H_j: risk > epsilon with the exact binomial tail
 p_j = P(Binom(n, epsilon) <= k_j) (valid for 0/1 losses), in fixed sequence at level delta, stopping at the
-first non-rejection (family-wise error <= delta without a multiplicity penalty). Emit the cheapest certified
-cascade; the reference alone (loss 0) is the fallback. (Testing each setting's path on the certify part and
-keeping the cheapest certified one would spend delta once per setting.)
+first non-rejection (family-wise error <= delta without a multiplicity penalty). Emit the cheapest of the
+certified cascades and the reference alone (loss 0; also the fallback when nothing is certified). (Testing each
+setting's path on the certify part and keeping the cheapest certified one would spend delta once per setting.)
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ class Certified:
     delta: float
 
     def describe(self) -> dict:
-        chosen = next((t for t in self.tested if t["cascade"] == self.cascade.describe()), None)
+        chosen = next((t for t in self.tested if t["cascade"] == self.cascade.describe() and t["certified"]), None)
         return {"epsilon": self.epsilon, "delta": self.delta,
                 "method": "learn-then-test, fixed-sequence, exact binomial p-values",
                 "loss": "1[cascade wrong and reference right]",
@@ -97,11 +97,14 @@ def certify(select: StageViews, certify_views: StageViews, costs: CostModel, ref
     """Learn the path on `select`, test it on `certify_views`, return the cheapest certified cascade."""
     path = tolerance_path(select, costs, reference, resolutions, tolerances, quantiles)
     tested, certified = fixed_sequence_test(path, certify_views, select, costs, reference, epsilon, delta)
-    if certified:
-        chosen = min(certified, key=lambda c: simulate(c, select, costs).mean_cost)
-    else:
-        chosen = Cascade([Stage(reference, -np.inf)], method="single")
-    return Certified(chosen, tested, select.preds.n, certify_views.preds.n, epsilon, delta)
+    return Certified(_cheapest(certified, select, costs, reference), tested, select.preds.n, certify_views.preds.n,
+                     epsilon, delta)
+
+
+def _cheapest(certified: list[Cascade], select: StageViews, costs: CostModel, reference: int) -> Cascade:
+    """The cheapest certified cascade on the select part, or the reference alone (loss 0) when it is cheaper."""
+    alone = Cascade([Stage(reference, -np.inf)], method="single")
+    return min([alone] + certified, key=lambda c: simulate(c, select, costs).mean_cost)
 
 
 @dataclass
@@ -144,9 +147,6 @@ def certify_settings(calib: Predictions, costs: CostModel, resolutions, epsilon:
     _, m, comb, sel_views, path = best
     cert_views = StageViews(certify_part, m, temps, comb)
     tested, certified = fixed_sequence_test(path, cert_views, sel_views, costs, reference, epsilon, delta)
-    if certified:
-        chosen = min(certified, key=lambda c: simulate(c, sel_views, costs).mean_cost)
-    else:
-        chosen = Cascade([Stage(reference, -np.inf)], method="single")
+    chosen = _cheapest(certified, sel_views, costs, reference)
     return CertifiedSetting(Certified(chosen, tested, select.n, certify_part.n, epsilon, delta), m, comb, temps,
                             reference, tried)

@@ -7,6 +7,7 @@ The confidence is computed by the same functions the optimizer used on stored lo
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,11 +15,12 @@ from typing import Sequence
 
 import numpy as np
 import torch
+from PIL import Image
 
 from profiling.backends import get_backend
 from profiling.measure import torch_threads
 from training.fileio import UserError, sha256_file
-from training.images import DEFAULT_MAX_PIXELS, decode
+from training.images import DEFAULT_MAX_PIXELS, decode, from_pil
 from training.preprocess import channels_last_batch, preprocess
 from training.store import load_family, weights_id
 
@@ -39,13 +41,19 @@ class StageTiming:
 
 @dataclass
 class CascadeResult:
-    labels: np.ndarray          # [N] predicted class (-1 where the input failed)
+    labels: np.ndarray          # [N] predicted class index (-1 where the input failed)
     probs: np.ndarray           # [N, C] probabilities of the answering stage (NaN rows where failed)
     exit_stage: np.ndarray      # [N] index of the answering stage (-1 where failed)
     confidence: np.ndarray      # [N] confidence at the answering stage
     errors: dict[int, str] = field(default_factory=dict)   # input index -> what went wrong
     stage_timings: list[StageTiming] = field(default_factory=list)
     wall_s: float = 0.0
+    class_names: list[str] = field(default_factory=list)   # the family's, index -> name
+
+    @property
+    def names(self) -> list[str | None]:
+        """[N] the predicted class names (None where the input failed)."""
+        return [self.class_names[k] if k >= 0 else None for k in self.labels]
 
 
 @dataclass
@@ -85,11 +93,12 @@ def exit_step(logits: np.ndarray, k: int, threshold: float, temperature: float, 
 class CascadeRunner:
     """Load cascade.json + its family (hashes verified) and run the cascade on `backend`.
 
-    runner(images) accepts a uint8 tensor [N, 3, H, W], or a list of inputs, each a uint8 [3, H, W] tensor, an
-    image file path or the encoded bytes of an image file. Files and bytes are decoded by training.images.decode,
-    the decode training and prediction used (EXIF orientation applied, any bit depth to 8 bits, first frame of an
-    animation, at most max_image_pixels pixels, checked from the header before decoding). An input that fails
-    (missing, not an image, damaged, too large) gets an error of its own in the result; the others are answered.
+    runner(images) accepts a uint8 tensor [N, 3, H, W], or a list of inputs (or one input), each a uint8
+    [3, H, W] tensor, a PIL image, an image file path or the encoded bytes of an image file. Files and bytes are decoded by
+    training.images.decode, the decode training and prediction used (EXIF orientation applied, any bit depth to
+    8 bits, first frame of an animation, at most max_image_pixels pixels, checked from the header before
+    decoding). An input that fails (missing, not an image, damaged, too large, empty) gets an error of its own in
+    the result; the others are answered. The result holds class indices and, as `names`, the class names.
 
     warmup: run every stage at load on batches of these sizes (True, the default: 1 and the batch size the cascade
     was built for; False: none), so that the first request is not the slow one: sessions allocate and plan on
@@ -120,6 +129,7 @@ class CascadeRunner:
         self.temperatures = self.config.temperatures
         self.measure, self.combined = self.config.measure, self.config.combined
         self.num_classes = doc["num_classes"]
+        self.class_names = list(doc["class_names"])
         self.max_image_pixels = max_image_pixels
         be = get_backend(self.backend_name)
         self.device = be.device
@@ -155,20 +165,32 @@ class CascadeRunner:
 
     # ---- inputs --------------------------------------------------------------------------------------------
     def _load(self, images) -> tuple[list[torch.Tensor | None], dict[int, str]]:
+        if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)) or \
+                (isinstance(images, torch.Tensor) and images.dim() in (1, 3)):
+            images = [images]  # one input, not a sequence of characters, bytes or rows
         if isinstance(images, torch.Tensor):
-            if images.dim() != 4 or images.shape[1] != 3 or images.dtype != torch.uint8:
-                raise UserError(f"images tensor must be uint8 [N, 3, H, W], got {images.dtype} {list(images.shape)}")
+            if images.dim() != 4 or images.shape[1] != 3 or images.dtype != torch.uint8 or 0 in images.shape[2:]:
+                raise UserError(f"images tensor must be uint8 [N, 3, H, W] with H, W >= 1, got {images.dtype} "
+                                f"{list(images.shape)}")
             return list(images), {}
         out, errors = [], {}
         for i, item in enumerate(images):
             try:
-                if isinstance(item, (str, Path)):
+                if isinstance(item, (str, os.PathLike)):
                     item = Path(item).read_bytes()
-                if isinstance(item, (bytes, bytearray, memoryview)):
+                if isinstance(item, Image.Image):
+                    item = from_pil(item)
+                elif isinstance(item, (bytes, bytearray, memoryview)) or (
+                        isinstance(item, torch.Tensor) and item.dim() == 1 and item.dtype == torch.uint8):
                     item = decode(item, self.max_image_pixels)
                 if not (isinstance(item, torch.Tensor) and item.dim() == 3 and item.shape[0] == 3
                         and item.dtype == torch.uint8):
-                    raise ValueError("not an image: give a file path, encoded bytes or a uint8 [3, H, W] tensor")
+                    got = f"a {item.dtype} tensor {list(item.shape)}" if isinstance(item, torch.Tensor) else \
+                        f"a {type(item).__name__}"
+                    raise ValueError(f"not an image: got {got}; give a file path, encoded bytes, a PIL image or a "
+                                     "uint8 [3, H, W] tensor")
+                if 0 in item.shape[1:]:
+                    raise ValueError(f"an empty image ({item.shape[1]}x{item.shape[2]} pixels)")
                 out.append(item)
             except (OSError, ValueError) as e:  # a missing, corrupt or oversized file fails that input only
                 out.append(None)
@@ -231,4 +253,4 @@ class CascadeRunner:
                                         self.measure, self.combined, history, active, answers)
             t.preprocess_s, t.inference_s, t.decide_s = t1 - t0, t2 - t1, time.perf_counter() - t2
         return CascadeResult(answers.labels, answers.probs, answers.exit_stage, answers.confidence, errors, timings,
-                             time.perf_counter() - t_start)
+                             time.perf_counter() - t_start, self.class_names)

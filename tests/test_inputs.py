@@ -297,8 +297,8 @@ def test_eval_scores_exactly_the_predicted_test_images(folder_cascade, tmp_path,
     # from another directory whose own photos/ holds other images: the recorded (resolved) folder is read
     write_photo_folder(tmp_path / "photos", n=64, seed=9)
     monkeypatch.chdir(tmp_path)
-    images, spec, digests = images_to_score(read_config(cascade_json), None, "test", None, **QUIET)
-    assert images.ids == ids and spec == f"imagefolder:{base / 'photos'}" and len(digests) == len(ids)
+    images, spec, digests, own = images_to_score(read_config(cascade_json), None, "test", None, **QUIET)
+    assert own and images.ids == ids and spec == f"imagefolder:{base / 'photos'}" and len(digests) == len(ids)
     report = run_eval(cascade_json, batch_size=4, repeats=1, plot=False, out=tmp_path / "e.json", **QUIET)
     assert report["images"] == len(ids)
 
@@ -312,6 +312,9 @@ def test_eval_stops_when_the_data_changed(folder_cascade, tmp_path):
         victim.write_bytes(encode(np.zeros((112, 112, 3), np.uint8)))
         with pytest.raises(UserError, match="decode to other pixels"):
             run_eval(cascade_json, batch_size=4, repeats=1, plot=False, out=tmp_path / "e.json", **QUIET)
+        victim.write_bytes(saved[:len(saved) // 2])  # the header still reads
+        with pytest.raises(UserError, match="no longer decodes"):
+            run_eval(cascade_json, batch_size=4, repeats=1, plot=False, out=tmp_path / "e.json", **QUIET)
         victim.unlink()
         with pytest.raises(UserError, match="are not in"):
             run_eval(cascade_json, batch_size=4, repeats=1, plot=False, out=tmp_path / "e.json", **QUIET)
@@ -320,18 +323,37 @@ def test_eval_stops_when_the_data_changed(folder_cascade, tmp_path):
     assert not (tmp_path / "e.json").exists()
 
 
+def test_eval_finds_its_images_when_the_folder_grows_or_loses_training_images(folder_cascade, tmp_path):
+    base, fam, cascade_json = folder_cascade
+    held = {str(i) for split in ("calib", "test") for i in np.load(fam / "predictions" / f"{split}.npz")["ids"]}
+    trained = next(p for p in sorted((base / "photos").rglob("*.png")) if str(p.relative_to(base / "photos"))
+                   not in held)
+    saved = trained.read_bytes()
+    new = trained.with_name("zz_new.png")
+    try:
+        trained.unlink()
+        shutil.copy(sorted((base / "photos").rglob("*.png"))[0], new)
+        report = run_eval(cascade_json, batch_size=4, repeats=1, plot=False, out=tmp_path / "e.json", limit=6,
+                          **QUIET)
+        assert report["images"] == 6
+    finally:
+        trained.write_bytes(saved)
+        new.unlink(missing_ok=True)
+
+
 def test_eval_other_data_matches_classes_by_name(folder_cascade, tmp_path):
     _, fam, cascade_json = folder_cascade
     names = json.loads((fam / "family.json").read_text())["class_names"]  # the folders' sorted names
     write_photo_folder(tmp_path / "new", n=160, seed=5)
     config = read_config(cascade_json)
-    full, _, _ = images_to_score(config, f"imagefolder:{tmp_path / 'new'}", "test", None, **QUIET)
+    full = images_to_score(config, f"imagefolder:{tmp_path / 'new'}", "test", None, **QUIET).images
+    assert len(full) == 160  # other data is scored whole
     # the same images with half the classes gone: the remaining classes keep the family's indices
     shutil.copytree(tmp_path / "new", tmp_path / "part")
     for name in names[:4]:
         shutil.rmtree(tmp_path / "part" / name)
-    part, _, digests = images_to_score(config, f"imagefolder:{tmp_path / 'part'}", "test", None, **QUIET)
-    assert digests is None and part.class_names == names
+    part, _, digests, own = images_to_score(config, f"imagefolder:{tmp_path / 'part'}", "test", None, **QUIET)
+    assert not own and digests is None and part.class_names == names
     assert set(part.labels) <= set(range(4, 8))
     by_id = dict(zip(full.ids, full.labels))
     assert all(by_id[i] == y for i, y in zip(part.ids, part.labels) if i in by_id)
@@ -368,3 +390,23 @@ def test_runner_warms_every_stage_at_load(built, monkeypatch):
     calls.clear()
     rt.CascadeRunner(out, backend="onnxruntime", warmup=[8])
     assert sorted(calls) == [(s["resolution"], 8) for s in config["stages"]]
+
+
+def test_runner_takes_one_input_or_many_and_names_the_classes(built, tmp_path):
+    _, out, _ = built
+    runner = CascadeRunner(out, backend="onnxruntime", warmup=False)
+    photo = synthetic_photos(1)[0][0]
+    path = tmp_path / "a.png"
+    path.write_bytes(encode(photo))
+    one = runner(str(path))  # one path: one answer, not one per character
+    assert len(one.labels) == 1 and not one.errors and one.labels[0] >= 0
+    same = [runner(path), runner(path.read_bytes()), runner(Image.open(path)), runner(as_tensor(photo)),
+            runner(torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)), runner(next(os.scandir(tmp_path)))]
+    assert all(r.labels.tolist() == one.labels.tolist() and not r.errors for r in same)
+    res = runner([as_tensor(photo), torch.zeros(3, 0, 60, dtype=torch.uint8), torch.zeros(3, 40, 60)])
+    assert sorted(res.errors) == [1, 2] and res.labels[0] == one.labels[0]  # the bad ones fail alone
+    assert "empty image" in res.errors[1] and "torch.float32 tensor [3, 40, 60]" in res.errors[2]
+    assert res.names[0] == runner.class_names[res.labels[0]] and res.names[1] is None
+    with pytest.raises(UserError, match="H, W >= 1"):
+        runner(torch.zeros(2, 3, 0, 0, dtype=torch.uint8))
+    assert len(runner([]).labels) == 0

@@ -178,4 +178,4 @@ def test_cli_pipeline_end_to_end(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "family / one model" in out and "| cascade" in out and "cost vs reference" in out
     assert main(["build", str(fam), "--target", "150"]) == 2
-    assert "an accuracy lies in" in capsys.readouterr().err
+    assert "is ambiguous" in capsys.readouterr().err

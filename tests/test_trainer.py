@@ -146,7 +146,7 @@ def test_train_writes_family_predictions_and_metrics(tmp_path):
     header = (out / "metrics.csv").read_text().splitlines()[0]
     for col in ("epoch", "resolution", "loss", "top1", "lr", "images_per_s"):
         assert col in header
-    with pytest.raises(UserError, match="already holds a family"):
+    with pytest.raises(UserError, match="already holds a finished family"):
         run_train("synthetic:64", out, tiny_cfg(), width_mult=0.35, weights="none", **QUIET)
 
 

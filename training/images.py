@@ -111,6 +111,16 @@ def _rgb8(im: Image.Image) -> np.ndarray:
     return np.array(im, dtype=np.uint8)
 
 
+def from_pil(image: Image.Image) -> torch.Tensor:
+    """An opened Pillow image -> uint8 RGB tensor [3, H, W], as `decode` makes it (EXIF orientation, 8 bits)."""
+    try:
+        return torch.from_numpy(_rgb8(ImageOps.exif_transpose(image))).permute(2, 0, 1)
+    except ImageError:
+        raise
+    except (OSError, ValueError, SyntaxError, EOFError) as e:  # truncated or damaged data
+        raise ImageError(f"{image.format or 'image'} data does not decode: {e}") from None
+
+
 def decode(data: bytes | bytearray | memoryview | torch.Tensor,
            max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
     """Encoded image -> uint8 RGB tensor [3, H, W] in channels-last memory (the layout `decode_image` returns
@@ -124,13 +134,9 @@ def decode(data: bytes | bytearray | memoryview | torch.Tensor,
     with _open(bytes(data), max_pixels) as im:
         try:
             im.seek(0)
-            upright = ImageOps.exif_transpose(im)
-            pixels = _rgb8(upright)
-        except ImageError:
-            raise
-        except (OSError, ValueError, SyntaxError, EOFError) as e:  # truncated or damaged data
-            raise ImageError(f"{im.format or 'image'} data does not decode: {e}") from None
-    return torch.from_numpy(pixels).permute(2, 0, 1)
+        except EOFError as e:
+            raise ImageError(f"{im.format or 'image'} has no frame: {e}") from None
+        return from_pil(im)
 
 
 def pixel_digest(image: torch.Tensor) -> str:

@@ -1,0 +1,196 @@
+"""A user's mistakes, one table: every command with a bad value or a bad file stops with exit 2 and one line that
+says what is wrong and what to do, and no file that existed before is changed (sha256 of each, before and after).
+Plus: --help is fast (torch is not imported) and every option says what it does and its real default."""
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cascade.cli import build_parser, main
+
+TINY = ["--resolutions", "32,48", "--width-mult", "0.35", "--weights", "none", "--epochs", "1", "--batch-size", "16",
+        "--optimizer", "adamw", "--lr", "0.003", "--workers", "0", "--heldout-per-class", "10"]
+
+
+class Evil:  # a pickled class instance: what torch.load(weights_only=True) refuses
+    pass
+
+
+def snapshot(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def workspace(built, tmp_path_factory):
+    """A directory with: fam/ (a finished family + profile + cascade.json, its profile marked as measured), user/
+    (a folder of the user's own files), stopped/ (a run interrupted after epoch 1), and damaged copies."""
+    fam_src, cascade_json, _ = built
+    root = tmp_path_factory.mktemp("mistakes")
+    fam = root / "fam"
+    shutil.copytree(fam_src, fam)
+    shutil.copy(cascade_json, fam / "cascade.json")
+    cfg = json.loads((fam / "cascade.json").read_text())
+    cfg["family"]["path"] = "."
+    cfg["stages"] = [{"resolution": 32, "threshold": 0.5}, {"resolution": 48, "threshold": None}]
+    (fam / "cascade.json").write_text(json.dumps(cfg))
+    import pandas as pd
+    profile = pd.read_csv(fam / "profile.csv")
+    profile["smoke"] = False  # as if measured for real
+    profile.to_csv(fam / "profile.csv", index=False)
+    (root / "user").mkdir()
+    (root / "user" / "notes.txt").write_text("my own notes")
+    (root / "user" / "checkpoints").mkdir()
+    (root / "user" / "checkpoints" / "mine.bin").write_bytes(b"precious")
+    # an interrupted run: the trainer's checkpoint after one of two epochs, no family.json
+    from training.data import load_data
+    from training.family import ResolutionFamily
+    from training.trainer import TrainConfig, train
+    splits = load_data("synthetic:64", seed=0, heldout_per_class=10, log=lambda s: None)
+    torch.manual_seed(0)
+    train(ResolutionFamily((32, 48), num_classes=8, width_mult=0.35), splits.train,
+          TrainConfig((32, 48), epochs=1, batch_size=16, optimizer="adamw", lr=0.003, workers=0), root / "stopped",
+          log=lambda s: None)
+    # damaged or foreign files
+    bad = root / "bad"
+    shutil.copytree(fam, bad)
+    test = dict(np.load(bad / "predictions" / "test.npz"))
+    (bad / "predictions" / "calib.npz").write_bytes((fam / "predictions" / "calib.npz").read_bytes()[:500])
+    np.savez(bad / "predictions" / "test.npz", **{k: v for k, v in test.items() if k != "weights_sha256"})
+    for name, threshold in (("range", 1.5), ("text", "high")):
+        c = json.loads((fam / "cascade.json").read_text())
+        c["stages"][0]["threshold"] = threshold
+        (bad / f"cascade_{name}.json").write_text(json.dumps(c))
+    torch.save({"weight": torch.zeros(1), "extra": Evil()}, root / "evil.pth")
+    (root / "list.json").write_text("[1, 2]")
+    return root
+
+
+# (command with {root} for the workspace, expected message fragment); every case exits 2 and changes no file
+CASES = [
+    # lost user data
+    ("train --data synthetic:64 --out {root}/user" + " " + " ".join(TINY), "not a rescascade run"),
+    ("train --data synthetic:64 --out {root}/fam" + " " + " ".join(TINY), "already holds a finished family"),
+    ("train --data synthetic:64 --out {root}/fam --resume --seed 5" + " " + " ".join(TINY), "other settings"),
+    ("train --data synthetic:64 --out {root}/stopped" + " " + " ".join(TINY), "interrupted run"),
+    ("train --data synthetic:96 --out {root}/stopped --resume" + " " + " ".join(TINY).replace(
+        " --heldout-per-class 10", ""), "trained on other data"),
+    ("profile {root}/fam --quick --batch-sizes 1,4 --threads 1", "--quick figures would replace them"),
+    ("eval {root}/fam/cascade.json --repeats 0", "--repeats: must be an integer >= 1"),
+    # flags read wrongly or not checked
+    ("build {root}/fam --target 1.5", "is ambiguous"),
+    ("build {root}/fam --target 150", "is ambiguous"),
+    ("build {root}/fam --batch-size 0", "--batch-size: must be an integer >= 1"),
+    ("eval {root}/bad/cascade_range.json", "is not a max_prob confidence"),
+    ("eval {root}/bad/cascade_text.json", "is not a max_prob confidence"),
+    ("eval {root}/list.json", "not an object"),
+    ("eval {root}/fam/cascade.json --batch-size -1", "--batch-size: must be an integer >= 1"),
+    ("eval {root}/fam/cascade.json --limit -1", "--limit: must be an integer >= 1"),
+    ("eval {root}/fam/cascade.json --limit 0", "--limit: must be an integer >= 1"),
+    ("profile {root}/fam --threads -2", "--threads: must be an integer >= 1"),
+    ("profile {root}/fam --threads 0", "--threads: must be an integer >= 1"),
+    ("train --data synthetic:64 --out {root}/new --crop-scale 2,1", "--crop-scale 2,1"),
+    ("train --data synthetic:64 --out {root}/new --workers -1", "--workers: must be an integer >= 0"),
+    ("train --data synthetic:64 --out {root}/new --resolutions 32,20000", "above 1024"),
+    ("train --data synthetic:64 --out {root}/new --lr -1", "--lr: must be a number >= 0"),
+    ("train --data synthetic:64 --out {root}/new --lr nan", "--lr: must be a number >= 0"),
+    ("train --data synthetic:64 --out {root}/new --val-fraction 1.5", "--val-fraction: must be a fraction"),
+    ("build {root}/bad", "damaged or truncated"),
+    ("build {root}/bad --profile {root}/fam/profile.csv", "damaged or truncated"),
+    ("build {root}/fam --guarantee 0.01,1.5", "EPS and DELTA must both lie in (0, 1)"),
+    ("train --data synthetic:64 --out {root}/new --weights {root}/evil.pth" + " " + " ".join(TINY).replace(
+        "--weights none ", ""), "pickled Python objects"),
+    ("info {root}/stopped", "unfinished run of `rescascade train`"),
+]
+
+
+@pytest.mark.parametrize("command, fragment", CASES, ids=[c[0].split(" {root}")[0] + f"-{i}" for i, c in
+                                                           enumerate(CASES)])
+def test_a_mistake_stops_with_one_line_and_changes_nothing(workspace, command, fragment, capsys):
+    before = snapshot(workspace)
+    with pytest.raises(SystemExit) as stop:  # argparse's own errors exit from inside
+        sys.exit(main(command.format(root=workspace).split()))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2, err
+    assert fragment in err[-1], err
+    assert "Traceback" not in "\n".join(err) and "weights_only=False" not in err[-1] and \
+        "allow_pickle" not in err[-1]
+    assert snapshot(workspace) == before
+    assert not (workspace / "new").exists()
+
+
+def test_a_prediction_file_without_weights_id_is_refused(workspace, capsys):
+    bad = workspace / "bad"
+    calib = workspace / "fam" / "predictions" / "calib.npz"
+    saved = (bad / "predictions" / "calib.npz").read_bytes()
+    try:
+        shutil.copy(calib, bad / "predictions" / "calib.npz")
+        assert main(["build", str(bad), "--batch-size", "4"]) == 2
+        assert "records no weights id" in capsys.readouterr().err
+    finally:
+        (bad / "predictions" / "calib.npz").write_bytes(saved)
+
+
+def test_an_unfinished_family_says_which_step_to_rerun(workspace, tmp_path, capsys):
+    half = tmp_path / "half"
+    shutil.copytree(workspace / "fam", half)
+    (half / "family.json").unlink()  # stopped after the weights, before family.json (written last)
+    for command in (["info", str(half)], ["profile", str(half), "--quick"], ["build", str(half)]):
+        assert main(command) == 2
+        err = capsys.readouterr().err
+        assert "unfinished run of `rescascade train`" in err and "--resume" in err, command
+
+
+def test_resume_of_a_finished_run_with_the_same_flags_changes_nothing(tmp_path, capsys):
+    fam = tmp_path / "fam"
+    assert main(["train", "--data", "synthetic:64", "--out", str(fam)] + TINY) == 0
+    (fam / "my_notes.txt").write_text("beside the family")
+    before = snapshot(fam)
+    assert main(["train", "--data", "synthetic:64", "--out", str(fam), "--resume"] + TINY) == 0
+    assert "nothing to resume" in capsys.readouterr().out and snapshot(fam) == before
+    assert main(["train", "--data", "synthetic:64", "--out", str(fam), "--overwrite"] + TINY) == 0
+    assert (fam / "my_notes.txt").read_text() == "beside the family"  # --overwrite replaced only its own files
+    assert not (fam / "checkpoints").exists()
+
+
+def test_overwrite_writes_beside_a_users_files_and_deletes_none(tmp_path):
+    out = tmp_path / "mine"
+    (out / "checkpoints").mkdir(parents=True)
+    (out / "checkpoints" / "mine.bin").write_bytes(b"precious")
+    (out / "notes.txt").write_text("mine")
+    assert main(["train", "--data", "synthetic:64", "--out", str(out), "--overwrite"] + TINY) == 0
+    assert (out / "checkpoints" / "mine.bin").read_bytes() == b"precious" and (out / "notes.txt").exists()
+    assert (out / "family.json").is_file() and not (out / "checkpoints" / "last.pt").exists()
+
+
+def test_help_is_fast_and_says_every_default():
+    code = ("import sys\nfrom cascade.cli import main\n"
+            "for cmd in ([], ['train'], ['profile'], ['build'], ['eval'], ['demo'], ['info']):\n"
+            "    try:\n        main(cmd + ['--help'])\n    except SystemExit:\n        pass\n"
+            "print('torch' in sys.modules)")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).parents[1])
+    assert run.stdout.strip().splitlines()[-1] == "False", run.stderr  # no torch import for --help
+    assert "(default: None)" not in run.stdout
+    parser = build_parser()
+    for name, sub in parser._subparsers._group_actions[0].choices.items():
+        for action in sub._actions:
+            if action.dest == "help" or not action.option_strings:
+                continue
+            assert action.help, (name, action.dest)
+            if action.default not in (None, False) and not isinstance(action.default, bool):
+                shown = ",".join(map(str, action.default)) if isinstance(action.default, tuple) else \
+                    f"{action.default:g}" if isinstance(action.default, float) else str(action.default)
+                assert f"default: {shown}" in action.help, (name, action.dest, action.help)
+
+
+def test_info_prints_the_top1_table(workspace, capsys):
+    assert main(["info", str(workspace / "fam")]) == 0
+    out = capsys.readouterr().out
+    assert "top-1 | calib" in out and "  r32 " in out and "%" in out.split("top-1 | calib")[1]
