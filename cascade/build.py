@@ -9,14 +9,13 @@ import datetime as _dt
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from profiling.profile import read_profile
 from training.fileio import UserError, sha256_file
-from training.store import read_family_json, weights_id
+from training.store import read_family_json, verify_files, weights_id
 
 from .config import stages_json, write_config
 from .confidence import MEASURES, fit_temperature
@@ -26,63 +25,10 @@ from .optimizer import (DEFAULT_TOLERANCES, Candidate, Cascade, Stage, StageView
                         cheapest_meeting, exact_search, pareto_front, reference_resolution, simulate,
                         tolerance_sweep)
 from .predictions import Predictions, load_predictions
+from .target import Target
 
 
 CALIB_HALF_WIDTH = 0.01  # warn when calib pins the reference's accuracy down to less than +-1 point (95 %)
-
-
-@dataclass
-class Target:
-    kind: str            # best | accuracy | max_drop | budget
-    value: float | None = None
-
-    @classmethod
-    def parse(cls, target: str | None, max_drop: float | None, budget: float | None) -> "Target":
-        given = [x is not None for x in (target, max_drop, budget)]
-        if sum(given) > 1:
-            raise UserError("give one of --target, --max-drop, --budget")
-        if budget is not None:
-            if budget <= 0:
-                raise UserError(f"--budget must be a positive cost in ms, got {budget}")
-            return cls("budget", float(budget))
-        if max_drop is not None:
-            if max_drop < 0:
-                raise UserError(f"--max-drop is in accuracy points and cannot be negative, got {max_drop}")
-            return cls("max_drop", float(max_drop))
-        if target in (None, "best"):
-            return cls("best")
-        text = str(target).strip()
-        percent = text.endswith("%")
-        try:
-            v = float(text.rstrip("%").strip())
-        except ValueError:
-            raise UserError(f"--target {target!r}: use 'best' or an accuracy, 0.712 or 71.2%") from None
-        if percent:
-            v /= 100
-        elif v > 1:  # 1.5 could mean 1.5 % or a typo for 0.15: say so rather than guess
-            raise UserError(f"--target {target} is ambiguous: an accuracy is a fraction such as 0.712, or a percentage "
-                            f"written with %, such as 71.2%")
-        if not 0 < v <= 1:
-            raise UserError(f"--target {target}: an accuracy lies in (0, 1], or (0 %, 100 %]")
-        return cls("accuracy", v)
-
-    def min_accuracy(self, reference_acc: float) -> float | None:
-        if self.kind == "best":
-            return reference_acc
-        if self.kind == "accuracy":
-            return self.value
-        if self.kind == "max_drop":
-            return reference_acc - self.value / 100
-        return None
-
-    def describe(self) -> str:
-        if self.kind == "best":
-            return "accuracy >= the reference's on calib"
-        if self.kind == "accuracy":
-            return f"accuracy >= {self.value:.4f} on calib"
-        if self.kind == "max_drop":
-            return f"at most {self.value:g} points below the reference on calib"
-        return f"most accurate with expected cost <= {self.value:g} ms"
 
 
 def paired_difference(casc_correct: np.ndarray, ref_correct: np.ndarray) -> dict:
@@ -99,8 +45,9 @@ def build_warnings(calib: Predictions, profile, costs: CostModel, resolutions, g
     guarantee, which accounts for it) a calib set too small to pin the reference's accuracy down: thresholds
     matched to it there move on new images."""
     out = []
+    used = profile.batch_size <= costs.batch_size if costs.batch_aware else profile.batch_size == costs.batch_size
     rows = profile[(profile.backend == costs.backend) & (profile.precision == costs.precision) &
-                   profile.resolution.isin(resolutions)]
+                   profile.resolution.isin(resolutions) & used]
     if rows.smoke.any():
         out.append("the costs come from a --quick profile (smoke figures of a few iterations); profile without "
                    "--quick before relying on them")
@@ -156,6 +103,7 @@ def run_build(run_dir, profile=None, backend: str | None = None, precision: str 
     if not isinstance(batch_size, int) or batch_size < 1:
         raise UserError(f"--batch-size {batch_size!r} must be an integer >= 1")
     doc = read_family_json(run_dir)
+    verify_files(run_dir, doc)  # cascade.json vouches for these weights
     wid = weights_id(doc)
     calib = load_predictions(run_dir / "predictions" / "calib.npz")
     test = load_predictions(run_dir / "predictions" / "test.npz")
@@ -241,6 +189,8 @@ def run_build(run_dir, profile=None, backend: str | None = None, precision: str 
                  "paired_difference": paired_difference(casc_test.correct_mask, ref_test.correct_mask)},
     }
     out = Path(out) if out else run_dir / "cascade.json"
+    if out.is_dir():
+        out = out / "cascade.json"
     # relative to cascade.json: the pair stays deployable when copied together
     family_path = os.path.relpath(run_dir.resolve(), out.parent.resolve())
     config = {
@@ -267,13 +217,13 @@ def run_build(run_dir, profile=None, backend: str | None = None, precision: str 
     }
     if "certified" in extra:
         config["guarantee"] = extra["certified"].describe()
-    write_config(out, config)
-    if plots:
+    if plots:  # before cascade.json: an interrupt leaves the old config with its own plots
         from .plots import exit_histogram, pareto_plot
         title = f"{doc['arch']} family, {costs.backend} {costs.precision} batch {costs.batch_size}"
         pareto_plot(out.with_name(out.stem + "_pareto.png"), cands, front, chosen, ref_cost, ref_out.accuracy, title)
         exit_histogram(out.with_name(out.stem + "_exits.png"), [f"r{r}" for r in cascade.resolutions],
                        chosen.outcome.exit_fractions, casc_test.exit_fractions)
+    write_config(out, config)
     log(format_build_summary(config, out))
     return config
 

@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import textwrap
 
+from training.config import MAX_BATCH, MAX_THREADS
 from training.fileio import UserError
 
 
@@ -28,49 +30,71 @@ def cmd_info(args) -> None:
             print(f"  r{r:<5}" + " | ".join(f"{100 * top1[split][str(r)]:6.2f} %" for split in splits))
 
 
-def _number_list(kind, what: str):
-    def parse(text: str) -> tuple:
-        try:
-            return tuple(kind(v) for v in text.split(","))
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected comma-separated {what}, got {text!r}") from None
-    return parse
-
-
-_floats = _number_list(float, "numbers")
-_ints = _number_list(int, "integers")
-
-
-def _bounded(kind, low, what: str):
-    """An argparse type: a number >= low (argparse then prints one line and exits 2)."""
+def _number(kind, low=None, high=None, what: str = "a number", low_open: bool = False, high_open: bool = False):
+    """An argparse type: a finite number within [low, high] (open ends where asked); argparse then prints the
+    message as one line and exits 2, before anything heavy is imported."""
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if not value >= low:  # also refuses nan
+        ok = math.isfinite(value) and (low is None or (value > low if low_open else value >= low)) and \
+            (high is None or (value < high if high_open else value <= high))
+        if not ok:
             raise argparse.ArgumentTypeError(f"must be {what}, got {text}")
         return value
     return parse
 
 
-_positive_int = _bounded(int, 1, "an integer >= 1")
-_count = _bounded(int, 0, "an integer >= 0")
-_nonnegative = _bounded(float, 0.0, "a number >= 0")
+def _list(item):
+    """Comma-separated values, each checked by `item`."""
+    def parse(text: str) -> tuple:
+        return tuple(item(v.strip()) for v in text.split(","))
+    return parse
 
 
-def _positive(text: str) -> float:
-    value = _bounded(float, 0.0, "a number > 0")(text)
-    if value == 0:
-        raise argparse.ArgumentTypeError("must be a number > 0, got 0")
-    return value
+_positive_int = _number(int, 1, what="an integer >= 1")
+_count = _number(int, 0, what="an integer >= 0")
+_nonnegative = _number(float, 0.0, what="a finite number >= 0")
+_positive = _number(float, 0.0, what="a finite number > 0", low_open=True)
+_fraction = _number(float, 0.0, 1.0, what="a fraction between 0 and 1", low_open=True, high_open=True)
+_unit_interval = _number(float, 0.0, 1.0, what="a number in [0, 1)", high_open=True)
+_batch = _number(int, 1, MAX_BATCH, what=f"an integer from 1 to {MAX_BATCH}")
+_threads = _number(int, 1, MAX_THREADS, what=f"an integer from 1 to {MAX_THREADS}")
+_ints = _list(_number(int, what="comma-separated integers"))
+_batches = _list(_batch)
 
 
-def _fraction(text: str) -> float:
-    value = _positive(text)
-    if value >= 1:
-        raise argparse.ArgumentTypeError(f"must be a fraction between 0 and 1, got {text}")
-    return value
+def _resolutions(text: str) -> tuple[int, ...]:
+    from training.config import check_resolutions
+    try:
+        return check_resolutions(_ints(text))
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _crop_scale(text: str) -> tuple[float, float]:
+    scale = _list(_number(float, what="numbers"))(text)
+    if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+        raise argparse.ArgumentTypeError(f"give MIN,MAX with 0 < MIN <= MAX <= 1, e.g. 0.25,1; got {text}")
+    return scale
+
+
+def _target(text: str) -> str:
+    from .target import Target
+    try:
+        Target.parse(text, None, None)
+    except UserError as e:
+        raise argparse.ArgumentTypeError(str(e).replace(f"--target {text!r}", repr(text))
+                                         .replace(f"--target {text}", text)) from None
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors in one line (what is wrong, where the options are), not the whole usage."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -150,11 +174,11 @@ def add_train_parser(sub) -> None:
     g.add_argument("--data-root", help="where torchvision datasets live (default: ./data)")
     g.add_argument("--download", action="store_true", help="let torchvision download the dataset (needs network)")
     g = s.add_argument_group("model")
-    g.add_argument("--resolutions", type=_ints, metavar="R,R,...", help="input resolutions, e.g. 96,128,160,192,224 (default: those, "
+    g.add_argument("--resolutions", type=_resolutions, metavar="R,R,...", help="input resolutions, e.g. 96,128,160,192,224 (default: those, "
                                                      "or the preset's)")
     g.add_argument("--weights", help="imagenet[:TAG] | none | PATH to a torchvision state dict (default: imagenet, "
                                      "or the preset's)")
-    g.add_argument("--width-mult", type=_positive, help="MobileNetV2 width multiplier (default: 1.0, or the "
+    g.add_argument("--width-mult", type=_number(float, 0.0, 4.0, "a number in (0, 4]", low_open=True), help="MobileNetV2 width multiplier (default: 1.0, or the "
                                                         "preset's)")
     g.add_argument("--patch", choices=["scale_bias_stats", "scale_bias"],
                    help="the patch: γ, β and BN statistics, or γ, β only with statistics shared "
@@ -182,13 +206,14 @@ def add_train_parser(sub) -> None:
                                                                  f"({d('distill_temperature')})")
     g.add_argument("--label-weight", type=_nonnegative,
                    help=f"weight of the label loss, 0 = distillation only ({d('label_weight')})")
-    g.add_argument("--loss-weights", type=_floats, help="one weight per resolution on its losses (default: 1 each)")
+    g.add_argument("--loss-weights", type=_list(_nonnegative), help="one weight per resolution on its losses (default: 1 each)")
     g.add_argument("--patch-l2sp", type=_nonnegative,
                    help=f"penalty on the patches' distance from their start, L2-SP ({d('patch_l2sp')})")
     g = s.add_argument_group("optimization")
     g.add_argument("--epochs", type=_count, help=f"passes over the training images; 0 packages the start "
                                                  f"({d('epochs')})")
-    g.add_argument("--batch-size", type=_bounded(int, 2, "an integer >= 2"), help=f"images per step ({d('batch_size')})")
+    g.add_argument("--batch-size", type=_number(int, 2, MAX_BATCH, f"an integer from 2 to {MAX_BATCH}"),
+                   help=f"images per step ({d('batch_size')})")
     g.add_argument("--optimizer", choices=["sgd", "rmsprop", "adamw"], help=d("optimizer"))
     g.add_argument("--lr", type=_nonnegative, help=f"learning rate of the shared weights ({d('lr')})")
     g.add_argument("--patch-lr", type=_nonnegative, help="learning rate of the patches (default: --lr, or the "
@@ -196,17 +221,17 @@ def add_train_parser(sub) -> None:
     g.add_argument("--head-lr", type=_nonnegative, help="learning rate of the classifier (default: --lr, or the "
                                                         "preset's)")
     g.add_argument("--weight-decay", type=_nonnegative, help=f"not applied to patches or biases ({d('weight_decay')})")
-    g.add_argument("--momentum", type=_nonnegative, help=f"SGD / RMSProp momentum ({d('momentum')})")
+    g.add_argument("--momentum", type=_unit_interval, help=f"SGD / RMSProp momentum ({d('momentum')})")
     g.add_argument("--schedule", choices=["cosine", "step", "constant"], help=f"learning-rate schedule "
                                                                               f"({d('schedule')})")
     g.add_argument("--warmup-epochs", type=_nonnegative, help=f"linear warm-up of the rates ({d('warmup_epochs')})")
-    g.add_argument("--label-smoothing", type=_nonnegative, help=d("label_smoothing"))
-    g.add_argument("--dropout", type=_nonnegative, help="the classifier's dropout while training (default: the "
+    g.add_argument("--label-smoothing", type=_unit_interval, help=d("label_smoothing"))
+    g.add_argument("--dropout", type=_unit_interval, help="the classifier's dropout while training (default: the "
                                                         "model's, 0.2)")
     g.add_argument("--crop", choices=["same", "independent", "center"],
                    help="one random crop for all resolutions, one each, or the eval crop (+ flip) for all "
                         f"({d('crop')})")
-    g.add_argument("--crop-scale", type=_floats, help=f"RandomResizedCrop scale range MIN,MAX ({d('crop_scale')})")
+    g.add_argument("--crop-scale", type=_crop_scale, help=f"RandomResizedCrop scale range MIN,MAX ({d('crop_scale')})")
     g = s.add_argument_group("running")
     g.add_argument("--seed", type=_count, help=f"seeds the splits, the head's init and the augmentation "
                                                f"({d('seed')})")
@@ -238,9 +263,9 @@ def add_profile_parser(sub) -> None:
     s.add_argument("run_dir", help="family directory")
     s.add_argument("--backend", default="onnxruntime", choices=BACKEND_NAMES, help="default: onnxruntime")
     s.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="default: fp32")
-    s.add_argument("--batch-sizes", type=_ints, default=(1,), help="e.g. 1,32,256 (default: 1)")
+    s.add_argument("--batch-sizes", type=_batches, default=(1,), help="e.g. 1,32,256 (default: 1)")
     s.add_argument("--resolutions", type=_ints, help="a subset of the family's resolutions (default: all)")
-    s.add_argument("--threads", type=_positive_int, help="CPU threads (default: the cores this process may use)")
+    s.add_argument("--threads", type=_threads, help="CPU threads (default: the cores this process may use)")
     s.add_argument("--source-size", type=_positive_int,
                    help="side of the decoded source image the preprocessing cost is measured on (default: the "
                         "held-out images' typical size)")
@@ -285,11 +310,11 @@ def add_build_parser(sub) -> None:
     s.add_argument("--profile", help="profile.csv (default: RUN_DIR/profile.csv)")
     s.add_argument("--backend", help="backend rows of the profile to cost with (default: its only backend)")
     s.add_argument("--precision", help="precision rows of the profile (default: its only precision)")
-    s.add_argument("--batch-size", type=_positive_int, default=1,
+    s.add_argument("--batch-size", type=_batch, default=1,
                    help="serving batch size the costs are read at (default: 1)")
     s.add_argument("--batch-aware", action="store_true",
                    help="throughput serving: each stage runs on the shrunken batch that reaches it")
-    s.add_argument("--target", help="'best' (>= the reference's calib accuracy; the default) or an accuracy: 0.712 "
+    s.add_argument("--target", type=_target, help="'best' (>= the reference's calib accuracy; the default) or an accuracy: 0.712 "
                                     "or 71.2%%")
     s.add_argument("--max-drop", type=_nonnegative, help="accuracy points the cascade may lose against the reference")
     s.add_argument("--budget", type=_positive, help="the most accurate cascade with expected cost <= this many ms "
@@ -328,10 +353,10 @@ def add_eval_parser(sub) -> None:
     s.add_argument("--data", help="other images to score (default: exactly the family's own test images)")
     s.add_argument("--split", default="test", choices=["test", "calib"], help="default: test")
     s.add_argument("--backend", help="default: the backend the cascade was costed on")
-    s.add_argument("--batch-size", type=_positive_int, help="default: the batch size the cascade was costed at")
+    s.add_argument("--batch-size", type=_batch, help="default: the batch size the cascade was costed at")
     s.add_argument("--repeats", type=_positive_int, default=3, help="timed passes over the data, median per batch "
                                                                     "(default: 3)")
-    s.add_argument("--threads", type=_positive_int, help="CPU threads (default: the backend's)")
+    s.add_argument("--threads", type=_threads, help="CPU threads (default: the backend's)")
     s.add_argument("--limit", type=_positive_int, help="evaluate on the first N images only (default: all)")
     s.add_argument("--out", help="report path (default: next to cascade.json)")
     s.set_defaults(func=cmd_eval)
@@ -347,7 +372,7 @@ def add_demo_parser(sub) -> None:
     s = sub.add_parser("demo", help="the whole pipeline on built-in synthetic data (CPU, minutes)",
                        formatter_class=_Formatter)
     s.add_argument("--out", default="demo_out", help="default: demo_out")
-    s.add_argument("--batch-size", type=_positive_int, default=32, help="serving batch size (default: 32)")
+    s.add_argument("--batch-size", type=_batch, default=32, help="serving batch size (default: 32)")
     s.add_argument("--epochs", type=_positive_int, help="training epochs (default: the synthetic preset's, 12)")
     s.add_argument("--train-images", type=_positive_int, help="synthetic training images (default: the preset's, "
                                                               "2400)")
@@ -356,7 +381,7 @@ def add_demo_parser(sub) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _Parser(
         prog="rescascade",
         description="Cost-aware resolution cascades: train a resolution family, profile it on the target "
                     "device, build a cascade config, run and evaluate it.")
@@ -376,7 +401,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or an argument error already printed (2): a code, like every other exit
+        return e.code if isinstance(e.code, int) else 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 0
@@ -385,8 +413,13 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"rescascade {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # the machine's answer (read-only, full disk, no permission), not a bug: one line
+        where = f" {e.filename}" if e.filename else ""
+        print(f"rescascade {args.command}: error: cannot use{where}: {e.strerror or e}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print(f"rescascade {args.command}: interrupted", file=sys.stderr)
+        hint = "; the same command with --resume continues it" if args.command == "train" else ""
+        print(f"rescascade {args.command}: interrupted{hint}", file=sys.stderr)
         return 130
     return 0
 

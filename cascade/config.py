@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from training.config import MAX_BATCH
 from training.fileio import UserError, check_schema, read_json, write_json
 
 from .confidence import MEASURES
@@ -94,7 +95,8 @@ def validate(doc: dict, path) -> None:
     _check(_is_int(fam.get("num_classes")) and fam["num_classes"] >= 2, path, "family.num_classes must be >= 2")
     _check(isinstance(prof.get("backend"), str) and isinstance(prof.get("precision"), str), path,
            "profile.backend and profile.precision must be names")
-    _check(_is_int(prof.get("batch_size")) and prof["batch_size"] >= 1, path, "profile.batch_size must be >= 1")
+    _check(_is_int(prof.get("batch_size")) and 1 <= prof["batch_size"] <= MAX_BATCH, path,
+           f"profile.batch_size must be 1..{MAX_BATCH}")
     measure = conf.get("measure")
     _check(measure in MEASURES, path, f"confidence.measure {measure!r} is not one of {', '.join(MEASURES)}")
     temps = conf.get("temperatures", {})

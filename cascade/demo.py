@@ -6,7 +6,6 @@ one table: per-resolution accuracy and latency, the cascade's stages, its accura
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from pathlib import Path
 
@@ -30,16 +29,15 @@ def run_demo(out: str = "demo_out", batch_size: int = 32, epochs: int | None = N
     t0 = time.perf_counter()
     out = Path(out)
     family = out / "family"
-    if fresh and out.exists():
-        shutil.rmtree(out)
     p = preset("synthetic")
     data = f"synthetic:{train_images}" if train_images else p.pop("data")
     p.pop("data", None)
-    if not (family / "family.json").is_file():
+    if fresh or not (family / "family.json").is_file():
         log(f"[1/4] train: {data}, resolutions {p['resolutions']}, MobileNetV2 x{p['width_mult']} from scratch")
         cfg, fam_opts = split_options({**p, "epochs": epochs or p["epochs"], "workers": 1})
-        run_train(data, family, TrainConfig(**cfg), **fam_opts, preset="synthetic", log=log,
-                  resume=(family / "checkpoints" / "last.pt").is_file())
+        # --fresh replaces the demo's own family files only (train --overwrite), never the rest of --out
+        run_train(data, family, TrainConfig(**cfg), **fam_opts, preset="synthetic", log=log, overwrite=fresh,
+                  resume=not fresh and (family / "checkpoints" / "last.pt").is_file())
     else:
         log(f"[1/4] train: reusing {family} (pass --fresh to retrain)")
     # the batch sizes a shrinking batch passes through, so batch-aware costs interpolate between measured rows

@@ -9,6 +9,7 @@ median. Machine noise hits both sides alike; the ratio is what we report.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import math
 from pathlib import Path
 from typing import NamedTuple
@@ -16,6 +17,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from training.config import MAX_BATCH, MAX_THREADS
 from training.data import ImageSet, heldout_listing, resolve_source
 from training.fileio import UserError, write_json
 from training.images import ImageError, pixel_digest
@@ -138,10 +140,11 @@ def _batches(n: int, b: int):
 def run_eval(cascade_json, data: str | None = None, backend: str | None = None, batch_size: int | None = None,
              split: str = "test", repeats: int = 3, threads: int | None = None, limit: int | None = None,
              out: str | None = None, plot: bool = True, log=print) -> dict:
-    for name, value in (("batch_size", batch_size), ("repeats", repeats), ("threads", threads), ("limit", limit)):
-        if value is not None and (not isinstance(value, int) or value < 1):
+    for name, value, high in (("batch_size", batch_size, MAX_BATCH), ("repeats", repeats, None),
+                              ("threads", threads, MAX_THREADS), ("limit", limit, None)):
+        if value is not None and (not isinstance(value, int) or value < 1 or (high and value > high)):
             raise UserError(f"--{name.replace('_', '-')} {value!r} must be an integer >= 1"
-                            f"{' (omit it for the default)' if name != 'repeats' else ''}")
+                            f"{f' and <= {high}' if high else ''}{' (omit it for the default)' if name != 'repeats' else ''}")
     if split not in ("calib", "test"):
         raise UserError(f"--split {split!r}: use test or calib")
     config = read_config(cascade_json)
@@ -211,9 +214,11 @@ def run_eval(cascade_json, data: str | None = None, backend: str | None = None, 
     figures = [acc_c, acc_r, ms_img_c, ms_img_r, report["measured_cost_ratio"]]
     if not all(math.isfinite(v) for v in figures):  # never replace a report with a broken one
         raise UserError(f"the measurement gave no valid figures ({figures}); nothing written")
-    if out is None:  # a partial or other-data run gets its own report, not the test split's
-        name = split if own else f"data-{Path(spec.partition(':')[2] or spec).name}"
-        out = config.path.with_name(config.path.stem + f"_eval_{name}" + (f"_limit{limit}" if limit else "") + ".json")
+    if out is None or Path(out).is_dir():  # a partial or other-data run gets its own report, not the test split's
+        tag = hashlib.sha256(spec.encode()).hexdigest()[:8]
+        name = split if own else f"data-{Path(spec.partition(':')[2] or spec).name}-{tag}"
+        name = config.path.stem + f"_eval_{name}" + (f"_limit{limit}" if limit else "") + ".json"
+        out = (Path(out) if out is not None else config.path.parent) / name
     out = Path(out)
     write_json(out, report)
     if plot:

@@ -21,6 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from training.config import MAX_BATCH, MAX_THREADS
 from training.fileio import UserError, atomic_path, check_schema, read_json, write_json
 from training.preprocess import channels_last_batch, eval_resize_size, preprocess
 from training.progress import progress
@@ -32,6 +33,7 @@ from .measure import (Protocol, after, cpu_timer, cuda_timer, default_threads, d
 
 PROFILE_SCHEMA = 1
 KEY = ["backend", "precision", "resolution", "batch_size"]
+TIMES = ["median_ms", "preprocess_ms", "overhead_ms", "upload_ms", "gather_ms"]  # what the cost model reads
 COLUMNS = KEY + ["median_ms", "mean_ms", "std_ms", "p90_ms", "p99_ms", "min_ms", "cv", "n_iters", "per_image_ms",
                  "preprocess_ms", "preprocess_per_image_ms", "overhead_ms", "upload_ms", "gather_ms", "source_size",
                  "threads", "build_s", "smoke", "measured_at"]
@@ -134,6 +136,17 @@ def read_profile(path) -> tuple[pd.DataFrame, dict]:
     missing = [c for c in KEY + ["median_ms", "preprocess_ms"] if c not in df.columns]
     if missing:
         raise UserError(f"{path} lacks column(s) {', '.join(missing)}; re-run `rescascade profile`")
+    for column, low in (("resolution", 1), ("batch_size", 1), *((c, 0) for c in TIMES if c in df.columns)):
+        values = pd.to_numeric(df[column], errors="coerce")
+        bad = ~(np.isfinite(values) & (values >= low))
+        if column in ("upload_ms", "gather_ms"):  # profiles from before these columns leave them empty
+            bad &= df[column].notna()
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise UserError(f"{path}: {column} {df[column].iloc[row]} in row {row + 2} is not a number >= {low}; "
+                            "the file was edited or damaged: re-run `rescascade profile`")
+        df[column] = values
+    df["resolution"], df["batch_size"] = df["resolution"].astype(int), df["batch_size"].astype(int)
     df["smoke"] = df["smoke"].astype(bool) if "smoke" in df.columns else False  # profiles before the column: measured
     return df, meta
 
@@ -150,8 +163,10 @@ def run_profile(run_dir, backend: str = "onnxruntime", precision: str = "fp32", 
     if bad:
         raise UserError(f"resolution(s) {bad} are not in the family {list(family.resolutions)}")
     batch_sizes = sorted({int(b) for b in batch_sizes})
-    if not batch_sizes or batch_sizes[0] < 1:
-        raise UserError(f"batch sizes must be positive integers, got {batch_sizes}")
+    if not batch_sizes or batch_sizes[0] < 1 or batch_sizes[-1] > MAX_BATCH:
+        raise UserError(f"batch sizes must be integers from 1 to {MAX_BATCH}, got {batch_sizes}")
+    if threads is not None and not 1 <= threads <= MAX_THREADS:
+        raise UserError(f"--threads {threads} must be from 1 to {MAX_THREADS}")
     device = engine_backend.device
     threads = threads or (default_threads() if device == "cpu" else None)
     if threads:

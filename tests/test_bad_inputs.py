@@ -31,6 +31,7 @@ def snapshot(root: Path) -> dict[str, str]:
 def workspace(built, tmp_path_factory):
     """A directory with: fam/ (a finished family + profile + cascade.json, its profile marked as measured), user/
     (a folder of the user's own files), stopped/ (a run interrupted after epoch 1), and damaged copies."""
+    import pandas as pd
     fam_src, cascade_json, _ = built
     root = tmp_path_factory.mktemp("mistakes")
     fam = root / "fam"
@@ -40,7 +41,6 @@ def workspace(built, tmp_path_factory):
     cfg["family"]["path"] = "."
     cfg["stages"] = [{"resolution": 32, "threshold": 0.5}, {"resolution": 48, "threshold": None}]
     (fam / "cascade.json").write_text(json.dumps(cfg))
-    import pandas as pd
     profile = pd.read_csv(fam / "profile.csv")
     profile["smoke"] = False  # as if measured for real
     profile.to_csv(fam / "profile.csv", index=False)
@@ -69,6 +69,23 @@ def workspace(built, tmp_path_factory):
         (bad / f"cascade_{name}.json").write_text(json.dumps(c))
     torch.save({"weight": torch.zeros(1), "extra": Evil()}, root / "evil.pth")
     (root / "list.json").write_text("[1, 2]")
+    for name, edit in (("width", lambda d: d.update(width_mult="abc")),
+                       ("crop", lambda d: d["preprocessing"].update(crop_fraction=0)),
+                       ("mean", lambda d: d["preprocessing"].update(mean="abc"))):
+        shutil.copytree(fam, root / f"fam_{name}")
+        doc = json.loads((fam / "family.json").read_text())
+        edit(doc)
+        (root / f"fam_{name}" / "family.json").write_text(json.dumps(doc))
+    for name, column, value in (("fast", "median_ms", "fast"), ("zero", "batch_size", 0), ("nan", "median_ms", "nan"),
+                                ("negative", "preprocess_ms", -5)):
+        shutil.copytree(fam, root / f"prof_{name}")
+        rows = pd.read_csv(fam / "profile.csv")
+        rows[column] = rows[column].astype(object)
+        rows.loc[0, column] = value
+        rows.to_csv(root / f"prof_{name}" / "profile.csv", index=False)
+    shutil.copytree(fam, root / "indep")
+    (root / "indep" / "family.json").rename(root / "indep" / "independent.json")
+    (root / "afile").write_text("a file")
     return root
 
 
@@ -86,20 +103,20 @@ CASES = [
     # flags read wrongly or not checked
     ("build {root}/fam --target 1.5", "is ambiguous"),
     ("build {root}/fam --target 150", "is ambiguous"),
-    ("build {root}/fam --batch-size 0", "--batch-size: must be an integer >= 1"),
+    ("build {root}/fam --batch-size 0", "--batch-size: must be an integer from 1 to 65536"),
     ("eval {root}/bad/cascade_range.json", "is not a max_prob confidence"),
     ("eval {root}/bad/cascade_text.json", "is not a max_prob confidence"),
     ("eval {root}/list.json", "not an object"),
-    ("eval {root}/fam/cascade.json --batch-size -1", "--batch-size: must be an integer >= 1"),
+    ("eval {root}/fam/cascade.json --batch-size -1", "--batch-size: must be an integer from 1 to 65536"),
     ("eval {root}/fam/cascade.json --limit -1", "--limit: must be an integer >= 1"),
     ("eval {root}/fam/cascade.json --limit 0", "--limit: must be an integer >= 1"),
-    ("profile {root}/fam --threads -2", "--threads: must be an integer >= 1"),
-    ("profile {root}/fam --threads 0", "--threads: must be an integer >= 1"),
-    ("train --data synthetic:64 --out {root}/new --crop-scale 2,1", "--crop-scale 2,1"),
+    ("profile {root}/fam --threads -2", "--threads: must be an integer from 1 to 256"),
+    ("profile {root}/fam --threads 0", "--threads: must be an integer from 1 to 256"),
+    ("train --data synthetic:64 --out {root}/new --crop-scale 2,1", "--crop-scale: give MIN,MAX with 0 < MIN <= MAX <= 1"),
     ("train --data synthetic:64 --out {root}/new --workers -1", "--workers: must be an integer >= 0"),
     ("train --data synthetic:64 --out {root}/new --resolutions 32,20000", "above 1024"),
-    ("train --data synthetic:64 --out {root}/new --lr -1", "--lr: must be a number >= 0"),
-    ("train --data synthetic:64 --out {root}/new --lr nan", "--lr: must be a number >= 0"),
+    ("train --data synthetic:64 --out {root}/new --lr -1", "--lr: must be a finite number >= 0"),
+    ("train --data synthetic:64 --out {root}/new --lr nan", "--lr: must be a finite number >= 0"),
     ("train --data synthetic:64 --out {root}/new --val-fraction 1.5", "--val-fraction: must be a fraction"),
     ("build {root}/bad", "damaged or truncated"),
     ("build {root}/bad --profile {root}/fam/profile.csv", "damaged or truncated"),
@@ -107,6 +124,38 @@ CASES = [
     ("train --data synthetic:64 --out {root}/new --weights {root}/evil.pth" + " " + " ".join(TINY).replace(
         "--weights none ", ""), "pickled Python objects"),
     ("info {root}/stopped", "unfinished run of `rescascade train`"),
+    # found by trying: nothing is replaced before the new run's inputs are checked, no traceback for any value
+    ("train --data imagefolder:{root}/nonexistent --out {root}/fam --overwrite", "not found"),
+    ("train --data synthetic:64 --out {root}/fam --overwrite --batch-size 1000" + " " + " ".join(TINY).replace(
+        "--batch-size 16 ", ""), "fewer than one batch"),
+    ("train --data synthetic:64 --out {root}/afile" + " " + " ".join(TINY), "is a file"),
+    ("train --data synthetic:64 --out {root}/afile/sub" + " " + " ".join(TINY), "is a file"),
+    ("train --data synthetic:64 --out {root}/stopped --resume --width-mult 0.5" + " " + " ".join(TINY).replace(
+        "--width-mult 0.35 ", ""), "holds another model"),
+    ("train --data synthetic:64 --out {root}/fam --resume --width-mult 0.5" + " " + " ".join(TINY).replace(
+        "--width-mult 0.35 ", ""), "--width-mult"),
+    ("train --data synthetic:64 --out {root}/new --width-mult inf", "--width-mult: must be a number in (0, 4]"),
+    ("train --data synthetic:64 --out {root}/new --lr inf", "--lr: must be a finite number >= 0"),
+    ("train --data synthetic:64 --out {root}/new --momentum 1e30", "--momentum: must be a number in [0, 1)"),
+    ("train --data synthetic:64 --out {root}/new --loss-weights nan,1", "--loss-weights: must be a finite number"),
+    ("train --data synthetic:64 --out {root}/new --resolutions 16,32", "below 32"),
+    ("train --data synthetic:99999999999 --out {root}/new" + " " + " ".join(TINY), "synthetic:N takes 1 to"),
+    ("train --data synthetic:-5 --out {root}/new" + " " + " ".join(TINY), "synthetic:N takes 1 to"),
+    ("train --data synthetic:64 --out {root}/new --lr 1e30" + " " + " ".join(TINY).replace("--lr 0.003 ", ""),
+     "training diverged"),
+    ("build {root}/fam --max-drop inf", "--max-drop: must be a finite number >= 0"),
+    ("build {root}/fam --target abc", "--target: 'abc': use 'best' or an accuracy"),
+    ("profile {root}/fam --batch-sizes 99999999", "--batch-sizes: must be an integer from 1 to 65536"),
+    ("profile {root}/fam --threads 99999999", "--threads: must be an integer from 1 to 256"),
+    ("eval {root}/fam/cascade.json --batch-size 99999999", "--batch-size: must be an integer from 1 to 65536"),
+    ("info {root}/fam_width", "width_mult must be a positive number"),
+    ("profile {root}/fam_crop --quick", "crop_fraction must be in (0, 1]"),
+    ("build {root}/fam_mean", "preprocessing.mean must be 3 numbers"),
+    ("build {root}/prof_fast", "median_ms fast in row 2 is not a number"),
+    ("build {root}/prof_zero", "batch_size 0 in row 2 is not a number >= 1"),
+    ("build {root}/prof_nan", "median_ms nan in row 2 is not a number"),
+    ("build {root}/prof_negative", "preprocess_ms -5.0 in row 2 is not a number >= 0"),
+    ("info {root}/indep", "K independent models"),
 ]
 
 
@@ -114,11 +163,10 @@ CASES = [
                                                            enumerate(CASES)])
 def test_a_mistake_stops_with_one_line_and_changes_nothing(workspace, command, fragment, capsys):
     before = snapshot(workspace)
-    with pytest.raises(SystemExit) as stop:  # argparse's own errors exit from inside
-        sys.exit(main(command.format(root=workspace).split()))
+    code = main(command.format(root=workspace).split())
     err = capsys.readouterr().err.strip().splitlines()
-    assert stop.value.code == 2, err
-    assert fragment in err[-1], err
+    assert code == 2, err
+    assert len(err) == 1 and fragment in err[0], err
     assert "Traceback" not in "\n".join(err) and "weights_only=False" not in err[-1] and \
         "allow_pickle" not in err[-1]
     assert snapshot(workspace) == before
@@ -159,14 +207,52 @@ def test_resume_of_a_finished_run_with_the_same_flags_changes_nothing(tmp_path, 
     assert not (fam / "checkpoints").exists()
 
 
-def test_overwrite_writes_beside_a_users_files_and_deletes_none(tmp_path):
+def test_overwrite_writes_beside_a_users_files_and_deletes_none(tmp_path, capsys):
     out = tmp_path / "mine"
-    (out / "checkpoints").mkdir(parents=True)
-    (out / "checkpoints" / "mine.bin").write_bytes(b"precious")
-    (out / "notes.txt").write_text("mine")
+    mine = {"checkpoints/mine.bin": b"precious", "notes.txt": b"mine", "cascade_experiments.json": b"{}",
+            "cascade_diagram.png": b"png", "engines/mine/model.plan": b"plan", "metrics.csv": b"a,b"}
+    for name, data in mine.items():
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_bytes(data)
+    for flags in ([], ["--resume"]):  # a folder of the user's files is not a run to continue
+        assert main(["train", "--data", "synthetic:64", "--out", str(out)] + flags + TINY) == 2
+        assert "not a rescascade run" in capsys.readouterr().err
     assert main(["train", "--data", "synthetic:64", "--out", str(out), "--overwrite"] + TINY) == 0
-    assert (out / "checkpoints" / "mine.bin").read_bytes() == b"precious" and (out / "notes.txt").exists()
+    assert main(["train", "--data", "synthetic:64", "--out", str(out), "--overwrite", "--seed", "1"] + TINY) == 0
+    assert all((out / name).read_bytes() == data for name, data in mine.items() if name != "metrics.csv")
     assert (out / "family.json").is_file() and not (out / "checkpoints" / "last.pt").exists()
+
+
+def test_demo_fresh_replaces_only_its_own_files(tmp_path, monkeypatch):
+    import cascade.demo as demo
+    (tmp_path / "thesis.tex").write_text("mine")
+
+    def stop(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(demo, "run_train", stop)
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(str(tmp_path), fresh=True, log=lambda s: None)
+    assert (tmp_path / "thesis.tex").read_text() == "mine"
+
+
+def test_build_writes_into_a_directory_given_as_out(workspace, tmp_path):
+    assert main(["build", str(workspace / "fam"), "--batch-size", "4", "--target", "5%", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "cascade.json").is_file()
+
+
+def test_smoke_warning_only_for_the_rows_build_uses(workspace):
+    import pandas as pd
+
+    from cascade.build import build_warnings
+    from cascade.costs import CostModel
+    from cascade.predictions import load_predictions
+    calib = load_predictions(workspace / "fam" / "predictions" / "calib.npz")
+    rows = pd.read_csv(workspace / "fam" / "profile.csv")
+    rows["smoke"] = rows.batch_size == 4  # measured at batch 1, smoke figures at batch 4
+    costs = CostModel.from_profile(rows, [32, 48], None, None, 1)
+    assert not any("--quick" in w for w in build_warnings(calib, rows, costs, [32, 48], None))
+    costs = CostModel.from_profile(rows, [32, 48], None, None, 4)
+    assert any("--quick" in w for w in build_warnings(calib, rows, costs, [32, 48], None))
 
 
 def test_help_is_fast_and_says_every_default():

@@ -10,6 +10,8 @@ from .fileio import UserError
 
 MIN_RESOLUTION = 32    # MobileNetV2 downsamples 32x
 MAX_RESOLUTION = 1024  # above, a batch's activations outgrow any machine's memory (r=20000: ~38 GB per image)
+MAX_BATCH = 65536      # larger batch sizes are typos: their activations would need terabytes
+MAX_THREADS = 256      # more threads than any machine's cores only slow things down (and each costs memory)
 
 
 def check_resolutions(resolutions: Iterable[int]) -> tuple[int, ...]:
@@ -100,15 +102,16 @@ class TrainConfig:
                      "patch_l2sp"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
-                raise UserError(f"--{name.replace('_', '-')} {value:g} must be a number >= 0")
+                raise UserError(f"--{name.replace('_', '-')} {value:g} must be a finite number >= 0")
         for name, value, lo, hi in (("momentum", self.momentum, 0.0, 1.0),
                                     ("label_smoothing", self.label_smoothing, 0.0, 1.0)):
             if not lo <= value < hi:
                 raise UserError(f"--{name.replace('_', '-')} {value:g} must be in [{lo:g}, {hi:g})")
         if not (math.isfinite(self.distill_temperature) and self.distill_temperature > 0):
             raise UserError(f"--distill-temperature {self.distill_temperature:g} must be > 0")
-        if self.loss_weights is not None and min(self.loss_weights) < 0:
-            raise UserError(f"--loss-weights {self.loss_weights} must all be >= 0")
+        if self.loss_weights is not None and not all(math.isfinite(w) and w >= 0 for w in self.loss_weights):
+            raise UserError(f"--loss-weights {','.join(f'{w:g}' for w in self.loss_weights)} must all be finite "
+                            "numbers >= 0")
         if self.workers < 0:
             raise UserError(f"--workers {self.workers} must be >= 0 (0 loads images in the training process)")
         if self.seed < 0:

@@ -31,6 +31,9 @@ from .images import DEFAULT_MAX_PIXELS, ImageError, decode, pixel_digest, probe
 from .progress import progress
 
 
+MAX_SYNTHETIC = 200_000  # synthetic training images (with their held-out images: ~22 GB of pixels)
+
+
 # ---- readers: picklable callables index -> uint8 [3, H, W] (they cross DataLoader worker processes) -------
 class FileReader:
     """Image files by path, decoded by training.images.decode (EXIF orientation, any bit depth, pixel limit)."""
@@ -332,7 +335,9 @@ def _read_source(spec: str, val_fraction: float | None, seed: int, label_space: 
         try:
             n_train = int(arg) if arg else 2000
         except ValueError:
-            raise UserError(f"--data {spec}: synthetic:N takes a number of training images") from None
+            n_train = -1
+        if not 1 <= n_train <= MAX_SYNTHETIC:  # each image is 112 x 112 x 3 bytes, held-out ones twice over
+            raise UserError(f"--data {spec}: synthetic:N takes 1 to {MAX_SYNTHETIC:,} training images")
         train, heldout = synthetic(n_train, synthetic_classes, seed)
     elif kind == "imagefolder":
         train, heldout, not_listed = image_folder(arg, val_fraction, seed, max_image_pixels)

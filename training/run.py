@@ -21,8 +21,13 @@ from .trainer import DistEnv, IndependentModels, TrainConfig, pick_device, train
 from .weights import resolve_weights
 
 
+MAX_WIDTH_MULT = 4.0  # MobileNetV2 at 4x width has 16x the multiply-adds: beyond, a typo rather than a model
+
+
 def build_model(cfg: TrainConfig, num_classes: int, width_mult: float, patch: str, classifier_kind: str,
                 weights: str | None):
+    if not 0 < width_mult <= MAX_WIDTH_MULT:
+        raise UserError(f"--width-mult {width_mult:g} must be in (0, {MAX_WIDTH_MULT:g}]")
     state, weights_desc = resolve_weights(weights)
     if weights and weights.startswith("imagenet") and width_mult != 1.0:
         raise UserError(f"torchvision's ImageNet weights are for width_mult 1.0; drop --width-mult {width_mult} "
@@ -65,20 +70,26 @@ def run_train(data: str, out: str, cfg: TrainConfig, *, width_mult: float = 1.0,
     data_options = {"seed": cfg.seed, **(data_options or {})}
     source = splits.description["resolved_source"] if splits else resolve_source(data, data_options.get("data_root",
                                                                                                        "data"))
-    finished = rundir.prepare(out, resume, overwrite, lambda doc: _differences(doc, cfg, source, data_options),
-                              log if env.main else _quiet, remove=env.main)
-    if finished is not None:
-        return finished
+    state = rundir.prepare(out, resume, overwrite,
+                           lambda doc: _differences(doc, cfg, source, data_options, width_mult, patch, classifier_kind),
+                           log if env.main else _quiet)
+    if isinstance(state, dict):  # --resume of a finished run made with the same settings
+        return state
     splits = splits or load_data(data, **data_options, log=log if env.main else _quiet)
     if splits.train is None:
         raise UserError(f"--data {data} holds only held-out images; train on another source")
+    if cfg.epochs and len(splits.train) < cfg.batch_size:
+        raise UserError(f"{len(splits.train)} training images are fewer than one batch of {cfg.batch_size}; "
+                        "lower --batch-size or add images")
     num_classes = len(splits.class_names)
     model, weights_desc = build_model(cfg, num_classes, width_mult, patch, classifier_kind, weights)
     if env.main:
         d = splits.description
         log(f"data: {d['train_images']} train, {d['calib_images']} calib, {d['test_images']} test images, "
             f"{num_classes} classes; weights: {weights_desc}")
-    result = train(model, splits.train, cfg, out, resume=resume, log=log)
+        if overwrite:  # every input checked: only now does the earlier run go
+            rundir.replace(out, state, log)
+    result = train(model, splits.train, cfg, out, resume=resume and not overwrite, log=log)
     if env.world > 1:
         dist.barrier()
         if not env.main:
@@ -133,12 +144,18 @@ DATA_IDENTITY = ("seed", "calib_fraction", "val_fraction", "label_space", "train
                  "synthetic_classes", "max_image_pixels")
 
 
-def _differences(doc: dict, cfg: TrainConfig, source: str, data_options: dict) -> list[str]:
-    """What differs between a finished run (its family.json) and the run asked for: config fields, data."""
+def _differences(doc: dict, cfg: TrainConfig, source: str, data_options: dict, width_mult: float, patch: str,
+                 classifier_kind: str) -> list[str]:
+    """What differs between a finished run (its family.json) and the run asked for: model, config fields, data."""
+    model = {"--width-mult": (doc.get("width_mult"), width_mult), "--patch": (doc.get("patch"), patch),
+             "--classifier": (doc.get("classifier"), classifier_kind)}
+    if doc.get("kind") == "independent":  # the baseline's json records no family options
+        model = {}
     prov = doc.get("provenance", {})
     old = json.loads(json.dumps(prov.get("train_config", {})))
     new = json.loads(json.dumps(asdict(cfg)))
-    differ = [k for k in new if k not in ("workers", "device") and old.get(k) != new[k]]
+    differ = [k for k, (was, now) in model.items() if was != now]
+    differ += [k for k in new if k not in ("workers", "device") and old.get(k) != new[k]]
     data = prov.get("data", {})
     if data.get("resolved_source", data.get("source")) != source:
         differ.append("--data")

@@ -10,12 +10,15 @@ from pathlib import Path
 
 from .fileio import UserError
 
-# what train, profile, build and eval write into a family directory (glob patterns, relative to it)
-OWN_FILES = ("family.json", "independent.json", "shared.safetensors", "patches/r*.safetensors",
-             "models/r*.safetensors", "predictions/calib.npz", "predictions/test.npz", "metrics.csv",
-             "checkpoints/last.pt", "onnx/r*.onnx", "onnx/r*.json", "engines/**", "profile.csv", "profile.json",
-             "cascade*.json", "cascade*.png")
-OWN_DIRS = ("checkpoints", "patches", "models", "predictions", "onnx", "engines")
+# what train, profile, build and eval write into a family directory by default (glob patterns, relative to it)
+OWN_FILES = ("family.json", "independent.json", "shared.safetensors", "patches/r[0-9][0-9][0-9].safetensors",
+             "models/r[0-9][0-9][0-9].safetensors", "predictions/calib.npz", "predictions/test.npz", "metrics.csv",
+             "checkpoints/last.pt", "onnx/r[0-9][0-9][0-9].fp*.onnx", "onnx/r[0-9][0-9][0-9].fp*.json",
+             "engines/ort-tensorrt/**", "engines/tensorrt/*.plan", "profile.csv", "profile.json", "cascade.json",
+             "cascade_pareto.png", "cascade_exits.png", "cascade_eval_*.json", "cascade_eval_*.png")
+OWN_DIRS = ("checkpoints", "patches", "models", "predictions", "onnx", "engines/ort-tensorrt", "engines/tensorrt",
+            "engines")
+WEIGHTS = ("shared.safetensors", "checkpoints/last.pt", "models", "patches")  # a run's own, once training ran
 CHECKPOINT = "checkpoints/last.pt"
 
 
@@ -25,10 +28,14 @@ def own_files(run_dir: Path) -> list[Path]:
     return sorted((p for p in found if p.is_file() or p.is_symlink()), key=lambda p: -len(p.parts))
 
 
-def foreign_files(run_dir: Path) -> list[Path]:
-    """The files in run_dir that rescascade does not write (a user's own)."""
-    own = set(own_files(run_dir))
-    return sorted(p for p in run_dir.rglob("*") if (p.is_file() or p.is_symlink()) and p not in own)
+def some_entries(run_dir: Path, n: int = 3) -> list[str]:
+    """The names of up to n entries of run_dir (not a walk: run_dir may be a whole file system)."""
+    names = []
+    for entry in run_dir.iterdir():
+        names.append(entry.name)
+        if len(names) == n:
+            break
+    return names
 
 
 @dataclass
@@ -47,10 +54,17 @@ def _checkpoint_epoch(path: Path) -> int | None:
 
 
 def run_state(run_dir: Path) -> RunState:
-    if not run_dir.exists() or not any(run_dir.iterdir()):
-        return RunState("new")
-    if not run_dir.is_dir():
-        raise UserError(f"--out {run_dir} is a file; give a directory for the family")
+    try:
+        if not run_dir.exists():
+            if run_dir.parent.exists() and not run_dir.parent.is_dir():
+                raise UserError(f"--out {run_dir}: {run_dir.parent} is a file; give a directory for the family")
+            return RunState("new")
+        if not run_dir.is_dir():
+            raise UserError(f"--out {run_dir} is a file; give a directory for the family")
+        if not any(run_dir.iterdir()):
+            return RunState("new")
+    except OSError as e:
+        raise UserError(f"--out {run_dir} cannot be used ({e.strerror}); give a directory you can write") from None
     for name in ("family.json", "independent.json"):  # written last: a run with it is complete
         if (run_dir / name).is_file():
             try:
@@ -59,7 +73,8 @@ def run_state(run_dir: Path) -> RunState:
                 raise UserError(f"{run_dir / name} is damaged; train into a new --out, or --overwrite") from None
     if (run_dir / CHECKPOINT).is_file():
         return RunState("interrupted", checkpoint_epoch=_checkpoint_epoch(run_dir / CHECKPOINT))
-    if own_files(run_dir):  # weights without family.json: stopped after training, before the end
+    weights = set(own_files(run_dir)) & {p for w in WEIGHTS for p in [run_dir / w, *(run_dir / w).glob("*")]}
+    if weights:  # weights without family.json: stopped after training, before the end
         return RunState("interrupted")
     return RunState("foreign")
 
@@ -86,19 +101,16 @@ def remove_checkpoint(run_dir: Path) -> None:
         folder.rmdir()
 
 
-def prepare(run_dir: Path, resume: bool, overwrite: bool, same_run, log, remove: bool = True) -> dict | None:
-    """Check --out before anything is trained. Returns the finished run's doc when --resume meets a complete run
-    that the same settings made (nothing to do), else None (go on). same_run(doc) -> list of what differs.
-    remove: with overwrite, delete the earlier run's files (the main process of a distributed run only).
+def prepare(run_dir: Path, resume: bool, overwrite: bool, same_run, log) -> RunState | dict:
+    """Check --out before anything is read or trained. Returns the finished run's doc when --resume meets a complete
+    run that the same settings made (nothing to do), else the directory's state (go on; with overwrite, call
+    `replace` once the new run's inputs are checked). same_run(doc) -> list of what differs.
     Raises UserError with what to do in every other case."""
     state = run_state(run_dir)
     if overwrite:
-        if remove and state.kind in ("complete", "interrupted"):
-            removed = remove_own_files(run_dir)
-            log(f"--overwrite: removed {len(removed)} file(s) of the earlier run in {run_dir}")
-        return None
+        return state
     if state.kind == "foreign":
-        shown = ", ".join(str(p.relative_to(run_dir)) for p in foreign_files(run_dir)[:3])
+        shown = ", ".join(some_entries(run_dir))
         raise UserError(f"--out {run_dir} is not empty and not a rescascade run (it holds {shown}); train into a new "
                         "or empty directory, or pass --overwrite to write the family beside these files")
     if state.kind == "complete":
@@ -116,4 +128,11 @@ def prepare(run_dir: Path, resume: bool, overwrite: bool, same_run, log, remove:
             "weights but no family.json"
         raise UserError(f"{run_dir} holds an interrupted run ({where}); continue it with --resume (same flags), or "
                         "start over with --overwrite")
-    return None
+    return state
+
+
+def replace(run_dir: Path, state: RunState, log) -> None:
+    """--overwrite, once the new run is about to write: remove the earlier run's own files (none of a user's)."""
+    if state.kind in ("complete", "interrupted"):
+        removed = remove_own_files(run_dir)
+        log(f"--overwrite: removed {len(removed)} file(s) of the earlier run in {run_dir}")

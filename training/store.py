@@ -6,6 +6,7 @@ plain torchvision state dict for that resolution.
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import platform
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .family import ARCH, ResolutionFamily, check_resolutions, res_key
+from .family import ARCH, CLASSIFIER_KINDS, PATCH_KINDS, ResolutionFamily, check_resolutions, res_key
 from .fileio import UserError, atomic_path, check_schema, read_json, sha256_file, write_json
 from .params import count_parameters
 from .preprocess import CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD
@@ -73,6 +74,9 @@ def read_family_json(run_dir) -> dict:
     path = Path(run_dir) / "family.json"
     if Path(run_dir).is_file():
         raise UserError(f"{run_dir} is a file; give the family directory written by `rescascade train`")
+    if not path.exists() and (Path(run_dir) / "independent.json").exists():
+        raise UserError(f"{run_dir} holds K independent models (train --independent, the baseline), not a "
+                        "resolution family; info, profile, build and eval take a family directory")
     if not path.exists() and any((Path(run_dir) / f).exists() for f in ("shared.safetensors",
                                                                           "checkpoints/last.pt")):  # written last
         raise UserError(f"{run_dir} is an unfinished run of `rescascade train` (stopped before family.json was "
@@ -82,7 +86,41 @@ def read_family_json(run_dir) -> dict:
     if doc["arch"] != ARCH:
         raise UserError(f"{path}: arch {doc['arch']!r} is not supported; this rescascade builds {ARCH}")
     check_resolutions(doc["resolutions"])
+    validate(doc, path)
     return doc
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def validate(doc: dict, path) -> None:
+    """The fields every stage reads, with the values they may take; raises UserError naming the field."""
+    def check(ok: bool, what: str) -> None:
+        if not ok:
+            raise UserError(f"{path}: {what}; the file was edited or damaged: restore it or re-run `rescascade train`")
+    check(_number(doc["width_mult"]) and doc["width_mult"] > 0, "width_mult must be a positive number")
+    n = doc["num_classes"]
+    check(isinstance(n, int) and not isinstance(n, bool) and n >= 2, "num_classes must be an integer >= 2")
+    names = doc.get("class_names")
+    check(isinstance(names, list) and len(names) == n and all(isinstance(c, str) for c in names),
+          f"class_names must list the {n} class names")
+    check(doc["patch"] in PATCH_KINDS, f"patch must be one of {', '.join(PATCH_KINDS)}")
+    check(doc["classifier"] in CLASSIFIER_KINDS, f"classifier must be one of {', '.join(CLASSIFIER_KINDS)}")
+    files = doc["files"]
+    check(isinstance(files, dict) and files and all(isinstance(k, str) and isinstance(v, str) and len(v) == 64
+                                                    for k, v in files.items()), "files must map names to sha256s")
+    prep = doc.get("preprocessing", {})
+    check(isinstance(prep, dict), "preprocessing must be an object")
+    for key in ("mean", "std"):
+        if key in prep:
+            v = prep[key]
+            check(isinstance(v, list) and len(v) == 3 and all(_number(x) for x in v) and
+                  (key == "mean" or min(v) > 0), f"preprocessing.{key} must be 3 numbers" +
+                  (" > 0" if key == "std" else ""))
+    if "crop_fraction" in prep:
+        check(_number(prep["crop_fraction"]) and 0 < prep["crop_fraction"] <= 1,
+              "preprocessing.crop_fraction must be in (0, 1]")
 
 
 def _load_tensors(path: Path, expected_sha: str | None, what: str) -> dict[str, torch.Tensor]:
@@ -96,6 +134,19 @@ def _load_tensors(path: Path, expected_sha: str | None, what: str) -> dict[str, 
         return load_file(str(path))
     except (SafetensorError, OSError) as e:
         raise UserError(f"{path} is not a readable safetensors file ({e}); restore it or re-run train") from None
+
+
+def verify_files(run_dir, doc: dict) -> None:
+    """Every weight file family.json lists is there with the sha256 it records (UserError naming the first that
+    is not)."""
+    for name, sha in doc["files"].items():
+        path = Path(run_dir) / name
+        if not path.is_file():
+            raise UserError(f"{path} is missing: family.json lists it; copy the whole family directory or re-run "
+                            "`rescascade train`")
+        if sha256_file(path) != sha:
+            raise UserError(f"{path} does not match the sha256 recorded in family.json: it changed after training; "
+                            "restore it or re-run `rescascade train`")
 
 
 def load_family(run_dir, verify: bool = True) -> tuple[ResolutionFamily, dict]:

@@ -316,7 +316,11 @@ def train(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, out_dir, resu
                             f"{len(old_data['classes'])} classes, now {data_id['images']} of {len(data_id['classes'])}"
                             "; or the same counts, other images): resume with the same --data and options, or train "
                             "into a new --out")
-        wrapper.load_state_dict(ck["model"])
+        try:
+            wrapper.load_state_dict(ck["model"])
+        except RuntimeError:  # shapes or names differ: another --width-mult, --patch or --classifier
+            raise UserError(f"{ckpt_path} holds another model (its --width-mult, --patch or --classifier differ); "
+                            "resume with the same flags, or start over with --overwrite") from None
         opt.load_state_dict(ck["optimizer"])
         sched.load_state_dict(ck["scheduler"])
         start_epoch, metrics = ck["epoch"], json.loads(ck["metrics"])
@@ -409,6 +413,9 @@ def train(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, out_dir, resu
             bar.set_postfix(loss=f"{total.item():.3f}", top1=f"{sums[cfg.resolutions[-1]]['correct'] / seen:.3f}",
                             img_s=f"{ips:.0f}")
         bar.close()
+        if not stats_only and not all(math.isfinite(sums[r]["loss"]) for r in cfg.resolutions):
+            raise UserError(f"training diverged in epoch {epoch + 1} (the loss is not finite); lower the learning "
+                            "rates (--lr, --patch-lr, --head-lr) and start over with --overwrite")
         secs = time.perf_counter() - t_epoch
         skipped_total += skipped
         lr_now = {g["name"]: g["lr"] for g in opt.param_groups}
