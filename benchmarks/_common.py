@@ -3,10 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import _shared_data  # noqa: F401  (registers this lab's data sources: shared-imagenette, shared-imagenet-samples)
 import torch
 
-from training.family import ResolutionFamily
-from training.store import save_family
+from rescascade.training.family import ResolutionFamily
+from rescascade.training.store import save_family
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = ROOT.parent / "shared" / "data"

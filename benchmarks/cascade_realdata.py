@@ -44,23 +44,27 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import IMAGENET_WEIGHTS, IMAGENETTE, ROOT, SHARED_DATA, table  # noqa: E402
+from _shared_data import shared_imagenet_samples  # noqa: E402
 
-from cascade.build import paired_difference, run_build  # noqa: E402
-from cascade.confidence import fit_temperature  # noqa: E402
-from cascade.costs import CostModel  # noqa: E402
-from cascade.evaluate import run_eval  # noqa: E402
-from cascade.optimizer import (Cascade, Stage, StageViews, cheapest_meeting, reference_resolution,  # noqa: E402
-                               simulate, tolerance_sweep)
-from cascade.predictions import Predictions, load_predictions  # noqa: E402
-from profiling.measure import Protocol  # noqa: E402
-from profiling.profile import read_profile, run_profile  # noqa: E402
-from training.data import (DataSplits, ImageSet, TensorReader, limit_per_class, load_data,  # noqa: E402
-                           shared_imagenet_samples)
-from training.predict import predict_logits, top1  # noqa: E402
-from training.recipes import preset, split_options  # noqa: E402
-from training.run import family_predictors, independent_ids, onnx_predictors, run_train  # noqa: E402
-from training.store import load_family, weights_id  # noqa: E402
-from training.trainer import TrainConfig  # noqa: E402
+from rescascade.build import run_build  # noqa: E402
+from rescascade.confidence import fit_temperature  # noqa: E402
+from rescascade.costs import CostModel  # noqa: E402
+from rescascade.evaluate import run_eval  # noqa: E402
+from rescascade.optimizer import (Cascade, Stage, StageViews, cheapest_meeting, paired_difference,  # noqa: E402
+                                  reference_resolution, simulate, tolerance_sweep)
+from rescascade.predictions import Predictions, load_predictions  # noqa: E402
+from rescascade.profiling.engines import (family_predictors, independent_ids, onnx_predictors,  # noqa: E402
+                                         onnxruntime_predictors)
+from rescascade.profiling.measure import Protocol  # noqa: E402
+from rescascade.profiling.profile import read_profile, run_profile  # noqa: E402
+from rescascade.runtime import decision_step  # noqa: E402
+from rescascade.training.data import DataSplits, ImageSet, TensorReader, limit_per_class, load_data  # noqa: E402
+from rescascade.training.predict import predict_logits, top1  # noqa: E402
+from rescascade.training.probe import ProbeCache  # noqa: E402
+from rescascade.training.recipes import preset, split_options  # noqa: E402
+from rescascade.training.run import run_train  # noqa: E402
+from rescascade.training.store import load_family, weights_id  # noqa: E402
+from rescascade.training.trainer import TrainConfig  # noqa: E402
 
 RES = (96, 128, 160, 192, 224)
 SAMPLES = SHARED_DATA / "imagenet_sample_images"
@@ -100,6 +104,9 @@ def variants(task: str) -> dict[str, dict]:
     }
 
 
+PROBES = ProbeCache()  # the variants start from the same weights on the same splits: probe once
+
+
 def train_variant(task, name, opts, splits, out: Path, args, log) -> Path:
     fam = out / name
     if (fam / ("independent.json" if opts.get("independent") else "family.json")).is_file() and not args.fresh:
@@ -116,7 +123,7 @@ def train_variant(task, name, opts, splits, out: Path, args, log) -> Path:
     t0 = time.perf_counter()
     fam_opts["weights"] = str(IMAGENET_WEIGHTS)
     run_train(f"shared-imagenette:{IMAGENETTE}", fam, cfg, **fam_opts, splits=splits, log=lambda s: None,
-              predict_backend="onnxruntime", preset=opts.get("preset"))
+              predictors=onnxruntime_predictors, preset=opts.get("preset"), probe_cache=PROBES)
     log(f"  {name}: trained and predicted in {time.perf_counter() - t0:.0f} s")
     return fam
 
@@ -260,7 +267,7 @@ def run_task(task: str, args, log) -> str:
         else Protocol(min_seconds=1.0, rounds=3)
     log(f"  profiling {first} (ONNX Runtime CPU, batch {sizes})")
     t0 = time.perf_counter()
-    run_profile(first, "onnxruntime", "fp32", sizes, protocol=protocol, log=lambda s: None)
+    run_profile(first, "onnxruntime", "fp32", sizes, protocol=protocol, log=lambda s: None, decision_step=decision_step)
     log(f"  profiled in {time.perf_counter() - t0:.0f} s")
     df, _ = read_profile(first / "profile.csv")
     costs32 = CostModel.from_profile(df, RES, "onnxruntime", "fp32", 32, batch_aware=True)
@@ -303,7 +310,7 @@ def run_task(task: str, args, log) -> str:
     t_measure = time.perf_counter()
     if fam != first:
         log(f"  profiling {fam} too: measured costs chose it")
-        run_profile(fam, "onnxruntime", "fp32", sizes, protocol=protocol, log=lambda s: None)
+        run_profile(fam, "onnxruntime", "fp32", sizes, protocol=protocol, log=lambda s: None, decision_step=decision_step)
     mrow = []
     for b in (1, 32):
         path = fam / f"cascade_b{b}.json"

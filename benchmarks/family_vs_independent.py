@@ -20,9 +20,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import IMAGENET_WEIGHTS, IMAGENETTE, ROOT, table  # noqa: E402
 from cascade_realdata import in_memory  # noqa: E402
 
-from training.data import DataSplits, load_data  # noqa: E402
-from training.run import run_train  # noqa: E402
-from training.trainer import TrainConfig  # noqa: E402
+from rescascade.profiling.engines import onnxruntime_predictors  # noqa: E402
+from rescascade.training.data import DataSplits, load_data  # noqa: E402
+from rescascade.training.probe import ProbeCache  # noqa: E402
+from rescascade.training.run import run_train  # noqa: E402
+from rescascade.training.trainer import TrainConfig  # noqa: E402
 
 # The recipe the real-data presets use (AdamW; heads fitted on frozen features first): plain SGD at the paper's
 # patch rates diverged on a fresh 10-way head (README). Only what the mode decides differs between rows.
@@ -50,14 +52,14 @@ def main() -> None:
                     heldout_per_class=6 if args.quick else None)
     splits = DataSplits(in_memory(raw.train), in_memory(raw.calib), in_memory(raw.test), raw.class_names,
                         {**raw.description, "source": f"shared-imagenette:{IMAGENETTE}"})
-    rows, t0 = [], time.perf_counter()
+    rows, t0, probes = [], time.perf_counter(), ProbeCache()
     for name, mode in MODES.items():
         out = Path(args.out) / name.split(",")[0].replace(" ", "_") / name.split(",")[-1].strip().replace(" ", "_")
         shutil.rmtree(out, ignore_errors=True)
         cfg = TrainConfig(res, epochs=args.epochs, **{**COMMON, **mode, **({"batch_size": 8} if args.quick else {})})
         t = time.perf_counter()
         doc = run_train("", out, cfg, weights=str(IMAGENET_WEIGHTS), splits=splits, log=lambda s: None,
-                        predict_backend="onnxruntime")
+                        predictors=onnxruntime_predictors, probe_cache=probes)
         p = doc["parameters"]
         total = p["k_independent"] if cfg.independent else p["family"]
         rows.append([name] + [f"{100 * doc['top1']['test'][str(r)]:.2f}" for r in res] +

@@ -11,10 +11,9 @@ import argparse
 import math
 import time
 
-
-from cascade.costs import CostModel
-from cascade.optimizer import Cascade, Stage, StageViews, exact_search, greedy, reference_resolution, simulate
-from cascade.synthetic_predictions import synthetic_predictions
+from rescascade.costs import CostModel
+from rescascade.optimizer import Cascade, Stage, StageViews, exact_search, greedy, reference_resolution, simulate
+from rescascade.synthetic_predictions import synthetic_predictions
 
 RES = [96, 128, 160, 192, 224]
 MACS = {96: 56, 128: 99, 160: 154, 192: 221, 224: 300}  # MobileNetV2 1.0 MMACs (slim README)

@@ -12,8 +12,9 @@ from pathlib import Path
 
 from _common import ROOT, imagenet_family, table
 
-from profiling.measure import Protocol
-from profiling.profile import run_profile
+from rescascade.profiling.measure import Protocol
+from rescascade.profiling.profile import run_profile
+from rescascade.runtime import decision_step
 
 
 def main() -> None:
@@ -29,7 +30,7 @@ def main() -> None:
     protocol = Protocol(min_seconds=args.min_seconds)
     with tempfile.TemporaryDirectory() as tmp:
         runs = [run_profile(fam, args.backend, "fp32", sizes, protocol=protocol, out=Path(tmp) / f"p{i}.csv",
-                            log=lambda s: None) for i in range(2)]
+                            log=lambda s: None, decision_step=decision_step) for i in range(2)]
     a, b = (r.set_index(["resolution", "batch_size"]) for r in runs)
     rows, worst = [], 0.0
     for key in a.index:

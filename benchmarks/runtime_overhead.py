@@ -21,20 +21,21 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from _common import IMAGENETTE, ROOT, imagenet_family, table
 
-from cascade.config import read_config, write_config
-from cascade.confidence import confidence, log_probs
-from cascade.runtime import CascadeRunner
-from profiling.measure import torch_threads
-from training.fileio import sha256_file
-from training.preprocess import IMAGENET_MEAN, IMAGENET_STD, channels_last_batch, preprocess, resize_center_crop
-from training.store import read_family_json, weights_id
+from rescascade.confidence import confidence, log_probs
+from rescascade.config import read_config, write_config
+from rescascade.profiling.measure import torch_threads
+from rescascade.runtime import CascadeRunner
+from rescascade.training.fileio import sha256_file
+from rescascade.training.preprocess import (IMAGENET_MEAN, IMAGENET_STD, channels_last_batch, preprocess,
+                                            resize_center_crop)
+from rescascade.training.store import read_family_json, weights_id
 
 STAGES = (96, 160, 224)
 
 
 def source_images(n: int) -> list[torch.Tensor]:
     if (IMAGENETTE / "manifest_val.csv").is_file():
-        from training.data import shared_imagenette
+        from _shared_data import shared_imagenette
         _, val = shared_imagenette(str(IMAGENETTE), "native")
         return [val.read(i) for i in range(0, n * 7, 7)][:n]
     g = torch.Generator().manual_seed(0)

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 import torchvision
 from _common import table
 
-from training.family import ResolutionFamily
-from training.trainer import MultiResolutionForward, _inputs
+from rescascade.training.family import ResolutionFamily
+from rescascade.training.trainer import MultiResolutionForward, _inputs
 
 
 def main() -> None:

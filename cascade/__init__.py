@@ -1,0 +1,54 @@
+"""rescascade: cost-aware resolution cascades for image classifiers.
+
+One network shared by every input resolution, a BatchNorm patch per resolution (a *resolution family*), each
+resolution's cost measured on the target device, and a cascade that runs the cheap resolutions first and stops
+as soon as it is confident (Streeter, ICML 2018; Mudrakarta et al., ICLR 2019).
+
+The journey, each step also a CLI command:
+
+    from rescascade import run_train, run_profile, run_build, CascadeRunner, TrainConfig, decision_step
+    run_train("imagefolder:photos", "runs/photos", TrainConfig(resolutions=(96, 128, 160, 192, 224)))
+    run_profile("runs/photos", "onnxruntime", batch_sizes=(1, 32), decision_step=decision_step)
+    run_build("runs/photos", batch_size=32)                      # writes runs/photos/cascade.json
+    result = CascadeRunner("runs/photos/cascade.json")(["a.jpg", "b.png"])
+
+Subpackages: `rescascade.training` (the family, data, training), `rescascade.profiling` (export, backends,
+timing); the modules here choose, certify, run and evaluate cascades. Every error a user can fix is a
+`RescascadeError`. Names are imported on first use, so `import rescascade` does not import torch.
+"""
+from __future__ import annotations
+
+import importlib
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "RescascadeError": "rescascade.training.errors", "ConfigError": "rescascade.training.errors",
+    "ArtifactError": "rescascade.training.errors", "DataError": "rescascade.training.errors",
+    "BackendUnavailable": "rescascade.training.errors",
+    "TrainConfig": "rescascade.training.config",
+    "ResolutionFamily": "rescascade.training.family",
+    "load_data": "rescascade.training.data", "register_source": "rescascade.training.data",
+    "load_family": "rescascade.training.store", "save_family": "rescascade.training.store",
+    "run_train": "rescascade.training.run",
+    "run_profile": "rescascade.profiling.profile", "Profile": "rescascade.profiling.profile",
+    "profile_family": "rescascade.api",
+    "Protocol": "rescascade.profiling.measure",
+    "CostModel": "rescascade.costs", "Target": "rescascade.target",
+    "load_predictions": "rescascade.predictions", "CascadeConfig": "rescascade.config",
+    "CascadeBuilder": "rescascade.builder",
+    "run_build": "rescascade.build", "run_eval": "rescascade.evaluate",
+    "CascadeRunner": "rescascade.runtime", "decision_step": "rescascade.runtime",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'rescascade' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))

@@ -6,13 +6,13 @@ import math
 import sys
 import textwrap
 
-from training.config import MAX_BATCH, MAX_THREADS
-from training.fileio import UserError
+from rescascade.training.config import MAX_BATCH, MAX_THREADS
+from rescascade.training.errors import RescascadeError
 
 
 def cmd_info(args) -> None:
-    from training.params import format_parameter_table
-    from training.store import load_family
+    from rescascade.training.params import format_parameter_table
+    from rescascade.training.store import load_family
 
     family, doc = load_family(args.run_dir)
     rs = ", ".join(str(r) for r in family.resolutions)
@@ -66,10 +66,10 @@ _batches = _list(_batch)
 
 
 def _resolutions(text: str) -> tuple[int, ...]:
-    from training.config import check_resolutions
+    from rescascade.training.config import check_resolutions
     try:
         return check_resolutions(_ints(text))
-    except UserError as e:
+    except RescascadeError as e:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
@@ -84,7 +84,7 @@ def _target(text: str) -> str:
     from .target import Target
     try:
         Target.parse(text, None, None)
-    except UserError as e:
+    except RescascadeError as e:
         raise argparse.ArgumentTypeError(str(e).replace(f"--target {text!r}", repr(text))
                                          .replace(f"--target {text}", text)) from None
     return text
@@ -107,19 +107,22 @@ TRAIN_DEFAULTS = {"data": None, "resolutions": (96, 128, 160, 192, 224), "weight
 
 
 def cmd_train(args) -> None:
-    from training.recipes import preset, split_options
-    from training.run import run_train
-    from training.trainer import TrainConfig
+    from rescascade.training.recipes import preset, split_options
+    from rescascade.training.run import run_train
+    from rescascade.training.trainer import TrainConfig
 
     chosen = {**TRAIN_DEFAULTS, **preset(args.preset)}
     given = {k: v for k, v in vars(args).items() if v is not None}
     opts = {**chosen, **given}
     if opts.get("data") is None:
-        raise UserError("no --data given; e.g. --data imagefolder:PATH, --data synthetic, or pick a --preset")
+        raise RescascadeError("no --data given; e.g. --data imagefolder:PATH, --data synthetic, or pick a --preset")
     cfg, family = split_options(opts)
+    predictors = None
+    if opts.get("predict_backend") == "onnxruntime":
+        from rescascade.profiling.engines import onnxruntime_predictors as predictors
     run_train(opts["data"], opts["out"], TrainConfig(**cfg), **family, resume=args.resume, overwrite=args.overwrite,
               preset=args.preset,
-              predict_backend=opts.get("predict_backend", "torch"),
+              predictors=predictors,
               data_options={"calib_fraction": opts.get("calib_fraction", 0.5),
                             "val_fraction": opts.get("val_fraction", 0.2),
                             "label_space": opts.get("label_space", "native"),
@@ -131,7 +134,7 @@ def cmd_train(args) -> None:
 
 def _train_default(name: str) -> str:
     """'default: X' for a TrainConfig field (presets set their own)."""
-    from training.config import TrainConfig
+    from rescascade.training.config import TrainConfig
     value = TrainConfig.__dataclass_fields__[name].default
     if isinstance(value, tuple):
         value = ",".join(f"{v:g}" for v in value)
@@ -139,7 +142,7 @@ def _train_default(name: str) -> str:
 
 
 def add_train_parser(sub) -> None:
-    from training.recipes import PRESETS
+    from rescascade.training.recipes import PRESETS
     s = sub.add_parser("train", help="train a resolution family and write its predictions", formatter_class=_Formatter,
                        usage="%(prog)s --out DIR [--data SPEC] [--preset NAME] [options]",
                        description="Train a resolution family (shared MobileNetV2 + one BatchNorm patch per\n"
@@ -149,9 +152,9 @@ def add_train_parser(sub) -> None:
                                                             subsequent_indent="    ") for k, v in PRESETS.items()))
     d = _train_default
     g = s.add_argument_group("data and output")
-    g.add_argument("--data", metavar="SPEC", help="synthetic[:N] | imagefolder:PATH | cifar10 | cifar100 | imagenette | "
-                                  "shared-imagenette:DIR | shared-imagenet-samples:DIR (required unless the preset "
-                                  "names its data)")
+    g.add_argument("--data", metavar="SPEC", help="synthetic[:N] | imagefolder:PATH | cifar10 | cifar100 | imagenette, or a "
+                                  "source added in Python with rescascade.training.data.register_source "
+                                  "(required unless the preset names its data)")
     g.add_argument("--out", required=True, metavar="DIR", help="the family directory to write: new or empty, or an interrupted run "
                                                  "of rescascade (--resume)")
     g.add_argument("--overwrite", action="store_true",
@@ -159,7 +162,7 @@ def add_train_parser(sub) -> None:
     g.add_argument("--resume", action="store_true", help="continue an interrupted run in --out from its checkpoint")
     g.add_argument("--preset", metavar="NAME", help=f"a named recipe: {', '.join(PRESETS)} (default: none)")
     g.add_argument("--label-space", choices=["native", "imagenet"],
-                   help="shared-imagenette: 10-way (native) or 1000-way ImageNet labels (default: native)")
+                   help="sources that have both: their own classes (native) or ImageNet's 1000 (default: native)")
     g.add_argument("--calib-fraction", type=_fraction,
                    help="share of the held-out images used for calib; the rest is test (default: 0.5)")
     g.add_argument("--val-fraction", type=_fraction,
@@ -243,20 +246,22 @@ def add_train_parser(sub) -> None:
 
 
 def cmd_profile(args) -> None:
-    from profiling.measure import QUICK, Protocol
-    from profiling.profile import format_profile, run_profile
+    from rescascade.profiling.measure import QUICK, Protocol
+    from rescascade.profiling.profile import format_profile
+
+    from .api import profile_family
 
     protocol = QUICK if args.quick else Protocol(
         warmup_iters=args.warmup_iters, warmup_seconds=args.warmup_seconds, min_iters=args.min_iters,
         min_seconds=args.min_seconds, rounds=args.rounds)
-    df = run_profile(args.run_dir, args.backend, args.precision, args.batch_sizes, args.resolutions, args.threads,
-                     protocol, args.out, args.source_size)
-    print(format_profile(df, args.backend, args.precision))
-    print(f"wrote {args.out or args.run_dir + '/profile.csv'}")
+    profile = profile_family(args.run_dir, args.backend, args.precision, args.batch_sizes, args.resolutions,
+                             args.threads, protocol, args.out, args.source_size)
+    print(format_profile(profile.table, args.backend, args.precision))
+    print(f"wrote {profile.path}")
 
 
 def add_profile_parser(sub) -> None:
-    from profiling.backends import BACKEND_NAMES
+    from rescascade.profiling.backends import BACKEND_NAMES
     s = sub.add_parser("profile", help="measure each resolution's latency on this device", formatter_class=_Formatter,
                        description="Measure each resolution's real inference latency (and the cost of resizing a "
                                    "decoded image to it) on this device; writes profile.csv and profile.json.")
@@ -292,7 +297,7 @@ def _guarantee(text: str) -> tuple[float, float]:
 
 
 def cmd_build(args) -> None:
-    from cascade.build import run_build
+    from rescascade.build import run_build
     run_build(args.run_dir, profile=args.profile, backend=args.backend, precision=args.precision,
               batch_size=args.batch_size, target=args.target, max_drop=args.max_drop, budget=args.budget,
               guarantee=args.guarantee, measure=args.confidence, temperature=not args.no_temperature,
@@ -338,7 +343,7 @@ def add_build_parser(sub) -> None:
 
 
 def cmd_eval(args) -> None:
-    from cascade.evaluate import run_eval
+    from rescascade.evaluate import run_eval
     run_eval(args.cascade_json, data=args.data, backend=args.backend, batch_size=args.batch_size, split=args.split,
              repeats=args.repeats, threads=args.threads, limit=args.limit, out=args.out)
 
@@ -363,7 +368,7 @@ def add_eval_parser(sub) -> None:
 
 
 def cmd_demo(args) -> None:
-    from cascade.demo import run_demo
+    from rescascade.demo import run_demo
     run_demo(args.out, batch_size=args.batch_size, epochs=args.epochs, train_images=args.train_images,
              fresh=args.fresh)
 
@@ -410,7 +415,7 @@ def main(argv=None) -> int:
         return 0
     try:
         args.func(args)
-    except UserError as e:
+    except RescascadeError as e:
         print(f"rescascade {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # the machine's answer (read-only, full disk, no permission), not a bug: one line

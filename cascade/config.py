@@ -1,4 +1,4 @@
-"""cascade.json (DESIGN.md §3): the deployable cascade config, versioned.
+"""cascade.json: the deployable cascade config, versioned.
 
 Anyone can deploy from this file and the family directory alone: it names the family (and its hashes), the
 backend and batch size its costs were measured at, the confidence measure and per-stage temperatures, the
@@ -6,15 +6,19 @@ ordered stages, the reference model, and the expected figures on calib and test.
 """
 from __future__ import annotations
 
+import datetime as _dt
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from training.config import MAX_BATCH
-from training.fileio import UserError, check_schema, read_json, write_json
+from rescascade.training.config import MAX_BATCH
+from rescascade.training.errors import ArtifactError
+from rescascade.training.fileio import check_schema, read_json, write_json
 
 from .confidence import MEASURES
-from .optimizer import Cascade, Stage
+from .optimizer import Cascade, Stage, paired_difference
+from .predictions import Predictions
 
 SCHEMA_VERSION = 1
 REQUIRED = ("family", "profile", "confidence", "stages", "reference", "expected")
@@ -22,8 +26,78 @@ REQUIRED = ("family", "profile", "confidence", "stages", "reference", "expected"
 
 @dataclass
 class CascadeConfig:
+    """cascade.json's content (`doc`) and where it lives (`path`; None until saved). `load` reads and validates
+    one, `from_builder` makes one from a fitted CascadeBuilder, `save` writes it atomically."""
     doc: dict
-    path: Path
+    path: Path | None = None
+
+    @classmethod
+    def load(cls, path) -> "CascadeConfig":
+        """Read and validate cascade.json (or a directory holding one); ArtifactError when missing or invalid."""
+        return read_config(path)
+
+    def save(self, path) -> Path:
+        """Write atomically to `path` (a directory: PATH/cascade.json), the family path recorded relative to it
+        (the pair stays deployable when copied together). Returns the path written."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "cascade.json"
+        family = self.family_dir
+        doc = {**self.doc, "family": {**self.doc["family"],
+                                      "path": os.path.relpath(family.resolve(), path.parent.resolve())}}
+        validate(doc, path)
+        write_config(path, doc)
+        self.doc, self.path = doc, path
+        return path
+
+    @classmethod
+    def from_builder(cls, builder, family_dir, profile, costs, test: Predictions | None = None,
+                     warnings=()) -> "CascadeConfig":
+        """The config of a fitted CascadeBuilder: its stages and confidence setting, the family (family_dir, its
+        family.json hashes) and profile (a `Profile`) it was built on, the costs (CostModel) it was chosen with,
+        and the expected figures on calib and on `test` (default: the family's predictions/test.npz, never seen
+        by the choice). Not written until `save`."""
+        from rescascade.training.fileio import sha256_file
+        from rescascade.training.store import read_family_json, weights_id
+
+        from .predictions import load_predictions
+        b, family_dir = builder, Path(family_dir).resolve()
+        doc = read_family_json(family_dir)
+        test = test if test is not None else load_predictions(family_dir / "predictions" / "test.npz")
+        cascade, ref_out = b.cascade_, b.reference_outcome_
+        casc_test, ref_test = b.simulate(test, costs)
+        expected = {
+            "calib": {**b.chosen_.outcome.summary(ref_out.mean_cost), "reference_accuracy": ref_out.accuracy},
+            "test": {**casc_test.summary(ref_test.mean_cost), "reference_accuracy": ref_test.accuracy,
+                     "paired_difference": paired_difference(casc_test.correct_mask, ref_test.correct_mask)},
+        }
+        config = {
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "family": {"path": str(family_dir), "family_json_sha256": sha256_file(family_dir / "family.json"),
+                       "weights_sha256": weights_id(doc), "resolutions": doc["resolutions"],
+                       "num_classes": doc["num_classes"]},
+            "profile": {"path": str(Path(profile.path).resolve()), **costs.describe(), "device": profile.meta["device"]},
+            "confidence": {"measure": b.measure_, "temperatures": {str(r): b.temperatures_[r] for r in b.resolutions_},
+                           "temperature_fitted_on": (None if not b.temperature else
+                                                     "calib" if b.guarantee is None else "the select part of calib"),
+                           "combine": b.combine_},
+            "stages": stages_json(cascade),
+            "reference": {"resolution": b.reference_, "accuracy_calib": ref_out.accuracy,
+                          "accuracy_test": ref_test.accuracy, "cost_ms": ref_out.mean_cost},
+            "target": {"kind": b.target.kind, "value": b.target.value, "description": b.target.describe()},
+            "expected": expected,
+            "optimizer": {"method": "streeter-greedy" if cascade.method == "greedy" else cascade.method,
+                          "tolerance": cascade.tolerance, "tolerances": list(b.tolerances),
+                          "candidates": len(b.candidates_),
+                          "pareto_front": [{"cascade": c.cascade.describe(), "accuracy": c.outcome.accuracy,
+                                            "cost_ms": c.outcome.mean_cost} for c in b.front_],
+                          "exact": b.exact_, "seconds": None},
+            "single_model_wins": len(cascade.stages) == 1,
+            "warnings": list(warnings),
+        }
+        if b.certificate_ is not None:
+            config["guarantee"] = b.certificate_.describe()
+        return cls(config)
 
     @property
     def cascade(self) -> Cascade:
@@ -46,7 +120,9 @@ class CascadeConfig:
     def family_dir(self) -> Path:
         """The family directory: as recorded, or relative to cascade.json when it was moved with it."""
         recorded = Path(self.doc["family"]["path"])
-        return recorded if recorded.is_absolute() else (self.path.parent / recorded).resolve()
+        if recorded.is_absolute() or self.path is None:
+            return recorded
+        return (self.path.parent / recorded).resolve()
 
     @property
     def reference(self) -> int:
@@ -70,7 +146,7 @@ def _measure_range(measure: str, num_classes: int) -> tuple[float, float]:
 
 def _check(ok: bool, path, what: str) -> None:
     if not ok:
-        raise UserError(f"{path}: {what}; the file was edited or damaged: restore it or re-run `rescascade build`")
+        raise ArtifactError(f"{path}: {what}; the file was edited or damaged: restore it or re-run `rescascade build`")
 
 
 def _is_int(v) -> bool:
@@ -82,7 +158,7 @@ def _is_number(v) -> bool:
 
 
 def validate(doc: dict, path) -> None:
-    """Every field the runtime and eval use, with the values it may take; raises UserError naming the field."""
+    """Every field the runtime and eval use, with the values it may take; raises RescascadeError naming the field."""
     for key in REQUIRED:
         _check(isinstance(doc[key], (dict, list)), path, f"{key} must be an object")
     fam, prof, conf = doc["family"], doc["profile"], doc["confidence"]

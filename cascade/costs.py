@@ -1,4 +1,4 @@
-"""Per-stage costs from a profile table (DESIGN.md §2): measured, not counted.
+"""Per-stage costs from a profile table: measured, not counted.
 
 A stage at resolution r costs its inference, plus the preprocessing of the source image to r, plus the
 runtime's decision step (confidence, exit mask), per image, at the serving batch size. The runtime uploads a
@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from training.fileio import UserError
+from rescascade.training.errors import RescascadeError
 
 
 @dataclass
@@ -32,25 +32,33 @@ class CostModel:
     once: dict[int, float] = field(default_factory=dict)
 
     @classmethod
-    def from_profile(cls, df: pd.DataFrame, resolutions, backend: str | None, precision: str | None,
-                     batch_size: int, batch_aware: bool = False, where: str = "profile") -> "CostModel":
+    def from_profile(cls, df: pd.DataFrame, resolutions=None, backend: str | None = None, precision: str | None = None,
+                     batch_size: int = 1, batch_aware: bool = False, where: str = "profile") -> "CostModel":
+        """Per-image stage costs (ms) at `batch_size` from a profile (a `Profile` or its table): inference +
+        preprocessing + decision per stage, the upload charged once per cascade. resolutions None: every one
+        profiled; backend/precision None: the profile's only one. batch_aware: keep every batch size, for a
+        cascade whose later stages run on shrinking batches. Raises RescascadeError naming what is missing."""
+        if hasattr(df, "table"):  # a Profile
+            df, where = df.table, str(df.path)
+        if resolutions is None:
+            resolutions = sorted(int(r) for r in df.resolution.unique())
         if backend is None:
             backends = sorted(df.backend.unique())
             if len(backends) != 1:
-                raise UserError(f"{where} holds backends {backends}; choose one with --backend")
+                raise RescascadeError(f"{where} holds backends {backends}; choose one with --backend")
             backend = backends[0]
         sel = df[df.backend == backend]
         if sel.empty:
-            raise UserError(f"{where} has no rows for backend {backend!r} (it has {sorted(df.backend.unique())}); "
-                            f"profile it with `rescascade profile RUN_DIR --backend {backend}`")
+            raise RescascadeError(f"{where} has no rows for backend {backend!r} (it has {sorted(df.backend.unique())}); "
+                                  f"profile it with `rescascade profile RUN_DIR --backend {backend}`")
         if precision is None:
             precisions = sorted(sel.precision.unique())
             if len(precisions) != 1:
-                raise UserError(f"{where} holds precisions {precisions} for {backend}; choose one with --precision")
+                raise RescascadeError(f"{where} holds precisions {precisions} for {backend}; choose one with --precision")
             precision = precisions[0]
         sel = sel[sel.precision == precision]
         if sel.empty:
-            raise UserError(f"{where} has no {precision} rows for backend {backend}")
+            raise RescascadeError(f"{where} has no {precision} rows for backend {backend}")
         # per batch size: what a cascade's first stage pays and later stages do not (upload - gather), measured apart
         # from preprocess_ms (which includes the upload), so never more than the smallest preprocessing
         once = {}
@@ -61,16 +69,16 @@ class CostModel:
         for r in resolutions:
             rows = sel[sel.resolution == r]
             if rows.empty:
-                raise UserError(f"resolution {r} is missing from {where} ({backend}, {precision}); profile it: "
-                                f"`rescascade profile RUN_DIR --backend {backend} --precision {precision}`")
+                raise RescascadeError(f"resolution {r} is missing from {where} ({backend}, {precision}); profile it: "
+                                      f"`rescascade profile RUN_DIR --backend {backend} --precision {precision}`")
             table[int(r)] = {
                 int(row.batch_size): float(row.median_ms + row.preprocess_ms + getattr(row, "overhead_ms", 0.0)
                                            - once.get(int(row.batch_size), 0.0)) / int(row.batch_size)
                 for row in rows.itertuples()}
             if not batch_aware and batch_size not in table[int(r)]:
-                raise UserError(f"{where} has no batch-size-{batch_size} row for resolution {r} "
-                                f"(has {sorted(table[int(r)])}); profile with --batch-sizes {batch_size} or pick "
-                                "one of those with --batch-size")
+                raise RescascadeError(f"{where} has no batch-size-{batch_size} row for resolution {r} "
+                                      f"(has {sorted(table[int(r)])}); profile with --batch-sizes {batch_size} or pick "
+                                      "one of those with --batch-size")
         return cls(backend, precision, int(batch_size), batch_aware, table, {b: ms / b for b, ms in once.items()})
 
     def per_image(self, resolution: int, batch: float | None = None) -> float:

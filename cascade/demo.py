@@ -9,15 +9,15 @@ import json
 import time
 from pathlib import Path
 
-from profiling.measure import Protocol
-from profiling.profile import read_profile, run_profile
-from training.recipes import preset, split_options
-from training.run import run_train
-from training.trainer import TrainConfig
+from rescascade.profiling.measure import Protocol
+from rescascade.profiling.profile import read_profile
+from rescascade.training.recipes import preset, split_options
+from rescascade.training.run import run_train
+from rescascade.training.config import TrainConfig
 
+from .api import profile_family
 from .build import run_build
 from .evaluate import run_eval
-
 
 # (epsilon, delta): thresholds matched to the best model on one calib set lose some of its accuracy on new
 # images; the Learn-then-Test guarantee bounds that loss instead of hoping it is zero
@@ -43,8 +43,8 @@ def run_demo(out: str = "demo_out", batch_size: int = 32, epochs: int | None = N
     # the batch sizes a shrinking batch passes through, so batch-aware costs interpolate between measured rows
     sizes = sorted({1, *(batch_size >> k for k in range(0, 6) if batch_size >> k >= 2)})
     log(f"[2/4] profile: ONNX Runtime CPU, batch sizes {sizes}")
-    run_profile(family, "onnxruntime", "fp32", sizes,
-                protocol=Protocol(warmup_iters=5, warmup_seconds=0.2, min_iters=20, min_seconds=0.5), log=log)
+    profile_family(family, "onnxruntime", "fp32", sizes,
+                   protocol=Protocol(warmup_iters=5, warmup_seconds=0.2, min_iters=20, min_seconds=0.5), log=log)
     log(f"[3/4] build: the cheapest cascade certified to lose at most {100 * GUARANTEE[0]:g} point against the best "
         f"single model with probability >= {1 - GUARANTEE[1]:g}, costs at batch {batch_size} (batch-aware: later "
         "stages run on the shrunken batch)")

@@ -17,18 +17,20 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from training.config import MAX_BATCH, MAX_THREADS
-from training.data import ImageSet, heldout_listing, resolve_source
-from training.fileio import UserError, write_json
-from training.images import ImageError, pixel_digest
-from training.progress import progress
-from training.store import read_family_json
+from rescascade.profiling.measure import torch_threads
+from rescascade.training.config import MAX_BATCH, MAX_THREADS
+from rescascade.training.data import ImageSet, heldout_listing, resolve_source
+from rescascade.training.errors import ConfigError, RescascadeError
+from rescascade.training.fileio import write_json
+from rescascade.training.images import ImageError, pixel_digest
+from rescascade.training.progress import progress
+from rescascade.training.store import read_family_json
 
 from .config import read_config
 from .optimizer import Cascade, Stage
+from .plots import eval_plot
 from .predictions import Predictions, load_predictions
 from .runtime import CascadeRunner
-
 
 # the load_data options family.json records (training/data.py): replaying them re-derives the same splits
 SPLIT_OPTIONS = ("calib_fraction", "val_fraction", "seed", "label_space", "train_per_class", "heldout_per_class",
@@ -40,14 +42,14 @@ def _own_images(images: ImageSet, pred: Predictions, source: str) -> ImageSet:
     position = {image_id: k for k, image_id in enumerate(images.ids)}
     missing = [str(i) for i in pred.ids if str(i) not in position]
     if missing:
-        raise UserError(f"{len(missing)} of the {pred.n} images in {pred.path} are not in {source} (e.g. "
-                        f"{missing[0]}): the data changed since training; restore it, or give other images with --data")
+        raise RescascadeError(f"{len(missing)} of the {pred.n} images in {pred.path} are not in {source} (e.g. "
+                              f"{missing[0]}): the data changed since training; restore it, or give other images with --data")
     chosen = images.subset([position[str(i)] for i in pred.ids])
     if not np.array_equal(chosen.labels, pred.labels):
         k = int(np.flatnonzero(chosen.labels != pred.labels)[0])
-        raise UserError(f"{source} labels {chosen.ids[k]} as class {chosen.class_names[chosen.labels[k]]!r}, but the "
-                        f"family predicted it as class {chosen.class_names[pred.labels[k]]!r}: the data changed since "
-                        "training; restore it")
+        raise RescascadeError(f"{source} labels {chosen.ids[k]} as class {chosen.class_names[chosen.labels[k]]!r}, but the "
+                              f"family predicted it as class {chosen.class_names[pred.labels[k]]!r}: the data changed since "
+                              "training; restore it")
     return chosen
 
 
@@ -59,9 +61,9 @@ def _by_class_name(images: ImageSet, family_names: list[str], spec: str) -> Imag
     if unknown:
         def show(names):
             return ", ".join(names[:10]) + (f" ... ({len(names)} in all)" if len(names) > 10 else "")
-        raise UserError(f"--data {spec} has classes the family does not know ({show(unknown)}); its classes are "
-                        f"[{show(images.class_names)}], the family's [{show(family_names)}]: evaluate on images of the "
-                        "family's classes, in folders named as the family names them")
+        raise ConfigError(f"--data {spec} has classes the family does not know ({show(unknown)}); its classes are "
+                          f"[{show(images.class_names)}], the family's [{show(family_names)}]: evaluate on images of the "
+                          "family's classes, in folders named as the family names them")
     to_family = np.array([family_names.index(c) for c in images.class_names], dtype=np.int64)
     return ImageSet(family_names, to_family[images.labels], images.ids, images.reader, images.index)
 
@@ -87,18 +89,18 @@ def images_to_score(config, data: str | None, split: str, limit: int | None, log
     own = data is None or resolve_source(data, opts.get("data_root", "data")) == recorded
     spec = recorded if own else data
     if not spec:
-        raise UserError(f"{config.family_dir}/family.json does not record its data source; pass --data")
+        raise RescascadeError(f"{config.family_dir}/family.json does not record its data source; pass --data")
     pool = heldout_listing(spec, **opts)
     digests = None
     if own:
         if pool.class_names != fam["class_names"]:
-            raise UserError(f"{spec} now has classes {pool.class_names[:10]}, the family was trained on "
-                            f"{fam['class_names'][:10]}: the data changed since training; restore it")
+            raise RescascadeError(f"{spec} now has classes {pool.class_names[:10]}, the family was trained on "
+                                  f"{fam['class_names'][:10]}: the data changed since training; restore it")
         pred = load_predictions(config.family_dir / "predictions" / f"{split}.npz")
         images, digests = _own_images(pool, pred, spec), pred.pixel_digests
     else:
         if split != "test":
-            raise UserError("--split chooses among the family's own held-out images; --data images are scored whole")
+            raise ConfigError("--split chooses among the family's own held-out images; --data images are scored whole")
         images, bad = _by_class_name(pool, fam["class_names"], spec).readable("--data")
         for b in bad:
             log(f"{b['id']}: unreadable, left out ({b['error']})")
@@ -118,8 +120,8 @@ def _decode_all(images: ImageSet, digests: np.ndarray | None, log) -> tuple[list
             image = images.read(i)
         except (ImageError, OSError) as e:
             if digests is not None:
-                raise UserError(f"{images.ids[i]} no longer decodes ({e}), though the family predicted on it: the "
-                                "file changed since training; restore it, or give other images with --data") from None
+                raise RescascadeError(f"{images.ids[i]} no longer decodes ({e}), though the family predicted on it: the "
+                                      "file changed since training; restore it, or give other images with --data") from None
             log(f"{images.ids[i]}: unreadable, left out ({e})")
             continue
         if digests is not None and pixel_digest(image) != digests[i]:
@@ -127,9 +129,9 @@ def _decode_all(images: ImageSet, digests: np.ndarray | None, log) -> tuple[list
         out.append(image)
         labels.append(images.labels[i])
     if changed:
-        raise UserError(f"{len(changed)} of {len(images)} images decode to other pixels than the family predicted on "
-                        f"(e.g. {changed[0]}): the files changed since training; restore them, or give other "
-                        "images with --data")
+        raise RescascadeError(f"{len(changed)} of {len(images)} images decode to other pixels than the family predicted on "
+                              f"(e.g. {changed[0]}): the files changed since training; restore them, or give other "
+                              "images with --data")
     return out, np.array(labels, dtype=np.int64)
 
 
@@ -143,51 +145,22 @@ def run_eval(cascade_json, data: str | None = None, backend: str | None = None, 
     for name, value, high in (("batch_size", batch_size, MAX_BATCH), ("repeats", repeats, None),
                               ("threads", threads, MAX_THREADS), ("limit", limit, None)):
         if value is not None and (not isinstance(value, int) or value < 1 or (high and value > high)):
-            raise UserError(f"--{name.replace('_', '-')} {value!r} must be an integer >= 1"
-                            f"{f' and <= {high}' if high else ''}{' (omit it for the default)' if name != 'repeats' else ''}")
+            raise ConfigError(f"--{name.replace('_', '-')} {value!r} must be an integer >= 1"
+                              f"{f' and <= {high}' if high else ''}{' (omit it for the default)' if name != 'repeats' else ''}")
     if split not in ("calib", "test"):
-        raise UserError(f"--split {split!r}: use test or calib")
+        raise ConfigError(f"--split {split!r}: use test or calib")
     config = read_config(cascade_json)
-    if threads:
-        torch.set_num_threads(threads)
     b = batch_size or int(config.doc["profile"]["batch_size"])
     images, spec, digests, own = images_to_score(config, data, split, limit, log)
-    decoded, labels = _decode_all(images, digests, log)
-    if not decoded:
-        raise UserError(f"no readable {split} images in {spec}")
-    ref = config.reference
-    casc = CascadeRunner(config, backend=backend, threads=threads)
-    refr = CascadeRunner(config, backend=backend, threads=threads, stages=Cascade([Stage(ref, -math.inf)]))
-    batches = _batches(len(decoded), b)
-    # warm-up: every stage at the batch shapes it will see
-    for runner in (casc, refr):
-        for idx in batches[:2]:
-            runner([decoded[i] for i in idx])
-    casc_ms = np.zeros((len(batches), repeats))
-    ref_ms = np.zeros((len(batches), repeats))
-    pred_c = np.zeros(len(decoded), dtype=np.int64)
-    pred_r = np.zeros(len(decoded), dtype=np.int64)
-    exits = np.zeros(len(decoded), dtype=np.int64)
-    stage_time = {}
-    for rep in range(repeats):
-        for j, idx in enumerate(progress(batches, desc=f"eval pass {rep + 1}/{repeats}", unit="batch")):
-            batch = [decoded[i] for i in idx]
-            order = (casc, refr) if (j + rep) % 2 == 0 else (refr, casc)
-            for runner in order:
-                res = runner(batch)
-                (casc_ms if runner is casc else ref_ms)[j, rep] = 1000 * res.wall_s
-                if rep == 0:
-                    if runner is casc:
-                        pred_c[idx], exits[idx] = res.labels, res.exit_stage
-                        for t in res.stage_timings:
-                            s = stage_time.setdefault(t.resolution, {"rows": 0, "preprocess_s": 0.0,
-                                                                     "inference_s": 0.0, "decide_s": 0.0})
-                            s["rows"] += t.rows
-                            s["preprocess_s"] += t.preprocess_s
-                            s["inference_s"] += t.inference_s
-                            s["decide_s"] += t.decide_s
-                    else:
-                        pred_r[idx] = res.labels
+    with torch_threads(threads):
+        decoded, labels = _decode_all(images, digests, log)
+        if not decoded:
+            raise RescascadeError(f"no readable {split} images in {spec}")
+        ref = config.reference
+        casc = CascadeRunner(config, backend=backend, threads=threads)
+        refr = CascadeRunner(config, backend=backend, threads=threads, stages=Cascade([Stage(ref, -math.inf)]))
+        casc_ms, ref_ms, pred_c, pred_r, exits, stage_time = _time_side_by_side(casc, refr, decoded, b, repeats)
+        threads_used = torch.get_num_threads()
     per_batch_c, per_batch_r = np.median(casc_ms, 1), np.median(ref_ms, 1)
     n = len(decoded)
     acc_c, acc_r = float((pred_c == labels).mean()), float((pred_r == labels).mean())
@@ -197,7 +170,7 @@ def run_eval(cascade_json, data: str | None = None, backend: str | None = None, 
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "cascade_json": str(Path(cascade_json).resolve()), "data": spec, "split": split, "images": n,
         "backend": casc.backend_name, "precision": casc.precision, "batch_size": b, "repeats": repeats,
-        "threads": torch.get_num_threads(),
+        "threads": threads_used,
         "cascade": {"stages": config.doc["stages"], "accuracy": acc_c, "ms_per_image": ms_img_c,
                     "batch_ms_median": float(np.median(per_batch_c)), "batch_ms_p90": float(np.percentile(per_batch_c, 90)),
                     "images_per_s": 1000 / ms_img_c,
@@ -213,7 +186,7 @@ def run_eval(cascade_json, data: str | None = None, backend: str | None = None, 
     }
     figures = [acc_c, acc_r, ms_img_c, ms_img_r, report["measured_cost_ratio"]]
     if not all(math.isfinite(v) for v in figures):  # never replace a report with a broken one
-        raise UserError(f"the measurement gave no valid figures ({figures}); nothing written")
+        raise RescascadeError(f"the measurement gave no valid figures ({figures}); nothing written")
     if out is None or Path(out).is_dir():  # a partial or other-data run gets its own report, not the test split's
         tag = hashlib.sha256(spec.encode()).hexdigest()[:8]
         name = split if own else f"data-{Path(spec.partition(':')[2] or spec).name}-{tag}"
@@ -222,10 +195,46 @@ def run_eval(cascade_json, data: str | None = None, backend: str | None = None, 
     out = Path(out)
     write_json(out, report)
     if plot:
-        _plot(report, out.with_suffix(".png"))
+        eval_plot(report, out.with_suffix(".png"))
     log(format_eval(report))
     log(f"wrote {out}")
     return report
+
+
+def _time_side_by_side(casc, refr, decoded: list, batch_size: int, repeats: int):
+    """Run the cascade and the reference on the same batches, alternating which goes first, `repeats` times.
+    -> (cascade ms [batches, repeats], reference ms, cascade labels [N], reference labels [N], exit stages [N],
+    the cascade's per-resolution stage seconds from the first pass)."""
+    batches = _batches(len(decoded), batch_size)
+    for runner in (casc, refr):  # warm-up: every stage at the batch shapes it will see
+        for idx in batches[:2]:
+            runner([decoded[i] for i in idx])
+    casc_ms = np.zeros((len(batches), repeats))
+    ref_ms = np.zeros((len(batches), repeats))
+    pred_c = np.zeros(len(decoded), dtype=np.int64)
+    pred_r = np.zeros(len(decoded), dtype=np.int64)
+    exits = np.zeros(len(decoded), dtype=np.int64)
+    stage_time = {}
+    for rep in range(repeats):
+        for j, idx in enumerate(progress(batches, desc=f"eval pass {rep + 1}/{repeats}", unit="batch")):
+            batch = [decoded[i] for i in idx]
+            order = (casc, refr) if (j + rep) % 2 == 0 else (refr, casc)
+            for runner in order:
+                res = runner(batch)
+                (casc_ms if runner is casc else ref_ms)[j, rep] = 1000 * res.wall_s
+                if rep == 0 and runner is refr:
+                    pred_r[idx] = res.labels
+                elif rep == 0:
+                    pred_c[idx], exits[idx] = res.labels, res.exit_stage
+                    for t in res.stage_timings:
+                        s = stage_time.setdefault(t.resolution, {"rows": 0, "preprocess_s": 0.0, "inference_s": 0.0,
+                                                                 "decide_s": 0.0})
+                        s["rows"] += t.rows
+                        s["preprocess_s"] += t.preprocess_s
+                        s["inference_s"] += t.inference_s
+                        s["decide_s"] += t.decide_s
+    return casc_ms, ref_ms, pred_c, pred_r, exits, stage_time
+
 
 
 def format_eval(r: dict) -> str:
@@ -249,26 +258,3 @@ def format_eval(r: dict) -> str:
         lines.append("the cascade is not cheaper than the reference here: serve the single model")
     return "\n".join(lines)
 
-
-def _plot(report: dict, path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .plots import _save
-    c, ref = report["cascade"], report["reference"]
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3.4))
-    axes[0].bar(["cascade", f"r{ref['resolution']}"], [c["ms_per_image"], ref["ms_per_image"]],
-                color=["tab:orange", "tab:grey"])
-    if report["predicted_cost_ratio"] is not None:
-        axes[0].axhline(report["predicted_cost_ratio"] * ref["ms_per_image"], ls="--", color="tab:blue",
-                        label="predicted (profile)")
-        axes[0].legend(fontsize=7)
-    axes[0].set_ylabel("ms per image (measured)")
-    axes[1].bar(["cascade", f"r{ref['resolution']}"], [100 * c["accuracy"], 100 * ref["accuracy"]],
-                color=["tab:orange", "tab:grey"])
-    lo = min(c["accuracy"], ref["accuracy"]) * 100
-    axes[1].set_ylim(max(0, lo - 5), min(100, max(c["accuracy"], ref["accuracy"]) * 100 + 2))
-    axes[1].set_ylabel(f"top-1 on {report['split']} (%)")
-    fig.suptitle(f"{report['backend']} {report['precision']}, batch {report['batch_size']}: measured", fontsize=10)
-    _save(fig, path)

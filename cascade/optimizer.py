@@ -113,6 +113,15 @@ class Outcome:
         return d
 
 
+def paired_difference(casc_correct: np.ndarray, ref_correct: np.ndarray) -> dict:
+    """Mean of (cascade correct - reference correct) with a 95 % normal interval (paired, same examples)."""
+    d = casc_correct.astype(np.float64) - ref_correct.astype(np.float64)
+    n = len(d)
+    se = d.std(ddof=1) / math.sqrt(n) if n > 1 else 0.0
+    return {"difference": float(d.mean()), "ci95": [float(d.mean() - 1.96 * se), float(d.mean() + 1.96 * se)],
+            "wins": int((d > 0).sum()), "losses": int((d < 0).sum())}
+
+
 def simulate(cascade: Cascade, views: StageViews, costs: CostModel) -> Outcome:
     """Run the cascade over stored logits: who exits where, accuracy, expected cost."""
     n = views.preds.n

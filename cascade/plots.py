@@ -3,16 +3,17 @@ from __future__ import annotations
 
 import math
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
+from rescascade.training.fileio import atomic_path
 
-from training.fileio import atomic_path  # noqa: E402
+# Figures are drawn on a Figure of their own (matplotlib's Agg canvas when saved), never through pyplot: the
+# caller's backend and open figures are left as they are.
 
 
 def pareto_plot(path, cands, front, chosen, reference_cost: float, reference_acc: float, title: str) -> None:
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.subplots()
     ax.scatter([c.outcome.mean_cost for c in cands], [100 * c.outcome.accuracy for c in cands], s=10, alpha=0.35,
                color="grey", label="greedy cascades (tolerance sweep)")
     ax.plot([c.outcome.mean_cost for c in front], [100 * c.outcome.accuracy for c in front], "-o", ms=3,
@@ -36,7 +37,8 @@ def pareto_plot(path, cands, front, chosen, reference_cost: float, reference_acc
 
 
 def exit_histogram(path, stage_names: list[str], calib_exits: list[float], test_exits: list[float]) -> None:
-    fig, ax = plt.subplots(figsize=(5.5, 3.5))
+    fig = Figure(figsize=(5.5, 3.5))
+    ax = fig.subplots()
     x = range(len(stage_names))
     w = 0.38
     ax.bar([i - w / 2 for i in x], [100 * e for e in calib_exits], w, label="calib")
@@ -50,11 +52,31 @@ def exit_histogram(path, stage_names: list[str], calib_exits: list[float], test_
     _save(fig, path)
 
 
+def eval_plot(report: dict, path) -> None:
+    """`eval`'s figure: measured ms per image and top-1, the cascade beside the reference (a PNG at `path`)."""
+    c, ref = report["cascade"], report["reference"]
+    fig = Figure(figsize=(8, 3.4))
+    axes = fig.subplots(1, 2)
+    axes[0].bar(["cascade", f"r{ref['resolution']}"], [c["ms_per_image"], ref["ms_per_image"]],
+                color=["tab:orange", "tab:grey"])
+    if report["predicted_cost_ratio"] is not None:
+        axes[0].axhline(report["predicted_cost_ratio"] * ref["ms_per_image"], ls="--", color="tab:blue",
+                        label="predicted (profile)")
+        axes[0].legend(fontsize=7)
+    axes[0].set_ylabel("ms per image (measured)")
+    axes[1].bar(["cascade", f"r{ref['resolution']}"], [100 * c["accuracy"], 100 * ref["accuracy"]],
+                color=["tab:orange", "tab:grey"])
+    lo = min(c["accuracy"], ref["accuracy"]) * 100
+    axes[1].set_ylim(max(0, lo - 5), min(100, max(c["accuracy"], ref["accuracy"]) * 100 + 2))
+    axes[1].set_ylabel(f"top-1 on {report['split']} (%)")
+    fig.suptitle(f"{report['backend']} {report['precision']}, batch {report['batch_size']}: measured", fontsize=10)
+    _save(fig, path)
+
+
 def _save(fig, path) -> None:
     fig.tight_layout()
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
 
 
 def fmt_ms(x: float) -> str:

@@ -1,4 +1,4 @@
-"""Reading predictions/{calib,test}.npz (DESIGN.md §1) with every check a user's mistake needs."""
+"""Reading predictions/{calib,test}.npz with every check a user's mistake needs."""
 from __future__ import annotations
 
 import zipfile
@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from training.fileio import UserError
+from rescascade.training.errors import ArtifactError
 
 SUPPORTED = 1
 
@@ -43,37 +43,37 @@ class Predictions:
 def validate(logits, labels, resolutions, where: str) -> None:
     if logits.ndim != 3 or labels.ndim != 1 or logits.shape[0] != labels.shape[0] or \
             logits.shape[1] != len(resolutions):
-        raise UserError(f"{where}: logits {list(logits.shape)}, labels {list(labels.shape)} and "
-                        f"{len(resolutions)} resolutions do not fit [N, R, C] / [N] / [R]")
+        raise ArtifactError(f"{where}: logits {list(logits.shape)}, labels {list(labels.shape)} and "
+                            f"{len(resolutions)} resolutions do not fit [N, R, C] / [N] / [R]")
     if logits.shape[0] == 0:
-        raise UserError(f"{where} holds no examples")
+        raise ArtifactError(f"{where} holds no examples")
     bad = ~np.isfinite(logits)
     if bad.any():
         n_rows = int(bad.any(axis=(1, 2)).sum())
         r = resolutions[int(np.argwhere(bad)[0][1])]
-        raise UserError(f"{where}: {n_rows} example(s) have NaN or inf logits (first at resolution {r}); the model "
-                        "diverged or the file is damaged: retrain or re-run prediction")
+        raise ArtifactError(f"{where}: {n_rows} example(s) have NaN or inf logits (first at resolution {r}); the model "
+                            "diverged or the file is damaged: retrain or re-run prediction")
     c = logits.shape[2]
     if labels.min() < 0 or labels.max() >= c:
-        raise UserError(f"{where}: labels range {labels.min()}..{labels.max()} falls outside the {c} classes of the "
-                        "logits; predictions and labels come from different label spaces")
+        raise ArtifactError(f"{where}: labels range {labels.min()}..{labels.max()} falls outside the {c} classes of the "
+                            "logits; predictions and labels come from different label spaces")
     if len(set(resolutions)) != len(resolutions):
-        raise UserError(f"{where}: resolutions {resolutions} repeat")
+        raise ArtifactError(f"{where}: resolutions {resolutions} repeat")
 
 
 def load_predictions(path) -> Predictions:
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path} not found; `rescascade train` writes predictions/calib.npz and test.npz")
+        raise ArtifactError(f"{path} not found; `rescascade train` writes predictions/calib.npz and test.npz")
     try:
         with np.load(path, allow_pickle=False) as z:
             version = int(z["schema_version"]) if "schema_version" in z else None
             if version is None or version > SUPPORTED:
-                raise UserError(f"{path}: predictions schema_version {version} is not supported (reads up to "
-                                f"{SUPPORTED}); upgrade rescascade or re-run prediction")
+                raise ArtifactError(f"{path}: predictions schema_version {version} is not supported (reads up to "
+                                    f"{SUPPORTED}); upgrade rescascade or re-run prediction")
             missing = [k for k in ("logits", "labels", "resolutions") if k not in z]
             if missing:
-                raise UserError(f"{path} lacks {', '.join(missing)}; it is not a predictions file from train")
+                raise ArtifactError(f"{path} lacks {', '.join(missing)}; it is not a predictions file from train")
             logits = z["logits"].astype(np.float32, copy=False)
             labels = z["labels"].astype(np.int64)
             resolutions = [int(r) for r in z["resolutions"]]
@@ -82,14 +82,14 @@ def load_predictions(path) -> Predictions:
             digests = z["pixel_digests"] if "pixel_digests" in z and len(z["pixel_digests"]) == len(labels) else None
     except ValueError as e:
         if "allow_pickle" in str(e):  # never unpickle a file: it could run code
-            raise UserError(f"{path} holds pickled Python objects, which rescascade does not load; re-create it "
-                            "with `rescascade train`") from None
-        raise UserError(f"{path} is not a readable .npz ({e}); re-create it with `rescascade train`") from None
+            raise ArtifactError(f"{path} holds pickled Python objects, which rescascade does not load; re-create it "
+                                "with `rescascade train`") from None
+        raise ArtifactError(f"{path} is not a readable .npz ({e}); re-create it with `rescascade train`") from None
     except (OSError, EOFError, KeyError, zipfile.BadZipFile) as e:
-        raise UserError(f"{path} is not a readable .npz ({type(e).__name__}: the file is damaged or truncated); "
-                        "re-create it with `rescascade train`") from None
+        raise ArtifactError(f"{path} is not a readable .npz ({type(e).__name__}: the file is damaged or truncated); "
+                            "re-create it with `rescascade train`") from None
     if not wid:
-        raise UserError(f"{path} records no weights id, so it cannot be matched to its family; re-create it with "
-                        "`rescascade train`")
+        raise ArtifactError(f"{path} records no weights id, so it cannot be matched to its family; re-create it with "
+                            "`rescascade train`")
     validate(logits, labels, resolutions, str(path))
     return Predictions(logits, labels, resolutions, ids, wid, str(path), digests)

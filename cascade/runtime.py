@@ -17,15 +17,16 @@ import numpy as np
 import torch
 from PIL import Image
 
-from profiling.backends import get_backend
-from profiling.measure import torch_threads
-from training.fileio import UserError, sha256_file
-from training.images import DEFAULT_MAX_PIXELS, decode, from_pil
-from training.preprocess import channels_last_batch, preprocess
-from training.store import load_family, weights_id
+from rescascade.profiling.backends import get_backend
+from rescascade.profiling.measure import torch_threads
+from rescascade.training.errors import RescascadeError
+from rescascade.training.fileio import sha256_file
+from rescascade.training.images import DEFAULT_MAX_PIXELS, decode, from_pil
+from rescascade.training.preprocess import channels_last_batch, preprocess
+from rescascade.training.store import load_family, weights_id
 
-from .config import CascadeConfig, read_config
 from .confidence import combine, confidence, log_probs
+from .config import CascadeConfig, read_config
 from .optimizer import Cascade, Stage
 
 
@@ -90,6 +91,19 @@ def exit_step(logits: np.ndarray, k: int, threshold: float, temperature: float, 
     return active[~done], history
 
 
+def decision_step(batch: int, num_classes: int):
+    """A stage's decision on random [batch, num_classes] logits as a no-argument function, for the profiler to time
+    (`run_profile(decision_step=...)`): temperature log-softmax, the free ensemble with one earlier stage,
+    confidence, exit mask, writing the answers: the dearest path a build can choose; it does not depend on the
+    resolution."""
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(batch, num_classes)).astype(np.float32)
+    earlier = [rng.normal(size=(batch, num_classes)).astype(np.float32)]
+    active = np.arange(batch)
+    answers = Answers.empty(batch, num_classes)
+    return lambda: exit_step(logits, 1, 0.5, 1.3, "max_prob", True, earlier, active, answers)
+
+
 class CascadeRunner:
     """Load cascade.json + its family (hashes verified) and run the cascade on `backend`.
 
@@ -112,14 +126,14 @@ class CascadeRunner:
         fam_dir = self.config.family_dir
         doc_family = self.config.doc["family"]
         if not (fam_dir / "family.json").is_file():
-            raise UserError(f"the family {fam_dir} named by {self.config.path} is not there; copy the family "
-                            "directory next to cascade.json as recorded, or re-run build")
+            raise RescascadeError(f"the family {fam_dir} named by {self.config.path} is not there; copy the family "
+                                  "directory next to cascade.json as recorded, or re-run build")
         if sha256_file(fam_dir / "family.json") != doc_family["family_json_sha256"]:
-            raise UserError(f"{fam_dir}/family.json changed since {self.config.path} was built; "
-                            "re-run `rescascade build` for this family")
+            raise RescascadeError(f"{fam_dir}/family.json changed since {self.config.path} was built; "
+                                  "re-run `rescascade build` for this family")
         family, doc = load_family(fam_dir)  # verifies every weight file's sha256
         if weights_id(doc) != doc_family["weights_sha256"]:
-            raise UserError(f"the weights in {fam_dir} are not the ones {self.config.path} was built for")
+            raise RescascadeError(f"the weights in {fam_dir} are not the ones {self.config.path} was built for")
         self.backend_name = backend or self.config.doc["profile"]["backend"]
         self.precision = precision or self.config.doc["profile"]["precision"]
         prep = doc.get("preprocessing", {})
@@ -151,7 +165,7 @@ class CascadeRunner:
 
         from PIL import Image
 
-        from training.preprocess import eval_resize_size
+        from rescascade.training.preprocess import eval_resize_size
         side = eval_resize_size(max(s.resolution for s in self.cascade.stages), self.crop_fraction)
         h, w = source_size or (side, side)
         jpeg = io.BytesIO()
@@ -170,8 +184,8 @@ class CascadeRunner:
             images = [images]  # one input, not a sequence of characters, bytes or rows
         if isinstance(images, torch.Tensor):
             if images.dim() != 4 or images.shape[1] != 3 or images.dtype != torch.uint8 or 0 in images.shape[2:]:
-                raise UserError(f"images tensor must be uint8 [N, 3, H, W] with H, W >= 1, got {images.dtype} "
-                                f"{list(images.shape)}")
+                raise RescascadeError(f"images tensor must be uint8 [N, 3, H, W] with H, W >= 1, got {images.dtype} "
+                                      f"{list(images.shape)}")
             return list(images), {}
         out, errors = [], {}
         for i, item in enumerate(images):

@@ -5,26 +5,48 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from training.fileio import UserError
+from rescascade.training.errors import ConfigError
 
 
 @dataclass
 class Target:
+    """What `build` aims for. Make one with Target.best(), .accuracy(0.712), .max_drop(0.5), .budget_ms(2.0), or
+    parse the CLI's text; ConfigError (a ValueError) for a value out of range or ambiguous."""
     kind: str            # best | accuracy | max_drop | budget
     value: float | None = None
+
+    @classmethod
+    def best(cls) -> "Target":
+        """The reference's accuracy on calib."""
+        return cls("best")
+
+    @classmethod
+    def accuracy(cls, top1: float) -> "Target":
+        """At least `top1` (a fraction in (0, 1]) on calib."""
+        return cls.parse(repr(float(top1)), None, None)
+
+    @classmethod
+    def max_drop(cls, points: float) -> "Target":
+        """At most `points` percentage points below the reference on calib."""
+        return cls.parse(None, points, None)
+
+    @classmethod
+    def budget_ms(cls, ms: float) -> "Target":
+        """The most accurate cascade whose expected cost is at most `ms` per image."""
+        return cls.parse(None, None, ms)
 
     @classmethod
     def parse(cls, target: str | None, max_drop: float | None, budget: float | None) -> "Target":
         given = [x is not None for x in (target, max_drop, budget)]
         if sum(given) > 1:
-            raise UserError("give one of --target, --max-drop, --budget")
+            raise ConfigError("give one of --target, --max-drop, --budget")
         if budget is not None:
             if not (math.isfinite(budget) and budget > 0):
-                raise UserError(f"--budget must be a positive cost in ms, got {budget}")
+                raise ConfigError(f"--budget must be a positive cost in ms, got {budget}")
             return cls("budget", float(budget))
         if max_drop is not None:
             if not (math.isfinite(max_drop) and max_drop >= 0):
-                raise UserError(f"--max-drop is in accuracy points and cannot be negative, got {max_drop}")
+                raise ConfigError(f"--max-drop is in accuracy points and cannot be negative, got {max_drop}")
             return cls("max_drop", float(max_drop))
         if target in (None, "best"):
             return cls("best")
@@ -33,14 +55,14 @@ class Target:
         try:
             v = float(text.rstrip("%").strip())
         except ValueError:
-            raise UserError(f"--target {target!r}: use 'best' or an accuracy, 0.712 or 71.2%") from None
+            raise ConfigError(f"--target {target!r}: use 'best' or an accuracy, 0.712 or 71.2%") from None
         if percent:
             v /= 100
         elif v > 1:  # 1.5 could mean 1.5 % or a typo for 0.15: say so rather than guess
-            raise UserError(f"--target {target} is ambiguous: an accuracy is a fraction such as 0.712, or a percentage "
-                            f"written with %, such as 71.2%")
+            raise ConfigError(f"--target {target} is ambiguous: an accuracy is a fraction such as 0.712, or a percentage "
+                              f"written with %, such as 71.2%")
         if not 0 < v <= 1:
-            raise UserError(f"--target {target}: an accuracy lies in (0, 1], or (0 %, 100 %]")
+            raise ConfigError(f"--target {target}: an accuracy lies in (0, 1], or (0 %, 100 %]")
         return cls("accuracy", v)
 
     def min_accuracy(self, reference_acc: float) -> float | None:

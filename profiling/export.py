@@ -18,8 +18,9 @@ import torch
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
-from training.family import ResolutionFamily, res_key
-from training.fileio import UserError, atomic_path, sha256_file, write_json
+from rescascade.training.errors import ArtifactError
+from rescascade.training.family import ResolutionFamily, res_key
+from rescascade.training.fileio import atomic_path, sha256_file, write_json
 
 EXPORT_VERSION = 1
 TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}  # max |logit difference|, relative to max(1, max |logit|)
@@ -65,8 +66,8 @@ def check_onnx(path: Path, reference: nn.Module, resolution: int, precision: str
     diff = float(np.abs(got - want).max())
     limit = TOLERANCE[precision] * max(1.0, float(np.abs(want).max()))
     if not np.isfinite(diff) or diff > limit:
-        raise UserError(f"ONNX export of resolution {resolution} ({precision}) differs from PyTorch by {diff:.3g} "
-                        f"(tolerance {limit:.3g}); this is a bug in export, please report it")
+        raise ArtifactError(f"ONNX export of resolution {resolution} ({precision}) differs from PyTorch by {diff:.3g} "
+                            f"(tolerance {limit:.3g}); this is a bug in export, please report it")
     return diff
 
 
@@ -88,7 +89,7 @@ def export_resolution(family: ResolutionFamily, run_dir, resolution: int, weight
                       precision: str = "fp32") -> tuple[Path, dict]:
     """ONNX file for one resolution (cached in RUN_DIR/onnx); returns (path, info with max_abs_diff)."""
     if precision not in TOLERANCE:
-        raise UserError(f"precision {precision!r} is not one of {', '.join(TOLERANCE)}")
+        raise ArtifactError(f"precision {precision!r} is not one of {', '.join(TOLERANCE)}")
     return cached_export(lambda: family.to_torchvision(resolution), resolution,
                          Path(run_dir) / "onnx" / f"{res_key(resolution)}.{precision}.onnx", weights_id, precision)
 

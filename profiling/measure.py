@@ -29,10 +29,10 @@ class Protocol:
     smoke: bool = False  # a few iterations to check that things run: its figures never replace measurements
 
     def __post_init__(self):
-        from training.fileio import UserError
+        from rescascade.training.errors import RescascadeError
         if self.min_iters < 1 or self.warmup_iters < 0 or self.min_seconds < 0 or self.warmup_seconds < 0 \
                 or self.rounds < 1:
-            raise UserError("protocol needs min-iters >= 1, rounds >= 1 and non-negative warm-up and seconds")
+            raise RescascadeError("protocol needs min-iters >= 1, rounds >= 1 and non-negative warm-up and seconds")
 
     def round(self, k: int) -> "Protocol":
         """The share of round k: the full warm-up first, a short re-warm (caches) later; 1/rounds of the rest."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import itertools
+from dataclasses import dataclass
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,15 +22,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from training.config import MAX_BATCH, MAX_THREADS
-from training.fileio import UserError, atomic_path, check_schema, read_json, write_json
-from training.preprocess import channels_last_batch, eval_resize_size, preprocess
-from training.progress import progress
-from training.store import family_sha256, load_family, weights_id
+from rescascade.training.config import MAX_BATCH, MAX_THREADS
+from rescascade.training.errors import ConfigError, RescascadeError
+from rescascade.training.fileio import atomic_path, check_schema, read_json, write_json
+from rescascade.training.preprocess import channels_last_batch, eval_resize_size, preprocess
+from rescascade.training.progress import progress
+from rescascade.training.store import family_sha256, load_family, weights_id
 
 from .backends import get_backend
-from .measure import (Protocol, after, cpu_timer, cuda_timer, default_threads, device_key, fingerprint,
-                      run_protocol, summarize, torch_threads)
+from .measure import (Protocol, after, cpu_timer, cuda_timer, default_threads, device_key, fingerprint, run_protocol,
+                      summarize, torch_threads)
 
 PROFILE_SCHEMA = 1
 KEY = ["backend", "precision", "resolution", "batch_size"]
@@ -92,19 +94,12 @@ def time_upload(batch: int, pool: list[torch.Tensor], device: str, protocol: Pro
     return up, gather
 
 
-def time_decision(batch: int, num_classes: int, protocol: Protocol, between=None) -> np.ndarray:
-    """A stage's decision on [b, C] logits, by the runtime's own function: temperature log-softmax, the free
-    ensemble with one earlier stage, confidence, exit mask, writing the answers (the dearest path a build can
-    choose; it does not depend on the resolution). `between`, untimed, runs before each step: an inference, which
-    precedes every decision in the runtime (back to back, the decision measured 2-4x less than the runtime paid)."""
-    from cascade.runtime import Answers, exit_step
-    rng = np.random.default_rng(0)
-    logits = rng.normal(size=(batch, num_classes)).astype(np.float32)
-    earlier = [rng.normal(size=(batch, num_classes)).astype(np.float32)]
-    active = np.arange(batch)
-    answers = Answers.empty(batch, num_classes)
-    step = cpu_timer(lambda: exit_step(logits, 1, 0.5, 1.3, "max_prob", True, earlier, active, answers))
-    return run_protocol(after(between, step), protocol)
+def time_decision(decision_step, batch: int, num_classes: int, protocol: Protocol, between=None) -> np.ndarray:
+    """A stage's decision on [b, C] logits: `decision_step(b, C)` builds it (the cascade runtime's own function,
+    handed down, since the runtime lives above this layer). `between`, untimed, runs before each step: an
+    inference, which precedes every decision in the runtime (back to back, the decision measured 2-4x less than
+    the runtime paid)."""
+    return run_protocol(after(between, cpu_timer(decision_step(batch, num_classes))), protocol)
 
 
 def _source_size(given, doc: dict, family) -> tuple[int, int]:
@@ -119,23 +114,43 @@ def _source_size(given, doc: dict, family) -> tuple[int, int]:
     return side, side
 
 
+@dataclass
+class Profile:
+    """A family's measured costs: `table` has one row per (backend, precision, resolution, batch size), times in
+    ms (median_ms per batch, preprocess_ms, overhead_ms: the decision, upload_ms, gather_ms, percentiles, n_iters);
+    `meta` records the family's weights sha256, the device fingerprint and the protocol."""
+    table: pd.DataFrame
+    meta: dict
+    path: Path
+
+    @classmethod
+    def load(cls, path) -> "Profile":
+        """profile.csv (or a family directory holding one) and its profile.json, validated; RescascadeError
+        when missing or damaged."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "profile.csv"
+        table, meta = read_profile(path)
+        return cls(table, meta, path)
+
+
 def read_profile(path) -> tuple[pd.DataFrame, dict]:
     """profile.csv and its profile.json, validated."""
     path = Path(path)
     if path.is_dir():
         path = path / "profile.csv"
     if not path.is_file():
-        raise UserError(f"profile {path} not found; run `rescascade profile RUN_DIR` first")
+        raise RescascadeError(f"profile {path} not found; run `rescascade profile RUN_DIR` first")
     meta_path = path.with_suffix(".json")
     meta = read_json(meta_path, "the profile.json written beside profile.csv by `rescascade profile`")
     check_schema(meta, meta_path, "profile", PROFILE_SCHEMA, ("weights_sha256", "device"))
     try:
         df = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
-        raise UserError(f"{path} is not a readable CSV ({e}); re-run `rescascade profile`") from None
+        raise RescascadeError(f"{path} is not a readable CSV ({e}); re-run `rescascade profile`") from None
     missing = [c for c in KEY + ["median_ms", "preprocess_ms"] if c not in df.columns]
     if missing:
-        raise UserError(f"{path} lacks column(s) {', '.join(missing)}; re-run `rescascade profile`")
+        raise RescascadeError(f"{path} lacks column(s) {', '.join(missing)}; re-run `rescascade profile`")
     for column, low in (("resolution", 1), ("batch_size", 1), *((c, 0) for c in TIMES if c in df.columns)):
         values = pd.to_numeric(df[column], errors="coerce")
         bad = ~(np.isfinite(values) & (values >= low))
@@ -143,8 +158,8 @@ def read_profile(path) -> tuple[pd.DataFrame, dict]:
             bad &= df[column].notna()
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
-            raise UserError(f"{path}: {column} {df[column].iloc[row]} in row {row + 2} is not a number >= {low}; "
-                            "the file was edited or damaged: re-run `rescascade profile`")
+            raise RescascadeError(f"{path}: {column} {df[column].iloc[row]} in row {row + 2} is not a number >= {low}; "
+                                  "the file was edited or damaged: re-run `rescascade profile`")
         df[column] = values
     df["resolution"], df["batch_size"] = df["resolution"].astype(int), df["batch_size"].astype(int)
     df["smoke"] = df["smoke"].astype(bool) if "smoke" in df.columns else False  # profiles before the column: measured
@@ -153,7 +168,15 @@ def read_profile(path) -> tuple[pd.DataFrame, dict]:
 
 def run_profile(run_dir, backend: str = "onnxruntime", precision: str = "fp32", batch_sizes=(1,),
                 resolutions=None, threads: int | None = None, protocol: Protocol | None = None, out=None,
-                source_size: int | None = None, log=print) -> pd.DataFrame:
+                source_size: int | None = None, log=print, *, decision_step) -> pd.DataFrame:
+    """Time every (resolution, batch size) of the family in RUN_DIR on `backend`, round-robin under `protocol`,
+    and write RUN_DIR/profile.csv + profile.json (or `out`): one row per pair with the median and percentiles, in
+    ms per batch, of inference, preprocessing, upload, gather and the decision.
+
+    decision_step: (batch size, classes) -> a no-argument function running one stage's decision, timed as the
+    decision cost (the cascade runtime's `rescascade.runtime.decision_step`). Smoke rows (a protocol marked
+    smoke) never replace measured ones. Raises RescascadeError for resolutions outside the family, batch sizes outside
+    1..MAX_BATCH, an unusable backend or a damaged profile beside it. Returns the rows written."""
     protocol = protocol or Protocol()
     family, doc = load_family(run_dir)
     wid = weights_id(doc)
@@ -161,16 +184,14 @@ def run_profile(run_dir, backend: str = "onnxruntime", precision: str = "fp32", 
     resolutions = list(resolutions or family.resolutions)
     bad = [r for r in resolutions if r not in family.resolutions]
     if bad:
-        raise UserError(f"resolution(s) {bad} are not in the family {list(family.resolutions)}")
+        raise RescascadeError(f"resolution(s) {bad} are not in the family {list(family.resolutions)}")
     batch_sizes = sorted({int(b) for b in batch_sizes})
     if not batch_sizes or batch_sizes[0] < 1 or batch_sizes[-1] > MAX_BATCH:
-        raise UserError(f"batch sizes must be integers from 1 to {MAX_BATCH}, got {batch_sizes}")
+        raise RescascadeError(f"batch sizes must be integers from 1 to {MAX_BATCH}, got {batch_sizes}")
     if threads is not None and not 1 <= threads <= MAX_THREADS:
-        raise UserError(f"--threads {threads} must be from 1 to {MAX_THREADS}")
+        raise ConfigError(f"--threads {threads} must be from 1 to {MAX_THREADS}")
     device = engine_backend.device
     threads = threads or (default_threads() if device == "cpu" else None)
-    if threads:
-        torch.set_num_threads(threads)
     source_size = _source_size(source_size, doc, family)
     out = Path(out) if out else Path(run_dir) / "profile.csv"
     if out.is_dir():
@@ -180,20 +201,43 @@ def run_profile(run_dir, backend: str = "onnxruntime", precision: str = "fp32", 
     if out.is_file():
         old, meta = read_profile(out)
         if meta["weights_sha256"] != wid:
-            raise UserError(f"{out} profiles another family (weights {meta['weights_sha256'][:12]}, this one "
-                            f"{wid[:12]}); write this profile elsewhere with --out")
+            raise RescascadeError(f"{out} profiles another family (weights {meta['weights_sha256'][:12]}, this one "
+                                  f"{wid[:12]}); write this profile elsewhere with --out")
         if device_key(meta["device"]) != device_key(fp):
-            raise UserError(f"{out} was measured on another device ({meta['device'].get('cpu')}, "
-                            f"gpu {meta['device'].get('gpu')}); profiles of different devices go in different "
-                            "files: pass --out")
+            raise RescascadeError(f"{out} was measured on another device ({meta['device'].get('cpu')}, "
+                                  f"gpu {meta['device'].get('gpu')}); profiles of different devices go in different "
+                                  "files: pass --out")
     combos = [(r, b) for r in resolutions for b in batch_sizes]
     if old is not None and protocol.smoke:  # smoke figures never replace measurements
         measured = old[~old.smoke & (old.backend == backend) & (old.precision == precision)]
         hit = sorted({(int(r), int(b)) for r, b in zip(measured.resolution, measured.batch_size)} & set(combos))
         if hit:
-            raise UserError(f"{out} holds measured rows for {', '.join(f'r{r} batch {b}' for r, b in hit[:4])}"
-                            f"{' ...' if len(hit) > 4 else ''}; --quick figures would replace them: write the smoke "
-                            "run elsewhere with --out, or measure without --quick")
+            raise RescascadeError(f"{out} holds measured rows for {', '.join(f'r{r} batch {b}' for r, b in hit[:4])}"
+                                  f"{' ...' if len(hit) > 4 else ''}; --quick figures would replace them: write the smoke "
+                                  "run elsewhere with --out, or measure without --quick")
+    with torch_threads(threads):
+        rows = _measure(family, run_dir, wid, engine_backend, backend, precision, resolutions, batch_sizes, threads,
+                        protocol, source_size, decision_step)
+    new = pd.DataFrame(rows, columns=COLUMNS)
+    if old is not None:
+        keys = set(map(tuple, new[KEY].astype(str).values))
+        old = old[[tuple(k) not in keys for k in old[KEY].astype(str).values]]
+        new = pd.concat([old, new], ignore_index=True)
+    new = new.sort_values(KEY).reset_index(drop=True)
+    with atomic_path(out) as tmp:
+        new.to_csv(tmp, index=False, float_format="%.6g")
+    meta = {"schema_version": PROFILE_SCHEMA, "family": str(Path(run_dir).resolve()),
+            "family_json_sha256": family_sha256(run_dir), "weights_sha256": wid, "device": fp,
+            "protocol": vars(protocol), "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+    write_json(out.with_suffix(".json"), meta)
+    return new
+
+
+def _measure(family, run_dir, wid: str, engine_backend, backend: str, precision: str, resolutions: list[int],
+             batch_sizes: list[int], threads: int | None, protocol: Protocol, source_size, decision_step) -> list[dict]:
+    """Build and warm every engine, then time every (resolution, batch size) round-robin: one row each."""
+    combos = [(r, b) for r in resolutions for b in batch_sizes]
+    device = engine_backend.device
     engines, build = {}, {}
     for r in resolutions:  # build and warm everything first; timing below interleaves the configurations
         engines[r] = engine_backend.open(family, run_dir, wid, r, precision, threads)
@@ -216,7 +260,7 @@ def run_profile(run_dir, backend: str = "onnxruntime", precision: str = "fp32", 
                                               between=timers[r, b]))
             bar.update(1)
         for b in batch_sizes:
-            decide[b].append(time_decision(b, family.num_classes, part, between=timers[resolutions[0], b]))
+            decide[b].append(time_decision(decision_step, b, family.num_classes, part, between=timers[resolutions[0], b]))
             for times, t in zip(moves[b], time_upload(b, pool, device, part, engines[resolutions[0]].preprocess_threads,
                                                       between=timers[resolutions[0], b])):
                 times.append(t)
@@ -235,20 +279,7 @@ def run_profile(run_dir, backend: str = "onnxruntime", precision: str = "fp32", 
                      "source_size": f"{source_size[0]}x{source_size[1]}", "threads": threads or 0,
                      "build_s": round(build[r, b], 3), "smoke": protocol.smoke,
                      "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
-    del engines, timers
-    new = pd.DataFrame(rows, columns=COLUMNS)
-    if old is not None:
-        keys = set(map(tuple, new[KEY].astype(str).values))
-        old = old[[tuple(k) not in keys for k in old[KEY].astype(str).values]]
-        new = pd.concat([old, new], ignore_index=True)
-    new = new.sort_values(KEY).reset_index(drop=True)
-    with atomic_path(out) as tmp:
-        new.to_csv(tmp, index=False, float_format="%.6g")
-    meta = {"schema_version": PROFILE_SCHEMA, "family": str(Path(run_dir).resolve()),
-            "family_json_sha256": family_sha256(run_dir), "weights_sha256": wid, "device": fp,
-            "protocol": vars(protocol), "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
-    write_json(out.with_suffix(".json"), meta)
-    return new
+    return rows
 
 
 def format_profile(df: pd.DataFrame, backend: str | None = None, precision: str | None = None) -> str:

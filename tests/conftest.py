@@ -28,17 +28,18 @@ TINY_RES = (32, 48)
 @pytest.fixture(scope="session")
 def tiny_family(tmp_path_factory):
     """A tiny trained family with predictions and a quick ONNX Runtime profile (~10 s on 2 cores)."""
-    from profiling.measure import QUICK
-    from profiling.profile import run_profile
-    from training.run import run_train
-    from training.trainer import TrainConfig
+    from rescascade.profiling.measure import QUICK
+    from rescascade.profiling.profile import run_profile
+    from rescascade.runtime import decision_step
+    from rescascade.training.run import run_train
+    from rescascade.training.trainer import TrainConfig
 
     # ~100 steps: fewer leave a from-scratch net degenerate in eval mode (every input gets the same logits)
     out = tmp_path_factory.mktemp("tiny") / "family"
     cfg = TrainConfig(TINY_RES, epochs=4, batch_size=16, optimizer="adamw", lr=0.003, workers=0, seed=0)
     run_train("synthetic:384", out, cfg, width_mult=0.35, weights="none", log=lambda s: None,
               data_options={"heldout_per_class": 20})
-    run_profile(out, "onnxruntime", "fp32", (1, 4), protocol=QUICK, threads=1, log=lambda s: None)
+    run_profile(out, "onnxruntime", "fp32", (1, 4), protocol=QUICK, threads=1, log=lambda s: None, decision_step=decision_step)
     return out
 
 
@@ -46,7 +47,7 @@ def tiny_family(tmp_path_factory):
 def built(tiny_family, tmp_path_factory):
     """(family dir, cascade.json, config) of a two-stage cascade on the tiny family, whatever its quality (a lenient
     target)."""
-    from cascade.build import run_build
+    from rescascade.build import run_build
     out = tmp_path_factory.mktemp("casc") / "cascade.json"
     config = run_build(tiny_family, batch_size=4, target="0.05", out=out, exact="off", log=lambda s: None)
     return tiny_family, out, config

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from cascade.cli import build_parser, main
+from rescascade.cli import build_parser, main
 
 TINY = ["--resolutions", "32,48", "--width-mult", "0.35", "--weights", "none", "--epochs", "1", "--batch-size", "16",
         "--optimizer", "adamw", "--lr", "0.003", "--workers", "0", "--heldout-per-class", "10"]
@@ -49,9 +49,9 @@ def workspace(built, tmp_path_factory):
     (root / "user" / "checkpoints").mkdir()
     (root / "user" / "checkpoints" / "mine.bin").write_bytes(b"precious")
     # an interrupted run: the trainer's checkpoint after one of two epochs, no family.json
-    from training.data import load_data
-    from training.family import ResolutionFamily
-    from training.trainer import TrainConfig, train
+    from rescascade.training.data import load_data
+    from rescascade.training.family import ResolutionFamily
+    from rescascade.training.trainer import TrainConfig, train
     splits = load_data("synthetic:64", seed=0, heldout_per_class=10, log=lambda s: None)
     torch.manual_seed(0)
     train(ResolutionFamily((32, 48), num_classes=8, width_mult=0.35), splits.train,
@@ -224,7 +224,7 @@ def test_overwrite_writes_beside_a_users_files_and_deletes_none(tmp_path, capsys
 
 
 def test_demo_fresh_replaces_only_its_own_files(tmp_path, monkeypatch):
-    import cascade.demo as demo
+    import rescascade.demo as demo
     (tmp_path / "thesis.tex").write_text("mine")
 
     def stop(*args, **kwargs):
@@ -243,9 +243,9 @@ def test_build_writes_into_a_directory_given_as_out(workspace, tmp_path):
 def test_smoke_warning_only_for_the_rows_build_uses(workspace):
     import pandas as pd
 
-    from cascade.build import build_warnings
-    from cascade.costs import CostModel
-    from cascade.predictions import load_predictions
+    from rescascade.build import build_warnings
+    from rescascade.costs import CostModel
+    from rescascade.predictions import load_predictions
     calib = load_predictions(workspace / "fam" / "predictions" / "calib.npz")
     rows = pd.read_csv(workspace / "fam" / "profile.csv")
     rows["smoke"] = rows.batch_size == 4  # measured at batch 1, smoke figures at batch 4
@@ -256,9 +256,9 @@ def test_smoke_warning_only_for_the_rows_build_uses(workspace):
 
 
 def test_help_is_fast_and_says_every_default():
-    code = ("import sys\nfrom cascade.cli import main\n"
+    code = ("import sys\nfrom rescascade.cli import main\n"
             "for cmd in ([], ['train'], ['profile'], ['build'], ['eval'], ['demo'], ['info']):\n"
-            "    try:\n        main(cmd + ['--help'])\n    except SystemExit:\n        pass\n"
+            "    main(cmd + ['--help'])\n"
             "print('torch' in sys.modules)")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
                          cwd=Path(__file__).parents[1])

@@ -6,12 +6,12 @@ import torch
 import torchvision
 from torch import nn
 
-from cascade.cli import main
-from training.family import ResolutionFamily, check_resolutions
-from training.fileio import UserError
-from training.params import count_parameters
-from training.store import load_family, save_family
-from training.weights import hub_cache_path, imagenet_weights, load_state_dict_file, resolve_weights
+from rescascade.cli import main
+from rescascade.training.errors import RescascadeError
+from rescascade.training.family import ResolutionFamily, check_resolutions
+from rescascade.training.params import count_parameters
+from rescascade.training.store import load_family, save_family
+from rescascade.training.weights import hub_cache_path, imagenet_weights, load_state_dict_file, resolve_weights
 
 RES = (32, 48, 64)
 
@@ -166,13 +166,13 @@ def edit_json(path, **changes):
 ])
 def test_bad_family_json(saved, change, message):
     edit_json(saved / "family.json", **change)
-    with pytest.raises(UserError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(RescascadeError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_family(saved)
 
 
 def test_missing_patch(saved):
     (saved / "patches/r048.safetensors").unlink()
-    with pytest.raises(UserError, match=r"r048.safetensors is missing"):
+    with pytest.raises(RescascadeError, match=r"r048.safetensors is missing"):
         load_family(saved)
 
 
@@ -181,7 +181,7 @@ def test_changed_weights_fail_the_hash_check(saved):
     patch = load_file(saved / "patches/r048.safetensors")
     patch["features.0.1.weight"] += 1
     save_file(patch, saved / "patches/r048.safetensors")
-    with pytest.raises(UserError, match="does not match the sha256"):
+    with pytest.raises(RescascadeError, match="does not match the sha256"):
         load_family(saved)
 
 
@@ -189,12 +189,12 @@ def test_wrong_shape_patch(saved, tmp_path):
     other = ResolutionFamily(RES, num_classes=10, width_mult=0.5)
     save_family(other, tmp_path / "other")
     shutil.copy(tmp_path / "other/patches/r048.safetensors", saved / "patches/r048.safetensors")
-    with pytest.raises(UserError, match=r"has shape \[\d+\] but this family needs \[\d+\]"):
+    with pytest.raises(RescascadeError, match=r"has shape \[\d+\] but this family needs \[\d+\]"):
         load_family(saved, verify=False)
 
 
 def test_not_a_family_dir(tmp_path):
-    with pytest.raises(UserError, match="family.json not found"):
+    with pytest.raises(RescascadeError, match="family.json not found"):
         load_family(tmp_path)
 
 
@@ -207,15 +207,15 @@ def test_cli_error_is_one_line_and_exit_2(tmp_path, capsys):
 def test_wrong_architecture_weights_file(tmp_path):
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
     sd, _ = resolve_weights(str(tmp_path / "r18.pth"))
-    with pytest.raises(UserError, match="written for a different architecture"):
+    with pytest.raises(RescascadeError, match="written for a different architecture"):
         ResolutionFamily(RES, width_mult=0.35).load_torchvision_state_dict(sd)
 
 
 def test_weights_file_with_pickled_code_is_refused(tmp_path):
     torch.save({"model": nn.Linear(2, 2)}, tmp_path / "pickled.pth")  # a module object, not tensors
-    with pytest.raises(UserError, match="pickled Python objects besides tensors"):
+    with pytest.raises(RescascadeError, match="pickled Python objects besides tensors"):
         load_state_dict_file(tmp_path / "pickled.pth")
-    with pytest.raises(UserError, match="not found"):
+    with pytest.raises(RescascadeError, match="not found"):
         resolve_weights(str(tmp_path / "nope.pth"))
 
 
@@ -235,13 +235,13 @@ def test_imagenet_weights_offline_names_weights_path(tmp_path, monkeypatch):
     def offline(*a, **k):  # what torch.hub raises on a machine without network
         raise urllib.error.URLError("[Errno -2] Name or service not known")
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(UserError, match=r"--weights PATH"):
+    with pytest.raises(RescascadeError, match=r"--weights PATH"):
         resolve_weights("imagenet")
-    with pytest.raises(UserError, match="unknown ImageNet weights"):
+    with pytest.raises(RescascadeError, match="unknown ImageNet weights"):
         resolve_weights("imagenet:NOPE")
 
 
 def test_check_resolutions_sorts_and_validates():
     assert check_resolutions(["128", 96]) == (96, 128)
-    with pytest.raises(UserError, match="integers"):
+    with pytest.raises(RescascadeError, match="integers"):
         check_resolutions(["a"])

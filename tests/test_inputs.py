@@ -16,19 +16,19 @@ import pytest
 import torch
 from PIL import Image
 
-from cascade.build import run_build
-from cascade.config import read_config
-from cascade.evaluate import images_to_score, run_eval
-from cascade.runtime import CascadeRunner
-from profiling.measure import QUICK
-from profiling.profile import run_profile
-from training.data import list_image_folder, load_data
-from training.fileio import UserError
-from training.images import ImageError, decode, probe
-from training.preprocess import bound_aspect, resize_center_crop
-from training.run import run_train
-from training.synthetic import class_names, make_synthetic
-from training.trainer import TrainConfig
+from rescascade.build import run_build
+from rescascade.config import read_config
+from rescascade.evaluate import images_to_score, run_eval
+from rescascade.profiling.measure import QUICK
+from rescascade.profiling.profile import run_profile
+from rescascade.runtime import CascadeRunner, decision_step
+from rescascade.training.data import list_image_folder, load_data
+from rescascade.training.errors import RescascadeError
+from rescascade.training.images import ImageError, decode, probe
+from rescascade.training.preprocess import bound_aspect, resize_center_crop
+from rescascade.training.run import run_train
+from rescascade.training.synthetic import class_names, make_synthetic
+from rescascade.training.trainer import TrainConfig
 
 QUIET = dict(log=lambda s: None)
 
@@ -164,7 +164,7 @@ def test_extreme_aspect_ratios_cost_bounded_work():
 
 RUNNER_MEMORY = """
 import json, resource, sys
-from cascade.runtime import CascadeRunner
+from rescascade.runtime import CascadeRunner
 runner = CascadeRunner(sys.argv[1], backend="onnxruntime")
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 res = runner(sys.argv[2:])
@@ -245,7 +245,7 @@ def test_a_class_without_readable_images_stops_with_one_line(tmp_path):
         (tmp_path / "imgs" / "good" / f"{i}.png").write_bytes(encode(photo))
         (tmp_path / "imgs" / "broken").mkdir(parents=True, exist_ok=True)
         (tmp_path / "imgs" / "broken" / f"{i}.jpg").write_bytes(b"\xff\xd8 not a jpeg")
-    with pytest.raises(UserError, match="broken have no readable images"):
+    with pytest.raises(RescascadeError, match="broken have no readable images"):
         load_data(f"imagefolder:{tmp_path / 'imgs'}", **QUIET)
     (tmp_path / "split" / "train" / "a").mkdir(parents=True)
     (tmp_path / "split" / "train" / "b").mkdir(parents=True)
@@ -254,7 +254,7 @@ def test_a_class_without_readable_images_stops_with_one_line(tmp_path):
     for cls in ("a", "b"):
         (tmp_path / "split" / "train" / cls / "0.png").write_bytes(encode(photo))
     (tmp_path / "split" / "val" / "a" / "0.png").write_bytes(encode(photo))
-    with pytest.raises(UserError, match=r"held-out images\): class\(es\) b have no readable images"):
+    with pytest.raises(RescascadeError, match=r"held-out images\): class\(es\) b have no readable images"):
         load_data(f"imagefolder:{tmp_path / 'split'}", **QUIET)
 
 
@@ -281,7 +281,7 @@ def folder_cascade(tmp_path_factory):
                   data_options={"val_fraction": 0.3}, **QUIET)
     finally:
         os.chdir(cwd)
-    run_profile(base / "fam", "onnxruntime", "fp32", (4,), protocol=QUICK, threads=1, **QUIET)
+    run_profile(base / "fam", "onnxruntime", "fp32", (4,), protocol=QUICK, threads=1, **QUIET, decision_step=decision_step)
     run_build(base / "fam", batch_size=4, target="0.05", out=base / "fam" / "cascade.json", exact="off", plots=False,
               **QUIET)
     return base, base / "fam", base / "fam" / "cascade.json"
@@ -310,13 +310,13 @@ def test_eval_stops_when_the_data_changed(folder_cascade, tmp_path):
     saved = victim.read_bytes()
     try:
         victim.write_bytes(encode(np.zeros((112, 112, 3), np.uint8)))
-        with pytest.raises(UserError, match="decode to other pixels"):
+        with pytest.raises(RescascadeError, match="decode to other pixels"):
             run_eval(cascade_json, batch_size=4, repeats=1, plot=False, out=tmp_path / "e.json", **QUIET)
         victim.write_bytes(saved[:len(saved) // 2])  # the header still reads
-        with pytest.raises(UserError, match="no longer decodes"):
+        with pytest.raises(RescascadeError, match="no longer decodes"):
             run_eval(cascade_json, batch_size=4, repeats=1, plot=False, out=tmp_path / "e.json", **QUIET)
         victim.unlink()
-        with pytest.raises(UserError, match="are not in"):
+        with pytest.raises(RescascadeError, match="are not in"):
             run_eval(cascade_json, batch_size=4, repeats=1, plot=False, out=tmp_path / "e.json", **QUIET)
     finally:
         victim.write_bytes(saved)
@@ -358,13 +358,13 @@ def test_eval_other_data_matches_classes_by_name(folder_cascade, tmp_path):
     by_id = dict(zip(full.ids, full.labels))
     assert all(by_id[i] == y for i, y in zip(part.ids, part.labels) if i in by_id)
     (tmp_path / "part" / names[5]).rename(tmp_path / "part" / "zebra")
-    with pytest.raises(UserError, match=r"classes the family does not know \(zebra\).*the family's \["):
+    with pytest.raises(RescascadeError, match=r"classes the family does not know \(zebra\).*the family's \["):
         images_to_score(config, f"imagefolder:{tmp_path / 'part'}", "test", None, **QUIET)
 
 
 # ---- 10. a warm first request ----------------------------------------------------------------------------
 def test_runner_warms_every_stage_at_load(built, monkeypatch):
-    import cascade.runtime as rt
+    import rescascade.runtime as rt
     _, out, config = built
     calls = []
     real = rt.get_backend
@@ -407,6 +407,6 @@ def test_runner_takes_one_input_or_many_and_names_the_classes(built, tmp_path):
     assert sorted(res.errors) == [1, 2] and res.labels[0] == one.labels[0]  # the bad ones fail alone
     assert "empty image" in res.errors[1] and "torch.float32 tensor [3, 40, 60]" in res.errors[2]
     assert res.names[0] == runner.class_names[res.labels[0]] and res.names[1] is None
-    with pytest.raises(UserError, match="H, W >= 1"):
+    with pytest.raises(RescascadeError, match="H, W >= 1"):
         runner(torch.zeros(2, 3, 0, 0, dtype=torch.uint8))
     assert len(runner([]).labels) == 0

@@ -4,12 +4,12 @@ import math
 import numpy as np
 import pytest
 
-from cascade.confidence import combine, confidence, fit_temperature
-from cascade.costs import CostModel
-from cascade.guarantee import binomial_p_value, certify, certify_settings, split_calib
-from cascade.optimizer import (Cascade, Stage, StageViews, exact_search, greedy, pareto_front, reference_resolution,
-                               simulate, tolerance_sweep)
-from cascade.synthetic_predictions import synthetic_predictions
+from rescascade.confidence import combine, confidence, fit_temperature
+from rescascade.costs import CostModel
+from rescascade.guarantee import binomial_p_value, certify, certify_settings, split_calib
+from rescascade.optimizer import (Cascade, Stage, StageViews, exact_search, greedy, pareto_front, reference_resolution,
+                                  simulate, tolerance_sweep)
+from rescascade.synthetic_predictions import synthetic_predictions
 
 RES = [96, 128, 160, 192, 224]
 

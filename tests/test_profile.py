@@ -4,13 +4,14 @@ import pytest
 import torch
 from torch import nn
 
-from profiling.backends import available_backends, get_backend
-from profiling.export import check_onnx, export_resolution, fold_batchnorm
-from profiling.measure import QUICK, Protocol, run_protocol, summarize
-from profiling.profile import KEY, format_profile, read_profile, run_profile
-from training.family import ResolutionFamily
-from training.fileio import UserError
-from training.store import load_family, save_family, weights_id
+from rescascade.profiling.backends import available_backends, get_backend
+from rescascade.profiling.export import check_onnx, export_resolution, fold_batchnorm
+from rescascade.profiling.measure import QUICK, Protocol, run_protocol, summarize
+from rescascade.profiling.profile import KEY, format_profile, read_profile, run_profile
+from rescascade.runtime import decision_step
+from rescascade.training.errors import RescascadeError
+from rescascade.training.family import ResolutionFamily
+from rescascade.training.store import load_family, save_family, weights_id
 
 from .test_family import random_torchvision
 
@@ -43,7 +44,7 @@ def test_export_folds_each_patch_and_checks_against_pytorch(fam_dir):
     assert meta32["max_abs_diff"] < 1e-3 and meta48["max_abs_diff"] < 1e-3
     assert meta32["onnx_sha256"] != meta48["onnx_sha256"]
     # the check fails loudly when the exported graph does not match the model it claims to be
-    with pytest.raises(UserError, match="differs from PyTorch"):
+    with pytest.raises(RescascadeError, match="differs from PyTorch"):
         check_onnx(path32, fam.to_torchvision(48), 32, "fp32")
     # cached: a second call does not export again
     again, _ = export_resolution(fam, fam_dir, 32, weights_id(doc))
@@ -68,13 +69,13 @@ def test_protocol_meets_both_minimums():
 @pytest.mark.parametrize("backend", ["onnxruntime", "torch"])
 def test_profile_writes_rows_and_rerun_replaces_them(fam_dir, backend, tmp_path):
     out = tmp_path / "profile.csv"
-    df = run_profile(fam_dir, backend, "fp32", (1, 2), protocol=QUICK, threads=1, out=out)
+    df = run_profile(fam_dir, backend, "fp32", (1, 2), protocol=QUICK, threads=1, out=out, decision_step=decision_step)
     assert len(df) == 4 and set(df.resolution) == {32, 48} and set(df.batch_size) == {1, 2}
     assert (df.median_ms > 0).all() and (df.preprocess_ms > 0).all() and (df.n_iters >= QUICK.min_iters).all()
     assert np.allclose(df.per_image_ms, df.median_ms / df.batch_size)
     assert (df.upload_ms > 0).all() and (df.gather_ms > 0).all()
     assert (df.groupby("batch_size").upload_ms.nunique() == 1).all()  # one figure per batch, for every resolution
-    df2 = run_profile(fam_dir, backend, "fp32", (2,), resolutions=[48], protocol=QUICK, threads=1, out=out)
+    df2 = run_profile(fam_dir, backend, "fp32", (2,), resolutions=[48], protocol=QUICK, threads=1, out=out, decision_step=decision_step)
     assert len(df2) == 4 and not df2.duplicated(KEY).any()
     read, meta = read_profile(out)
     assert len(read) == 4 and meta["weights_sha256"] and meta["device"]["threads"] == 1
@@ -83,11 +84,11 @@ def test_profile_writes_rows_and_rerun_replaces_them(fam_dir, backend, tmp_path)
 
 def test_profile_refuses_another_familys_table(fam_dir, tmp_path):
     out = tmp_path / "profile.csv"
-    run_profile(fam_dir, "onnxruntime", "fp32", (1,), resolutions=[32], protocol=QUICK, threads=1, out=out)
+    run_profile(fam_dir, "onnxruntime", "fp32", (1,), resolutions=[32], protocol=QUICK, threads=1, out=out, decision_step=decision_step)
     other = tmp_path / "other"
     save_family(ResolutionFamily((32,), num_classes=10, width_mult=0.35), other)
-    with pytest.raises(UserError, match="profiles another family"):
-        run_profile(other, "onnxruntime", "fp32", (1,), protocol=QUICK, threads=1, out=out)
+    with pytest.raises(RescascadeError, match="profiles another family"):
+        run_profile(other, "onnxruntime", "fp32", (1,), protocol=QUICK, threads=1, out=out, decision_step=decision_step)
 
 
 @pytest.mark.parametrize("name, needs", [("onnxruntime-cuda", "gpu"), ("onnxruntime-tensorrt", "gpu"),
@@ -97,17 +98,17 @@ def test_missing_backend_names_what_to_install(name, needs):
     if reason is None:
         pytest.skip(f"{name} is usable on this machine")
     assert needs in reason
-    with pytest.raises(UserError, match=needs):
+    with pytest.raises(RescascadeError, match=needs):
         get_backend(name)
 
 
 def test_bad_profile_arguments(fam_dir):
-    with pytest.raises(UserError, match="unknown backend"):
+    with pytest.raises(RescascadeError, match="unknown backend"):
         get_backend("tflite")
-    with pytest.raises(UserError, match="not in the family"):
-        run_profile(fam_dir, "onnxruntime", "fp32", (1,), resolutions=[64], protocol=QUICK)
-    with pytest.raises(UserError, match="fp16 on ONNX Runtime's CPU"):
-        run_profile(fam_dir, "onnxruntime", "fp16", (1,), protocol=QUICK)
+    with pytest.raises(RescascadeError, match="not in the family"):
+        run_profile(fam_dir, "onnxruntime", "fp32", (1,), resolutions=[64], protocol=QUICK, decision_step=decision_step)
+    with pytest.raises(RescascadeError, match="fp16 on ONNX Runtime's CPU"):
+        run_profile(fam_dir, "onnxruntime", "fp16", (1,), protocol=QUICK, decision_step=decision_step)
 
 
 def _gpu_and_tensorrt():
@@ -134,7 +135,7 @@ def test_tensorrt_engine_matches_pytorch_and_caches(fam_dir, precision):
     again = get_backend("tensorrt").open(fam, fam_dir, weights_id(doc), 48, precision)
     again.run(x.cuda())
     assert again.build_seconds == 0.0 and built > 0  # the serialized plan came from the cache
-    df = run_profile(fam_dir, "tensorrt", precision, (1, 4), protocol=QUICK)
+    df = run_profile(fam_dir, "tensorrt", precision, (1, 4), protocol=QUICK, decision_step=decision_step)
     assert (df.median_ms > 0).all()
 
 
@@ -142,19 +143,19 @@ def test_tensorrt_engine_matches_pytorch_and_caches(fam_dir, precision):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no NVIDIA GPU visible")
 @pytest.mark.parametrize("backend", ["torch-cuda", "torch-cuda-graphs"])
 def test_torch_cuda_backends(fam_dir, backend):
-    df = run_profile(fam_dir, backend, "fp16", (1, 4), protocol=QUICK)
+    df = run_profile(fam_dir, backend, "fp16", (1, 4), protocol=QUICK, decision_step=decision_step)
     assert (df.median_ms > 0).all()
 
 
 @pytest.mark.slow
 def test_torch_compile_backend_reports_build_time(fam_dir, tmp_path):
     df = run_profile(fam_dir, "torch-compile", "fp32", (2,), resolutions=[32], protocol=QUICK, threads=1,
-                     out=tmp_path / "p.csv")
+                     out=tmp_path / "p.csv", decision_step=decision_step)
     assert len(df) == 1 and df.median_ms.iloc[0] > 0 and df.build_s.iloc[0] > 0
 
 
 def test_static_engine_buckets():
-    from profiling.backends import bucket
+    from rescascade.profiling.backends import bucket
     assert bucket(5, {}) == 8 and bucket(1, {}) == 1 and bucket(32, {}) == 32
     assert bucket(5, {4: 0, 16: 0, 32: 0}) == 16 and bucket(40, {4: 0, 32: 0}) == 64
 
@@ -162,7 +163,7 @@ def test_static_engine_buckets():
 def test_preprocess_is_timed_cold_and_between_inferences():
     """The pool outgrows the caches, its images are laid out as decode_image returns them, and the stage's
     inference runs (untimed) before every timed preprocessing step, as in the runtime."""
-    from profiling.profile import SOURCE_POOL_BYTES, source_pool, time_preprocess
+    from rescascade.profiling.profile import SOURCE_POOL_BYTES, source_pool, time_preprocess
     pool = source_pool((64, 80))
     assert sum(im.numel() for im in pool) >= SOURCE_POOL_BYTES
     assert pool[0].shape == (3, 64, 80) and pool[0].stride() == (1, 80 * 3, 3)
@@ -172,7 +173,7 @@ def test_preprocess_is_timed_cold_and_between_inferences():
 
 
 def test_driver_version_from_either_kernel_module_line():
-    from profiling.measure import driver_version
+    from rescascade.profiling.measure import driver_version
     assert driver_version("NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023") \
         == "535.104.05"
     assert driver_version("NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  570.86.15  Release Build  "

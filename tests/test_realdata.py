@@ -4,10 +4,11 @@ import numpy as np
 import pytest
 import torch
 
-from training.data import load_data
-from training.family import ResolutionFamily
-from training.predict import predict_logits, top1
-from training.weights import resolve_weights
+import benchmarks._shared_data  # noqa: F401  (registers shared-imagenette, shared-imagenet-samples)
+from rescascade.training.data import load_data
+from rescascade.training.family import ResolutionFamily
+from rescascade.training.predict import predict_logits, top1
+from rescascade.training.weights import resolve_weights
 
 from .conftest import IMAGENETTE, SAMPLE_IMAGES, need
 

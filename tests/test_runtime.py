@@ -5,16 +5,16 @@ import shutil
 import numpy as np
 import pytest
 
-from cascade.build import run_build
-from cascade.cli import main
-from cascade.config import read_config
-from cascade.costs import CostModel
-from cascade.evaluate import run_eval
-from cascade.optimizer import Cascade, Stage, StageViews, simulate
-from cascade.predictions import load_predictions
-from cascade.runtime import CascadeRunner
-from training.data import load_data
-from training.fileio import UserError
+from rescascade.build import run_build
+from rescascade.cli import main
+from rescascade.config import read_config
+from rescascade.costs import CostModel
+from rescascade.evaluate import run_eval
+from rescascade.optimizer import Cascade, Stage, StageViews, simulate
+from rescascade.predictions import load_predictions
+from rescascade.runtime import CascadeRunner
+from rescascade.training.data import load_data
+from rescascade.training.errors import RescascadeError
 
 QUIET = dict(log=lambda s: None)
 
@@ -90,7 +90,7 @@ def test_runner_refuses_a_changed_family(built, tmp_path):
     doc = json.loads((copy / "family.json").read_text())
     doc["class_names"][0] = "renamed"
     (copy / "family.json").write_text(json.dumps(doc))
-    with pytest.raises(UserError, match="changed since"):
+    with pytest.raises(RescascadeError, match="changed since"):
         CascadeRunner(tmp_path / "cascade.json")
 
 
@@ -105,13 +105,13 @@ def test_eval_measures_cascade_against_reference(built, tmp_path):
 
 # ---- build: bad input, one clear error each ----------------------------------------------------------------
 def test_build_errors(tiny_family, tmp_path):
-    with pytest.raises(UserError, match="unreachable"):
+    with pytest.raises(RescascadeError, match="unreachable"):
         run_build(tiny_family, batch_size=1, target="0.999", out=tmp_path / "c.json", **QUIET)
-    with pytest.raises(UserError, match="no batch-size-64 row"):
+    with pytest.raises(RescascadeError, match="no batch-size-64 row"):
         run_build(tiny_family, batch_size=64, out=tmp_path / "c.json", **QUIET)
-    with pytest.raises(UserError, match="no cascade fits --budget"):
+    with pytest.raises(RescascadeError, match="no cascade fits --budget"):
         run_build(tiny_family, batch_size=1, budget=1e-6, out=tmp_path / "c.json", **QUIET)
-    with pytest.raises(UserError, match="--target"):
+    with pytest.raises(RescascadeError, match="--target"):
         run_build(tiny_family, batch_size=1, target="fast", out=tmp_path / "c.json", **QUIET)
 
 
@@ -126,24 +126,24 @@ def test_build_rejects_damaged_or_foreign_inputs(tiny_family, tmp_path):
     bad = dict(calib, logits=calib["logits"].copy())
     bad["logits"][3, 1, 0] = np.nan
     np.savez(fam / "predictions/calib.npz", **bad)
-    with pytest.raises(UserError, match="NaN or inf logits"):
+    with pytest.raises(RescascadeError, match="NaN or inf logits"):
         run_build(fam, out=tmp_path / "c.json", **QUIET)
     np.savez(fam / "predictions/calib.npz", **dict(calib, labels=calib["labels"] + 100))
-    with pytest.raises(UserError, match="labels range"):
+    with pytest.raises(RescascadeError, match="labels range"):
         run_build(fam, out=tmp_path / "c.json", **QUIET)
     np.savez(fam / "predictions/calib.npz", **dict(calib, weights_sha256=np.array("f" * 64)))
-    with pytest.raises(UserError, match="predicted by another family"):
+    with pytest.raises(RescascadeError, match="predicted by another family"):
         run_build(fam, out=tmp_path / "c.json", **QUIET)
     np.savez(fam / "predictions/calib.npz", **calib)
     meta = json.loads((fam / "profile.json").read_text())
     (fam / "profile.json").write_text(json.dumps(dict(meta, weights_sha256="0" * 64)))
-    with pytest.raises(UserError, match="profile measured another family"):
+    with pytest.raises(RescascadeError, match="profile measured another family"):
         run_build(fam, out=tmp_path / "c.json", **QUIET)
     (fam / "profile.json").write_text(json.dumps(meta))
     import pandas as pd
     df = pd.read_csv(fam / "profile.csv")
     df[df.resolution != 32].to_csv(fam / "profile.csv", index=False)
-    with pytest.raises(UserError, match="resolution 32 is missing"):
+    with pytest.raises(RescascadeError, match="resolution 32 is missing"):
         run_build(fam, out=tmp_path / "c.json", **QUIET)
 
 

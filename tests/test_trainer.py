@@ -11,15 +11,16 @@ import pytest
 import torch
 from PIL import Image
 
-from training.data import FileReader, ImageSet, load_data
-from training.family import ResolutionFamily
-from training.fileio import UserError
-from training.preprocess import resize_center_crop
-from training.run import independent_ids, onnx_predictors, run_train
-from training.store import load_family
-from training.synthetic import make_synthetic
-from training.predict import predict_logits
-from training.trainer import MultiResolutionForward, TrainConfig, _inputs, train
+from rescascade.profiling.engines import independent_ids, onnx_predictors, onnxruntime_predictors
+from rescascade.training.data import FileReader, ImageSet, load_data
+from rescascade.training.errors import RescascadeError
+from rescascade.training.family import ResolutionFamily
+from rescascade.training.predict import predict_logits
+from rescascade.training.preprocess import resize_center_crop
+from rescascade.training.run import run_train
+from rescascade.training.store import load_family
+from rescascade.training.synthetic import make_synthetic
+from rescascade.training.trainer import MultiResolutionForward, TrainConfig, _inputs, train
 
 from .test_family import random_torchvision
 
@@ -59,7 +60,7 @@ def test_frozen_parts_do_not_change(shared, classifier, tmp_path):
     cfg = tiny_cfg(shared=shared, classifier=classifier)
     fam = ResolutionFamily(RES, num_classes=8, width_mult=0.35)
     before = {k: v.clone() for k, v in fam.state_dict_for(32).items()}
-    from training.trainer import train
+    from rescascade.training.trainer import train
     train(fam, splits.train, cfg, tmp_path, **QUIET)
     after = fam.state_dict_for(32)
     conv_same = torch.equal(before["features.1.conv.0.0.weight"], after["features.1.conv.0.0.weight"])
@@ -77,7 +78,7 @@ def test_frozen_affine_or_statistics_only_patches(patches, tmp_path):
     fam = ResolutionFamily(RES, num_classes=8, width_mult=0.35)
     fam.load_torchvision_state_dict(random_torchvision(num_classes=8).state_dict())
     before = {k: v.clone() for k, v in fam.state_dict_for(32).items()}
-    from training.trainer import train
+    from rescascade.training.trainer import train
     train(fam, splits.train, tiny_cfg(shared="frozen", patches=patches), tmp_path, **QUIET)
     after = fam.state_dict_for(32)
     assert torch.equal(before["features.0.1.weight"], after["features.0.1.weight"]) == (patches != "affine")
@@ -100,7 +101,7 @@ def test_distillation_modes_train(distill, tmp_path):
 def test_frozen_top_is_the_teacher_and_lower_resolutions_learn_on_the_eval_crop(tmp_path):
     """freeze_top keeps the top resolution's patch and own head exactly (the teacher, the cascade's reference);
     crop "center" trains on the eval crop (+ flip) resized to every resolution."""
-    from training.trainer import _TrainCrops, train
+    from rescascade.training.trainer import _TrainCrops, train
     splits = load_data("synthetic:64", seed=0, heldout_per_class=4)
     fam = ResolutionFamily(RES, num_classes=8, width_mult=0.35, classifier="per_resolution")
     fam.load_torchvision_state_dict(random_torchvision(num_classes=8).state_dict())
@@ -112,7 +113,7 @@ def test_frozen_top_is_the_teacher_and_lower_resolutions_learn_on_the_eval_crop(
     assert all(torch.equal(before[48][k], after[48][k]) for k in before[48])  # statistics included
     for k in ("features.0.1.weight", "features.0.1.running_mean", "classifier.1.weight"):
         assert not torch.equal(before[32][k], after[32][k])
-    with pytest.raises(UserError, match="--freeze-top needs"):  # a shared head would change the top anyway
+    with pytest.raises(RescascadeError, match="--freeze-top needs"):  # a shared head would change the top anyway
         train(ResolutionFamily(RES, num_classes=8, width_mult=0.35), splits.train, cfg, tmp_path / "s", **QUIET)
     img = torch.randint(0, 255, (3, 60, 70), dtype=torch.uint8)
     center = resize_center_crop(img, 48)
@@ -146,7 +147,7 @@ def test_train_writes_family_predictions_and_metrics(tmp_path):
     header = (out / "metrics.csv").read_text().splitlines()[0]
     for col in ("epoch", "resolution", "loss", "top1", "lr", "images_per_s"):
         assert col in header
-    with pytest.raises(UserError, match="already holds a finished family"):
+    with pytest.raises(RescascadeError, match="already holds a finished family"):
         run_train("synthetic:64", out, tiny_cfg(), width_mult=0.35, weights="none", **QUIET)
 
 
@@ -154,10 +155,10 @@ def test_independent_baseline_predicts_with_onnxruntime_as_torch_does(tmp_path):
     from safetensors.torch import load_file
     from torchvision.models import mobilenet_v2
 
-    from training.predict import predict_logits
+    from rescascade.training.predict import predict_logits
     cfg = tiny_cfg(independent=True)
     doc = run_train("synthetic:64", tmp_path / "ind", cfg, width_mult=0.35, weights="none",
-                    data_options={"heldout_per_class": 4}, predict_backend="onnxruntime", **QUIET)
+                    data_options={"heldout_per_class": 4}, predictors=onnxruntime_predictors, **QUIET)
     assert doc["kind"] == "independent" and doc["parameters"]["k_independent"] == 2 * doc["parameters"]["one_model"]
     saved = np.load(tmp_path / "ind/predictions/test.npz")
     assert saved["logits"].shape[1] == 2
@@ -184,7 +185,7 @@ def test_synthetic_is_deterministic_and_resolution_sensitive():
     b, lb = make_synthetic(64, seed=3)
     assert torch.equal(a, b) and torch.equal(la, lb)
     assert not torch.equal(a, make_synthetic(64, seed=4)[0])
-    from training.preprocess import resize_center_crop
+    from rescascade.training.preprocess import resize_center_crop
     imgs, labels = make_synthetic(400, num_classes=8, seed=0)
     fine = imgs[labels >= 4].float()
 
@@ -252,27 +253,27 @@ def test_images_that_fail_to_decode_are_named_where_they_are_read(tmp_path):
 
 def test_data_errors_up_front(tmp_path):
     write_image_folder(tmp_path / "one", classes=("only",))
-    with pytest.raises(UserError, match="at least 2"):
+    with pytest.raises(RescascadeError, match="at least 2"):
         load_data(f"imagefolder:{tmp_path / 'one'}")
     write_image_folder(tmp_path / "two", classes=("a", "b"))
     (tmp_path / "two" / "empty").mkdir()
-    with pytest.raises(UserError, match="empty have no readable images"):
+    with pytest.raises(RescascadeError, match="empty have no readable images"):
         load_data(f"imagefolder:{tmp_path / 'two'}")
-    with pytest.raises(UserError, match="unknown --data"):
+    with pytest.raises(RescascadeError, match="unknown --data"):
         load_data("mnist")
-    with pytest.raises(UserError, match="not found"):
+    with pytest.raises(RescascadeError, match="not found"):
         load_data(f"imagefolder:{tmp_path / 'nope'}")
 
 
 def test_bad_train_config():
-    with pytest.raises(UserError, match="--loss-weights has 1 values"):
+    with pytest.raises(RescascadeError, match="--loss-weights has 1 values"):
         TrainConfig(RES, loss_weights=(1.0,))
-    with pytest.raises(UserError, match="--optimizer"):
+    with pytest.raises(RescascadeError, match="--optimizer"):
         TrainConfig(RES, optimizer="lbfgs")
 
 
 def _train_cmd(out, epochs=3):
-    return [sys.executable, "-m", "cascade.cli", "train", "--data", "synthetic:96", "--out", str(out),
+    return [sys.executable, "-m", "rescascade.cli", "train", "--data", "synthetic:96", "--out", str(out),
             "--resolutions", "32,48", "--width-mult", "0.35", "--weights", "none", "--epochs", str(epochs),
             "--batch-size", "16", "--optimizer", "adamw", "--lr", "0.003", "--workers", "0", "--heldout-per-class", "3",
             # the teacher is a copy of the probed start: a resumed run must rebuild the same one
@@ -312,7 +313,7 @@ def test_resume_after_kill_equals_uninterrupted(tmp_path):
 def test_torchrun_two_cpu_processes(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517",
-           "-m", "cascade.cli"] + _train_cmd(tmp_path / "ddp", epochs=1)[3:]
+           "-m", "rescascade.cli"] + _train_cmd(tmp_path / "ddp", epochs=1)[3:]
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]
     doc = json.loads((tmp_path / "ddp/family.json").read_text())
@@ -322,7 +323,7 @@ def test_torchrun_two_cpu_processes(tmp_path):
 
 
 def test_linear_probe_fits_separable_features():
-    from training.probe import fit_linear
+    from rescascade.training.probe import fit_linear
     g = torch.Generator().manual_seed(0)
     centers = torch.randn(4, 16, generator=g) * 3
     y = torch.arange(200) % 4
@@ -333,7 +334,7 @@ def test_linear_probe_fits_separable_features():
 
 def test_probe_penalty_is_cross_validated():
     """Few noisy images want a strong penalty, many clean ones a weak one."""
-    from training.probe import L2_GRID, choose_l2
+    from rescascade.training.probe import L2_GRID, choose_l2
     g = torch.Generator().manual_seed(0)
     centers = torch.randn(4, 8, generator=g)
     y_few, y_many = torch.arange(80) % 4, torch.arange(800) % 4
@@ -345,7 +346,7 @@ def test_probe_penalty_is_cross_validated():
 
 @pytest.mark.parametrize("classifier_kind", ["per_resolution", "shared"])
 def test_probe_head_init_sets_the_heads(classifier_kind, tmp_path):
-    from training.probe import init_heads_by_probe
+    from rescascade.training.probe import init_heads_by_probe
     splits = load_data("synthetic:64", seed=0, heldout_per_class=4)
     fam = ResolutionFamily(RES, num_classes=8, width_mult=0.35, classifier=classifier_kind)
     fam.load_torchvision_state_dict(random_torchvision(num_classes=8).state_dict())
@@ -363,9 +364,10 @@ def test_probe_of_the_same_start_on_the_same_images_is_fitted_once():
     (a patch, the image set) probes again."""
     from torchvision.models import mobilenet_v2
 
-    from training.probe import init_heads_by_probe
-    from training.trainer import IndependentModels
+    from rescascade.training.probe import ProbeCache, init_heads_by_probe
+    from rescascade.training.trainer import IndependentModels
     splits = load_data("synthetic:64", seed=0, heldout_per_class=4)
+    cache = ProbeCache()
     start = random_torchvision(num_classes=8).state_dict()
 
     def family():
@@ -375,7 +377,7 @@ def test_probe_of_the_same_start_on_the_same_images_is_fitted_once():
 
     def probe(model, images):
         logs = []
-        init_heads_by_probe(model, images, "cpu", log=logs.append)
+        init_heads_by_probe(model, images, "cpu", log=logs.append, cache=cache)
         return sum("cross-validated" in line for line in logs)  # resolutions fitted anew
 
     first, second = family(), family()
@@ -397,11 +399,13 @@ def test_probe_of_the_same_start_on_the_same_images_is_fitted_once():
     assert probe(changed, splits.train) == 1
     same_pixels = load_data("synthetic:64", seed=0, heldout_per_class=4).train  # another ImageSet object
     assert probe(family(), same_pixels) == 2
+    cache = None  # no cache: every call fits
+    assert probe(family(), splits.train) == 2
 
 
 def test_zero_epochs_with_probe_writes_the_probed_heads(tmp_path):
     """--epochs 0 --head-init probe is the linear-probe baseline: heads fitted, everything else as it started."""
-    from training.store import load_family
+    from rescascade.training.store import load_family
     w = tmp_path / "w.pt"
     torch.save(random_torchvision(num_classes=1000).state_dict(), w)
     kw = dict(width_mult=0.35, weights=str(w), classifier_kind="per_resolution",
@@ -421,7 +425,8 @@ def test_preprocess_matches_torchvision_in_any_memory_layout():
     """The fused preprocessing gives torchvision's to_dtype + normalize pixels, from channels-first or channels-last
     uint8 (as decode_image returns), one image or a batch; the model input comes out contiguous."""
     import torchvision.transforms.v2.functional as TF
-    from training.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess, resize_center_crop
+
+    from rescascade.training.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess, resize_center_crop
     hwc = torch.randint(0, 256, (3, 57, 71, 3), dtype=torch.uint8)
     channels_last, channels_first = hwc.permute(0, 3, 1, 2), hwc.permute(0, 3, 1, 2).contiguous()
     for r in (32, 48):

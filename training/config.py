@@ -6,7 +6,7 @@ import math
 from dataclasses import dataclass
 from typing import Iterable
 
-from .fileio import UserError
+from .errors import ConfigError
 
 MIN_RESOLUTION = 32    # MobileNetV2 downsamples 32x
 MAX_RESOLUTION = 1024  # above, a batch's activations outgrow any machine's memory (r=20000: ~38 GB per image)
@@ -18,15 +18,15 @@ def check_resolutions(resolutions: Iterable[int]) -> tuple[int, ...]:
     try:
         rs = [int(r) for r in resolutions]
     except (TypeError, ValueError):
-        raise UserError(f"resolutions must be integers, got {resolutions!r}; e.g. 96,128,160,192,224") from None
+        raise ConfigError(f"resolutions must be integers, got {resolutions!r}; e.g. 96,128,160,192,224") from None
     if not rs:
-        raise UserError("no resolutions given; pass e.g. --resolutions 96,128,160,192,224")
+        raise ConfigError("no resolutions given; pass e.g. --resolutions 96,128,160,192,224")
     if len(set(rs)) != len(rs):
-        raise UserError(f"resolutions {rs} repeat a value; give each resolution once")
+        raise ConfigError(f"resolutions {rs} repeat a value; give each resolution once")
     if min(rs) < MIN_RESOLUTION:
-        raise UserError(f"resolution {min(rs)} is below {MIN_RESOLUTION}, the smallest input MobileNetV2 accepts")
+        raise ConfigError(f"resolution {min(rs)} is below {MIN_RESOLUTION}, the smallest input MobileNetV2 accepts")
     if max(rs) > MAX_RESOLUTION:
-        raise UserError(f"resolution {max(rs)} is above {MAX_RESOLUTION}; give input sizes such as 96,128,160,192,224")
+        raise ConfigError(f"resolution {max(rs)} is above {MAX_RESOLUTION}; give input sizes such as 96,128,160,192,224")
     return tuple(sorted(rs))
 
 
@@ -72,8 +72,23 @@ class TrainConfig:
     amp: bool = True                # bf16 autocast on CUDA
     independent: bool = False       # K separate torchvision models, same recipe: the baseline
 
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "TrainConfig":
+        """A named recipe (`rescascade.training.recipes.PRESETS`: finetune, transfer, patches-distill,
+        patches-distill-keep-head, synthetic) with `overrides` on top; its family options (width_mult, patch,
+        classifier layout, weights) and data are the family's and run_train's, not the config's. resolutions
+        default to (96, 128, 160, 192, 224) where the preset names none. Raises ConfigError for an unknown name
+        or field."""
+        from .recipes import preset, split_options
+        fields, _ = split_options({**preset(name), **overrides})
+        unknown = set(overrides) - set(cls.__dataclass_fields__) - {"classifier"}
+        if unknown:
+            raise ConfigError(f"TrainConfig has no field(s) {', '.join(sorted(unknown))}")
+        fields.setdefault("resolutions", (96, 128, 160, 192, 224))
+        return cls(**fields)
+
     def __post_init__(self):
-        """Every value checked here, so a Python caller gets the CLI's one-line errors (UserError)."""
+        """Every value checked here, so a Python caller gets the CLI's one-line errors (RescascadeError)."""
         self.resolutions = check_resolutions(self.resolutions)
         for name, value, allowed in (("optimizer", self.optimizer, OPTIMIZERS), ("schedule", self.schedule, SCHEDULES),
                                      ("distill", self.distill, DISTILL), ("shared", self.shared, ("train", "frozen")),
@@ -82,40 +97,40 @@ class TrainConfig:
                                      ("head_init", self.head_init, ("none", "probe")),
                                      ("crop", self.crop, ("same", "independent", "center"))):
             if value not in allowed:
-                raise UserError(f"--{name} {value!r} is not one of {', '.join(allowed)}")
+                raise ConfigError(f"--{name} {value!r} is not one of {', '.join(allowed)}")
         if self.dropout is not None and not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"--dropout {self.dropout} must be in [0, 1)")
+            raise ConfigError(f"--dropout {self.dropout} must be in [0, 1)")
         if self.epochs < 0 or self.batch_size < 2:
-            raise UserError(f"need --epochs >= 0 and --batch-size >= 2 (got {self.epochs}, {self.batch_size})")
+            raise ConfigError(f"need --epochs >= 0 and --batch-size >= 2 (got {self.epochs}, {self.batch_size})")
         if self.loss_weights is not None:
             self.loss_weights = tuple(float(w) for w in self.loss_weights)
             if len(self.loss_weights) != len(self.resolutions):
-                raise UserError(f"--loss-weights has {len(self.loss_weights)} values for "
-                                f"{len(self.resolutions)} resolutions; give one per resolution")
+                raise ConfigError(f"--loss-weights has {len(self.loss_weights)} values for "
+                                  f"{len(self.resolutions)} resolutions; give one per resolution")
         if self.distill == "top" and len(self.resolutions) < 2:
-            raise UserError("--distill top needs at least two resolutions")
+            raise ConfigError("--distill top needs at least two resolutions")
         self.crop_scale = tuple(float(s) for s in self.crop_scale)
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
-            raise UserError(f"--crop-scale {','.join(f'{v:g}' for v in self.crop_scale)}: give MIN,MAX with "
-                            "0 < MIN <= MAX <= 1 (the share of the image a random crop covers), e.g. 0.25,1")
+            raise ConfigError(f"--crop-scale {','.join(f'{v:g}' for v in self.crop_scale)}: give MIN,MAX with "
+                              "0 < MIN <= MAX <= 1 (the share of the image a random crop covers), e.g. 0.25,1")
         for name in ("lr", "patch_lr", "head_lr", "weight_decay", "warmup_epochs", "label_weight", "distill_weight",
                      "patch_l2sp"):
             value = getattr(self, name)
             if value is not None and not (math.isfinite(value) and value >= 0):
-                raise UserError(f"--{name.replace('_', '-')} {value:g} must be a finite number >= 0")
+                raise ConfigError(f"--{name.replace('_', '-')} {value:g} must be a finite number >= 0")
         for name, value, lo, hi in (("momentum", self.momentum, 0.0, 1.0),
                                     ("label_smoothing", self.label_smoothing, 0.0, 1.0)):
             if not lo <= value < hi:
-                raise UserError(f"--{name.replace('_', '-')} {value:g} must be in [{lo:g}, {hi:g})")
+                raise ConfigError(f"--{name.replace('_', '-')} {value:g} must be in [{lo:g}, {hi:g})")
         if not (math.isfinite(self.distill_temperature) and self.distill_temperature > 0):
-            raise UserError(f"--distill-temperature {self.distill_temperature:g} must be > 0")
+            raise ConfigError(f"--distill-temperature {self.distill_temperature:g} must be > 0")
         if self.loss_weights is not None and not all(math.isfinite(w) and w >= 0 for w in self.loss_weights):
-            raise UserError(f"--loss-weights {','.join(f'{w:g}' for w in self.loss_weights)} must all be finite "
-                            "numbers >= 0")
+            raise ConfigError(f"--loss-weights {','.join(f'{w:g}' for w in self.loss_weights)} must all be finite "
+                              "numbers >= 0")
         if self.workers < 0:
-            raise UserError(f"--workers {self.workers} must be >= 0 (0 loads images in the training process)")
+            raise ConfigError(f"--workers {self.workers} must be >= 0 (0 loads images in the training process)")
         if self.seed < 0:
-            raise UserError(f"--seed {self.seed} must be >= 0")
+            raise ConfigError(f"--seed {self.seed} must be >= 0")
 
     @property
     def weights(self) -> tuple[float, ...]:

@@ -4,9 +4,7 @@ Sources (the --data argument):
   synthetic[:N]                 the built-in resolution-sensitive set (training/synthetic.py), N training images
   imagefolder:PATH              PATH/train and PATH/val (or one folder of class folders, split by --val-fraction)
   cifar10 | cifar100 | imagenette   torchvision datasets under --data-root (--download fetches them)
-  shared-imagenette:DIR         ../shared/data/imagenette_224: tars + manifests (labels: 10-way, or 1000-way
-                                with --label-space imagenet)
-  shared-imagenet-samples:DIR   ../shared/data/imagenet_sample_images: 1,000 held-out photos, 1000-way
+  NAME[:ARG]                    any source added with `register_source(NAME, read)`
 
 Held-out images (never trained on) are split into calib and test deterministically (stratified, seeded), from
 the listing alone, so the same data and options always give the same ids. Then every listed image's header is
@@ -16,7 +14,6 @@ data, is skipped where it is read and named too; one bad image never stops a bat
 """
 from __future__ import annotations
 
-import csv
 import os
 import tarfile
 from dataclasses import dataclass, field
@@ -26,10 +23,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .fileio import UserError
+from .errors import DataError
 from .images import DEFAULT_MAX_PIXELS, ImageError, decode, pixel_digest, probe
 from .progress import progress
-
 
 MAX_SYNTHETIC = 200_000  # synthetic training images (with their held-out images: ~22 GB of pixels)
 
@@ -62,7 +58,7 @@ class TarReader:
             index = {m.name: (m.offset_data, m.size) for m in tf.getmembers() if m.isfile()}
         missing = [m for m in members if m not in index]
         if missing:
-            raise UserError(f"{tar_path} lacks {len(missing)} file(s) its manifest lists, e.g. {missing[0]}")
+            raise DataError(f"{tar_path} lacks {len(missing)} file(s) its manifest lists, e.g. {missing[0]}")
         self.spans = [index[m] for m in members]
         self._fh = None
 
@@ -153,12 +149,12 @@ class DataSplits:
 def check_classes(labels: np.ndarray, class_names: list[str], what: str, hint: str = "add images or remove the "
                   "class") -> None:
     if len(class_names) < 2:
-        raise UserError(f"{what} has {len(class_names)} class(es); a classifier needs at least 2")
+        raise DataError(f"{what} has {len(class_names)} class(es); a classifier needs at least 2")
     counts = np.bincount(labels, minlength=len(class_names))
     empty = [class_names[i] for i in np.flatnonzero(counts == 0)]
     if empty:
         more = f" (and {len(empty) - 5} more)" if len(empty) > 5 else ""
-        raise UserError(f"{what}: class(es) {', '.join(empty[:5])}{more} have no readable images; {hint}")
+        raise DataError(f"{what}: class(es) {', '.join(empty[:5])}{more} have no readable images; {hint}")
 
 
 def limit_per_class(s: ImageSet, n: int | None, seed: int) -> ImageSet:
@@ -191,7 +187,7 @@ def list_image_folder(root: Path, id_root: Path, max_pixels: int | None) -> tupl
     try:
         classes, class_to_idx = find_classes(root)
     except FileNotFoundError:
-        raise UserError(f"{root} has no class folders; an image folder holds one sub-folder of images per "
+        raise DataError(f"{root} has no class folders; an image folder holds one sub-folder of images per "
                         "class") from None
     samples = make_dataset(root, class_to_idx, extensions=IMG_EXTENSIONS, allow_empty=True)
     listed = {path for path, _ in samples}
@@ -215,61 +211,30 @@ def image_folder(path: str, val_fraction: float | None, seed: int,
     ones (after reading headers)."""
     root = Path(path).expanduser()
     if not root.is_dir():
-        raise UserError(f"image folder {root} not found")
+        raise DataError(f"image folder {root} not found")
     if (root / "train").is_dir():
         if not (root / "val").is_dir():
-            raise UserError(f"{root}/train exists but {root}/val does not; add val/ or point at one class-folder tree")
+            raise DataError(f"{root}/train exists but {root}/val does not; add val/ or point at one class-folder tree")
         train, skipped = list_image_folder(root / "train", root, max_pixels)
         val, skipped_val = list_image_folder(root / "val", root, max_pixels)
         if val.class_names != train.class_names:
-            raise UserError(f"{root}/val has classes {val.class_names} but {root}/train has {train.class_names}; "
+            raise DataError(f"{root}/val has classes {val.class_names} but {root}/train has {train.class_names}; "
                             "both need the same class folders")
         return train, val, {k: skipped.get(k, 0) + skipped_val.get(k, 0) for k in {**skipped, **skipped_val}}
     full, skipped = list_image_folder(root, root, max_pixels)
     if val_fraction is None:
         return full.subset([]), full, skipped
     if not 0 < val_fraction < 1:
-        raise UserError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
+        raise DataError(f"--val-fraction must be between 0 and 1, got {val_fraction}")
     check_classes(full.labels, full.class_names, str(root))
     val_idx, train_idx = stratified_split(full.labels, val_fraction, seed + 1)
     return full.subset(train_idx), full.subset(val_idx), skipped
-
-
-def _read_manifest(path: Path) -> list[dict]:
-    if not path.is_file():
-        raise UserError(f"{path} not found; the shared data folder needs its tar files and manifests")
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def imagenet_class_names() -> list[str]:
     """The 1,000 ImageNet class names in torchvision's order (from torchvision's weights meta)."""
     from torchvision.models import MobileNet_V2_Weights
     return list(MobileNet_V2_Weights.IMAGENET1K_V1.meta["categories"])
-
-
-def shared_imagenette(path: str, label_space: str, max_pixels: int | None) -> tuple[ImageSet, ImageSet]:
-    root = Path(path)
-    out = []
-    for split, tar in (("train_subset500", "imagenette224_train_subset500.tar"), ("val", "imagenette224_val.tar")):
-        rows = _read_manifest(root / f"manifest_{split}.csv")
-        if label_space == "imagenet":
-            labels, classes = [int(r["imagenet_index"]) for r in rows], imagenet_class_names()
-        else:
-            names = {int(r["imagenette_index"]): r["class_name"] for r in rows}
-            labels, classes = [int(r["imagenette_index"]) for r in rows], [names[i] for i in sorted(names)]
-        reader = TarReader(str(root / tar), [r["path"] for r in rows], max_pixels)
-        out.append(ImageSet(classes, labels, [r["path"] for r in rows], reader))
-    return out[0], out[1]
-
-
-def shared_imagenet_samples(path: str, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> ImageSet:
-    root = Path(path)
-    rows = _read_manifest(root / "labels.csv")
-    tar = root / "imagenet_sample_images_1000.tar"
-    members = [f"imagenet_sample_images/{r['file']}" for r in rows]
-    return ImageSet(imagenet_class_names(), [int(r["imagenet_index"]) for r in rows], [r["file"] for r in rows],
-                    TarReader(str(tar), members, max_pixels))
 
 
 def torchvision_dataset(name: str, root: str, download: bool, max_pixels: int | None) -> tuple[ImageSet, ImageSet]:
@@ -283,7 +248,7 @@ def torchvision_dataset(name: str, root: str, download: bool, max_pixels: int | 
             train = D.Imagenette(root, split="train", size="320px", download=download)
             val = D.Imagenette(root, split="val", size="320px", download=download)
     except RuntimeError as e:
-        raise UserError(f"{name} not found under {root} ({e}); pass --download (needs network) "
+        raise DataError(f"{name} not found under {root} ({e}); pass --download (needs network) "
                         "or --data-root pointing at a copy") from None
     out = []
     for ds in (train, val):
@@ -312,9 +277,10 @@ def resolve_source(spec: str, data_root: str = "data") -> str:
     """The --data spec with its path made absolute: what the family records, so that `eval` run from another
     directory reads the same images (a relative imagefolder:../photos would name another folder there)."""
     kind, _, arg = spec.partition(":")
-    if kind in ("imagefolder", "shared-imagenette", "shared-imagenet-samples") and arg:
+    source = SOURCES.get(kind)
+    if source and source.path == "required" and arg:
         return f"{kind}:{Path(arg).expanduser().resolve()}"
-    if kind in ("cifar10", "cifar100", "imagenette"):
+    if source and source.path == "data_root":
         return f"{kind}:{Path(arg or data_root).expanduser().resolve()}"
     return spec
 
@@ -326,31 +292,74 @@ def _check_unreadable(what: str, bad: list[dict], log) -> None:
             " (family.json lists them all under provenance.data.unreadable)")
 
 
-def _read_source(spec: str, val_fraction: float | None, seed: int, label_space: str, data_root: str, download: bool,
-                 synthetic_classes: int, max_image_pixels: int | None):
+@dataclass(frozen=True)
+class SourceOptions:
+    """What a data source may use besides its argument (the --data options of the same names)."""
+    val_fraction: float | None = 0.2      # share of one class-folder tree held out (None: list it all as held out)
+    seed: int = 0
+    label_space: str = "native"           # native, or imagenet: ImageNet's 1000 classes where the source has them
+    data_root: str = "data"               # where datasets without a path argument live
+    download: bool = False
+    synthetic_classes: int = 8
+    max_image_pixels: int | None = DEFAULT_MAX_PIXELS
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A --data source: `read(arg, options)` -> (training ImageSet or None for evaluation-only sources, held-out
+    ImageSet[, {extension: count} of files seen but not listed]). The held-out images are split into calib and
+    test by load_data; ids must be stable across calls (eval looks recorded ids up again).
+    path: "required" (ARG is a path, recorded absolute), "data_root" (ARG defaults to --data-root) or "none".
+    folder_classes: the classes come from folders, so each must hold images (a fixed label space need not)."""
+    read: Callable
+    path: str = "required"
+    folder_classes: bool = False
+
+
+SOURCES: dict[str, DataSource] = {}
+
+
+def register_source(name: str, read: Callable, *, path: str = "required", folder_classes: bool = False) -> None:
+    """Make `--data NAME[:ARG]` (and load_data("NAME:ARG")) read images with `read(arg, SourceOptions)`; see
+    DataSource for what it returns. Raises ValueError for a name with ":" or a bad `path` kind."""
+    if ":" in name or not name or path not in ("required", "data_root", "none"):
+        raise ValueError(f"register_source({name!r}, path={path!r}): a name without ':' and path one of "
+                         "required, data_root, none")
+    SOURCES[name] = DataSource(read, path, folder_classes)
+
+
+def _synthetic_source(arg: str, o: SourceOptions):
+    try:
+        n_train = int(arg) if arg else 2000
+    except ValueError:
+        n_train = -1
+    if not 1 <= n_train <= MAX_SYNTHETIC:  # each image is 112 x 112 x 3 bytes, held-out ones twice over
+        raise DataError(f"--data synthetic:{arg}: synthetic:N takes 1 to {MAX_SYNTHETIC:,} training images")
+    return synthetic(n_train, o.synthetic_classes, o.seed)
+
+
+def _torchvision_source(name: str):
+    return lambda arg, o: torchvision_dataset(name, arg or o.data_root, o.download, o.max_image_pixels)
+
+
+register_source("synthetic", _synthetic_source, path="none")
+register_source("imagefolder", lambda arg, o: image_folder(arg, o.val_fraction, o.seed, o.max_image_pixels),
+                folder_classes=True)
+for _name in ("cifar10", "cifar100", "imagenette"):
+    register_source(_name, _torchvision_source(_name), path="data_root")
+
+
+def _read_source(spec: str, options: SourceOptions):
     """--data SPEC -> (training images or None, held-out images, {extension: count} of files not listed)."""
     kind, _, arg = spec.partition(":")
-    not_listed: dict[str, int] = {}
-    if kind == "synthetic":
-        try:
-            n_train = int(arg) if arg else 2000
-        except ValueError:
-            n_train = -1
-        if not 1 <= n_train <= MAX_SYNTHETIC:  # each image is 112 x 112 x 3 bytes, held-out ones twice over
-            raise UserError(f"--data {spec}: synthetic:N takes 1 to {MAX_SYNTHETIC:,} training images")
-        train, heldout = synthetic(n_train, synthetic_classes, seed)
-    elif kind == "imagefolder":
-        train, heldout, not_listed = image_folder(arg, val_fraction, seed, max_image_pixels)
-    elif kind in ("cifar10", "cifar100", "imagenette"):
-        train, heldout = torchvision_dataset(kind, arg or data_root, download, max_image_pixels)
-    elif kind == "shared-imagenette":
-        train, heldout = shared_imagenette(arg, label_space, max_image_pixels)
-    elif kind == "shared-imagenet-samples":
-        train, heldout = None, shared_imagenet_samples(arg, max_image_pixels)
-    else:
-        raise UserError(f"unknown --data {spec!r}; use synthetic[:N], imagefolder:PATH, cifar10, cifar100, "
-                        "imagenette, shared-imagenette:DIR or shared-imagenet-samples:DIR")
-    return train, heldout, not_listed
+    if kind not in SOURCES:
+        raise DataError(f"unknown --data {spec!r}; use synthetic[:N], imagefolder:PATH, cifar10, cifar100, "
+                        f"imagenette{''.join(f', {k}' for k in SOURCES if k not in BUILT_IN)}")
+    train, heldout, *rest = SOURCES[kind].read(arg, options)
+    return train, heldout, (rest[0] if rest else {})
+
+
+BUILT_IN = tuple(SOURCES)
 
 
 def heldout_listing(spec: str, *, seed: int = 0, label_space: str = "native", data_root: str = "data",
@@ -359,8 +368,8 @@ def heldout_listing(spec: str, *, seed: int = 0, label_space: str = "native", da
     """Every image SPEC can hold out, listed, neither split nor checked: an image folder's val/ (or all of a tree
     that --val-fraction splits), a dataset's held-out part. Recorded ids are looked up here, so images added to or
     removed from the data since do not move them; other data is scored whole."""
-    _, heldout, _ = _read_source(spec, None, seed, label_space, data_root, False, synthetic_classes,
-                                 max_image_pixels)
+    _, heldout, _ = _read_source(spec, SourceOptions(None, seed, label_space, data_root, False, synthetic_classes,
+                                                     max_image_pixels))
     return heldout
 
 
@@ -375,12 +384,12 @@ def load_data(spec: str, *, calib_fraction: float = 0.5, val_fraction: float = 0
     images whose header reads within max_image_pixels (check_train=False skips reading the training images'
     headers, for callers that use only the held-out ones). The description records every option that defines
     the splits, the resolved source, the images each split holds and the unreadable ones, by id.
-    Raises UserError for an unknown source, bad fractions, or a class left without readable images."""
+    Raises RescascadeError for an unknown source, bad fractions, or a class left without readable images."""
     kind, _, arg = spec.partition(":")
     if not 0 < calib_fraction < 1:
-        raise UserError(f"--calib-fraction must be between 0 and 1, got {calib_fraction}")
-    train, heldout, not_listed = _read_source(spec, val_fraction, seed, label_space, data_root, download,
-                                              synthetic_classes, max_image_pixels)
+        raise DataError(f"--calib-fraction must be between 0 and 1, got {calib_fraction}")
+    train, heldout, not_listed = _read_source(spec, SourceOptions(val_fraction, seed, label_space, data_root, download,
+                                                                  synthetic_classes, max_image_pixels))
     if not_listed:
         log(f"{sum(not_listed.values())} file(s) in the class folders are not images torchvision's ImageFolder "
             f"lists and are not used ({', '.join(f'{k} {v}' for k, v in not_listed.items())})")
@@ -390,7 +399,7 @@ def load_data(spec: str, *, calib_fraction: float = 0.5, val_fraction: float = 0
         if check_train:
             train, unreadable["train"] = train.readable("training")
             _check_unreadable("train", unreadable["train"], log)
-            if kind == "imagefolder":  # classes that come from the folders (not a fixed label space) need images
+            if SOURCES[kind].folder_classes:  # classes that come from folders (not a fixed label space) need images
                 check_classes(train.labels, train.class_names, f"{spec} (training images)")
     heldout = limit_per_class(heldout, heldout_per_class, seed + 2)
     calib_idx, test_idx = stratified_split(heldout.labels, calib_fraction, seed + 3)
@@ -398,12 +407,12 @@ def load_data(spec: str, *, calib_fraction: float = 0.5, val_fraction: float = 0
     test, unreadable["test"] = heldout.subset(test_idx).readable("test")
     for split in ("calib", "test"):
         _check_unreadable(split, unreadable[split], log)
-    if kind == "imagefolder":
+    if SOURCES[kind].folder_classes:
         check_classes(np.concatenate([calib.labels, test.labels]), heldout.class_names, f"{spec} (held-out images)",
                       "add images, or raise --val-fraction if the folder is split by it")
     for split, images in (("calib", calib), ("test", test)):
         if len(images) == 0 and train is not None:  # a family needs both (an evaluation-only source may not)
-            raise UserError(f"{spec}: the {split} split has no readable images ({len(heldout)} held-out images, "
+            raise DataError(f"{spec}: the {split} split has no readable images ({len(heldout)} held-out images, "
                             f"--calib-fraction {calib_fraction}); add held-out images or change --calib-fraction")
     desc = {"source": spec, "resolved_source": resolve_source(spec, data_root), "label_space": label_space,
             "seed": seed, "calib_fraction": calib_fraction, "val_fraction": val_fraction,

@@ -17,7 +17,7 @@ from torch import nn
 from torchvision.models import MobileNetV2, mobilenet_v2
 
 from .config import check_resolutions
-from .fileio import UserError
+from .errors import ConfigError, RescascadeError
 
 ARCH = "mobilenet_v2"
 PATCH_KINDS = ("scale_bias_stats", "scale_bias")  # γ,β,μ,σ² private | γ,β private, statistics shared
@@ -91,13 +91,13 @@ class ResolutionFamily(MobileNetV2):
                  patch: str = "scale_bias_stats", classifier: str = "shared", dropout: float = 0.2):
         resolutions = check_resolutions(resolutions)
         if patch not in PATCH_KINDS:
-            raise UserError(f"unknown patch kind {patch!r}; choose one of {', '.join(PATCH_KINDS)}")
+            raise ConfigError(f"unknown patch kind {patch!r}; choose one of {', '.join(PATCH_KINDS)}")
         if classifier not in CLASSIFIER_KINDS:
-            raise UserError(f"unknown classifier kind {classifier!r}; choose one of {', '.join(CLASSIFIER_KINDS)}")
+            raise ConfigError(f"unknown classifier kind {classifier!r}; choose one of {', '.join(CLASSIFIER_KINDS)}")
         if int(num_classes) < 2:
-            raise UserError(f"num_classes must be at least 2, got {num_classes}")
+            raise ConfigError(f"num_classes must be at least 2, got {num_classes}")
         if not width_mult > 0:
-            raise UserError(f"width_mult must be positive, got {width_mult}")
+            raise ConfigError(f"width_mult must be positive, got {width_mult}")
         norm = partial(PatchedBatchNorm2d, resolutions=resolutions, share_stats=(patch == "scale_bias"))
         super().__init__(num_classes=int(num_classes), width_mult=float(width_mult), norm_layer=norm,
                          dropout=dropout)
@@ -112,13 +112,28 @@ class ResolutionFamily(MobileNetV2):
         self.dropout = dropout
         self.set_resolution(resolutions[-1])
 
+    @classmethod
+    def pretrained(cls, resolutions: Sequence[int], num_classes: int = 1000, weights: str | None = "imagenet",
+                   **kwargs) -> "ResolutionFamily":
+        """A family whose shared weights and every patch start from torchvision MobileNetV2 weights: "imagenet"
+        (torchvision's IMAGENET1K_V1, from the hub cache or downloaded), "imagenet:TAG" (another
+        MobileNet_V2_Weights name), a path to a saved state dict, or None (a fresh init). A classifier for
+        another class count starts fresh. kwargs: width_mult, patch, classifier, dropout (see the class).
+        Raises ConfigError for bad values, RescascadeError when the weights cannot be read or do not fit."""
+        from .weights import resolve_weights
+        state, _ = resolve_weights(weights)
+        family = cls(resolutions, num_classes, **kwargs)
+        if state is not None:
+            family.load_torchvision_state_dict(state, what=f"weights {weights}")
+        return family
+
     # ---- selecting a resolution -------------------------------------------------------------------------
     def patched_modules(self) -> dict[str, nn.Module]:
         return {n: m for n, m in self.named_modules() if isinstance(m, (PatchedBatchNorm2d, PatchedLinear))}
 
     def set_resolution(self, resolution: int) -> None:
         if int(resolution) not in self.resolutions:
-            raise UserError(f"resolution {resolution} is not in this family {list(self.resolutions)}")
+            raise RescascadeError(f"resolution {resolution} is not in this family {list(self.resolutions)}")
         key = res_key(resolution)
         for m in self.patched_modules().values():
             m.active = key
@@ -173,7 +188,7 @@ class ResolutionFamily(MobileNetV2):
 
     def _key(self, resolution: int) -> str:
         if int(resolution) not in self.resolutions:
-            raise UserError(f"resolution {resolution} is not in this family {list(self.resolutions)}")
+            raise RescascadeError(f"resolution {resolution} is not in this family {list(self.resolutions)}")
         return res_key(resolution)
 
     @staticmethod
@@ -183,16 +198,16 @@ class ResolutionFamily(MobileNetV2):
         missing = sorted(names - set(source))
         unexpected = sorted(set(source) - names)
         if missing:
-            raise UserError(f"{what} lacks {len(missing)} tensor(s), e.g. {missing[0]}; "
-                            "it was written for a different architecture or family")
+            raise RescascadeError(f"{what} lacks {len(missing)} tensor(s), e.g. {missing[0]}; "
+                                  "it was written for a different architecture or family")
         if unexpected:
-            raise UserError(f"{what} has {len(unexpected)} tensor(s) this family does not have, e.g. "
-                            f"{unexpected[0]}; it was written for a different architecture or family")
+            raise RescascadeError(f"{what} has {len(unexpected)} tensor(s) this family does not have, e.g. "
+                                  f"{unexpected[0]}; it was written for a different architecture or family")
         for name, t in targets:
             s = source[name]
             if tuple(s.shape) != tuple(t.shape):
-                raise UserError(f"{what}: {name} has shape {list(s.shape)} but this family needs {list(t.shape)}; "
-                                "it belongs to a model with another width_mult or num_classes")
+                raise RescascadeError(f"{what}: {name} has shape {list(s.shape)} but this family needs {list(t.shape)}; "
+                                      "it belongs to a model with another width_mult or num_classes")
         with torch.no_grad():
             for name, t in targets:
                 t.copy_(source[name].to(dtype=t.dtype))

@@ -1,7 +1,7 @@
-"""Artifact file helpers every stage uses: one error type for user mistakes, atomic writes, hashes.
+"""Artifact file helpers every stage uses: atomic writes, JSON with a checked schema version, hashes.
 
-Stages talk only through files on disk (DESIGN.md), so these few functions are the whole contract for
-writing them safely: a crash mid-write never leaves a half file where a good one was.
+Stages talk through files on disk (the artifacts table in README.md), so these few functions are the whole
+contract for writing them safely: a crash mid-write never leaves a half file where a good one was.
 """
 from __future__ import annotations
 
@@ -12,9 +12,7 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-
-class UserError(Exception):
-    """A mistake the user can fix. The CLI prints its message as one line and exits 2, no traceback."""
+from .errors import ArtifactError
 
 
 @contextmanager
@@ -46,18 +44,18 @@ def write_json(path, obj) -> None:
 
 
 def read_json(path, what: str) -> dict:
-    """Read a JSON artifact; a missing or unparsable file is a UserError naming `what` it should be."""
+    """Read a JSON artifact; a missing or unparsable file is a RescascadeError naming `what` it should be."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"{path} not found: expected {what}")
+        raise ArtifactError(f"{path} not found: expected {what}")
     try:
         doc = json.loads(path.read_text())
     except json.JSONDecodeError as e:
-        raise UserError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); re-create {what}") from None
+        raise ArtifactError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); re-create {what}") from None
     except UnicodeDecodeError:
-        raise UserError(f"{path} is not a text file; expected {what}") from None
+        raise ArtifactError(f"{path} is not a text file; expected {what}") from None
     if not isinstance(doc, dict):
-        raise UserError(f"{path} holds a JSON {type(doc).__name__}, not an object; expected {what}")
+        raise ArtifactError(f"{path} holds a JSON {type(doc).__name__}, not an object; expected {what}")
     return doc
 
 
@@ -65,13 +63,13 @@ def check_schema(doc: dict, path, kind: str, supported: int, required: tuple[str
     """Stop with one clear line on an unknown schema version or a missing field."""
     version = doc.get("schema_version")
     if version is None:
-        raise UserError(f"{path}: no schema_version; this is not a {kind} written by rescascade")
+        raise ArtifactError(f"{path}: no schema_version; this is not a {kind} written by rescascade")
     if not isinstance(version, int) or version > supported:
-        raise UserError(f"{path}: {kind} schema_version {version!r} is not supported by this rescascade "
-                        f"(it reads up to {supported}); upgrade rescascade or re-create the file")
+        raise ArtifactError(f"{path}: {kind} schema_version {version!r} is not supported by this rescascade "
+                            f"(it reads up to {supported}); upgrade rescascade or re-create the file")
     missing = [k for k in required if k not in doc]
     if missing:
-        raise UserError(f"{path}: {kind} lacks field(s) {', '.join(missing)}; the file is incomplete, re-create it")
+        raise ArtifactError(f"{path}: {kind} lacks field(s) {', '.join(missing)}; the file is incomplete, re-create it")
 
 
 def sha256_file(path) -> str:

@@ -29,12 +29,14 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .errors import DataError
+
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's default decompression-bomb limit (89,478,485 pixels)
 
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # "I": Pillow's mode for 16-bit PPM/PGM and some TIFFs
 
 
-class ImageError(ValueError):
+class ImageError(DataError, ValueError):
     """An input that does not decode to an image: not an image, truncated, unsupported pixels, or more pixels
     than the limit allows. The message says which."""
 

@@ -1,4 +1,4 @@
-"""Logits of every resolution on held-out images, written as predictions/{calib,test}.npz (DESIGN.md §1).
+"""Logits of every resolution on held-out images, written as predictions/{calib,test}.npz.
 
 Each resolution sees the source image with its own eval preprocessing (resize r/0.875, center-crop r), as a
 deployed cascade would. Inference runs each resolution as a plain torchvision model in channels_last.
@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 from .data import EvalDataset, ImageSet, collate_skipping
-from .fileio import UserError, atomic_path
+from .errors import RescascadeError
+from .fileio import atomic_path
 from .preprocess import CROP_FRACTION, to_model_input
 from .progress import progress
 
@@ -50,7 +51,7 @@ def predict_logits(models: dict, images: ImageSet, batch_size: int = 64,
             positions.append(pos)
             bar.update(len(y))
     if not chunks:
-        raise UserError(f"no readable images among {len(ds)} to predict on")
+        raise RescascadeError(f"no readable images among {len(ds)} to predict on")
     pos = torch.cat(positions).numpy()
     return {"logits": torch.cat(chunks).numpy().astype(np.float32), "labels": torch.cat(labels).numpy(),
             "resolutions": np.array(resolutions, dtype=np.int64), "ids": np.array([images.ids[i] for i in pos]),

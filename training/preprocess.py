@@ -1,4 +1,4 @@
-"""Preprocessing for resolution r (DESIGN.md): resize the shorter side to round(r / 0.875) (antialiased),
+"""Preprocessing for resolution r: resize the shorter side to round(r / 0.875) (antialiased),
 center-crop r, scale to [0, 1], normalize with ImageNet mean/std. torchvision v2 functionals on tensors, shared
 by training, prediction, profiling and the runtime, so every stage sees exactly the same pixels."""
 from __future__ import annotations

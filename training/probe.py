@@ -76,10 +76,20 @@ def choose_l2(x: torch.Tensor, y: torch.Tensor, num_classes: int, grid=L2_GRID, 
     return grid[min(range(len(grid)), key=losses.__getitem__)]
 
 
-# (backbone sha256, resolution, classes) -> (the ImageSet probed, weight, bias, L2): several variants trained from
-# one start in one process (a benchmark's unpatched, statistics-only and patch families, the independent models)
-# probe the same frozen features; the fit is deterministic, so it is done once. Keyed on the very ImageSet object.
-_PROBED: dict[tuple, tuple] = {}
+class ProbeCache:
+    """Linear probes already fitted, for a caller that trains several variants from one start on one image set (a
+    benchmark's unpatched, statistics-only and patch families, the independent models): they probe the same frozen
+    features and the fit is deterministic, so it is done once. (backbone sha256, resolution, classes) ->
+    (weight [C, D], bias [C], L2), valid for one ImageSet object: another image set empties it."""
+
+    def __init__(self):
+        self.images = None
+        self.fits: dict[tuple, tuple] = {}
+
+    def for_images(self, images: ImageSet) -> dict[tuple, tuple]:
+        if images is not self.images:
+            self.images, self.fits = images, {}
+        return self.fits
 
 
 def backbone_sha256(state: dict[str, torch.Tensor]) -> str:
@@ -93,8 +103,9 @@ def backbone_sha256(state: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def init_heads_by_probe(model: nn.Module, images: ImageSet, device, log=print) -> None:
-    """Fit the classifier(s) of a ResolutionFamily (per-resolution or shared head) or of IndependentModels."""
+def init_heads_by_probe(model: nn.Module, images: ImageSet, device, log=print, cache: ProbeCache | None = None) -> None:
+    """Fit the classifier(s) of a ResolutionFamily (per-resolution or shared head) or of IndependentModels by a
+    linear probe on the frozen features of `images`; `cache` reuses per-resolution fits of the same start."""
     was_training = model.training
     model.eval()
     if isinstance(model, ResolutionFamily):
@@ -123,10 +134,9 @@ def init_heads_by_probe(model: nn.Module, images: ImageSet, device, log=print) -
         def state_at(r):
             return model.models[res_key(r)].state_dict()
     if heads:
-        if any(entry[0] is not images for entry in _PROBED.values()):
-            _PROBED.clear()  # another image set: hold on to one set of images at most
+        fitted = (cache or ProbeCache()).for_images(images)
         keys = {r: (backbone_sha256(state_at(r)), r, num_classes) for r in resolutions}
-        todo = [r for r in resolutions if keys[r] not in _PROBED]
+        todo = [r for r in resolutions if keys[r] not in fitted]
         feats, y = probe_features(backbone, images, todo, device) if todo else ({}, None)
         with torch.no_grad():
             for r in resolutions:
@@ -135,9 +145,9 @@ def init_heads_by_probe(model: nn.Module, images: ImageSet, device, log=print) -
                     w, b = fit_linear(feats[r], y, num_classes, l2=l2)
                     acc = float(((feats[r] @ w.T + b).argmax(1) == y).float().mean())
                     log(f"linear probe r{r}: L2 {l2:g} (cross-validated), train top-1 {100 * acc:.1f}%")
-                    _PROBED[keys[r]] = (images, w, b, l2)
+                    fitted[keys[r]] = (w, b, l2)
                 else:
-                    _, w, b, l2 = _PROBED[keys[r]]
+                    w, b, l2 = fitted[keys[r]]
                     log(f"linear probe r{r}: L2 {l2:g}, the same start probed before in this process")
                 heads[r][0].copy_(w)
                 heads[r][1].copy_(b)

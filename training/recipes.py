@@ -61,7 +61,7 @@ FAMILY_OPTIONS = ("width_mult", "patch", "weights")
 def split_options(opts: dict) -> tuple[dict, dict]:
     """Preset/CLI options -> (TrainConfig fields, run_train family options). `classifier` is the CLI's
     shared | per-resolution | frozen: the head's layout (shared or per resolution) and whether it trains."""
-    from .trainer import TrainConfig
+    from .config import TrainConfig
     fields = set(TrainConfig.__dataclass_fields__)
     classifier = opts.get("classifier", "shared")
     cfg = {k: v for k, v in opts.items() if k in fields and k != "classifier"}
@@ -72,9 +72,9 @@ def split_options(opts: dict) -> tuple[dict, dict]:
 
 
 def preset(name: str | None) -> dict:
-    from .fileio import UserError
+    from .errors import ConfigError
     if name is None:
         return {}
     if name not in PRESETS:
-        raise UserError(f"unknown --preset {name!r}; choose one of {', '.join(PRESETS)}")
+        raise ConfigError(f"unknown --preset {name!r}; choose one of {', '.join(PRESETS)}")
     return {k: v for k, v in PRESETS[name].items() if k != "doc"}

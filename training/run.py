@@ -1,4 +1,4 @@
-"""`rescascade train`: data -> trained family directory with predictions (DESIGN.md §1)."""
+"""`rescascade train`: data -> trained family directory with predictions."""
 from __future__ import annotations
 
 import inspect
@@ -13,13 +13,13 @@ from torchvision.models import mobilenet_v2
 
 from . import rundir
 from .data import DataSplits, load_data, resolve_source
+from .errors import ConfigError, RescascadeError
 from .family import ResolutionFamily, res_key
-from .fileio import UserError, write_json
+from .fileio import write_json
 from .predict import predict_logits, top1, write_predictions
 from .store import library_versions, save_family, weights_id
 from .trainer import DistEnv, IndependentModels, TrainConfig, pick_device, train
 from .weights import resolve_weights
-
 
 MAX_WIDTH_MULT = 4.0  # MobileNetV2 at 4x width has 16x the multiply-adds: beyond, a typo rather than a model
 
@@ -27,11 +27,11 @@ MAX_WIDTH_MULT = 4.0  # MobileNetV2 at 4x width has 16x the multiply-adds: beyon
 def build_model(cfg: TrainConfig, num_classes: int, width_mult: float, patch: str, classifier_kind: str,
                 weights: str | None):
     if not 0 < width_mult <= MAX_WIDTH_MULT:
-        raise UserError(f"--width-mult {width_mult:g} must be in (0, {MAX_WIDTH_MULT:g}]")
+        raise ConfigError(f"--width-mult {width_mult:g} must be in (0, {MAX_WIDTH_MULT:g}]")
     state, weights_desc = resolve_weights(weights)
     if weights and weights.startswith("imagenet") and width_mult != 1.0:
-        raise UserError(f"torchvision's ImageNet weights are for width_mult 1.0; drop --width-mult {width_mult} "
-                        "or use --weights none / PATH")
+        raise RescascadeError(f"torchvision's ImageNet weights are for width_mult 1.0; drop --width-mult {width_mult} "
+                              "or use --weights none / PATH")
     if cfg.independent:
         def make():
             m = mobilenet_v2(num_classes=num_classes, width_mult=width_mult)
@@ -54,19 +54,20 @@ def run_train(data: str, out: str, cfg: TrainConfig, *, width_mult: float = 1.0,
               classifier_kind: str = "shared", weights: str | None = "imagenet", resume: bool = False,
               overwrite: bool = False,
               data_options: dict | None = None, predict_batch: int = 64, log=print, preset: str | None = None,
-              splits: DataSplits | None = None, predict_backend: str = "torch") -> dict:
+              splits: DataSplits | None = None, predictors=None, probe_cache=None) -> dict:
     """Train and write the family directory; returns family.json (or the baseline's json for --independent).
 
     out: a new or empty directory; an interrupted run there needs resume=True (continue) or overwrite=True (start
     over); a finished run there is returned as it is with resume=True and the same settings, replaced with
     overwrite=True; a folder of the user's own files needs overwrite=True (nothing of theirs is deleted).
     family.json is written last: a directory without it is an unfinished run.
-    splits: already loaded data (skips --data parsing; its description is recorded). predict_backend: torch, or
-    onnxruntime for faster bulk prediction on CPU (the exported, folded graphs the profiler uses too)."""
+    splits: already loaded data (skips --data parsing; its description is recorded). predictors: a function
+    (trained model, run directory, its json doc) -> {resolution: callable from a float32 [N, 3, r, r] batch to
+    [N, classes] logits}, e.g. `rescascade.profiling.engines.onnxruntime_predictors` for faster bulk prediction on
+    CPU; None: the plain torchvision models in PyTorch. probe_cache: a `probe.ProbeCache` shared by several runs
+    from one start on the same `splits` (each probes the same frozen features)."""
     env = DistEnv.from_env()
     out = Path(out)
-    if predict_backend not in ("torch", "onnxruntime"):
-        raise UserError(f"--predict-backend {predict_backend!r}: use torch or onnxruntime")
     data_options = {"seed": cfg.seed, **(data_options or {})}
     source = splits.description["resolved_source"] if splits else resolve_source(data, data_options.get("data_root",
                                                                                                        "data"))
@@ -77,10 +78,10 @@ def run_train(data: str, out: str, cfg: TrainConfig, *, width_mult: float = 1.0,
         return state
     splits = splits or load_data(data, **data_options, log=log if env.main else _quiet)
     if splits.train is None:
-        raise UserError(f"--data {data} holds only held-out images; train on another source")
+        raise ConfigError(f"--data {data} holds only held-out images; train on another source")
     if cfg.epochs and len(splits.train) < cfg.batch_size:
-        raise UserError(f"{len(splits.train)} training images are fewer than one batch of {cfg.batch_size}; "
-                        "lower --batch-size or add images")
+        raise RescascadeError(f"{len(splits.train)} training images are fewer than one batch of {cfg.batch_size}; "
+                              "lower --batch-size or add images")
     num_classes = len(splits.class_names)
     model, weights_desc = build_model(cfg, num_classes, width_mult, patch, classifier_kind, weights)
     if env.main:
@@ -89,12 +90,19 @@ def run_train(data: str, out: str, cfg: TrainConfig, *, width_mult: float = 1.0,
             f"{num_classes} classes; weights: {weights_desc}")
         if overwrite:  # every input checked: only now does the earlier run go
             rundir.replace(out, state, log)
-    result = train(model, splits.train, cfg, out, resume=resume and not overwrite, log=log)
+    result = train(model, splits.train, cfg, out, resume=resume and not overwrite, log=log, probe_cache=probe_cache)
     if env.world > 1:
         dist.barrier()
         if not env.main:
             dist.destroy_process_group()
             return {}
+    return _package(result, splits, cfg, out, weights_desc, preset, predictors, predict_batch, env, log)
+
+
+def _package(result, splits: DataSplits, cfg: TrainConfig, out: Path, weights_desc: str, preset: str | None,
+             predictors, predict_batch: int, env: DistEnv, log) -> dict:
+    """Write the trained model's weights, its calib/test predictions, then family.json (or independent.json)
+    last, and remove the checkpoint: the run is complete."""
     model = result.model.cpu()
     data_desc = splits.description
     data_desc["source_size"] = typical_size(splits.test)
@@ -109,11 +117,11 @@ def run_train(data: str, out: str, cfg: TrainConfig, *, width_mult: float = 1.0,
     if cfg.independent:
         doc = _save_independent(model, out, splits.class_names, provenance)
         models = {r: model.models[res_key(r)] for r in cfg.resolutions}
-        if predict_backend == "onnxruntime":
-            models = onnx_predictors(models, out, independent_ids(doc))
     else:
         doc = save_family(model, out, class_names=splits.class_names, provenance=provenance, write_doc=False)
-        models = family_predictors(model, out, weights_id(doc), predict_backend)
+        models = {r: model.to_torchvision(r) for r in model.resolutions}
+    if predictors is not None:
+        models = predictors(model, out, doc)
     wid = weights_id(doc)
     figures = {}
     for split, images in (("calib", splits.calib), ("test", splits.test)):
@@ -163,32 +171,6 @@ def _differences(doc: dict, cfg: TrainConfig, source: str, data_options: dict, w
     differ += [f"--{k.replace('_', '-')}" for k in DATA_IDENTITY
                if k in data and data_options.get(k, defaults[k]) != data[k]]
     return differ
-
-
-def family_predictors(family: ResolutionFamily, run_dir, wid: str, backend: str) -> dict:
-    """resolution -> what predicts at it: the plain torchvision model, or its ONNX Runtime engine."""
-    if backend == "torch":
-        return {r: family.to_torchvision(r) for r in family.resolutions}
-    from profiling.backends import get_backend
-    be = get_backend(backend)
-    return {r: be.open(family, run_dir, wid, r, "fp32").run for r in family.resolutions}
-
-
-def independent_ids(doc: dict) -> dict[int, str]:
-    """resolution -> the sha256 of that independent model's weight file (independent.json records them)."""
-    return {r: doc["files"][f"models/{res_key(r)}.safetensors"] for r in doc["resolutions"]}
-
-
-def onnx_predictors(models: dict, run_dir, ids: dict[int, str]) -> dict:
-    """resolution -> ONNX Runtime (CPU) engine of a plain torchvision model, exported to RUN_DIR/onnx (cached by
-    ids: resolution -> the model's weights sha256): the independent baseline predicts as fast as a family does."""
-    from profiling.backends.onnxruntime_backend import OnnxRuntimeEngine
-    from profiling.export import cached_export
-    engines = {}
-    for r, m in models.items():
-        path, _ = cached_export(lambda m=m: m, r, Path(run_dir) / "onnx" / f"{res_key(r)}.fp32.onnx", ids[r])
-        engines[r] = OnnxRuntimeEngine(path, r, "cpu", "fp32", None, Path(run_dir) / "engines").run
-    return engines
 
 
 def typical_size(images, n: int = 32) -> list[int] | None:

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .fileio import UserError
+from .errors import ConfigError, RescascadeError
 
 # what train, profile, build and eval write into a family directory by default (glob patterns, relative to it)
 OWN_FILES = ("family.json", "independent.json", "shared.safetensors", "patches/r[0-9][0-9][0-9].safetensors",
@@ -57,20 +57,20 @@ def run_state(run_dir: Path) -> RunState:
     try:
         if not run_dir.exists():
             if run_dir.parent.exists() and not run_dir.parent.is_dir():
-                raise UserError(f"--out {run_dir}: {run_dir.parent} is a file; give a directory for the family")
+                raise ConfigError(f"--out {run_dir}: {run_dir.parent} is a file; give a directory for the family")
             return RunState("new")
         if not run_dir.is_dir():
-            raise UserError(f"--out {run_dir} is a file; give a directory for the family")
+            raise ConfigError(f"--out {run_dir} is a file; give a directory for the family")
         if not any(run_dir.iterdir()):
             return RunState("new")
     except OSError as e:
-        raise UserError(f"--out {run_dir} cannot be used ({e.strerror}); give a directory you can write") from None
+        raise ConfigError(f"--out {run_dir} cannot be used ({e.strerror}); give a directory you can write") from None
     for name in ("family.json", "independent.json"):  # written last: a run with it is complete
         if (run_dir / name).is_file():
             try:
                 return RunState("complete", json.loads((run_dir / name).read_text()))
             except json.JSONDecodeError:
-                raise UserError(f"{run_dir / name} is damaged; train into a new --out, or --overwrite") from None
+                raise RescascadeError(f"{run_dir / name} is damaged; train into a new --out, or --overwrite") from None
     if (run_dir / CHECKPOINT).is_file():
         return RunState("interrupted", checkpoint_epoch=_checkpoint_epoch(run_dir / CHECKPOINT))
     weights = set(own_files(run_dir)) & {p for w in WEIGHTS for p in [run_dir / w, *(run_dir / w).glob("*")]}
@@ -105,29 +105,29 @@ def prepare(run_dir: Path, resume: bool, overwrite: bool, same_run, log) -> RunS
     """Check --out before anything is read or trained. Returns the finished run's doc when --resume meets a complete
     run that the same settings made (nothing to do), else the directory's state (go on; with overwrite, call
     `replace` once the new run's inputs are checked). same_run(doc) -> list of what differs.
-    Raises UserError with what to do in every other case."""
+    Raises RescascadeError with what to do in every other case."""
     state = run_state(run_dir)
     if overwrite:
         return state
     if state.kind == "foreign":
         shown = ", ".join(some_entries(run_dir))
-        raise UserError(f"--out {run_dir} is not empty and not a rescascade run (it holds {shown}); train into a new "
-                        "or empty directory, or pass --overwrite to write the family beside these files")
+        raise ConfigError(f"--out {run_dir} is not empty and not a rescascade run (it holds {shown}); train into a new "
+                          "or empty directory, or pass --overwrite to write the family beside these files")
     if state.kind == "complete":
         if not resume:
-            raise UserError(f"{run_dir} already holds a finished family; choose a new --out, or --overwrite to "
-                            "replace it (its profile and cascade files go with it)")
+            raise RescascadeError(f"{run_dir} already holds a finished family; choose a new --out, or --overwrite to "
+                                  "replace it (its profile and cascade files go with it)")
         differ = same_run(state.doc)
         if differ:
-            raise UserError(f"{run_dir} holds a finished family trained with other settings ({', '.join(differ)} "
-                            "differ); --resume continues the same run only: train into a new --out, or --overwrite")
+            raise RescascadeError(f"{run_dir} holds a finished family trained with other settings ({', '.join(differ)} "
+                                  "differ); --resume continues the same run only: train into a new --out, or --overwrite")
         log(f"{run_dir} is complete (family.json written): nothing to resume")
         return state.doc
     if state.kind == "interrupted" and not resume:
         where = f"a checkpoint after epoch {state.checkpoint_epoch}" if state.checkpoint_epoch else \
             "weights but no family.json"
-        raise UserError(f"{run_dir} holds an interrupted run ({where}); continue it with --resume (same flags), or "
-                        "start over with --overwrite")
+        raise RescascadeError(f"{run_dir} holds an interrupted run ({where}); continue it with --resume (same flags), or "
+                              "start over with --overwrite")
     return state
 
 

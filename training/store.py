@@ -1,4 +1,4 @@
-"""The family directory on disk (DESIGN.md §1): family.json, shared.safetensors, patches/rNNN.safetensors.
+"""The family directory on disk: family.json, shared.safetensors, patches/rNNN.safetensors.
 
 Like a PEFT adapter, a patch file is tiny and lives apart from the shared weights; shared + one patch is a
 plain torchvision state dict for that resolution.
@@ -14,8 +14,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from .errors import ArtifactError
 from .family import ARCH, CLASSIFIER_KINDS, PATCH_KINDS, ResolutionFamily, check_resolutions, res_key
-from .fileio import UserError, atomic_path, check_schema, read_json, sha256_file, write_json
+from .fileio import atomic_path, check_schema, read_json, sha256_file, write_json
 from .params import count_parameters
 from .preprocess import CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD
 
@@ -73,18 +74,18 @@ def save_family(family: ResolutionFamily, run_dir, class_names=None, provenance:
 def read_family_json(run_dir) -> dict:
     path = Path(run_dir) / "family.json"
     if Path(run_dir).is_file():
-        raise UserError(f"{run_dir} is a file; give the family directory written by `rescascade train`")
+        raise ArtifactError(f"{run_dir} is a file; give the family directory written by `rescascade train`")
     if not path.exists() and (Path(run_dir) / "independent.json").exists():
-        raise UserError(f"{run_dir} holds K independent models (train --independent, the baseline), not a "
-                        "resolution family; info, profile, build and eval take a family directory")
+        raise ArtifactError(f"{run_dir} holds K independent models (train --independent, the baseline), not a "
+                            "resolution family; info, profile, build and eval take a family directory")
     if not path.exists() and any((Path(run_dir) / f).exists() for f in ("shared.safetensors",
                                                                           "checkpoints/last.pt")):  # written last
-        raise UserError(f"{run_dir} is an unfinished run of `rescascade train` (stopped before family.json was "
-                        "written): re-run the same train command with --resume")
+        raise ArtifactError(f"{run_dir} is an unfinished run of `rescascade train` (stopped before family.json was "
+                            "written): re-run the same train command with --resume")
     doc = read_json(path, "a family directory's family.json (written by `rescascade train`)")
     check_schema(doc, path, "family", SCHEMA_VERSION, REQUIRED)
     if doc["arch"] != ARCH:
-        raise UserError(f"{path}: arch {doc['arch']!r} is not supported; this rescascade builds {ARCH}")
+        raise ArtifactError(f"{path}: arch {doc['arch']!r} is not supported; this rescascade builds {ARCH}")
     check_resolutions(doc["resolutions"])
     validate(doc, path)
     return doc
@@ -95,10 +96,10 @@ def _number(v) -> bool:
 
 
 def validate(doc: dict, path) -> None:
-    """The fields every stage reads, with the values they may take; raises UserError naming the field."""
+    """The fields every stage reads, with the values they may take; raises RescascadeError naming the field."""
     def check(ok: bool, what: str) -> None:
         if not ok:
-            raise UserError(f"{path}: {what}; the file was edited or damaged: restore it or re-run `rescascade train`")
+            raise ArtifactError(f"{path}: {what}; the file was edited or damaged: restore it or re-run `rescascade train`")
     check(_number(doc["width_mult"]) and doc["width_mult"] > 0, "width_mult must be a positive number")
     n = doc["num_classes"]
     check(isinstance(n, int) and not isinstance(n, bool) and n >= 2, "num_classes must be an integer >= 2")
@@ -125,28 +126,28 @@ def validate(doc: dict, path) -> None:
 
 def _load_tensors(path: Path, expected_sha: str | None, what: str) -> dict[str, torch.Tensor]:
     if not path.is_file():
-        raise UserError(f"{path} is missing: family.json lists it ({what}); copy the whole family directory "
-                        "or re-run `rescascade train`")
+        raise ArtifactError(f"{path} is missing: family.json lists it ({what}); copy the whole family directory "
+                            "or re-run `rescascade train`")
     if expected_sha is not None and sha256_file(path) != expected_sha:
-        raise UserError(f"{path} does not match the sha256 recorded in family.json: it changed after training; "
-                        "restore it or re-run `rescascade train`")
+        raise ArtifactError(f"{path} does not match the sha256 recorded in family.json: it changed after training; "
+                            "restore it or re-run `rescascade train`")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError) as e:
-        raise UserError(f"{path} is not a readable safetensors file ({e}); restore it or re-run train") from None
+        raise ArtifactError(f"{path} is not a readable safetensors file ({e}); restore it or re-run train") from None
 
 
 def verify_files(run_dir, doc: dict) -> None:
-    """Every weight file family.json lists is there with the sha256 it records (UserError naming the first that
+    """Every weight file family.json lists is there with the sha256 it records (RescascadeError naming the first that
     is not)."""
     for name, sha in doc["files"].items():
         path = Path(run_dir) / name
         if not path.is_file():
-            raise UserError(f"{path} is missing: family.json lists it; copy the whole family directory or re-run "
-                            "`rescascade train`")
+            raise ArtifactError(f"{path} is missing: family.json lists it; copy the whole family directory or re-run "
+                                "`rescascade train`")
         if sha256_file(path) != sha:
-            raise UserError(f"{path} does not match the sha256 recorded in family.json: it changed after training; "
-                            "restore it or re-run `rescascade train`")
+            raise ArtifactError(f"{path} does not match the sha256 recorded in family.json: it changed after training; "
+                                "restore it or re-run `rescascade train`")
 
 
 def load_family(run_dir, verify: bool = True) -> tuple[ResolutionFamily, dict]:

@@ -27,10 +27,12 @@ from torch import nn
 
 from .config import TrainConfig
 from .data import ImageSet, TrainDataset, collate_skipping
+from .errors import ConfigError, RescascadeError
 from .family import PatchedBatchNorm2d, PatchedLinear, res_key
-from .fileio import UserError, atomic_path, write_text
+from .fileio import atomic_path, write_text
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, resize_center_crop
 from .progress import progress
+
 
 class IndependentModels(nn.Module):
     """K plain torchvision MobileNetV2s, one per resolution: the baseline with no sharing at all."""
@@ -97,7 +99,7 @@ def pick_device(name: str, env: DistEnv) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda"):
         if not torch.cuda.is_available():
-            raise UserError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
+            raise ConfigError("--device cuda asked for, but torch sees no CUDA device; use --device cpu")
         return torch.device(f"cuda:{env.local_rank}" if name == "cuda" else name)
     return torch.device(name)
 
@@ -232,53 +234,174 @@ def _config_json(cfg: TrainConfig) -> str:
     return json.dumps(d, sort_keys=True)
 
 
-def train(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, out_dir, resume: bool = False,
-          log=print) -> TrainResult:
-    """Train `model` (a ResolutionFamily or IndependentModels) in place; checkpoints go to out_dir.
-    epochs 0 trains nothing: the starting point (e.g. ImageNet weights in every patch, with --head-init probe the
-    linear-probe heads on them) is written as is."""
-    env = DistEnv.from_env()
-    if cfg.epochs == 0:
-        if cfg.head_init == "probe":
-            from .probe import init_heads_by_probe
-            t0, device = time.perf_counter(), pick_device(cfg.device, env)
-            init_heads_by_probe(model.to(device, memory_format=torch.channels_last), train_set, device, log=log)
-            return TrainResult(model.cpu().eval(), seconds=time.perf_counter() - t0)
-        return TrainResult(model.eval())
-    if env.world > 1 and not dist.is_initialized():
-        backend = "nccl" if cfg.device != "cpu" and torch.cuda.is_available() else "gloo"
-        dist.init_process_group(backend)
-    device = pick_device(cfg.device, env)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    out_dir = Path(out_dir)
-    ckpt_path = out_dir / "checkpoints" / "last.pt"
-    channels_last = True  # halves eager cost on CPU (SETUP.md) and suits tensor cores on GPU
-    model.to(device, memory_format=torch.channels_last)
-    if cfg.dropout is not None:
-        for m in model.modules():
-            if isinstance(m, nn.Dropout):
-                m.p = cfg.dropout
-    if cfg.head_init == "probe":  # on resume too: the teacher below is a copy of this start (heads then reload)
-        from .probe import init_heads_by_probe
-        init_heads_by_probe(model, train_set, device, log=log if env.main else (lambda s: None))
+@dataclass
+class _Run:
+    """What one training run steps with: built once by `train`, used by every `train_one_epoch`."""
+    cfg: TrainConfig
+    model: nn.Module                 # the family (or the independent models) being trained
+    wrapper: MultiResolutionForward  # all resolutions in one forward (what DDP wraps)
+    net: nn.Module                   # the wrapper, or its DistributedDataParallel
+    teacher: nn.Module | None        # a frozen copy of the start, asked at the top resolution
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    anchors: list                    # (patch parameter, its start) for L2-SP
+    stats_only: bool                 # nothing learned: train-mode forwards re-estimate BN statistics
+    device: torch.device
+    env: DistEnv
+    dataset: TrainDataset
+
+    def autocast(self):
+        if self.device.type == "cuda" and self.cfg.amp:
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return torch.autocast("cpu", enabled=False)
+
+
+@dataclass
+class EpochStats:
+    """One epoch's sums over the images seen (per resolution: loss sum, correct count)."""
+    sums: dict
+    seen: int = 0
+    kd_sum: float = 0.0
+    skipped: int = 0
+    unreadable: dict = field(default_factory=dict)   # id -> error
+    seconds: float = 0.0
+
+
+def training_loss(logits: list[torch.Tensor], y: torch.Tensor, fixed_top, run: _Run):
+    """The step's objective: weighted cross-entropy per resolution plus the chosen distillation (top: from the
+    top resolution; teacher: from the frozen start; ensemble: RS-Nets, Wang et al. ECCV 2020, §3.2) and L2-SP on
+    the patches. -> (total, per-resolution cross-entropies, distillation loss)."""
+    cfg = run.cfg
+    losses = [F.cross_entropy(lg.float(), y, label_smoothing=cfg.label_smoothing) for lg in logits]
+    loss = cfg.label_weight * sum(w * lo for w, lo in zip(cfg.weights, losses))
+    kd = torch.zeros((), device=y.device)
+    T = cfg.distill_temperature
+    if cfg.distill == "top":
+        top = logits[-1].float()
+        kd = sum((w * kd_loss(lg.float(), top, T) for w, lg in zip(cfg.weights, logits[:-1])), kd)
+    elif cfg.distill == "teacher":
+        # the top resolution is the teacher's own: it learns from labels only (if at all)
+        kd = sum((w * kd_loss(lg.float(), fixed_top, T) for w, lg in zip(cfg.weights, logits[:-1])), kd)
+    elif cfg.distill == "ensemble":  # ensemble logit + (ensemble -> each) + top-down KD
+        a = torch.softmax(run.wrapper.alpha, 0)
+        ens = sum(a[k] * lg.detach().float() for k, lg in enumerate(logits))
+        loss = loss + cfg.label_weight * F.cross_entropy(ens, y)
+        kd = sum(kd_loss(lg.float(), ens, T) for lg in logits)
+        kd = kd + sum(kd_loss(logits[i].float(), logits[j].float(), T)
+                      for i in range(len(logits)) for j in range(i + 1, len(logits)))
+        kd = kd * 2 / (len(logits) + 1)
+    total = loss + cfg.distill_weight * kd
+    if cfg.patch_l2sp:  # keep the patches near where they started (L2-SP)
+        total = total + cfg.patch_l2sp * sum(((p - p0) ** 2).sum() for p, p0 in run.anchors)
+    return total, losses, kd
+
+
+def _loader(run: _Run, epoch: int) -> torch.utils.data.DataLoader:
+    """The epoch's batches: shuffled by (seed, epoch), so a resumed run draws what an uninterrupted one would."""
+    cfg, env = run.cfg, run.env
+    if env.world > 1:
+        sampler = torch.utils.data.DistributedSampler(run.dataset, env.world, env.rank, shuffle=True,
+                                                      seed=cfg.seed, drop_last=True)
+        sampler.set_epoch(epoch)
+    else:
+        sampler = torch.utils.data.RandomSampler(run.dataset,
+                                                 generator=torch.Generator().manual_seed(cfg.seed + epoch))
+    return torch.utils.data.DataLoader(
+        run.dataset, batch_size=cfg.batch_size // env.world, sampler=sampler, num_workers=cfg.workers,
+        drop_last=True, collate_fn=collate_skipping, persistent_workers=False, pin_memory=run.device.type == "cuda",
+        generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
+
+
+def train_one_epoch(run: _Run, epoch: int) -> EpochStats:
+    """One pass over the training images: every batch through every resolution, one optimizer step."""
+    cfg, device = run.cfg, run.device
+    torch.manual_seed(cfg.seed * 100_003 + epoch)  # augmentation and dropout: a function of (seed, epoch)
+    loader = _loader(run, epoch)
+    run.net.train()
+    _set_bn_mode(run.model, cfg)
+    if run.teacher is not None:
+        run.teacher.eval()
+    st = EpochStats({r: {"loss": 0.0, "correct": 0} for r in cfg.resolutions})
+    t_epoch = time.perf_counter()
+    bar = progress(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", enabled=run.env.main)
+    for batch, bad in bar:
+        st.skipped += len(bad)
+        st.unreadable.update((b.id, b.error) for b in bad)
+        if batch is None or len(batch[1]) < 2:
+            continue
+        crops, y = batch
+        y = y.to(device, non_blocking=True)
+        xs = _inputs(crops, cfg.resolutions, device, channels_last=True)
+        fixed_top = None
+        if run.teacher is not None:
+            with torch.no_grad(), run.autocast():
+                fixed_top = run.teacher(xs[-1], cfg.resolutions[-1]).float()
+
+        def forward():  # a frozen top resolution is the teacher's forward, run once above
+            return run.net(xs[:-1]) + [fixed_top] if cfg.freeze_top else run.net(xs)
+        if run.stats_only:
+            with torch.no_grad():
+                logits = forward()
+            st.seen += len(y)
+            for r, lg in zip(cfg.resolutions, logits):
+                st.sums[r]["correct"] += int((lg.argmax(1) == y).sum())
+            continue
+        with run.autocast():
+            logits = forward()
+            total, losses, kd = training_loss(logits, y, fixed_top, run)
+        run.opt.zero_grad(set_to_none=True)
+        total.backward()
+        run.opt.step()
+        run.sched.step()
+        n = len(y)
+        st.seen += n
+        st.kd_sum += kd.item() * n
+        for r, lo, lg in zip(cfg.resolutions, losses, logits):
+            st.sums[r]["loss"] += lo.item() * n
+            st.sums[r]["correct"] += int((lg.argmax(1) == y).sum())
+        ips = st.seen * run.env.world / (time.perf_counter() - t_epoch)
+        bar.set_postfix(loss=f"{total.item():.3f}", top1=f"{st.sums[cfg.resolutions[-1]]['correct'] / st.seen:.3f}",
+                        img_s=f"{ips:.0f}")
+    bar.close()
+    if not run.stats_only and not all(math.isfinite(st.sums[r]["loss"]) for r in cfg.resolutions):
+        raise RescascadeError(f"training diverged in epoch {epoch + 1} (the loss is not finite); lower the learning "
+                              "rates (--lr, --patch-lr, --head-lr) and start over with --overwrite")
+    st.seconds = time.perf_counter() - t_epoch
+    return st
+
+
+def _epoch_metrics(run: _Run, epoch: int, st: EpochStats) -> list[dict]:
+    """metrics.csv rows of one epoch, one per resolution."""
+    lr_now = {g["name"]: g["lr"] for g in run.opt.param_groups}
+    seen, world = max(st.seen, 1), run.env.world
+    return [{"epoch": epoch + 1, "resolution": r, "loss": st.sums[r]["loss"] / seen,
+             "top1": st.sums[r]["correct"] / seen, "distill_loss": st.kd_sum / seen,
+             "lr": lr_now.get("shared", lr_now.get("patches")), "patch_lr": lr_now.get("patches"),
+             "images_per_s": st.seen * world / st.seconds, "skipped_images": st.skipped * world}
+            for r in run.cfg.resolutions]
+
+
+def _teacher(model: nn.Module, cfg: TrainConfig) -> nn.Module | None:
+    """A frozen copy of the starting point, asked at the top resolution: the teacher, and with freeze_top the top
+    resolution itself (so its statistics never see a training-mode forward)."""
     if cfg.freeze_top and not isinstance(model, IndependentModels) and (cfg.shared == "train" or (
             cfg.classifier == "train" and not isinstance(model.classifier[1], PatchedLinear))):
-        raise UserError("--freeze-top needs --shared frozen and a per-resolution or frozen classifier: trained "
-                        "shared weights would change the top resolution anyway")
-    teacher = None
-    if cfg.distill == "teacher" or cfg.freeze_top:
-        # a frozen copy of the starting point, asked at the top resolution: the teacher, and with freeze_top the
-        # top resolution itself (so its statistics never see a training-mode forward)
-        teacher = copy.deepcopy(model).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-    wrapper = MultiResolutionForward(model, cfg.resolutions, ensemble=cfg.distill == "ensemble").to(device)
+        raise ConfigError("--freeze-top needs --shared frozen and a per-resolution or frozen classifier: trained "
+                          "shared weights would change the top resolution anyway")
+    if not (cfg.distill == "teacher" or cfg.freeze_top):
+        return None
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def _optimization(model: nn.Module, wrapper: MultiResolutionForward, cfg: TrainConfig, steps_per_epoch: int):
+    """-> (optimizer, schedule, L2-SP anchors, stats_only) for the trainable groups of `cfg`."""
     groups = _param_groups(model, cfg, wrapper.alpha)
     if not groups and cfg.patches != "stats":
-        raise UserError("nothing to train: shared weights, patches and classifier are all frozen")
-    # statistics only, nothing learned: forward passes in train mode re-estimate each resolution's BN statistics
-    stats_only = not groups
+        raise ConfigError("nothing to train: shared weights, patches and classifier are all frozen")
+    stats_only = not groups  # statistics only: forward passes in train mode re-estimate each resolution's BN stats
     if stats_only:
         groups = [{"name": "none", "params": [nn.Parameter(torch.zeros(1))], "lr": 0.0, "weight_decay": 0.0}]
     opt = _optimizer(groups, cfg)
@@ -287,153 +410,118 @@ def train(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, out_dir, resu
         anchors = [(p, p.detach().clone()) for g in groups if g["name"] == "patches" for p in g["params"]]
     for g in opt.param_groups:
         g["initial_lr"] = g["lr"]
+    return opt, _schedule(opt, cfg, steps_per_epoch), anchors, stats_only
 
-    per_rank_batch = cfg.batch_size // env.world
-    if per_rank_batch < 2:
-        raise UserError(f"--batch-size {cfg.batch_size} over {env.world} processes leaves < 2 images per process")
+
+def _resume(ckpt_path: Path, run: _Run, data_id: dict, log) -> tuple[int, list[dict]]:
+    """Load the checkpoint into the run when it was written with the same settings, model and data.
+    -> (epochs done, metrics so far). Raises RescascadeError naming what differs."""
+    try:
+        ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 (a damaged file: torch raises many kinds)
+        raise RescascadeError(f"{ckpt_path} cannot be read ({type(e).__name__}); start over with --overwrite") from None
+    if ck["config"] != _config_json(run.cfg):
+        old, new = json.loads(ck["config"]), json.loads(_config_json(run.cfg))
+        diff = [k for k in new if old.get(k) != new[k]]
+        raise RescascadeError(f"{ckpt_path} was written with other settings ({', '.join(diff)} differ); "
+                              "resume with the same flags or train into a new --out")
+    old_data = json.loads(ck.get("data", "null"))
+    if old_data is not None and old_data != data_id:
+        raise RescascadeError(f"{ckpt_path} was trained on other data ({old_data['images']} images of "
+                              f"{len(old_data['classes'])} classes, now {data_id['images']} of "
+                              f"{len(data_id['classes'])}; or the same counts, other images): resume with the same "
+                              "--data and options, or train into a new --out")
+    try:
+        run.wrapper.load_state_dict(ck["model"])
+    except RuntimeError:  # shapes or names differ: another --width-mult, --patch or --classifier
+        raise RescascadeError(f"{ckpt_path} holds another model (its --width-mult, --patch or --classifier "
+                              "differ); resume with the same flags, or start over with --overwrite") from None
+    run.opt.load_state_dict(ck["optimizer"])
+    run.sched.load_state_dict(ck["scheduler"])
+    if run.env.main:
+        log(f"resuming from {ckpt_path} after epoch {ck['epoch']}")
+    return ck["epoch"], json.loads(ck["metrics"])
+
+
+def _save_checkpoint(ckpt_path: Path, run: _Run, epoch: int, metrics: list[dict], data_id: dict) -> None:
+    with atomic_path(ckpt_path) as tmp:
+        torch.save({"model": run.wrapper.state_dict(), "optimizer": run.opt.state_dict(),
+                    "scheduler": run.sched.state_dict(), "epoch": epoch + 1, "config": _config_json(run.cfg),
+                    "metrics": json.dumps(metrics), "data": json.dumps(data_id)}, tmp)
+
+
+def _start_process_group(cfg: TrainConfig, env: DistEnv) -> torch.device:
+    """Join torchrun's process group (gloo on CPU, nccl on GPU) when there is one; -> this process's device."""
+    if env.world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if cfg.device != "cpu" and torch.cuda.is_available() else "gloo")
+    device = pick_device(cfg.device, env)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    return device
+
+
+def train(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, out_dir, resume: bool = False,
+          log=print, probe_cache=None) -> TrainResult:
+    """Train `model` (a ResolutionFamily or IndependentModels) in place; checkpoints go to out_dir.
+    epochs 0 trains nothing: the starting point (e.g. ImageNet weights in every patch, with --head-init probe the
+    linear-probe heads on them) is written as is. probe_cache: a `probe.ProbeCache` shared by several variants
+    trained from one start (head_init probe). Raises ConfigError for settings that cannot train, RescascadeError
+    for a checkpoint of other settings, model or data, and for a diverged run."""
+    env = DistEnv.from_env()
+    quiet = log if env.main else (lambda s: None)
+    if cfg.epochs == 0:
+        if cfg.head_init == "probe":
+            from .probe import init_heads_by_probe
+            t0, device = time.perf_counter(), pick_device(cfg.device, env)
+            init_heads_by_probe(model.to(device, memory_format=torch.channels_last), train_set, device, log=log,
+                                cache=probe_cache)
+            return TrainResult(model.cpu().eval(), seconds=time.perf_counter() - t0)
+        return TrainResult(model.eval())
+    device = _start_process_group(cfg, env)
+    ckpt_path = Path(out_dir) / "checkpoints" / "last.pt"
+    model.to(device, memory_format=torch.channels_last)  # halves eager cost on CPU and suits tensor cores on GPU
+    if cfg.dropout is not None:
+        for m in model.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = cfg.dropout
+    if cfg.head_init == "probe":  # on resume too: the teacher below is a copy of this start (heads then reload)
+        from .probe import init_heads_by_probe
+        init_heads_by_probe(model, train_set, device, log=quiet, cache=probe_cache)
+    teacher = _teacher(model, cfg)
+    wrapper = MultiResolutionForward(model, cfg.resolutions, ensemble=cfg.distill == "ensemble").to(device)
+    if cfg.batch_size // env.world < 2:
+        raise ConfigError(f"--batch-size {cfg.batch_size} over {env.world} processes leaves < 2 images per process")
     dataset = TrainDataset(train_set, _TrainCrops(cfg.resolutions, cfg.crop, cfg.crop_scale))
     steps_per_epoch = len(dataset) // cfg.batch_size
     if steps_per_epoch < 1:
-        raise UserError(f"{len(dataset)} training images are fewer than one batch of {cfg.batch_size}; "
-                        "lower --batch-size or add images")
-    sched = _schedule(opt, cfg, steps_per_epoch)
+        raise ConfigError(f"{len(dataset)} training images are fewer than one batch of {cfg.batch_size}; "
+                          "lower --batch-size or add images")
+    opt, sched, anchors, stats_only = _optimization(model, wrapper, cfg, steps_per_epoch)
+    net = wrapper
+    if env.world > 1:
+        net = nn.parallel.DistributedDataParallel(wrapper, device_ids=[device.index] if device.type == "cuda" else None)
+    run = _Run(cfg, model, wrapper, net, teacher, opt, sched, anchors, stats_only, device, env, dataset)
 
     start_epoch, metrics = 0, []
     data_id = _data_identity(train_set)
     if resume and ckpt_path.is_file():
-        try:
-            ck = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as e:  # noqa: BLE001 (a damaged file: torch raises many kinds)
-            raise UserError(f"{ckpt_path} cannot be read ({type(e).__name__}); start over with --overwrite") from None
-        if ck["config"] != _config_json(cfg):
-            old, new = json.loads(ck["config"]), json.loads(_config_json(cfg))
-            diff = [k for k in new if old.get(k) != new[k]]
-            raise UserError(f"{ckpt_path} was written with other settings ({', '.join(diff)} differ); "
-                            "resume with the same flags or train into a new --out")
-        old_data = json.loads(ck.get("data", "null"))
-        if old_data is not None and old_data != data_id:
-            raise UserError(f"{ckpt_path} was trained on other data ({old_data['images']} images of "
-                            f"{len(old_data['classes'])} classes, now {data_id['images']} of {len(data_id['classes'])}"
-                            "; or the same counts, other images): resume with the same --data and options, or train "
-                            "into a new --out")
-        try:
-            wrapper.load_state_dict(ck["model"])
-        except RuntimeError:  # shapes or names differ: another --width-mult, --patch or --classifier
-            raise UserError(f"{ckpt_path} holds another model (its --width-mult, --patch or --classifier differ); "
-                            "resume with the same flags, or start over with --overwrite") from None
-        opt.load_state_dict(ck["optimizer"])
-        sched.load_state_dict(ck["scheduler"])
-        start_epoch, metrics = ck["epoch"], json.loads(ck["metrics"])
-        if env.main:
-            log(f"resuming from {ckpt_path} after epoch {start_epoch}")
-    elif resume and env.main:
-        log(f"--resume: no checkpoint at {ckpt_path}; starting from the beginning")
-
-    net = wrapper
-    if env.world > 1:
-        net = nn.parallel.DistributedDataParallel(wrapper, device_ids=[device.index] if device.type == "cuda" else None)
-    autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" and cfg.amp
-                else torch.autocast("cpu", enabled=False))
+        start_epoch, metrics = _resume(ckpt_path, run, data_id, log)
+    elif resume:
+        quiet(f"--resume: no checkpoint at {ckpt_path}; starting from the beginning")
     t_start, skipped_total, unreadable = time.perf_counter(), 0, {}
     for epoch in range(start_epoch, cfg.epochs):
-        torch.manual_seed(cfg.seed * 100_003 + epoch)  # augmentation and dropout: a function of (seed, epoch)
-        if env.world > 1:
-            sampler = torch.utils.data.DistributedSampler(dataset, env.world, env.rank, shuffle=True,
-                                                          seed=cfg.seed, drop_last=True)
-            sampler.set_epoch(epoch)
-        else:
-            sampler = torch.utils.data.RandomSampler(dataset, generator=torch.Generator().manual_seed(cfg.seed + epoch))
-        loader = torch.utils.data.DataLoader(
-            dataset, batch_size=per_rank_batch, sampler=sampler, num_workers=cfg.workers, drop_last=True,
-            collate_fn=collate_skipping, persistent_workers=False, pin_memory=device.type == "cuda",
-            generator=torch.Generator().manual_seed(cfg.seed * 7919 + epoch))
-        net.train()
-        _set_bn_mode(model, cfg)
-        if teacher is not None:
-            teacher.eval()
-        sums = {r: {"loss": 0.0, "correct": 0} for r in cfg.resolutions}
-        seen, kd_sum, skipped, t_epoch = 0, 0.0, 0, time.perf_counter()
-        bar = progress(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", unit="batch", enabled=env.main)
-        for batch, bad in bar:
-            skipped += len(bad)
-            unreadable.update((b.id, b.error) for b in bad)
-            if batch is None or len(batch[1]) < 2:
-                continue
-            crops, y = batch
-            y = y.to(device, non_blocking=True)
-            xs = _inputs(crops, cfg.resolutions, device, channels_last)
-            fixed_top = None
-            if teacher is not None:
-                with torch.no_grad(), autocast:
-                    fixed_top = teacher(xs[-1], cfg.resolutions[-1]).float()
-
-            def forward():  # a frozen top resolution is the teacher's forward, run once above
-                return net(xs[:-1]) + [fixed_top] if cfg.freeze_top else net(xs)
-            if stats_only:
-                with torch.no_grad():
-                    logits = forward()
-                seen += len(y)
-                for r, lg in zip(cfg.resolutions, logits):
-                    sums[r]["correct"] += int((lg.argmax(1) == y).sum())
-                continue
-            with autocast:
-                logits = forward()
-                losses = [F.cross_entropy(l.float(), y, label_smoothing=cfg.label_smoothing) for l in logits]
-                loss = cfg.label_weight * sum(w * l for w, l in zip(cfg.weights, losses))
-                kd = torch.zeros((), device=device)
-                T = cfg.distill_temperature
-                if cfg.distill == "top":
-                    top = logits[-1].float()
-                    kd = sum((w * kd_loss(l.float(), top, T) for w, l in zip(cfg.weights, logits[:-1])), kd)
-                elif cfg.distill == "teacher":
-                    # the top resolution is the teacher's own: it learns from labels only (if at all)
-                    kd = sum((w * kd_loss(l.float(), fixed_top, T) for w, l in zip(cfg.weights, logits[:-1])), kd)
-                elif cfg.distill == "ensemble":  # RS-Nets: ensemble logit + (ensemble -> each) + top-down KD
-                    a = torch.softmax(wrapper.alpha, 0)
-                    ens = sum(a[k] * l.detach().float() for k, l in enumerate(logits))
-                    loss = loss + cfg.label_weight * F.cross_entropy(ens, y)
-                    kd = sum(kd_loss(l.float(), ens, T) for l in logits)
-                    kd = kd + sum(kd_loss(logits[i].float(), logits[j].float(), T)
-                                  for i in range(len(logits)) for j in range(i + 1, len(logits)))
-                    kd = kd * 2 / (len(logits) + 1)
-                total = loss + cfg.distill_weight * kd
-                if cfg.patch_l2sp:  # keep the patches near where they started (L2-SP)
-                    total = total + cfg.patch_l2sp * sum(((p - p0) ** 2).sum() for p, p0 in anchors)
-            opt.zero_grad(set_to_none=True)
-            total.backward()
-            opt.step()
-            sched.step()
-            n = len(y)
-            seen += n
-            kd_sum += kd.item() * n
-            for r, l, lg in zip(cfg.resolutions, losses, logits):
-                sums[r]["loss"] += l.item() * n
-                sums[r]["correct"] += int((lg.argmax(1) == y).sum())
-            ips = seen * env.world / (time.perf_counter() - t_epoch)
-            bar.set_postfix(loss=f"{total.item():.3f}", top1=f"{sums[cfg.resolutions[-1]]['correct'] / seen:.3f}",
-                            img_s=f"{ips:.0f}")
-        bar.close()
-        if not stats_only and not all(math.isfinite(sums[r]["loss"]) for r in cfg.resolutions):
-            raise UserError(f"training diverged in epoch {epoch + 1} (the loss is not finite); lower the learning "
-                            "rates (--lr, --patch-lr, --head-lr) and start over with --overwrite")
-        secs = time.perf_counter() - t_epoch
-        skipped_total += skipped
-        lr_now = {g["name"]: g["lr"] for g in opt.param_groups}
-        for r in cfg.resolutions:
-            metrics.append({"epoch": epoch + 1, "resolution": r, "loss": sums[r]["loss"] / max(seen, 1),
-                            "top1": sums[r]["correct"] / max(seen, 1), "distill_loss": kd_sum / max(seen, 1),
-                            "lr": lr_now.get("shared", lr_now.get("patches")), "patch_lr": lr_now.get("patches"),
-                            "images_per_s": seen * env.world / secs, "skipped_images": skipped * env.world})
+        st = train_one_epoch(run, epoch)
+        skipped_total += st.skipped
+        unreadable.update(st.unreadable)
+        metrics += _epoch_metrics(run, epoch, st)
         if env.main:
-            accs = " ".join(f"r{r}:{sums[r]['correct'] / max(seen, 1):.3f}" for r in cfg.resolutions)
-            log(f"epoch {epoch + 1}/{cfg.epochs}  loss {sum(sums[r]['loss'] for r in cfg.resolutions) / max(seen, 1):.4f}"
-                f"  train top-1 {accs}  {seen * env.world / secs:.1f} img/s" +
-                (f"  ({skipped} unreadable images skipped)" if skipped else ""))
-            with atomic_path(ckpt_path) as tmp:
-                torch.save({"model": wrapper.state_dict(), "optimizer": opt.state_dict(),
-                            "scheduler": sched.state_dict(), "epoch": epoch + 1, "config": _config_json(cfg),
-                            "metrics": json.dumps(metrics), "data": json.dumps(data_id)}, tmp)
-            write_metrics_csv(out_dir / "metrics.csv", metrics)
+            accs = " ".join(f"r{r}:{st.sums[r]['correct'] / max(st.seen, 1):.3f}" for r in cfg.resolutions)
+            loss = sum(st.sums[r]["loss"] for r in cfg.resolutions) / max(st.seen, 1)
+            log(f"epoch {epoch + 1}/{cfg.epochs}  loss {loss:.4f}  train top-1 {accs}  "
+                f"{st.seen * env.world / st.seconds:.1f} img/s" +
+                (f"  ({st.skipped} unreadable images skipped)" if st.skipped else ""))
+            _save_checkpoint(ckpt_path, run, epoch, metrics, data_id)
+            write_metrics_csv(Path(out_dir) / "metrics.csv", metrics)
         if env.world > 1:
             dist.barrier()
     model.eval()

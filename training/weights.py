@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torchvision.models import MobileNet_V2_Weights
 
-from .fileio import UserError
+from .errors import RescascadeError
 
 
 def imagenet_weights(tag: str = "IMAGENET1K_V1") -> MobileNet_V2_Weights:
@@ -17,7 +17,7 @@ def imagenet_weights(tag: str = "IMAGENET1K_V1") -> MobileNet_V2_Weights:
         return MobileNet_V2_Weights[tag]
     except KeyError:
         names = ", ".join(w.name for w in MobileNet_V2_Weights)
-        raise UserError(f"unknown ImageNet weights {tag!r} for mobilenet_v2; choose one of {names}") from None
+        raise RescascadeError(f"unknown ImageNet weights {tag!r} for mobilenet_v2; choose one of {names}") from None
 
 
 def hub_cache_path(weights: MobileNet_V2_Weights) -> Path:
@@ -29,7 +29,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A plain state dict from .pth/.pt (torch.load with weights_only=True: no pickled code) or .safetensors."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"weights file {path} not found; pass --weights imagenet, none, or an existing state-dict file")
+        raise RescascadeError(f"weights file {path} not found; pass --weights imagenet, none, or an existing state-dict file")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -38,16 +38,16 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 (a corrupt file, or a pickle with code in it)
         if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in str(e):
-            raise UserError(f"{path} holds pickled Python objects besides tensors, which rescascade does not load "
-                            "(unpickling can run code); save the state dict alone, torch.save(model.state_dict(), "
-                            "path), or as .safetensors") from None
-        raise UserError(f"cannot read weights {path} ({type(e).__name__}: damaged or not a weights file); give a "
-                        "plain state dict (.pth saved with torch.save(model.state_dict())) or a .safetensors "
-                        "file") from None
+            raise RescascadeError(f"{path} holds pickled Python objects besides tensors, which rescascade does not load "
+                                  "(unpickling can run code); save the state dict alone, torch.save(model.state_dict(), "
+                                  "path), or as .safetensors") from None
+        raise RescascadeError(f"cannot read weights {path} ({type(e).__name__}: damaged or not a weights file); give a "
+                              "plain state dict (.pth saved with torch.save(model.state_dict())) or a .safetensors "
+                              "file") from None
     if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
         sd = sd["state_dict"]  # common checkpoint layout
     if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise UserError(f"{path} is not a state dict of tensors; save one with torch.save(model.state_dict(), path)")
+        raise RescascadeError(f"{path} is not a state dict of tensors; save one with torch.save(model.state_dict(), path)")
     return sd
 
 
@@ -63,8 +63,8 @@ def resolve_weights(spec: str | None) -> tuple[dict[str, torch.Tensor] | None, s
             try:  # torch.hub downloads to a temp file and renames, checking the hash prefix in the name
                 torch.hub.download_url_to_file(weights.url, str(cached), hash_prefix=None, progress=True)
             except (urllib.error.URLError, OSError) as e:
-                raise UserError(f"cannot download ImageNet weights {weights.url} ({getattr(e, 'reason', e)}); "
-                                f"put the file at {cached} or pass --weights PATH to a local state dict "
-                                "(e.g. ../shared/data/mobilenet_v2_imagenet/*.pth)") from None
+                raise RescascadeError(f"cannot download ImageNet weights {weights.url} ({getattr(e, 'reason', e)}); "
+                                      f"put the file at {cached} or pass --weights PATH to a local state dict "
+                                      "(a torchvision MobileNetV2 state dict saved with torch.save)") from None
         return load_state_dict_file(cached), f"torchvision {weights.name} ({cached.name})"
     return load_state_dict_file(spec), f"file {Path(spec).resolve()}"

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Protocol
 
-from training.fileio import UserError
+from rescascade.training.errors import ConfigError, RescascadeError
 
 if TYPE_CHECKING:  # the CLI reads BACKEND_NAMES for --help: no torch import for that
     import torch
@@ -68,7 +68,7 @@ BACKEND_NAMES = ("onnxruntime", "onnxruntime-cuda", "onnxruntime-tensorrt", "tor
 def get_backend(name: str):
     """The backend called `name`, checked usable here (else one line naming what to install)."""
     if name not in BACKEND_NAMES:
-        raise UserError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
+        raise ConfigError(f"unknown backend {name!r}; choose one of {', '.join(BACKEND_NAMES)}")
     backend = _registry()[name]
     backend.check()
     return backend
@@ -81,6 +81,6 @@ def available_backends() -> dict[str, str | None]:
         try:
             backend.check()
             out[name] = None
-        except UserError as e:
+        except RescascadeError as e:
             out[name] = str(e)
     return out

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from training.fileio import UserError
+from rescascade.training.errors import BackendUnavailable, ConfigError
 
 from ..export import export_resolution
 from ..measure import cpu_timer, cuda_timer, default_threads
@@ -61,8 +61,8 @@ class OnnxRuntimeEngine:
             sess = ort.InferenceSession(str(self.onnx_path), self.opts, providers=self._providers(batch))
             want = PROVIDERS[self.provider]
             if want not in sess.get_providers():
-                raise UserError(f"ONNX Runtime could not start {want} (it fell back to {sess.get_providers()}); "
-                                "check the GPU driver, CUDA/cuDNN libraries and `pip install rescascade[gpu]`")
+                raise BackendUnavailable(f"ONNX Runtime could not start {want} (it fell back to {sess.get_providers()}); "
+                                         "check the GPU driver, CUDA/cuDNN libraries and `pip install rescascade[gpu]`")
             self.build_seconds += time.perf_counter() - t0
             self._sessions[key] = sess
         return self._sessions[key]
@@ -115,23 +115,23 @@ class OnnxRuntimeBackend:
         try:
             import onnxruntime as ort
         except ImportError:
-            raise UserError("backend onnxruntime needs ONNX Runtime: pip install onnxruntime "
-                            "(or rescascade[gpu] for the CUDA/TensorRT providers)") from None
+            raise BackendUnavailable("backend onnxruntime needs ONNX Runtime: pip install onnxruntime "
+                                     "(or rescascade[gpu] for the CUDA/TensorRT providers)") from None
         want = PROVIDERS[self.provider]
         if want not in ort.get_available_providers():
-            raise UserError(f"backend {self.name} needs ONNX Runtime's {want}, which this ONNX Runtime build lacks "
-                            f"(has {', '.join(ort.get_available_providers())}); on a machine with an NVIDIA GPU: "
-                            "pip uninstall onnxruntime && pip install 'rescascade[gpu]'")
+            raise BackendUnavailable(f"backend {self.name} needs ONNX Runtime's {want}, which this ONNX Runtime build lacks "
+                                     f"(has {', '.join(ort.get_available_providers())}); on a machine with an NVIDIA GPU: "
+                                     "pip uninstall onnxruntime && pip install 'rescascade[gpu]'")
         if self.device == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"backend {self.name} needs an NVIDIA GPU; none is visible here")
+            raise BackendUnavailable(f"backend {self.name} needs an NVIDIA GPU; none is visible here")
 
     def open(self, family, run_dir, weights_id: str, resolution: int, precision: str = "fp32",
              threads: int | None = None) -> OnnxRuntimeEngine:
         if precision not in ("fp32", "fp16"):
-            raise UserError(f"precision {precision!r}: ONNX Runtime takes fp32 or fp16")
+            raise ConfigError(f"precision {precision!r}: ONNX Runtime takes fp32 or fp16")
         if precision == "fp16" and self.provider == "cpu":
-            raise UserError("fp16 on ONNX Runtime's CPU provider is slower than fp32, not a deployment option; "
-                            "use --precision fp32")
+            raise BackendUnavailable("fp16 on ONNX Runtime's CPU provider is slower than fp32, not a deployment option; "
+                                     "use --precision fp32")
         # CUDA EP has no fp16 switch: it needs an fp16 model. The TensorRT EP takes fp32 + trt_fp16_enable.
         onnx_precision = "fp16" if precision == "fp16" and self.provider == "cuda" else "fp32"
         path, _ = export_resolution(family, run_dir, resolution, weights_id, onnx_precision)

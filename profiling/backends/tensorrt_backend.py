@@ -16,11 +16,12 @@ from pathlib import Path
 
 import torch
 
-from training.fileio import UserError, atomic_path
+from rescascade.training.errors import BackendUnavailable, ConfigError
+from rescascade.training.fileio import atomic_path
 
-from . import bucket
 from ..export import export_resolution
 from ..measure import cuda_timer
+from . import bucket
 
 
 def _trt():
@@ -131,15 +132,15 @@ class TensorRTBackend:
         try:
             _trt()
         except ImportError:
-            raise UserError("backend tensorrt needs TensorRT: pip install 'rescascade[tensorrt]' "
-                            "(on a machine with an NVIDIA GPU and driver)") from None
+            raise BackendUnavailable("backend tensorrt needs TensorRT: pip install 'rescascade[tensorrt]' "
+                                     "(on a machine with an NVIDIA GPU and driver)") from None
         if not torch.cuda.is_available():
-            raise UserError("backend tensorrt needs an NVIDIA GPU; torch sees none here")
+            raise BackendUnavailable("backend tensorrt needs an NVIDIA GPU; torch sees none here")
 
     def open(self, family, run_dir, weights_id: str, resolution: int, precision: str = "fp16",
              threads: int | None = None) -> TensorRTEngine:
         if precision not in ("fp32", "fp16"):
-            raise UserError(f"precision {precision!r}: the tensorrt backend takes fp32 or fp16")
+            raise ConfigError(f"precision {precision!r}: the tensorrt backend takes fp32 or fp16")
         # TensorRT 11 is strongly typed: fp16 must be in the graph. TensorRT 10: fp32 graph + FP16 flag.
         onnx_precision = "fp16" if precision == "fp16" and not has_fp16_flag() else "fp32"
         path, meta = export_resolution(family, run_dir, resolution, weights_id, onnx_precision)

@@ -5,20 +5,20 @@ import time
 
 import torch
 
-from training.fileio import UserError
+from rescascade.training.errors import BackendUnavailable, ConfigError
 
-from . import bucket
 from ..measure import cpu_timer, cuda_timer
+from . import bucket
 
 
 class TorchEngine:
     def __init__(self, model: torch.nn.Module, resolution: int, device: str, precision: str, graphs: bool,
-                 compile: bool):
+                 compile: bool, threads: int | None = None):
         self.resolution, self.device, self.precision = resolution, device, precision
         self.dtype = torch.float16 if precision == "fp16" else torch.float32
         self.model = model.to(device=device, dtype=self.dtype, memory_format=torch.channels_last).eval()
         self.graphs, self.compile = graphs, compile
-        self.preprocess_threads = None  # torch preprocesses with the same pool it infers with
+        self.preprocess_threads = threads  # torch preprocesses with the same pool it infers with
         self._graphs: dict[int, tuple] = {}
         self.build_seconds = 0.0
         if compile:
@@ -92,17 +92,15 @@ class TorchBackend:
 
     def check(self) -> None:
         if self.device == "cuda" and not torch.cuda.is_available():
-            raise UserError(f"backend {self.name} needs an NVIDIA GPU and a CUDA build of torch; torch sees no GPU "
-                            "here (use --backend onnxruntime or torch on CPU)")
+            raise BackendUnavailable(f"backend {self.name} needs an NVIDIA GPU and a CUDA build of torch; torch sees no GPU "
+                                     "here (use --backend onnxruntime or torch on CPU)")
 
     def open(self, family, run_dir, weights_id: str, resolution: int, precision: str = "fp32",
              threads: int | None = None) -> TorchEngine:
         if precision not in ("fp32", "fp16"):
-            raise UserError(f"precision {precision!r}: the torch backends take fp32 or fp16")
+            raise ConfigError(f"precision {precision!r}: the torch backends take fp32 or fp16")
         if precision == "fp16" and self.device == "cpu":
-            raise UserError("fp16 on the torch CPU backend is not a deployment option; use --precision fp32 "
-                            "(or a CUDA backend for fp16)")
-        if threads and self.device == "cpu":
-            torch.set_num_threads(threads)
+            raise ConfigError("fp16 on the torch CPU backend is not a deployment option; use --precision fp32 "
+                              "(or a CUDA backend for fp16)")
         return TorchEngine(family.to_torchvision(resolution), resolution, self.device, precision, self.graphs,
-                           self.compile)
+                           self.compile, threads if self.device == "cpu" else None)

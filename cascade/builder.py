@@ -1,0 +1,191 @@
+"""CascadeBuilder: choose a cascade from predictions and costs, the way a scikit-learn estimator fits.
+
+    builder = CascadeBuilder(Target.best()).fit(calib, costs)
+    builder.cascade_, builder.front_, builder.exact_, builder.certificate_
+
+The choice: per confidence setting (measure x combine), a cost-aware greedy swept over tolerances (Streeter,
+"Approximation Algorithms for Cascading Prediction Models", ICML 2018, §3) gives a cloud of cascades and every
+single model; the target picks one; the cheapest setting wins. With a guarantee, everything is chosen on one
+part of calib and one path is certified on the other (Learn-then-Test, Angelopoulos et al. 2021;
+`rescascade.guarantee`). For few resolutions an exact search measures the greedy's gap.
+"""
+from __future__ import annotations
+
+import math
+import time
+
+from rescascade.training.errors import ConfigError, RescascadeError
+
+from .confidence import MEASURES, fit_temperature
+from .config import stages_json
+from .costs import CostModel
+from .guarantee import certify_settings
+from .optimizer import (DEFAULT_TOLERANCES, Candidate, Cascade, Outcome, Stage, StageViews, best_under_budget,
+                        cheapest_meeting, exact_search, pareto_front, reference_resolution, simulate, tolerance_sweep)
+from .predictions import Predictions
+from .target import Target
+
+COMBINES = {"off": [False], "on": [True], "auto": [False, True]}
+MAX_EXACT_RESOLUTIONS = 6  # exact="auto" searches exactly up to this many resolutions (it grows exponentially)
+
+
+class CascadeBuilder:
+    """Choose which resolutions run in which order, and each one's confidence threshold.
+
+    Parameters (checked at construction; ConfigError, a ValueError, names the bad one):
+      target: a Target (Target.best(): the reference's accuracy on calib; .accuracy(a); .max_drop(points);
+        .budget_ms(ms)), or its text form ("best", "0.712", "71.2%").
+      guarantee: (epsilon, delta) or None: certify that, with probability >= 1 - delta over calib, the cascade's
+        top-1 is at most epsilon below the reference's on new images (needs target best).
+      measure: a confidence measure (max_prob, margin, neg_entropy) or "auto" (each, the cheapest wins).
+      temperature: fit a temperature per resolution on calib (log-loss).
+      combine: "off", "on" (a stage decides on the mean log-probability of the stages so far) or "auto".
+      exact: "auto" (an exact search up to MAX_EXACT_RESOLUTIONS resolutions, no budget, no guarantee), "on", "off".
+      reference: the single model to match (None: the most accurate on calib).
+      resolutions: the pool (None: every resolution predicted).
+      seed, guarantee_fraction: the guarantee's split of calib (select part, certify part).
+      tolerances: the greedy's tolerance sweep.
+
+    Learned attributes (after fit): cascade_ (Cascade), chosen_ (Candidate: cascade, calib Outcome, finisher),
+    candidates_ (the cloud), front_ (its Pareto front), reference_ (resolution), reference_outcome_ (Outcome on
+    calib), measure_, combine_ (bool), temperatures_ ({resolution: T}), resolutions_, exact_ (dict or None),
+    certificate_ (guarantee.Certified or None).
+    """
+
+    def __init__(self, target: Target | str | None = None, *, guarantee: tuple[float, float] | None = None,
+                 measure: str = "max_prob", temperature: bool = True, combine: str = "off", exact: str = "auto",
+                 reference: int | None = None, resolutions=None, seed: int = 0, guarantee_fraction: float = 0.5,
+                 tolerances=DEFAULT_TOLERANCES):
+        self.target = target if isinstance(target, Target) else Target.parse(target, None, None)
+        if guarantee is not None:
+            eps, delta = guarantee
+            if not (0 < eps < 1 and 0 < delta < 1):
+                raise ConfigError(f"--guarantee EPS,DELTA needs both in (0, 1), got {eps},{delta}")
+            if self.target.kind != "best":
+                raise ConfigError("--guarantee certifies an accuracy drop of at most EPS against the reference; "
+                                  "use it without --target/--max-drop/--budget")
+        if measure != "auto" and measure not in MEASURES:
+            raise ConfigError(f"--confidence {measure!r} is not one of {', '.join(MEASURES)}, auto")
+        if combine not in COMBINES:
+            raise ConfigError(f"--combine {combine!r}: use off, on or auto")
+        if exact not in ("auto", "on", "off"):
+            raise ConfigError(f"--exact {exact!r}: use auto, on or off")
+        if not 0 < guarantee_fraction < 1:
+            raise ConfigError(f"--guarantee-fraction {guarantee_fraction} must be in (0, 1)")
+        self.guarantee, self.measure, self.temperature, self.combine = guarantee, measure, temperature, combine
+        self.exact, self.reference, self.resolutions = exact, reference, resolutions
+        self.seed, self.guarantee_fraction, self.tolerances = seed, guarantee_fraction, tuple(tolerances)
+
+    # ---- fitting ------------------------------------------------------------------------------------------
+    def fit(self, calib: Predictions, costs: CostModel) -> "CascadeBuilder":
+        """Choose on calib (logits [N, K, C] of the pool's resolutions) with per-stage costs in ms. Returns self.
+        Raises ConfigError for a reference outside the pool, RescascadeError when the target is unreachable or
+        no cascade fits the budget."""
+        resolutions = self.pool(calib)
+        if self.reference is not None and self.reference not in resolutions:
+            raise ConfigError(f"--reference {self.reference} is not among the resolutions {resolutions}")
+        calib = calib.restrict(resolutions)
+        self.resolutions_ = resolutions
+        if self.guarantee is not None:
+            self._fit_certified(calib, costs)
+        else:
+            self._fit_by_target(calib, costs)
+        self.cascade_ = self.chosen_.cascade
+        self.front_ = pareto_front(self.candidates_)
+        self.exact_ = self._exact(calib, costs) if self._wants_exact() else None
+        return self
+
+    def pool(self, calib: Predictions) -> list[int]:
+        """The resolutions to choose from, sorted: `resolutions`, else every one predicted. Raises
+        RescascadeError for one without predictions."""
+        resolutions = sorted(self.resolutions or calib.resolutions)
+        missing = [r for r in resolutions if r not in calib.resolutions]
+        if missing:
+            raise RescascadeError(f"resolution(s) {missing} have no predictions (predictions cover "
+                                  f"{calib.resolutions})")
+        return resolutions
+
+    def _settings(self):
+        measures = list(MEASURES) if self.measure == "auto" else [self.measure]
+        return [(m, c) for m in measures for c in COMBINES[self.combine]]
+
+    def _fit_certified(self, calib: Predictions, costs: CostModel) -> None:
+        """Everything chosen on one part of calib, one path certified on the other."""
+        eps, delta = self.guarantee
+        measures = list(MEASURES) if self.measure == "auto" else [self.measure]
+        cs = certify_settings(calib, costs, self.resolutions_, eps, delta, measures, COMBINES[self.combine],
+                              self.temperature, self.reference, self.guarantee_fraction, self.seed, self.tolerances)
+        self.measure_, self.combine_, self.temperatures_, self.reference_ = (cs.measure, cs.combined,
+                                                                            cs.temperatures, cs.reference)
+        self._views = StageViews(calib, self.measure_, self.temperatures_, self.combine_)
+        self.reference_outcome_ = simulate(Cascade([Stage(self.reference_, -math.inf)]), self._views, costs)
+        cascade = cs.certified.cascade
+        self.chosen_ = Candidate(cascade, simulate(cascade, self._views, costs), self.reference_)
+        self.candidates_ = [self.chosen_]
+        self.certificate_ = cs.certified
+
+    def _fit_by_target(self, calib: Predictions, costs: CostModel) -> None:
+        """Per setting, sweep and pick by the target; then the cheapest setting."""
+        temps = {r: fit_temperature(calib.column(r), calib.labels) if self.temperature else 1.0
+                 for r in self.resolutions_}
+        best = None
+        for m, comb in self._settings():
+            views = StageViews(calib, m, temps, comb)
+            ref = self.reference if self.reference is not None else reference_resolution(views, self.resolutions_)
+            ref_out = simulate(Cascade([Stage(ref, -math.inf)]), views, costs)
+            finishers = [ref] if self.target.kind == "best" else self.resolutions_
+            cands = tolerance_sweep(views, costs, self.resolutions_, finishers, self.tolerances)
+            pick = _select(cands, self.target, ref_out.accuracy, f"{m}, combine {'on' if comb else 'off'}")
+            key = (pick.outcome.mean_cost, -pick.outcome.accuracy)
+            if best is None or key < best[0]:
+                best = (key, m, comb, views, ref, ref_out, pick, cands)
+        _, self.measure_, self.combine_, self._views, self.reference_, self.reference_outcome_, self.chosen_, \
+            self.candidates_ = best
+        self.temperatures_ = temps
+        self.certificate_ = None
+
+    def _wants_exact(self) -> bool:
+        return self.exact == "on" or (self.exact == "auto" and len(self.resolutions_) <= MAX_EXACT_RESOLUTIONS
+                                      and self.target.kind != "budget" and self.guarantee is None)
+
+    def _exact(self, calib: Predictions, costs: CostModel) -> dict | None:
+        """The exact search at the chosen accuracy, seeded with the greedy's thresholds: the greedy's cost gap."""
+        need = self.target.min_accuracy(self.reference_outcome_.accuracy)
+        greedy_thresholds = {}
+        for c in self.candidates_:
+            for s in c.cascade.stages[:-1]:
+                greedy_thresholds.setdefault(s.resolution, []).append(s.threshold)
+        t0 = time.perf_counter()
+        ex, nodes, cut = exact_search(self._views, costs, self.resolutions_, int(math.ceil(need * calib.n - 1e-9)),
+                                      extra_thresholds=greedy_thresholds)
+        if ex is None:
+            return None
+        ex_out = simulate(ex, self._views, costs)
+        return {"cascade": ex.describe(), "stages": stages_json(ex), "calib_accuracy": ex_out.accuracy,
+                "calib_cost_ms": ex_out.mean_cost, "greedy_gap": self.chosen_.outcome.mean_cost / ex_out.mean_cost - 1,
+                "nodes": nodes, "truncated": cut, "seconds": round(time.perf_counter() - t0, 3)}
+
+    # ---- using the fit ------------------------------------------------------------------------------------
+    def simulate(self, predictions: Predictions, costs: CostModel) -> tuple[Outcome, Outcome]:
+        """The chosen cascade and the reference on other predictions (e.g. test), with the fitted confidence
+        setting: -> (cascade Outcome, reference Outcome), each with accuracy, mean cost (ms) and exits."""
+        views = StageViews(predictions.restrict(self.resolutions_), self.measure_, self.temperatures_, self.combine_)
+        return (simulate(self.cascade_, views, costs),
+                simulate(Cascade([Stage(self.reference_, -math.inf)]), views, costs))
+
+
+def _select(cands: list[Candidate], target: Target, reference_acc: float, reachable_msg: str) -> Candidate:
+    if target.kind == "budget":
+        chosen = best_under_budget(cands, target.value)
+        if chosen is None:
+            cheapest = min(c.outcome.mean_cost for c in cands)
+            raise RescascadeError(f"no cascade fits --budget {target.value:g} ms: the cheapest option costs "
+                                  f"{cheapest:.4g} ms per image on this profile; raise the budget")
+        return chosen
+    need = target.min_accuracy(reference_acc)
+    chosen = cheapest_meeting(cands, need)
+    if chosen is None:
+        best = max(c.outcome.accuracy for c in cands)
+        raise RescascadeError(f"target accuracy {need:.4f} is unreachable: the best cascade or model reaches "
+                              f"{best:.4f} on calib ({reachable_msg}); lower --target or use --target best")
+    return chosen
