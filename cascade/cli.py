@@ -70,7 +70,7 @@ def _resolutions(text: str) -> tuple[int, ...]:
     try:
         return check_resolutions(_ints(text))
     except RescascadeError as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
+        raise argparse.ArgumentTypeError(e.cli_message) from None
 
 
 def _crop_scale(text: str) -> tuple[float, float]:
@@ -85,7 +85,7 @@ def _target(text: str) -> str:
     try:
         Target.parse(text, None, None)
     except RescascadeError as e:
-        raise argparse.ArgumentTypeError(str(e).replace(f"--target {text!r}", repr(text))
+        raise argparse.ArgumentTypeError(e.cli_message.replace(f"--target {text!r}", repr(text))
                                          .replace(f"--target {text}", text)) from None
     return text
 
@@ -416,7 +416,7 @@ def main(argv=None) -> int:
     try:
         args.func(args)
     except RescascadeError as e:
-        print(f"rescascade {args.command}: error: {e}", file=sys.stderr)
+        print(f"rescascade {args.command}: error: {e.cli_message}", file=sys.stderr)
         return 2
     except OSError as e:  # the machine's answer (read-only, full disk, no permission), not a bug: one line
         where = f" {e.filename}" if e.filename else ""

@@ -280,3 +280,12 @@ def test_info_prints_the_top1_table(workspace, capsys):
     assert main(["info", str(workspace / "fam")]) == 0
     out = capsys.readouterr().out
     assert "top-1 | calib" in out and "  r32 " in out and "%" in out.split("top-1 | calib")[1]
+
+
+def test_python_errors_name_the_parameter_and_the_cli_its_flag(capsys):
+    from rescascade.builder import CascadeBuilder
+    from rescascade.training.errors import ConfigError
+    with pytest.raises(ConfigError) as caught:
+        CascadeBuilder(guarantee=(2.0, 0.1))
+    assert str(caught.value).startswith("`guarantee` EPS,DELTA") and isinstance(caught.value, ValueError)
+    assert caught.value.cli_message.startswith("--guarantee EPS,DELTA")

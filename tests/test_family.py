@@ -235,7 +235,7 @@ def test_imagenet_weights_offline_names_weights_path(tmp_path, monkeypatch):
     def offline(*a, **k):  # what torch.hub raises on a machine without network
         raise urllib.error.URLError("[Errno -2] Name or service not known")
     monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
-    with pytest.raises(RescascadeError, match=r"--weights PATH"):
+    with pytest.raises(RescascadeError, match=r"`weights` PATH"):
         resolve_weights("imagenet")
     with pytest.raises(RescascadeError, match="unknown ImageNet weights"):
         resolve_weights("imagenet:NOPE")

@@ -109,9 +109,9 @@ def test_build_errors(tiny_family, tmp_path):
         run_build(tiny_family, batch_size=1, target="0.999", out=tmp_path / "c.json", **QUIET)
     with pytest.raises(RescascadeError, match="no batch-size-64 row"):
         run_build(tiny_family, batch_size=64, out=tmp_path / "c.json", **QUIET)
-    with pytest.raises(RescascadeError, match="no cascade fits --budget"):
+    with pytest.raises(RescascadeError, match="no cascade fits `budget`"):
         run_build(tiny_family, batch_size=1, budget=1e-6, out=tmp_path / "c.json", **QUIET)
-    with pytest.raises(RescascadeError, match="--target"):
+    with pytest.raises(RescascadeError, match="`target`"):
         run_build(tiny_family, batch_size=1, target="fast", out=tmp_path / "c.json", **QUIET)
 
 

@@ -113,7 +113,7 @@ def test_frozen_top_is_the_teacher_and_lower_resolutions_learn_on_the_eval_crop(
     assert all(torch.equal(before[48][k], after[48][k]) for k in before[48])  # statistics included
     for k in ("features.0.1.weight", "features.0.1.running_mean", "classifier.1.weight"):
         assert not torch.equal(before[32][k], after[32][k])
-    with pytest.raises(RescascadeError, match="--freeze-top needs"):  # a shared head would change the top anyway
+    with pytest.raises(RescascadeError, match="`freeze_top` needs"):  # a shared head would change the top anyway
         train(ResolutionFamily(RES, num_classes=8, width_mult=0.35), splits.train, cfg, tmp_path / "s", **QUIET)
     img = torch.randint(0, 255, (3, 60, 70), dtype=torch.uint8)
     center = resize_center_crop(img, 48)
@@ -259,16 +259,16 @@ def test_data_errors_up_front(tmp_path):
     (tmp_path / "two" / "empty").mkdir()
     with pytest.raises(RescascadeError, match="empty have no readable images"):
         load_data(f"imagefolder:{tmp_path / 'two'}")
-    with pytest.raises(RescascadeError, match="unknown --data"):
+    with pytest.raises(RescascadeError, match="unknown `data`"):
         load_data("mnist")
     with pytest.raises(RescascadeError, match="not found"):
         load_data(f"imagefolder:{tmp_path / 'nope'}")
 
 
 def test_bad_train_config():
-    with pytest.raises(RescascadeError, match="--loss-weights has 1 values"):
+    with pytest.raises(RescascadeError, match="`loss_weights` has 1 values"):
         TrainConfig(RES, loss_weights=(1.0,))
-    with pytest.raises(RescascadeError, match="--optimizer"):
+    with pytest.raises(RescascadeError, match="`optimizer`"):
         TrainConfig(RES, optimizer="lbfgs")
 
 

@@ -1,11 +1,33 @@
 """The errors rescascade raises for what a user can fix: one hierarchy to catch from Python, one line each on the
-CLI (exit 2, no traceback). Messages say what is wrong and how to fix it, naming the parameter (the CLI's flag of
-the same name, with - for _)."""
+CLI (exit 2, no traceback). A message says what is wrong and how to fix it. It is written once, naming options as
+the CLI spells them (--batch-size); `str(error)` names them as the Python parameter (`batch_size`), and the CLI
+prints `error.cli_message`. Command lines quoted in backticks stay as they are."""
 from __future__ import annotations
+
+import re
+
+_FLAG = re.compile(r"--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)")
+
+
+def parameter_form(message: str) -> str:
+    """The message with every --flag outside backticks written as its Python parameter, `flag_name`."""
+    parts = message.split("`")
+    for i in range(0, len(parts), 2):  # even parts lie outside backtick spans
+        parts[i] = _FLAG.sub(lambda m: f"`{m.group(1).replace('-', '_')}`", parts[i])
+    return "`".join(parts)
 
 
 class RescascadeError(Exception):
-    """Base of every error a user can fix: catch this one to handle them all."""
+    """Base of every error a user can fix: catch this one to handle them all.
+
+    cli_message: the message as the CLI prints it (options as flags); str(): options as Python parameters."""
+
+    def __init__(self, message: str = ""):
+        super().__init__(message)
+        self.cli_message = message
+
+    def __str__(self) -> str:
+        return parameter_form(self.cli_message)
 
 
 class ConfigError(RescascadeError, ValueError):
