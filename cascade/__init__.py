@@ -16,9 +16,7 @@ Subpackages: `rescascade.training` (the family, data, training), `rescascade.pro
 timing); the modules here choose, certify, run and evaluate cascades. Every error a user can fix is a
 `RescascadeError`. Names are imported on first use, so `import rescascade` does not import torch.
 """
-from __future__ import annotations
-
-import importlib
+import importlib as _importlib
 
 # public name -> the module that defines it
 _EXPORTS = {
@@ -44,11 +42,11 @@ __all__ = sorted(_EXPORTS)
 
 def __getattr__(name: str):
     if name in _EXPORTS:
-        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        value = getattr(_importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'rescascade' has no attribute {name!r}")
 
 
 def __dir__():
-    return sorted(set(globals()) | set(__all__))
+    return sorted(n for n in set(globals()) | set(__all__) if not n.startswith("_"))

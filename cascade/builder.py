@@ -14,7 +14,8 @@ from __future__ import annotations
 import math
 import time
 
-from rescascade.training.errors import ConfigError, RescascadeError
+from rescascade.training.config import check_resolutions
+from rescascade.training.errors import ConfigError, RescascadeError, check_bool, check_int, check_number
 
 from .confidence import MEASURES, fit_temperature
 from .config import stages_json
@@ -46,7 +47,8 @@ class CascadeBuilder:
       seed, guarantee_fraction: the guarantee's split of calib (select part, certify part).
       tolerances: the greedy's tolerance sweep.
 
-    Learned attributes (after fit): cascade_ (Cascade), chosen_ (Candidate: cascade, calib Outcome, finisher),
+    Learned attributes (after fit): weights_sha256_ (the family whose predictions it was fitted on), cascade_
+    (Cascade), chosen_ (Candidate: cascade, calib Outcome, finisher),
     candidates_ (the cloud), front_ (its Pareto front), reference_ (resolution), reference_outcome_ (Outcome on
     calib), measure_, combine_ (bool), temperatures_ ({resolution: T}), resolutions_, exact_ (dict or None),
     certificate_ (guarantee.Certified or None).
@@ -58,34 +60,62 @@ class CascadeBuilder:
                  tolerances=DEFAULT_TOLERANCES):
         self.target = target if isinstance(target, Target) else Target.parse(target, None, None)
         if guarantee is not None:
-            eps, delta = guarantee
+            try:
+                eps, delta = (float(v) for v in guarantee)
+            except (TypeError, ValueError):
+                raise ConfigError(f"--guarantee {guarantee!r}: give (epsilon, delta), e.g. (0.01, 0.05)") from None
             if not (0 < eps < 1 and 0 < delta < 1):
                 raise ConfigError(f"--guarantee EPS,DELTA needs both in (0, 1), got {eps},{delta}")
             if self.target.kind != "best":
                 raise ConfigError("--guarantee certifies an accuracy drop of at most EPS against the reference; "
                                   "use it without --target/--max-drop/--budget")
+            guarantee = (eps, delta)
         if measure != "auto" and measure not in MEASURES:
             raise ConfigError(f"--confidence {measure!r} is not one of {', '.join(MEASURES)}, auto")
         if combine not in COMBINES:
             raise ConfigError(f"--combine {combine!r}: use off, on or auto")
         if exact not in ("auto", "on", "off"):
             raise ConfigError(f"--exact {exact!r}: use auto, on or off")
+        check_bool("temperature", temperature)
+        check_int("seed", seed, 0)
+        check_number("guarantee_fraction", guarantee_fraction, 0, 1)
         if not 0 < guarantee_fraction < 1:
             raise ConfigError(f"--guarantee-fraction {guarantee_fraction} must be in (0, 1)")
+        if reference is not None:
+            reference = check_int("reference", reference, 1)
+        if resolutions is not None:
+            resolutions = check_resolutions(resolutions if not isinstance(resolutions, int) else [resolutions])
+        try:
+            tolerances = tuple(check_number("tolerances", float(t), 0) for t in tolerances)
+        except (TypeError, ValueError):
+            raise ConfigError(f"--tolerances {tolerances!r}: give finite numbers >= 0, e.g. (0, 0.005, 0.01)") from None
+        if not tolerances:
+            raise ConfigError("--tolerances is empty: give at least one, e.g. (0,)")
         self.guarantee, self.measure, self.temperature, self.combine = guarantee, measure, temperature, combine
         self.exact, self.reference, self.resolutions = exact, reference, resolutions
-        self.seed, self.guarantee_fraction, self.tolerances = seed, guarantee_fraction, tuple(tolerances)
+        self.seed, self.guarantee_fraction, self.tolerances = seed, guarantee_fraction, tolerances
 
     # ---- fitting ------------------------------------------------------------------------------------------
     def fit(self, calib: Predictions, costs: CostModel) -> "CascadeBuilder":
         """Choose on calib (logits [N, K, C] of the pool's resolutions) with per-stage costs in ms. Returns self.
-        Raises ConfigError for a reference outside the pool, RescascadeError when the target is unreachable or
-        no cascade fits the budget."""
+        Raises ConfigError for arguments of the wrong kind, costs missing a resolution or a reference outside
+        the pool, RescascadeError when the target is unreachable or no cascade fits the budget."""
+        if not isinstance(calib, Predictions):
+            raise ConfigError(f"fit(calib, costs): calib must be Predictions (rescascade.load_predictions(path)), "
+                              f"got {type(calib).__name__}")
+        if not isinstance(costs, CostModel):
+            raise ConfigError(f"fit(calib, costs): costs must be a CostModel (CostModel.from_profile(profile)), "
+                              f"got {type(costs).__name__}")
         resolutions = self.pool(calib)
+        unpriced = [r for r in resolutions if r not in costs.table]
+        if unpriced:
+            raise ConfigError(f"the costs lack resolution(s) {unpriced} (they cover {sorted(costs.table)}); build "
+                              "them from a profile of every resolution, or pass resolutions= without these")
         if self.reference is not None and self.reference not in resolutions:
             raise ConfigError(f"--reference {self.reference} is not among the resolutions {resolutions}")
         calib = calib.restrict(resolutions)
         self.resolutions_ = resolutions
+        self.weights_sha256_ = calib.weights_sha256
         if self.guarantee is not None:
             self._fit_certified(calib, costs)
         else:
@@ -166,9 +196,15 @@ class CascadeBuilder:
                 "nodes": nodes, "truncated": cut, "seconds": round(time.perf_counter() - t0, 3)}
 
     # ---- using the fit ------------------------------------------------------------------------------------
+    def check_fitted(self) -> None:
+        """RescascadeError unless fit has run."""
+        if not hasattr(self, "cascade_"):
+            raise RescascadeError("this CascadeBuilder is not fitted yet: call fit(calib, costs) first")
+
     def simulate(self, predictions: Predictions, costs: CostModel) -> tuple[Outcome, Outcome]:
         """The chosen cascade and the reference on other predictions (e.g. test), with the fitted confidence
         setting: -> (cascade Outcome, reference Outcome), each with accuracy, mean cost (ms) and exits."""
+        self.check_fitted()
         views = StageViews(predictions.restrict(self.resolutions_), self.measure_, self.temperatures_, self.combine_)
         return (simulate(self.cascade_, views, costs),
                 simulate(Cascade([Stage(self.reference_, -math.inf)]), views, costs))

@@ -354,7 +354,8 @@ def add_eval_parser(sub) -> None:
                        description="Run the cascade and its reference model on the same backend, batch size and "
                                    "test images; report measured accuracy, latency and throughput, and predicted "
                                    "vs measured cost. Writes a JSON report and a plot.")
-    s.add_argument("cascade_json")
+    s.add_argument("cascade_json", help="the cascade.json written by `rescascade build` (its family directory where "
+                                        "it records it)")
     s.add_argument("--data", help="other images to score (default: exactly the family's own test images)")
     s.add_argument("--split", default="test", choices=["test", "calib"], help="default: test")
     s.add_argument("--backend", help="default: the backend the cascade was costed on")
@@ -362,7 +363,7 @@ def add_eval_parser(sub) -> None:
     s.add_argument("--repeats", type=_positive_int, default=3, help="timed passes over the data, median per batch "
                                                                     "(default: 3)")
     s.add_argument("--threads", type=_threads, help="CPU threads (default: the backend's)")
-    s.add_argument("--limit", type=_positive_int, help="evaluate on the first N images only (default: all)")
+    s.add_argument("--limit", type=_positive_int, help="score N images spread over the split (default: all)")
     s.add_argument("--out", help="report path (default: next to cascade.json)")
     s.set_defaults(func=cmd_eval)
 
@@ -390,6 +391,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="rescascade",
         description="Cost-aware resolution cascades: train a resolution family, profile it on the target "
                     "device, build a cascade config, run and evaluate it.")
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        v = version("rescascade")
+    except PackageNotFoundError:  # run from a checkout that is not installed
+        v = "unknown"
+    p.add_argument("--version", action="version", version=f"rescascade {v}")
     sub = p.add_subparsers(dest="command", metavar="COMMAND")
 
     s = sub.add_parser("info", help="parameter table of a family directory (K models for the price of one)")
@@ -407,9 +414,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
     except SystemExit as e:  # --help (0) or an argument error already printed (2): a code, like every other exit
         return e.code if isinstance(e.code, int) else 2
+    if unknown:  # said by the command's own parser, so the line names the command and its --help
+        where = f"rescascade {args.command}" if getattr(args, "command", None) else "rescascade"
+        print(f"{where}: error: unrecognized arguments: {' '.join(unknown)} (see {where} --help)", file=sys.stderr)
+        return 2
     if not getattr(args, "func", None):
         parser.print_help()
         return 0

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rescascade.training.config import MAX_BATCH
-from rescascade.training.errors import ArtifactError
+from rescascade.training.errors import ArtifactError, ConfigError
 from rescascade.training.fileio import check_schema, read_json, write_json
 
 from .confidence import MEASURES
@@ -39,6 +39,8 @@ class CascadeConfig:
     def save(self, path) -> Path:
         """Write atomically to `path` (a directory: PATH/cascade.json), the family path recorded relative to it
         (the pair stays deployable when copied together). Returns the path written."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise ConfigError(f"save(path): give a file path such as 'runs/x/cascade.json', got {type(path).__name__}")
         path = Path(path)
         if path.is_dir():
             path = path / "cascade.json"
@@ -61,9 +63,16 @@ class CascadeConfig:
         from rescascade.training.store import read_family_json, weights_id
 
         from .predictions import load_predictions
+        builder.check_fitted()
         b, family_dir = builder, Path(family_dir).resolve()
         doc = read_family_json(family_dir)
         test = test if test is not None else load_predictions(family_dir / "predictions" / "test.npz")
+        for what, wid in (("the builder was fitted on predictions", b.weights_sha256_),
+                          ("the test predictions are", test.weights_sha256),
+                          ("the profile measured", profile.meta.get("weights_sha256"))):
+            if wid != weights_id(doc):
+                raise ArtifactError(f"{what} of another family (weights {str(wid)[:12]}, {family_dir} has "
+                                    f"{weights_id(doc)[:12]}): fit on this family's predictions and profile")
         cascade, ref_out = b.cascade_, b.reference_outcome_
         casc_test, ref_test = b.simulate(test, costs)
         expected = {
@@ -160,7 +169,8 @@ def _is_number(v) -> bool:
 def validate(doc: dict, path) -> None:
     """Every field the runtime and eval use, with the values it may take; raises RescascadeError naming the field."""
     for key in REQUIRED:
-        _check(isinstance(doc[key], (dict, list)), path, f"{key} must be an object")
+        _check(isinstance(doc[key], list if key == "stages" else dict), path,
+               f"{key} must be {'a list' if key == 'stages' else 'an object'}")
     fam, prof, conf = doc["family"], doc["profile"], doc["confidence"]
     _check(isinstance(fam.get("path"), str) and fam["path"] != "", path, "family.path must name the family directory")
     for key in ("family_json_sha256", "weights_sha256"):
@@ -200,6 +210,9 @@ def validate(doc: dict, path) -> None:
 
 
 def read_config(path) -> CascadeConfig:
+    """Read and validate cascade.json (or DIR/cascade.json); ArtifactError when missing or invalid."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"give the path of a cascade.json, got {type(path).__name__}")
     path = Path(path)
     if path.is_dir():
         path = path / "cascade.json"

@@ -17,11 +17,18 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from rescascade.training.errors import RescascadeError
+from rescascade.training.errors import ConfigError, RescascadeError, check_int
+
+
+NEEDED = {"backend", "precision", "resolution", "batch_size", "median_ms", "preprocess_ms"}
 
 
 @dataclass
 class CostModel:
+    """Per-image cost (ms) of each cascade stage on one backend, precision and batch size, from a measured
+    profile: table[resolution][batch size] = inference + preprocessing + decision per image (with the gather, not
+    the upload); once[batch size] = what every cascade pays once per image (upload - gather). Build one with
+    `CostModel.from_profile`; `per_image(r, batch)` interpolates between profiled batch sizes."""
     backend: str
     precision: str
     batch_size: int
@@ -40,6 +47,10 @@ class CostModel:
         cascade whose later stages run on shrinking batches. Raises RescascadeError naming what is missing."""
         if hasattr(df, "table"):  # a Profile
             df, where = df.table, str(df.path)
+        if not isinstance(df, pd.DataFrame) or df.empty or not NEEDED <= set(df.columns):
+            raise ConfigError(f"CostModel.from_profile needs a Profile (Profile.load(path)) or its table, with rows "
+                              f"and the columns {', '.join(sorted(NEEDED))}; got {type(df).__name__}")
+        batch_size = check_int("batch_size", batch_size, 1)
         if resolutions is None:
             resolutions = sorted(int(r) for r in df.resolution.unique())
         if backend is None:

@@ -142,6 +142,13 @@ def _batches(n: int, b: int):
 def run_eval(cascade_json, data: str | None = None, backend: str | None = None, batch_size: int | None = None,
              split: str = "test", repeats: int = 3, threads: int | None = None, limit: int | None = None,
              out: str | None = None, plot: bool = True, log=print) -> dict:
+    """`rescascade eval`: run the cascade of `cascade_json` and its reference model back to back on the same
+    batches (alternating order, `repeats` passes, median per batch) and measure top-1 and ms per image.
+    Images: exactly the family's test (or calib) images, looked up by recorded id and pixel digest, or every
+    image of `data` (classes matched by name); `limit` spreads N images over them. batch_size: default the one the
+    cascade was built for. Writes a JSON report (and a PNG with `plot`) beside cascade.json or at `out` and
+    returns it: accuracy, ms_per_image, images_per_s of both, measured vs predicted cost ratio, exit fractions.
+    Raises ConfigError for bad values, DataError when images are gone or changed since prediction."""
     for name, value, high in (("batch_size", batch_size, MAX_BATCH), ("repeats", repeats, None),
                               ("threads", threads, MAX_THREADS), ("limit", limit, None)):
         if value is not None and (not isinstance(value, int) or value < 1 or (high and value > high)):

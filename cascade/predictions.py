@@ -1,13 +1,14 @@
 """Reading predictions/{calib,test}.npz with every check a user's mistake needs."""
 from __future__ import annotations
 
+import os
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from rescascade.training.errors import ArtifactError
+from rescascade.training.errors import ArtifactError, ConfigError
 
 SUPPORTED = 1
 
@@ -62,6 +63,11 @@ def validate(logits, labels, resolutions, where: str) -> None:
 
 
 def load_predictions(path) -> Predictions:
+    """predictions/{calib,test}.npz as written by train: logits [N, R, C] float32 (R resolutions, ascending),
+    labels [N] int64, ids, pixel digests and the family's weights id. Loaded without pickles; ArtifactError for
+    a missing, truncated, pickled or inconsistent file."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise ConfigError(f"give the path of a predictions .npz, got {type(path).__name__}")
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"{path} not found; `rescascade train` writes predictions/calib.npz and test.npz")

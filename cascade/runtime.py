@@ -19,7 +19,8 @@ from PIL import Image
 
 from rescascade.profiling.backends import get_backend
 from rescascade.profiling.measure import torch_threads
-from rescascade.training.errors import RescascadeError
+from rescascade.training.config import MAX_BATCH, MAX_THREADS
+from rescascade.training.errors import ConfigError, RescascadeError, check_int
 from rescascade.training.fileio import sha256_file
 from rescascade.training.images import DEFAULT_MAX_PIXELS, decode, from_pil
 from rescascade.training.preprocess import channels_last_batch, preprocess
@@ -107,6 +108,11 @@ def decision_step(batch: int, num_classes: int):
 class CascadeRunner:
     """Load cascade.json + its family (hashes verified) and run the cascade on `backend`.
 
+    config: a cascade.json path (or its directory) or a CascadeConfig. backend, precision: default the ones the
+    cascade was built for. threads: CPU threads (1..MAX_THREADS). stages: a Cascade to run instead of the
+    config's (e.g. the reference alone). Raises ArtifactError when the family is missing or its files changed,
+    ConfigError for bad arguments, BackendUnavailable when the backend cannot run here.
+
     runner(images) accepts a uint8 tensor [N, 3, H, W], or a list of inputs (or one input), each a uint8
     [3, H, W] tensor, a PIL image, an image file path or the encoded bytes of an image file. Files and bytes are decoded by
     training.images.decode, the decode training and prediction used (EXIF orientation applied, any bit depth to
@@ -122,6 +128,18 @@ class CascadeRunner:
     def __init__(self, config, backend: str | None = None, precision: str | None = None,
                  threads: int | None = None, stages=None, max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
                  warmup: bool | Sequence[int] = True):
+        if threads is not None:
+            check_int("threads", threads, 1, MAX_THREADS)
+        if max_image_pixels is not None:
+            check_int("max_image_pixels", max_image_pixels, 1)
+        if stages is not None and not isinstance(stages, Cascade):
+            raise ConfigError(f"stages must be a Cascade (e.g. Cascade([Stage(224, -math.inf)])), got "
+                              f"{type(stages).__name__}")
+        if warmup is not True and warmup is not False:
+            try:
+                warmup = [check_int("warmup", b, 1, MAX_BATCH) for b in warmup]
+            except TypeError:
+                raise ConfigError(f"warmup {warmup!r}: give True, False or batch sizes such as [1, 32]") from None
         self.config: CascadeConfig = config if isinstance(config, CascadeConfig) else read_config(config)
         fam_dir = self.config.family_dir
         doc_family = self.config.doc["family"]
@@ -182,6 +200,10 @@ class CascadeRunner:
         if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)) or \
                 (isinstance(images, torch.Tensor) and images.dim() in (1, 3)):
             images = [images]  # one input, not a sequence of characters, bytes or rows
+        if isinstance(images, np.ndarray) or not isinstance(images, (Sequence, torch.Tensor)):
+            raise ConfigError(f"images: give a uint8 tensor [N, 3, H, W], or a list of paths, bytes, PIL images or "
+                              f"uint8 [3, H, W] tensors; got {type(images).__name__} (a numpy array: "
+                              "torch.from_numpy(a).permute(2, 0, 1) for one H x W x 3 image)")
         if isinstance(images, torch.Tensor):
             if images.dim() != 4 or images.shape[1] != 3 or images.dtype != torch.uint8 or 0 in images.shape[2:]:
                 raise RescascadeError(f"images tensor must be uint8 [N, 3, H, W] with H, W >= 1, got {images.dtype} "
@@ -232,6 +254,9 @@ class CascadeRunner:
 
     # ---- running -------------------------------------------------------------------------------------------
     def __call__(self, images) -> CascadeResult:
+        """Classify `images` (see the class): -> CascadeResult with labels [N] (int64, -1 for a failed input),
+        names, probs [N, C] float32, exit_stage [N], confidence [N], errors {index: message}, wall_s and
+        per-stage timings. ConfigError for a container of the wrong kind (one bad input fails only itself)."""
         threads = next(iter(self.engines.values())).preprocess_threads
         with torch_threads(threads):
             return self._run(images)

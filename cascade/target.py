@@ -5,7 +5,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from rescascade.training.errors import ConfigError
+from rescascade.training.errors import ConfigError, check_number
+
+KINDS = ("best", "accuracy", "max_drop", "budget")
 
 
 @dataclass
@@ -15,6 +17,13 @@ class Target:
     kind: str            # best | accuracy | max_drop | budget
     value: float | None = None
 
+    def __post_init__(self):
+        if self.kind not in KINDS:
+            raise ConfigError(f"Target kind {self.kind!r}: use Target.best(), .accuracy(a), .max_drop(points) or "
+                              ".budget_ms(ms)")
+        if (self.value is None) != (self.kind == "best"):
+            raise ConfigError(f"Target {self.kind!r} {'takes no' if self.kind == 'best' else 'needs a'} value")
+
     @classmethod
     def best(cls) -> "Target":
         """The reference's accuracy on calib."""
@@ -23,17 +32,17 @@ class Target:
     @classmethod
     def accuracy(cls, top1: float) -> "Target":
         """At least `top1` (a fraction in (0, 1]) on calib."""
-        return cls.parse(repr(float(top1)), None, None)
+        return cls.parse(repr(check_number("target", top1)), None, None)
 
     @classmethod
     def max_drop(cls, points: float) -> "Target":
-        """At most `points` percentage points below the reference on calib."""
-        return cls.parse(None, points, None)
+        """At most `points` percentage points (0..100) below the reference on calib."""
+        return cls.parse(None, check_number("max_drop", points, 0, 100), None)
 
     @classmethod
     def budget_ms(cls, ms: float) -> "Target":
         """The most accurate cascade whose expected cost is at most `ms` per image."""
-        return cls.parse(None, None, ms)
+        return cls.parse(None, None, check_number("budget", ms))
 
     @classmethod
     def parse(cls, target: str | None, max_drop: float | None, budget: float | None) -> "Target":
@@ -45,8 +54,8 @@ class Target:
                 raise ConfigError(f"--budget must be a positive cost in ms, got {budget}")
             return cls("budget", float(budget))
         if max_drop is not None:
-            if not (math.isfinite(max_drop) and max_drop >= 0):
-                raise ConfigError(f"--max-drop is in accuracy points and cannot be negative, got {max_drop}")
+            if not (math.isfinite(max_drop) and 0 <= max_drop <= 100):
+                raise ConfigError(f"--max-drop is in accuracy points, 0 to 100, got {max_drop}")
             return cls("max_drop", float(max_drop))
         if target in (None, "best"):
             return cls("best")

@@ -19,6 +19,10 @@ import numpy as np
 
 @dataclass
 class Protocol:
+    """How each configuration is timed: warmup_iters and warmup_seconds (s) untimed first, then at least min_iters
+    iterations and min_seconds (s) (at most max_iters and max_seconds), spread over `rounds` round-robin passes
+    over all configurations. smoke: a few iterations to check that things run; its figures never replace
+    measured ones. ConfigError for negative or non-finite values, min_iters or rounds below 1."""
     warmup_iters: int = 10
     warmup_seconds: float = 0.5
     min_iters: int = 30
@@ -29,10 +33,12 @@ class Protocol:
     smoke: bool = False  # a few iterations to check that things run: its figures never replace measurements
 
     def __post_init__(self):
-        from rescascade.training.errors import RescascadeError
-        if self.min_iters < 1 or self.warmup_iters < 0 or self.min_seconds < 0 or self.warmup_seconds < 0 \
-                or self.rounds < 1:
-            raise RescascadeError("protocol needs min-iters >= 1, rounds >= 1 and non-negative warm-up and seconds")
+        from rescascade.training.errors import check_bool, check_int, check_number
+        for name, low in (("warmup_iters", 0), ("min_iters", 1), ("max_iters", 1), ("rounds", 1)):
+            check_int(name, getattr(self, name), low)
+        for name in ("warmup_seconds", "min_seconds", "max_seconds"):
+            check_number(name, getattr(self, name), 0)
+        check_bool("smoke", self.smoke)
 
     def round(self, k: int) -> "Protocol":
         """The share of round k: the full warm-up first, a short re-warm (caches) later; 1/rounds of the rest."""

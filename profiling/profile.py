@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import itertools
+import os
 from dataclasses import dataclass
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,7 +24,7 @@ import pandas as pd
 import torch
 
 from rescascade.training.config import MAX_BATCH, MAX_THREADS
-from rescascade.training.errors import ConfigError, RescascadeError
+from rescascade.training.errors import ConfigError, RescascadeError, check_int
 from rescascade.training.fileio import atomic_path, check_schema, read_json, write_json
 from rescascade.training.preprocess import channels_last_batch, eval_resize_size, preprocess
 from rescascade.training.progress import progress
@@ -94,6 +95,15 @@ def time_upload(batch: int, pool: list[torch.Tensor], device: str, protocol: Pro
     return up, gather
 
 
+def _as_list(values, name: str) -> list:
+    """One value or a sequence of them, as a list (ConfigError for anything else, e.g. a string)."""
+    if isinstance(values, int) and not isinstance(values, bool):
+        return [values]
+    if isinstance(values, (str, bytes)) or not hasattr(values, "__iter__"):
+        raise ConfigError(f"--{name.replace('_', '-')} {values!r}: give integers, e.g. (1, 32)")
+    return list(values)
+
+
 def time_decision(decision_step, batch: int, num_classes: int, protocol: Protocol, between=None) -> np.ndarray:
     """A stage's decision on [b, C] logits: `decision_step(b, C)` builds it (the cascade runtime's own function,
     handed down, since the runtime lives above this layer). `between`, untimed, runs before each step: an
@@ -127,6 +137,8 @@ class Profile:
     def load(cls, path) -> "Profile":
         """profile.csv (or a family directory holding one) and its profile.json, validated; RescascadeError
         when missing or damaged."""
+        if not isinstance(path, (str, os.PathLike)):
+            raise ConfigError(f"give the path of a profile.csv or of its family directory, got {type(path).__name__}")
         path = Path(path)
         if path.is_dir():
             path = path / "profile.csv"
@@ -146,7 +158,7 @@ def read_profile(path) -> tuple[pd.DataFrame, dict]:
     check_schema(meta, meta_path, "profile", PROFILE_SCHEMA, ("weights_sha256", "device"))
     try:
         df = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError) as e:
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise RescascadeError(f"{path} is not a readable CSV ({e}); re-run `rescascade profile`") from None
     missing = [c for c in KEY + ["median_ms", "preprocess_ms"] if c not in df.columns]
     if missing:
@@ -181,15 +193,19 @@ def run_profile(run_dir, backend: str = "onnxruntime", precision: str = "fp32", 
     family, doc = load_family(run_dir)
     wid = weights_id(doc)
     engine_backend = get_backend(backend)
+    if resolutions is not None:
+        resolutions = [check_int("resolutions", r, 1) for r in _as_list(resolutions, "resolutions")]
     resolutions = list(resolutions or family.resolutions)
     bad = [r for r in resolutions if r not in family.resolutions]
     if bad:
-        raise RescascadeError(f"resolution(s) {bad} are not in the family {list(family.resolutions)}")
-    batch_sizes = sorted({int(b) for b in batch_sizes})
-    if not batch_sizes or batch_sizes[0] < 1 or batch_sizes[-1] > MAX_BATCH:
-        raise RescascadeError(f"batch sizes must be integers from 1 to {MAX_BATCH}, got {batch_sizes}")
-    if threads is not None and not 1 <= threads <= MAX_THREADS:
-        raise ConfigError(f"--threads {threads} must be from 1 to {MAX_THREADS}")
+        raise ConfigError(f"resolution(s) {bad} are not in the family {list(family.resolutions)}")
+    batch_sizes = sorted({check_int("batch_sizes", b, 1, MAX_BATCH) for b in _as_list(batch_sizes, "batch_sizes")})
+    if not batch_sizes:
+        raise ConfigError("--batch-sizes is empty: give at least one, e.g. 1,32")
+    if threads is not None:
+        check_int("threads", threads, 1, MAX_THREADS)
+    if not isinstance(protocol, Protocol):
+        raise ConfigError(f"protocol must be a Protocol (e.g. Protocol(min_seconds=0.5)), got {type(protocol).__name__}")
     device = engine_backend.device
     threads = threads or (default_threads() if device == "cpu" else None)
     source_size = _source_size(source_size, doc, family)

@@ -289,3 +289,52 @@ def test_python_errors_name_the_parameter_and_the_cli_its_flag(capsys):
         CascadeBuilder(guarantee=(2.0, 0.1))
     assert str(caught.value).startswith("`guarantee` EPS,DELTA") and isinstance(caught.value, ValueError)
     assert caught.value.cli_message.startswith("--guarantee EPS,DELTA")
+
+
+def _api_cases(fam: Path):
+    """(call, expected error type, fragment of str(error)): Python callers' mistakes, one typed error each."""
+    import numpy as np
+
+    import rescascade as rc
+    calib = rc.load_predictions(fam / "predictions" / "calib.npz")
+    costs = rc.CostModel.from_profile(rc.Profile.load(fam), batch_size=4)
+    fitted = rc.CascadeBuilder(rc.Target.accuracy(0.05), exact="off")
+    return [
+        (lambda: rc.TrainConfig.preset("synthetic", epochs="3"), rc.ConfigError, "`epochs` '3' must be an integer"),
+        (lambda: rc.TrainConfig.preset("synthetic", device="tpu"), rc.ConfigError, "`device` 'tpu'"),
+        (lambda: rc.TrainConfig.preset("nope"), rc.ConfigError, "unknown `preset`"),
+        (lambda: rc.TrainConfig(resolutions=(32.5,)), rc.ConfigError, "`resolutions` must be integers"),
+        (lambda: rc.CascadeBuilder(guarantee=(0.01,)), rc.ConfigError, "`guarantee` (0.01,)"),
+        (lambda: rc.CascadeBuilder(tolerances=5), rc.ConfigError, "`tolerances` 5"),
+        (lambda: rc.CascadeBuilder(seed=1.5), rc.ConfigError, "`seed` 1.5 must be an integer"),
+        (lambda: rc.CascadeBuilder().fit({}, costs), rc.ConfigError, "calib must be Predictions"),
+        (lambda: rc.CascadeBuilder().fit(calib, None), rc.ConfigError, "costs must be a CostModel"),
+        (lambda: rc.CascadeBuilder().fit(calib, rc.CostModel.from_profile(rc.Profile.load(fam), resolutions=[32],
+                                                                           batch_size=4)),
+         rc.ConfigError, "the costs lack resolution(s) [48]"),
+        (lambda: rc.CascadeConfig.from_builder(fitted, fam, rc.Profile.load(fam), costs), rc.RescascadeError,
+         "not fitted yet"),
+        (lambda: rc.CostModel.from_profile(None), rc.ConfigError, "needs a Profile"),
+        (lambda: rc.Target("foo"), rc.ConfigError, "Target kind 'foo'"),
+        (lambda: rc.Target.max_drop(150), rc.ConfigError, "`max_drop` 150"),
+        (lambda: rc.load_data(None), rc.ConfigError, "`data` None"),
+        (lambda: rc.load_data("imagefolder"), rc.ConfigError, "needs a path"),
+        (lambda: rc.register_source("synthetic", print), rc.ConfigError, "built-in source"),
+        (lambda: rc.Profile.load(None), rc.ConfigError, "give the path of a profile.csv"),
+        (lambda: rc.CascadeConfig.load(None), rc.ConfigError, "give the path of a cascade.json"),
+        (lambda: rc.profile_family(fam, batch_sizes=(0,)), rc.ConfigError, "`batch_sizes` 0"),
+        (lambda: rc.CascadeRunner(fam / "cascade.json", threads=0), rc.ConfigError, "`threads` 0"),
+        (lambda: rc.CascadeRunner(fam / "cascade.json", warmup=False)(np.zeros((8, 8, 3), np.uint8)), rc.ConfigError,
+         "got ndarray"),
+        (lambda: rc.run_train("synthetic:64", fam / "x", None), rc.ConfigError, "cfg must be a TrainConfig"),
+    ]
+
+
+def test_python_api_mistakes_raise_one_typed_error_naming_the_parameter(workspace):
+    fam = workspace / "fam"
+    before = snapshot(workspace)
+    for i, (call, kind, fragment) in enumerate(_api_cases(fam)):
+        with pytest.raises(kind) as caught:
+            call()
+        assert fragment in str(caught.value), (i, str(caught.value))
+    assert snapshot(workspace) == before

@@ -3,10 +3,11 @@ errors stay fast). Like a PEFT config: plain values, validated when made, record
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Iterable
 
-from .errors import ConfigError
+from .errors import ConfigError, check_bool, check_int, check_number
 
 MIN_RESOLUTION = 32    # MobileNetV2 downsamples 32x
 MAX_RESOLUTION = 1024  # above, a batch's activations outgrow any machine's memory (r=20000: ~38 GB per image)
@@ -15,10 +16,13 @@ MAX_THREADS = 256      # more threads than any machine's cores only slow things 
 
 
 def check_resolutions(resolutions: Iterable[int]) -> tuple[int, ...]:
+    """The input sizes, sorted; ConfigError for non-integers, repeats, or sizes outside 32..1024."""
     try:
         rs = [int(r) for r in resolutions]
+        if any(isinstance(v, bool) or (not isinstance(v, str) and r != v) for r, v in zip(rs, resolutions)):
+            raise ValueError  # True, or 32.5 (int() would cut it to 32)
     except (TypeError, ValueError):
-        raise ConfigError(f"resolutions must be integers, got {resolutions!r}; e.g. 96,128,160,192,224") from None
+        raise ConfigError(f"--resolutions must be integers, got {resolutions!r}; e.g. 96,128,160,192,224") from None
     if not rs:
         raise ConfigError("no resolutions given; pass e.g. --resolutions 96,128,160,192,224")
     if len(set(rs)) != len(rs):
@@ -37,6 +41,10 @@ DISTILL = ("none", "top", "ensemble", "teacher")
 
 @dataclass
 class TrainConfig:
+    """How a family is trained (the `train` flags of the same names): resolutions, epochs, batch size, optimizer
+    and per-group learning rates, schedule, what is shared, trained and distilled, augmentation, seeds, device.
+    Every value is checked at construction (ConfigError naming the field); `TrainConfig.preset(name)` gives a
+    named recipe."""
     resolutions: tuple[int, ...]
     epochs: int = 10
     batch_size: int = 64
@@ -88,8 +96,20 @@ class TrainConfig:
         return cls(**fields)
 
     def __post_init__(self):
-        """Every value checked here, so a Python caller gets the CLI's one-line errors (RescascadeError)."""
+        """Every value checked here, so a Python caller gets the CLI's one-line errors (ConfigError)."""
         self.resolutions = check_resolutions(self.resolutions)
+        for name in ("epochs", "batch_size", "seed", "workers"):
+            check_int(name, getattr(self, name))
+        for name in ("amp", "freeze_top", "independent"):
+            check_bool(name, getattr(self, name))
+        for name in ("lr", "momentum", "weight_decay", "warmup_epochs", "label_smoothing", "label_weight",
+                     "distill_weight", "distill_temperature", "patch_l2sp"):
+            check_number(name, getattr(self, name))
+        for name in ("patch_lr", "head_lr", "dropout"):
+            if getattr(self, name) is not None:
+                check_number(name, getattr(self, name))
+        if not (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", str(self.device))):
+            raise ConfigError(f"--device {self.device!r}: use auto, cpu, cuda or cuda:N")
         for name, value, allowed in (("optimizer", self.optimizer, OPTIMIZERS), ("schedule", self.schedule, SCHEDULES),
                                      ("distill", self.distill, DISTILL), ("shared", self.shared, ("train", "frozen")),
                                      ("classifier", self.classifier, ("train", "frozen")),

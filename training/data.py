@@ -15,6 +15,7 @@ data, is skipped where it is read and named too; one bad image never stops a bat
 from __future__ import annotations
 
 import os
+import re
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .errors import DataError
+from .errors import ConfigError, DataError, check_int
 from .images import DEFAULT_MAX_PIXELS, ImageError, decode, pixel_digest, probe
 from .progress import progress
 
@@ -317,14 +318,19 @@ class DataSource:
 
 
 SOURCES: dict[str, DataSource] = {}
+BUILT_IN: tuple[str, ...] = ()  # set once the built-ins below are registered
 
 
 def register_source(name: str, read: Callable, *, path: str = "required", folder_classes: bool = False) -> None:
     """Make `--data NAME[:ARG]` (and load_data("NAME:ARG")) read images with `read(arg, SourceOptions)`; see
-    DataSource for what it returns. Raises ValueError for a name with ":" or a bad `path` kind."""
-    if ":" in name or not name or path not in ("required", "data_root", "none"):
-        raise ValueError(f"register_source({name!r}, path={path!r}): a name without ':' and path one of "
-                         "required, data_root, none")
+    DataSource for what it returns. Raises ConfigError for a name that is not a word (letters, digits, - and _),
+    a built-in's name, a `read` that cannot be called, or a bad `path` kind."""
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9][\w-]*", name) or \
+            path not in ("required", "data_root", "none") or not callable(read):
+        raise ConfigError(f"register_source({name!r}, read, path={path!r}): give a name of letters, digits, - and _, "
+                          "a callable read(arg, options), and path one of required, data_root, none")
+    if name in BUILT_IN:
+        raise ConfigError(f"register_source: {name!r} is a built-in source; register yours under another name")
     SOURCES[name] = DataSource(read, path, folder_classes)
 
 
@@ -351,11 +357,22 @@ for _name in ("cifar10", "cifar100", "imagenette"):
 
 def _read_source(spec: str, options: SourceOptions):
     """--data SPEC -> (training images or None, held-out images, {extension: count} of files not listed)."""
+    if not isinstance(spec, str):
+        raise ConfigError(f"--data {spec!r}: give a source as text, e.g. 'imagefolder:PATH' or 'synthetic:1000'")
+    if options.label_space not in ("native", "imagenet"):
+        raise ConfigError(f"--label-space {options.label_space!r}: use native or imagenet")
     kind, _, arg = spec.partition(":")
     if kind not in SOURCES:
         raise DataError(f"unknown --data {spec!r}; use synthetic[:N], imagefolder:PATH, cifar10, cifar100, "
                         f"imagenette{''.join(f', {k}' for k in SOURCES if k not in BUILT_IN)}")
-    train, heldout, *rest = SOURCES[kind].read(arg, options)
+    if SOURCES[kind].path == "required" and not arg:
+        raise ConfigError(f"--data {spec!r} needs a path: {kind}:PATH")
+    got = SOURCES[kind].read(arg, options)
+    if not (isinstance(got, tuple) and len(got) in (2, 3) and (got[0] is None or isinstance(got[0], ImageSet))
+            and isinstance(got[1], ImageSet) and (len(got) == 2 or isinstance(got[2], dict))):
+        raise DataError(f"the {kind!r} source's read() returned {type(got).__name__}; it must return (training "
+                        "ImageSet or None, held-out ImageSet[, {extension: count}])")
+    train, heldout, *rest = got
     return train, heldout, (rest[0] if rest else {})
 
 
@@ -384,15 +401,21 @@ def load_data(spec: str, *, calib_fraction: float = 0.5, val_fraction: float = 0
     images whose header reads within max_image_pixels (check_train=False skips reading the training images'
     headers, for callers that use only the held-out ones). The description records every option that defines
     the splits, the resolved source, the images each split holds and the unreadable ones, by id.
-    Raises RescascadeError for an unknown source, bad fractions, or a class left without readable images."""
-    kind, _, arg = spec.partition(":")
-    if not 0 < calib_fraction < 1:
-        raise DataError(f"--calib-fraction must be between 0 and 1, got {calib_fraction}")
+    Raises ConfigError for bad options, DataError for an unknown source or a class left without readable images."""
+    if not (isinstance(calib_fraction, (int, float)) and 0 < calib_fraction < 1):
+        raise ConfigError(f"--calib-fraction must be between 0 and 1, got {calib_fraction!r}")
+    for name, value in (("seed", seed), ("synthetic_classes", synthetic_classes)):
+        check_int(name, value, 0)
+    for name, value in (("train_per_class", train_per_class), ("heldout_per_class", heldout_per_class),
+                        ("max_image_pixels", max_image_pixels)):
+        if value is not None:
+            check_int(name, value, 1)
     train, heldout, not_listed = _read_source(spec, SourceOptions(val_fraction, seed, label_space, data_root, download,
                                                                   synthetic_classes, max_image_pixels))
     if not_listed:
         log(f"{sum(not_listed.values())} file(s) in the class folders are not images torchvision's ImageFolder "
             f"lists and are not used ({', '.join(f'{k} {v}' for k, v in not_listed.items())})")
+    kind = spec.partition(":")[0]
     unreadable = {}
     if train is not None:
         train = limit_per_class(train, train_per_class, seed)

@@ -44,3 +44,34 @@ class DataError(RescascadeError):
 
 class BackendUnavailable(RescascadeError):
     """An inference backend that cannot run here (a package or a GPU missing)."""
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def check_int(name: str, value, low: int | None = None, high: int | None = None) -> int:
+    """`value` as an int within [low, high]; ConfigError naming the parameter otherwise (bools and 2.5 too)."""
+    ok = isinstance(value, int) and not isinstance(value, bool) or (
+        hasattr(value, "__index__") and not isinstance(value, bool))
+    if not ok or (low is not None and value < low) or (high is not None and value > high):
+        bounds = f" from {low} to {high}" if high is not None else f" >= {low}" if low is not None else ""
+        raise ConfigError(f"{_flag(name)} {value!r} must be an integer{bounds}")
+    return int(value)
+
+
+def check_number(name: str, value, low: float | None = None, high: float | None = None) -> float:
+    """`value` as a finite float within [low, high]; ConfigError naming the parameter otherwise."""
+    import math
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (low is not None and value < low) or (high is not None and value > high):
+        bounds = f" in [{low:g}, {high:g}]" if low is not None and high is not None else \
+            f" >= {low:g}" if low is not None else ""
+        raise ConfigError(f"{_flag(name)} {value!r} must be a finite number{bounds}")
+    return float(value)
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{_flag(name)} {value!r} must be True or False")
+    return value

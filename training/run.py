@@ -66,6 +66,9 @@ def run_train(data: str, out: str, cfg: TrainConfig, *, width_mult: float = 1.0,
     [N, classes] logits}, e.g. `rescascade.profiling.engines.onnxruntime_predictors` for faster bulk prediction on
     CPU; None: the plain torchvision models in PyTorch. probe_cache: a `probe.ProbeCache` shared by several runs
     from one start on the same `splits` (each probes the same frozen features)."""
+    if not isinstance(cfg, TrainConfig):
+        raise ConfigError(f"run_train(data, out, cfg): cfg must be a TrainConfig (e.g. TrainConfig.preset(...)), got "
+                          f"{type(cfg).__name__}")
     env = DistEnv.from_env()
     out = Path(out)
     data_options = {"seed": cfg.seed, **(data_options or {})}

@@ -115,8 +115,9 @@ def prepare(run_dir: Path, resume: bool, overwrite: bool, same_run, log) -> RunS
                           "or empty directory, or pass --overwrite to write the family beside these files")
     if state.kind == "complete":
         if not resume:
-            raise RescascadeError(f"{run_dir} already holds a finished family; choose a new --out, or --overwrite to "
-                                  "replace it (its profile and cascade files go with it)")
+            raise RescascadeError(f"{run_dir} already holds a finished family; --resume with the same settings uses it "
+                                  "as it is; choose a new --out, or --overwrite to replace it (its profile and cascade "
+                                  "files go with it)")
         differ = same_run(state.doc)
         if differ:
             raise RescascadeError(f"{run_dir} holds a finished family trained with other settings ({', '.join(differ)} "

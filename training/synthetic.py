@@ -11,6 +11,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .errors import ConfigError
+
 COARSE_HUES = np.array([[0.85, 0.20, 0.20], [0.20, 0.70, 0.25], [0.20, 0.35, 0.90], [0.90, 0.80, 0.15],
                         [0.75, 0.30, 0.80], [0.15, 0.80, 0.80]])
 FINE_PATTERNS = ("horizontal", "vertical", "checker", "diagonal", "antidiagonal", "dots")
@@ -42,7 +44,8 @@ def _pattern(kind: str, xx: np.ndarray, yy: np.ndarray, period: np.ndarray, phas
 def make_synthetic(n: int, num_classes: int = 8, size: int = 112, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """n images uint8 [n, 3, size, size] and labels int64 [n], balanced over classes, deterministic in seed."""
     if not 2 <= num_classes <= 2 * len(FINE_PATTERNS):
-        raise ValueError(f"synthetic data has 2..{2 * len(FINE_PATTERNS)} classes, got {num_classes}")
+        raise ConfigError(f"--synthetic-classes: synthetic data has 2..{2 * len(FINE_PATTERNS)} classes, got "
+                          f"{num_classes}")
     rng = np.random.default_rng(seed)
     labels = np.arange(n) % num_classes
     rng.shuffle(labels)
