@@ -310,7 +310,8 @@ def run_task(task: str, args, log) -> str:
     t_measure = time.perf_counter()
     if fam != first:
         log(f"  profiling {fam} too: measured costs chose it")
-        run_profile(fam, "onnxruntime", "fp32", sizes, protocol=protocol, log=lambda s: None, decision_step=decision_step)
+        run_profile(fam, "onnxruntime", "fp32", sizes, protocol=protocol, log=lambda s: None,
+                    decision_step=decision_step)
     mrow = []
     for b in (1, 32):
         path = fam / f"cascade_b{b}.json"

@@ -98,7 +98,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
-    """Descriptions keep their line breaks; each option's help states its own default."""
+    """Descriptions keep their line breaks and each line is wrapped to the terminal; each option's help states
+    its own default."""
+
+    def _fill_text(self, text, width, indent):
+        # a line that starts with a space is laid out already (the presets' list); the others are prose
+        return "\n".join(indent + line if not line or line[0] == " " else
+                         textwrap.fill(line, width, initial_indent=indent, subsequent_indent=indent)
+                         for line in text.splitlines())
 
 
 # train options whose default may come from a --preset (argparse default None = "not given")

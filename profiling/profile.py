@@ -205,7 +205,8 @@ def run_profile(run_dir, backend: str = "onnxruntime", precision: str = "fp32", 
     if threads is not None:
         check_int("threads", threads, 1, MAX_THREADS)
     if not isinstance(protocol, Protocol):
-        raise ConfigError(f"protocol must be a Protocol (e.g. Protocol(min_seconds=0.5)), got {type(protocol).__name__}")
+        raise ConfigError(f"protocol must be a Protocol (e.g. Protocol(min_seconds=0.5)), got "
+                          f"{type(protocol).__name__}")
     device = engine_backend.device
     threads = threads or (default_threads() if device == "cpu" else None)
     source_size = _source_size(source_size, doc, family)
@@ -276,7 +277,8 @@ def _measure(family, run_dir, wid: str, engine_backend, backend: str, precision:
                                               between=timers[r, b]))
             bar.update(1)
         for b in batch_sizes:
-            decide[b].append(time_decision(decision_step, b, family.num_classes, part, between=timers[resolutions[0], b]))
+            decide[b].append(time_decision(decision_step, b, family.num_classes, part,
+                                           between=timers[resolutions[0], b]))
             for times, t in zip(moves[b], time_upload(b, pool, device, part, engines[resolutions[0]].preprocess_threads,
                                                       between=timers[resolutions[0], b])):
                 times.append(t)

@@ -39,7 +39,8 @@ def tiny_family(tmp_path_factory):
     cfg = TrainConfig(TINY_RES, epochs=4, batch_size=16, optimizer="adamw", lr=0.003, workers=0, seed=0)
     run_train("synthetic:384", out, cfg, width_mult=0.35, weights="none", log=lambda s: None,
               data_options={"heldout_per_class": 20})
-    run_profile(out, "onnxruntime", "fp32", (1, 4), protocol=QUICK, threads=1, log=lambda s: None, decision_step=decision_step)
+    run_profile(out, "onnxruntime", "fp32", (1, 4), protocol=QUICK, threads=1, log=lambda s: None,
+                decision_step=decision_step)
     return out
 
 

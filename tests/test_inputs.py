@@ -281,7 +281,8 @@ def folder_cascade(tmp_path_factory):
                   data_options={"val_fraction": 0.3}, **QUIET)
     finally:
         os.chdir(cwd)
-    run_profile(base / "fam", "onnxruntime", "fp32", (4,), protocol=QUICK, threads=1, **QUIET, decision_step=decision_step)
+    run_profile(base / "fam", "onnxruntime", "fp32", (4,), protocol=QUICK, threads=1, **QUIET,
+                decision_step=decision_step)
     run_build(base / "fam", batch_size=4, target="0.05", out=base / "fam" / "cascade.json", exact="off", plots=False,
               **QUIET)
     return base, base / "fam", base / "fam" / "cascade.json"

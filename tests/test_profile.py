@@ -75,7 +75,8 @@ def test_profile_writes_rows_and_rerun_replaces_them(fam_dir, backend, tmp_path)
     assert np.allclose(df.per_image_ms, df.median_ms / df.batch_size)
     assert (df.upload_ms > 0).all() and (df.gather_ms > 0).all()
     assert (df.groupby("batch_size").upload_ms.nunique() == 1).all()  # one figure per batch, for every resolution
-    df2 = run_profile(fam_dir, backend, "fp32", (2,), resolutions=[48], protocol=QUICK, threads=1, out=out, decision_step=decision_step)
+    df2 = run_profile(fam_dir, backend, "fp32", (2,), resolutions=[48], protocol=QUICK, threads=1, out=out,
+                      decision_step=decision_step)
     assert len(df2) == 4 and not df2.duplicated(KEY).any()
     read, meta = read_profile(out)
     assert len(read) == 4 and meta["weights_sha256"] and meta["device"]["threads"] == 1
@@ -84,7 +85,8 @@ def test_profile_writes_rows_and_rerun_replaces_them(fam_dir, backend, tmp_path)
 
 def test_profile_refuses_another_familys_table(fam_dir, tmp_path):
     out = tmp_path / "profile.csv"
-    run_profile(fam_dir, "onnxruntime", "fp32", (1,), resolutions=[32], protocol=QUICK, threads=1, out=out, decision_step=decision_step)
+    run_profile(fam_dir, "onnxruntime", "fp32", (1,), resolutions=[32], protocol=QUICK, threads=1, out=out,
+                decision_step=decision_step)
     other = tmp_path / "other"
     save_family(ResolutionFamily((32,), num_classes=10, width_mult=0.35), other)
     with pytest.raises(RescascadeError, match="profiles another family"):
