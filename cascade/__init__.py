@@ -4,13 +4,16 @@ One network shared by every input resolution, a BatchNorm patch per resolution (
 resolution's cost measured on the target device, and a cascade that runs the cheap resolutions first and stops
 as soon as it is confident (Streeter, ICML 2018; Mudrakarta et al., ICLR 2019).
 
-The journey, each step also a CLI command:
+The journey, each step also a CLI command (README.md has it in full, run by the tests):
 
-    from rescascade import run_train, run_profile, run_build, CascadeRunner, TrainConfig, decision_step
-    run_train("imagefolder:photos", "runs/photos", TrainConfig(resolutions=(96, 128, 160, 192, 224)))
-    run_profile("runs/photos", "onnxruntime", batch_sizes=(1, 32), decision_step=decision_step)
-    run_build("runs/photos", batch_size=32)                      # writes runs/photos/cascade.json
-    result = CascadeRunner("runs/photos/cascade.json")(["a.jpg", "b.png"])
+    import rescascade as rc
+    rc.run_train("imagefolder:photos", "runs/photos", rc.TrainConfig.preset("patches-distill"))
+    profile = rc.profile_family("runs/photos", batch_sizes=(1, 32))          # measured on this device
+    calib = rc.load_predictions("runs/photos/predictions/calib.npz")
+    costs = rc.CostModel.from_profile(profile, batch_size=32)
+    builder = rc.CascadeBuilder(rc.Target.best()).fit(calib, costs)
+    rc.CascadeConfig.from_builder(builder, "runs/photos", profile, costs).save("runs/photos/cascade.json")
+    result = rc.CascadeRunner("runs/photos/cascade.json")(["a.jpg", "b.png"])
 
 Subpackages: `rescascade.training` (the family, data, training), `rescascade.profiling` (export, backends,
 timing); the modules here choose, certify, run and evaluate cascades. Every error a user can fix is a
