@@ -9,9 +9,8 @@ import math
 import time
 from pathlib import Path
 
-
 from rescascade.profiling.profile import Profile
-from rescascade.training.errors import ConfigError, RescascadeError
+from rescascade.training.errors import RescascadeError, check_int
 from rescascade.training.store import read_family_json, verify_files, weights_id
 
 from .builder import CascadeBuilder
@@ -71,8 +70,7 @@ def run_build(run_dir, profile=None, backend: str | None = None, precision: str 
     files of another family, ConfigError for bad values."""
     run_dir = Path(run_dir)
     t_start = time.perf_counter()
-    if not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"--batch-size {batch_size!r} must be an integer >= 1")
+    check_int("batch_size", batch_size, 1)
     doc = read_family_json(run_dir)
     verify_files(run_dir, doc)  # cascade.json vouches for these weights
     wid = weights_id(doc)

@@ -20,7 +20,7 @@ import torch
 from rescascade.profiling.measure import torch_threads
 from rescascade.training.config import MAX_BATCH, MAX_THREADS
 from rescascade.training.data import ImageSet, heldout_listing, resolve_source
-from rescascade.training.errors import ConfigError, RescascadeError
+from rescascade.training.errors import ConfigError, RescascadeError, check_int
 from rescascade.training.fileio import write_json
 from rescascade.training.images import ImageError, pixel_digest
 from rescascade.training.progress import progress
@@ -151,9 +151,8 @@ def run_eval(cascade_json, data: str | None = None, backend: str | None = None, 
     Raises ConfigError for bad values, DataError when images are gone or changed since prediction."""
     for name, value, high in (("batch_size", batch_size, MAX_BATCH), ("repeats", repeats, None),
                               ("threads", threads, MAX_THREADS), ("limit", limit, None)):
-        if value is not None and (not isinstance(value, int) or value < 1 or (high and value > high)):
-            raise ConfigError(f"--{name.replace('_', '-')} {value!r} must be an integer >= 1"
-                              f"{f' and <= {high}' if high else ''}{' (omit it for the default)' if name != 'repeats' else ''}")
+        if value is not None:
+            check_int(name, value, 1, high)
     if split not in ("calib", "test"):
         raise ConfigError(f"--split {split!r}: use test or calib")
     config = read_config(cascade_json)
@@ -241,7 +240,6 @@ def _time_side_by_side(casc, refr, decoded: list, batch_size: int, repeats: int)
                         s["inference_s"] += t.inference_s
                         s["decide_s"] += t.decide_s
     return casc_ms, ref_ms, pred_c, pred_r, exits, stage_time
-
 
 
 def format_eval(r: dict) -> str:

@@ -142,41 +142,37 @@ class Profile:
         path = Path(path)
         if path.is_dir():
             path = path / "profile.csv"
-        table, meta = read_profile(path)
-        return cls(table, meta, path)
+        if not path.is_file():
+            raise RescascadeError(f"profile {path} not found; run `rescascade profile RUN_DIR` first")
+        meta_path = path.with_suffix(".json")
+        meta = read_json(meta_path, "the profile.json written beside profile.csv by `rescascade profile`")
+        check_schema(meta, meta_path, "profile", PROFILE_SCHEMA, ("weights_sha256", "device"))
+        try:
+            df = pd.read_csv(path)
+        except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+            raise RescascadeError(f"{path} is not a readable CSV ({e}); re-run `rescascade profile`") from None
+        missing = [c for c in KEY + ["median_ms", "preprocess_ms"] if c not in df.columns]
+        if missing:
+            raise RescascadeError(f"{path} lacks column(s) {', '.join(missing)}; re-run `rescascade profile`")
+        for column, low in (("resolution", 1), ("batch_size", 1), *((c, 0) for c in TIMES if c in df.columns)):
+            values = pd.to_numeric(df[column], errors="coerce")
+            bad = ~(np.isfinite(values) & (values >= low))
+            if column in ("upload_ms", "gather_ms"):  # profiles from before these columns leave them empty
+                bad &= df[column].notna()
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                raise RescascadeError(f"{path}: {column} {df[column].iloc[row]} in row {row + 2} is not a number >= {low}; "
+                                      "the file was edited or damaged: re-run `rescascade profile`")
+            df[column] = values
+        df["resolution"], df["batch_size"] = df["resolution"].astype(int), df["batch_size"].astype(int)
+        df["smoke"] = df["smoke"].astype(bool) if "smoke" in df.columns else False  # profiles before the column: measured
+        return cls(df, meta, path)
 
 
 def read_profile(path) -> tuple[pd.DataFrame, dict]:
-    """profile.csv and its profile.json, validated."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "profile.csv"
-    if not path.is_file():
-        raise RescascadeError(f"profile {path} not found; run `rescascade profile RUN_DIR` first")
-    meta_path = path.with_suffix(".json")
-    meta = read_json(meta_path, "the profile.json written beside profile.csv by `rescascade profile`")
-    check_schema(meta, meta_path, "profile", PROFILE_SCHEMA, ("weights_sha256", "device"))
-    try:
-        df = pd.read_csv(path)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
-        raise RescascadeError(f"{path} is not a readable CSV ({e}); re-run `rescascade profile`") from None
-    missing = [c for c in KEY + ["median_ms", "preprocess_ms"] if c not in df.columns]
-    if missing:
-        raise RescascadeError(f"{path} lacks column(s) {', '.join(missing)}; re-run `rescascade profile`")
-    for column, low in (("resolution", 1), ("batch_size", 1), *((c, 0) for c in TIMES if c in df.columns)):
-        values = pd.to_numeric(df[column], errors="coerce")
-        bad = ~(np.isfinite(values) & (values >= low))
-        if column in ("upload_ms", "gather_ms"):  # profiles from before these columns leave them empty
-            bad &= df[column].notna()
-        if bad.any():
-            row = int(np.flatnonzero(bad)[0])
-            raise RescascadeError(f"{path}: {column} {df[column].iloc[row]} in row {row + 2} is not a number >= {low}; "
-                                  "the file was edited or damaged: re-run `rescascade profile`")
-        df[column] = values
-    df["resolution"], df["batch_size"] = df["resolution"].astype(int), df["batch_size"].astype(int)
-    df["smoke"] = df["smoke"].astype(bool) if "smoke" in df.columns else False  # profiles before the column: measured
-    return df, meta
-
+    """profile.csv (or a family directory holding one) and its profile.json, validated: (table, meta)."""
+    profile = Profile.load(path)
+    return profile.table, profile.meta
 
 def run_profile(run_dir, backend: str = "onnxruntime", precision: str = "fp32", batch_sizes=(1,),
                 resolutions=None, threads: int | None = None, protocol: Protocol | None = None, out=None,

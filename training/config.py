@@ -102,10 +102,11 @@ class TrainConfig:
             check_int(name, getattr(self, name))
         for name in ("amp", "freeze_top", "independent"):
             check_bool(name, getattr(self, name))
-        for name in ("lr", "momentum", "weight_decay", "warmup_epochs", "label_smoothing", "label_weight",
-                     "distill_weight", "distill_temperature", "patch_l2sp"):
-            check_number(name, getattr(self, name))
-        for name in ("patch_lr", "head_lr", "dropout"):
+        for name in ("lr", "patch_lr", "head_lr", "weight_decay", "warmup_epochs", "label_weight", "distill_weight",
+                     "patch_l2sp"):
+            if getattr(self, name) is not None:  # patch_lr, head_lr: None = lr
+                check_number(name, getattr(self, name), 0)
+        for name in ("momentum", "label_smoothing", "distill_temperature", "dropout"):  # ranges checked below
             if getattr(self, name) is not None:
                 check_number(name, getattr(self, name))
         if not (self.device in ("auto", "cpu", "cuda") or re.fullmatch(r"cuda:\d+", str(self.device))):
@@ -133,11 +134,6 @@ class TrainConfig:
         if len(self.crop_scale) != 2 or not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
             raise ConfigError(f"--crop-scale {','.join(f'{v:g}' for v in self.crop_scale)}: give MIN,MAX with "
                               "0 < MIN <= MAX <= 1 (the share of the image a random crop covers), e.g. 0.25,1")
-        for name in ("lr", "patch_lr", "head_lr", "weight_decay", "warmup_epochs", "label_weight", "distill_weight",
-                     "patch_l2sp"):
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value >= 0):
-                raise ConfigError(f"--{name.replace('_', '-')} {value:g} must be a finite number >= 0")
         for name, value, lo, hi in (("momentum", self.momentum, 0.0, 1.0),
                                     ("label_smoothing", self.label_smoothing, 0.0, 1.0)):
             if not lo <= value < hi:

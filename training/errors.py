@@ -4,6 +4,7 @@ the CLI spells them (--batch-size); `str(error)` names them as the Python parame
 prints `error.cli_message`. Command lines quoted in backticks stay as they are."""
 from __future__ import annotations
 
+import math
 import re
 
 _FLAG = re.compile(r"--([a-z][a-z0-9]*(?:-[a-z0-9]+)*)")
@@ -52,8 +53,7 @@ def _flag(name: str) -> str:
 
 def check_int(name: str, value, low: int | None = None, high: int | None = None) -> int:
     """`value` as an int within [low, high]; ConfigError naming the parameter otherwise (bools and 2.5 too)."""
-    ok = isinstance(value, int) and not isinstance(value, bool) or (
-        hasattr(value, "__index__") and not isinstance(value, bool))
+    ok = hasattr(value, "__index__") and not isinstance(value, bool)  # int, numpy integers
     if not ok or (low is not None and value < low) or (high is not None and value > high):
         bounds = f" from {low} to {high}" if high is not None else f" >= {low}" if low is not None else ""
         raise ConfigError(f"{_flag(name)} {value!r} must be an integer{bounds}")
@@ -62,7 +62,6 @@ def check_int(name: str, value, low: int | None = None, high: int | None = None)
 
 def check_number(name: str, value, low: float | None = None, high: float | None = None) -> float:
     """`value` as a finite float within [low, high]; ConfigError naming the parameter otherwise."""
-    import math
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if not ok or (low is not None and value < low) or (high is not None and value > high):
         bounds = f" in [{low:g}, {high:g}]" if low is not None and high is not None else \
