@@ -22,7 +22,7 @@ def imagenet_family(out: Path, resolutions=(96, 128, 160, 192, 224)) -> Path:
         return out
     fam = ResolutionFamily(resolutions)
     if IMAGENET_WEIGHTS.is_file():
-        fam.load_torchvision_state_dict(torch.load(IMAGENET_WEIGHTS, weights_only=True))
+        fam.load_plain_state_dict(torch.load(IMAGENET_WEIGHTS, weights_only=True))
     save_family(fam, out, provenance={"data": {"source_size": [224, 224]}})
     return out
 

@@ -30,7 +30,7 @@ def main() -> None:
     torch.manual_seed(0)
     plain = torchvision.models.mobilenet_v2(width_mult=args.width_mult).to(memory_format=torch.channels_last)
     family = ResolutionFamily(res, width_mult=args.width_mult).to(memory_format=torch.channels_last)
-    family.load_torchvision_state_dict(plain.state_dict())
+    family.load_plain_state_dict(plain.state_dict())
     wrapper = MultiResolutionForward(family, res, ensemble=False)
     opts = {"plain": torch.optim.SGD(plain.parameters(), lr=0.01, momentum=0.9),
             "family": torch.optim.SGD(wrapper.parameters(), lr=0.01, momentum=0.9)}

@@ -17,7 +17,9 @@ def cmd_info(args) -> None:
     family, doc = load_family(args.run_dir)
     rs = ", ".join(str(r) for r in family.resolutions)
     stats = "statistics shared" if family.patch_kind == "scale_bias" else "running mean/var private"
-    print(f"Resolution family {args.run_dir}: {doc['arch']} x{doc['width_mult']:g}, {doc['num_classes']} classes, "
+    arch = str(family.arch_) + (f" x{family.width_mult:g}" if family.width_mult != 1.0 else "")
+    print(f"Resolution family {args.run_dir}: {arch} ({family.arch_.source} {doc.get('source_version', '?')}), "
+          f"{doc['num_classes']} classes, "
           f"{len(family.resolutions)} resolutions ({rs})")
     print(f"patch: {family.patch_kind} (BatchNorm γ, β; {stats}); classifier {family.classifier_kind}\n")
     print(format_parameter_table(doc["parameters"]))
@@ -109,8 +111,8 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
 
 # train options whose default may come from a --preset (argparse default None = "not given")
-TRAIN_DEFAULTS = {"data": None, "resolutions": (96, 128, 160, 192, 224), "weights": "imagenet", "width_mult": 1.0,
-                  "patch": "scale_bias_stats"}
+TRAIN_DEFAULTS = {"data": None, "arch": "mobilenet_v2", "resolutions": (96, 128, 160, 192, 224), "weights": "imagenet",
+                  "width_mult": 1.0, "patch": "scale_bias_stats"}
 
 
 def cmd_train(args) -> None:
@@ -152,8 +154,9 @@ def add_train_parser(sub) -> None:
     from rescascade.training.recipes import PRESETS
     s = sub.add_parser("train", help="train a resolution family and write its predictions", formatter_class=_Formatter,
                        usage="%(prog)s --out DIR [--data SPEC] [--preset NAME] [options]",
-                       description="Train a resolution family (shared MobileNetV2 + one BatchNorm patch per\n"
-                                   "resolution) and write the family directory with predictions on calib/test.\n\n"
+                       description="Train a resolution family (one shared BatchNorm CNN, MobileNetV2 unless --arch names\n"
+                                   "another, + one BatchNorm patch per resolution) and write the family directory\n"
+                                   "with predictions on calib/test.\n\n"
                                    "Presets (--preset NAME; flags given explicitly win):\n" +
                                    "\n".join(textwrap.fill(f"{k}: {v['doc']}", 100, initial_indent="  ",
                                                             subsequent_indent="    ") for k, v in PRESETS.items()))
@@ -186,10 +189,14 @@ def add_train_parser(sub) -> None:
     g = s.add_argument_group("model")
     g.add_argument("--resolutions", type=_resolutions, metavar="R,R,...", help="input resolutions, e.g. 96,128,160,192,224 (default: those, "
                                                      "or the preset's)")
-    g.add_argument("--weights", help="imagenet[:TAG] | none | PATH to a torchvision state dict (default: imagenet, "
-                                     "or the preset's)")
-    g.add_argument("--width-mult", type=_number(float, 0.0, 4.0, "a number in (0, 4]", low_open=True), help="MobileNetV2 width multiplier (default: 1.0, or the "
-                                                        "preset's)")
+    g.add_argument("--arch", metavar="NAME", help="any torchvision classification model with BatchNorm (resnet50, "
+                                                  "efficientnet_b0, mobilenet_v3_large, regnet_y_800mf, ...) or, with "
+                                                  "the timm extra, timm:NAME (default: mobilenet_v2)")
+    g.add_argument("--weights", help="imagenet[:TAG] (torchvision's weights enum for --arch, or timm's pretrained tag) "
+                                     "| none | PATH to a state dict of the plain model, .pth or .safetensors "
+                                     "(default: imagenet, or the preset's)")
+    g.add_argument("--width-mult", type=_number(float, 0.0, 4.0, "a number in (0, 4]", low_open=True),
+                   help="width multiplier of the MobileNets (default: 1.0, or the preset's)")
     g.add_argument("--patch", choices=["scale_bias_stats", "scale_bias"],
                    help="the patch: γ, β and BN statistics, or γ, β only with statistics shared "
                         "(default: scale_bias_stats)")
@@ -197,7 +204,7 @@ def add_train_parser(sub) -> None:
                    help="one head for all resolutions, one per resolution, or the starting head kept frozen "
                         "(default: shared, or the preset's)")
     g.add_argument("--independent", action="store_true", default=None,
-                   help="train K separate torchvision models instead (the baseline)")
+                   help="train K separate plain models instead (the baseline)")
     g = s.add_argument_group("what learns")
     g.add_argument("--shared", choices=["train", "frozen"],
                    help=f"the shared convolutions; frozen = transfer mode ({d('shared')})")
@@ -236,8 +243,8 @@ def add_train_parser(sub) -> None:
                                                                               f"({d('schedule')})")
     g.add_argument("--warmup-epochs", type=_nonnegative, help=f"linear warm-up of the rates ({d('warmup_epochs')})")
     g.add_argument("--label-smoothing", type=_unit_interval, help=d("label_smoothing"))
-    g.add_argument("--dropout", type=_unit_interval, help="the classifier's dropout while training (default: the "
-                                                        "model's, 0.2)")
+    g.add_argument("--dropout", type=_unit_interval, help="the classifier's dropout layers while training "
+                                                        "(default: the model's own)")
     g.add_argument("--crop", choices=["same", "independent", "center"],
                    help="one random crop for all resolutions, one each, or the eval crop (+ flip) for all "
                         f"({d('crop')})")

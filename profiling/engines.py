@@ -13,10 +13,10 @@ from .export import cached_export
 
 
 def family_predictors(family: ResolutionFamily, run_dir, wid: str, backend: str) -> dict:
-    """resolution -> what predicts at it: the plain torchvision model (backend "torch"), or the backend's engine
-    (an ONNX export of the folded model, cached in RUN_DIR by weights id `wid`)."""
+    """resolution -> what predicts at it: the plain model (backend "torch"), or the backend's engine
+    (an ONNX export of the plain model, cached in RUN_DIR by weights id `wid`)."""
     if backend == "torch":
-        return {r: family.to_torchvision(r) for r in family.resolutions}
+        return {r: family.plain_model(r) for r in family.resolutions}
     be = get_backend(backend)
     return {r: be.open(family, run_dir, wid, r, "fp32").run for r in family.resolutions}
 
@@ -27,7 +27,7 @@ def independent_ids(doc: dict) -> dict[int, str]:
 
 
 def onnx_predictors(models: dict, run_dir, ids: dict[int, str]) -> dict:
-    """resolution -> ONNX Runtime (CPU) engine of a plain torchvision model, exported to RUN_DIR/onnx (cached by
+    """resolution -> ONNX Runtime (CPU) engine of a plain model, exported to RUN_DIR/onnx (cached by
     ids: resolution -> the model's weights sha256): the independent baseline predicts as fast as a family does."""
     engines = {}
     for r, m in models.items():

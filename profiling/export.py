@@ -1,10 +1,11 @@
-"""Export one resolution of a family to ONNX with its patch folded into the preceding convolutions.
+"""Export one resolution of a family to ONNX: the plain model at that resolution (shared weights + its patch).
 
-The graph is a plain torchvision MobileNetV2 with every BatchNorm folded away (conv weight and bias absorb
-γ, β, μ, σ²), input `input` [batch, 3, r, r] (spatial size static, batch dynamic so ONNX Runtime serves any
-batch and TensorRT builds one static-shape engine per batch size from it), output `logits`. Each export is
-checked numerically against the PyTorch family at that resolution; past the tolerance it fails loudly.
-Exports are cached in RUN_DIR/onnx/ keyed by the family's weights id.
+The graph is the arch's plain model in eval mode, input `input` [batch, 3, r, r] (spatial size static, batch dynamic
+so ONNX Runtime serves any batch and TensorRT builds one static-shape engine per batch size from it), output
+`logits`. BatchNorm is folded by the tools, not by walking a model's layout: the exporter folds each BatchNorm into
+the convolution before it in eval mode, and ONNX Runtime's and TensorRT's graph optimizers fuse whatever is left.
+Each export is checked numerically against the PyTorch model; past the tolerance it fails loudly. Exports are cached
+in RUN_DIR/onnx/ keyed by the family's weights id.
 """
 from __future__ import annotations
 
@@ -16,28 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from rescascade.training.errors import ArtifactError
 from rescascade.training.family import ResolutionFamily, res_key
 from rescascade.training.fileio import atomic_path, sha256_file, write_json
 
-EXPORT_VERSION = 1
+EXPORT_VERSION = 2  # 2: any arch, BatchNorm folded by the exporter
 TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}  # max |logit difference|, relative to max(1, max |logit|)
-
-
-def fold_batchnorm(model: nn.Module) -> nn.Module:
-    """Fold every Conv2d -> BatchNorm2d pair of an eval-mode torchvision model (in place); BN becomes Identity."""
-    for parent in list(model.modules()):
-        children = list(parent.named_children())
-        for (n1, m1), (n2, m2) in zip(children, children[1:]):
-            if isinstance(m1, nn.Conv2d) and isinstance(m2, nn.BatchNorm2d):
-                setattr(parent, n1, fuse_conv_bn_eval(m1.eval(), m2.eval()))
-                setattr(parent, n2, nn.Identity())
-    leftover = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
-    if leftover:
-        raise RuntimeError(f"BatchNorm layers not preceded by a convolution: {leftover[:3]}")
-    return model
 
 
 def _export(model: nn.Module, example: torch.Tensor, path: Path) -> None:
@@ -45,7 +31,7 @@ def _export(model: nn.Module, example: torch.Tensor, path: Path) -> None:
                   dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:  # the TorchScript-based exporter: fast and dependable for this plain CNN
+        try:  # the TorchScript-based exporter: fast and dependable for plain CNNs
             torch.onnx.export(model, (example,), str(path), dynamo=False, **kwargs)
         except (TypeError, RuntimeError, AttributeError):  # newer torch without it: the torch.export path
             batch = torch.export.Dim("batch", min=1, max=4096)
@@ -72,16 +58,16 @@ def check_onnx(path: Path, reference: nn.Module, resolution: int, precision: str
 
 
 def export_model(model: nn.Module, resolution: int, out: Path, precision: str = "fp32") -> float:
-    """Fold a copy of a plain torchvision model, export it to OUT (atomically) and check it against the model;
-    returns the max |logit difference|."""
-    reference = model.eval()  # unfolded: what the export must match
-    folded = fold_batchnorm(copy.deepcopy(reference))
+    """Export a copy of a plain model to OUT (atomically) and check it against the model; returns the max |logit
+    difference|. Raises ArtifactError past the tolerance."""
+    reference = model.eval()  # what the export must match
+    exported = copy.deepcopy(reference)
     example = torch.randn(1, 3, resolution, resolution)
     if precision == "fp16":
-        folded = folded.half()
+        exported = exported.half()
         example = example.half()
     with atomic_path(out) as tmp:
-        _export(folded, example, tmp)
+        _export(exported, example, tmp)
         return check_onnx(tmp, reference, resolution, precision)
 
 
@@ -90,7 +76,7 @@ def export_resolution(family: ResolutionFamily, run_dir, resolution: int, weight
     """ONNX file for one resolution (cached in RUN_DIR/onnx); returns (path, info with max_abs_diff)."""
     if precision not in TOLERANCE:
         raise ArtifactError(f"precision {precision!r} is not one of {', '.join(TOLERANCE)}")
-    return cached_export(lambda: family.to_torchvision(resolution), resolution,
+    return cached_export(lambda: family.plain_model(resolution), resolution,
                          Path(run_dir) / "onnx" / f"{res_key(resolution)}.{precision}.onnx", weights_id, precision)
 
 

@@ -11,7 +11,8 @@ from rescascade.training.errors import RescascadeError
 from rescascade.training.family import ResolutionFamily, check_resolutions
 from rescascade.training.params import count_parameters
 from rescascade.training.store import load_family, save_family
-from rescascade.training.weights import hub_cache_path, imagenet_weights, load_state_dict_file, resolve_weights
+from rescascade.training.backbones import resolve_arch
+from rescascade.training.weights import hub_cache_path, load_state_dict_file, resolve_weights, torchvision_weights
 
 RES = (32, 48, 64)
 
@@ -31,15 +32,15 @@ def random_torchvision(width=0.35, num_classes=10, seed=0):
 
 @pytest.mark.parametrize("patch", ["scale_bias_stats", "scale_bias"])
 @pytest.mark.parametrize("classifier", ["shared", "per_resolution"])
-def test_fresh_patched_family_equals_torchvision(patch, classifier):
+def test_pretrained_patched_family_equals_torchvision(patch, classifier):
     tv = random_torchvision()
     fam = ResolutionFamily(RES, num_classes=10, width_mult=0.35, patch=patch, classifier=classifier)
-    fam.load_torchvision_state_dict(tv.state_dict())
+    fam.load_plain_state_dict(tv.state_dict())
     fam.eval()
     for r in RES:
         x = torch.randn(2, 3, r, r)
         assert torch.equal(fam(x, r), tv(x))
-        assert torch.equal(fam.to_torchvision(r)(x), tv(x))
+        assert torch.equal(fam.plain_model(r)(x), tv(x))
 
 
 def test_pretrained_imagenet_family_equals_torchvision(imagenet_weights_path):
@@ -48,7 +49,7 @@ def test_pretrained_imagenet_family_equals_torchvision(imagenet_weights_path):
     tv.load_state_dict(sd)
     tv.eval()
     fam = ResolutionFamily((96, 128, 160, 192, 224))
-    fam.load_torchvision_state_dict(sd)
+    fam.load_plain_state_dict(sd)
     fam.eval()
     torch.manual_seed(0)
     for r in fam.resolutions:
@@ -59,9 +60,9 @@ def test_pretrained_imagenet_family_equals_torchvision(imagenet_weights_path):
 def test_new_num_classes_replaces_classifier_and_keeps_patches():
     tv = random_torchvision(num_classes=1000)
     fam = ResolutionFamily(RES, num_classes=7, width_mult=0.35)
-    fam.load_torchvision_state_dict(tv.state_dict())
-    assert fam.classifier[1].weight.shape == (7, fam.last_channel)
-    feats = fam.eval().features
+    fam.load_plain_state_dict(tv.state_dict())
+    assert fam.logits_layer.weight.shape == (7, fam.model.last_channel)
+    feats = fam.eval().model.features
     x = torch.randn(1, 3, 48, 48)
     fam.set_resolution(48)
     assert torch.equal(feats(x), tv.features(x))
@@ -69,7 +70,7 @@ def test_new_num_classes_replaces_classifier_and_keeps_patches():
 
 def test_updating_one_patch_leaves_other_resolutions_bit_identical():
     fam = ResolutionFamily(RES, num_classes=10, width_mult=0.35)
-    fam.load_torchvision_state_dict(random_torchvision().state_dict())
+    fam.load_plain_state_dict(random_torchvision().state_dict())
     xs = {r: torch.randn(4, 3, r, r) for r in RES}
     fam.eval()
     before = {r: fam(xs[r], r).clone() for r in RES}
@@ -89,7 +90,7 @@ def test_updating_one_patch_leaves_other_resolutions_bit_identical():
 
 def test_save_load_round_trip_is_bit_exact(tmp_path):
     fam = ResolutionFamily(RES, num_classes=10, width_mult=0.35, classifier="per_resolution")
-    fam.load_torchvision_state_dict(random_torchvision().state_dict())
+    fam.load_plain_state_dict(random_torchvision().state_dict())
     with torch.no_grad():  # make every patch different
         for i, r in enumerate(RES):
             for p in fam.patch_parameters(r):
@@ -158,7 +159,8 @@ def edit_json(path, **changes):
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(arch="resnet50"), "arch 'resnet50' is not supported"),
+    (dict(arch="resnet5"), "model cannot be built here: `arch` 'resnet5' is not one of"),
+    (dict(arch="timm:resnet18"), "is not one of torchvision's classification models"),
     (dict(schema_version=99), "schema_version 99 is not supported"),
     (dict(resolutions=None), "lacks field(s) resolutions"),
     (dict(resolutions=[32, 32]), "repeat a value"),
@@ -208,7 +210,7 @@ def test_wrong_architecture_weights_file(tmp_path):
     torch.save(torchvision.models.resnet18().state_dict(), tmp_path / "r18.pth")
     sd, _ = resolve_weights(str(tmp_path / "r18.pth"))
     with pytest.raises(RescascadeError, match="written for a different architecture"):
-        ResolutionFamily(RES, width_mult=0.35).load_torchvision_state_dict(sd)
+        ResolutionFamily(RES, width_mult=0.35).load_plain_state_dict(sd)
 
 
 def test_weights_file_with_pickled_code_is_refused(tmp_path):
@@ -221,7 +223,7 @@ def test_weights_file_with_pickled_code_is_refused(tmp_path):
 
 def test_imagenet_weights_found_in_torch_hub_cache(tmp_path, monkeypatch, imagenet_weights_path):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
-    cached = hub_cache_path(imagenet_weights())
+    cached = hub_cache_path(torchvision_weights(resolve_arch("mobilenet_v2")))
     cached.parent.mkdir(parents=True)
     cached.symlink_to(imagenet_weights_path)
     sd, desc = resolve_weights("imagenet")

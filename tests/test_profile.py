@@ -2,10 +2,9 @@
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
 from rescascade.profiling.backends import available_backends, get_backend
-from rescascade.profiling.export import check_onnx, export_resolution, fold_batchnorm
+from rescascade.profiling.export import check_onnx, export_resolution
 from rescascade.profiling.measure import QUICK, Protocol, run_protocol, summarize
 from rescascade.profiling.profile import KEY, format_profile, read_profile, run_profile
 from rescascade.runtime import decision_step
@@ -16,19 +15,10 @@ from rescascade.training.store import load_family, save_family, weights_id
 from .test_family import random_torchvision
 
 
-def test_fold_batchnorm_is_numerically_equal():
-    tv = random_torchvision()
-    folded = fold_batchnorm(random_torchvision())
-    assert not any(isinstance(m, nn.BatchNorm2d) for m in folded.modules())
-    x = torch.randn(3, 3, 48, 48)
-    with torch.no_grad():
-        assert torch.allclose(folded(x), tv(x), atol=1e-4)
-
-
 @pytest.fixture(scope="module")
 def fam_dir(tmp_path_factory):
     fam = ResolutionFamily((32, 48), num_classes=10, width_mult=0.35)
-    fam.load_torchvision_state_dict(random_torchvision().state_dict())
+    fam.load_plain_state_dict(random_torchvision().state_dict())
     with torch.no_grad():  # make the patches differ, so each export must fold its own
         for p in fam.patch_parameters(48):
             p.mul_(1.2)
@@ -43,9 +33,11 @@ def test_export_folds_each_patch_and_checks_against_pytorch(fam_dir):
     path48, meta48 = export_resolution(fam, fam_dir, 48, weights_id(doc))
     assert meta32["max_abs_diff"] < 1e-3 and meta48["max_abs_diff"] < 1e-3
     assert meta32["onnx_sha256"] != meta48["onnx_sha256"]
+    import onnx  # the exporter folded every BatchNorm into its convolution: the runtime pays nothing for it
+    assert not [n for n in onnx.load(str(path48)).graph.node if n.op_type == "BatchNormalization"]
     # the check fails loudly when the exported graph does not match the model it claims to be
     with pytest.raises(RescascadeError, match="differs from PyTorch"):
-        check_onnx(path32, fam.to_torchvision(48), 32, "fp32")
+        check_onnx(path32, fam.plain_model(48), 32, "fp32")
     # cached: a second call does not export again
     again, _ = export_resolution(fam, fam_dir, 32, weights_id(doc))
     assert again.stat().st_mtime_ns == path32.stat().st_mtime_ns
@@ -130,7 +122,7 @@ def test_tensorrt_engine_matches_pytorch_and_caches(fam_dir, precision):
     fam, doc = load_family(fam_dir)
     engine = get_backend("tensorrt").open(fam, fam_dir, weights_id(doc), 48, precision)
     x = torch.randn(4, 3, 48, 48)
-    want = fam.to_torchvision(48)(x).detach()
+    want = fam.plain_model(48)(x).detach()
     got = engine.run(x.cuda()).cpu()
     assert torch.allclose(got, want, atol=0.05 * max(1.0, float(want.abs().max())))
     built = engine.build_seconds

@@ -36,9 +36,9 @@ def test_pretrained_family_on_imagenet_samples(imagenet_weights_path):
     assert s.train is None and len(s.calib) + len(s.test) == 1000 and len(s.class_names) == 1000
     sd, _ = resolve_weights(str(imagenet_weights_path))
     fam = ResolutionFamily((96, 224))
-    fam.load_torchvision_state_dict(sd)
+    fam.load_plain_state_dict(sd)
     images = s.test.subset(np.arange(80))
-    pred = predict_logits({r: fam.to_torchvision(r) for r in fam.resolutions}, images, batch_size=40)
+    pred = predict_logits({r: fam.plain_model(r) for r in fam.resolutions}, images, batch_size=40)
     acc = top1(pred)
     # the shared README: 827 / 482 of 1000 at 224 / 96 (these files); 80 images leave room for noise
     assert acc[224] > 0.65 and acc[96] < acc[224]

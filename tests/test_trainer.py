@@ -36,14 +36,14 @@ def tiny_cfg(**kw):
 
 def test_multitask_step_shared_learns_from_all_each_patch_from_its_own():
     fam = ResolutionFamily(RES, num_classes=4, width_mult=0.35)
-    fam.load_torchvision_state_dict(random_torchvision(num_classes=4).state_dict())
+    fam.load_plain_state_dict(random_torchvision(num_classes=4).state_dict())
     fam.train()
     wrapper = MultiResolutionForward(fam, RES, ensemble=False)
     x = torch.randint(0, 255, (4, 3, 48, 48), dtype=torch.uint8)
     xs = _inputs([x], RES, "cpu", channels_last=True)
     assert [t.shape[-1] for t in xs] == [32, 48]
     logits = wrapper(xs)
-    conv = fam.features[0][0].weight
+    conv = fam.model.features[0][0].weight
     # loss of r32 alone: the shared conv and r32's patch get gradients, r48's patch none
     logits[0].sum().backward(retain_graph=True)
     assert conv.grad is not None and conv.grad.abs().sum() > 0
@@ -76,7 +76,7 @@ def test_frozen_parts_do_not_change(shared, classifier, tmp_path):
 def test_frozen_affine_or_statistics_only_patches(patches, tmp_path):
     splits = load_data("synthetic:64", seed=0, heldout_per_class=4)
     fam = ResolutionFamily(RES, num_classes=8, width_mult=0.35)
-    fam.load_torchvision_state_dict(random_torchvision(num_classes=8).state_dict())
+    fam.load_plain_state_dict(random_torchvision(num_classes=8).state_dict())
     before = {k: v.clone() for k, v in fam.state_dict_for(32).items()}
     from rescascade.training.trainer import train
     train(fam, splits.train, tiny_cfg(shared="frozen", patches=patches), tmp_path, **QUIET)
@@ -104,7 +104,7 @@ def test_frozen_top_is_the_teacher_and_lower_resolutions_learn_on_the_eval_crop(
     from rescascade.training.trainer import _TrainCrops, train
     splits = load_data("synthetic:64", seed=0, heldout_per_class=4)
     fam = ResolutionFamily(RES, num_classes=8, width_mult=0.35, classifier="per_resolution")
-    fam.load_torchvision_state_dict(random_torchvision(num_classes=8).state_dict())
+    fam.load_plain_state_dict(random_torchvision(num_classes=8).state_dict())
     before = {r: {k: v.clone() for k, v in fam.state_dict_for(r).items()} for r in RES}
     cfg = tiny_cfg(shared="frozen", patches="train", distill="teacher", freeze_top=True, crop="center",
                    weight_decay=0.1)
@@ -243,7 +243,7 @@ def test_images_that_fail_to_decode_are_named_where_they_are_read(tmp_path):
     images = ImageSet(["a", "b"], [i % 2 for i in range(8)], [p.name for p in paths], FileReader([str(p) for p in paths]))
     assert len(images.readable("test")[0]) == 8  # the headers read
     fam = ResolutionFamily(RES, num_classes=2, width_mult=0.35).eval()
-    pred = predict_logits({r: fam.to_torchvision(r) for r in RES}, images, batch_size=4)
+    pred = predict_logits({r: fam.plain_model(r) for r in RES}, images, batch_size=4)
     assert [b["id"] for b in pred["unreadable"]] == ["2.jpg", "5.jpg"] and len(pred["labels"]) == 6
     assert all("does not decode" in b["error"] for b in pred["unreadable"])
     result = train(ResolutionFamily(RES, num_classes=2, width_mult=0.35), images, tiny_cfg(batch_size=2), tmp_path,
@@ -349,7 +349,7 @@ def test_probe_head_init_sets_the_heads(classifier_kind, tmp_path):
     from rescascade.training.probe import init_heads_by_probe
     splits = load_data("synthetic:64", seed=0, heldout_per_class=4)
     fam = ResolutionFamily(RES, num_classes=8, width_mult=0.35, classifier=classifier_kind)
-    fam.load_torchvision_state_dict(random_torchvision(num_classes=8).state_dict())
+    fam.load_plain_state_dict(random_torchvision(num_classes=8).state_dict())
     before = [p.clone() for p in fam.classifier_parameters()]
     logs = []
     init_heads_by_probe(fam, splits.train, "cpu", log=logs.append)
@@ -372,7 +372,7 @@ def test_probe_of_the_same_start_on_the_same_images_is_fitted_once():
 
     def family():
         fam = ResolutionFamily(RES, num_classes=8, width_mult=0.35, classifier="per_resolution")
-        fam.load_torchvision_state_dict(start)
+        fam.load_plain_state_dict(start)
         return fam
 
     def probe(model, images):
@@ -389,13 +389,13 @@ def test_probe_of_the_same_start_on_the_same_images_is_fitted_once():
         m = mobilenet_v2(num_classes=8, width_mult=0.35)
         m.load_state_dict(start)
         return m
-    independent = IndependentModels(RES, plain)
+    independent = IndependentModels(RES, plain, "classifier", "classifier.1")
     assert probe(independent, splits.train) == 0
     assert torch.equal(independent.models["r048"].classifier[1].weight, first.state_dict_for(48)["classifier.1.weight"])
 
     changed = family()
     with torch.no_grad():
-        changed.features[1].conv[0][1].weight["r048"].mul_(2)  # one patch's γ
+        changed.model.features[1].conv[0][1].weight["r048"].mul_(2)  # one patch's γ
     assert probe(changed, splits.train) == 1
     same_pixels = load_data("synthetic:64", seed=0, heldout_per_class=4).train  # another ImageSet object
     assert probe(family(), same_pixels) == 2

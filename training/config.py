@@ -9,7 +9,7 @@ from typing import Iterable
 
 from .errors import ConfigError, check_bool, check_int, check_number
 
-MIN_RESOLUTION = 32    # MobileNetV2 downsamples 32x
+MIN_RESOLUTION = 32    # the usual CNNs downsample 32x
 MAX_RESOLUTION = 1024  # above, a batch's activations outgrow any machine's memory (r=20000: ~38 GB per image)
 MAX_BATCH = 65536      # larger batch sizes are typos: their activations would need terabytes
 MAX_THREADS = 256      # more threads than any machine's cores only slow things down (and each costs memory)
@@ -28,7 +28,8 @@ def check_resolutions(resolutions: Iterable[int]) -> tuple[int, ...]:
     if len(set(rs)) != len(rs):
         raise ConfigError(f"resolutions {rs} repeat a value; give each resolution once")
     if min(rs) < MIN_RESOLUTION:
-        raise ConfigError(f"resolution {min(rs)} is below {MIN_RESOLUTION}, the smallest input MobileNetV2 accepts")
+        raise ConfigError(f"resolution {min(rs)} is below {MIN_RESOLUTION}, the smallest input a CNN that downsamples "
+                          "32x accepts")
     if max(rs) > MAX_RESOLUTION:
         raise ConfigError(f"resolution {max(rs)} is above {MAX_RESOLUTION}; give input sizes such as 96,128,160,192,224")
     return tuple(sorted(rs))
@@ -83,7 +84,7 @@ class TrainConfig:
     @classmethod
     def preset(cls, name: str, **overrides) -> "TrainConfig":
         """A named recipe (`rescascade.training.recipes.PRESETS`: finetune, transfer, patches-distill,
-        patches-distill-keep-head, synthetic) with `overrides` on top; its family options (width_mult, patch,
+        patches-distill-keep-head, synthetic) with `overrides` on top; its family options (arch, width_mult, patch,
         classifier layout, weights) and data are the family's and run_train's, not the config's. resolutions
         default to (96, 128, 160, 192, 224) where the preset names none. Raises ConfigError for an unknown name
         or field."""

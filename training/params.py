@@ -40,7 +40,7 @@ def format_parameter_table(counts: dict) -> str:
          counts["per_patch"], counts["per_patch_statistics"]),
         (f"family of {k} resolutions", counts["family"],
          counts["shared_statistics"] + k * counts["per_patch_statistics"]),
-        ("one model (torchvision)", counts["one_model"], counts["shared_statistics"] + counts["per_patch_statistics"]),
+        ("one model (plain)", counts["one_model"], counts["shared_statistics"] + counts["per_patch_statistics"]),
         (f"{k} independent models", counts["k_independent"],
          k * (counts["shared_statistics"] + counts["per_patch_statistics"])),
     ]

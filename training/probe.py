@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .backbones import features_before, require_linear
 from .data import EvalDataset, ImageSet, collate_skipping
 from .family import PatchedLinear, ResolutionFamily, res_key
 from .preprocess import CROP_FRACTION, to_model_input
@@ -92,11 +93,11 @@ class ProbeCache:
         return self.fits
 
 
-def backbone_sha256(state: dict[str, torch.Tensor]) -> str:
-    """Hash of a torchvision state dict without its classifier: what the probe's features depend on."""
+def backbone_sha256(state: dict[str, torch.Tensor], logits_name: str) -> str:
+    """Hash of a plain model's state dict without its logits layer: what the probe's features depend on."""
     h = hashlib.sha256()
     for name in sorted(state):
-        if name.startswith("classifier.") or name.endswith("num_batches_tracked"):
+        if name.startswith(logits_name + ".") or name.endswith("num_batches_tracked"):
             continue
         h.update(name.encode())
         h.update(state[name].detach().cpu().contiguous().numpy().tobytes())
@@ -108,26 +109,27 @@ def init_heads_by_probe(model: nn.Module, images: ImageSet, device, log=print, c
     linear probe on the frozen features of `images`; `cache` reuses per-resolution fits of the same start."""
     was_training = model.training
     model.eval()
+    resolutions = model.resolutions
     if isinstance(model, ResolutionFamily):
-        resolutions = model.resolutions
+        linear = model.logits_layer
+        if not isinstance(linear, PatchedLinear):
+            require_linear(linear, model.arch_, "--head-init probe")
 
         def backbone(x, r):
             model.set_resolution(r)
-            return F.adaptive_avg_pool2d(model.features(x), 1).flatten(1)
-        linear = model.classifier[1]
+            return features_before(model.model, linear, x)
         heads = {r: (linear.weight[res_key(r)], linear.bias[res_key(r)]) for r in resolutions} \
             if isinstance(linear, PatchedLinear) else None
         shared = None if heads else (linear.weight, linear.bias)
         num_classes = model.num_classes
         state_at = model.state_dict_for
     else:  # IndependentModels
-        resolutions = model.resolutions
+        layers = {r: model.models[res_key(r)].get_submodule(model.logits_name) for r in resolutions}
+        require_linear(layers[resolutions[0]], model.logits_name, "--head-init probe")
 
         def backbone(x, r):
-            m = model.models[res_key(r)]
-            return F.adaptive_avg_pool2d(m.features(x), 1).flatten(1)
-        heads = {r: (model.models[res_key(r)].classifier[1].weight, model.models[res_key(r)].classifier[1].bias)
-                 for r in resolutions}
+            return features_before(model.models[res_key(r)], layers[r], x)
+        heads = {r: (layers[r].weight, layers[r].bias) for r in resolutions}
         shared = None
         num_classes = heads[resolutions[0]][0].shape[0]
 
@@ -135,7 +137,7 @@ def init_heads_by_probe(model: nn.Module, images: ImageSet, device, log=print, c
             return model.models[res_key(r)].state_dict()
     if heads:
         fitted = (cache or ProbeCache()).for_images(images)
-        keys = {r: (backbone_sha256(state_at(r)), r, num_classes) for r in resolutions}
+        keys = {r: (backbone_sha256(state_at(r), model.logits_name), r, num_classes) for r in resolutions}
         todo = [r for r in resolutions if keys[r] not in fitted]
         feats, y = probe_features(backbone, images, todo, device) if todo else ({}, None)
         with torch.no_grad():

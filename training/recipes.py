@@ -55,7 +55,7 @@ PRESETS: dict[str, dict] = {
 }
 
 
-FAMILY_OPTIONS = ("width_mult", "patch", "weights")
+FAMILY_OPTIONS = ("arch", "width_mult", "patch", "weights")
 
 
 def split_options(opts: dict) -> tuple[dict, dict]:

@@ -9,14 +9,15 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
-from torchvision.models import mobilenet_v2
 
 from . import rundir
+from .backbones import build_plain, check_preprocessing, resolve_arch
 from .data import DataSplits, load_data, resolve_source
 from .errors import ConfigError, RescascadeError
-from .family import ResolutionFamily, res_key
+from .family import DEFAULT_ARCH, ResolutionFamily, res_key
 from .fileio import write_json
 from .predict import predict_logits, top1, write_predictions
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 from .store import library_versions, save_family, weights_id
 from .trainer import DistEnv, IndependentModels, TrainConfig, pick_device, train
 from .weights import resolve_weights
@@ -25,32 +26,34 @@ MAX_WIDTH_MULT = 4.0  # MobileNetV2 at 4x width has 16x the multiply-adds: beyon
 
 
 def build_model(cfg: TrainConfig, num_classes: int, width_mult: float, patch: str, classifier_kind: str,
-                weights: str | None):
+                weights: str | None, arch: str = DEFAULT_ARCH):
+    """The family to train (or, with cfg.independent, the K plain models), initialised from `weights`."""
     if not 0 < width_mult <= MAX_WIDTH_MULT:
         raise ConfigError(f"--width-mult {width_mult:g} must be in (0, {MAX_WIDTH_MULT:g}]")
-    state, weights_desc = resolve_weights(weights)
     if weights and weights.startswith("imagenet") and width_mult != 1.0:
-        raise RescascadeError(f"torchvision's ImageNet weights are for width_mult 1.0; drop --width-mult {width_mult} "
+        raise RescascadeError(f"the ImageNet weights are for width_mult 1.0; drop --width-mult {width_mult} "
                               "or use --weights none / PATH")
+    torch.manual_seed(cfg.seed)  # the fresh classifier's init
+    family = ResolutionFamily(cfg.resolutions, num_classes=num_classes, arch=arch, width_mult=width_mult, patch=patch,
+                              classifier=classifier_kind)
+    state, weights_desc = resolve_weights(weights, family.arch_)
+    if state is not None:
+        if weights.startswith("imagenet"):
+            check_preprocessing(family.model, family.arch_, IMAGENET_MEAN, IMAGENET_STD)
+        family.load_plain_state_dict(state, what=f"--weights {weights}")
     if cfg.independent:
-        def make():
-            m = mobilenet_v2(num_classes=num_classes, width_mult=width_mult)
+        def make():  # pretrained: the family's start (the same classifier-replacement rule); else a fresh init each
+            m = build_plain(family.arch_, num_classes, width_mult)
             if state is not None:
-                fam = ResolutionFamily([cfg.resolutions[0]], num_classes=num_classes, width_mult=width_mult)
-                fam.load_torchvision_state_dict(state)  # same classifier-replacement rule as the family
-                m.load_state_dict(fam.state_dict_for(cfg.resolutions[0]), strict=False)
+                m.load_state_dict(family.state_dict_for(cfg.resolutions[0]), strict=False)
             return m
         torch.manual_seed(cfg.seed)
-        return IndependentModels(cfg.resolutions, make), weights_desc
-    torch.manual_seed(cfg.seed)  # the fresh classifier's init
-    family = ResolutionFamily(cfg.resolutions, num_classes=num_classes, width_mult=width_mult, patch=patch,
-                              classifier=classifier_kind)
-    if state is not None:
-        family.load_torchvision_state_dict(state, what=f"--weights {weights}")
+        return IndependentModels(cfg.resolutions, make, family.classifier_name, family.logits_name), weights_desc
     return family, weights_desc
 
 
-def run_train(data: str, out: str, cfg: TrainConfig, *, width_mult: float = 1.0, patch: str = "scale_bias_stats",
+def run_train(data: str, out: str, cfg: TrainConfig, *, arch: str = DEFAULT_ARCH, width_mult: float = 1.0,
+              patch: str = "scale_bias_stats",
               classifier_kind: str = "shared", weights: str | None = "imagenet", resume: bool = False,
               overwrite: bool = False,
               data_options: dict | None = None, predict_batch: int = 64, log=print, preset: str | None = None,
@@ -64,18 +67,20 @@ def run_train(data: str, out: str, cfg: TrainConfig, *, width_mult: float = 1.0,
     splits: already loaded data (skips --data parsing; its description is recorded). predictors: a function
     (trained model, run directory, its json doc) -> {resolution: callable from a float32 [N, 3, r, r] batch to
     [N, classes] logits}, e.g. `rescascade.profiling.engines.onnxruntime_predictors` for faster bulk prediction on
-    CPU; None: the plain torchvision models in PyTorch. probe_cache: a `probe.ProbeCache` shared by several runs
+    CPU; None: the plain models in PyTorch. probe_cache: a `probe.ProbeCache` shared by several runs
     from one start on the same `splits` (each probes the same frozen features)."""
     if not isinstance(cfg, TrainConfig):
         raise ConfigError(f"run_train(data, out, cfg): cfg must be a TrainConfig (e.g. TrainConfig.preset(...)), got "
                           f"{type(cfg).__name__}")
+    built = resolve_arch(arch)  # an unknown name stops before anything is read or written
     env = DistEnv.from_env()
     out = Path(out)
     data_options = {"seed": cfg.seed, **(data_options or {})}
     source = splits.description["resolved_source"] if splits else resolve_source(data, data_options.get("data_root",
                                                                                                        "data"))
     state = rundir.prepare(out, resume, overwrite,
-                           lambda doc: _differences(doc, cfg, source, data_options, width_mult, patch, classifier_kind),
+                           lambda doc: _differences(doc, cfg, source, data_options, arch, width_mult, patch,
+                                                      classifier_kind),
                            log if env.main else _quiet)
     if isinstance(state, dict):  # --resume of a finished run made with the same settings
         return state
@@ -86,7 +91,7 @@ def run_train(data: str, out: str, cfg: TrainConfig, *, width_mult: float = 1.0,
         raise RescascadeError(f"{len(splits.train)} training images are fewer than one batch of {cfg.batch_size}; "
                               "lower --batch-size or add images")
     num_classes = len(splits.class_names)
-    model, weights_desc = build_model(cfg, num_classes, width_mult, patch, classifier_kind, weights)
+    model, weights_desc = build_model(cfg, num_classes, width_mult, patch, classifier_kind, weights, arch)
     if env.main:
         d = splits.description
         log(f"data: {d['train_images']} train, {d['calib_images']} calib, {d['test_images']} test images, "
@@ -99,11 +104,11 @@ def run_train(data: str, out: str, cfg: TrainConfig, *, width_mult: float = 1.0,
         if not env.main:
             dist.destroy_process_group()
             return {}
-    return _package(result, splits, cfg, out, weights_desc, preset, predictors, predict_batch, env, log)
+    return _package(result, splits, cfg, out, weights_desc, preset, predictors, predict_batch, env, log, built)
 
 
 def _package(result, splits: DataSplits, cfg: TrainConfig, out: Path, weights_desc: str, preset: str | None,
-             predictors, predict_batch: int, env: DistEnv, log) -> dict:
+             predictors, predict_batch: int, env: DistEnv, log, arch) -> dict:
     """Write the trained model's weights, its calib/test predictions, then family.json (or independent.json)
     last, and remove the checkpoint: the run is complete."""
     model = result.model.cpu()
@@ -118,11 +123,11 @@ def _package(result, splits: DataSplits, cfg: TrainConfig, out: Path, weights_de
                   "skipped_train_images": result.skipped_images, "world_size": env.world}
     device = pick_device(cfg.device, env)
     if cfg.independent:
-        doc = _save_independent(model, out, splits.class_names, provenance)
+        doc = _save_independent(model, out, splits.class_names, provenance, arch)
         models = {r: model.models[res_key(r)] for r in cfg.resolutions}
     else:
         doc = save_family(model, out, class_names=splits.class_names, provenance=provenance, write_doc=False)
-        models = {r: model.to_torchvision(r) for r in model.resolutions}
+        models = {r: model.plain_model(r) for r in model.resolutions}
     if predictors is not None:
         models = predictors(model, out, doc)
     wid = weights_id(doc)
@@ -155,10 +160,12 @@ DATA_IDENTITY = ("seed", "calib_fraction", "val_fraction", "label_space", "train
                  "synthetic_classes", "max_image_pixels")
 
 
-def _differences(doc: dict, cfg: TrainConfig, source: str, data_options: dict, width_mult: float, patch: str,
-                 classifier_kind: str) -> list[str]:
+def _differences(doc: dict, cfg: TrainConfig, source: str, data_options: dict, arch: str, width_mult: float,
+                 patch: str, classifier_kind: str) -> list[str]:
     """What differs between a finished run (its family.json) and the run asked for: model, config fields, data."""
-    model = {"--width-mult": (doc.get("width_mult"), width_mult), "--patch": (doc.get("patch"), patch),
+    built = resolve_arch(arch)
+    model = {"--arch": ((doc.get("source", "torchvision"), doc.get("arch")), (built.source, built.name)),
+             "--width-mult": (doc.get("width_mult"), width_mult), "--patch": (doc.get("patch"), patch),
              "--classifier": (doc.get("classifier"), classifier_kind)}
     if doc.get("kind") == "independent":  # the baseline's json records no family options
         model = {}
@@ -187,8 +194,8 @@ def typical_size(images, n: int = 32) -> list[int] | None:
     return [int(v) for v in np.median(np.array(sizes), 0)] if sizes else None
 
 
-def _save_independent(model: IndependentModels, out: Path, class_names, provenance) -> dict:
-    """The baseline's directory: one full torchvision state dict per resolution; not a family."""
+def _save_independent(model: IndependentModels, out: Path, class_names, provenance, arch) -> dict:
+    """The baseline's directory: one full plain-model state dict per resolution; not a family."""
     from safetensors.torch import save_file
 
     from .fileio import atomic_path, sha256_file
@@ -200,7 +207,8 @@ def _save_independent(model: IndependentModels, out: Path, class_names, provenan
         files[f"models/{res_key(r)}.safetensors"] = sha256_file(path)
     one = sum(p.numel() for p in next(iter(model.models.values())).parameters())
     k = len(model.resolutions)
-    return {"schema_version": 1, "kind": "independent", "arch": "mobilenet_v2", "resolutions": list(model.resolutions),
+    return {"schema_version": 1, "kind": "independent", "arch": arch.name, "source": arch.source,
+            "resolutions": list(model.resolutions),
             "class_names": list(class_names), "files": files,
             "parameters": {"one_model": one, "k": k, "k_independent": k * one},
             "provenance": {"versions": library_versions(), **provenance}}

@@ -1,7 +1,7 @@
 """The family directory on disk: family.json, shared.safetensors, patches/rNNN.safetensors.
 
-Like a PEFT adapter, a patch file is tiny and lives apart from the shared weights; shared + one patch is a
-plain torchvision state dict for that resolution.
+Like a PEFT adapter, a patch file is tiny and lives apart from the shared weights; shared + one patch is
+the plain model's state dict for that resolution.
 """
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .errors import ArtifactError
-from .family import ARCH, CLASSIFIER_KINDS, PATCH_KINDS, ResolutionFamily, check_resolutions, res_key
+from .backbones import resolve_arch
+from .errors import ArtifactError, ConfigError, RescascadeError
+from .family import CLASSIFIER_KINDS, PATCH_KINDS, ResolutionFamily, check_resolutions, res_key
 from .fileio import atomic_path, check_schema, read_json, sha256_file, write_json
 from .params import count_parameters
 from .preprocess import CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD
@@ -31,8 +32,14 @@ def patch_path(run_dir, resolution: int) -> Path:
 def library_versions() -> dict:
     import numpy
     import torchvision
-    return {"python": platform.python_version(), "torch": torch.__version__,
-            "torchvision": torchvision.__version__, "numpy": numpy.__version__}
+    versions = {"python": platform.python_version(), "torch": torch.__version__,
+                "torchvision": torchvision.__version__, "numpy": numpy.__version__}
+    try:
+        import timm
+        versions["timm"] = timm.__version__
+    except ImportError:
+        pass
+    return versions
 
 
 def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> str:
@@ -84,8 +91,10 @@ def read_family_json(run_dir) -> dict:
                             "written): re-run the same train command with --resume")
     doc = read_json(path, "a family directory's family.json (written by `rescascade train`)")
     check_schema(doc, path, "family", SCHEMA_VERSION, REQUIRED)
-    if doc["arch"] != ARCH:
-        raise ArtifactError(f"{path}: arch {doc['arch']!r} is not supported; this rescascade builds {ARCH}")
+    try:
+        resolve_arch(f"{doc.get('source', 'torchvision')}:{doc['arch']}")
+    except ConfigError as e:
+        raise ArtifactError(f"{path}: this family's model cannot be built here: {e}") from None
     check_resolutions(doc["resolutions"])
     validate(doc, path)
     return doc
@@ -157,13 +166,20 @@ def load_family(run_dir, verify: bool = True) -> tuple[ResolutionFamily, dict]:
     family = ResolutionFamily.from_config(doc)
     files = doc["files"]
     shared_sha = files.get("shared.safetensors") if verify else None
-    family.load_shared_state_dict(_load_tensors(run_dir / "shared.safetensors", shared_sha, "shared weights"),
-                                  what=str(run_dir / "shared.safetensors"))
-    for r in family.resolutions:
-        name = f"patches/{res_key(r)}.safetensors"
-        path = run_dir / name
-        family.load_patch_state_dict(r, _load_tensors(path, files.get(name) if verify else None,
-                                                      f"the patch of resolution {r}"), what=str(path))
+    try:
+        family.load_shared_state_dict(_load_tensors(run_dir / "shared.safetensors", shared_sha, "shared weights"),
+                                      what=str(run_dir / "shared.safetensors"))
+        for r in family.resolutions:
+            name = f"patches/{res_key(r)}.safetensors"
+            path = run_dir / name
+            family.load_patch_state_dict(r, _load_tensors(path, files.get(name) if verify else None,
+                                                          f"the patch of resolution {r}"), what=str(path))
+    except RescascadeError as e:
+        built, here = doc.get("source_version"), family.arch_.library_version
+        if built is None or built == here or isinstance(e, ArtifactError):
+            raise
+        raise ArtifactError(f"{e} (the family was built with {family.arch_.source} {built}, this is {here}: "
+                            f"install {family.arch_.source}=={built})") from None
     return family.eval(), doc
 
 

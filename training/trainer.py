@@ -35,27 +35,27 @@ from .progress import progress
 
 
 class IndependentModels(nn.Module):
-    """K plain torchvision MobileNetV2s, one per resolution: the baseline with no sharing at all."""
+    """K plain models of one arch, one per resolution: the baseline with no sharing at all. classifier and logits:
+    the module names of the classifier and of its logits layer (as `ResolutionFamily` finds them)."""
 
-    def __init__(self, resolutions, make_model):
+    def __init__(self, resolutions, make_model, classifier: str, logits: str):
         super().__init__()
         self.resolutions = tuple(resolutions)
         self.models = nn.ModuleDict({res_key(r): make_model() for r in resolutions})
+        self.classifier_name, self.logits_name = classifier, logits
 
     def forward(self, x, resolution):
         return self.models[res_key(resolution)](x)
 
     def groups(self):
-        """(shared-like convs, patch-like BN affine, classifier) parameters, for the same recipe."""
+        """(shared-like weights, patch-like BatchNorm affine, classifier) parameters, for the same recipe."""
         convs, bns, head = [], [], []
         for m in self.models.values():
-            for mod in m.modules():
-                if isinstance(mod, nn.BatchNorm2d):
-                    bns += list(mod.parameters())
-                elif isinstance(mod, nn.Linear):
-                    head += list(mod.parameters())
-                elif isinstance(mod, nn.Conv2d):
-                    convs += list(mod.parameters())
+            bn = {id(p) for mod in m.modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)
+                  for p in mod.parameters(recurse=False)}
+            cls = {id(p) for p in m.get_submodule(self.classifier_name).parameters()}
+            for p in m.parameters():
+                (bns if id(p) in bn else head if id(p) in cls else convs).append(p)
         return convs, bns, head
 
 
@@ -147,11 +147,7 @@ def _own_parameters(model: nn.Module, resolution: int) -> list[nn.Parameter]:
     whole model (independent models)."""
     if isinstance(model, IndependentModels):
         return list(model.models[res_key(resolution)].parameters())
-    own = model.patch_parameters(resolution)
-    linear = model.classifier[1]
-    if isinstance(linear, PatchedLinear):
-        own += [linear.weight[res_key(resolution)], linear.bias[res_key(resolution)]]
-    return own
+    return model.patch_parameters(resolution)  # a per-resolution head is part of the patch
 
 
 def _set_bn_mode(model: nn.Module, cfg: TrainConfig) -> None:
@@ -385,7 +381,7 @@ def _teacher(model: nn.Module, cfg: TrainConfig) -> nn.Module | None:
     """A frozen copy of the starting point, asked at the top resolution: the teacher, and with freeze_top the top
     resolution itself (so its statistics never see a training-mode forward)."""
     if cfg.freeze_top and not isinstance(model, IndependentModels) and (cfg.shared == "train" or (
-            cfg.classifier == "train" and not isinstance(model.classifier[1], PatchedLinear))):
+            cfg.classifier == "train" and not isinstance(model.logits_layer, PatchedLinear))):
         raise ConfigError("--freeze-top needs --shared frozen and a per-resolution or frozen classifier: trained "
                           "shared weights would change the top resolution anyway")
     if not (cfg.distill == "teacher" or cfg.freeze_top):

@@ -1,26 +1,33 @@
-"""Pretrained initialisation: torchvision's ImageNet weights, a local state-dict file, or none."""
+"""Pretrained initialisation by the libraries' own names: torchvision's weights enums (`get_model_weights`), timm's
+pretrained tags, a local state-dict file, or none."""
 from __future__ import annotations
 
 import os
 import pickle
 import urllib.error
+from enum import Enum
 from pathlib import Path
 
 import torch
-from torchvision.models import MobileNet_V2_Weights
 
+from .backbones import DEFAULT_ARCH, Arch, resolve_arch
 from .errors import RescascadeError
 
 
-def imagenet_weights(tag: str = "IMAGENET1K_V1") -> MobileNet_V2_Weights:
+def torchvision_weights(arch: Arch, tag: str | None = None) -> Enum:
+    """The member of torchvision's weights enum for `arch`: `tag`, or IMAGENET1K_V1 (the original ImageNet recipe)
+    where the enum has it, else its DEFAULT."""
+    from torchvision.models import get_model_weights
+    enum = get_model_weights(arch.name)
+    tag = tag or ("IMAGENET1K_V1" if "IMAGENET1K_V1" in enum.__members__ else "DEFAULT")
     try:
-        return MobileNet_V2_Weights[tag]
+        return enum[tag]
     except KeyError:
-        names = ", ".join(w.name for w in MobileNet_V2_Weights)
-        raise RescascadeError(f"unknown ImageNet weights {tag!r} for mobilenet_v2; choose one of {names}") from None
+        names = ", ".join([w.name for w in enum] + ["DEFAULT"])
+        raise RescascadeError(f"unknown ImageNet weights {tag!r} for {arch}; choose one of {names}") from None
 
 
-def hub_cache_path(weights: MobileNet_V2_Weights) -> Path:
+def hub_cache_path(weights: Enum) -> Path:
     """Where torchvision's weights API keeps this file (honours TORCH_HOME)."""
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights.url)
 
@@ -51,20 +58,41 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return sd
 
 
-def resolve_weights(spec: str | None) -> tuple[dict[str, torch.Tensor] | None, str]:
-    """Return (state dict or None, description) for --weights imagenet[:TAG] | none | PATH."""
+def _torchvision_pretrained(arch: Arch, tag: str | None) -> tuple[dict[str, torch.Tensor], str]:
+    weights = torchvision_weights(arch, tag)
+    cached = hub_cache_path(weights)
+    if not cached.is_file():
+        cached.parent.mkdir(parents=True, exist_ok=True)
+        try:  # torch.hub downloads to a temp file and renames
+            torch.hub.download_url_to_file(weights.url, str(cached), hash_prefix=None, progress=True)
+        except (urllib.error.URLError, OSError) as e:
+            raise RescascadeError(f"cannot download ImageNet weights {weights.url} ({getattr(e, 'reason', e)}); "
+                                  f"put the file at {cached} or pass --weights PATH to a local state dict "
+                                  f"(a torchvision {arch.name} state dict saved with torch.save)") from None
+    return load_state_dict_file(cached), f"torchvision {type(weights).__name__}.{weights.name} ({cached.name})"
+
+
+def _timm_pretrained(arch: Arch, tag: str | None) -> tuple[dict[str, torch.Tensor], str]:
+    import timm
+    name = f"{arch.name}.{tag}" if tag else arch.name
+    try:  # timm's own loader: the Hugging Face hub cache, or a download
+        model = timm.create_model(name, pretrained=True)
+    except Exception as e:  # noqa: BLE001 (offline, unknown tag, hub errors: all mean "not available here")
+        repo = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None) or f"timm/{name}"
+        raise RescascadeError(f"cannot get timm's pretrained weights for {name} ({type(e).__name__}); download "
+                              f"model.safetensors from https://huggingface.co/{repo} and pass --weights PATH") from None
+    return model.state_dict(), f"timm {model.pretrained_cfg.get('architecture', arch.name)}." \
+                                f"{model.pretrained_cfg.get('tag', '')} (Hugging Face hub)"
+
+
+def resolve_weights(spec: str | None, arch: Arch | str = DEFAULT_ARCH) -> tuple[dict[str, torch.Tensor] | None, str]:
+    """Return (state dict of the plain model or None, description) for --weights imagenet[:TAG] | none | PATH.
+    imagenet: torchvision's weights enum for `arch` (IMAGENET1K_V1, else DEFAULT; TAG: another member) or timm's
+    pretrained weights (TAG: a timm tag such as a1_in1k). Raises RescascadeError when they cannot be had."""
     if spec is None or spec == "none":
         return None, "none"
     if spec == "imagenet" or spec.startswith("imagenet:"):
-        weights = imagenet_weights(spec.split(":", 1)[1] if ":" in spec else "IMAGENET1K_V1")
-        cached = hub_cache_path(weights)
-        if not cached.is_file():
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            try:  # torch.hub downloads to a temp file and renames, checking the hash prefix in the name
-                torch.hub.download_url_to_file(weights.url, str(cached), hash_prefix=None, progress=True)
-            except (urllib.error.URLError, OSError) as e:
-                raise RescascadeError(f"cannot download ImageNet weights {weights.url} ({getattr(e, 'reason', e)}); "
-                                      f"put the file at {cached} or pass --weights PATH to a local state dict "
-                                      "(a torchvision MobileNetV2 state dict saved with torch.save)") from None
-        return load_state_dict_file(cached), f"torchvision {weights.name} ({cached.name})"
+        arch = resolve_arch(arch) if isinstance(arch, str) else arch
+        tag = spec.split(":", 1)[1] if ":" in spec else None
+        return (_timm_pretrained if arch.source == "timm" else _torchvision_pretrained)(arch, tag)
     return load_state_dict_file(spec), f"file {Path(spec).resolve()}"

@@ -102,5 +102,5 @@ class TorchBackend:
         if precision == "fp16" and self.device == "cpu":
             raise ConfigError("fp16 on the torch CPU backend is not a deployment option; use --precision fp32 "
                               "(or a CUDA backend for fp16)")
-        return TorchEngine(family.to_torchvision(resolution), resolution, self.device, precision, self.graphs,
+        return TorchEngine(family.plain_model(resolution), resolution, self.device, precision, self.graphs,
                            self.compile, threads if self.device == "cpu" else None)

@@ -1,0 +1,206 @@
+"""Any BatchNorm CNN as a resolution family: the family invariants over torchvision's and timm's architectures."""
+import importlib.util
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from rescascade.cli import main
+from rescascade.profiling.export import export_resolution
+from rescascade.training.backbones import build_plain, resolve_arch
+from rescascade.training.data import load_data
+from rescascade.training.errors import ConfigError, RescascadeError
+from rescascade.training.family import ResolutionFamily
+from rescascade.training.store import load_family, save_family, weights_id
+from rescascade.training.trainer import TrainConfig, train
+
+RES = (32, 48)
+needs_timm = pytest.mark.skipif(importlib.util.find_spec("timm") is None, reason="timm is not installed (dev extra)")
+ARCHS = ["mobilenet_v2", "mobilenet_v3_small", "resnet18", "efficientnet_b0", "regnet_x_400mf",
+         pytest.param("timm:resnet18", marks=needs_timm),  # torch's BatchNorm2d
+         pytest.param("timm:mobilenetv3_small_050", marks=needs_timm)]  # timm's BatchNormAct2d (BN, drop, act)
+
+
+def random_plain(arch: str, num_classes: int = 10, seed: int = 0) -> nn.Module:
+    """The plain model with random weights *and* random BatchNorm affines and statistics, so every BN matters."""
+    torch.manual_seed(seed)
+    m = build_plain(resolve_arch(arch), num_classes)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, nn.modules.batchnorm._BatchNorm):
+                mod.weight.uniform_(0.5, 1.5)
+                mod.bias.normal_(0, 0.1)
+                mod.running_mean.normal_(0, 0.1)
+                mod.running_var.uniform_(0.5, 2.0)
+    return m.eval()
+
+
+def family_from(arch: str, classifier: str = "shared", patch: str = "scale_bias_stats") -> ResolutionFamily:
+    fam = ResolutionFamily(RES, num_classes=10, arch=arch, classifier=classifier, patch=patch)
+    fam.load_plain_state_dict(random_plain(arch).state_dict())
+    return fam.eval()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_fresh_family_equals_its_plain_model_at_every_resolution(arch):
+    torch.manual_seed(0)
+    fam = ResolutionFamily(RES, num_classes=10, arch=arch, classifier="per_resolution").eval()
+    torch.manual_seed(0)
+    plain = build_plain(resolve_arch(arch), 10).eval()  # the same init: the surgery draws no random numbers
+    for r in RES:
+        x = torch.randn(2, 3, r, r)
+        with torch.no_grad():
+            assert torch.equal(fam(x, r), plain(x))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("classifier, patch", [("shared", "scale_bias_stats"), ("per_resolution", "scale_bias")])
+def test_family_from_pretrained_weights_equals_the_plain_model(arch, classifier, patch):
+    plain = random_plain(arch)
+    fam = family_from(arch, classifier, patch)
+    for r in RES:
+        x = torch.randn(2, 3, r, r)
+        with torch.no_grad():
+            assert torch.equal(fam(x, r), plain(x))
+            assert torch.equal(fam.plain_model(r)(x), plain(x))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_updating_one_patch_leaves_the_others_bit_identical(arch):
+    fam = family_from(arch, classifier="per_resolution")
+    xs = {r: torch.randn(4, 3, r, r) for r in RES}
+    with torch.no_grad():
+        before = {r: fam(xs[r], r).clone() for r in RES}
+    opt = torch.optim.SGD(fam.patch_parameters(48), lr=0.5, momentum=0.9, weight_decay=1e-2)
+    fam.train()
+    for _ in range(2):  # a train-mode forward also moves r048's running statistics
+        loss = fam(xs[48], 48).logsumexp(1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    fam.eval()
+    with torch.no_grad():
+        assert not torch.equal(fam(xs[48], 48), before[48])
+        assert torch.equal(fam(xs[32], 32), before[32])
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_load_is_bit_exact_and_export_matches_pytorch(arch, tmp_path, capsys):
+    fam = family_from(arch, classifier="per_resolution")
+    with torch.no_grad():  # every patch different
+        for i, r in enumerate(RES):
+            for p in fam.patch_parameters(r):
+                p.add_(0.01 * (i + 1))
+    doc = save_family(fam, tmp_path / "fam", class_names=[f"c{i}" for i in range(10)])
+    assert (doc["arch"], doc["source"]) == (resolve_arch(arch).name, resolve_arch(arch).source)
+    loaded, doc = load_family(tmp_path / "fam")
+    for r in RES:
+        assert fam.state_dict_for(r).keys() == loaded.state_dict_for(r).keys()
+        assert all(torch.equal(v, loaded.state_dict_for(r)[k]) for k, v in fam.state_dict_for(r).items())
+        path, meta = export_resolution(loaded, tmp_path / "fam", r, weights_id(doc))  # raises past the tolerance
+        assert meta["max_abs_diff"] < 1e-3
+    assert main(["info", str(tmp_path / "fam")]) == 0
+    out = capsys.readouterr().out
+    counts = doc["parameters"]
+    assert arch.split(":")[-1] in out and f"{counts['family']:,}" in out and counts["family_over_one_model"] < 1.5
+
+
+@pytest.mark.parametrize("arch", ["resnet18", pytest.param("timm:mobilenetv3_small_050", marks=needs_timm)])
+def test_transfer_probe_and_distillation_train_on_any_arch(arch, tmp_path):
+    """Transfer mode with per-resolution heads fitted by a linear probe, the lower resolution distilled from the
+    frozen top one: the top resolution stays exactly as it started, the lower one learns."""
+    splits = load_data("synthetic:64", seed=0, heldout_per_class=2)
+    torch.manual_seed(0)
+    fam = ResolutionFamily(RES, num_classes=len(splits.class_names), arch=arch, classifier="per_resolution")
+    top_start = {k: v.clone() for k, v in fam.state_dict_for(48).items()}
+    low_start = fam.patch_state_dict(32)
+    cfg = TrainConfig(RES, epochs=1, batch_size=16, optimizer="adamw", lr=0.0, patch_lr=0.01, workers=0,
+                      shared="frozen", head_init="probe", distill="teacher", freeze_top=True, patches="affine")
+    train(fam, splits.train, cfg, tmp_path, log=lambda s: None)
+    after, head = fam.state_dict_for(48), fam.logits_name + "."
+    assert all(torch.equal(after[k], v) for k, v in top_start.items() if not k.startswith(head))
+    assert not torch.equal(after[head + "weight"], top_start[head + "weight"])  # the probe fitted the top head
+    assert any(not torch.equal(fam.patch_state_dict(32)[k], v) for k, v in low_start.items())
+
+
+def test_cli_trains_another_arch_and_records_it(tmp_path, capsys):
+    args = ["train", "--data", "synthetic:64", "--out", str(tmp_path / "fam"), "--arch", "resnet18", "--weights",
+            "none", "--resolutions", "32,48", "--epochs", "1", "--batch-size", "16", "--workers", "0",
+            "--heldout-per-class", "4", "--classifier", "per-resolution", "--distill", "top"]
+    assert main(args) == 0
+    doc = json.loads((tmp_path / "fam/family.json").read_text())
+    assert (doc["arch"], doc["source"], doc["classifier"]) == ("resnet18", "torchvision", "per_resolution")
+    capsys.readouterr()
+    assert main(args + ["--resume"]) == 0  # the same flags: complete
+    assert main(args + ["--resume", "--arch", "resnet34"]) == 2
+    assert "--arch" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("arch, found", [("vit_b_16", "it normalizes with LayerNorm"),
+                                         ("squeezenet1_0", "it has no normalization layers"),
+                                         ("resnet5", "did you mean resnet50")])
+def test_an_arch_without_batchnorm_is_one_line(arch, found, tmp_path, capsys):
+    with pytest.raises(ConfigError, match=found):
+        ResolutionFamily(RES, num_classes=10, arch=arch)
+    assert main(["train", "--data", "synthetic:64", "--out", str(tmp_path / "f"), "--arch", arch,
+                 "--weights", "none"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and found in err and "Traceback" not in err
+    assert not (tmp_path / "f").exists()
+
+
+def test_width_mult_only_where_the_builder_takes_it():
+    with pytest.raises(ConfigError, match="applies to the MobileNets"):
+        ResolutionFamily(RES, num_classes=10, arch="resnet18", width_mult=0.5)
+
+
+def test_per_resolution_head_needs_a_linear_classifier():
+    pytest.importorskip("timm")
+    with pytest.raises(ConfigError, match="needs a Linear classifier"):  # dla34's classifier is a 1x1 convolution
+        ResolutionFamily(RES, num_classes=10, arch="timm:dla34", classifier="per_resolution")
+
+
+def test_torchvision_weights_by_the_enum_names(tmp_path, monkeypatch):
+    """imagenet = IMAGENET1K_V1 where the enum has it; imagenet:TAG any member; an unknown tag lists them."""
+    import urllib.error
+
+    from rescascade.training.weights import resolve_weights, torchvision_weights
+    assert torchvision_weights(resolve_arch("resnet50")).name == "IMAGENET1K_V1"
+    assert torchvision_weights(resolve_arch("resnet50"), "IMAGENET1K_V2").name == "IMAGENET1K_V2"
+    with pytest.raises(RescascadeError, match="choose one of IMAGENET1K_V1, IMAGENET1K_V2, DEFAULT"):
+        torchvision_weights(resolve_arch("resnet50"), "V3")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*a, **k):  # what torch.hub raises on a machine without network
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(RescascadeError, match=r"resnet18-f37072fd.pth or pass `weights` PATH.*torchvision resnet18"):
+        resolve_weights("imagenet", "resnet18")
+
+
+@needs_timm
+def test_timm_pretrained_offline_names_the_file_to_get(tmp_path):
+    """Offline, timm's pretrained weights stop with where to download them and --weights PATH (in a subprocess: the
+    hub reads its offline switch at import)."""
+    import subprocess
+    import sys
+    code = ("from rescascade.cli import main; import sys; sys.exit(main(['train', '--data', 'synthetic:64', '--out', "
+            f"'{tmp_path / 'f'}', '--arch', 'timm:resnet18', '--resolutions', '32,48']))")
+    env = {**__import__("os").environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 2, done.stderr
+    assert "huggingface.co/timm/resnet18" in done.stderr and "--weights PATH" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_loading_checks_the_recorded_arch_library_and_version(tmp_path, monkeypatch):
+    save_family(family_from("resnet18"), tmp_path / "fam")
+    doc = json.loads((tmp_path / "fam/family.json").read_text())
+    (tmp_path / "fam/family.json").write_text(json.dumps({**doc, "arch": "resnet34", "source_version": "0.1"}))
+    with pytest.raises(RescascadeError, match=r"lacks .* \(the family was built with torchvision 0.1, this is "):
+        load_family(tmp_path / "fam")  # another layout than the files hold: the version is named
+    (tmp_path / "fam/family.json").write_text(json.dumps({**doc, "source": "timm", "arch": "resnet18"}))
+    monkeypatch.setitem(__import__("sys").modules, "timm", None)  # `import timm` fails, as where it is not installed
+    with pytest.raises(RescascadeError, match=r"cannot be built here: timm models need the timm package"):
+        load_family(tmp_path / "fam")
