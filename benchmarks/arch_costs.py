@@ -1,11 +1,13 @@
 """Which architectures turn resolution into the most saving: per-resolution cost relative to 224 for several
 BatchNorm CNNs, measured with `rescascade profile` on ONNX Runtime CPU (batch 1 and 32), beside the FLOPs ratio
-(torch's FlopCounterMode) and `info`'s family / one-model parameter ratio.
+(torch's FlopCounterMode) and `info`'s family / one-model parameter ratio. On an NVIDIA GPU the same table:
+`--backend torch-cuda-graphs --precision fp16 --batch-sizes 1,32,256`.
 
 Each arch is a family of five resolutions with random weights (cost does not depend on the values), saved, profiled
 with the profiler's round-robin protocol and read back from its profile.csv; every arch in one run, side by side.
 
-    python benchmarks/arch_costs.py [--archs mobilenet_v2,resnet18,...] [--batch-sizes 1,32] [--min-seconds 1]
+    python benchmarks/arch_costs.py [--archs mobilenet_v2,resnet18,...] [--backend onnxruntime] [--precision fp32]
+                                    [--batch-sizes 1,32] [--min-seconds 1]
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import torch
 from _common import table
 from torch.utils.flop_counter import FlopCounterMode
 
-from rescascade.profiling.measure import Protocol, default_threads
+from rescascade.profiling.measure import Protocol, default_threads, fingerprint
 from rescascade.profiling.profile import run_profile
 from rescascade.runtime import decision_step
 from rescascade.training.family import ResolutionFamily
@@ -36,11 +38,12 @@ def flops(model: torch.nn.Module, resolution: int) -> int:
     return counter.get_total_flops()
 
 
-def measure(arch: str, work: Path, batch_sizes: list[int], protocol: Protocol) -> list[list]:
+def measure(arch: str, work: Path, backend: str, precision: str, batch_sizes: list[int],
+            protocol: Protocol) -> list[list]:
     torch.manual_seed(0)
     fam = ResolutionFamily(RESOLUTIONS, num_classes=1000, arch=arch).eval()
     doc = save_family(fam, work / arch.replace(":", "_"), provenance={"data": {"source_size": [375, 500]}})
-    profile = run_profile(work / arch.replace(":", "_"), "onnxruntime", "fp32", batch_sizes, protocol=protocol,
+    profile = run_profile(work / arch.replace(":", "_"), backend, precision, batch_sizes, protocol=protocol,
                           log=lambda s: None, decision_step=decision_step).set_index(["resolution", "batch_size"])
     fl = {r: flops(fam.plain_model(r), r) for r in RESOLUTIONS}
     top = max(RESOLUTIONS)
@@ -58,6 +61,8 @@ def measure(arch: str, work: Path, batch_sizes: list[int], protocol: Protocol) -
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--archs", default=ARCHS)
+    ap.add_argument("--backend", default="onnxruntime")
+    ap.add_argument("--precision", default="fp32")
     ap.add_argument("--batch-sizes", default="1,32")
     ap.add_argument("--min-seconds", type=float, default=1.0)
     args = ap.parse_args()
@@ -66,9 +71,10 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for arch in progress(args.archs.split(","), desc="archs", unit="arch"):
-            rows += measure(arch, Path(tmp), batch_sizes, protocol)
-    print(f"\nONNX Runtime {__import__('onnxruntime').__version__} CPU fp32, {default_threads()} threads; "
-          "ms per image (median of the profile's batches); ratios relative to r224\n")
+            rows += measure(arch, Path(tmp), args.backend, args.precision, batch_sizes, protocol)
+    fp = fingerprint()
+    print(f"\n{args.backend} {args.precision} on {fp.get('gpu', fp['cpu'])} (ONNX Runtime {fp.get('onnxruntime')}, "
+          f"{default_threads()} CPU threads); ms per image (median of the profile's batches); ratios vs r224\n")
     headers = ["arch", "family / one model", "r", "GFLOPs", "FLOPs vs 224"]
     for b in batch_sizes:
         headers += [f"b{b} ms/img", f"b{b} vs 224"]
