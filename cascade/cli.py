@@ -154,8 +154,8 @@ def add_train_parser(sub) -> None:
     from rescascade.training.recipes import PRESETS
     s = sub.add_parser("train", help="train a resolution family and write its predictions", formatter_class=_Formatter,
                        usage="%(prog)s --out DIR [--data SPEC] [--preset NAME] [options]",
-                       description="Train a resolution family (one shared BatchNorm CNN, MobileNetV2 unless --arch names\n"
-                                   "another, + one BatchNorm patch per resolution) and write the family directory\n"
+                       description="Train a resolution family (one shared BatchNorm CNN, MobileNetV2 unless --arch names "
+                                   "another, + one BatchNorm patch per resolution) and write the family directory "
                                    "with predictions on calib/test.\n\n"
                                    "Presets (--preset NAME; flags given explicitly win):\n" +
                                    "\n".join(textwrap.fill(f"{k}: {v['doc']}", 100, initial_indent="  ",
@@ -191,18 +191,20 @@ def add_train_parser(sub) -> None:
                                                      "or the preset's)")
     g.add_argument("--arch", metavar="NAME", help="any torchvision classification model with BatchNorm (resnet50, "
                                                   "efficientnet_b0, mobilenet_v3_large, regnet_y_800mf, ...) or, with "
-                                                  "the timm extra, timm:NAME (default: mobilenet_v2)")
+                                                  "the timm extra, timm:NAME (a bare name torchvision lacks is looked "
+                                                  "up in timm; torchvision:NAME forces torchvision) "
+                                                  "(default: mobilenet_v2)")
     g.add_argument("--weights", help="imagenet[:TAG] (torchvision's weights enum for --arch, or timm's pretrained tag) "
                                      "| none | PATH to a state dict of the plain model, .pth or .safetensors "
                                      "(default: imagenet, or the preset's)")
     g.add_argument("--width-mult", type=_number(float, 0.0, 4.0, "a number in (0, 4]", low_open=True),
-                   help="width multiplier of the MobileNets (default: 1.0, or the preset's)")
+                   help="width multiplier of torchvision's MobileNets (default: 1.0, or the preset's)")
     g.add_argument("--patch", choices=["scale_bias_stats", "scale_bias"],
                    help="the patch: γ, β and BN statistics, or γ, β only with statistics shared "
                         "(default: scale_bias_stats)")
     g.add_argument("--classifier", choices=["shared", "per-resolution", "frozen"],
-                   help="one head for all resolutions, one per resolution, or the starting head kept frozen "
-                        "(default: shared, or the preset's)")
+                   help="one head for all resolutions, one per resolution (needs a Linear classifier), or the "
+                        "starting head kept frozen (default: shared, or the preset's)")
     g.add_argument("--independent", action="store_true", default=None,
                    help="train K separate plain models instead (the baseline)")
     g = s.add_argument_group("what learns")
@@ -212,7 +214,8 @@ def add_train_parser(sub) -> None:
                    help="train: learn γ, β and statistics; affine: learn γ, β, keep statistics; stats: re-estimate "
                         f"statistics only; frozen: keep all ({d('patches')})")
     g.add_argument("--head-init", choices=["none", "probe"],
-                   help=f"probe: fit each new head on frozen features (logistic regression) first ({d('head_init')})")
+                   help="probe: fit each new head on frozen features (logistic regression) first; needs a Linear "
+                        f"classifier ({d('head_init')})")
     g.add_argument("--freeze-top", action="store_true", default=None,
                    help="keep the top resolution's patch and own head as they start (e.g. the distillation teacher)")
     g.add_argument("--distill", choices=["none", "top", "ensemble", "teacher"],
@@ -443,6 +446,9 @@ def main(argv=None) -> int:
     except RescascadeError as e:
         print(f"rescascade {args.command}: error: {e.cli_message}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader left (`rescascade info DIR | head`): nothing more to say
+        sys.stdout = None  # Python would otherwise report the pipe again when it flushes stdout at exit
+        return 0
     except OSError as e:  # the machine's answer (read-only, full disk, no permission), not a bug: one line
         where = f" {e.filename}" if e.filename else ""
         print(f"rescascade {args.command}: error: cannot use{where}: {e.strerror or e}", file=sys.stderr)

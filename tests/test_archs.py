@@ -151,14 +151,14 @@ def test_an_arch_without_batchnorm_is_one_line(arch, found, tmp_path, capsys):
 
 
 def test_width_mult_only_where_the_builder_takes_it():
-    with pytest.raises(ConfigError, match="applies to the MobileNets"):
+    with pytest.raises(ConfigError, match="applies to torchvision's MobileNets"):
         ResolutionFamily(RES, num_classes=10, arch="resnet18", width_mult=0.5)
 
 
 def test_per_resolution_head_needs_a_linear_classifier():
     pytest.importorskip("timm")
     with pytest.raises(ConfigError, match="needs a Linear classifier"):  # dla34's classifier is a 1x1 convolution
-        ResolutionFamily(RES, num_classes=10, arch="timm:dla34", classifier="per_resolution")
+        ResolutionFamily((32, 64), num_classes=10, arch="timm:dla34", classifier="per_resolution")
 
 
 def test_torchvision_weights_by_the_enum_names(tmp_path, monkeypatch):
@@ -203,4 +203,71 @@ def test_loading_checks_the_recorded_arch_library_and_version(tmp_path, monkeypa
     (tmp_path / "fam/family.json").write_text(json.dumps({**doc, "source": "timm", "arch": "resnet18"}))
     monkeypatch.setitem(__import__("sys").modules, "timm", None)  # `import timm` fails, as where it is not installed
     with pytest.raises(RescascadeError, match=r"cannot be built here: timm models need the timm package"):
+        load_family(tmp_path / "fam")
+
+
+def test_torchvision_models_with_auxiliary_outputs_or_versioned_loaders():
+    """GoogLeNet adds auxiliary logits in training mode; MNASNet's own loader wants version metadata."""
+    fam = ResolutionFamily((64,), num_classes=10, arch="googlenet").train()
+    assert fam(torch.randn(2, 3, 64, 64), 64).shape == (2, 10)
+    fam = ResolutionFamily(RES, num_classes=10, arch="mnasnet0_5").eval()
+    x = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        assert torch.equal(fam.plain_model(48)(x), fam(x, 48))
+
+
+@pytest.mark.parametrize("arch, resolutions, message", [
+    ("inception_v3", (32, 48), "cannot take 32x32 inputs"),
+    pytest.param("timm:dla34", (32, 48), "cannot take 48x48 inputs", marks=needs_timm),
+    ("timm:", RES, "give a model name after the prefix"),
+    ("keras:resnet18", RES, "the prefix must be one of torchvision, timm"),
+    ("timm:resnet18.a1_in1k", RES, "is a pretrained tag; give `arch` timm:resnet18 `weights` imagenet:a1_in1k"),
+])
+def test_an_arch_that_cannot_be_built_as_asked_is_one_line(arch, resolutions, message):
+    with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
+        ResolutionFamily(resolutions, num_classes=10, arch=arch)
+
+
+def test_resume_with_another_arch_of_the_same_layout_stops(tmp_path):
+    """timm's resnet18 has torchvision's state-dict names: only the recorded identity tells them apart."""
+    pytest.importorskip("timm")
+    splits = load_data("synthetic:64", seed=0, heldout_per_class=2)
+    cfg = TrainConfig(RES, epochs=1, batch_size=16, optimizer="adamw", lr=0.001, workers=0)
+    train(ResolutionFamily(RES, num_classes=8, arch="resnet18"), splits.train, cfg, tmp_path, log=lambda s: None)
+    with pytest.raises(RescascadeError, match=r"holds another model: `arch` torchvision:resnet18 \(now timm:resnet18\)"):
+        train(ResolutionFamily(RES, num_classes=8, arch="timm:resnet18"), splits.train, cfg, tmp_path, resume=True,
+              log=lambda s: None)
+
+
+def test_dropout_on_a_model_without_dropout_layers_is_refused(tmp_path):
+    splits = load_data("synthetic:64", seed=0, heldout_per_class=2)
+    cfg = TrainConfig(RES, epochs=1, batch_size=16, workers=0, dropout=0.5)
+    with pytest.raises(ConfigError, match="no dropout layers"):
+        train(ResolutionFamily(RES, num_classes=8, arch="resnet18"), splits.train, cfg, tmp_path, log=lambda s: None)
+
+
+def test_weights_mistakes_are_one_line(tmp_path):
+    from rescascade.training.weights import resolve_weights, torchvision_weights
+    (tmp_path / "notes.pth").write_text("not a weights file")
+    with pytest.raises(RescascadeError, match="damaged or not a weights file"):
+        resolve_weights(str(tmp_path / "notes.pth"))
+    with pytest.raises(RescascadeError, match="is a directory"):
+        resolve_weights(str(tmp_path))
+    assert torchvision_weights(resolve_arch("resnet50"), "imagenet1k_v2").name == "IMAGENET1K_V2"
+    with pytest.raises(ConfigError, match="must be a state dict"):
+        ResolutionFamily(RES, num_classes=10, arch="resnet18").load_plain_state_dict("weights.pth")
+    if importlib.util.find_spec("timm"):
+        with pytest.raises(RescascadeError, match="unknown pretrained tag 'nope' for timm:resnet18; choose one of "
+                                                  "a1_in1k"):
+            resolve_weights("imagenet:nope", "timm:resnet18")
+
+
+@pytest.mark.parametrize("edit, message", [({"arch": 5}, "arch must be a model name"),
+                                           ({"source": "keras"}, "source one of torchvision, timm"),
+                                           ({"arch": "vit_b_16"}, "family.json: vit_b_16 has no BatchNorm")])
+def test_an_edited_arch_in_family_json_is_one_line(tmp_path, edit, message):
+    save_family(ResolutionFamily(RES, num_classes=10, arch="resnet18"), tmp_path / "fam")
+    doc = json.loads((tmp_path / "fam/family.json").read_text())
+    (tmp_path / "fam/family.json").write_text(json.dumps({**doc, **edit}))
+    with pytest.raises(RescascadeError, match=message):
         load_family(tmp_path / "fam")

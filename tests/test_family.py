@@ -159,7 +159,7 @@ def edit_json(path, **changes):
 
 
 @pytest.mark.parametrize("change, message", [
-    (dict(arch="resnet5"), "model cannot be built here: `arch` 'resnet5' is not one of"),
+    (dict(arch="resnet5"), "model cannot be built here: `arch` 'torchvision:resnet5' is not one of"),
     (dict(arch="timm:resnet18"), "is not one of torchvision's classification models"),
     (dict(schema_version=99), "schema_version 99 is not supported"),
     (dict(resolutions=None), "lacks field(s) resolutions"),

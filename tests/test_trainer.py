@@ -389,7 +389,7 @@ def test_probe_of_the_same_start_on_the_same_images_is_fitted_once():
         m = mobilenet_v2(num_classes=8, width_mult=0.35)
         m.load_state_dict(start)
         return m
-    independent = IndependentModels(RES, plain, "classifier", "classifier.1")
+    independent = IndependentModels(RES, plain, "mobilenet_v2", "classifier", "classifier.1")
     assert probe(independent, splits.train) == 0
     assert torch.equal(independent.models["r048"].classifier[1].weight, first.state_dict_for(48)["classifier.1.weight"])
 

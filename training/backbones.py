@@ -67,10 +67,17 @@ def resolve_arch(arch: str, source: str | None = None) -> Arch:
     Raises ConfigError naming the closest known names for an unknown one."""
     if not isinstance(arch, str) or not arch.strip():
         raise ConfigError(f"arch must be a model name such as mobilenet_v2 or resnet50, got {arch!r}")
+    given = arch
     if ":" in arch:
         source, arch = arch.split(":", 1)
         if source not in SOURCES:
-            raise ConfigError(f"--arch {source}:{arch}: the prefix must be one of {', '.join(SOURCES)}")
+            raise ConfigError(f"--arch {given}: the prefix must be one of {', '.join(SOURCES)}")
+        if not arch:
+            raise ConfigError(f"--arch {given}: give a model name after the prefix, e.g. {source}:resnet50")
+    if "." in arch:
+        tag = arch.split(".", 1)[1]
+        raise ConfigError(f"--arch {given}: .{tag} is a pretrained tag; give --arch {given.rsplit('.', 1)[0]} "
+                          f"--weights imagenet:{tag}")
     if source in (None, "torchvision") and arch in torchvision_names():
         return Arch(arch, "torchvision")
     if source in (None, "timm"):
@@ -85,7 +92,7 @@ def resolve_arch(arch: str, source: str | None = None) -> Arch:
     where = "torchvision's classification models" + ("" if source == "torchvision" else
                                                       " or timm's" if _timm_names() else
                                                       " (timm is not installed: pip install 'rescascade[timm]')")
-    raise ConfigError(f"--arch {arch!r} is not one of {where}{hint}")
+    raise ConfigError(f"--arch {given!r} is not one of {where}{hint}")
 
 
 def build_plain(arch: Arch, num_classes: int, width_mult: float = 1.0) -> nn.Module:
@@ -101,8 +108,32 @@ def build_plain(arch: Arch, num_classes: int, width_mult: float = 1.0) -> nn.Mod
         return torchvision.models.get_model(arch.name, weights=None, **kwargs)
     except TypeError as e:
         if "width_mult" in kwargs and "width_mult" in str(e):
-            raise ConfigError(f"--width-mult applies to the MobileNets; {arch} has no width multiplier") from None
+            raise ConfigError(f"--width-mult applies to torchvision's MobileNets; {arch}'s builder takes no "
+                              "width_mult") from None
         raise ConfigError(f"{arch} cannot be built for {num_classes} classes ({e})") from None
+
+
+def check_forward(model: nn.Module, arch: Arch, resolutions, num_classes: int) -> None:
+    """Run the model (eval mode, no gradients) on one blank image at each resolution: ConfigError naming the first
+    resolution it cannot take (too small for its pooling, or odd sizes its blocks cannot join), or an output that is
+    not [1, num_classes] logits."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for r in resolutions:
+                try:
+                    out = model(torch.zeros(1, 3, r, r))
+                except RuntimeError as e:
+                    first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+                    raise ConfigError(f"{arch} cannot take {r}x{r} inputs ({first}); choose other --resolutions") \
+                        from None
+                if not (isinstance(out, torch.Tensor) and tuple(out.shape) == (1, num_classes)):
+                    got = list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+                    raise ConfigError(f"{arch} gives {got} at {r}x{r}, not [1, {num_classes}] logits: it is not a "
+                                      "plain classifier")
+    finally:
+        model.train(was_training)
 
 
 def batchnorm_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -160,11 +191,29 @@ def logits_layer_name(model: nn.Module, classifier: str, arch: Arch) -> str:
     return layers[-1][0]
 
 
+def train_logits(output):
+    """The logits of a training-mode forward: torchvision's GoogLeNet and Inception add auxiliary outputs there
+    (a named tuple whose `logits` field is the main one)."""
+    return getattr(output, "logits", output)
+
+
+def copy_state(model: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+    """Copy a state dict of exactly the model's names (BatchNorm's num_batches_tracked aside) into the model's
+    tensors in place; unlike load_state_dict it needs no version metadata (MNASNet's loader refuses without it)."""
+    own = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    if own.keys() != {k for k in state if not k.endswith("num_batches_tracked")}:
+        raise RescascadeError(f"the state dict does not fit the model: {sorted(own.keys() ^ state.keys())[:3]}")
+    with torch.no_grad():
+        for k, t in own.items():
+            t.copy_(state[k])
+    return model
+
+
 def require_linear(layer: nn.Module, arch, what: str) -> None:
     """ConfigError unless the logits layer is an nn.Linear (per-resolution heads and linear probes need one)."""
     if not (isinstance(layer, nn.Linear) and layer.bias is not None):
-        raise ConfigError(f"{what} needs a Linear classifier with a bias; {arch}'s is a {type(layer).__name__}: use the shared "
-                          "classifier (--classifier shared) and --head-init none")
+        raise ConfigError(f"{what} needs a Linear classifier with a bias; {arch}'s is a {type(layer).__name__}: use "
+                          "the shared classifier (--classifier shared) and --head-init none")
 
 
 @torch.no_grad()

@@ -72,7 +72,7 @@ class TrainConfig:
     crop_scale: tuple[float, float] = (0.08, 1.0)
     head_init: str = "none"         # none | probe (fit each new head on frozen features first, then train)
     patch_l2sp: float = 0.0         # penalty on the patches' distance to their start (L2-SP); keeps them general
-    dropout: float | None = None    # the classifier's dropout while training; None keeps the model's (0.2)
+    dropout: float | None = None    # the model's dropout layers while training; None keeps the model's own
     freeze_top: bool = False        # the top resolution's patch and own head stay as they start (the teacher, and
                                     # the reference a cascade must match)
     seed: int = 0

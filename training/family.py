@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import (DEFAULT_ARCH, build_plain, check_patchable, classifier_name, is_timm_batchnorm_act,
-                        logits_layer_name, require_linear, resolve_arch)
+from .backbones import (DEFAULT_ARCH, build_plain, check_forward, check_patchable, classifier_name, copy_state,
+                        is_timm_batchnorm_act, logits_layer_name, require_linear, resolve_arch, train_logits)
 from .config import check_resolutions
 from .errors import ConfigError, RescascadeError
 
@@ -139,10 +139,11 @@ class ResolutionFamily(nn.Module):
         self.arch_ = resolve_arch(arch)
         plain = build_plain(self.arch_, int(num_classes), float(width_mult))
         batchnorms = check_patchable(plain, self.arch_)
+        check_forward(plain, self.arch_, resolutions, int(num_classes))
         self.classifier_name = classifier_name(plain, self.arch_)
         self.logits_name = logits_layer_name(plain, self.classifier_name, self.arch_)
         if classifier == "per_resolution":
-            require_linear(plain.get_submodule(self.logits_name), self.arch_, "--classifier per_resolution")
+            require_linear(plain.get_submodule(self.logits_name), self.arch_, "--classifier per-resolution")
             _replace(plain, self.logits_name, PatchedLinear.replacing(plain.get_submodule(self.logits_name),
                                                                       resolutions))
         for name, bn in batchnorms.items():
@@ -189,7 +190,7 @@ class ResolutionFamily(nn.Module):
     def forward(self, x: torch.Tensor, resolution: int | None = None) -> torch.Tensor:
         if resolution is not None and resolution != self.active_resolution:
             self.set_resolution(resolution)
-        return self.model(x)
+        return train_logits(self.model(x))
 
     @property
     def logits_layer(self) -> nn.Module:
@@ -260,8 +261,8 @@ class ResolutionFamily(nn.Module):
         for name, t in targets:
             s = source[name]
             if tuple(s.shape) != tuple(t.shape):
-                raise RescascadeError(f"{what}: {name} has shape {list(s.shape)} but this family needs {list(t.shape)}; "
-                                      "it belongs to another architecture, width_mult or num_classes")
+                raise RescascadeError(f"{what}: {name} has shape {list(s.shape)} but this family needs "
+                                      f"{list(t.shape)}; it belongs to another architecture, width_mult or num_classes")
         with torch.no_grad():
             for name, t in targets:
                 t.copy_(source[name].to(dtype=t.dtype))
@@ -277,6 +278,8 @@ class ResolutionFamily(nn.Module):
         """Initialise from a state dict of the plain model (e.g. pretrained weights): the shared weights, and *every*
         patch from the pretrained BatchNorm. A logits layer for another class count is left at its fresh init.
         Raises RescascadeError naming the first tensor that is missing, extra or of another shape."""
+        if not isinstance(sd, dict) or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+            raise ConfigError(f"{what} must be a state dict (a dict of name -> tensor), got {type(sd).__name__}")
         sd = {k: v for k, v in sd.items() if not k.endswith("num_batches_tracked")}
         targets = list(self._shared_entries().items())
         for r in self.resolutions:
@@ -313,6 +316,4 @@ class ResolutionFamily(nn.Module):
         """A standalone plain model (the arch's own class, no patch) equal to this family at `resolution` (eval
         mode, copied)."""
         model = build_plain(self.arch_, self.num_classes, self.width_mult)
-        missing, unexpected = model.load_state_dict(self.state_dict_for(resolution), strict=False)
-        assert not unexpected and all(k.endswith("num_batches_tracked") for k in missing), (missing, unexpected)
-        return model.eval()
+        return copy_state(model, self.state_dict_for(resolution)).eval()

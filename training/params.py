@@ -34,7 +34,7 @@ def count_parameters(family: ResolutionFamily) -> dict:
 def format_parameter_table(counts: dict) -> str:
     k = counts["k"]
     rows = [
-        ("shared (convolutions" + (", classifier)" if counts["classifier_shared"] else ")"),
+        ("shared (all but BatchNorm" + (")" if counts["classifier_shared"] else " and the head)"),
          counts["shared"], counts["shared_statistics"]),
         ("one patch (BatchNorm γ, β" + (")" if counts["classifier_shared"] else ", classifier)"),
          counts["per_patch"], counts["per_patch_statistics"]),

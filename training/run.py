@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from . import rundir
-from .backbones import build_plain, check_preprocessing, resolve_arch
+from .backbones import build_plain, check_preprocessing, copy_state, resolve_arch
 from .data import DataSplits, load_data, resolve_source
 from .errors import ConfigError, RescascadeError
 from .family import DEFAULT_ARCH, ResolutionFamily, res_key
@@ -44,11 +44,10 @@ def build_model(cfg: TrainConfig, num_classes: int, width_mult: float, patch: st
     if cfg.independent:
         def make():  # pretrained: the family's start (the same classifier-replacement rule); else a fresh init each
             m = build_plain(family.arch_, num_classes, width_mult)
-            if state is not None:
-                m.load_state_dict(family.state_dict_for(cfg.resolutions[0]), strict=False)
-            return m
+            return copy_state(m, family.state_dict_for(cfg.resolutions[0])) if state is not None else m
         torch.manual_seed(cfg.seed)
-        return IndependentModels(cfg.resolutions, make, family.classifier_name, family.logits_name), weights_desc
+        return IndependentModels(cfg.resolutions, make, str(family.arch_), family.classifier_name,
+                                 family.logits_name), weights_desc
     return family, weights_desc
 
 

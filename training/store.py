@@ -14,7 +14,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from .backbones import resolve_arch
+from .backbones import SOURCES, resolve_arch
 from .errors import ArtifactError, ConfigError, RescascadeError
 from .family import CLASSIFIER_KINDS, PATCH_KINDS, ResolutionFamily, check_resolutions, res_key
 from .fileio import atomic_path, check_schema, read_json, sha256_file, write_json
@@ -91,8 +91,13 @@ def read_family_json(run_dir) -> dict:
                             "written): re-run the same train command with --resume")
     doc = read_json(path, "a family directory's family.json (written by `rescascade train`)")
     check_schema(doc, path, "family", SCHEMA_VERSION, REQUIRED)
+    source = doc.get("source", "torchvision")
+    if not isinstance(doc["arch"], str) or source not in SOURCES:
+        raise ArtifactError(f"{path}: arch must be a model name and source one of {', '.join(SOURCES)} (found "
+                            f"{doc['arch']!r}, {source!r}); the file was edited or damaged: restore it or re-run "
+                            "`rescascade train`")
     try:
-        resolve_arch(f"{doc.get('source', 'torchvision')}:{doc['arch']}")
+        resolve_arch(f"{source}:{doc['arch']}")
     except ConfigError as e:
         raise ArtifactError(f"{path}: this family's model cannot be built here: {e}") from None
     check_resolutions(doc["resolutions"])
@@ -163,7 +168,10 @@ def load_family(run_dir, verify: bool = True) -> tuple[ResolutionFamily, dict]:
     """Load a family directory, validating schema, architecture, resolutions, files and shapes."""
     run_dir = Path(run_dir)
     doc = read_family_json(run_dir)
-    family = ResolutionFamily.from_config(doc)
+    try:
+        family = ResolutionFamily.from_config(doc)
+    except ConfigError as e:
+        raise ArtifactError(f"{run_dir / 'family.json'}: {e}") from None
     files = doc["files"]
     shared_sha = files.get("shared.safetensors") if verify else None
     try:

@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .backbones import train_logits
 from .config import TrainConfig
 from .data import ImageSet, TrainDataset, collate_skipping
 from .errors import ConfigError, RescascadeError
@@ -35,17 +36,18 @@ from .progress import progress
 
 
 class IndependentModels(nn.Module):
-    """K plain models of one arch, one per resolution: the baseline with no sharing at all. classifier and logits:
-    the module names of the classifier and of its logits layer (as `ResolutionFamily` finds them)."""
+    """K plain models of one arch, one per resolution: the baseline with no sharing at all. arch: the name recorded
+    (`str` of `backbones.Arch`); classifier and logits: the module names of the classifier and of its logits layer
+    (as `ResolutionFamily` finds them)."""
 
-    def __init__(self, resolutions, make_model, classifier: str, logits: str):
+    def __init__(self, resolutions, make_model, arch: str, classifier: str, logits: str):
         super().__init__()
         self.resolutions = tuple(resolutions)
         self.models = nn.ModuleDict({res_key(r): make_model() for r in resolutions})
-        self.classifier_name, self.logits_name = classifier, logits
+        self.arch, self.classifier_name, self.logits_name = arch, classifier, logits
 
     def forward(self, x, resolution):
-        return self.models[res_key(resolution)](x)
+        return train_logits(self.models[res_key(resolution)](x))
 
     def groups(self):
         """(shared-like weights, patch-like BatchNorm affine, classifier) parameters, for the same recipe."""
@@ -427,10 +429,16 @@ def _resume(ckpt_path: Path, run: _Run, data_id: dict, log) -> tuple[int, list[d
                               f"{len(old_data['classes'])} classes, now {data_id['images']} of "
                               f"{len(data_id['classes'])}; or the same counts, other images): resume with the same "
                               "--data and options, or train into a new --out")
+    old_model, new_model = json.loads(ck.get("model_identity", "null")), _model_identity(run.model)
+    if old_model is not None and old_model != new_model:
+        diff = ", ".join(f"--{k.replace('_', '-')} {old_model.get(k)} (now {new_model.get(k)})"
+                         for k in new_model if old_model.get(k) != new_model[k])
+        raise RescascadeError(f"{ckpt_path} holds another model: {diff}; resume with the same flags, or start over "
+                              "with --overwrite")
     try:
         run.wrapper.load_state_dict(ck["model"])
-    except RuntimeError:  # shapes or names differ: another --width-mult, --patch or --classifier
-        raise RescascadeError(f"{ckpt_path} holds another model (its --width-mult, --patch or --classifier "
+    except RuntimeError:  # shapes or names differ: another --arch, --width-mult, --patch or --classifier
+        raise RescascadeError(f"{ckpt_path} holds another model (its --arch, --width-mult, --patch or --classifier "
                               "differ); resume with the same flags, or start over with --overwrite") from None
     run.opt.load_state_dict(ck["optimizer"])
     run.sched.load_state_dict(ck["scheduler"])
@@ -443,7 +451,18 @@ def _save_checkpoint(ckpt_path: Path, run: _Run, epoch: int, metrics: list[dict]
     with atomic_path(ckpt_path) as tmp:
         torch.save({"model": run.wrapper.state_dict(), "optimizer": run.opt.state_dict(),
                     "scheduler": run.sched.state_dict(), "epoch": epoch + 1, "config": _config_json(run.cfg),
-                    "metrics": json.dumps(metrics), "data": json.dumps(data_id)}, tmp)
+                    "metrics": json.dumps(metrics), "data": json.dumps(data_id),
+                    "model_identity": json.dumps(_model_identity(run.model))}, tmp)
+
+
+def _model_identity(model: nn.Module) -> dict:
+    """What model a checkpoint holds: the arch with its library (two archs may share one state dict's layout, e.g.
+    timm's efficientnet_b0 and tf_efficientnet_b0) and the family's options."""
+    if isinstance(model, IndependentModels):
+        return {"arch": model.arch}
+    c = model.config
+    return {"arch": f"{c['source']}:{c['arch']}", "width_mult": c["width_mult"], "patch": c["patch"],
+            "classifier": c["classifier"]}
 
 
 def _start_process_group(cfg: TrainConfig, env: DistEnv) -> torch.device:
@@ -477,9 +496,11 @@ def train(model: nn.Module, train_set: ImageSet, cfg: TrainConfig, out_dir, resu
     ckpt_path = Path(out_dir) / "checkpoints" / "last.pt"
     model.to(device, memory_format=torch.channels_last)  # halves eager cost on CPU and suits tensor cores on GPU
     if cfg.dropout is not None:
-        for m in model.modules():
-            if isinstance(m, nn.Dropout):
-                m.p = cfg.dropout
+        dropouts = [m for m in model.modules() if isinstance(m, nn.Dropout)]
+        if not dropouts:
+            raise ConfigError(f"--dropout {cfg.dropout:g}: this model has no dropout layers to set; leave it out")
+        for m in dropouts:
+            m.p = cfg.dropout
     if cfg.head_init == "probe":  # on resume too: the teacher below is a copy of this start (heads then reload)
         from .probe import init_heads_by_probe
         init_heads_by_probe(model, train_set, device, log=quiet, cache=probe_cache)

@@ -2,8 +2,8 @@
 pretrained tags, a local state-dict file, or none."""
 from __future__ import annotations
 
+import contextlib
 import os
-import pickle
 import urllib.error
 from enum import Enum
 from pathlib import Path
@@ -21,7 +21,7 @@ def torchvision_weights(arch: Arch, tag: str | None = None) -> Enum:
     enum = get_model_weights(arch.name)
     tag = tag or ("IMAGENET1K_V1" if "IMAGENET1K_V1" in enum.__members__ else "DEFAULT")
     try:
-        return enum[tag]
+        return enum[tag.upper()]  # the enum's names are upper case: imagenet1k_v1 means IMAGENET1K_V1
     except KeyError:
         names = ", ".join([w.name for w in enum] + ["DEFAULT"])
         raise RescascadeError(f"unknown ImageNet weights {tag!r} for {arch}; choose one of {names}") from None
@@ -35,8 +35,11 @@ def hub_cache_path(weights: Enum) -> Path:
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A plain state dict from .pth/.pt (torch.load with weights_only=True: no pickled code) or .safetensors."""
     path = Path(path)
+    if path.is_dir():
+        raise RescascadeError(f"--weights {path} is a directory; give a state-dict file (.pth or .safetensors) in it")
     if not path.is_file():
-        raise RescascadeError(f"weights file {path} not found; pass --weights imagenet, none, or an existing state-dict file")
+        raise RescascadeError(f"weights file {path} not found; pass --weights imagenet, none, or an existing "
+                              "state-dict file")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -44,7 +47,7 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         else:
             sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 (a corrupt file, or a pickle with code in it)
-        if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in str(e):
+        if "Unsupported global" in str(e):  # a pickle that holds more than tensors (classes, functions)
             raise RescascadeError(f"{path} holds pickled Python objects besides tensors, which rescascade does not load "
                                   "(unpickling can run code); save the state dict alone, torch.save(model.state_dict(), "
                                   "path), or as .safetensors") from None
@@ -72,13 +75,39 @@ def _torchvision_pretrained(arch: Arch, tag: str | None) -> tuple[dict[str, torc
     return load_state_dict_file(cached), f"torchvision {type(weights).__name__}.{weights.name} ({cached.name})"
 
 
+@contextlib.contextmanager
+def _hub_offline_unless_reachable(host: str = "huggingface.co", timeout_s: float = 3.0):
+    """Switch the Hugging Face hub to its offline mode (the local cache only) while `host` cannot be reached: it
+    otherwise retries for about a minute before failing."""
+    import socket
+
+    from huggingface_hub import constants
+    try:
+        socket.create_connection((host, 443), timeout=timeout_s).close()
+        reachable = True
+    except OSError:
+        reachable = False
+    was = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = was or not reachable
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = was
+
+
 def _timm_pretrained(arch: Arch, tag: str | None) -> tuple[dict[str, torch.Tensor], str]:
     import timm
-    name = f"{arch.name}.{tag}" if tag else arch.name
-    try:  # timm's own loader: the Hugging Face hub cache, or a download
-        model = timm.create_model(name, pretrained=True)
-    except Exception as e:  # noqa: BLE001 (offline, unknown tag, hub errors: all mean "not available here")
-        repo = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None) or f"timm/{name}"
+    tags = [t.split(".", 1)[1] for t in timm.list_pretrained(f"{arch.name}.*") if t.split(".", 1)[0] == arch.name]
+    if not tags:
+        raise RescascadeError(f"timm has no pretrained weights for {arch}; use --weights none or PATH")
+    if tag is not None and tag not in tags:
+        raise RescascadeError(f"unknown pretrained tag {tag!r} for {arch}; choose one of {', '.join(tags)}")
+    name = f"{arch.name}.{tag or tags[0]}"
+    repo = getattr(timm.models.get_pretrained_cfg(name), "hf_hub_id", None) or f"timm/{name}"
+    try:  # timm's own loader: the Hugging Face hub cache, or a download (at once offline, not after retries)
+        with _hub_offline_unless_reachable():
+            model = timm.create_model(name, pretrained=True)
+    except Exception as e:  # noqa: BLE001 (offline, hub errors: all mean "not available here")
         raise RescascadeError(f"cannot get timm's pretrained weights for {name} ({type(e).__name__}); download "
                               f"model.safetensors from https://huggingface.co/{repo} and pass --weights PATH") from None
     return model.state_dict(), f"timm {model.pretrained_cfg.get('architecture', arch.name)}." \
