@@ -91,6 +91,28 @@ def test_exif_orientation_gives_the_upright_image():
         assert decode(exif_rotated(photo, "JPEG")).shape == (3, 112, 80)
 
 
+def test_a_jpeg_decodes_at_the_smallest_dct_scale_that_covers_min_side():
+    """libjpeg's 1/2, 1/4, 1/8 scales (Pillow's draft): the shorter side stays >= min_side, the orientation is
+    applied after, other formats decode in full, and the pixels are an area-average of the full decode's."""
+    photos, _ = synthetic_photos(1)
+    big = np.array(Image.fromarray(photos[0]).resize((640, 896), Image.BICUBIC))  # portrait 640 x 896
+    buf = io.BytesIO()
+    Image.fromarray(big).save(buf, "JPEG", quality=95)
+    jpeg = buf.getvalue()
+    full = decode(jpeg)
+    assert full.shape == (3, 896, 640) and decode(jpeg, min_side=1000).shape == (3, 896, 640)
+    for min_side, want in ((321, (3, 896, 640)), (320, (3, 448, 320)), (200, (3, 448, 320)), (160, (3, 224, 160)),
+                           (80, (3, 112, 80)), (10, (3, 112, 80))):  # 1/8 is libjpeg's smallest scale
+        assert decode(jpeg, min_side=min_side).shape == want
+    quarter = decode(jpeg, min_side=160).float()
+    pooled = torch.nn.functional.avg_pool2d(full.float()[None], 4)[0]
+    assert (quarter - pooled).abs().mean() < 3  # the same picture, up to the DCT's rounding
+    assert decode(exif_rotated(big, "JPEG"), min_side=160).shape == (3, 224, 160)  # upright after the scale
+    png = io.BytesIO()
+    Image.fromarray(big).save(png, "PNG")
+    assert torch.equal(decode(png.getvalue(), min_side=160), as_tensor(big))
+
+
 def test_runner_and_training_read_tagged_files_upright(built, tmp_path):
     _, out, _ = built
     photos, _ = synthetic_photos(6)

@@ -62,12 +62,12 @@ def _timm_names() -> list[str]:
     return timm.list_models()
 
 
-def resolve_arch(arch: str, source: str | None = None) -> Arch:
-    """Which library builds `arch` ("NAME", "timm:NAME", "torchvision:NAME"; `source` as recorded in family.json).
-    Raises ConfigError naming the closest known names for an unknown one."""
+def resolve_arch(arch: str) -> Arch:
+    """Which library builds `arch`: "NAME" (torchvision's, else timm's), "timm:NAME" or "torchvision:NAME".
+    Raises ConfigError naming the closest known names for an unknown one, or when timm is needed and missing."""
     if not isinstance(arch, str) or not arch.strip():
         raise ConfigError(f"arch must be a model name such as mobilenet_v2 or resnet50, got {arch!r}")
-    given = arch
+    given, source = arch, None
     if ":" in arch:
         source, arch = arch.split(":", 1)
         if source not in SOURCES:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import re
 import warnings
@@ -33,6 +34,7 @@ from .errors import DataError
 
 DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's default decompression-bomb limit (89,478,485 pixels)
 
+_ORIENTATION = 0x0112  # the EXIF tag ImageOps.exif_transpose reads
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # "I": Pillow's mode for 16-bit PPM/PGM and some TIFFs
 
 
@@ -116,7 +118,9 @@ def _rgb8(im: Image.Image) -> np.ndarray:
 def from_pil(image: Image.Image) -> torch.Tensor:
     """An opened Pillow image -> uint8 RGB tensor [3, H, W], as `decode` makes it (EXIF orientation, 8 bits)."""
     try:
-        return torch.from_numpy(_rgb8(ImageOps.exif_transpose(image))).permute(2, 0, 1)
+        if image.getexif().get(_ORIENTATION, 1) != 1:  # exif_transpose copies even an upright image: only when needed
+            image = ImageOps.exif_transpose(image)
+        return torch.from_numpy(_rgb8(image)).permute(2, 0, 1)
     except ImageError:
         raise
     except (OSError, ValueError, SyntaxError, EOFError) as e:  # truncated or damaged data
@@ -124,13 +128,15 @@ def from_pil(image: Image.Image) -> torch.Tensor:
 
 
 def decode(data: bytes | bytearray | memoryview | torch.Tensor,
-           max_pixels: int | None = DEFAULT_MAX_PIXELS) -> torch.Tensor:
+           max_pixels: int | None = DEFAULT_MAX_PIXELS, min_side: int | None = None) -> torch.Tensor:
     """Encoded image -> uint8 RGB tensor [3, H, W] in channels-last memory (the layout `decode_image` returns
     and the resize's fast path), upright (EXIF orientation applied), first frame of an animation.
 
     data: the file's bytes (or a 1-D uint8 tensor of them). max_pixels: refuse images with more pixels, checked
     from the header before decoding (None: no limit; Pillow's own hard limit, twice `Image.MAX_IMAGE_PIXELS`,
-    still applies unless that is raised too). Raises ImageError."""
+    still applies unless that is raised too). min_side: a JPEG is decoded at the smallest of libjpeg's DCT scales
+    (1/2, 1/4, 1/8; Pillow's `draft`) whose shorter side is still >= min_side, far cheaper than a full decode of a
+    large photo; other formats, and None, decode in full. Raises ImageError."""
     if isinstance(data, torch.Tensor):
         data = data.numpy().tobytes()
     with _open(bytes(data), max_pixels) as im:
@@ -138,6 +144,10 @@ def decode(data: bytes | bytearray | memoryview | torch.Tensor,
             im.seek(0)
         except EOFError as e:
             raise ImageError(f"{im.format or 'image'} has no frame: {e}") from None
+        if min_side is not None and im.format == "JPEG":
+            w, h = im.size
+            scale = min(1.0, min_side / min(w, h))
+            im.draft(im.mode, (math.ceil(w * scale), math.ceil(h * scale)))  # libjpeg's largest 1/2^k at or above
         return from_pil(im)
 
 

@@ -78,7 +78,7 @@ def run_train(data: str, out: str, cfg: TrainConfig, *, arch: str = DEFAULT_ARCH
     source = splits.description["resolved_source"] if splits else resolve_source(data, data_options.get("data_root",
                                                                                                        "data"))
     state = rundir.prepare(out, resume, overwrite,
-                           lambda doc: _differences(doc, cfg, source, data_options, arch, width_mult, patch,
+                           lambda doc: _differences(doc, cfg, source, data_options, built, width_mult, patch,
                                                       classifier_kind),
                            log if env.main else _quiet)
     if isinstance(state, dict):  # --resume of a finished run made with the same settings
@@ -159,11 +159,11 @@ DATA_IDENTITY = ("seed", "calib_fraction", "val_fraction", "label_space", "train
                  "synthetic_classes", "max_image_pixels")
 
 
-def _differences(doc: dict, cfg: TrainConfig, source: str, data_options: dict, arch: str, width_mult: float,
+def _differences(doc: dict, cfg: TrainConfig, source: str, data_options: dict, arch, width_mult: float,
                  patch: str, classifier_kind: str) -> list[str]:
-    """What differs between a finished run (its family.json) and the run asked for: model, config fields, data."""
-    built = resolve_arch(arch)
-    model = {"--arch": ((doc.get("source", "torchvision"), doc.get("arch")), (built.source, built.name)),
+    """What differs between a finished run (its family.json) and the run asked for (arch: a `backbones.Arch`):
+    model, config fields, data."""
+    model = {"--arch": ((doc.get("source", "torchvision"), doc.get("arch")), (arch.source, arch.name)),
              "--width-mult": (doc.get("width_mult"), width_mult), "--patch": (doc.get("patch"), patch),
              "--classifier": (doc.get("classifier"), classifier_kind)}
     if doc.get("kind") == "independent":  # the baseline's json records no family options
