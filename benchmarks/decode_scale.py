@@ -44,11 +44,11 @@ def reencode(data: bytes, size: tuple[int, int] | None, quality: int = 90) -> by
 
 
 def decoders() -> dict:
-    """name -> fn(bytes, min_side or None) -> uint8 [3, H, W] (or [H, W, 3] for simplejpeg: layout is not timed)."""
+    """name -> (fn(bytes, min_side or None) -> decoded image, whether it decodes at a reduced scale)."""
     from torchvision.io import decode_jpeg
-    out = {"Pillow": lambda b, s: decode(b, None, min_side=s),
-           "torchvision decode_jpeg": lambda b, s: decode_jpeg(torch.frombuffer(bytearray(b), dtype=torch.uint8))
-           if s is None else None}
+    out = {"Pillow": (lambda b, s: decode(b, None, min_side=s), True),
+           "torchvision decode_jpeg": (lambda b, s: decode_jpeg(torch.frombuffer(bytearray(b), dtype=torch.uint8)),
+                                       False)}
     if importlib.util.find_spec("simplejpeg"):
         import simplejpeg
 
@@ -58,7 +58,7 @@ def decoders() -> dict:
             w, h = simplejpeg.decode_jpeg_header(b)[:2]
             scale = s / min(w, h)
             return simplejpeg.decode_jpeg(b, min_width=int(np.ceil(w * scale)), min_height=int(np.ceil(h * scale)))
-        out["simplejpeg"] = sj
+        out["simplejpeg"] = (sj, True)
     return out
 
 
@@ -67,22 +67,22 @@ def speed(photos: list[bytes], rounds: int = 3) -> list[list]:
     decs = decoders()
     for size_name, size in progress(SIZES.items(), desc="decode speed", unit="size"):
         files = [reencode(p, size) for p in photos]
-        cases = [(name, s) for name in decs for s in (None, eval_resize_size(96), eval_resize_size(224))
-                 if decs[name](files[0], s) is not None]
+        cases = [(name, s) for name, (_, reduces) in decs.items()
+                 for s in ((None, eval_resize_size(96), eval_resize_size(224)) if reduces else (None,))]
         times = {c: [] for c in cases}
         for _ in range(rounds):  # round-robin: noise lands on every decoder a little
             for c in cases:
-                fn = decs[c[0]]
+                fn = decs[c[0]][0]
                 fn(files[0], c[1])  # warm
                 for f in files:
                     t0 = time.perf_counter()
                     fn(f, c[1])
                     times[c].append(1e3 * (time.perf_counter() - t0))
-        full = {name: np.median(times[(name, None)]) for name in decs if (name, None) in times}
+        full = {name: np.median(times[(name, None)]) for name in decs}
         for (name, s), ts in times.items():
             shape = tuple(decode(files[0], None, min_side=s).shape[1:]) if name == "Pillow" else ""
             rows.append([size_name, name, "full" if s is None else f">= {s} px", f"{np.median(ts):.2f}",
-                         f"{np.median(ts) / full[name]:.2f}" if name in full else "",
+                         f"{np.median(ts) / full[name]:.2f}",
                          "x".join(map(str, shape)) if shape else ""])
     return rows
 

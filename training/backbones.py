@@ -80,17 +80,15 @@ def resolve_arch(arch: str) -> Arch:
                           f"--weights imagenet:{tag}")
     if source in (None, "torchvision") and arch in torchvision_names():
         return Arch(arch, "torchvision")
-    if source in (None, "timm"):
-        if source == "timm":
-            _library("timm")
-        timm_names = _timm_names()
-        if arch in timm_names:
-            return Arch(arch, "timm")
-    known = list(dict.fromkeys([*torchvision_names(), *(_timm_names() if source != "torchvision" else [])]))
-    close = difflib.get_close_matches(arch, known, n=3)
+    if source == "timm":
+        _library("timm")  # ConfigError naming the extra when timm is missing
+    timm_names = _timm_names() if source != "torchvision" else []
+    if arch in timm_names:
+        return Arch(arch, "timm")
+    close = difflib.get_close_matches(arch, list(dict.fromkeys([*torchvision_names(), *timm_names])), n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     where = "torchvision's classification models" + ("" if source == "torchvision" else
-                                                      " or timm's" if _timm_names() else
+                                                      " or timm's" if timm_names else
                                                       " (timm is not installed: pip install 'rescascade[timm]')")
     raise ConfigError(f"--arch {given!r} is not one of {where}{hint}")
 
@@ -113,7 +111,7 @@ def build_plain(arch: Arch, num_classes: int, width_mult: float = 1.0) -> nn.Mod
         raise ConfigError(f"{arch} cannot be built for {num_classes} classes ({e})") from None
 
 
-def check_forward(model: nn.Module, arch: Arch, resolutions, num_classes: int) -> None:
+def forward_at_every_resolution(model: nn.Module, arch: Arch, resolutions, num_classes: int) -> None:
     """Run the model (eval mode, no gradients) on one blank image at each resolution: ConfigError naming the first
     resolution it cannot take (too small for its pooling, or odd sizes its blocks cannot join), or an output that is
     not [1, num_classes] logits."""

@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import (DEFAULT_ARCH, build_plain, check_forward, check_patchable, classifier_name, copy_state,
-                        is_timm_batchnorm_act, logits_layer_name, require_linear, resolve_arch, train_logits)
+from .backbones import (DEFAULT_ARCH, build_plain, check_patchable, classifier_name, copy_state,
+                        forward_at_every_resolution, is_timm_batchnorm_act, logits_layer_name, require_linear,
+                        resolve_arch, train_logits)
 from .config import check_resolutions
 from .errors import ConfigError, RescascadeError
 
@@ -100,10 +101,9 @@ class PatchedLinear(nn.Module):
     def replacing(cls, linear: nn.Linear, resolutions: Sequence[int]) -> "PatchedLinear":
         new = cls(linear.in_features, linear.out_features, resolutions)
         with torch.no_grad():
-            for k in new.keys:
+            for k in new.keys:  # a per-resolution head needs a bias (backbones.require_linear)
                 new.weight[k].copy_(linear.weight)
-                if linear.bias is not None:
-                    new.bias[k].copy_(linear.bias)
+                new.bias[k].copy_(linear.bias)
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -121,11 +121,14 @@ class ResolutionFamily(nn.Module):
     per input resolution; the plain model is `self.model`, its BatchNorm layers patched.
 
     forward(x, resolution): logits [N, num_classes] float32 for x [N, 3, r, r] float32 (already normalized) at that
-    resolution. Raises ConfigError for bad values or an arch without BatchNorm.
+    resolution. check_forward: run one blank image per resolution first (ConfigError for a resolution the arch
+    cannot take); `from_config` skips it, a saved family having been checked when it was made. Raises ConfigError
+    for bad values or an arch without BatchNorm.
     """
 
     def __init__(self, resolutions: Sequence[int], num_classes: int = 1000, *, arch: str = DEFAULT_ARCH,
-                 width_mult: float = 1.0, patch: str = "scale_bias_stats", classifier: str = "shared"):
+                 width_mult: float = 1.0, patch: str = "scale_bias_stats", classifier: str = "shared",
+                 check_forward: bool = True):
         super().__init__()
         resolutions = check_resolutions(resolutions)
         if patch not in PATCH_KINDS:
@@ -139,7 +142,8 @@ class ResolutionFamily(nn.Module):
         self.arch_ = resolve_arch(arch)
         plain = build_plain(self.arch_, int(num_classes), float(width_mult))
         batchnorms = check_patchable(plain, self.arch_)
-        check_forward(plain, self.arch_, resolutions, int(num_classes))
+        if check_forward:
+            forward_at_every_resolution(plain, self.arch_, resolutions, int(num_classes))
         self.classifier_name = classifier_name(plain, self.arch_)
         self.logits_name = logits_layer_name(plain, self.classifier_name, self.arch_)
         if classifier == "per_resolution":
@@ -207,7 +211,7 @@ class ResolutionFamily(nn.Module):
     def from_config(cls, config: dict) -> "ResolutionFamily":
         return cls(config["resolutions"], num_classes=config["num_classes"],
                    arch=f"{config.get('source', 'torchvision')}:{config['arch']}", width_mult=config["width_mult"],
-                   patch=config["patch"], classifier=config["classifier"])
+                   patch=config["patch"], classifier=config["classifier"], check_forward=False)
 
     # ---- plain-model-named views: shared weights and one patch --------------------------------------------
     def _patch_entries(self, key: str) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from .backbones import train_logits
+from .backbones import batchnorm_layers, train_logits
 from .config import TrainConfig
 from .data import ImageSet, TrainDataset, collate_skipping
 from .errors import ConfigError, RescascadeError
@@ -53,8 +53,7 @@ class IndependentModels(nn.Module):
         """(shared-like weights, patch-like BatchNorm affine, classifier) parameters, for the same recipe."""
         convs, bns, head = [], [], []
         for m in self.models.values():
-            bn = {id(p) for mod in m.modules() if isinstance(mod, nn.modules.batchnorm._BatchNorm)
-                  for p in mod.parameters(recurse=False)}
+            bn = {id(p) for mod in batchnorm_layers(m).values() for p in mod.parameters(recurse=False)}
             cls = {id(p) for p in m.get_submodule(self.classifier_name).parameters()}
             for p in m.parameters():
                 (bns if id(p) in bn else head if id(p) in cls else convs).append(p)
