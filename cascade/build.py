@@ -18,6 +18,7 @@ from .config import CascadeConfig
 from .costs import CostModel
 from .optimizer import DEFAULT_TOLERANCES
 from .predictions import Predictions, load_predictions
+from .refine import refine as refine_choice
 from .target import Target
 
 CALIB_HALF_WIDTH = 0.01  # warn when calib pins the reference's accuracy down to less than +-1 point (95 %)
@@ -63,14 +64,20 @@ def run_build(run_dir, profile=None, backend: str | None = None, precision: str 
               guarantee: tuple[float, float] | None = None, measure: str = "max_prob", temperature: bool = True,
               combine: str = "off", batch_aware: bool = False, exact: str = "auto", reference: int | None = None,
               resolutions=None, out=None, plots: bool = True, seed: int = 0, guarantee_fraction: float = 0.5,
-              tolerances=DEFAULT_TOLERANCES, log=print) -> dict:
+              tolerances=DEFAULT_TOLERANCES, source_size="auto", refine: int = 0, log=print) -> dict:
     """`rescascade build` on a family directory: read its predictions and profile, fit a CascadeBuilder (see it
     for the choice's parameters), and write cascade.json (default RUN_DIR/cascade.json) with the figures on calib
-    and test, the Pareto plot and the exit histogram. Returns the config written. Raises RescascadeError for
-    files of another family, ConfigError for bad values."""
+    and test, the Pareto plot and the exit histogram. Returns the config written. source_size: (width, height)
+    or "WxH" of the encoded images to be served, whose JPEG decode the profile timed (profile --decode-sizes);
+    "auto": the profile's (none if it timed no decoding); None: count no decode (decoded inputs). refine: run
+    the choice, its closest alternatives and the reference with the cascade runtime (the profile's backend, on
+    this machine) on this many calib images, re-estimate the costs from its stage timings and choose again
+    (cascade/refine.py); cascade.json's "cost_check" records predicted, refined and measured cost ratios. Raises
+    RescascadeError for files of another family, ConfigError for bad values."""
     run_dir = Path(run_dir)
     t_start = time.perf_counter()
     check_int("batch_size", batch_size, 1)
+    check_int("refine", refine, 0)
     doc = read_family_json(run_dir)
     verify_files(run_dir, doc)  # cascade.json vouches for these weights
     wid = weights_id(doc)
@@ -85,14 +92,38 @@ def run_build(run_dir, profile=None, backend: str | None = None, precision: str 
                              resolutions=resolutions, seed=seed, guarantee_fraction=guarantee_fraction,
                              tolerances=tolerances)
     pool = builder.pool(calib)
-    costs = CostModel.from_profile(df, pool, backend, precision, batch_size, batch_aware, str(profile_path))
+    no_decode_rows = source_size == "auto" and profile.decode is None
+    if no_decode_rows:
+        source_size = None
+    costs = CostModel.from_profile(profile, pool, backend, precision, batch_size, batch_aware, str(profile_path),
+                                   source_size)
     warnings = build_warnings(calib, df, costs, pool, guarantee)  # printed with the summary, in cascade.json
+    if no_decode_rows:
+        warnings.append(f"{profile_path} times no JPEG decoding: the costs are those of decoded inputs; re-run "
+                        "`rescascade profile` to count the decode encoded images pay")
     builder.fit(calib, costs)
+    check = None
+    if refine:
+        def make_runner(b, c):
+            from .runtime import CascadeRunner
+            return CascadeRunner(CascadeConfig.from_builder(b, run_dir, profile, c, test))
+        check = refine_choice(builder, calib, costs, make_runner, refine, log=log)
+        profile_costs, costs = costs, check.pop("costs")
     out = Path(out) if out else run_dir / "cascade.json"
     if out.is_dir():
         out = out / "cascade.json"
     cascade_config = CascadeConfig.from_builder(builder, run_dir, profile, costs, test, warnings)
     config = cascade_config.doc
+    if check is not None:  # on test too: the ratio the profile's costs give the final choice, and the refined one
+        for suffix, (before, after) in {"": (profile_costs, costs), "_decoded_inputs": (
+                profile_costs.without_decode(), costs.without_decode())}.items():
+            if suffix and not costs.decode_ms:
+                continue
+            (c0, r0), (c1, r1) = builder.simulate(test, before), builder.simulate(test, after)
+            check.setdefault("test", {}).update({f"predicted_ratio{suffix}": c0.mean_cost / r0.mean_cost,
+                                                 f"refined_ratio{suffix}": c1.mean_cost / r1.mean_cost})
+        config["cost_check"] = check
+        config["profile"]["refined"] = True  # the per-image costs above are the refined ones
     config["optimizer"]["seconds"] = round(time.perf_counter() - t_start, 3)
     if plots:  # before cascade.json: an interrupt leaves the old config with its own plots
         from .plots import exit_histogram, pareto_plot
@@ -140,6 +171,12 @@ def format_build_summary(config: dict, out) -> str:
         g = config["guarantee"]
         p = f"p = {g['p_value']:.3g}" if g["p_value"] is not None else "nothing certified: the reference alone"
         lines.append(f"guarantee: {g['statement']} (Learn-then-Test on {g['n_certify']} held-out calib images, {p})")
+    if "cost_check" in config:
+        c = config["cost_check"]
+        lines.append(f"cost check on {c['images']} calib images ({c['inputs']} inputs, {c['repeats']} passes): cost vs "
+                     f"reference predicted {c['predicted_ratio']:.3f}x by the profile, {c['refined_ratio']:.3f}x "
+                     f"refined, {c['measured_ratio']:.3f}x measured" +
+                     (f"; first choice {c['first_choice']}, chosen again" if c["first_choice"] != c["chosen"] else ""))
     lines += [f"warning: {w}" for w in config.get("warnings", [])]
     if config["single_model_wins"]:
         lines.append(f"no cascade beats the single model r{config['stages'][0]['resolution']} here "

@@ -6,7 +6,7 @@ import math
 import sys
 import textwrap
 
-from rescascade.training.config import MAX_BATCH, MAX_THREADS
+from rescascade.training.config import MAX_BATCH, MAX_THREADS, parse_size
 from rescascade.training.errors import RescascadeError
 
 
@@ -65,6 +65,16 @@ _batch = _number(int, 1, MAX_BATCH, what=f"an integer from 1 to {MAX_BATCH}")
 _threads = _number(int, 1, MAX_THREADS, what=f"an integer from 1 to {MAX_THREADS}")
 _ints = _list(_number(int, what="comma-separated integers"))
 _batches = _list(_batch)
+
+
+def _size(text: str) -> tuple[int, int]:
+    try:
+        return parse_size(text)
+    except RescascadeError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+_sizes = _list(_size)
 
 
 def _resolutions(text: str) -> tuple[int, ...]:
@@ -131,7 +141,7 @@ def cmd_train(args) -> None:
         from rescascade.profiling.engines import onnxruntime_predictors as predictors
     run_train(opts["data"], opts["out"], TrainConfig(**cfg), **family, resume=args.resume, overwrite=args.overwrite,
               preset=args.preset,
-              predictors=predictors,
+              predictors=predictors, decode_scale=opts.get("decode_scale", "stage"),
               data_options={"calib_fraction": opts.get("calib_fraction", 0.5),
                             "val_fraction": opts.get("val_fraction", 0.2),
                             "label_space": opts.get("label_space", "native"),
@@ -259,12 +269,16 @@ def add_train_parser(sub) -> None:
     g.add_argument("--device", help="auto | cpu | cuda | cuda:N (default: auto: cuda when there is one)")
     g.add_argument("--predict-backend", choices=["torch", "onnxruntime"],
                    help="what writes predictions/ after training; onnxruntime is 4-8x faster on CPU (default: torch)")
+    g.add_argument("--decode-scale", choices=["stage", "full"],
+                   help="how predictions and the cascade runtime decode a JPEG for each resolution: stage: at the "
+                        "smallest DCT scale (1/2, 1/4, 1/8) that still covers its resize, far cheaper for large "
+                        "photos (pixels differ slightly from a full decode); full (default: stage)")
     s.set_defaults(func=cmd_train)
 
 
 def cmd_profile(args) -> None:
     from rescascade.profiling.measure import QUICK, Protocol
-    from rescascade.profiling.profile import format_profile
+    from rescascade.profiling.profile import format_decode, format_profile
 
     from .api import profile_family
 
@@ -272,8 +286,10 @@ def cmd_profile(args) -> None:
         warmup_iters=args.warmup_iters, warmup_seconds=args.warmup_seconds, min_iters=args.min_iters,
         min_seconds=args.min_seconds, rounds=args.rounds)
     profile = profile_family(args.run_dir, args.backend, args.precision, args.batch_sizes, args.resolutions,
-                             args.threads, protocol, args.out, args.source_size)
+                             args.threads, protocol, args.out, args.source_size, decode_sizes=args.decode_sizes)
     print(format_profile(profile.table, args.backend, args.precision))
+    if profile.decode is not None:
+        print(format_decode(profile.decode))
     print(f"wrote {profile.path}")
 
 
@@ -291,6 +307,9 @@ def add_profile_parser(sub) -> None:
     s.add_argument("--source-size", type=_positive_int,
                    help="side of the decoded source image the preprocessing cost is measured on (default: the "
                         "held-out images' typical size)")
+    s.add_argument("--decode-sizes", type=_sizes, metavar="WxH,...",
+                   help="JPEG sizes whose decode each stage times, e.g. 500x375,1600x1200,4000x3000 (default: the "
+                        "source size); `build --source-size` picks one")
     s.add_argument("--warmup-iters", type=_count, default=10, help="default: 10")
     s.add_argument("--warmup-seconds", type=_nonnegative, default=0.5, help="default: 0.5")
     s.add_argument("--min-iters", type=_positive_int, default=30, help="timed iterations at least (default: 30)")
@@ -319,7 +338,8 @@ def cmd_build(args) -> None:
               batch_size=args.batch_size, target=args.target, max_drop=args.max_drop, budget=args.budget,
               guarantee=args.guarantee, measure=args.confidence, temperature=not args.no_temperature,
               combine=args.combine, batch_aware=args.batch_aware, exact=args.exact, reference=args.reference,
-              resolutions=args.resolutions, out=args.out, seed=args.seed)
+              resolutions=args.resolutions, out=args.out, seed=args.seed,
+              source_size=None if args.decoded_inputs else (args.source_size or "auto"), refine=args.refine)
 
 
 def add_build_parser(sub) -> None:
@@ -336,6 +356,12 @@ def add_build_parser(sub) -> None:
                    help="serving batch size the costs are read at (default: 1)")
     s.add_argument("--batch-aware", action="store_true",
                    help="throughput serving: each stage runs on the shrunken batch that reaches it")
+    g = s.add_mutually_exclusive_group()
+    g.add_argument("--source-size", type=_size, metavar="WxH",
+                   help="size of the JPEGs to be served, whose per-stage decode the profile timed (profile "
+                        "--decode-sizes); the costs include it (default: the profile's source size)")
+    g.add_argument("--decoded-inputs", action="store_true",
+                   help="count no decode: the service is given decoded images")
     s.add_argument("--target", type=_target, help="'best' (>= the reference's calib accuracy; the default) or an accuracy: 0.712 "
                                     "or 71.2%%")
     s.add_argument("--max-drop", type=_nonnegative, help="accuracy points the cascade may lose against the reference")
@@ -354,6 +380,10 @@ def add_build_parser(sub) -> None:
     s.add_argument("--reference", type=_positive_int, help="reference resolution (default: the most accurate on "
                                                            "calib)")
     s.add_argument("--resolutions", type=_ints, help="restrict the pool to these resolutions (default: all)")
+    s.add_argument("--refine", type=_count, default=0, metavar="N",
+                   help="check the costs with the real runtime on N calib images (this machine, the profile's "
+                        "backend): the choice, its closest alternatives and the reference; re-estimate each "
+                        "stage's cost from its timings and choose again (default: 0, off)")
     s.add_argument("--seed", type=_count, default=0, help="seed of the guarantee's calib split (default: 0)")
     s.add_argument("--out", help="cascade.json to write (default: RUN_DIR/cascade.json)")
     s.set_defaults(func=cmd_build)
@@ -362,7 +392,7 @@ def add_build_parser(sub) -> None:
 def cmd_eval(args) -> None:
     from rescascade.evaluate import run_eval
     run_eval(args.cascade_json, data=args.data, backend=args.backend, batch_size=args.batch_size, split=args.split,
-             repeats=args.repeats, threads=args.threads, limit=args.limit, out=args.out)
+             repeats=args.repeats, threads=args.threads, limit=args.limit, out=args.out, from_bytes=args.from_bytes)
 
 
 def add_eval_parser(sub) -> None:
@@ -374,6 +404,9 @@ def add_eval_parser(sub) -> None:
     s.add_argument("cascade_json", help="the cascade.json written by `rescascade build` (its family directory where "
                                         "it records it)")
     s.add_argument("--data", help="other images to score (default: exactly the family's own test images)")
+    s.add_argument("--from-bytes", action="store_true",
+                   help="also run both from the encoded files, decode included (what a service receiving JPEGs "
+                        "pays): the end-to-end ratio next to the decoded-tensor one")
     s.add_argument("--split", default="test", choices=["test", "calib"], help="default: test")
     s.add_argument("--backend", help="default: the backend the cascade was costed on")
     s.add_argument("--batch-size", type=_batch, help="default: the batch size the cascade was costed at")

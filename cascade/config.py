@@ -80,6 +80,10 @@ class CascadeConfig:
             "test": {**casc_test.summary(ref_test.mean_cost), "reference_accuracy": ref_test.accuracy,
                      "paired_difference": paired_difference(casc_test.correct_mask, ref_test.correct_mask)},
         }
+        if costs.decode_ms:  # the costs include the JPEG decode: what the same cascade costs on decoded inputs
+            casc_dec, ref_dec = b.simulate(test, costs.without_decode())
+            expected["test"]["decoded_inputs"] = {"mean_cost_ms": casc_dec.mean_cost,
+                                                  "cost_vs_reference": casc_dec.mean_cost / ref_dec.mean_cost}
         config = {
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "family": {"path": str(family_dir), "family_json_sha256": sha256_file(family_dir / "family.json"),

@@ -10,10 +10,14 @@ In batch-aware mode (throughput serving) stage k runs on the shrunken batch that
 profile row at that batch size, or, between profiled sizes, the batch latency interpolated linearly between the
 two nearest rows (small batches cost more per image; measured on CPU, picking the single nearest row
 underestimated a stage run on 4 of 32 images by 2x). Profile the batch sizes you serve at, and a few below.
+
+With decode costs (a profile's decode rows for one source size), a cascade served encoded images also pays the
+JPEG decode: the first stage decodes at its scale, a later stage again only where it needs a larger DCT scale
+than the stage before it (the runtime keeps the last decode). A single model pays its own decode.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import pandas as pd
 
@@ -37,16 +41,25 @@ class CostModel:
     table: dict[int, dict[int, float]]
     # batch_size -> per-image ms that every cascade pays once: upload - gather (0 for profiles without them)
     once: dict[int, float] = field(default_factory=dict)
+    # resolution -> per-image ms of that stage's JPEG decode, and its DCT scale denominator (empty: not counted)
+    decode_ms: dict[int, float] = field(default_factory=dict)
+    decode_scale: dict[int, int] = field(default_factory=dict)
+    source_size: tuple[int, int] | None = None  # (width, height) of the JPEGs the decode costs are for
 
     @classmethod
     def from_profile(cls, df: pd.DataFrame, resolutions=None, backend: str | None = None, precision: str | None = None,
-                     batch_size: int = 1, batch_aware: bool = False, where: str = "profile") -> "CostModel":
+                     batch_size: int = 1, batch_aware: bool = False, where: str = "profile",
+                     source_size: tuple[int, int] | str | None = None) -> "CostModel":
         """Per-image stage costs (ms) at `batch_size` from a profile (a `Profile` or its table): inference +
         preprocessing + decision per stage, the upload charged once per cascade. resolutions None: every one
         profiled; backend/precision None: the profile's only one. batch_aware: keep every batch size, for a
-        cascade whose later stages run on shrinking batches. Raises RescascadeError naming what is missing."""
+        cascade whose later stages run on shrinking batches. source_size: (width, height) or "WxH" of the encoded
+        images served, whose decode the profile timed ("auto": the Profile's only size, or the one its
+        preprocessing was timed on; None: decode not counted, as for decoded inputs). Raises RescascadeError
+        naming what is missing."""
+        decode = default_size = None
         if hasattr(df, "table"):  # a Profile
-            df, where = df.table, str(df.path)
+            df, where, decode, default_size = df.table, str(df.path), df.decode, df.meta.get("source_size")
         if not isinstance(df, pd.DataFrame) or df.empty or not NEEDED <= set(df.columns):
             raise ConfigError(f"CostModel.from_profile needs a Profile (Profile.load(path)) or its table, with rows "
                               f"and the columns {', '.join(sorted(NEEDED))}; got {type(df).__name__}")
@@ -90,7 +103,39 @@ class CostModel:
                 raise RescascadeError(f"{where} has no batch-size-{batch_size} row for resolution {r} "
                                       f"(has {sorted(table[int(r)])}); profile with --batch-sizes {batch_size} or pick "
                                       "one of those with --batch-size")
-        return cls(backend, precision, int(batch_size), batch_aware, table, {b: ms / b for b, ms in once.items()})
+        model = cls(backend, precision, int(batch_size), batch_aware, table, {b: ms / b for b, ms in once.items()})
+        if source_size is not None:
+            model._add_decode(decode, source_size, default_size, where)
+        return model
+
+    def _add_decode(self, decode, source_size, default_size, where: str) -> None:
+        """Per-resolution decode ms and DCT scale for source_size from a profile's decode rows ("auto": the only
+        size there, else default_size, the size the profile's preprocessing was timed on)."""
+        if decode is None or decode.empty:
+            raise RescascadeError(f"{where} has no decode rows (profile_decode.csv): re-run `rescascade profile "
+                                  "RUN_DIR` to time decoding, or count no decode (inputs given decoded)")
+        sizes = sorted({(int(w), int(h)) for w, h in zip(decode.source_width, decode.source_height)})
+        if source_size == "auto":
+            if len(sizes) != 1 and tuple(default_size or ()) not in sizes:
+                raise RescascadeError(f"{where} times decoding at several source sizes "
+                                      f"({', '.join(f'{w}x{h}' for w, h in sizes)}); choose one with --source-size")
+            source_size = sizes[0] if len(sizes) == 1 else tuple(default_size)
+        elif isinstance(source_size, str):
+            from rescascade.training.config import parse_size
+            source_size = parse_size(source_size)
+        source_size = (int(source_size[0]), int(source_size[1]))
+        sel = decode[(decode.source_width == source_size[0]) & (decode.source_height == source_size[1])]
+        if sel.empty:
+            raise RescascadeError(f"{where} has no decode rows for {source_size[0]}x{source_size[1]} (it has "
+                                  f"{', '.join(f'{w}x{h}' for w, h in sizes)}); profile it with `rescascade profile "
+                                  f"RUN_DIR --decode-sizes {source_size[0]}x{source_size[1]}` or pick one of those")
+        for r in self.table:
+            row = sel[sel.resolution == r]
+            if row.empty:
+                raise RescascadeError(f"{where} has no decode row for resolution {r} at {source_size[0]}x"
+                                      f"{source_size[1]}; re-run `rescascade profile` with every resolution")
+            self.decode_ms[r], self.decode_scale[r] = float(row.median_ms.iloc[-1]), int(row.scale.iloc[-1])
+        self.source_size = source_size
 
     def per_image(self, resolution: int, batch: float | None = None) -> float:
         """Per-image ms of a stage at `resolution` run on `batch` images: the profiled row, or the batch
@@ -102,27 +147,45 @@ class CostModel:
         does not do."""
         return _interpolate(self.once, self.batch_size) if self.once else 0.0
 
+    def decode_cost(self, resolution: int, prev: int | None = None) -> float:
+        """Per-image ms a stage at `resolution` pays to decode, after a stage at `prev` (None: it comes first):
+        nothing where decode is not counted or prev's decode already has its scale."""
+        if not self.decode_ms or (prev is not None and self.decode_scale[prev] == self.decode_scale[resolution]):
+            return 0.0
+        return self.decode_ms[resolution]
+
+    def stage_cost(self, resolution: int, prev: int | None = None, batch: float | None = None) -> float:
+        """Per-image ms of a stage at `resolution` run on `batch` images (default: the serving batch size) right
+        after a stage at `prev` (None: first): inference, preprocessing, decision and any decode."""
+        return self.per_image(resolution, batch) + self.decode_cost(resolution, prev)
+
     def unit_costs(self) -> dict[int, float]:
-        """Per-image cost of each resolution at the serving batch size."""
-        return {r: self.per_image(r) for r in self.table}
+        """Per-image cost of each resolution at the serving batch size, as a first stage (its decode included)."""
+        return {r: self.stage_cost(r) for r in self.table}
 
     def expected(self, resolutions: list[int], reach: list[float]) -> float:
         """Expected per-image ms of a cascade whose stage k runs on a fraction reach[k] of the inputs."""
-        total = self.once_per_image()
+        total, prev = self.once_per_image(), None
         for r, frac in zip(resolutions, reach):
-            if frac <= 0:
-                continue
-            if self.batch_aware:
-                total += frac * self.per_image(r, max(1.0, frac * self.batch_size))
-            else:
-                total += frac * self.per_image(r)
+            if frac > 0:
+                total += frac * self.stage_cost(r, prev, max(1.0, frac * self.batch_size) if self.batch_aware else None)
+            prev = r
         return total
 
     def describe(self) -> dict:
-        return {"backend": self.backend, "precision": self.precision, "batch_size": self.batch_size,
-                "batch_aware": self.batch_aware,
-                "per_image_ms": {str(r): self.per_image(r) for r in sorted(self.table)},
-                "once_per_image_ms": self.once_per_image()}
+        out = {"backend": self.backend, "precision": self.precision, "batch_size": self.batch_size,
+               "batch_aware": self.batch_aware,
+               "per_image_ms": {str(r): self.per_image(r) for r in sorted(self.table)},
+               "once_per_image_ms": self.once_per_image()}
+        if self.decode_ms:
+            out["decode"] = {"source_size": list(self.source_size),
+                             "per_image_ms": {str(r): self.decode_ms[r] for r in sorted(self.table)},
+                             "scale": {str(r): self.decode_scale[r] for r in sorted(self.table)}}
+        return out
+
+    def without_decode(self) -> "CostModel":
+        """The same costs for decoded inputs (no decode counted)."""
+        return replace(self, decode_ms={}, decode_scale={}, source_size=None)
 
 
 def _interpolate(rows: dict[int, float], b: float) -> float:

@@ -12,128 +12,23 @@ import datetime as _dt
 import hashlib
 import math
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 import torch
 
 from rescascade.profiling.measure import torch_threads
 from rescascade.training.config import MAX_BATCH, MAX_THREADS
-from rescascade.training.data import ImageSet, heldout_listing, resolve_source
 from rescascade.training.errors import ConfigError, RescascadeError, check_int
 from rescascade.training.fileio import write_json
-from rescascade.training.images import ImageError, pixel_digest
 from rescascade.training.progress import progress
-from rescascade.training.store import read_family_json
 
 from .config import read_config
 from .optimizer import Cascade, Stage
 from .plots import eval_plot
-from .predictions import Predictions, load_predictions
 from .runtime import CascadeRunner
+from .scoring import decode_all, encoded_all, images_to_score
 
-# the load_data options family.json records (training/data.py): replaying them re-derives the same splits
-SPLIT_OPTIONS = ("calib_fraction", "val_fraction", "seed", "label_space", "train_per_class", "heldout_per_class",
-                 "synthetic_classes", "max_image_pixels", "data_root")
-
-
-def _own_images(images: ImageSet, pred: Predictions, source: str) -> ImageSet:
-    """Exactly the images of a predictions file, in its order: by id, with the labels it recorded."""
-    position = {image_id: k for k, image_id in enumerate(images.ids)}
-    missing = [str(i) for i in pred.ids if str(i) not in position]
-    if missing:
-        raise RescascadeError(f"{len(missing)} of the {pred.n} images in {pred.path} are not in {source} (e.g. "
-                              f"{missing[0]}): the data changed since training; restore it, or give other images with --data")
-    chosen = images.subset([position[str(i)] for i in pred.ids])
-    if not np.array_equal(chosen.labels, pred.labels):
-        k = int(np.flatnonzero(chosen.labels != pred.labels)[0])
-        raise RescascadeError(f"{source} labels {chosen.ids[k]} as class {chosen.class_names[chosen.labels[k]]!r}, but the "
-                              f"family predicted it as class {chosen.class_names[pred.labels[k]]!r}: the data changed since "
-                              "training; restore it")
-    return chosen
-
-
-def _by_class_name(images: ImageSet, family_names: list[str], spec: str) -> ImageSet:
-    """Relabel images into the family's class order, matching class names (other names stop)."""
-    if images.class_names == family_names:
-        return images
-    unknown = [c for c in images.class_names if c not in family_names]
-    if unknown:
-        def show(names):
-            return ", ".join(names[:10]) + (f" ... ({len(names)} in all)" if len(names) > 10 else "")
-        raise ConfigError(f"--data {spec} has classes the family does not know ({show(unknown)}); its classes are "
-                          f"[{show(images.class_names)}], the family's [{show(family_names)}]: evaluate on images of the "
-                          "family's classes, in folders named as the family names them")
-    to_family = np.array([family_names.index(c) for c in images.class_names], dtype=np.int64)
-    return ImageSet(family_names, to_family[images.labels], images.ids, images.reader, images.index)
-
-
-class ScoredImages(NamedTuple):
-    images: ImageSet
-    source: str                  # the --data spec they come from (resolved)
-    digests: np.ndarray | None   # per image, the pixel digest the family predicted it with (own images only)
-    own: bool                    # the family's own held-out images (else other data)
-
-
-def images_to_score(config, data: str | None, split: str, limit: int | None, log=print) -> ScoredImages:
-    """The images `eval` scores.
-
-    Without --data (or with the family's own source): exactly the ids of predictions/{split}.npz, looked up in the
-    source as family.json recorded it (resolved path), their labels and pixels checked. With other data: every
-    image it holds out (an image folder's val/, else all of it), classes matched to the family's by name.
-    limit: N images spread evenly over them (every class, not the first one's)."""
-    fam = read_family_json(config.family_dir)
-    prov = fam.get("provenance", {}).get("data", {})
-    opts = {k: prov[k] for k in SPLIT_OPTIONS if prov.get(k) is not None}
-    recorded = prov.get("resolved_source") or prov.get("source")
-    own = data is None or resolve_source(data, opts.get("data_root", "data")) == recorded
-    spec = recorded if own else data
-    if not spec:
-        raise RescascadeError(f"{config.family_dir}/family.json does not record its data source; pass --data")
-    pool = heldout_listing(spec, **opts)
-    digests = None
-    if own:
-        if pool.class_names != fam["class_names"]:
-            raise RescascadeError(f"{spec} now has classes {pool.class_names[:10]}, the family was trained on "
-                                  f"{fam['class_names'][:10]}: the data changed since training; restore it")
-        pred = load_predictions(config.family_dir / "predictions" / f"{split}.npz")
-        images, digests = _own_images(pool, pred, spec), pred.pixel_digests
-    else:
-        if split != "test":
-            raise ConfigError("--split chooses among the family's own held-out images; --data images are scored whole")
-        images, bad = _by_class_name(pool, fam["class_names"], spec).readable("--data")
-        for b in bad:
-            log(f"{b['id']}: unreadable, left out ({b['error']})")
-    if limit and limit < len(images):
-        keep = np.unique(np.linspace(0, len(images) - 1, limit).round().astype(np.int64))
-        images = images.subset(keep)
-        digests = None if digests is None else digests[keep]
-    return ScoredImages(images, spec, digests, own)
-
-
-def _decode_all(images: ImageSet, digests: np.ndarray | None, log) -> tuple[list[torch.Tensor], np.ndarray]:
-    """Decoded images and labels. With digests (the family's own images) every image must decode to the pixels it
-    was predicted on; other data leaves unreadable images out, named."""
-    out, labels, changed = [], [], []
-    for i in range(len(images)):
-        try:
-            image = images.read(i)
-        except (ImageError, OSError) as e:
-            if digests is not None:
-                raise RescascadeError(f"{images.ids[i]} no longer decodes ({e}), though the family predicted on it: the "
-                                      "file changed since training; restore it, or give other images with --data") from None
-            log(f"{images.ids[i]}: unreadable, left out ({e})")
-            continue
-        if digests is not None and pixel_digest(image) != digests[i]:
-            changed.append(images.ids[i])
-        out.append(image)
-        labels.append(images.labels[i])
-    if changed:
-        raise RescascadeError(f"{len(changed)} of {len(images)} images decode to other pixels than the family predicted on "
-                              f"(e.g. {changed[0]}): the files changed since training; restore them, or give other "
-                              "images with --data")
-    return out, np.array(labels, dtype=np.int64)
-
+__all__ = ["run_eval", "format_eval", "images_to_score"]
 
 def _batches(n: int, b: int):
     return [np.arange(s, min(s + b, n)) for s in range(0, n, b)]
@@ -141,14 +36,16 @@ def _batches(n: int, b: int):
 
 def run_eval(cascade_json, data: str | None = None, backend: str | None = None, batch_size: int | None = None,
              split: str = "test", repeats: int = 3, threads: int | None = None, limit: int | None = None,
-             out: str | None = None, plot: bool = True, log=print) -> dict:
+             out: str | None = None, plot: bool = True, from_bytes: bool = False, log=print) -> dict:
     """`rescascade eval`: run the cascade of `cascade_json` and its reference model back to back on the same
     batches (alternating order, `repeats` passes, median per batch) and measure top-1 and ms per image.
     Images: exactly the family's test (or calib) images, looked up by recorded id and pixel digest, or every
     image of `data` (classes matched by name); `limit` spreads N images over them. batch_size: default the one the
     cascade was built for. Writes a JSON report (and a PNG with `plot`) beside cascade.json or at `out` and
     returns it: accuracy, ms_per_image, images_per_s of both, measured vs predicted cost ratio, exit fractions.
-    Raises ConfigError for bad values, DataError when images are gone or changed since prediction."""
+    from_bytes: also run both from the encoded files (decode included, at the scale each stage decodes at), the
+    end-to-end figures under "from_bytes", next to the decoded-tensor ones. Raises ConfigError for bad values,
+    DataError when images are gone or changed since prediction."""
     for name, value, high in (("batch_size", batch_size, MAX_BATCH), ("repeats", repeats, None),
                               ("threads", threads, MAX_THREADS), ("limit", limit, None)):
         if value is not None:
@@ -159,13 +56,16 @@ def run_eval(cascade_json, data: str | None = None, backend: str | None = None, 
     b = batch_size or int(config.doc["profile"]["batch_size"])
     images, spec, digests, own = images_to_score(config, data, split, limit, log)
     with torch_threads(threads):
-        decoded, labels = _decode_all(images, digests, log)
+        decoded, labels, kept = decode_all(images, digests, log)
         if not decoded:
             raise RescascadeError(f"no readable {split} images in {spec}")
+        encoded = encoded_all(images, kept, spec) if from_bytes else None
         ref = config.reference
         casc = CascadeRunner(config, backend=backend, threads=threads)
         refr = CascadeRunner(config, backend=backend, threads=threads, stages=Cascade([Stage(ref, -math.inf)]))
         casc_ms, ref_ms, pred_c, pred_r, exits, stage_time = _time_side_by_side(casc, refr, decoded, b, repeats)
+        if from_bytes:
+            bytes_run = _time_side_by_side(casc, refr, encoded, b, repeats, desc="eval from bytes")
         threads_used = torch.get_num_threads()
     per_batch_c, per_batch_r = np.median(casc_ms, 1), np.median(ref_ms, 1)
     n = len(decoded)
@@ -181,15 +81,19 @@ def run_eval(cascade_json, data: str | None = None, backend: str | None = None, 
                     "batch_ms_median": float(np.median(per_batch_c)), "batch_ms_p90": float(np.percentile(per_batch_c, 90)),
                     "images_per_s": 1000 / ms_img_c,
                     "exit_fractions": [float((exits == k).mean()) for k in range(len(config.doc["stages"]))],
-                    "stage_seconds": {str(r): v for r, v in stage_time.items()}},
+                    "stage_seconds": stage_time["cascade"]},
         "reference": {"resolution": ref, "accuracy": acc_r, "ms_per_image": ms_img_r,
+                      "stage_seconds": stage_time["reference"],
                       "batch_ms_median": float(np.median(per_batch_r)), "batch_ms_p90": float(np.percentile(per_batch_r, 90)),
                       "images_per_s": 1000 / ms_img_r},
+        "inputs": "decoded",
         "measured_cost_ratio": ms_img_c / ms_img_r,
-        "predicted_cost_ratio": exp.get("cost_vs_reference"),
+        "predicted_cost_ratio": exp.get("decoded_inputs", exp).get("cost_vs_reference"),
         "predicted_accuracy": exp.get("accuracy"),
         "agreement_with_reference": float((pred_c == pred_r).mean()),
     }
+    if from_bytes:
+        report["from_bytes"] = _bytes_figures(bytes_run, labels, config, exp)
     figures = [acc_c, acc_r, ms_img_c, ms_img_r, report["measured_cost_ratio"]]
     if not all(math.isfinite(v) for v in figures):  # never replace a report with a broken one
         raise RescascadeError(f"the measurement gave no valid figures ({figures}); nothing written")
@@ -207,10 +111,29 @@ def run_eval(cascade_json, data: str | None = None, backend: str | None = None, 
     return report
 
 
-def _time_side_by_side(casc, refr, decoded: list, batch_size: int, repeats: int):
-    """Run the cascade and the reference on the same batches, alternating which goes first, `repeats` times.
-    -> (cascade ms [batches, repeats], reference ms, cascade labels [N], reference labels [N], exit stages [N],
-    the cascade's per-resolution stage seconds from the first pass)."""
+def _bytes_figures(run, labels: np.ndarray, config, exp: dict) -> dict:
+    """The end-to-end figures of a from-bytes run (`_time_side_by_side` on encoded images)."""
+    casc_ms, ref_ms, pred_c, pred_r, exits, stage_time = run
+    n = len(labels)
+    ms_c, ms_r = np.median(casc_ms, 1).sum() / n, np.median(ref_ms, 1).sum() / n
+    decoded = "decoded_inputs" in exp  # the build counted the decode: its main figure is this one
+    def decode_ms(who: str) -> float:
+        return 1000 * sum(s["decode_s"] for s in stage_time[who].values()) / n
+    return {"cascade": {"accuracy": float((pred_c == labels).mean()), "ms_per_image": ms_c,
+                        "decode_ms_per_image": decode_ms("cascade"),
+                        "exit_fractions": [float((exits == k).mean()) for k in range(len(config.doc["stages"]))],
+                        "stage_seconds": stage_time["cascade"]},
+            "reference": {"accuracy": float((pred_r == labels).mean()), "ms_per_image": ms_r,
+                          "decode_ms_per_image": decode_ms("reference"), "stage_seconds": stage_time["reference"]},
+            "measured_cost_ratio": ms_c / ms_r,
+            "predicted_cost_ratio": exp.get("cost_vs_reference") if decoded else None}
+
+
+def _time_side_by_side(casc, refr, decoded: list, batch_size: int, repeats: int, desc: str = "eval"):
+    """Run the cascade and the reference on the same batches (decoded tensors or encoded bytes), alternating which
+    goes first, `repeats` times. -> (cascade ms [batches, repeats], reference ms, cascade labels [N], reference
+    labels [N], exit stages [N], per-resolution stage seconds from the first pass: {"cascade": ..., "reference":
+    ...})."""
     batches = _batches(len(decoded), batch_size)
     for runner in (casc, refr):  # warm-up: every stage at the batch shapes it will see
         for idx in batches[:2]:
@@ -220,26 +143,30 @@ def _time_side_by_side(casc, refr, decoded: list, batch_size: int, repeats: int)
     pred_c = np.zeros(len(decoded), dtype=np.int64)
     pred_r = np.zeros(len(decoded), dtype=np.int64)
     exits = np.zeros(len(decoded), dtype=np.int64)
-    stage_time = {}
+    stage_time = {"cascade": {}, "reference": {}}
     for rep in range(repeats):
-        for j, idx in enumerate(progress(batches, desc=f"eval pass {rep + 1}/{repeats}", unit="batch")):
+        for j, idx in enumerate(progress(batches, desc=f"{desc} pass {rep + 1}/{repeats}", unit="batch")):
             batch = [decoded[i] for i in idx]
             order = (casc, refr) if (j + rep) % 2 == 0 else (refr, casc)
             for runner in order:
                 res = runner(batch)
                 (casc_ms if runner is casc else ref_ms)[j, rep] = 1000 * res.wall_s
-                if rep == 0 and runner is refr:
+                if rep > 0:
+                    continue
+                if runner is refr:
                     pred_r[idx] = res.labels
-                elif rep == 0:
+                else:
                     pred_c[idx], exits[idx] = res.labels, res.exit_stage
-                    for t in res.stage_timings:
-                        s = stage_time.setdefault(t.resolution, {"rows": 0, "preprocess_s": 0.0, "inference_s": 0.0,
-                                                                 "decide_s": 0.0})
-                        s["rows"] += t.rows
-                        s["preprocess_s"] += t.preprocess_s
-                        s["inference_s"] += t.inference_s
-                        s["decide_s"] += t.decide_s
+                _add_stage_times(stage_time["reference" if runner is refr else "cascade"], res.stage_timings)
     return casc_ms, ref_ms, pred_c, pred_r, exits, stage_time
+
+
+def _add_stage_times(into: dict, timings) -> None:
+    for t in timings:
+        s = into.setdefault(str(t.resolution), {"rows": 0, "decoded": 0, "decode_s": 0.0, "preprocess_s": 0.0,
+                                                "inference_s": 0.0, "decide_s": 0.0})
+        for key in s:
+            s[key] += getattr(t, key)
 
 
 def format_eval(r: dict) -> str:
@@ -259,7 +186,19 @@ def format_eval(r: dict) -> str:
              f"exits per stage: {' / '.join(f'{100 * e:.1f}%' for e in c['exit_fractions'])}; "
              f"cost ratio predicted {pred:.3f}x, measured {r['measured_cost_ratio']:.3f}x" if pred is not None else
              f"exits per stage: {' / '.join(f'{100 * e:.1f}%' for e in c['exit_fractions'])}"]
-    if r["measured_cost_ratio"] >= 1:
+    fb = r.get("from_bytes")
+    if fb:
+        p = fb["predicted_cost_ratio"]
+        lines += ["", "from the encoded files (decode included):", "",
+                  "| model | top-1 | ms/image | of which decode | cost vs reference |", "|---|---|---|---|---|",
+                  f"| cascade {stages} | {100 * fb['cascade']['accuracy']:.2f}% | {fb['cascade']['ms_per_image']:.3f} | "
+                  f"{fb['cascade']['decode_ms_per_image']:.3f} | {fb['measured_cost_ratio']:.3f}x |",
+                  f"| reference r{ref['resolution']} | {100 * fb['reference']['accuracy']:.2f}% | "
+                  f"{fb['reference']['ms_per_image']:.3f} | {fb['reference']['decode_ms_per_image']:.3f} | 1.000x |",
+                  "", f"end-to-end cost ratio measured {fb['measured_cost_ratio']:.3f}x" +
+                  (f", predicted {p:.3f}x" if p is not None else " (the build counted no decode: no prediction)")]
+    ratio = fb["measured_cost_ratio"] if fb else r["measured_cost_ratio"]
+    if ratio >= 1:
         lines.append("the cascade is not cheaper than the reference here: serve the single model")
     return "\n".join(lines)
 

@@ -154,7 +154,6 @@ def greedy(views: StageViews, costs: CostModel, reference: int, candidates, tole
            quantiles: int = 100, min_exit: int = 1) -> Cascade:
     """Streeter-style greedy; the reference closes the cascade."""
     n = views.preds.n
-    unit = costs.unit_costs()
     _, ref_correct = views.view((), reference)
     remaining = np.ones(n, dtype=bool)
     stages, prefix = [], ()
@@ -179,10 +178,11 @@ def greedy(views: StageViews, costs: CostModel, reference: int, candidates, tole
             ks_i = np.clip(ks, 1, m) - 1
             ok &= cum_r[ks_i] >= cum_ref[ks_i] - tolerance * ks - 1e-9
             # it must lower the expected cost: exits saved at the reference outweigh running r on all remaining
-            ok &= ks * unit[reference] > m * unit[r]
+            cost_r = costs.stage_cost(r, prefix[-1] if prefix else None)
+            ok &= ks * costs.stage_cost(reference, r) > m * cost_r
             if not ok.any():
                 continue
-            ratio = np.where(ok, ks / (m * unit[r]), -np.inf)
+            ratio = np.where(ok, ks / (m * cost_r), -np.inf)
             j = int(np.argmax(ratio))
             if best is None or ratio[j] > best[0]:
                 best = (ratio[j], r, float(ts[j]), int(ks[j]))
@@ -219,11 +219,8 @@ def exact_search(views: StageViews, costs: CostModel, resolutions, min_correct: 
     (cascade or None if no chain meets the constraint, nodes visited, whether max_nodes cut the search)."""
     resolutions = sorted(resolutions)
     n = views.preds.n
-    unit = costs.unit_costs()
-    if costs.batch_aware:
-        cost_of = lambda r, frac: frac * costs.per_image(r, max(1.0, frac * costs.batch_size))  # noqa: E731
-    else:
-        cost_of = lambda r, frac: frac * unit[r]  # noqa: E731
+    def cost_of(r: int, frac: float, prev: int | None) -> float:
+        return frac * costs.stage_cost(r, prev, max(1.0, frac * costs.batch_size) if costs.batch_aware else None)
     packs: dict[tuple, tuple] = {}
 
     def stage_bits(prefix: tuple, r: int):
@@ -247,7 +244,7 @@ def exact_search(views: StageViews, costs: CostModel, resolutions, min_correct: 
         frac = n_rem / n
         for j in range(start, len(resolutions)):
             r = resolutions[j]
-            c_stage = cost_of(r, frac)
+            c_stage = cost_of(r, frac, prefix[-1] if prefix else None)
             if cost + c_stage >= best["cost"]:
                 continue
             ts, exit_bits, corr_bits = stage_bits(prefix, r)

@@ -22,8 +22,8 @@ from rescascade.profiling.measure import torch_threads
 from rescascade.training.config import MAX_BATCH, MAX_THREADS
 from rescascade.training.errors import ConfigError, RescascadeError, check_int
 from rescascade.training.fileio import sha256_file
-from rescascade.training.images import DEFAULT_MAX_PIXELS, decode, from_pil
-from rescascade.training.preprocess import channels_last_batch, preprocess
+from rescascade.training.images import DEFAULT_MAX_PIXELS, Encoded, from_pil
+from rescascade.training.preprocess import channels_last_batch, eval_resize_size, preprocess
 from rescascade.training.store import load_family, weights_id
 
 from .confidence import combine, confidence, log_probs
@@ -36,6 +36,8 @@ class StageTiming:
     resolution: int
     rows: int = 0
     calls: int = 0
+    decoded: int = 0            # rows decoded at this stage (0 where it reuses the last stage's decode)
+    decode_s: float = 0.0
     preprocess_s: float = 0.0
     inference_s: float = 0.0
     decide_s: float = 0.0
@@ -117,8 +119,12 @@ class CascadeRunner:
     [3, H, W] tensor, a PIL image, an image file path or the encoded bytes of an image file. Files and bytes are decoded by
     training.images.decode, the decode training and prediction used (EXIF orientation applied, any bit depth to
     8 bits, first frame of an animation, at most max_image_pixels pixels, checked from the header before
-    decoding). An input that fails (missing, not an image, damaged, too large, empty) gets an error of its own in
-    the result; the others are answered. The result holds class indices and, as `names`, the class names.
+    decoding), each stage at the scale the family's predictions used (family.json's preprocessing.decode_scale:
+    "stage" decodes a JPEG at the smallest DCT scale that covers that stage's resize, again for the rows that go
+    on only where the next stage needs a larger scale; "full" once in full). Give encoded images to get the
+    pixels, and the cost, the cascade was built for; decoded ones skip the decode. An input that fails (missing,
+    not an image, damaged, too large, empty) gets an error of its own in the result; the others are answered.
+    The result holds class indices and, as `names`, the class names.
 
     warmup: run every stage at load on batches of these sizes (True, the default: 1 and the batch size the cascade
     was built for; False: none), so that the first request is not the slow one: sessions allocate and plan on
@@ -156,6 +162,7 @@ class CascadeRunner:
         self.precision = precision or self.config.doc["profile"]["precision"]
         prep = doc.get("preprocessing", {})
         self.crop_fraction = prep.get("crop_fraction", 0.875)
+        self.decode_scale = prep.get("decode_scale", "full")  # families from before the field decoded in full
         self.mean, self.std = prep.get("mean"), prep.get("std")
         self.cascade = self.config.cascade if stages is None else stages
         self.temperatures = self.config.temperatures
@@ -166,14 +173,20 @@ class CascadeRunner:
         be = get_backend(self.backend_name)
         self.device = be.device
         self.engines = {}
-        for s in self.cascade.stages:
-            if s.resolution not in self.engines:
-                self.engines[s.resolution] = be.open(family, fam_dir, weights_id(doc), s.resolution, self.precision,
-                                                     threads)
+        self._open = lambda r: be.open(family, fam_dir, weights_id(doc), r, self.precision, threads)
+        self.use(self.cascade)
         built = int(self.config.doc["profile"].get("batch_size", 1))
         sizes = sorted({1, built}) if warmup is True else sorted(set(warmup or ()))
         for b in sizes:
             self.warmup(b, doc.get("provenance", {}).get("data", {}).get("source_size"))
+
+    def use(self, cascade: Cascade) -> None:
+        """Run `cascade` from now on (same family, confidence setting and backend): its stages' engines are
+        opened where not open yet. For comparing cascades on one runner (`build --refine`)."""
+        for s in cascade.stages:
+            if s.resolution not in self.engines:
+                self.engines[s.resolution] = self._open(s.resolution)
+        self.cascade = cascade
 
     def warmup(self, batch_size: int = 1, source_size=None) -> None:
         """Run every stage (decode, preprocessing, inference, decision) on a batch of grey JPEGs of source_size
@@ -196,7 +209,9 @@ class CascadeRunner:
             self.cascade = stages
 
     # ---- inputs --------------------------------------------------------------------------------------------
-    def _load(self, images) -> tuple[list[torch.Tensor | None], dict[int, str]]:
+    def _load(self, images) -> tuple[list[torch.Tensor | Encoded | None], dict[int, str]]:
+        """Inputs -> decoded tensors, or `Encoded` images (header checked, decoded stage by stage), or None
+        where an input failed, with its error."""
         if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)) or \
                 (isinstance(images, torch.Tensor) and images.dim() in (1, 3)):
             images = [images]  # one input, not a sequence of characters, bytes or rows
@@ -218,7 +233,8 @@ class CascadeRunner:
                     item = from_pil(item)
                 elif isinstance(item, (bytes, bytearray, memoryview)) or (
                         isinstance(item, torch.Tensor) and item.dim() == 1 and item.dtype == torch.uint8):
-                    item = decode(item, self.max_image_pixels)
+                    out.append(Encoded(item, self.max_image_pixels))
+                    continue
                 if not (isinstance(item, torch.Tensor) and item.dim() == 3 and item.shape[0] == 3
                         and item.dtype == torch.uint8):
                     got = f"a {item.dtype} tensor {list(item.shape)}" if isinstance(item, torch.Tensor) else \
@@ -230,8 +246,27 @@ class CascadeRunner:
                 out.append(item)
             except (OSError, ValueError) as e:  # a missing, corrupt or oversized file fails that input only
                 out.append(None)
-                errors[i] = f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'unreadable'}"
+                errors[i] = _error_text(e)
         return out, errors
+
+    def _decode_stage(self, items: list, pixels: list, active: np.ndarray, resolution: int,
+                      errors: dict[int, str]) -> tuple[np.ndarray, int]:
+        """Decode the active encoded inputs at the scale stage `resolution` needs (kept where the last decode has
+        it). -> (the rows still active: a row whose data fails to decode gets its error, count decoded)."""
+        side = None if self.decode_scale == "full" else eval_resize_size(resolution, self.crop_fraction)
+        keep, decoded = [], 0
+        for i in active:
+            item = items[i]
+            if isinstance(item, Encoded):
+                try:
+                    now = item.decode(side)
+                except (OSError, ValueError) as e:  # damaged data behind a readable header
+                    errors[int(i)] = _error_text(e)
+                    continue
+                if now is not pixels[i]:
+                    pixels[i], decoded = now, decoded + 1
+            keep.append(i)
+        return np.array(keep, dtype=np.int64), decoded
 
     def _source_batch(self, images: list[torch.Tensor | None], rows: np.ndarray) -> torch.Tensor | None:
         """The readable images as one contiguous uint8 batch [n, H, W, 3] (channels-last, the layout decode_image
@@ -263,12 +298,12 @@ class CascadeRunner:
 
     def _run(self, images) -> CascadeResult:
         t_start = time.perf_counter()
-        imgs, errors = self._load(images)
-        n = len(imgs)
+        items, errors = self._load(images)
+        n = len(items)
+        pixels = [item if isinstance(item, torch.Tensor) else None for item in items]  # the current decode
         answers = Answers.empty(n, self.num_classes)
-        active = np.array([i for i in range(n) if imgs[i] is not None], dtype=np.int64)
+        active = np.array([i for i in range(n) if items[i] is not None], dtype=np.int64)
         source_row = np.full(n, -1, dtype=np.int64)
-        source_row[active] = np.arange(len(active))
         source = None
         history: list[np.ndarray] = []  # log-probs of the stages run so far, rows aligned with `active`
         timings = []
@@ -279,17 +314,33 @@ class CascadeRunner:
             if len(active) == 0:
                 break
             t0 = time.perf_counter()
-            if k == 0:
-                source = self._source_batch(imgs, active)
-            x = self._stage_input(imgs, source, source_row, active, stage.resolution)
+            kept, t.decoded = self._decode_stage(items, pixels, active, stage.resolution, errors)
+            if len(kept) < len(active):  # rows whose data failed to decode: drop them, and their history
+                still = np.isin(active, kept)
+                history = [h[still] for h in history]
+                active = kept
             t1 = time.perf_counter()
+            if k == 0 or t.decoded:  # new pixels: one batch of the rows still running, copied to the device once
+                source = self._source_batch(pixels, active)
+                source_row[active] = np.arange(len(active))
+            if len(active):
+                x = self._stage_input(pixels, source, source_row, active, stage.resolution)
+            t2 = time.perf_counter()
+            if len(active) == 0:
+                t.decode_s = t1 - t0
+                break
             logits = self.engines[stage.resolution].run(x)
             logits = logits.detach().float().cpu().numpy()
-            t2 = time.perf_counter()
+            t3 = time.perf_counter()
             t.rows, t.calls = len(active), 1
             threshold = -math.inf if k == len(stages) - 1 else stage.threshold
             active, history = exit_step(logits, k, threshold, self.temperatures.get(stage.resolution, 1.0),
                                         self.measure, self.combined, history, active, answers)
-            t.preprocess_s, t.inference_s, t.decide_s = t1 - t0, t2 - t1, time.perf_counter() - t2
+            t.decode_s, t.preprocess_s, t.inference_s = t1 - t0, t2 - t1, t3 - t2
+            t.decide_s = time.perf_counter() - t3
         return CascadeResult(answers.labels, answers.probs, answers.exit_stage, answers.confidence, errors, timings,
                              time.perf_counter() - t_start, self.class_names)
+
+
+def _error_text(e: Exception) -> str:
+    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'unreadable'}"

@@ -23,14 +23,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from rescascade.training.config import MAX_BATCH, MAX_THREADS
+from rescascade.training.config import MAX_BATCH, MAX_THREADS, parse_size
 from rescascade.training.errors import ConfigError, RescascadeError, check_int
 from rescascade.training.fileio import atomic_path, check_schema, read_json, write_json
-from rescascade.training.preprocess import channels_last_batch, eval_resize_size, preprocess
+from rescascade.training.images import jpeg_scale
+from rescascade.training.preprocess import CROP_FRACTION, channels_last_batch, eval_resize_size, preprocess
 from rescascade.training.progress import progress
 from rescascade.training.store import family_sha256, load_family, weights_id
 
 from .backends import get_backend
+from .decode import DECODE_COLUMNS, stage_min_side, time_decode
 from .measure import (Protocol, after, cpu_timer, cuda_timer, default_threads, device_key, fingerprint, run_protocol,
                       summarize, torch_threads)
 
@@ -124,14 +126,22 @@ def _source_size(given, doc: dict, family) -> tuple[int, int]:
     return side, side
 
 
+def decode_path(profile_csv: Path) -> Path:
+    """Where the decode rows of a profile live: beside it, profile.csv -> profile_decode.csv."""
+    return profile_csv.with_name(profile_csv.stem + "_decode.csv")
+
+
 @dataclass
 class Profile:
     """A family's measured costs: `table` has one row per (backend, precision, resolution, batch size), times in
     ms (median_ms per batch, preprocess_ms, overhead_ms: the decision, upload_ms, gather_ms, percentiles, n_iters);
-    `meta` records the family's weights sha256, the device fingerprint and the protocol."""
+    `decode` one per (source size, resolution): the ms per image of the JPEG decode that stage does
+    (profiling/decode.py; None for a profile without it); `meta` records the family's weights sha256, the device
+    fingerprint and the protocol."""
     table: pd.DataFrame
     meta: dict
     path: Path
+    decode: pd.DataFrame | None = None
 
     @classmethod
     def load(cls, path) -> "Profile":
@@ -166,7 +176,30 @@ class Profile:
             df[column] = values
         df["resolution"], df["batch_size"] = df["resolution"].astype(int), df["batch_size"].astype(int)
         df["smoke"] = df["smoke"].astype(bool) if "smoke" in df.columns else False  # profiles before the column: measured
-        return cls(df, meta, path)
+        return cls(df, meta, path, _read_decode(decode_path(path)))
+
+
+def _read_decode(path: Path) -> pd.DataFrame | None:
+    """profile_decode.csv, validated (None when there is none)."""
+    if not path.is_file():
+        return None
+    try:
+        df = pd.read_csv(path)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
+        raise RescascadeError(f"{path} is not a readable CSV ({e}); re-run `rescascade profile`") from None
+    missing = [c for c in DECODE_COLUMNS if c not in df.columns]
+    if missing:
+        raise RescascadeError(f"{path} lacks column(s) {', '.join(missing)}; re-run `rescascade profile`")
+    for column, low in (("source_width", 1), ("source_height", 1), ("resolution", 1), ("scale", 1), ("median_ms", 0)):
+        values = pd.to_numeric(df[column], errors="coerce")
+        bad = ~(np.isfinite(values) & (values >= low))
+        if bad.any():
+            row = int(np.flatnonzero(bad)[0])
+            raise RescascadeError(f"{path}: {column} {df[column].iloc[row]} in row {row + 2} is not a number >= {low}; "
+                                  "the file was edited or damaged: re-run `rescascade profile`")
+        df[column] = values if column == "median_ms" else values.astype(int)
+    df["smoke"] = df["smoke"].astype(bool)
+    return df
 
 
 def read_profile(path) -> tuple[pd.DataFrame, dict]:
@@ -176,14 +209,16 @@ def read_profile(path) -> tuple[pd.DataFrame, dict]:
 
 def run_profile(run_dir, backend: str = "onnxruntime", precision: str = "fp32", batch_sizes=(1,),
                 resolutions=None, threads: int | None = None, protocol: Protocol | None = None, out=None,
-                source_size: int | None = None, log=print, *, decision_step) -> pd.DataFrame:
+                source_size: int | None = None, log=print, *, decision_step, decode_sizes=None) -> pd.DataFrame:
     """Time every (resolution, batch size) of the family in RUN_DIR on `backend`, round-robin under `protocol`,
     and write RUN_DIR/profile.csv + profile.json (or `out`): one row per pair with the median and percentiles, in
     ms per batch, of inference, preprocessing, upload, gather and the decision.
 
     decision_step: (batch size, classes) -> a no-argument function running one stage's decision, timed as the
-    decision cost (the cascade runtime's `rescascade.runtime.decision_step`). Smoke rows (a protocol marked
-    smoke) never replace measured ones. Raises RescascadeError for resolutions outside the family, batch sizes outside
+    decision cost (the cascade runtime's `rescascade.runtime.decision_step`). Preprocessing is timed on the
+    source image (source_size: a side, or [H, W]; default the held-out images' typical size) as each stage decodes
+    it. decode_sizes: [(width, height)] of JPEGs whose per-stage decode is timed into profile_decode.csv (default:
+    the source size). Smoke rows (a protocol marked smoke) never replace measured ones. Raises RescascadeError for resolutions outside the family, batch sizes outside
     1..MAX_BATCH, an unusable backend or a damaged profile beside it. Returns the rows written."""
     protocol = protocol or Protocol()
     family, doc = load_family(run_dir)
@@ -206,6 +241,15 @@ def run_profile(run_dir, backend: str = "onnxruntime", precision: str = "fp32", 
     device = engine_backend.device
     threads = threads or (default_threads() if device == "cpu" else None)
     source_size = _source_size(source_size, doc, family)
+    prep = doc.get("preprocessing", {})
+    crop_fraction, decode_scale = prep.get("crop_fraction", CROP_FRACTION), prep.get("decode_scale", "full")
+    if isinstance(decode_sizes, str):
+        decode_sizes = decode_sizes.split(",")
+    if decode_sizes is not None and not isinstance(decode_sizes, (list, tuple)):
+        raise ConfigError(f"decode_sizes {decode_sizes!r}: give (width, height) pairs or 'WxH' strings")
+    decode_sizes = [tuple(source_size[::-1])] if decode_sizes is None else list(dict.fromkeys(map(_size, decode_sizes)))
+    if not decode_sizes:
+        raise ConfigError("--decode-sizes is empty: give at least one, e.g. 500x375")
     out = Path(out) if out else Path(run_dir) / "profile.csv"
     if out.is_dir():
         out = out / "profile.csv"
@@ -230,7 +274,8 @@ def run_profile(run_dir, backend: str = "onnxruntime", precision: str = "fp32", 
                                   "run elsewhere with --out, or measure without --quick")
     with torch_threads(threads):
         rows = _measure(family, run_dir, wid, engine_backend, backend, precision, resolutions, batch_sizes, threads,
-                        protocol, source_size, decision_step)
+                        protocol, source_size, decision_step, decode_scale, crop_fraction)
+    decode_rows = time_decode(decode_sizes, resolutions, crop_fraction, decode_scale, protocol)
     new = pd.DataFrame(rows, columns=COLUMNS)
     if old is not None:
         keys = set(map(tuple, new[KEY].astype(str).values))
@@ -239,16 +284,50 @@ def run_profile(run_dir, backend: str = "onnxruntime", precision: str = "fp32", 
     new = new.sort_values(KEY).reset_index(drop=True)
     with atomic_path(out) as tmp:
         new.to_csv(tmp, index=False, float_format="%.6g")
+    _merge_decode(decode_path(out), decode_rows)
     meta = {"schema_version": PROFILE_SCHEMA, "family": str(Path(run_dir).resolve()),
             "family_json_sha256": family_sha256(run_dir), "weights_sha256": wid, "device": fp,
-            "protocol": vars(protocol), "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+            "protocol": vars(protocol), "source_size": [int(source_size[1]), int(source_size[0])],  # [width, height]
+            "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
     write_json(out.with_suffix(".json"), meta)
     return new
 
 
+def _size(size) -> tuple[int, int]:
+    """(width, height) from a pair or "WxH"."""
+    if isinstance(size, str):
+        return parse_size(size)
+    try:
+        w, h = (check_int("decode_sizes", int(v), 1) for v in size)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--decode-sizes {size!r}: give WIDTHxHEIGHT sizes, e.g. 500x375,1600x1200") from None
+    return w, h
+
+
+def _merge_decode(path: Path, new: pd.DataFrame) -> None:
+    """Write decode rows beside the profile: new rows replace older rows of the same (source size, resolution,
+    decode scale), except that smoke figures never replace measured ones."""
+    old = _read_decode(path)
+    if old is not None:
+        key = ["source_width", "source_height", "resolution", "decode_scale"]
+        old_keys = [tuple(k) for k in old[key].astype(str).values]
+        new_keys = [tuple(k) for k in new[key].astype(str).values]
+        measured = {k for k, smoke in zip(old_keys, old.smoke) if not smoke}
+        if new.smoke.all():  # smoke figures never replace measured ones
+            new = new[[k not in measured for k in new_keys]]
+            new_keys = [k for k in new_keys if k not in measured]
+        old = old[[k not in set(new_keys) for k in old_keys]]
+        new = pd.concat([old, new], ignore_index=True)
+    new = new.sort_values(["source_width", "source_height", "resolution"]).reset_index(drop=True)
+    with atomic_path(path) as tmp:
+        new.to_csv(tmp, index=False, float_format="%.6g")
+
+
 def _measure(family, run_dir, wid: str, engine_backend, backend: str, precision: str, resolutions: list[int],
-             batch_sizes: list[int], threads: int | None, protocol: Protocol, source_size, decision_step) -> list[dict]:
-    """Build and warm every engine, then time every (resolution, batch size) round-robin: one row each."""
+             batch_sizes: list[int], threads: int | None, protocol: Protocol, source_size, decision_step,
+             decode_scale: str = "full", crop_fraction: float = CROP_FRACTION) -> list[dict]:
+    """Build and warm every engine, then time every (resolution, batch size) round-robin: one row each.
+    Each stage's preprocessing starts from the source as that stage decodes it (a JPEG at its DCT scale)."""
     combos = [(r, b) for r in resolutions for b in batch_sizes]
     device = engine_backend.device
     engines, build = {}, {}
@@ -263,13 +342,17 @@ def _measure(family, run_dir, wid: str, engine_backend, backend: str, precision:
     prep = {c: [] for c in combos}
     decide = {b: [] for b in batch_sizes}  # the decision step does not depend on the resolution
     moves = {b: ([], []) for b in batch_sizes}  # (upload, gather): nor do these (same source images)
-    pool = source_pool(source_size)
+    h, w = source_size
+    decoded = {r: (-(-h // (s := jpeg_scale(w, h, stage_min_side(r, crop_fraction, decode_scale)))), -(-w // s))
+               for r in resolutions}
+    pools = {size: source_pool(size) for size in set(decoded.values())}
+    pool = pools[decoded[max(resolutions)]]  # the upload and gather: of the top stage's pixels, the largest
     bar = progress(total=protocol.rounds * len(combos), desc=f"profile {backend} {precision}", unit="config")
     for k in range(protocol.rounds):  # round-robin: a burst of machine noise hits one round, not one config
         part = protocol.round(k)
         for r, b in combos:
             inference[r, b].append(run_protocol(timers[r, b], part))
-            prep[r, b].append(time_preprocess(r, b, pool, device, part, engines[r].preprocess_threads,
+            prep[r, b].append(time_preprocess(r, b, pools[decoded[r]], device, part, engines[r].preprocess_threads,
                                               between=timers[r, b]))
             bar.update(1)
         for b in batch_sizes:
@@ -290,7 +373,7 @@ def _measure(family, run_dir, wid: str, engine_backend, backend: str, precision:
                      "per_image_ms": stats["median_ms"] / b, "preprocess_ms": pre["median_ms"],
                      "preprocess_per_image_ms": pre["median_ms"] / b, "overhead_ms": decision[b]["median_ms"],
                      "upload_ms": upload[b], "gather_ms": gather[b],
-                     "source_size": f"{source_size[0]}x{source_size[1]}", "threads": threads or 0,
+                     "source_size": f"{decoded[r][0]}x{decoded[r][1]}", "threads": threads or 0,
                      "build_s": round(build[r, b], 3), "smoke": protocol.smoke,
                      "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
     return rows
@@ -313,4 +396,13 @@ def format_profile(df: pd.DataFrame, backend: str | None = None, precision: str 
                          f"{row.p99_ms:.3f} | {row.cv:.2f} | {row.per_image_ms:.3f} | "
                          f"{row.preprocess_per_image_ms:.3f} | {upload:.3f} | {row.overhead_ms / row.batch_size:.3f} | "
                          f"{row.median_ms / top.median_ms:.2f} |")
+    return "\n".join(lines)
+
+
+def format_decode(df: pd.DataFrame) -> str:
+    """The decode rows as a table: per source size and stage resolution, the DCT scale and the ms per image."""
+    lines = ["| source (WxH) | JPEG bits/px | res | scale | decoded (WxH) | decode ms/img |", "|---|---|---|---|---|---|"]
+    for row in df.sort_values(["source_width", "source_height", "resolution"]).itertuples():
+        lines.append(f"| {row.source_width}x{row.source_height} | {row.bits_per_pixel:.2f} | {row.resolution} | "
+                     f"1/{row.scale} | {row.decoded_width}x{row.decoded_height} | {row.median_ms:.3f} |")
     return "\n".join(lines)

@@ -24,7 +24,7 @@ from rescascade.profiling.profile import run_profile
 from rescascade.runtime import CascadeRunner, decision_step
 from rescascade.training.data import list_image_folder, load_data
 from rescascade.training.errors import RescascadeError
-from rescascade.training.images import ImageError, decode, probe
+from rescascade.training.images import Encoded, ImageError, _draft_request, decode, jpeg_scale, probe
 from rescascade.training.preprocess import bound_aspect, resize_center_crop
 from rescascade.training.run import run_train
 from rescascade.training.synthetic import class_names, make_synthetic
@@ -111,6 +111,34 @@ def test_a_jpeg_decodes_at_the_smallest_dct_scale_that_covers_min_side():
     png = io.BytesIO()
     Image.fromarray(big).save(png, "PNG")
     assert torch.equal(decode(png.getvalue(), min_side=160), as_tensor(big))
+
+
+def test_jpeg_scale_predicts_pillows_choice_and_encoded_shares_one_decode_per_scale():
+    """The cost model tells from the header alone which scale a stage decodes at: jpeg_scale must agree with what
+    Pillow's draft does, at odd sizes and at every boundary; Encoded decodes each scale once."""
+    rng = np.random.default_rng(0)
+    sizes = [(int(w), int(h)) for w, h in rng.integers(8, 1200, (60, 2))] + [(500, 375), (224, 224), (4000, 3000)]
+    for w, h in sizes:
+        buf = io.BytesIO()
+        Image.new("RGB", (w, h), (90, 120, 30)).save(buf, "JPEG")
+        for min_side in (1, 37, 110, 146, 183, 219, 256, min(w, h), min(w, h) + 1):
+            with Image.open(io.BytesIO(buf.getvalue())) as im:
+                im.draft("RGB", _draft_request(w, h, min_side))
+                got = im.size
+            s = jpeg_scale(w, h, min_side)
+            assert got == (-(-w // s), -(-h // s)), (w, h, min_side, s, got)
+            assert min(got) >= min(min_side, min(w, h))
+    buf = io.BytesIO()
+    Image.new("RGB", (500, 375), (90, 120, 30)).save(buf, "JPEG")
+    enc = Encoded(buf.getvalue())
+    a, b = enc.decode(110), enc.decode(146)   # both 1/2: one decode
+    assert a is b and a.shape == (3, 188, 250) and enc.scale(110) == 2
+    assert enc.decode(256).shape == (3, 375, 500) and enc.decode(None).shape == (3, 375, 500)
+    png = io.BytesIO()
+    Image.new("RGB", (500, 375)).save(png, "PNG")
+    assert Encoded(png.getvalue()).scale(110) == 1 and Encoded(png.getvalue()).decode(110).shape == (3, 375, 500)
+    with pytest.raises(ImageError, match="not an image"):
+        Encoded(b"not an image at all")
 
 
 def test_runner_and_training_read_tagged_files_upright(built, tmp_path):

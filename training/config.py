@@ -15,6 +15,14 @@ MAX_BATCH = 65536      # larger batch sizes are typos: their activations would n
 MAX_THREADS = 256      # more threads than any machine's cores only slow things down (and each costs memory)
 
 
+def parse_size(text: str) -> tuple[int, int]:
+    """"WxH" (e.g. 4000x3000: width first, as photo sizes are written) -> (width, height); ConfigError otherwise."""
+    m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
+    if not m or min(int(m.group(1)), int(m.group(2))) < 1:
+        raise ConfigError(f"image size {text!r}: give WIDTHxHEIGHT, e.g. 1600x1200")
+    return int(m.group(1)), int(m.group(2))
+
+
 def check_resolutions(resolutions: Iterable[int]) -> tuple[int, ...]:
     """The input sizes, sorted; ConfigError for non-integers, repeats, or sizes outside 32..1024."""
     try:

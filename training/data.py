@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, DataError, check_int
-from .images import DEFAULT_MAX_PIXELS, ImageError, decode, pixel_digest, probe
+from .images import DECODE_SCALES, DEFAULT_MAX_PIXELS, Encoded, ImageError, decode, pixel_digest, probe
 from .progress import progress
 
 MAX_SYNTHETIC = 200_000  # synthetic training images (with their held-out images: ~22 GB of pixels)
@@ -117,6 +117,14 @@ class ImageSet:
 
     def read(self, i: int) -> torch.Tensor:
         return self.reader(int(self.index[i]))
+
+    def encoded(self, i: int) -> Encoded | None:
+        """Image i as the encoded file (header checked), to decode at a stage's scale; None for sets held decoded
+        (tensors, arrays)."""
+        read_bytes = getattr(self.reader, "encoded", None)
+        if read_bytes is None:
+            return None
+        return Encoded(read_bytes(int(self.index[i])), getattr(self.reader, "max_pixels", DEFAULT_MAX_PIXELS))
 
     def subset(self, idx) -> "ImageSet":
         idx = np.asarray(idx, dtype=np.int64)
@@ -478,22 +486,37 @@ class TrainDataset(torch.utils.data.Dataset):
 
 class EvalDataset(torch.utils.data.Dataset):
     """(list of uint8 [3, r, r] per resolution, label, position, pixel digest) with the eval preprocessing of each
-    r, or Unreadable."""
+    r, or Unreadable. decode_scale "stage": each resolution resizes a JPEG decoded at the scale the cascade runtime
+    decodes it at for that stage (`images.Encoded`), so the logits thresholds are fitted on are the ones it
+    meets; "full": every resolution from the full decode. The digest is always the full decode's."""
 
-    def __init__(self, images: ImageSet, resolutions, crop_fraction: float):
-        from .preprocess import resize_center_crop
+    def __init__(self, images: ImageSet, resolutions, crop_fraction: float, decode_scale: str = "full"):
+        from .preprocess import eval_resize_size, resize_center_crop
+        if decode_scale not in DECODE_SCALES:
+            raise ConfigError(f"decode_scale {decode_scale!r}: use one of {', '.join(DECODE_SCALES)}")
         self.images, self.resolutions, self.crop_fraction = images, list(resolutions), crop_fraction
-        self._resize = resize_center_crop
+        self.decode_scale = decode_scale
+        self._resize, self._min_side = resize_center_crop, eval_resize_size
 
     def __len__(self):
         return len(self.images)
 
+    def _views(self, i: int) -> tuple[list[torch.Tensor], str]:
+        full = self.images.read(i)
+        enc = self.images.encoded(i) if self.decode_scale == "stage" else None
+        views = []
+        for r in self.resolutions:
+            side = self._min_side(r, self.crop_fraction)
+            source = full if enc is None or enc.scale(side) == 1 else enc.decode(side)
+            views.append(self._resize(source, r, self.crop_fraction))
+        return views, pixel_digest(full)
+
     def __getitem__(self, i):
-        img = _read(self.images, i)
-        if isinstance(img, Unreadable):
-            return img
-        return ([self._resize(img, r, self.crop_fraction) for r in self.resolutions], int(self.images.labels[i]), i,
-                pixel_digest(img))
+        try:
+            views, digest = self._views(i)
+        except (ImageError, OSError) as e:  # damaged data behind a readable header, or a file gone since listing
+            return Unreadable(self.images.ids[i], str(e))
+        return views, int(self.images.labels[i]), i, digest
 
 
 def collate_skipping(batch):

@@ -127,6 +127,28 @@ def from_pil(image: Image.Image) -> torch.Tensor:
         raise ImageError(f"{image.format or 'image'} data does not decode: {e}") from None
 
 
+DCT_SCALES = (8, 4, 2, 1)  # the reduced sizes libjpeg decodes to in the DCT domain: 1/8, 1/4, 1/2, full
+DECODE_SCALES = ("stage", "full")  # a family's decode policy: each stage's own reduced JPEG scale, or always full
+
+
+def _draft_request(width: int, height: int, min_side: int) -> tuple[int, int]:
+    """The size `decode` asks Pillow's draft for: the image scaled so that its shorter side is min_side."""
+    ratio = min(1.0, min_side / min(width, height))
+    return math.ceil(width * ratio), math.ceil(height * ratio)
+
+
+def jpeg_scale(width: int, height: int, min_side: int | None) -> int:
+    """The denominator (1, 2, 4 or 8) of the DCT scale at which `decode(..., min_side=)` decodes a width x height
+    JPEG: the largest whose shorter side is still >= min_side (None: 1, a full decode). The same rule as Pillow's
+    `JpegImageFile.draft` applies to the request `decode` makes, so the cost model can tell without decoding
+    whether two stages share one decode."""
+    if min_side is None:
+        return 1
+    req_w, req_h = _draft_request(width, height, min_side)
+    fit = min(width // req_w, height // req_h)
+    return next(s for s in DCT_SCALES if fit >= s)
+
+
 def decode(data: bytes | bytearray | memoryview | torch.Tensor,
            max_pixels: int | None = DEFAULT_MAX_PIXELS, min_side: int | None = None) -> torch.Tensor:
     """Encoded image -> uint8 RGB tensor [3, H, W] in channels-last memory (the layout `decode_image` returns
@@ -135,8 +157,8 @@ def decode(data: bytes | bytearray | memoryview | torch.Tensor,
     data: the file's bytes (or a 1-D uint8 tensor of them). max_pixels: refuse images with more pixels, checked
     from the header before decoding (None: no limit; Pillow's own hard limit, twice `Image.MAX_IMAGE_PIXELS`,
     still applies unless that is raised too). min_side: a JPEG is decoded at the smallest of libjpeg's DCT scales
-    (1/2, 1/4, 1/8; Pillow's `draft`) whose shorter side is still >= min_side, far cheaper than a full decode of a
-    large photo; other formats, and None, decode in full. Raises ImageError."""
+    (1/2, 1/4, 1/8; Pillow's `draft`; `jpeg_scale` tells which) whose shorter side is still >= min_side, far
+    cheaper than a full decode of a large photo; other formats, and None, decode in full. Raises ImageError."""
     if isinstance(data, torch.Tensor):
         data = data.numpy().tobytes()
     with _open(bytes(data), max_pixels) as im:
@@ -145,10 +167,36 @@ def decode(data: bytes | bytearray | memoryview | torch.Tensor,
         except EOFError as e:
             raise ImageError(f"{im.format or 'image'} has no frame: {e}") from None
         if min_side is not None and im.format == "JPEG":
-            w, h = im.size
-            scale = min(1.0, min_side / min(w, h))
-            im.draft(im.mode, (math.ceil(w * scale), math.ceil(h * scale)))  # libjpeg's largest 1/2^k at or above
+            im.draft(im.mode, _draft_request(*im.size, min_side))
         return from_pil(im)
+
+
+class Encoded:
+    """One encoded image whose header has been checked, decoded on demand at the scale a stage needs: a JPEG at
+    `jpeg_scale` of the stage's resize, any other format in full. The last decode is kept, so stages that need
+    the same scale share it (`decode` returns the very same tensor). Raises ImageError from the constructor for
+    data that is not an image or has too many pixels, from `decode` for data damaged behind its header."""
+
+    def __init__(self, data: bytes | bytearray | memoryview | torch.Tensor,
+                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
+        self.data = data.numpy().tobytes() if isinstance(data, torch.Tensor) else bytes(data)
+        self.max_pixels = max_pixels
+        with _open(self.data, max_pixels) as im:
+            self.format, (self.width, self.height) = im.format, im.size
+        self._scale, self._pixels = None, None
+
+    def scale(self, min_side: int | None) -> int:
+        """The DCT scale denominator a decode for min_side uses (1 for anything but a JPEG)."""
+        return jpeg_scale(self.width, self.height, min_side) if self.format == "JPEG" else 1
+
+    def decode(self, min_side: int | None = None) -> torch.Tensor:
+        """uint8 [3, H, W] (channels-last memory), decoded at `scale(min_side)`, or the last decode if it used
+        that scale."""
+        s = self.scale(min_side)
+        if s != self._scale:
+            self._pixels = decode(self.data, self.max_pixels, min_side if s > 1 else None)
+            self._scale = s
+        return self._pixels
 
 
 def pixel_digest(image: torch.Tensor) -> str:

@@ -21,12 +21,14 @@ PREDICTIONS_SCHEMA = 1
 
 def predict_logits(models: dict, images: ImageSet, batch_size: int = 64,
                    device: str = "cpu", workers: int = 0, crop_fraction: float = CROP_FRACTION,
-                   desc: str = "predict") -> dict:
+                   desc: str = "predict", decode_scale: str = "full") -> dict:
     """models: resolution -> an nn.Module, or any callable input -> logits (e.g. an ONNX Runtime engine's run).
+    decode_scale: "stage" decodes a JPEG at each resolution's own DCT scale, as the cascade runtime does for a
+    family that records it (`data.EvalDataset`); "full": one full decode for every resolution.
     Returns logits [N, R, C], labels, ids, pixel_digests (training.images.pixel_digest of each decoded image),
     resolutions, skipped (count) and unreadable ([{id, error}]) over the images that failed to decode."""
     resolutions = sorted(models)
-    ds = EvalDataset(images, resolutions, crop_fraction)
+    ds = EvalDataset(images, resolutions, crop_fraction, decode_scale)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
                                          collate_fn=collate_skipping)
     for m in models.values():

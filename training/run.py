@@ -16,6 +16,7 @@ from .data import DataSplits, load_data, resolve_source
 from .errors import ConfigError, RescascadeError
 from .family import DEFAULT_ARCH, ResolutionFamily, res_key
 from .fileio import write_json
+from .images import DECODE_SCALES
 from .predict import predict_logits, top1, write_predictions
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 from .store import library_versions, save_family, weights_id
@@ -56,7 +57,7 @@ def run_train(data: str, out: str, cfg: TrainConfig, *, arch: str = DEFAULT_ARCH
               classifier_kind: str = "shared", weights: str | None = "imagenet", resume: bool = False,
               overwrite: bool = False,
               data_options: dict | None = None, predict_batch: int = 64, log=print, preset: str | None = None,
-              splits: DataSplits | None = None, predictors=None, probe_cache=None) -> dict:
+              splits: DataSplits | None = None, predictors=None, probe_cache=None, decode_scale: str = "stage") -> dict:
     """Train and write the family directory; returns family.json (or the baseline's json for --independent).
 
     out: a new or empty directory; an interrupted run there needs resume=True (continue) or overwrite=True (start
@@ -67,11 +68,15 @@ def run_train(data: str, out: str, cfg: TrainConfig, *, arch: str = DEFAULT_ARCH
     (trained model, run directory, its json doc) -> {resolution: callable from a float32 [N, 3, r, r] batch to
     [N, classes] logits}, e.g. `rescascade.profiling.engines.onnxruntime_predictors` for faster bulk prediction on
     CPU; None: the plain models in PyTorch. probe_cache: a `probe.ProbeCache` shared by several runs
-    from one start on the same `splits` (each probes the same frozen features)."""
+    from one start on the same `splits` (each probes the same frozen features). decode_scale: how the predictions,
+    and the cascade runtime after them, decode a JPEG for each resolution ("stage": at the smallest DCT scale that
+    covers its resize, far cheaper for large photos; "full"); recorded in family.json."""
     if not isinstance(cfg, TrainConfig):
         raise ConfigError(f"run_train(data, out, cfg): cfg must be a TrainConfig (e.g. TrainConfig.preset(...)), got "
                           f"{type(cfg).__name__}")
     built = resolve_arch(arch)  # an unknown name stops before anything is read or written
+    if decode_scale not in DECODE_SCALES:
+        raise ConfigError(f"--decode-scale {decode_scale!r}: use one of {', '.join(DECODE_SCALES)}")
     env = DistEnv.from_env()
     out = Path(out)
     data_options = {"seed": cfg.seed, **(data_options or {})}
@@ -103,11 +108,12 @@ def run_train(data: str, out: str, cfg: TrainConfig, *, arch: str = DEFAULT_ARCH
         if not env.main:
             dist.destroy_process_group()
             return {}
-    return _package(result, splits, cfg, out, weights_desc, preset, predictors, predict_batch, env, log, built)
+    return _package(result, splits, cfg, out, weights_desc, preset, predictors, predict_batch, env, log, built,
+                    decode_scale)
 
 
 def _package(result, splits: DataSplits, cfg: TrainConfig, out: Path, weights_desc: str, preset: str | None,
-             predictors, predict_batch: int, env: DistEnv, log, arch) -> dict:
+             predictors, predict_batch: int, env: DistEnv, log, arch, decode_scale: str) -> dict:
     """Write the trained model's weights, its calib/test predictions, then family.json (or independent.json)
     last, and remove the checkpoint: the run is complete."""
     model = result.model.cpu()
@@ -121,11 +127,14 @@ def _package(result, splits: DataSplits, cfg: TrainConfig, out: Path, weights_de
                   "preset": preset, "epochs": cfg.epochs, "train_seconds": round(result.seconds, 1),
                   "skipped_train_images": result.skipped_images, "world_size": env.world}
     device = pick_device(cfg.device, env)
+    if not all(hasattr(s.reader, "encoded") for s in (splits.calib, splits.test)):
+        decode_scale = "full"  # held-out images given decoded: predicted on those pixels, as a runtime given them
     if cfg.independent:
         doc = _save_independent(model, out, splits.class_names, provenance, arch)
         models = {r: model.models[res_key(r)] for r in cfg.resolutions}
     else:
-        doc = save_family(model, out, class_names=splits.class_names, provenance=provenance, write_doc=False)
+        doc = save_family(model, out, class_names=splits.class_names, provenance=provenance, write_doc=False,
+                          decode_scale=decode_scale)
         models = {r: model.plain_model(r) for r in model.resolutions}
     if predictors is not None:
         models = predictors(model, out, doc)
@@ -133,7 +142,8 @@ def _package(result, splits: DataSplits, cfg: TrainConfig, out: Path, weights_de
     figures = {}
     for split, images in (("calib", splits.calib), ("test", splits.test)):
         pred = predict_logits(models, images, batch_size=predict_batch, device=str(device),
-                              workers=min(cfg.workers, 2), desc=f"predict {split}")
+                              workers=min(cfg.workers, 2), desc=f"predict {split}",
+                              decode_scale="full" if cfg.independent else decode_scale)
         write_predictions(out / "predictions" / f"{split}.npz", pred, wid, split)
         figures[split] = {str(r): acc for r, acc in top1(pred).items()}
         data_desc[f"{split}_images"] = len(pred["labels"])  # the images actually scored

@@ -18,6 +18,7 @@ from .backbones import SOURCES, resolve_arch
 from .errors import ArtifactError, ConfigError, RescascadeError
 from .family import CLASSIFIER_KINDS, PATCH_KINDS, ResolutionFamily, check_resolutions, res_key
 from .fileio import atomic_path, check_schema, read_json, sha256_file, write_json
+from .images import DECODE_SCALES
 from .params import count_parameters
 from .preprocess import CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD
 
@@ -49,9 +50,11 @@ def _save_tensors(tensors: dict[str, torch.Tensor], path: Path) -> str:
 
 
 def save_family(family: ResolutionFamily, run_dir, class_names=None, provenance: dict | None = None,
-                extra: dict | None = None, write_doc: bool = True) -> dict:
+                extra: dict | None = None, write_doc: bool = True, decode_scale: str = "full") -> dict:
     """Write the family directory; family.json goes last and records every file's sha256 (write_doc=False: the
-    weight files only, and the doc returned for the caller to write when the rest of the run is done)."""
+    weight files only, and the doc returned for the caller to write when the rest of the run is done).
+    decode_scale: how the cascade runtime decodes a JPEG for each stage, which the family's predictions must
+    match (images.DECODE_SCALES: "stage", at the smallest DCT scale that covers the stage's resize; "full")."""
     run_dir = Path(run_dir)
     files = {"shared.safetensors": _save_tensors(family.shared_state_dict(), run_dir / "shared.safetensors")}
     for r in family.resolutions:
@@ -64,6 +67,7 @@ def save_family(family: ResolutionFamily, run_dir, class_names=None, provenance:
         "shared": {"convolutions": True, "classifier": family.classifier_kind == "shared",
                    "bn_statistics": family.patch_kind == "scale_bias"},
         "preprocessing": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD), "crop_fraction": CROP_FRACTION,
+                          "decode_scale": decode_scale,
                           "eval": "resize shorter side to round(r / crop_fraction), center-crop r, "
                                   "scale to [0,1], normalize",
                           "train": "RandomResizedCrop + horizontal flip"},
@@ -136,6 +140,8 @@ def validate(doc: dict, path) -> None:
     if "crop_fraction" in prep:
         check(_number(prep["crop_fraction"]) and 0 < prep["crop_fraction"] <= 1,
               "preprocessing.crop_fraction must be in (0, 1]")
+    check(prep.get("decode_scale", "full") in DECODE_SCALES,
+          f"preprocessing.decode_scale must be one of {', '.join(DECODE_SCALES)}")
 
 
 def _load_tensors(path: Path, expected_sha: str | None, what: str) -> dict[str, torch.Tensor]:

@@ -1,0 +1,155 @@
+"""`build --refine N`: check the cost model against the real runtime and choose again with what it measured.
+
+The profile times each stage alone, round-robin; a cascade runs a stage right after another one, on the rows
+that reach it, with Python around it. At batch 1 that differs measurably (cold caches after a larger model, a
+per-call overhead the profile does not see), so a choice made on profile costs can be off by more than the
+margins between candidates. The loop:
+
+1. run the chosen cascade, its closest Pareto alternatives and the reference with the cascade runtime on N
+   calibration images (encoded bytes when the costs count the decode), round-robin per batch, `repeats` passes;
+2. re-estimate each stage's per-image cost from the runtime's own stage timings (inference, preprocessing,
+   decision; the decode per decoded row), scale the profile's rows by it (resolutions never run take the median
+   factor), and charge the per-image time outside the stages once per cascade;
+3. choose again with the refined costs (measuring the new choice too when it was not among those run).
+
+cascade.json records, per cascade run, the cost ratio to the reference predicted by the profile, by the refined
+costs and measured, on the same N images.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import numpy as np
+
+from rescascade.training.errors import RescascadeError, check_int
+from rescascade.training.progress import progress
+
+from .costs import CostModel
+from .optimizer import Cascade, Stage, StageViews, simulate
+from .scoring import decode_all, encoded_all, images_to_score
+
+ALTERNATIVES = 3       # Pareto candidates measured beside the chosen cascade
+NEAR_ACCURACY = 0.01   # ... among those within this much calib accuracy of it
+
+
+def calibration_inputs(config, calib, n: int, encoded: bool, log) -> tuple[list, np.ndarray]:
+    """N calib images spread over the split, as the runtime will get them (bytes, or decoded tensors), and their
+    rows in `calib` (a Predictions). Raises DataError when the images are gone or changed since prediction."""
+    images, spec, digests, _ = images_to_score(config, None, "calib", n, log)
+    decoded, _, kept = decode_all(images, digests, log)
+    position = {str(i): k for k, i in enumerate(calib.ids)}
+    rows = np.array([position[str(images.ids[i])] for i in kept], dtype=np.int64)
+    return (encoded_all(images, kept, spec) if encoded else decoded), rows
+
+
+def measure_cascades(runner, cascades: list[Cascade], inputs: list, batch_size: int, repeats: int) -> list[dict]:
+    """Run each cascade on `inputs` with `runner` (a CascadeRunner; `runner.use` switches cascades), batch by batch
+    in rotating order, `repeats` passes after one warm-up pass. -> per cascade: ms_per_image (the sum over batches
+    of each batch's median wall time, / N) and, summed over the passes, per resolution the rows, decoded rows and
+    seconds of decode and of the rest of the stage, and the wall seconds outside every stage."""
+    batches = [inputs[s:s + batch_size] for s in range(0, len(inputs), batch_size)]
+    wall = np.zeros((len(cascades), len(batches), repeats))
+    stats = [{"stages": {}, "outside_s": 0.0, "images": 0} for _ in cascades]
+    for rep in range(-1, repeats):  # -1: the warm-up pass, untimed
+        for j, batch in enumerate(progress(batches, desc=f"refine pass {rep + 2}/{repeats + 1}", unit="batch")):
+            for k in np.roll(np.arange(len(cascades)), j + rep):
+                runner.use(cascades[k])
+                res = runner(batch)
+                if rep < 0:
+                    continue
+                wall[k, j, rep] = res.wall_s
+                inside = 0.0
+                for t in res.stage_timings:
+                    s = stats[k]["stages"].setdefault(t.resolution, {"rows": 0, "decoded": 0, "decode_s": 0.0,
+                                                                     "work_s": 0.0})
+                    s["rows"] += t.rows
+                    s["decoded"] += t.decoded
+                    s["decode_s"] += t.decode_s
+                    s["work_s"] += t.preprocess_s + t.inference_s + t.decide_s
+                    inside += t.decode_s + t.preprocess_s + t.inference_s + t.decide_s
+                stats[k]["outside_s"] += res.wall_s - inside
+                stats[k]["images"] += len(batch)
+    for k, st in enumerate(stats):
+        st["ms_per_image"] = 1000 * float(np.median(wall[k], axis=1).sum()) / len(inputs)
+    return stats
+
+
+def refined_costs(costs: CostModel, runs: list[dict]) -> CostModel:
+    """The profile's costs re-estimated from the runtime's stage timings (see the module): each resolution's rows
+    scaled by measured / profiled per-image cost, decode per decoded row, and the time outside the stages as the
+    once-per-image cost."""
+    work, rows, dec_s, decoded = {}, {}, {}, {}
+    for run in runs:
+        for r, s in run["stages"].items():
+            work[r] = work.get(r, 0.0) + s["work_s"]
+            rows[r] = rows.get(r, 0) + s["rows"]
+            dec_s[r] = dec_s.get(r, 0.0) + s["decode_s"]
+            decoded[r] = decoded.get(r, 0) + s["decoded"]
+    factor = {r: 1000 * work[r] / rows[r] / costs.per_image(r) for r in work if rows[r] and r in costs.table}
+    if not factor:
+        raise RescascadeError("the refinement ran no stage: no calibration image was answered")
+    typical = float(np.median(list(factor.values())))
+    table = {r: {b: v * factor.get(r, typical) for b, v in by_batch.items()} for r, by_batch in costs.table.items()}
+    decode_ms = dict(costs.decode_ms)
+    if decode_ms:
+        measured = {r: 1000 * dec_s[r] / decoded[r] for r in dec_s if decoded.get(r)}
+        ratio = float(np.median([measured[r] / costs.decode_ms[r] for r in measured if costs.decode_ms[r] > 0]
+                                or [1.0]))
+        decode_ms = {r: measured.get(r, ms * ratio) for r, ms in decode_ms.items()}
+    outside = 1000 * sum(run["outside_s"] for run in runs) / sum(run["images"] for run in runs)
+    return replace(costs, table=table, decode_ms=decode_ms, once={costs.batch_size: outside})
+
+
+def _ratios(cascades: list[Cascade], reference: int, views: StageViews, costs: CostModel) -> list[float]:
+    ref = simulate(Cascade([Stage(reference, -math.inf)]), views, costs).mean_cost
+    return [simulate(c, views, costs).mean_cost / ref for c in cascades]
+
+
+def _alternatives(builder) -> list[Cascade]:
+    """The chosen cascade and the cheapest few Pareto candidates near its accuracy."""
+    chosen = builder.chosen_
+    near = [c for c in builder.front_ if c.outcome.accuracy >= chosen.outcome.accuracy - NEAR_ACCURACY
+            and c.cascade.key() != chosen.cascade.key() and len(c.cascade.stages) > 1]
+    near.sort(key=lambda c: c.outcome.mean_cost)
+    return [chosen.cascade] + [c.cascade for c in near[:ALTERNATIVES]]
+
+
+def refine(builder, calib, costs: CostModel, make_runner, n: int, repeats: int = 3, log=print) -> dict:
+    """The loop of the module docstring on a fitted CascadeBuilder (refitted in place with the refined costs).
+    make_runner(builder, costs) -> a CascadeRunner of the builder's current choice; n: calibration images;
+    repeats: timed passes. -> the record cascade.json keeps, with the refined CostModel under "costs"."""
+    check_int("refine", n, 1)
+    check_int("repeats", repeats, 1)
+    runner = make_runner(builder, costs)
+    inputs, rows = calibration_inputs(runner.config, calib, n, bool(costs.decode_ms), log)
+    reference = Cascade([Stage(builder.reference_, -math.inf)])
+    cascades = _alternatives(builder)
+    runs = measure_cascades(runner, cascades + [reference], inputs, costs.batch_size, repeats)
+    refined = refined_costs(costs, runs)
+    first = builder.cascade_
+    builder.fit(calib, refined)
+    if builder.cascade_.key() not in {c.key() for c in cascades}:  # a new choice: measure it beside the reference
+        runner = make_runner(builder, refined)
+        more = measure_cascades(runner, [builder.cascade_, reference], inputs, costs.batch_size, repeats)
+        cascades.append(builder.cascade_)
+        runs = runs[:-1] + [more[0], runs[-1]]
+        ref_ms = float(np.mean([runs[-1]["ms_per_image"], more[1]["ms_per_image"]]))
+    else:
+        ref_ms = runs[-1]["ms_per_image"]
+    views = StageViews(calib.subset(rows).restrict(builder.resolutions_), builder.measure_, builder.temperatures_,
+                       builder.combine_)
+    predicted = _ratios(cascades, builder.reference_, views, costs)
+    after = _ratios(cascades, builder.reference_, views, refined)
+    measured = [run["ms_per_image"] / ref_ms for run in runs[:-1]]
+    record = {"images": len(inputs), "repeats": repeats, "batch_size": costs.batch_size,
+              "inputs": "encoded" if costs.decode_ms else "decoded",
+              "first_choice": first.describe(), "chosen": builder.cascade_.describe(),
+              "reference_ms_per_image": ref_ms,
+              "cascades": [{"cascade": c.describe(), "predicted_ratio": p, "refined_ratio": q, "measured_ratio": m,
+                            "measured_ms_per_image": run["ms_per_image"]}
+                           for c, p, q, m, run in zip(cascades, predicted, after, measured, runs)]}
+    mine = next(c for c in record["cascades"] if c["cascade"] == builder.cascade_.describe())
+    record.update(predicted_ratio=mine["predicted_ratio"], refined_ratio=mine["refined_ratio"],
+                  measured_ratio=mine["measured_ratio"], costs=refined)
+    return record

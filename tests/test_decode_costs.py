@@ -1,0 +1,180 @@
+"""Costs from encoded bytes: each stage decodes a JPEG at its own DCT scale, the family's predictions come from
+that very decode, the profile times it per (source size, resolution), the cost model and build count it (a
+later stage pays again only where it needs a larger scale), and `eval --from-bytes` measures it end to end."""
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rescascade.build import run_build
+from rescascade.config import read_config
+from rescascade.costs import CostModel
+from rescascade.evaluate import run_eval
+from rescascade.profiling.measure import QUICK
+from rescascade.profiling.profile import Profile, run_profile
+from rescascade.runtime import CascadeRunner, decision_step
+from rescascade.training.data import EvalDataset, load_data
+from rescascade.training.errors import ConfigError, RescascadeError
+from rescascade.training.images import jpeg_scale
+from rescascade.training.run import run_train
+from rescascade.training.synthetic import class_names, make_synthetic
+from rescascade.training.trainer import TrainConfig
+from rescascade.optimizer import Cascade, Stage
+from rescascade.refine import refined_costs
+
+QUIET = dict(log=lambda s: None)
+SIZE = (200, 150)  # width, height: r32 (resize 37) decodes at 1/4, r48 (resize 55) at 1/2
+
+
+def write_jpeg_folder(root, n: int = 160, seed: int = 0) -> None:
+    images, labels = make_synthetic(n, num_classes=8, size=64, seed=seed)
+    names = class_names(8)
+    for i, (img, y) in enumerate(zip(images, labels)):
+        (root / names[y]).mkdir(parents=True, exist_ok=True)
+        photo = Image.fromarray(img.permute(1, 2, 0).numpy()).resize(SIZE, Image.BICUBIC)
+        photo.save(root / names[y] / f"{i:03d}.jpg", "JPEG", quality=90)
+
+
+@pytest.fixture(scope="module")
+def jpeg_family(tmp_path_factory):
+    base = tmp_path_factory.mktemp("jpeg")
+    write_jpeg_folder(base / "photos")
+    cfg = TrainConfig((32, 48), epochs=1, batch_size=16, optimizer="adamw", lr=0.003, workers=0)
+    run_train(f"imagefolder:{base / 'photos'}", base / "fam", cfg, width_mult=0.35, weights="none",
+              data_options={"val_fraction": 0.4}, **QUIET)
+    run_profile(base / "fam", "onnxruntime", "fp32", (1, 4), protocol=QUICK, threads=1, decision_step=decision_step,
+                decode_sizes=["200x150", (800, 600)], **QUIET)
+    return base
+
+
+def test_the_scales_differ_between_the_two_stages():
+    assert (jpeg_scale(*SIZE, 37), jpeg_scale(*SIZE, 55)) == (4, 2)
+
+
+def test_predictions_come_from_each_stages_own_decode(jpeg_family):
+    fam = jpeg_family / "fam"
+    doc = json.loads((fam / "family.json").read_text())
+    assert doc["preprocessing"]["decode_scale"] == "stage"
+    splits = load_data(f"imagefolder:{jpeg_family / 'photos'}", val_fraction=0.4, **QUIET)
+    staged = EvalDataset(splits.test, [32, 48], 0.875, "stage")[0][0]
+    full = EvalDataset(splits.test, [32, 48], 0.875, "full")[0][0]
+    assert not torch.equal(staged[0], full[0])  # the reduced decode gives other pixels, so which one matters
+    pred = np.load(fam / "predictions" / "test.npz")
+    files = [jpeg_family / "photos" / i for i in pred["ids"]]
+    for k, r in enumerate((32, 48)):  # the runtime, given the files, sees what the predictions saw
+        runner = CascadeRunner(fam / "cascade.json" if (fam / "cascade.json").exists() else _build(fam),
+                               stages=Cascade([Stage(r, -np.inf)]), warmup=False)
+        got = runner(files)
+        assert not got.errors
+        logits = pred["logits"][:, k]
+        temperature = runner.temperatures.get(r, 1.0)
+        want = torch.softmax(torch.from_numpy(logits) / temperature, -1).numpy()
+        assert np.abs(got.probs - want).max() < 1e-4
+
+
+def _build(fam):
+    run_build(fam, batch_size=1, target="0.05", out=fam / "cascade.json", exact="off", plots=False, **QUIET)
+    return fam / "cascade.json"
+
+
+def test_runtime_decodes_again_only_the_rows_that_need_a_larger_scale(jpeg_family):
+    fam = jpeg_family / "fam"
+    cascade_json = fam / "cascade.json" if (fam / "cascade.json").exists() else _build(fam)
+    runner = CascadeRunner(cascade_json, stages=Cascade([Stage(32, 0.5), Stage(48, -np.inf)]), warmup=False)
+    files = sorted((jpeg_family / "photos").rglob("*.jpg"))[:24]
+    res = runner(files + [b"\xff\xd8\xff\xe0" + b"\0" * 40])  # the last: a JPEG header with nothing behind
+    first, second = res.stage_timings
+    assert first.decoded == first.rows == 24 and second.decoded == second.rows == int((res.exit_stage == 1).sum())
+    assert 24 in res.errors and res.labels[24] == -1 and (res.labels[:24] >= 0).all()
+    same = CascadeRunner(cascade_json, stages=Cascade([Stage(48, 0.5), Stage(48, -np.inf)]), warmup=False)
+    assert same(files).stage_timings[1].decoded == 0  # the same scale: the first decode is reused
+
+
+def test_profile_times_each_stages_decode_and_build_counts_it(jpeg_family):
+    fam = jpeg_family / "fam"
+    profile = Profile.load(fam)
+    dec = profile.decode.set_index(["source_width", "source_height", "resolution"])
+    assert dec.loc[(200, 150, 32), "scale"] == 4 and dec.loc[(200, 150, 48), "scale"] == 2
+    assert dec.loc[(800, 600, 32), "decoded_width"] == 100  # 1/8
+    assert profile.meta["source_size"] == [200, 150]  # the held-out images' size: the default bucket
+    costs = CostModel.from_profile(profile, batch_size=1, source_size="auto")
+    assert costs.source_size == (200, 150) and costs.decode_scale == {32: 4, 48: 2}
+    with pytest.raises(RescascadeError, match="no decode rows for 640x480"):
+        CostModel.from_profile(profile, batch_size=1, source_size="640x480")
+    cascade_json = _build(fam)
+    doc = json.loads(cascade_json.read_text())
+    assert doc["profile"]["decode"]["source_size"] == [200, 150]
+    assert "decoded_inputs" in doc["expected"]["test"]
+    big = run_build(fam, batch_size=1, target="0.05", out=fam / "big.json", exact="off", plots=False,
+                    source_size=(800, 600), **QUIET)
+    assert big["profile"]["decode"]["source_size"] == [800, 600]
+    plain = run_build(fam, batch_size=1, target="0.05", out=fam / "plain.json", exact="off", plots=False,
+                      source_size=None, **QUIET)
+    assert "decode" not in plain["profile"] and "decoded_inputs" not in plain["expected"]["test"]
+
+
+def test_cost_model_charges_a_decode_where_the_scale_grows():
+    costs = CostModel("onnxruntime", "fp32", 1, False, {32: {1: 1.0}, 48: {1: 2.0}}, {},
+                      {32: 0.5, 48: 0.8}, {32: 4, 48: 2}, (200, 150))
+    assert costs.expected([32, 48], [1.0, 0.3]) == pytest.approx(1.5 + 0.3 * 2.8)
+    costs.decode_scale[48] = 4
+    assert costs.expected([32, 48], [1.0, 0.3]) == pytest.approx(1.5 + 0.3 * 2.0)
+    assert costs.expected([48], [1.0]) == pytest.approx(2.8)
+    assert costs.without_decode().expected([32, 48], [1.0, 0.3]) == pytest.approx(1.0 + 0.3 * 2.0)
+
+
+def test_eval_from_bytes_reports_the_end_to_end_ratio(jpeg_family, tmp_path):
+    fam = jpeg_family / "fam"
+    cascade_json = fam / "cascade.json" if (fam / "cascade.json").exists() else _build(fam)
+    report = run_eval(cascade_json, batch_size=4, repeats=1, plot=False, out=tmp_path / "e.json", from_bytes=True,
+                      **QUIET)
+    fb = report["from_bytes"]
+    assert fb["cascade"]["decode_ms_per_image"] > 0 and fb["measured_cost_ratio"] > 0
+    assert fb["predicted_cost_ratio"] == read_config(cascade_json).doc["expected"]["test"]["cost_vs_reference"]
+    assert report["predicted_cost_ratio"] == \
+        read_config(cascade_json).doc["expected"]["test"]["decoded_inputs"]["cost_vs_reference"]
+    pred = np.load(fam / "predictions" / "test.npz")
+    exp = read_config(cascade_json).doc["expected"]["test"]
+    assert fb["cascade"]["accuracy"] == pytest.approx(exp["accuracy"], abs=1.5 / len(pred["labels"]))
+
+
+def test_bad_decode_options_are_one_line(jpeg_family, tmp_path):
+    with pytest.raises(ConfigError, match="decode_scale.*stage, full"):
+        run_train("synthetic:64", tmp_path / "x", TrainConfig((32,), epochs=0), weights="none", decode_scale="half",
+                  **QUIET)
+    with pytest.raises(ConfigError, match="WIDTHxHEIGHT"):
+        run_profile(jpeg_family / "fam", "onnxruntime", "fp32", (1,), protocol=QUICK, threads=1,
+                    decision_step=decision_step, decode_sizes=["big"], out=tmp_path / "p.csv", **QUIET)
+    assert not os.path.exists(tmp_path / "x")
+
+
+def test_refined_costs_scale_each_stage_by_what_the_runtime_measured():
+    costs = CostModel("onnxruntime", "fp32", 1, False, {32: {1: 1.0, 4: 0.5}, 48: {1: 2.0}, 64: {1: 4.0}}, {1: 0.1},
+                      {32: 0.5, 48: 0.8, 64: 1.0}, {32: 4, 48: 2, 64: 1}, (200, 150))
+    runs = [{"stages": {32: {"rows": 10, "decoded": 10, "decode_s": 0.010, "work_s": 0.015},
+                        48: {"rows": 4, "decoded": 4, "decode_s": 0.004, "work_s": 0.012}},
+             "outside_s": 0.002, "images": 10}]
+    refined = refined_costs(costs, runs)
+    assert refined.table[32] == {1: pytest.approx(1.5), 4: pytest.approx(0.75)}  # 1.5 ms measured vs 1.0 profiled
+    assert refined.table[48][1] == pytest.approx(3.0)
+    assert refined.table[64][1] == pytest.approx(4.0 * 1.5)  # never run: the median factor
+    assert refined.decode_ms[32] == pytest.approx(1.0) and refined.decode_ms[48] == pytest.approx(1.0)
+    assert refined.decode_ms[64] == pytest.approx(1.0 * 1.625)  # the median of the measured decode factors 2, 1.25
+    assert refined.once_per_image() == pytest.approx(0.2) and costs.table[32][1] == 1.0  # the original is kept
+
+
+def test_build_refine_checks_the_costs_with_the_runtime(jpeg_family):
+    fam = jpeg_family / "fam"
+    doc = run_build(fam, batch_size=1, target="0.05", out=fam / "refined.json", exact="off", plots=False, refine=8,
+                    **QUIET)
+    check = doc["cost_check"]
+    assert check["images"] == 8 and check["inputs"] == "encoded" and doc["profile"]["refined"]
+    for c in check["cascades"]:
+        assert all(math.isfinite(c[k]) and c[k] > 0 for k in ("predicted_ratio", "refined_ratio", "measured_ratio"))
+    assert check["chosen"] == read_config(fam / "refined.json").cascade.describe()
+    with pytest.raises(ConfigError, match="refine"):
+        run_build(fam, batch_size=1, refine=-1, out=fam / "x.json", **QUIET)
