@@ -9,9 +9,10 @@ MobileNetV2 weights, ONNX Runtime CPU):
    its reference on the test half: cost ratios predicted by the profile, by the refined costs, and measured, for
    decoded inputs and from the JPEG files.
 2. From bytes at three source sizes: test photos re-encoded (JPEG q90, stretched to 4:3) at 500x375, 1600x1200
-   and 4000x3000; the profile times each stage's decode at those sizes, `build --source-size` counts it, and
-   `eval --from-bytes` runs cascade and reference end to end at batch 1 and 32: decode, preprocessing, inference,
-   total, ratio, top-1.
+   and 4000x3000; the profile times each stage's decode at those sizes, `build --source-size --refine N` counts
+   it (the refinement runs the family's own calib files: it corrects the stage costs, the decode stays the
+   profile's), and `eval --from-bytes` runs cascade and reference end to end at batch 1 and 32: decode,
+   preprocessing, inference, total, ratio (predicted: the refined build's), top-1.
 
     python benchmarks/cost_prediction.py [--quick] [--runs 3] [--refine 200] [--photos 100]
 
@@ -125,7 +126,8 @@ def bytes_rows(fam: Path, args, log) -> list[list]:
         photos = reencode(fam, size, 8 if args.quick else args.photos, args.quick)
         for b in (1, 32):
             path = fam / f"bytes_{size[0]}x{size[1]}_b{b}.json"
-            run_build(fam, batch_size=b, batch_aware=b > 1, out=path, plots=False, source_size=size, **QUIET)
+            built = run_build(fam, batch_size=b, batch_aware=b > 1, out=path, plots=False, source_size=size,
+                              refine=args.refine, **QUIET)
             ev = run_eval(path, data=f"imagefolder:{photos}", batch_size=b, repeats=1 if args.quick else 3,
                           from_bytes=True, plot=False, out=fam / f"eval_bytes_{size[0]}x{size[1]}_b{b}.json", **QUIET)
             fb = ev["from_bytes"]
@@ -134,7 +136,7 @@ def bytes_rows(fam: Path, args, log) -> list[list]:
                 st = part["stage_seconds"].values()
                 n = ev["images"]
                 ms = {k: 1000 * sum(s[k] for s in st) / n for k in ("decode_s", "preprocess_s", "inference_s")}
-                name = f"cascade {_stages(read(path))}" if who == "cascade" else f"r{ev['reference']['resolution']}"
+                name = f"cascade {_stages(built)}" if who == "cascade" else f"r{ev['reference']['resolution']}"
                 rows.append([f"{size[0]}x{size[1]}", b, name, f"{ms['decode_s']:.2f}", f"{ms['preprocess_s']:.2f}",
                              f"{ms['inference_s']:.2f}", f"{part['ms_per_image']:.2f}",
                              f"{fb['measured_cost_ratio']:.3f}" if who == "cascade" else "1.000",
@@ -142,11 +144,6 @@ def bytes_rows(fam: Path, args, log) -> list[list]:
                              f"{100 * part['accuracy']:.1f}"])
     log(f"  bytes-in table in {time.perf_counter() - t0:.0f} s")
     return rows
-
-
-def read(path: Path) -> dict:
-    import json
-    return json.loads(path.read_text())
 
 
 def main() -> None:

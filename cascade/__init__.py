@@ -39,6 +39,7 @@ _EXPORTS = {
     "CascadeBuilder": "rescascade.builder",
     "run_build": "rescascade.build", "run_eval": "rescascade.evaluate",
     "CascadeRunner": "rescascade.runtime", "decision_step": "rescascade.runtime",
+    "ExitCounts": "rescascade.monitor", "drift_report": "rescascade.monitor",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -418,6 +418,28 @@ def add_eval_parser(sub) -> None:
     s.set_defaults(func=cmd_eval)
 
 
+def cmd_drift(args) -> None:
+    from .config import read_config
+    from .monitor import ExitCounts, drift_report, format_drift
+    report = drift_report(read_config(args.cascade_json), ExitCounts.load(args.counts), args.alpha)
+    print(format_drift(report))
+    if report["drifted"] and args.check:
+        raise SystemExit(3)
+
+
+def add_drift_parser(sub) -> None:
+    s = sub.add_parser("drift", help="has served traffic drifted from what the thresholds were fitted on?",
+                       formatter_class=_Formatter,
+                       description="Compare the exits per stage a serving runtime counted (runner.counts.save(PATH)) "
+                                   "with the ones cascade.json expects: a two-proportion test per stage; a "
+                                   "difference means the thresholds should be re-fitted on recent labelled images.")
+    s.add_argument("cascade_json", help="the cascade.json that served the traffic")
+    s.add_argument("counts", help="the counts JSON saved by the runtime")
+    s.add_argument("--alpha", type=_fraction, default=0.01, help="family-wise false-alarm rate (default: 0.01)")
+    s.add_argument("--check", action="store_true", help="exit with status 3 when traffic has drifted (for alerts)")
+    s.set_defaults(func=cmd_drift)
+
+
 def cmd_demo(args) -> None:
     from rescascade.demo import run_demo
     run_demo(args.out, batch_size=args.batch_size, epochs=args.epochs, train_images=args.train_images,
@@ -457,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_profile_parser(sub)
     add_build_parser(sub)
     add_eval_parser(sub)
+    add_drift_parser(sub)
     add_demo_parser(sub)
     return p
 

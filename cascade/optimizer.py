@@ -178,7 +178,10 @@ def greedy(views: StageViews, costs: CostModel, reference: int, candidates, tole
             ks_i = np.clip(ks, 1, m) - 1
             ok &= cum_r[ks_i] >= cum_ref[ks_i] - tolerance * ks - 1e-9
             # it must lower the expected cost: exits saved at the reference outweigh running r on all remaining
-            cost_r = costs.stage_cost(r, prefix[-1] if prefix else None)
+            # the added cost of r before the reference: its own, less the decode the reference then no longer pays
+            prev = prefix[-1] if prefix else None
+            cost_r = max(1e-12, costs.stage_cost(r, prev) - costs.stage_cost(reference, prev)
+                         + costs.stage_cost(reference, r))
             ok &= ks * costs.stage_cost(reference, r) > m * cost_r
             if not ok.any():
                 continue

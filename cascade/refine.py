@@ -23,6 +23,7 @@ from dataclasses import replace
 import numpy as np
 
 from rescascade.training.errors import RescascadeError, check_int
+from rescascade.training.images import Encoded
 from rescascade.training.progress import progress
 
 from .costs import CostModel
@@ -75,9 +76,10 @@ def measure_cascades(runner, cascades: list[Cascade], inputs: list, batch_size: 
     return stats
 
 
-def refined_costs(costs: CostModel, runs: list[dict]) -> CostModel:
+def refined_costs(costs: CostModel, runs: list[dict], decode: bool = True) -> CostModel:
     """The profile's costs re-estimated from the runtime's stage timings (see the module): each resolution's rows
-    scaled by measured / profiled per-image cost, decode per decoded row, and the time outside the stages as the
+    scaled by measured / profiled per-image cost, decode per decoded row (decode False: the profile's decode
+    costs kept, for images of another size than the costs are for), and the time outside the stages as the
     once-per-image cost."""
     work, rows, dec_s, decoded = {}, {}, {}, {}
     for run in runs:
@@ -92,13 +94,19 @@ def refined_costs(costs: CostModel, runs: list[dict]) -> CostModel:
     typical = float(np.median(list(factor.values())))
     table = {r: {b: v * factor.get(r, typical) for b, v in by_batch.items()} for r, by_batch in costs.table.items()}
     decode_ms = dict(costs.decode_ms)
-    if decode_ms:
+    if decode_ms and decode:
         measured = {r: 1000 * dec_s[r] / decoded[r] for r in dec_s if decoded.get(r)}
         ratio = float(np.median([measured[r] / costs.decode_ms[r] for r in measured if costs.decode_ms[r] > 0]
                                 or [1.0]))
         decode_ms = {r: measured.get(r, ms * ratio) for r, ms in decode_ms.items()}
     outside = 1000 * sum(run["outside_s"] for run in runs) / sum(run["images"] for run in runs)
     return replace(costs, table=table, decode_ms=decode_ms, once={costs.batch_size: outside})
+
+
+def _typical_size(inputs: list[bytes]) -> tuple[int, int]:
+    """The median (width, height) of encoded images, read from their headers."""
+    sizes = np.array([(e.width, e.height) for e in map(Encoded, inputs)])
+    return tuple(int(v) for v in np.median(sizes, axis=0))
 
 
 def _ratios(cascades: list[Cascade], reference: int, views: StageViews, costs: CostModel) -> list[float]:
@@ -126,7 +134,12 @@ def refine(builder, calib, costs: CostModel, make_runner, n: int, repeats: int =
     reference = Cascade([Stage(builder.reference_, -math.inf)])
     cascades = _alternatives(builder)
     runs = measure_cascades(runner, cascades + [reference], inputs, costs.batch_size, repeats)
-    refined = refined_costs(costs, runs)
+    size = _typical_size(inputs) if costs.decode_ms else None
+    same_size = size == costs.source_size
+    if costs.decode_ms and not same_size:
+        log(f"refine: the calib images are {size[0]}x{size[1]}, the decode costs are for {costs.source_size[0]}x"
+            f"{costs.source_size[1]}: the profile's decode costs are kept")
+    refined = refined_costs(costs, runs, decode=same_size)
     first = builder.cascade_
     builder.fit(calib, refined)
     if builder.cascade_.key() not in {c.key() for c in cascades}:  # a new choice: measure it beside the reference
@@ -144,6 +157,7 @@ def refine(builder, calib, costs: CostModel, make_runner, n: int, repeats: int =
     measured = [run["ms_per_image"] / ref_ms for run in runs[:-1]]
     record = {"images": len(inputs), "repeats": repeats, "batch_size": costs.batch_size,
               "inputs": "encoded" if costs.decode_ms else "decoded",
+              "decode_refined": bool(costs.decode_ms) and same_size,
               "first_choice": first.describe(), "chosen": builder.cascade_.describe(),
               "reference_ms_per_image": ref_ms,
               "cascades": [{"cascade": c.describe(), "predicted_ratio": p, "refined_ratio": q, "measured_ratio": m,

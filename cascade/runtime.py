@@ -28,6 +28,7 @@ from rescascade.training.store import load_family, weights_id
 
 from .confidence import combine, confidence, log_probs
 from .config import CascadeConfig, read_config
+from .monitor import ExitCounts
 from .optimizer import Cascade, Stage
 
 
@@ -74,10 +75,11 @@ class Answers:
 
 
 def exit_step(logits: np.ndarray, k: int, threshold: float, temperature: float, measure: str, combined: bool,
-              history: list[np.ndarray], active: np.ndarray, answers: Answers):
+              history: list[np.ndarray], active: np.ndarray, answers: Answers, counts: ExitCounts | None = None):
     """Stage k's decision on its logits (rows aligned with `active`): the confident rows get their answers,
-    the rest go on. -> (rows still active, log-probabilities of the stages run so far for those rows).
-    The profile times this very function as the stage's decision cost."""
+    the rest go on; `counts` (when given) records the stage's confidences and exits. -> (rows still active,
+    log-probabilities of the stages run so far for those rows). The profile times this very function as the
+    stage's decision cost."""
     lp = log_probs(logits, temperature)
     if combined:
         history = history + [lp]
@@ -91,6 +93,8 @@ def exit_step(logits: np.ndarray, k: int, threshold: float, temperature: float, 
     answers.confidence[rows] = conf[done]
     if combined:
         history = [h[~done] for h in history]
+    if counts is not None:
+        counts.add_stage(k, conf, done)
     return active[~done], history
 
 
@@ -104,7 +108,8 @@ def decision_step(batch: int, num_classes: int):
     earlier = [rng.normal(size=(batch, num_classes)).astype(np.float32)]
     active = np.arange(batch)
     answers = Answers.empty(batch, num_classes)
-    return lambda: exit_step(logits, 1, 0.5, 1.3, "max_prob", True, earlier, active, answers)
+    counts = ExitCounts.for_cascade([96, 128], "max_prob", num_classes)
+    return lambda: exit_step(logits, 1, 0.5, 1.3, "max_prob", True, earlier, active, answers, counts)
 
 
 class CascadeRunner:
@@ -125,6 +130,9 @@ class CascadeRunner:
     pixels, and the cost, the cascade was built for; decoded ones skip the decode. An input that fails (missing,
     not an image, damaged, too large, empty) gets an error of its own in the result; the others are answered.
     The result holds class indices and, as `names`, the class names.
+
+    counts: an `ExitCounts` of what the served cascade saw (inputs, exits and confidence histogram per stage);
+    `runner.counts.save(path)` and `rescascade drift CASCADE_JSON COUNTS_JSON` tell whether traffic has drifted.
 
     warmup: run every stage at load on batches of these sizes (True, the default: 1 and the batch size the cascade
     was built for; False: none), so that the first request is not the slow one: sessions allocate and plan on
@@ -165,8 +173,10 @@ class CascadeRunner:
         self.decode_scale = prep.get("decode_scale", "full")  # families from before the field decoded in full
         self.mean, self.std = prep.get("mean"), prep.get("std")
         self.cascade = self.config.cascade if stages is None else stages
+        self._served = self.cascade  # what `counts` counts: not warm-up runs, not cascades swapped in by `use`
         self.temperatures = self.config.temperatures
         self.measure, self.combined = self.config.measure, self.config.combined
+        self.counts = ExitCounts.for_cascade(self.cascade.resolutions, self.measure, doc["num_classes"])
         self.num_classes = doc["num_classes"]
         self.class_names = list(doc["class_names"])
         self.max_image_pixels = max_image_pixels
@@ -335,9 +345,13 @@ class CascadeRunner:
             t.rows, t.calls = len(active), 1
             threshold = -math.inf if k == len(stages) - 1 else stage.threshold
             active, history = exit_step(logits, k, threshold, self.temperatures.get(stage.resolution, 1.0),
-                                        self.measure, self.combined, history, active, answers)
+                                        self.measure, self.combined, history, active, answers,
+                                        self.counts if self.cascade is self._served else None)
             t.decode_s, t.preprocess_s, t.inference_s = t1 - t0, t2 - t1, t3 - t2
             t.decide_s = time.perf_counter() - t3
+        if self.cascade is self._served:
+            self.counts.inputs += n
+            self.counts.errors += len(errors)
         return CascadeResult(answers.labels, answers.probs, answers.exit_stage, answers.confidence, errors, timings,
                              time.perf_counter() - t_start, self.class_names)
 

@@ -26,7 +26,7 @@ import torch
 from rescascade.training.config import MAX_BATCH, MAX_THREADS, parse_size
 from rescascade.training.errors import ConfigError, RescascadeError, check_int
 from rescascade.training.fileio import atomic_path, check_schema, read_json, write_json
-from rescascade.training.images import jpeg_scale
+from rescascade.training.images import DEFAULT_MAX_PIXELS, jpeg_scale
 from rescascade.training.preprocess import CROP_FRACTION, channels_last_batch, eval_resize_size, preprocess
 from rescascade.training.progress import progress
 from rescascade.training.store import family_sha256, load_family, weights_id
@@ -250,6 +250,10 @@ def run_profile(run_dir, backend: str = "onnxruntime", precision: str = "fp32", 
     decode_sizes = [tuple(source_size[::-1])] if decode_sizes is None else list(dict.fromkeys(map(_size, decode_sizes)))
     if not decode_sizes:
         raise ConfigError("--decode-sizes is empty: give at least one, e.g. 500x375")
+    for w, h in decode_sizes:
+        if w * h > DEFAULT_MAX_PIXELS:
+            raise ConfigError(f"--decode-sizes {w}x{h}: {w * h:,} pixels is more than the runtime decodes "
+                              f"({DEFAULT_MAX_PIXELS:,}, its max_image_pixels); give the sizes your images have")
     out = Path(out) if out else Path(run_dir) / "profile.csv"
     if out.is_dir():
         out = out / "profile.csv"

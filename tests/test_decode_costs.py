@@ -149,7 +149,10 @@ def test_bad_decode_options_are_one_line(jpeg_family, tmp_path):
     with pytest.raises(ConfigError, match="WIDTHxHEIGHT"):
         run_profile(jpeg_family / "fam", "onnxruntime", "fp32", (1,), protocol=QUICK, threads=1,
                     decision_step=decision_step, decode_sizes=["big"], out=tmp_path / "p.csv", **QUIET)
-    assert not os.path.exists(tmp_path / "x")
+    with pytest.raises(ConfigError, match="more than the runtime decodes"):
+        run_profile(jpeg_family / "fam", "onnxruntime", "fp32", (1,), protocol=QUICK, threads=1,
+                    decision_step=decision_step, decode_sizes=["100000x100000"], out=tmp_path / "p.csv", **QUIET)
+    assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "p.csv")
 
 
 def test_refined_costs_scale_each_stage_by_what_the_runtime_measured():
@@ -178,3 +181,24 @@ def test_build_refine_checks_the_costs_with_the_runtime(jpeg_family):
     assert check["chosen"] == read_config(fam / "refined.json").cascade.describe()
     with pytest.raises(ConfigError, match="refine"):
         run_build(fam, batch_size=1, refine=-1, out=fam / "x.json", **QUIET)
+
+
+def test_the_greedy_sees_that_a_shared_decode_moves_to_the_first_stage():
+    """Every stage decodes at one scale (a large photo): r32 first pays the decode the reference then does not
+    pay, so r32 -> r48 is cheaper than r48 alone when most rows exit at r32."""
+    from rescascade.builder import CascadeBuilder
+    from rescascade.predictions import Predictions
+    rng = np.random.default_rng(0)
+    n, c = 400, 4
+    labels = rng.integers(0, c, n)
+    logits = np.zeros((n, 2, c), dtype=np.float32)
+    logits[np.arange(n), 1, labels] = 8.0                  # r48 is always right and sure
+    easy = rng.random(n) < 0.8
+    logits[np.arange(n), 0, labels] = np.where(easy, 8.0, 0.0)  # r32: sure and right on the easy 80 %,
+    logits[np.arange(n), 0, (labels + 1) % c] = np.where(easy, 0.0, 0.3)  # unsure and wrong elsewhere
+    calib = Predictions(logits, labels, [32, 48], np.arange(n).astype(str), "w" * 64)
+    costs = CostModel("onnxruntime", "fp32", 1, False, {32: {1: 1.0}, 48: {1: 2.0}}, {},
+                      {32: 10.0, 48: 10.0}, {32: 8, 48: 8}, (4000, 3000))
+    builder = CascadeBuilder("best", exact="off").fit(calib, costs)
+    assert builder.cascade_.resolutions == [32, 48]
+    assert builder.chosen_.outcome.mean_cost == pytest.approx(11.0 + 0.2 * 2.0, rel=0.05)

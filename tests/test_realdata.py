@@ -60,3 +60,18 @@ def test_cascade_realdata_benchmark_quick(tmp_path, imagenet_weights_path):
         assert f"## {task}: the optimizer's levers" in res.stdout
         assert f"## {task}: the chosen family's cascade with its thresholds set on more images" in res.stdout
     assert "sample images r96..r224" in res.stdout and "cost ratio measured" in res.stdout
+
+
+def test_cost_prediction_benchmark_quick(tmp_path, imagenet_weights_path):
+    """The cost benchmark end to end on a few images (its figures mean nothing): refined build, eval from bytes,
+    the bytes-in table at three source sizes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    need(IMAGENETTE)
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cost_prediction.py"
+    res = subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path)], capture_output=True,
+                         text=True, timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "## Cost ratio vs the reference on the test half" in res.stdout
+    assert all(f"| {w}x{h} | {b} |" in res.stdout for w, h in ((500, 375), (1600, 1200), (4000, 3000)) for b in (1, 32))

@@ -1,0 +1,89 @@
+"""Watching a deployed cascade: the runtime counts exits and confidences per stage, and `rescascade drift` tells
+served traffic that exits like calibration from traffic that does not."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from rescascade.config import read_config
+from rescascade.monitor import ExitCounts, drift_report
+from rescascade.optimizer import Cascade, Stage
+from rescascade.runtime import CascadeRunner
+from rescascade.training.errors import ArtifactError, ConfigError
+from rescascade.training.synthetic import make_synthetic
+
+
+def served_counts(config, fractions, n):
+    """Counts of n inputs whose stages exit the given fractions of all inputs (the last answers the rest)."""
+    stages = [int(s["resolution"]) for s in config.doc["stages"]]
+    counts = ExitCounts.for_cascade(stages, config.measure, config.doc["family"]["num_classes"])
+    left = n
+    for k in range(len(stages)):
+        leave = left if k == len(stages) - 1 else int(round(n * fractions[k]))
+        counts.add_stage(k, np.linspace(0.1, 0.9, left), np.arange(left) < leave)
+        left -= leave
+    counts.inputs = n
+    return counts
+
+
+def two_stages(cascade_json):
+    """The built cascade.json's config made a two-stage cascade (whatever the build chose) expecting 60 % of the
+    test images to exit at the first stage."""
+    config = read_config(cascade_json)
+    low, high = config.doc["family"]["resolutions"][0], config.doc["family"]["resolutions"][-1]
+    config.doc["stages"] = [{"resolution": low, "threshold": 0.5}, {"resolution": high, "threshold": None}]
+    config.doc["expected"]["test"].update(n=500, exit_fractions=[0.6, 0.4])
+    return config
+
+
+def test_runtime_counts_what_the_served_cascade_saw(built, tmp_path):
+    _, cascade_json, _ = built
+    runner = CascadeRunner(two_stages(cascade_json))
+    assert runner.counts.inputs == 0 and sum(runner.counts.reached) == 0  # warm-up is not traffic
+    images, _ = make_synthetic(12, size=64, seed=3)  # uint8 [12, 3, 64, 64]
+    res = runner(list(images) + [b"not an image"])
+    c = runner.counts
+    assert c.inputs == 13 and c.errors == 1 and c.reached[0] == 12
+    assert c.exited == [int((res.exit_stage == k).sum()) for k in range(len(c.stages))]
+    assert all(sum(h) == r for h, r in zip(c.histograms, c.reached))
+    runner.use(Cascade([Stage(c.stages[-1], -np.inf)]))  # another cascade swapped in: not counted
+    runner(list(images))
+    assert runner.counts.inputs == 13
+    c.save(tmp_path / "counts.json")
+    assert ExitCounts.load(tmp_path / "counts.json") == c
+
+
+def test_drift_flags_traffic_that_exits_otherwise(built, tmp_path):
+    _, cascade_json, _ = built
+    config = two_stages(cascade_json)
+    config.save(tmp_path / "two.json")
+    same = drift_report(config, served_counts(config, [0.6, 0.4], 4000))
+    assert not same["drifted"] and same["stages"][0]["p_value"] > 0.05
+    assert drift_report(config, served_counts(config, [0.57, 0.43], 4000))["stages"][0]["p_value"] > 0.01
+    moved = drift_report(config, served_counts(config, [0.45, 0.55], 4000))
+    assert moved["drifted"] and moved["stages"][0]["p_value"] < 1e-6
+    served_counts(config, [0.45, 0.55], 4000).save(tmp_path / "c.json")
+    cli = [sys.executable, "-m", "rescascade", "drift", str(tmp_path / "two.json"), str(tmp_path / "c.json")]
+    run = subprocess.run(cli + ["--check"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 3 and "traffic has drifted" in run.stdout, run.stderr
+    assert subprocess.run(cli, capture_output=True, text=True, timeout=120).returncode == 0
+
+
+def test_drift_refuses_counts_of_another_cascade_or_a_damaged_file(built, tmp_path):
+    _, cascade_json, _ = built
+    config = two_stages(cascade_json)
+    other = ExitCounts.for_cascade([999], config.measure, 10)
+    with pytest.raises(ConfigError, match="compare counts with the cascade.json that served them"):
+        drift_report(config, other)
+    with pytest.raises(ConfigError, match="alpha"):
+        drift_report(config, served_counts(config, [0.6, 0.4], 10), alpha=1.5)
+    (tmp_path / "bad.json").write_text(json.dumps({"schema_version": 1, "stages": [96], "measure": "max_prob",
+                                                   "edges": [0, 1], "reached": [1], "exited": [5],
+                                                   "histograms": [[1]]}))
+    with pytest.raises(ArtifactError, match="more exits than arrivals"):
+        ExitCounts.load(tmp_path / "bad.json")
+    run = subprocess.run([sys.executable, "-m", "rescascade", "drift", str(cascade_json), str(tmp_path / "none.json")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1
