@@ -21,6 +21,7 @@ from .predictions import Predictions, load_predictions
 from .refine import refine as refine_choice
 from .target import Target
 
+REFINE_FEW = 50  # calib images below which a cost check's ratios vary more than the differences it decides
 CALIB_HALF_WIDTH = 0.01  # warn when calib pins the reference's accuracy down to less than +-1 point (95 %)
 
 
@@ -95,9 +96,16 @@ def run_build(run_dir, profile=None, backend: str | None = None, precision: str 
     no_decode_rows = source_size == "auto" and profile.decode is None
     if no_decode_rows:
         source_size = None
+        no_decode_rows = doc.get("preprocessing", {}).get("held_out_files", True)  # else nothing to warn about
     costs = CostModel.from_profile(profile, pool, backend, precision, batch_size, batch_aware, str(profile_path),
-                                   source_size)
+                                   source_size, doc.get("preprocessing", {}).get("decode_scale", "full"))
     warnings = build_warnings(calib, df, costs, pool, guarantee)  # printed with the summary, in cascade.json
+    if refine and costs.batch_size > 1 and not batch_aware:
+        warnings.append(f"--refine at batch {costs.batch_size} without --batch-aware: the costs price every stage at "
+                        "full batches, so the later stages' smaller batches stay unpriced; add --batch-aware")
+    if 0 < refine < REFINE_FEW:
+        warnings.append(f"--refine {refine}: the cost check runs on {refine} images; its ratios are noisy below "
+                        f"{REFINE_FEW}")
     if no_decode_rows:
         warnings.append(f"{profile_path} times no JPEG decoding: the costs are those of decoded inputs; re-run "
                         "`rescascade profile` to count the decode encoded images pay")
@@ -150,7 +158,9 @@ def format_build_summary(config: dict, out) -> str:
     lines = [f"cascade: {' -> '.join(stages)}",
              f"confidence: {config['confidence']['measure']}, {_temperature_words(config['confidence'])}, "
              f"combine {'on' if config['confidence']['combine'] else 'off'}; costs: {prof['backend']} "
-             f"{prof['precision']} batch {prof['batch_size']}{' (batch-aware)' if prof['batch_aware'] else ''}",
+             f"{prof['precision']} batch {prof['batch_size']}{' (batch-aware)' if prof['batch_aware'] else ''}, "
+             + (f"JPEG decode of {'x'.join(map(str, prof['decode']['source_size']))} included" if 'decode' in prof
+                else "no decode counted (decoded inputs)"),
              "",
              "| split | cascade top-1 | reference r%d top-1 | cascade ms/img | reference ms/img | cost vs reference | exits per stage |" % ref["resolution"],
              "|---|---|---|---|---|---|---|"]

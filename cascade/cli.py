@@ -272,7 +272,9 @@ def add_train_parser(sub) -> None:
     g.add_argument("--decode-scale", choices=["stage", "full"],
                    help="how predictions and the cascade runtime decode a JPEG for each resolution: stage: at the "
                         "smallest DCT scale (1/2, 1/4, 1/8) that still covers its resize, far cheaper for large "
-                        "photos (pixels differ slightly from a full decode); full (default: stage)")
+                        "photos (pixels differ slightly from a full decode); full: every resolution from the full "
+                        "decode. Held-out images given decoded (built-in synthetic data) are predicted as they are "
+                        "(full) (default: stage)")
     s.set_defaults(func=cmd_train)
 
 

@@ -49,13 +49,14 @@ class CostModel:
     @classmethod
     def from_profile(cls, df: pd.DataFrame, resolutions=None, backend: str | None = None, precision: str | None = None,
                      batch_size: int = 1, batch_aware: bool = False, where: str = "profile",
-                     source_size: tuple[int, int] | str | None = None) -> "CostModel":
+                     source_size: tuple[int, int] | str | None = None, decode_scale: str | None = None) -> "CostModel":
         """Per-image stage costs (ms) at `batch_size` from a profile (a `Profile` or its table): inference +
         preprocessing + decision per stage, the upload charged once per cascade. resolutions None: every one
         profiled; backend/precision None: the profile's only one. batch_aware: keep every batch size, for a
         cascade whose later stages run on shrinking batches. source_size: (width, height) or "WxH" of the encoded
         images served, whose decode the profile timed ("auto": the Profile's only size, or the one its
-        preprocessing was timed on; None: decode not counted, as for decoded inputs). Raises RescascadeError
+        preprocessing was timed on; None: decode not counted, as for decoded inputs). decode_scale: the family's
+        (family.json preprocessing.decode_scale): only decode rows timed that way are read. Raises RescascadeError
         naming what is missing."""
         decode = default_size = None
         if hasattr(df, "table"):  # a Profile
@@ -105,15 +106,18 @@ class CostModel:
                                       "one of those with --batch-size")
         model = cls(backend, precision, int(batch_size), batch_aware, table, {b: ms / b for b, ms in once.items()})
         if source_size is not None:
+            if decode is not None and decode_scale is not None:
+                decode = decode[decode.decode_scale == decode_scale]
             model._add_decode(decode, source_size, default_size, where)
         return model
 
     def _add_decode(self, decode, source_size, default_size, where: str) -> None:
         """Per-resolution decode ms and DCT scale for source_size from a profile's decode rows ("auto": the only
         size there, else default_size, the size the profile's preprocessing was timed on)."""
+        where = where.replace("profile.csv", "profile_decode.csv") if where.endswith("profile.csv") else where
         if decode is None or decode.empty:
-            raise RescascadeError(f"{where} has no decode rows (profile_decode.csv): re-run `rescascade profile "
-                                  "RUN_DIR` to time decoding, or count no decode (inputs given decoded)")
+            raise RescascadeError(f"{where} has no decode rows for this family's decode: re-run `rescascade profile "
+                                  "RUN_DIR` to time decoding, or count no decode: --decoded-inputs (source_size=None)")
         sizes = sorted({(int(w), int(h)) for w, h in zip(decode.source_width, decode.source_height)})
         if source_size == "auto":
             if len(sizes) != 1 and tuple(default_size or ()) not in sizes:
@@ -123,7 +127,9 @@ class CostModel:
         elif isinstance(source_size, str):
             from rescascade.training.config import parse_size
             source_size = parse_size(source_size)
-        source_size = (int(source_size[0]), int(source_size[1]))
+        if not isinstance(source_size, (tuple, list)) or len(source_size) != 2:
+            raise ConfigError(f"source_size {source_size!r}: give (width, height), 'WxH' or 'auto'")
+        source_size = tuple(check_int("source_size", v, 1) for v in source_size)
         sel = decode[(decode.source_width == source_size[0]) & (decode.source_height == source_size[1])]
         if sel.empty:
             raise RescascadeError(f"{where} has no decode rows for {source_size[0]}x{source_size[1]} (it has "

@@ -22,7 +22,7 @@ from dataclasses import replace
 
 import numpy as np
 
-from rescascade.training.errors import RescascadeError, check_int
+from rescascade.training.errors import ConfigError, RescascadeError, check_int
 from rescascade.training.images import Encoded
 from rescascade.training.progress import progress
 
@@ -39,6 +39,9 @@ def calibration_inputs(config, calib, n: int, encoded: bool, log) -> tuple[list,
     rows in `calib` (a Predictions). Raises DataError when the images are gone or changed since prediction."""
     images, spec, digests, _ = images_to_score(config, None, "calib", n, log)
     decoded, _, kept = decode_all(images, digests, log)
+    if encoded and kept and images.encoded(kept[0]) is None:
+        raise ConfigError(f"--refine: the calib images of {spec} are held decoded, so there are no files to time the "
+                          "decode on; build with --decoded-inputs")
     position = {str(i): k for k, i in enumerate(calib.ids)}
     rows = np.array([position[str(images.ids[i])] for i in kept], dtype=np.int64)
     return (encoded_all(images, kept, spec) if encoded else decoded), rows
@@ -63,11 +66,13 @@ def measure_cascades(runner, cascades: list[Cascade], inputs: list, batch_size: 
                 inside = 0.0
                 for t in res.stage_timings:
                     s = stats[k]["stages"].setdefault(t.resolution, {"rows": 0, "decoded": 0, "decode_s": 0.0,
-                                                                     "work_s": 0.0})
+                                                                     "work_s": 0.0, "calls": []})
                     s["rows"] += t.rows
                     s["decoded"] += t.decoded
                     s["decode_s"] += t.decode_s
                     s["work_s"] += t.preprocess_s + t.inference_s + t.decide_s
+                    if t.rows:  # (rows, batch, seconds) of each call: the cost model prices calls by their rows
+                        s["calls"].append((t.rows, len(batch), t.preprocess_s + t.inference_s + t.decide_s))
                     inside += t.decode_s + t.preprocess_s + t.inference_s + t.decide_s
                 stats[k]["outside_s"] += res.wall_s - inside
                 stats[k]["images"] += len(batch)
@@ -78,17 +83,25 @@ def measure_cascades(runner, cascades: list[Cascade], inputs: list, batch_size: 
 
 def refined_costs(costs: CostModel, runs: list[dict], decode: bool = True) -> CostModel:
     """The profile's costs re-estimated from the runtime's stage timings (see the module): each resolution's rows
-    scaled by measured / profiled per-image cost, decode per decoded row (decode False: the profile's decode
-    costs kept, for images of another size than the costs are for), and the time outside the stages as the
-    once-per-image cost."""
-    work, rows, dec_s, decoded = {}, {}, {}, {}
+    scaled by measured / priced time of its calls (batch-aware costs price a call by its rows; the others by the
+    serving batch, so only full-batch calls are compared), decode per decoded row (decode False: the profile's
+    decode costs kept, for images of another size than the costs are for), and the time outside the stages as
+    the once-per-image cost."""
+    calls, dec_s, decoded = {}, {}, {}
     for run in runs:
         for r, s in run["stages"].items():
-            work[r] = work.get(r, 0.0) + s["work_s"]
-            rows[r] = rows.get(r, 0) + s["rows"]
+            calls.setdefault(r, []).extend(s.get("calls") or [(s["rows"], s["rows"], s["work_s"])])
             dec_s[r] = dec_s.get(r, 0.0) + s["decode_s"]
             decoded[r] = decoded.get(r, 0) + s["decoded"]
-    factor = {r: 1000 * work[r] / rows[r] / costs.per_image(r) for r in work if rows[r] and r in costs.table}
+    factor = {}
+    for r, cs in calls.items():
+        if r not in costs.table:
+            continue
+        if not costs.batch_aware:  # the costs price every stage at the full serving batch: compare full calls
+            cs = [c for c in cs if c[0] == c[1]] or cs
+        priced = sum(n * costs.per_image(r, n if costs.batch_aware else None) for n, _, _ in cs if n)
+        if priced > 0:
+            factor[r] = 1000 * sum(seconds for _, _, seconds in cs) / priced
     if not factor:
         raise RescascadeError("the refinement ran no stage: no calibration image was answered")
     typical = float(np.median(list(factor.values())))

@@ -3,7 +3,7 @@
 A family that decodes per stage (family.json preprocessing.decode_scale "stage") decodes a JPEG at the smallest
 DCT scale that covers the stage's resize (`training.images.jpeg_scale`); "full" decodes in full for every stage.
 The profile times exactly that call, `training.images.decode`, on a JPEG of each source size, round-robin like
-the inference rows, and writes decode.csv beside profile.csv. The JPEG is synthetic (seeded noise summed over
+the inference rows, and `rescascade profile` writes profile_decode.csv beside profile.csv. The JPEG is synthetic (seeded noise summed over
 octaves, so its spectrum falls off as a photo's does; quality 90): its bytes per pixel are recorded, since the
 entropy decoding's cost grows with them; `build --refine` corrects the estimate with the runtime's own timings
 on real images.

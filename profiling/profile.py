@@ -26,7 +26,7 @@ import torch
 from rescascade.training.config import MAX_BATCH, MAX_THREADS, parse_size
 from rescascade.training.errors import ConfigError, RescascadeError, check_int
 from rescascade.training.fileio import atomic_path, check_schema, read_json, write_json
-from rescascade.training.images import DEFAULT_MAX_PIXELS, jpeg_scale
+from rescascade.training.images import DECODE_SCALES, DEFAULT_MAX_PIXELS, jpeg_scale
 from rescascade.training.preprocess import CROP_FRACTION, channels_last_batch, eval_resize_size, preprocess
 from rescascade.training.progress import progress
 from rescascade.training.store import family_sha256, load_family, weights_id
@@ -198,7 +198,15 @@ def _read_decode(path: Path) -> pd.DataFrame | None:
             raise RescascadeError(f"{path}: {column} {df[column].iloc[row]} in row {row + 2} is not a number >= {low}; "
                                   "the file was edited or damaged: re-run `rescascade profile`")
         df[column] = values if column == "median_ms" else values.astype(int)
-    df["smoke"] = df["smoke"].astype(bool)
+    bad = ~df.scale.isin((1, 2, 4, 8)) | ~df.decode_scale.isin(DECODE_SCALES) | ~df.smoke.astype(str).isin(
+        ("True", "False"))
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise RescascadeError(f"{path}: row {row + 2} has scale {df.scale.iloc[row]}, decode_scale "
+                              f"{df.decode_scale.iloc[row]!r}, smoke {df.smoke.iloc[row]!r} (scale 1, 2, 4 or 8; "
+                              f"decode_scale {' or '.join(DECODE_SCALES)}); the file was edited or damaged: re-run "
+                              "`rescascade profile`")
+    df["smoke"] = df.smoke.astype(str) == "True"
     return df
 
 
@@ -247,9 +255,12 @@ def run_profile(run_dir, backend: str = "onnxruntime", precision: str = "fp32", 
         decode_sizes = decode_sizes.split(",")
     if decode_sizes is not None and not isinstance(decode_sizes, (list, tuple)):
         raise ConfigError(f"decode_sizes {decode_sizes!r}: give (width, height) pairs or 'WxH' strings")
-    decode_sizes = [tuple(source_size[::-1])] if decode_sizes is None else list(dict.fromkeys(map(_size, decode_sizes)))
-    if not decode_sizes:
-        raise ConfigError("--decode-sizes is empty: give at least one, e.g. 500x375")
+    if decode_sizes is None:  # a family whose held-out images were given decoded serves no files by default
+        decode_sizes = [tuple(source_size[::-1])] if prep.get("held_out_files", True) else []
+    else:
+        decode_sizes = list(dict.fromkeys(map(_size, decode_sizes)))
+        if not decode_sizes:
+            raise ConfigError("--decode-sizes is empty: give at least one, e.g. 500x375")
     for w, h in decode_sizes:
         if w * h > DEFAULT_MAX_PIXELS:
             raise ConfigError(f"--decode-sizes {w}x{h}: {w * h:,} pixels is more than the runtime decodes "
@@ -279,7 +290,8 @@ def run_profile(run_dir, backend: str = "onnxruntime", precision: str = "fp32", 
     with torch_threads(threads):
         rows = _measure(family, run_dir, wid, engine_backend, backend, precision, resolutions, batch_sizes, threads,
                         protocol, source_size, decision_step, decode_scale, crop_fraction)
-    decode_rows = time_decode(decode_sizes, resolutions, crop_fraction, decode_scale, protocol)
+    decode_rows = time_decode(decode_sizes, resolutions, crop_fraction, decode_scale, protocol) if decode_sizes \
+        else None
     new = pd.DataFrame(rows, columns=COLUMNS)
     if old is not None:
         keys = set(map(tuple, new[KEY].astype(str).values))
@@ -288,7 +300,8 @@ def run_profile(run_dir, backend: str = "onnxruntime", precision: str = "fp32", 
     new = new.sort_values(KEY).reset_index(drop=True)
     with atomic_path(out) as tmp:
         new.to_csv(tmp, index=False, float_format="%.6g")
-    _merge_decode(decode_path(out), decode_rows)
+    if decode_rows is not None:
+        _merge_decode(decode_path(out), decode_rows)
     meta = {"schema_version": PROFILE_SCHEMA, "family": str(Path(run_dir).resolve()),
             "family_json_sha256": family_sha256(run_dir), "weights_sha256": wid, "device": fp,
             "protocol": vars(protocol), "source_size": [int(source_size[1]), int(source_size[0])],  # [width, height]
@@ -297,14 +310,19 @@ def run_profile(run_dir, backend: str = "onnxruntime", precision: str = "fp32", 
     return new
 
 
+JPEG_MAX_SIDE = 65500  # the JPEG format's largest width or height
+
+
 def _size(size) -> tuple[int, int]:
-    """(width, height) from a pair or "WxH"."""
+    """(width, height) from a pair of integers or "WxH", each side 1..JPEG_MAX_SIDE."""
     if isinstance(size, str):
-        return parse_size(size)
-    try:
-        w, h = (check_int("decode_sizes", int(v), 1) for v in size)
-    except (TypeError, ValueError):
-        raise ConfigError(f"--decode-sizes {size!r}: give WIDTHxHEIGHT sizes, e.g. 500x375,1600x1200") from None
+        w, h = parse_size(size)
+    elif isinstance(size, (tuple, list)) and len(size) == 2:
+        w, h = (check_int("decode_sizes", v, 1) for v in size)
+    else:
+        raise ConfigError(f"--decode-sizes {size!r}: give WIDTHxHEIGHT sizes, e.g. 500x375,1600x1200")
+    if max(w, h) > JPEG_MAX_SIDE:
+        raise ConfigError(f"--decode-sizes {w}x{h}: a JPEG is at most {JPEG_MAX_SIDE} pixels on a side")
     return w, h
 
 
@@ -316,6 +334,8 @@ def _merge_decode(path: Path, new: pd.DataFrame) -> None:
         key = ["source_width", "source_height", "resolution", "decode_scale"]
         old_keys = [tuple(k) for k in old[key].astype(str).values]
         new_keys = [tuple(k) for k in new[key].astype(str).values]
+        stale = ~old.decode_scale.isin(set(new.decode_scale))  # the family now decodes otherwise
+        old, old_keys = old[~stale.values], [k for k, st in zip(old_keys, stale) if not st]
         measured = {k for k, smoke in zip(old_keys, old.smoke) if not smoke}
         if new.smoke.all():  # smoke figures never replace measured ones
             new = new[[k not in measured for k in new_keys]]

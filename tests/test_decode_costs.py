@@ -149,9 +149,13 @@ def test_bad_decode_options_are_one_line(jpeg_family, tmp_path):
     with pytest.raises(ConfigError, match="WIDTHxHEIGHT"):
         run_profile(jpeg_family / "fam", "onnxruntime", "fp32", (1,), protocol=QUICK, threads=1,
                     decision_step=decision_step, decode_sizes=["big"], out=tmp_path / "p.csv", **QUIET)
-    with pytest.raises(ConfigError, match="more than the runtime decodes"):
-        run_profile(jpeg_family / "fam", "onnxruntime", "fp32", (1,), protocol=QUICK, threads=1,
-                    decision_step=decision_step, decode_sizes=["100000x100000"], out=tmp_path / "p.csv", **QUIET)
+    for sizes, message in ((["20000x20000"], "more than the runtime decodes"), (["70000x10"], "65500 pixels on a side"),
+                           ([(224.5, 224)], "decode_sizes"), ([(224, 224, 3)], "WIDTHxHEIGHT")):
+        with pytest.raises(ConfigError, match=message):
+            run_profile(jpeg_family / "fam", "onnxruntime", "fp32", (1,), protocol=QUICK, threads=1,
+                        decision_step=decision_step, decode_sizes=sizes, out=tmp_path / "p.csv", **QUIET)
+    with pytest.raises(ConfigError, match="source_size"):
+        run_build(jpeg_family / "fam", batch_size=1, source_size=5, out=tmp_path / "b.json", **QUIET)
     assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "p.csv")
 
 
@@ -202,3 +206,32 @@ def test_the_greedy_sees_that_a_shared_decode_moves_to_the_first_stage():
     builder = CascadeBuilder("best", exact="off").fit(calib, costs)
     assert builder.cascade_.resolutions == [32, 48]
     assert builder.chosen_.outcome.mean_cost == pytest.approx(11.0 + 0.2 * 2.0, rel=0.05)
+
+
+def test_build_reads_only_decode_rows_timed_the_way_the_family_decodes(jpeg_family, tmp_path):
+    import shutil
+    fam = jpeg_family / "fam"
+    for name in ("profile.csv", "profile.json", "profile_decode.csv"):
+        shutil.copy(fam / name, tmp_path / name)
+    rows = (tmp_path / "profile_decode.csv").read_text().replace(",stage,", ",full,")
+    (tmp_path / "profile_decode.csv").write_text(rows)
+    with pytest.raises(RescascadeError, match="profile_decode.csv has no decode rows for this family's decode.*"
+                                              "decoded.inputs"):
+        run_build(fam, profile=tmp_path / "profile.csv", batch_size=1, out=tmp_path / "c.json", **QUIET)
+    (tmp_path / "profile_decode.csv").write_text(rows.replace(",4,", ",3,", 1))
+    with pytest.raises(RescascadeError, match="scale 3"):
+        Profile.load(tmp_path)
+
+
+def test_refine_prices_only_full_batch_calls_when_the_costs_ignore_shrinking_batches():
+    costs = CostModel("onnxruntime", "fp32", 8, False, {32: {8: 1.0}, 48: {8: 2.0}}, {})
+    runs = [{"stages": {32: {"rows": 16, "decoded": 0, "decode_s": 0.0, "work_s": 0.024,
+                             "calls": [(8, 8, 0.012), (8, 8, 0.012)]},
+                        48: {"rows": 2, "decoded": 0, "decode_s": 0.0, "work_s": 0.010,
+                             "calls": [(1, 8, 0.005), (1, 8, 0.005)]}}, "outside_s": 0.0, "images": 16},
+            {"stages": {48: {"rows": 16, "decoded": 0, "decode_s": 0.0, "work_s": 0.032,
+                             "calls": [(8, 8, 0.016), (8, 8, 0.016)]}}, "outside_s": 0.0, "images": 16}]
+    refined = refined_costs(costs, runs)
+    assert refined.table[32][8] == pytest.approx(1.5) and refined.table[48][8] == pytest.approx(2.0)
+    aware = refined_costs(CostModel("onnxruntime", "fp32", 8, True, {32: {8: 1.0}, 48: {1: 5.0, 8: 2.0}}, {}), runs)
+    assert aware.table[48][1] == pytest.approx(5.0 * (0.010 + 0.032) * 1000 / (2 * 5.0 + 16 * 2.0))

@@ -127,7 +127,8 @@ def _package(result, splits: DataSplits, cfg: TrainConfig, out: Path, weights_de
                   "preset": preset, "epochs": cfg.epochs, "train_seconds": round(result.seconds, 1),
                   "skipped_train_images": result.skipped_images, "world_size": env.world}
     device = pick_device(cfg.device, env)
-    if not all(hasattr(s.reader, "encoded") for s in (splits.calib, splits.test)):
+    files = all(hasattr(s.reader, "encoded") for s in (splits.calib, splits.test))
+    if not files:
         decode_scale = "full"  # held-out images given decoded: predicted on those pixels, as a runtime given them
     if cfg.independent:
         doc = _save_independent(model, out, splits.class_names, provenance, arch)
@@ -135,6 +136,7 @@ def _package(result, splits: DataSplits, cfg: TrainConfig, out: Path, weights_de
     else:
         doc = save_family(model, out, class_names=splits.class_names, provenance=provenance, write_doc=False,
                           decode_scale=decode_scale)
+        doc["preprocessing"]["held_out_files"] = files  # False: no encoded images to time a decode on
         models = {r: model.plain_model(r) for r in model.resolutions}
     if predictors is not None:
         models = predictors(model, out, doc)
