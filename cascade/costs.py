@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
+import numpy as np
 import pandas as pd
 
 from rescascade.training.errors import ConfigError, RescascadeError, check_int
@@ -45,6 +46,8 @@ class CostModel:
     decode_ms: dict[int, float] = field(default_factory=dict)
     decode_scale: dict[int, int] = field(default_factory=dict)
     source_size: tuple[int, int] | None = None  # (width, height) of the JPEGs the decode costs are for
+    # resolution -> per-image ms the preprocessing from source_size's decode costs more than from the profiled one
+    preprocess_delta: dict[int, float] = field(default_factory=dict)
 
     @classmethod
     def from_profile(cls, df: pd.DataFrame, resolutions=None, backend: str | None = None, precision: str | None = None,
@@ -141,6 +144,11 @@ class CostModel:
                 raise RescascadeError(f"{where} has no decode row for resolution {r} at {source_size[0]}x"
                                       f"{source_size[1]}; re-run `rescascade profile` with every resolution")
             self.decode_ms[r], self.decode_scale[r] = float(row.median_ms.iloc[-1]), int(row.scale.iloc[-1])
+            base = decode[(decode.source_width == (default_size or [0])[0]) &
+                          (decode.source_height == (default_size or [0, 0])[1]) & (decode.resolution == r)]
+            if "preprocess_ms" in decode.columns and len(base) and np.isfinite(
+                    [row.preprocess_ms.iloc[-1], base.preprocess_ms.iloc[-1]]).all():
+                self.preprocess_delta[r] = float(row.preprocess_ms.iloc[-1] - base.preprocess_ms.iloc[-1])
         self.source_size = source_size
 
     def per_image(self, resolution: int, batch: float | None = None) -> float:
@@ -163,7 +171,8 @@ class CostModel:
     def stage_cost(self, resolution: int, prev: int | None = None, batch: float | None = None) -> float:
         """Per-image ms of a stage at `resolution` run on `batch` images (default: the serving batch size) right
         after a stage at `prev` (None: first): inference, preprocessing, decision and any decode."""
-        return self.per_image(resolution, batch) + self.decode_cost(resolution, prev)
+        work = self.per_image(resolution, batch) + self.preprocess_delta.get(resolution, 0.0)
+        return max(work, 0.0) + self.decode_cost(resolution, prev)
 
     def unit_costs(self) -> dict[int, float]:
         """Per-image cost of each resolution at the serving batch size, as a first stage (its decode included)."""
@@ -186,12 +195,14 @@ class CostModel:
         if self.decode_ms:
             out["decode"] = {"source_size": list(self.source_size),
                              "per_image_ms": {str(r): self.decode_ms[r] for r in sorted(self.table)},
-                             "scale": {str(r): self.decode_scale[r] for r in sorted(self.table)}}
+                             "scale": {str(r): self.decode_scale[r] for r in sorted(self.table)},
+                             "preprocess_delta_ms": {str(r): self.preprocess_delta.get(r, 0.0)
+                                                     for r in sorted(self.table)}}
         return out
 
     def without_decode(self) -> "CostModel":
         """The same costs for decoded inputs (no decode counted)."""
-        return replace(self, decode_ms={}, decode_scale={}, source_size=None)
+        return replace(self, decode_ms={}, decode_scale={}, source_size=None, preprocess_delta={})
 
 
 def _interpolate(rows: dict[int, float], b: float) -> float:

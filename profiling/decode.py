@@ -19,13 +19,13 @@ import pandas as pd
 from PIL import Image
 
 from rescascade.training.images import decode, jpeg_scale
-from rescascade.training.preprocess import eval_resize_size
+from rescascade.training.preprocess import eval_resize_size, preprocess
 
 from .measure import Protocol, cpu_timer, run_protocol, summarize
 
 DECODE_COLUMNS = ["source_width", "source_height", "resolution", "decode_scale", "scale", "decoded_width",
                   "decoded_height", "jpeg_bytes", "bits_per_pixel", "median_ms", "p90_ms", "p99_ms", "cv", "n_iters",
-                  "decoder", "smoke", "measured_at"]
+                  "preprocess_ms", "decoder", "smoke", "measured_at"]
 JPEG_QUALITY = 90
 
 
@@ -56,9 +56,10 @@ def stage_min_side(resolution: int, crop_fraction: float, decode_scale: str) -> 
 
 def time_decode(sizes: list[tuple[int, int]], resolutions: list[int], crop_fraction: float, decode_scale: str,
                 protocol: Protocol, log=print) -> pd.DataFrame:
-    """Time `decode` of a synthetic JPEG of each (width, height) in `sizes` for each stage resolution, round-robin
-    over `protocol.rounds`; stages that decode at the same scale share one timing. -> decode.csv's rows
-    (DECODE_COLUMNS; times in ms per image)."""
+    """Time `decode` of a synthetic JPEG of each (width, height) in `sizes` for each stage resolution, and the
+    stage's preprocessing of one image from that decode (resize, crop, normalize: it grows with the source),
+    round-robin over `protocol.rounds`; stages that decode at the same scale share one decode timing. ->
+    profile_decode.csv's rows (DECODE_COLUMNS; times in ms per image)."""
     import PIL
     rows, times, jobs = [], {}, {}
     for w, h in sizes:
@@ -67,10 +68,17 @@ def time_decode(sizes: list[tuple[int, int]], resolutions: list[int], crop_fract
             side = stage_min_side(r, crop_fraction, decode_scale)
             scale = jpeg_scale(w, h, side)
             jobs.setdefault((w, h, scale), (data, side))
+    prep = {}  # (w, h, r) -> times of preprocessing one image from the decode stage r gets
     for k in range(protocol.rounds):
         part = protocol.round(k)
         for key, (data, side) in jobs.items():
             times.setdefault(key, []).append(run_protocol(cpu_timer(lambda d=data, s=side: decode(d, None, s)), part))
+        for w, h in sizes:
+            for r in resolutions:
+                side = stage_min_side(r, crop_fraction, decode_scale)
+                image = decode(jobs[w, h, jpeg_scale(w, h, side)][0], None, side)[None]
+                prep.setdefault((w, h, r), []).append(run_protocol(
+                    cpu_timer(lambda x=image, r=r: preprocess(x, r, crop_fraction)), part))
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     for w, h in sizes:
         for r in resolutions:
@@ -82,6 +90,8 @@ def time_decode(sizes: list[tuple[int, int]], resolutions: list[int], crop_fract
                          "scale": scale, "decoded_width": -(-w // scale), "decoded_height": -(-h // scale),
                          "jpeg_bytes": len(data), "bits_per_pixel": round(8 * len(data) / (w * h), 3),
                          "median_ms": stats["median_ms"], "p90_ms": stats["p90_ms"], "p99_ms": stats["p99_ms"],
-                         "cv": stats["cv"], "n_iters": stats["n_iters"], "decoder": f"pillow-{PIL.__version__}",
+                         "cv": stats["cv"], "n_iters": stats["n_iters"],
+                         "preprocess_ms": float(np.median(np.concatenate(prep[w, h, r]))),
+                         "decoder": f"pillow-{PIL.__version__}",
                          "smoke": protocol.smoke, "measured_at": now})
     return pd.DataFrame(rows, columns=DECODE_COLUMNS)

@@ -187,7 +187,7 @@ def _read_decode(path: Path) -> pd.DataFrame | None:
         df = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise RescascadeError(f"{path} is not a readable CSV ({e}); re-run `rescascade profile`") from None
-    missing = [c for c in DECODE_COLUMNS if c not in df.columns]
+    missing = [c for c in DECODE_COLUMNS if c not in df.columns and c != "preprocess_ms"]
     if missing:
         raise RescascadeError(f"{path} lacks column(s) {', '.join(missing)}; re-run `rescascade profile`")
     for column, low in (("source_width", 1), ("source_height", 1), ("resolution", 1), ("scale", 1), ("median_ms", 0)):
@@ -261,6 +261,8 @@ def run_profile(run_dir, backend: str = "onnxruntime", precision: str = "fp32", 
         decode_sizes = list(dict.fromkeys(map(_size, decode_sizes)))
         if not decode_sizes:
             raise ConfigError("--decode-sizes is empty: give at least one, e.g. 500x375")
+        # the source size too: the preprocessing of the other sizes is priced relative to it
+        decode_sizes = list(dict.fromkeys([tuple(source_size[::-1])] + decode_sizes))
     for w, h in decode_sizes:
         if w * h > DEFAULT_MAX_PIXELS:
             raise ConfigError(f"--decode-sizes {w}x{h}: {w * h:,} pixels is more than the runtime decodes "

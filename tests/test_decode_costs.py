@@ -103,6 +103,11 @@ def test_profile_times_each_stages_decode_and_build_counts_it(jpeg_family):
     assert profile.meta["source_size"] == [200, 150]  # the held-out images' size: the default bucket
     costs = CostModel.from_profile(profile, batch_size=1, source_size="auto")
     assert costs.source_size == (200, 150) and costs.decode_scale == {32: 4, 48: 2}
+    assert costs.preprocess_delta == {32: 0.0, 48: 0.0}  # the profile's own source size
+    big = CostModel.from_profile(profile, batch_size=1, source_size=(800, 600))
+    assert set(big.preprocess_delta) == {32, 48} and big.decode_scale == {32: 8, 48: 8}
+    assert big.stage_cost(48) == pytest.approx(max(0.0, big.per_image(48) + big.preprocess_delta[48])
+                                               + big.decode_ms[48])
     with pytest.raises(RescascadeError, match="no decode rows for 640x480"):
         CostModel.from_profile(profile, batch_size=1, source_size="640x480")
     cascade_json = _build(fam)
