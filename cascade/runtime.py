@@ -23,7 +23,7 @@ from rescascade.training.config import MAX_BATCH, MAX_THREADS
 from rescascade.training.errors import ConfigError, RescascadeError, check_int
 from rescascade.training.fileio import sha256_file
 from rescascade.training.images import DEFAULT_MAX_PIXELS, Encoded, from_pil
-from rescascade.training.preprocess import channels_last_batch, eval_resize_size, preprocess
+from rescascade.training.preprocess import channels_last_batch, eval_resize_size, preprocess, stage_min_side
 from rescascade.training.store import load_family, weights_id
 
 from .confidence import combine, confidence, log_probs
@@ -206,7 +206,6 @@ class CascadeRunner:
 
         from PIL import Image
 
-        from rescascade.training.preprocess import eval_resize_size
         side = eval_resize_size(max(s.resolution for s in self.cascade.stages), self.crop_fraction)
         h, w = source_size or (side, side)
         jpeg = io.BytesIO()
@@ -263,7 +262,7 @@ class CascadeRunner:
                       errors: dict[int, str]) -> tuple[np.ndarray, int]:
         """Decode the active encoded inputs at the scale stage `resolution` needs (kept where the last decode has
         it). -> (the rows still active: a row whose data fails to decode gets its error, count decoded)."""
-        side = None if self.decode_scale == "full" else eval_resize_size(resolution, self.crop_fraction)
+        side = stage_min_side(resolution, self.crop_fraction, self.decode_scale)
         keep, decoded = [], 0
         for i in active:
             item = items[i]

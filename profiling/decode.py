@@ -19,7 +19,7 @@ import pandas as pd
 from PIL import Image
 
 from rescascade.training.images import decode, jpeg_scale
-from rescascade.training.preprocess import eval_resize_size, preprocess
+from rescascade.training.preprocess import preprocess, stage_min_side
 
 from .measure import Protocol, cpu_timer, run_protocol, summarize
 
@@ -49,11 +49,6 @@ def synthetic_photo(width: int, height: int, seed: int = 0, quality: int = JPEG_
     return buf.getvalue()
 
 
-def stage_min_side(resolution: int, crop_fraction: float, decode_scale: str) -> int | None:
-    """The shorter side a stage at `resolution` decodes to at least (None: in full)."""
-    return None if decode_scale == "full" else eval_resize_size(resolution, crop_fraction)
-
-
 def time_decode(sizes: list[tuple[int, int]], resolutions: list[int], crop_fraction: float, decode_scale: str,
                 protocol: Protocol, log=print) -> pd.DataFrame:
     """Time `decode` of a synthetic JPEG of each (width, height) in `sizes` for each stage resolution, and the
@@ -69,14 +64,14 @@ def time_decode(sizes: list[tuple[int, int]], resolutions: list[int], crop_fract
             scale = jpeg_scale(w, h, side)
             jobs.setdefault((w, h, scale), (data, side))
     prep = {}  # (w, h, r) -> times of preprocessing one image from the decode stage r gets
+    decoded = {key: decode(data, None, side)[None] for key, (data, side) in jobs.items()}  # once, not per round
     for k in range(protocol.rounds):
         part = protocol.round(k)
         for key, (data, side) in jobs.items():
             times.setdefault(key, []).append(run_protocol(cpu_timer(lambda d=data, s=side: decode(d, None, s)), part))
         for w, h in sizes:
             for r in resolutions:
-                side = stage_min_side(r, crop_fraction, decode_scale)
-                image = decode(jobs[w, h, jpeg_scale(w, h, side)][0], None, side)[None]
+                image = decoded[w, h, jpeg_scale(w, h, stage_min_side(r, crop_fraction, decode_scale))]
                 prep.setdefault((w, h, r), []).append(run_protocol(
                     cpu_timer(lambda x=image, r=r: preprocess(x, r, crop_fraction)), part))
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")

@@ -491,12 +491,12 @@ class EvalDataset(torch.utils.data.Dataset):
     meets; "full": every resolution from the full decode. The digest is always the full decode's."""
 
     def __init__(self, images: ImageSet, resolutions, crop_fraction: float, decode_scale: str = "full"):
-        from .preprocess import eval_resize_size, resize_center_crop
+        from .preprocess import resize_center_crop, stage_min_side
         if decode_scale not in DECODE_SCALES:
             raise ConfigError(f"decode_scale {decode_scale!r}: use one of {', '.join(DECODE_SCALES)}")
         self.images, self.resolutions, self.crop_fraction = images, list(resolutions), crop_fraction
         self.decode_scale = decode_scale
-        self._resize, self._min_side = resize_center_crop, eval_resize_size
+        self._resize, self._min_side = resize_center_crop, stage_min_side
 
     def __len__(self):
         return len(self.images)
@@ -506,7 +506,7 @@ class EvalDataset(torch.utils.data.Dataset):
         enc = self.images.encoded(i) if self.decode_scale == "stage" else None
         views = []
         for r in self.resolutions:
-            side = self._min_side(r, self.crop_fraction)
+            side = self._min_side(r, self.crop_fraction, "stage")
             source = full if enc is None or enc.scale(side) == 1 else enc.decode(side)
             views.append(self._resize(source, r, self.crop_fraction))
         return views, pixel_digest(full)

@@ -17,6 +17,12 @@ def eval_resize_size(resolution: int, crop_fraction: float = CROP_FRACTION) -> i
     return int(round(resolution / crop_fraction))
 
 
+def stage_min_side(resolution: int, crop_fraction: float = CROP_FRACTION, decode_scale: str = "stage") -> int | None:
+    """The shorter side a stage at `resolution` decodes a JPEG to at least under a family's decode_scale ("stage":
+    its resize size; "full": None, a full decode)."""
+    return None if decode_scale == "full" else eval_resize_size(resolution, crop_fraction)
+
+
 def bound_aspect(images: torch.Tensor, max_aspect: int = MAX_ASPECT) -> torch.Tensor:
     """The central max_aspect:1 part of images longer than that (a view), else images unchanged.
 
