@@ -38,7 +38,7 @@ _EXPORTS = {
     "load_predictions": "rescascade.predictions", "CascadeConfig": "rescascade.config",
     "CascadeBuilder": "rescascade.builder",
     "run_build": "rescascade.build", "run_eval": "rescascade.evaluate",
-    "CascadeRunner": "rescascade.runtime", "decision_step": "rescascade.runtime",
+    "CascadeRunner": "rescascade.runtime", "decision_step": "rescascade.exits",
     "ExitCounts": "rescascade.monitor", "drift_report": "rescascade.monitor",
 }
 __all__ = sorted(_EXPORTS)

@@ -1,4 +1,4 @@
-"""The `rescascade` command: train, info, profile, build, eval, demo."""
+"""The `rescascade` command: train, info, profile, build, eval, drift, export, demo."""
 from __future__ import annotations
 
 import argparse
@@ -421,9 +421,18 @@ def add_eval_parser(sub) -> None:
 
 
 def cmd_drift(args) -> None:
-    from .config import read_config
+    from pathlib import Path
+
+    from .config import CascadeConfig, read_config
     from .monitor import ExitCounts, drift_report, format_drift
-    report = drift_report(read_config(args.cascade_json), ExitCounts.load(args.counts), args.alpha)
+    path = Path(args.cascade_json)
+    if path.name == "bundle.json" or (path / "bundle.json").is_file():  # an exported bundle carries its cascade
+        from .deploy import Bundle
+        bundle = Bundle(path)
+        config = CascadeConfig(bundle.doc, bundle.path)
+    else:
+        config = read_config(path)
+    report = drift_report(config, ExitCounts.load(args.counts), args.alpha)
     print(format_drift(report))
     if report["drifted"] and args.check:
         raise SystemExit(3)
@@ -435,11 +444,49 @@ def add_drift_parser(sub) -> None:
                        description="Compare the exits per stage a serving runtime counted (runner.counts.save(PATH)) "
                                    "with the ones cascade.json expects: a two-proportion test per stage; a "
                                    "difference means the thresholds should be re-fitted on recent labelled images.")
-    s.add_argument("cascade_json", help="the cascade.json that served the traffic")
+    s.add_argument("cascade_json", help="the cascade.json (or the bundle `rescascade export` wrote) that served the "
+                                        "traffic")
     s.add_argument("counts", help="the counts JSON saved by the runtime")
     s.add_argument("--alpha", type=_fraction, default=0.01, help="family-wise false-alarm rate (default: 0.01)")
     s.add_argument("--check", action="store_true", help="exit with status 3 when traffic has drifted (for alerts)")
     s.set_defaults(func=cmd_drift)
+
+
+def cmd_export(args) -> None:
+    from .export import export_bundle, export_triton
+    if args.format == "triton":
+        export_triton(args.cascade_json, args.out, args.precision, args.max_batch_size, args.instances,
+                      args.max_queue_delay_us, args.device)
+    else:
+        export_bundle(args.cascade_json, args.out, args.precision)
+
+
+def add_export_parser(sub) -> None:
+    s = sub.add_parser("export", help="write a bundle that runs the cascade without torch (ONNX Runtime, numpy, "
+                                      "Pillow)", formatter_class=_Formatter,
+                       description="Write a self-contained bundle of a cascade: one ONNX model per stage and one for "
+                                   "the reference, bundle.json (stages, thresholds, preprocessing, class names, "
+                                   "sha256 of every model) and the runtime's modules. Run it where only onnxruntime, "
+                                   "numpy and Pillow are installed: PYTHONPATH=DIR python -m rescascade.deploy DIR "
+                                   "IMAGE... (or rescascade.deploy.BundleRunner). It gives the labels, exit stages "
+                                   "and probabilities rescascade's own runtime gives on CPU.")
+    s.add_argument("cascade_json", help="cascade.json written by `rescascade build` (its family where it says)")
+    s.add_argument("--out", required=True, help="the bundle directory (new, empty, or an earlier bundle to replace)")
+    s.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
+                   help="the ONNX models' precision (default: fp32; fp16 for GPUs, on CPU fp32 is faster)")
+    s.add_argument("--format", choices=("bundle", "triton"), default="bundle",
+                   help="bundle: the directory above (default: bundle); triton: a Triton model repository serving "
+                        "the bundle with its Python backend, models `cascade` and `reference`")
+    t = s.add_argument_group("--format triton")
+    t.add_argument("--max-batch-size", type=_number(int, 1, MAX_BATCH, f"an integer 1..{MAX_BATCH}"), default=32,
+                   help="the largest batch the dynamic batcher forms (default: 32)")
+    t.add_argument("--instances", type=_number(int, 1, 64, "an integer 1..64"), default=1,
+                   help="model instances (default: 1)")
+    t.add_argument("--max-queue-delay-us", type=_number(int, 0, 10_000_000, "microseconds 0..10000000"),
+                   default=1000, help="how long the batcher waits to fill a batch (default: 1000)")
+    t.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
+                   help="cpu instances, or gpu instances on ONNX Runtime's CUDA provider (default: cpu)")
+    s.set_defaults(func=cmd_export)
 
 
 def cmd_demo(args) -> None:
@@ -482,6 +529,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_build_parser(sub)
     add_eval_parser(sub)
     add_drift_parser(sub)
+    add_export_parser(sub)
     add_demo_parser(sub)
     return p
 

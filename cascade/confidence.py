@@ -7,8 +7,6 @@ means the same thing in both.
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import minimize_scalar
-from scipy.special import log_softmax
 
 MEASURES = ("max_prob", "margin", "entropy")
 
@@ -42,6 +40,9 @@ def confidence(logp: np.ndarray, measure: str) -> np.ndarray:
 
 def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
     """The temperature that minimises the negative log-likelihood (Guo et al. 2017), in [0.05, 20]."""
+    from scipy.optimize import minimize_scalar  # here, not above: the deployed runtime needs numpy alone
+    from scipy.special import log_softmax
+
     logits = np.asarray(logits, dtype=np.float64)
     rows = np.arange(len(labels))
 

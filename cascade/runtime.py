@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -26,90 +25,28 @@ from rescascade.training.images import DEFAULT_MAX_PIXELS, Encoded, from_pil
 from rescascade.training.preprocess import channels_last_batch, eval_resize_size, preprocess, stage_min_side
 from rescascade.training.store import load_family, weights_id
 
-from .confidence import combine, confidence, log_probs
 from .config import CascadeConfig, read_config
+from .exits import Answers, CascadeResult, StageTiming, decision_step, decode_stage, error_text, exit_step
 from .monitor import ExitCounts
 from .optimizer import Cascade, Stage
 
-
-@dataclass
-class StageTiming:
-    resolution: int
-    rows: int = 0
-    calls: int = 0
-    decoded: int = 0            # rows decoded at this stage (0 where it reuses the last stage's decode)
-    decode_s: float = 0.0
-    preprocess_s: float = 0.0
-    inference_s: float = 0.0
-    decide_s: float = 0.0
+__all__ = ["CascadeRunner", "CascadeResult", "StageTiming", "decision_step", "exit_step"]
 
 
-@dataclass
-class CascadeResult:
-    labels: np.ndarray          # [N] predicted class index (-1 where the input failed)
-    probs: np.ndarray           # [N, C] probabilities of the answering stage (NaN rows where failed)
-    exit_stage: np.ndarray      # [N] index of the answering stage (-1 where failed)
-    confidence: np.ndarray      # [N] confidence at the answering stage
-    errors: dict[int, str] = field(default_factory=dict)   # input index -> what went wrong
-    stage_timings: list[StageTiming] = field(default_factory=list)
-    wall_s: float = 0.0
-    class_names: list[str] = field(default_factory=list)   # the family's, index -> name
-
-    @property
-    def names(self) -> list[str | None]:
-        """[N] the predicted class names (None where the input failed)."""
-        return [self.class_names[k] if k >= 0 else None for k in self.labels]
-
-
-@dataclass
-class Answers:
-    labels: np.ndarray       # [N] (-1: no answer yet)
-    probs: np.ndarray        # [N, C]
-    exit_stage: np.ndarray   # [N]
-    confidence: np.ndarray   # [N]
-
-    @classmethod
-    def empty(cls, n: int, num_classes: int) -> "Answers":
-        return cls(np.full(n, -1, dtype=np.int64), np.full((n, num_classes), np.nan, dtype=np.float32),
-                   np.full(n, -1, dtype=np.int64), np.full(n, np.nan))
-
-
-def exit_step(logits: np.ndarray, k: int, threshold: float, temperature: float, measure: str, combined: bool,
-              history: list[np.ndarray], active: np.ndarray, answers: Answers, counts: ExitCounts | None = None):
-    """Stage k's decision on its logits (rows aligned with `active`): the confident rows get their answers,
-    the rest go on; `counts` (when given) records the stage's confidences and exits. -> (rows still active,
-    log-probabilities of the stages run so far for those rows). The profile times this very function as the
-    stage's decision cost."""
-    lp = log_probs(logits, temperature)
-    if combined:
-        history = history + [lp]
-        lp = combine(history) if len(history) > 1 else lp
-    conf = confidence(lp, measure)
-    done = np.ones(len(active), dtype=bool) if threshold == -math.inf else conf >= threshold  # the last answers all
-    rows = active[done]
-    answers.labels[rows] = lp[done].argmax(-1)
-    answers.probs[rows] = np.exp(lp[done])
-    answers.exit_stage[rows] = k
-    answers.confidence[rows] = conf[done]
-    if combined:
-        history = [h[~done] for h in history]
-    if counts is not None:
-        counts.add_stage(k, conf, done)
-    return active[~done], history
-
-
-def decision_step(batch: int, num_classes: int):
-    """A stage's decision on random [batch, num_classes] logits as a no-argument function, for the profiler to time
-    (`run_profile(decision_step=...)`): temperature log-softmax, the free ensemble with one earlier stage,
-    confidence, exit mask, writing the answers: the dearest path a build can choose; it does not depend on the
-    resolution."""
-    rng = np.random.default_rng(0)
-    logits = rng.normal(size=(batch, num_classes)).astype(np.float32)
-    earlier = [rng.normal(size=(batch, num_classes)).astype(np.float32)]
-    active = np.arange(batch)
-    answers = Answers.empty(batch, num_classes)
-    counts = ExitCounts.for_cascade([96, 128], "max_prob", num_classes)
-    return lambda: exit_step(logits, 1, 0.5, 1.3, "max_prob", True, earlier, active, answers, counts)
+def open_family(config: CascadeConfig):
+    """The family a cascade.json was built on, with its hashes checked: -> (ResolutionFamily, family.json doc).
+    Raises RescascadeError when the family is not where cascade.json says or its files changed since the build."""
+    fam_dir, doc_family = config.family_dir, config.doc["family"]
+    if not (fam_dir / "family.json").is_file():
+        raise RescascadeError(f"the family {fam_dir} named by {config.path} is not there; copy the family "
+                              "directory next to cascade.json as recorded, or re-run build")
+    if sha256_file(fam_dir / "family.json") != doc_family["family_json_sha256"]:
+        raise RescascadeError(f"{fam_dir}/family.json changed since {config.path} was built; "
+                              "re-run `rescascade build` for this family")
+    family, doc = load_family(fam_dir)  # verifies every weight file's sha256
+    if weights_id(doc) != doc_family["weights_sha256"]:
+        raise RescascadeError(f"the weights in {fam_dir} are not the ones {config.path} was built for")
+    return family, doc
 
 
 class CascadeRunner:
@@ -156,16 +93,7 @@ class CascadeRunner:
                 raise ConfigError(f"warmup {warmup!r}: give True, False or batch sizes such as [1, 32]") from None
         self.config: CascadeConfig = config if isinstance(config, CascadeConfig) else read_config(config)
         fam_dir = self.config.family_dir
-        doc_family = self.config.doc["family"]
-        if not (fam_dir / "family.json").is_file():
-            raise RescascadeError(f"the family {fam_dir} named by {self.config.path} is not there; copy the family "
-                                  "directory next to cascade.json as recorded, or re-run build")
-        if sha256_file(fam_dir / "family.json") != doc_family["family_json_sha256"]:
-            raise RescascadeError(f"{fam_dir}/family.json changed since {self.config.path} was built; "
-                                  "re-run `rescascade build` for this family")
-        family, doc = load_family(fam_dir)  # verifies every weight file's sha256
-        if weights_id(doc) != doc_family["weights_sha256"]:
-            raise RescascadeError(f"the weights in {fam_dir} are not the ones {self.config.path} was built for")
+        family, doc = open_family(self.config)
         self.backend_name = backend or self.config.doc["profile"]["backend"]
         self.precision = precision or self.config.doc["profile"]["precision"]
         prep = doc.get("preprocessing", {})
@@ -255,27 +183,9 @@ class CascadeRunner:
                 out.append(item)
             except (OSError, ValueError) as e:  # a missing, corrupt or oversized file fails that input only
                 out.append(None)
-                errors[i] = _error_text(e)
+                errors[i] = error_text(e)
         return out, errors
 
-    def _decode_stage(self, items: list, pixels: list, active: np.ndarray, resolution: int,
-                      errors: dict[int, str]) -> tuple[np.ndarray, int]:
-        """Decode the active encoded inputs at the scale stage `resolution` needs (kept where the last decode has
-        it). -> (the rows still active: a row whose data fails to decode gets its error, count decoded)."""
-        side = stage_min_side(resolution, self.crop_fraction, self.decode_scale)
-        keep, decoded = [], 0
-        for i in active:
-            item = items[i]
-            if isinstance(item, Encoded):
-                try:
-                    now = item.decode(side)
-                except (OSError, ValueError) as e:  # damaged data behind a readable header
-                    errors[int(i)] = _error_text(e)
-                    continue
-                if now is not pixels[i]:
-                    pixels[i], decoded = now, decoded + 1
-            keep.append(i)
-        return np.array(keep, dtype=np.int64), decoded
 
     def _source_batch(self, images: list[torch.Tensor | None], rows: np.ndarray) -> torch.Tensor | None:
         """The readable images as one contiguous uint8 batch [n, H, W, 3] (channels-last, the layout decode_image
@@ -323,7 +233,8 @@ class CascadeRunner:
             if len(active) == 0:
                 break
             t0 = time.perf_counter()
-            kept, t.decoded = self._decode_stage(items, pixels, active, stage.resolution, errors)
+            side = stage_min_side(stage.resolution, self.crop_fraction, self.decode_scale)
+            kept, t.decoded = decode_stage(items, pixels, active, side, errors, tensors=True)
             if len(kept) < len(active):  # rows whose data failed to decode: drop them, and their history
                 still = np.isin(active, kept)
                 history = [h[still] for h in history]
@@ -353,7 +264,3 @@ class CascadeRunner:
             self.counts.errors += len(errors)
         return CascadeResult(answers.labels, answers.probs, answers.exit_stage, answers.confidence, errors, timings,
                              time.perf_counter() - t_start, self.class_names)
-
-
-def _error_text(e: Exception) -> str:
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'unreadable'}"

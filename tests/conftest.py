@@ -1,6 +1,7 @@
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 SHARED = Path(os.environ.get("RESCASCADE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
@@ -52,3 +53,45 @@ def built(tiny_family, tmp_path_factory):
     out = tmp_path_factory.mktemp("casc") / "cascade.json"
     config = run_build(tiny_family, batch_size=4, target="0.05", out=out, exact="off", log=lambda s: None)
     return tiny_family, out, config
+
+
+def photo(h: int, w: int, seed: int) -> np.ndarray:
+    """A smooth random uint8 image [H, W, 3] (JPEG keeps its detail, unlike white noise)."""
+    rng = np.random.default_rng(seed)
+    steps = rng.integers(-12, 13, (h, w, 3))
+    return np.clip(np.cumsum(steps, axis=1) + np.cumsum(steps, axis=0) // 2 + 128, 0, 255).astype(np.uint8)
+
+
+def encode(pixels: np.ndarray, fmt: str) -> bytes:
+    import io
+
+    from PIL import Image
+    out = io.BytesIO()
+    Image.fromarray(pixels).save(out, fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+    return out.getvalue()
+
+
+@pytest.fixture(scope="session")
+def split_cascade(built, tmp_path_factory):
+    """The tiny family's cascade with its first threshold at the median confidence, so that about half the
+    images go on to the second stage."""
+    import json
+    import math
+
+    from rescascade.config import read_config
+    from rescascade.optimizer import Cascade, Stage
+    from rescascade.runtime import CascadeRunner
+    family, path, _ = built
+    config = read_config(path)
+    low, high = config.doc["family"]["resolutions"][:2]
+    probe = [encode(photo(60 + 7 * i, 90 - 3 * i, i), "JPEG") for i in range(24)]
+    first = CascadeRunner(config, threads=1, warmup=False, stages=Cascade([Stage(low, -math.inf)]))
+    doc = json.loads(Path(path).read_text())
+    doc["stages"] = [{"resolution": low, "threshold": float(np.median(first(probe).confidence))},
+                     {"resolution": high, "threshold": None}]
+    for split in ("calib", "test"):
+        doc["expected"][split]["exit_fractions"] = [0.5, 0.5]
+    doc["family"]["path"] = str(family.resolve())
+    out = tmp_path_factory.mktemp("split") / "cascade.json"
+    out.write_text(json.dumps(doc))
+    return out

@@ -262,7 +262,7 @@ def test_smoke_warning_only_for_the_rows_build_uses(workspace):
 
 def test_help_is_fast_and_says_every_default():
     code = ("import sys\nfrom rescascade.cli import main\n"
-            "for cmd in ([], ['train'], ['profile'], ['build'], ['eval'], ['demo'], ['info']):\n"
+            "for cmd in ([], ['train'], ['profile'], ['build'], ['eval'], ['demo'], ['info'], ['drift'], ['export']):\n"
             "    main(cmd + ['--help'])\n"
             "print('torch' in sys.modules)")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,

@@ -1,4 +1,4 @@
-"""One decode for every stage: encoded image bytes -> uint8 RGB tensor [3, H, W].
+"""One decode for every stage: encoded image bytes -> uint8 RGB tensor [3, H, W] (or array [H, W, 3]).
 
 Training, prediction, eval and the cascade runtime all call `decode`, so a photo means the same pixels
 everywhere. Pillow reads it (every format Pillow reads; for JPEG its pixels equal torchvision's `decode_image`,
@@ -14,7 +14,8 @@ both being libjpeg-turbo), and:
   converted, alpha dropped.
 
 Anything else (not an image, truncated, over the limit, floating-point pixels) raises `ImageError` with what is
-wrong; callers that read many images fail that image only.
+wrong; callers that read many images fail that image only. Only the tensor-returning functions import torch: the
+deployed runtime (`rescascade.deploy`) decodes with numpy and Pillow alone.
 """
 from __future__ import annotations
 
@@ -27,7 +28,6 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import DataError
@@ -115,12 +115,23 @@ def _rgb8(im: Image.Image) -> np.ndarray:
     return np.array(im, dtype=np.uint8)
 
 
-def from_pil(image: Image.Image) -> torch.Tensor:
+def _as_tensor(pixels: np.ndarray):
+    """uint8 [H, W, 3] -> the same memory as a uint8 tensor [3, H, W] (channels-last)."""
+    import torch
+    return torch.from_numpy(pixels).permute(2, 0, 1)
+
+
+def from_pil(image: Image.Image):
     """An opened Pillow image -> uint8 RGB tensor [3, H, W], as `decode` makes it (EXIF orientation, 8 bits)."""
+    return _as_tensor(pil_pixels(image))
+
+
+def pil_pixels(image: Image.Image) -> np.ndarray:
+    """An opened Pillow image -> uint8 RGB array [H, W, 3], upright (EXIF orientation), 8 bits. Raises ImageError."""
     try:
         if image.getexif().get(_ORIENTATION, 1) != 1:  # exif_transpose copies even an upright image: only when needed
             image = ImageOps.exif_transpose(image)
-        return torch.from_numpy(_rgb8(image)).permute(2, 0, 1)
+        return _rgb8(image)
     except ImageError:
         raise
     except (OSError, ValueError, SyntaxError, EOFError) as e:  # truncated or damaged data
@@ -149,57 +160,72 @@ def jpeg_scale(width: int, height: int, min_side: int | None) -> int:
     return next(s for s in DCT_SCALES if fit >= s)
 
 
-def decode(data: bytes | bytearray | memoryview | torch.Tensor,
-           max_pixels: int | None = DEFAULT_MAX_PIXELS, min_side: int | None = None) -> torch.Tensor:
-    """Encoded image -> uint8 RGB tensor [3, H, W] in channels-last memory (the layout `decode_image` returns
-    and the resize's fast path), upright (EXIF orientation applied), first frame of an animation.
+def _raw(data) -> bytes:
+    """bytes, bytearray, memoryview, or a 1-D uint8 tensor or array of a file's bytes -> bytes."""
+    if hasattr(data, "numpy"):  # a torch tensor
+        data = data.numpy()
+    return data.tobytes() if isinstance(data, np.ndarray) else bytes(data)
 
-    data: the file's bytes (or a 1-D uint8 tensor of them). max_pixels: refuse images with more pixels, checked
+
+def decode(data, max_pixels: int | None = DEFAULT_MAX_PIXELS, min_side: int | None = None):
+    """Encoded image -> uint8 RGB tensor [3, H, W] in channels-last memory (the layout `decode_image` returns
+    and the resize's fast path); `decode_pixels` without torch. See there."""
+    return _as_tensor(decode_pixels(data, max_pixels, min_side))
+
+
+def decode_pixels(data, max_pixels: int | None = DEFAULT_MAX_PIXELS, min_side: int | None = None) -> np.ndarray:
+    """Encoded image -> uint8 RGB array [H, W, 3], upright (EXIF orientation applied), first frame of an animation.
+
+    data: the file's bytes (or a 1-D uint8 tensor or array of them). max_pixels: refuse images with more pixels, checked
     from the header before decoding (None: no limit; Pillow's own hard limit, twice `Image.MAX_IMAGE_PIXELS`,
     still applies unless that is raised too). min_side: a JPEG is decoded at the smallest of libjpeg's DCT scales
     (1/2, 1/4, 1/8; Pillow's `draft`; `jpeg_scale` tells which) whose shorter side is still >= min_side, far
     cheaper than a full decode of a large photo; other formats, and None, decode in full. Raises ImageError."""
-    if isinstance(data, torch.Tensor):
-        data = data.numpy().tobytes()
-    with _open(bytes(data), max_pixels) as im:
+    with _open(_raw(data), max_pixels) as im:
         try:
             im.seek(0)
         except EOFError as e:
             raise ImageError(f"{im.format or 'image'} has no frame: {e}") from None
         if min_side is not None and im.format == "JPEG":
             im.draft(im.mode, _draft_request(*im.size, min_side))
-        return from_pil(im)
+        return pil_pixels(im)
 
 
 class Encoded:
     """One encoded image whose header has been checked, decoded on demand at the scale a stage needs: a JPEG at
     `jpeg_scale` of the stage's resize, any other format in full. The last decode is kept, so stages that need
-    the same scale share it (`decode` returns the very same tensor). Raises ImageError from the constructor for
-    data that is not an image or has too many pixels, from `decode` for data damaged behind its header."""
+    the same scale share it (`pixels` and `decode` return the very same object). Raises ImageError from the
+    constructor for data that is not an image or has too many pixels, from `pixels`/`decode` for data damaged
+    behind its header."""
 
-    def __init__(self, data: bytes | bytearray | memoryview | torch.Tensor,
-                 max_pixels: int | None = DEFAULT_MAX_PIXELS):
-        self.data = data.numpy().tobytes() if isinstance(data, torch.Tensor) else bytes(data)
+    def __init__(self, data, max_pixels: int | None = DEFAULT_MAX_PIXELS):
+        self.data = _raw(data)
         self.max_pixels = max_pixels
         with _open(self.data, max_pixels) as im:
             self.format, (self.width, self.height) = im.format, im.size
-        self._scale, self._pixels = None, None
+        self._scale, self._pixels, self._tensor = None, None, None
 
     def scale(self, min_side: int | None) -> int:
         """The DCT scale denominator a decode for min_side uses (1 for anything but a JPEG)."""
         return jpeg_scale(self.width, self.height, min_side) if self.format == "JPEG" else 1
 
-    def decode(self, min_side: int | None = None) -> torch.Tensor:
-        """uint8 [3, H, W] (channels-last memory), decoded at `scale(min_side)`, or the last decode if it used
-        that scale."""
+    def pixels(self, min_side: int | None = None) -> np.ndarray:
+        """uint8 [H, W, 3], decoded at `scale(min_side)`, or the last decode if it used that scale."""
         s = self.scale(min_side)
         if s != self._scale:
-            self._pixels = decode(self.data, self.max_pixels, min_side if s > 1 else None)
-            self._scale = s
+            self._pixels = decode_pixels(self.data, self.max_pixels, min_side if s > 1 else None)
+            self._scale, self._tensor = s, None
         return self._pixels
 
+    def decode(self, min_side: int | None = None):
+        """`pixels(min_side)` as a uint8 tensor [3, H, W] (channels-last memory, the same memory)."""
+        pixels = self.pixels(min_side)
+        if self._tensor is None:
+            self._tensor = _as_tensor(pixels)
+        return self._tensor
 
-def pixel_digest(image: torch.Tensor) -> str:
+
+def pixel_digest(image) -> str:
     """A short fingerprint (16 hex digits, BLAKE2b) of decoded pixels and their shape, whatever the memory layout:
     predictions record it per image so that `eval` can check it scores the very images the family predicted."""
     h = hashlib.blake2b(str(tuple(image.shape)).encode(), digest_size=8)

@@ -1,43 +1,24 @@
 """Preprocessing for resolution r: resize the shorter side to round(r / 0.875) (antialiased),
 center-crop r, scale to [0, 1], normalize with ImageNet mean/std. torchvision v2 functionals on tensors, shared
-by training, prediction, profiling and the runtime, so every stage sees exactly the same pixels."""
+by training, prediction, profiling and the runtime, so every stage sees exactly the same pixels; the geometry and
+constants live in `preprocess_np`, whose numpy version gives the same pixels without torch."""
 from __future__ import annotations
 
 import torch
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-CROP_FRACTION = 0.875
-MAX_ASPECT = 4  # longer images are cut to their central 4:1 part before resizing
-
-
-def eval_resize_size(resolution: int, crop_fraction: float = CROP_FRACTION) -> int:
-    return int(round(resolution / crop_fraction))
-
-
-def stage_min_side(resolution: int, crop_fraction: float = CROP_FRACTION, decode_scale: str = "stage") -> int | None:
-    """The shorter side a stage at `resolution` decodes a JPEG to at least under a family's decode_scale ("stage":
-    its resize size; "full": None, a full decode)."""
-    return None if decode_scale == "full" else eval_resize_size(resolution, crop_fraction)
+from .preprocess_np import (CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, MAX_ASPECT, aspect_window,  # noqa: F401
+                            eval_resize_size, stage_min_side)
 
 
 def bound_aspect(images: torch.Tensor, max_aspect: int = MAX_ASPECT) -> torch.Tensor:
-    """The central max_aspect:1 part of images longer than that (a view), else images unchanged.
-
-    Resizing the shorter side first makes the work grow with the aspect ratio (a 1x20000 image would become
-    256 x 5,120,000 pixels); the center crop keeps only the middle of the long side, so cutting it to 4:1 first
-    bounds the work and changes no pixel of ordinary images (up to 4:1); beyond, the crop's pixels move by at most
-    the rounding of the resized length."""
-    h, w = images.shape[-2:]
-    if w > max_aspect * h:
-        left = (w - max_aspect * h) // 2
-        return images[..., :, left:left + max_aspect * h]
-    if h > max_aspect * w:
-        top = (h - max_aspect * w) // 2
-        return images[..., top:top + max_aspect * w, :]
-    return images
+    """The central max_aspect:1 part of images longer than that (a view; `aspect_window`), else images unchanged.
+    The center crop keeps only the middle of the long side, so cutting it to 4:1 first bounds the resize's work
+    and changes no pixel of ordinary images (up to 4:1); beyond, the crop's pixels move by at most the rounding of
+    the resized length."""
+    top, left, h, w = aspect_window(*images.shape[-2:], max_aspect)
+    return images if (h, w) == tuple(images.shape[-2:]) else images[..., top:top + h, left:left + w]
 
 
 def resize_center_crop(images: torch.Tensor, resolution: int, crop_fraction: float = CROP_FRACTION) -> torch.Tensor:

@@ -10,7 +10,8 @@ import torch
 from rescascade.training.errors import BackendUnavailable, ConfigError
 
 from ..export import export_resolution
-from ..measure import cpu_timer, cuda_timer, default_threads
+from ..measure import cpu_timer, cuda_timer
+from ..ort import session_options
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
@@ -18,22 +19,11 @@ PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "te
 class OnnxRuntimeEngine:
     def __init__(self, onnx_path: Path, resolution: int, provider: str, precision: str, threads: int | None,
                  cache_dir: Path):
-        import onnxruntime as ort
         self.resolution, self.precision, self.provider = resolution, precision, provider
         self.device = "cpu" if provider == "cpu" else "cuda"
         self.preprocess_threads = 1 if provider == "cpu" else None  # see measure.torch_threads
         self.np_dtype = np.float16 if precision == "fp16" and provider == "cuda" else np.float32
-        opts = ort.SessionOptions()
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        # Always an explicit count: left at 0, ONNX Runtime pins its workers to cores, and in some processes the
-        # main thread then shares a pinned worker's core (measured here: r128 at 1.8 instead of 1.27 ms/image in
-        # 2 of 4 processes); the profile and the runtime must also run with the same threads.
-        opts.intra_op_num_threads = threads or default_threads()
-        opts.inter_op_num_threads = 1
-        # A cascade holds one session per resolution, each with its own thread pool; spinning idle pools steal
-        # the cores the running stage needs (measured: a stage pair 41 ms spinning vs 18 ms not, batch 32).
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts = session_options(threads)
         self.onnx_path, self.opts, self.cache_dir = onnx_path, opts, cache_dir
         self._sessions: dict[int | None, object] = {}
         self.build_seconds = 0.0

@@ -1,0 +1,149 @@
+"""Deploying without torch: the exported bundle (`rescascade export`, run by `rescascade.deploy.BundleRunner` on
+ONNX Runtime, numpy and Pillow) against rescascade's own runtime (`CascadeRunner`, what `eval` measures).
+
+On the 10-way real-data family (benchmarks/cost_prediction.py's: Imagenette, ImageNet MobileNetV2 weights, ONNX
+Runtime CPU) and a cascade built for batch 32 (batch-aware costs):
+
+1. Answers, on every test image (the JPEG files): labels, exit stages and the largest probability difference.
+   The script fails if a label or exit stage differs or a probability differs by more than 1e-5.
+2. Cost ratio vs the reference at batch 32 (and 1), `eval`'s protocol for both runtimes (cascade and reference
+   back to back per batch, alternating which goes first, 3 passes, median per batch), from decoded images and
+   from the files, `--runs` times: ms per image and the ratio of each, and how far the bundle's ratio is from eval's.
+3. Preprocessing, the one step the two runtimes compute differently (torch's kernel vs preprocess_np's matrix
+   products, same pixels): ms per image per resolution on the test images at batch 1 and 32.
+
+    python benchmarks/deploy_bundle.py [--quick] [--runs 3]
+
+--quick checks the pipeline on a few images of a quickly trained family; its figures mean nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import ROOT, table  # noqa: E402
+from cost_prediction import QUIET, family, profile  # noqa: E402
+
+from rescascade.build import run_build  # noqa: E402
+from rescascade.config import read_config  # noqa: E402
+from rescascade.deploy import BundleRunner  # noqa: E402
+from rescascade.evaluate import _time_side_by_side  # noqa: E402  (eval's own protocol, for both runtimes)
+from rescascade.export import export_bundle  # noqa: E402
+from rescascade.optimizer import Cascade, Stage  # noqa: E402
+from rescascade.runtime import CascadeRunner  # noqa: E402
+from rescascade.scoring import decode_all, encoded_all, images_to_score  # noqa: E402
+from rescascade.training.preprocess import preprocess  # noqa: E402
+from rescascade.training.preprocess_np import preprocess_pixels  # noqa: E402
+
+PROB_TOLERANCE = 1e-5
+
+
+def answers(casc: CascadeRunner, bund: BundleRunner, files: list[bytes], batch: int) -> tuple[list, bool]:
+    """Both runtimes on every file, batch by batch: (table row, whether they agree)."""
+    diff, same_label, same_exit = 0.0, 0, 0
+    for s in range(0, len(files), batch):
+        a, b = casc(files[s:s + batch]), bund(files[s:s + batch])
+        if a.errors or b.errors:
+            raise SystemExit(f"a test file failed to decode: {a.errors or b.errors}")
+        same_label += int((a.labels == b.labels).sum())
+        same_exit += int((a.exit_stage == b.exit_stage).sum())
+        diff = max(diff, float(np.abs(a.probs - b.probs).max()))
+    n = len(files)
+    ok = same_label == n and same_exit == n and diff <= PROB_TOLERANCE
+    return [n, f"{same_label}/{n}", f"{same_exit}/{n}", f"{diff:.1e}", "yes" if ok else "NO"], ok
+
+
+def ratios(pair, items, batch: int) -> tuple[float, float, float]:
+    """(cascade ms/image, reference ms/image, ratio) by eval's protocol."""
+    casc_ms, ref_ms, *_ = _time_side_by_side(*pair, items, batch, 3, desc="timing")
+    c, r = np.median(casc_ms, 1).sum() / len(items), np.median(ref_ms, 1).sum() / len(items)
+    return c, r, c / r
+
+
+def preprocessing_rows(decoded: list[torch.Tensor], resolutions: list[int], quick: bool) -> list[list]:
+    rows = []
+    for b in (1, 32):
+        images = np.stack([t.permute(1, 2, 0).numpy() for t in decoded[:b]])
+        tensors = torch.from_numpy(images).permute(0, 3, 1, 2)
+        for r in resolutions:
+            times = {}
+            for name, fn in (("torch", lambda: preprocess(tensors, r)), ("numpy", lambda: preprocess_pixels(images, r))):
+                fn()
+                reps = 3 if quick else max(5, 200 // b)
+                t0 = time.perf_counter()
+                for _ in range(reps):
+                    fn()
+                times[name] = 1000 * (time.perf_counter() - t0) / reps / len(images)
+            rows.append([b, f"r{r}", f"{times['torch']:.3f}", f"{times['numpy']:.3f}",
+                         f"{times['numpy'] / times['torch']:.1f}x"])
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="a few images: checks the pipeline only")
+    ap.add_argument("--runs", type=int, default=3, help="cost measurements, each of both runtimes")
+    ap.add_argument("--images", type=int, help="time on this many test images, spread over the classes (default: "
+                                               "all); the answers are always compared on every one")
+    ap.add_argument("--train-per-class", type=int, default=100)
+    ap.add_argument("--epochs", type=int, help="override the preset's epochs")
+    ap.add_argument("--out", default=str(ROOT / ".bench" / "costs"))
+    ap.add_argument("--fresh", action="store_true", help="retrain the family")
+    args = ap.parse_args()
+    log = print
+    fam = family(args, log)
+    if args.quick or not (fam / "profile.csv").is_file():
+        profile(fam, args)
+    cascade_json = fam / "deploy_b32.json"
+    run_build(fam, batch_size=32, batch_aware=True, out=cascade_json, plots=False, source_size=None, **QUIET)
+    config = read_config(cascade_json)
+    bundle = fam / "bundle_b32"
+    export_bundle(cascade_json, bundle, **QUIET)
+    scored = images_to_score(config, None, "test", 24 if args.quick else None, QUIET["log"])
+    decoded, labels, kept = decode_all(scored.images, scored.digests, QUIET["log"])
+    files = encoded_all(scored.images, kept, scored.source)
+    stages = " -> ".join(f"r{s.resolution}" for s in config.cascade.stages)
+    log(f"# Deploying without torch: {stages} (reference r{config.reference}), {len(files)} test images\n")
+
+    casc, bund = CascadeRunner(config, warmup=[1, 32]), BundleRunner(bundle, warmup=[1, 32])
+    row, ok = answers(casc, bund, files, 32)
+    log("## The bundle's answers vs rescascade's runtime (every test file)\n")
+    log(table(["images", "same label", "same exit stage", "max |prob diff|", f"within {PROB_TOLERANCE:g}"], [row]))
+
+    if args.images and args.images < len(files):
+        keep = np.unique(np.linspace(0, len(files) - 1, args.images).round().astype(np.int64))
+        decoded, files = [decoded[i] for i in keep], [files[i] for i in keep]
+    arrays = [t.permute(1, 2, 0).numpy() for t in decoded]
+    refr = CascadeRunner(config, stages=Cascade([Stage(config.reference, -math.inf)]), warmup=[1, 32])
+    bref = BundleRunner(bundle, reference=True, warmup=[1, 32])
+    rows = []
+    for run in range(1, args.runs + 1):
+        for b in (32, 1):
+            for inputs, (torch_items, bundle_items) in (("decoded", (decoded, arrays)), ("files", (files, files))):
+                if b == 1 and inputs == "decoded":
+                    continue  # batch 1 from the files only: what a service receives one request at a time
+                e = ratios((casc, refr), torch_items, b)
+                d = ratios((bund, bref), bundle_items, b)
+                rows.append([run, b, inputs, f"{e[0]:.2f}", f"{e[1]:.2f}", f"{e[2]:.3f}", f"{d[0]:.2f}",
+                             f"{d[1]:.2f}", f"{d[2]:.3f}", f"{100 * (d[2] / e[2] - 1):+.1f}%"])
+    log("\n## Cost ratio vs the reference: rescascade's runtime (eval) and the bundle's, ms per image\n")
+    log(table(["run", "batch", "inputs", "eval cascade", "eval r" + str(config.reference), "eval ratio",
+               "bundle cascade", "bundle r" + str(config.reference), "bundle ratio", "bundle vs eval"], rows))
+
+    log("\n## Preprocessing of the test images (224x224 sources), ms per image\n")
+    resolutions = sorted({s.resolution for s in config.cascade.stages} | {config.reference})
+    log(table(["batch", "resolution", "torch (CascadeRunner)", "numpy (bundle)", "numpy / torch"],
+              preprocessing_rows(decoded, resolutions, args.quick)))
+    if not ok:
+        raise SystemExit("the bundle's answers differ from rescascade's runtime")
+
+
+if __name__ == "__main__":
+    main()

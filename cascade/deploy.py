@@ -1,0 +1,302 @@
+"""Run an exported cascade without torch: ONNX Runtime, numpy and Pillow alone.
+
+`rescascade export CASCADE_JSON --out DIR` writes a bundle: one ONNX model per stage and one for the reference
+(BatchNorm patch folded, each checked against PyTorch), bundle.json (the cascade: stages, thresholds,
+temperatures, confidence measure; the preprocessing; the class names; every model's sha256), and a copy of the
+modules this runtime imports (DIR/rescascade/), so the bundle runs where only onnxruntime, numpy and Pillow are
+installed:
+
+    import sys; sys.path.insert(0, "DIR")            # or install rescascade without its dependencies
+    from rescascade.deploy import BundleRunner
+    result = BundleRunner("DIR")(["a.jpg", open("b.png", "rb").read()])
+    result.names, result.probs, result.exit_stage
+
+or `python -m rescascade.deploy DIR a.jpg b.png` from DIR's parent with DIR on PYTHONPATH. It computes what
+`CascadeRunner` computes on CPU: the same decode (`training.images`), the same pixels (`training.preprocess_np`
+reproduces torch's resize exactly), the same exit decision (`exits.exit_step`), so the same labels, exit stages
+and probabilities (tests/test_deploy.py).
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+from PIL import Image
+
+from rescascade.profiling.ort import session_options
+from rescascade.training.config import MAX_BATCH, MAX_THREADS
+from rescascade.training.errors import ArtifactError, BackendUnavailable, ConfigError, RescascadeError, check_int
+from rescascade.training.fileio import check_schema, read_json, sha256_file
+from rescascade.training.images import DEFAULT_MAX_PIXELS, Encoded, pil_pixels
+from rescascade.training.preprocess_np import eval_resize_size, preprocess_pixels, stage_min_side
+
+from .exits import Answers, CascadeResult, StageTiming, decode_stage, error_text, exit_step
+from .monitor import ExitCounts
+
+BUNDLE_FORMAT = "rescascade-bundle"
+BUNDLE_SCHEMA = 1
+RESIZE = "torch-uint8-antialias-bilinear"
+_PREPROCESS_CHUNK = 4  # images per preprocessing task  # the only resize this runtime implements (preprocess_np)
+# The modules this file imports, directly or not: `export` copies them into the bundle. tests/test_deploy.py runs
+# the copy where torch cannot be imported, so a module missing here fails there.
+RUNTIME_MODULES = ("rescascade", "rescascade.deploy", "rescascade.exits", "rescascade.confidence",
+                   "rescascade.monitor", "rescascade.profiling", "rescascade.profiling.measure",
+                   "rescascade.profiling.ort", "rescascade.training", "rescascade.training.config",
+                   "rescascade.training.errors", "rescascade.training.fileio", "rescascade.training.images",
+                   "rescascade.training.preprocess_np")
+
+
+class Bundle:
+    """bundle.json, read and checked: every model file present with the sha256 it was exported with.
+
+    path: the bundle directory or its bundle.json. Raises ArtifactError when it is missing, of an unknown
+    version, or a model file is missing or changed."""
+
+    def __init__(self, path):
+        path = Path(path)
+        self.dir = path.parent if path.name == "bundle.json" else path
+        self.path = self.dir / "bundle.json"
+        doc = read_json(self.path, "a bundle written by `rescascade export`")
+        if doc.get("format") != BUNDLE_FORMAT:
+            raise ArtifactError(f"{self.path} is not a rescascade bundle (format {doc.get('format')!r})")
+        check_schema(doc, self.path, "bundle", BUNDLE_SCHEMA, ("models", "stages", "reference", "confidence",
+                                                                 "preprocessing", "class_names"))
+        if doc["preprocessing"].get("resize") != RESIZE:
+            raise ArtifactError(f"{self.path}: resize {doc['preprocessing'].get('resize')!r} is not one this runtime "
+                                f"implements ({RESIZE}); export again with this rescascade")
+        for r, model in doc["models"].items():
+            file = self.dir / model["file"]
+            if not file.is_file():
+                raise ArtifactError(f"{file} (resolution {r}) is missing from the bundle; copy the whole directory")
+            if sha256_file(file) != model["sha256"]:
+                raise ArtifactError(f"{file} changed since export (sha256 differs); export the bundle again")
+        self.doc = doc
+
+    @property
+    def stages(self) -> list[tuple[int, float]]:
+        """[(resolution, threshold)] in order; the last stage's threshold is -inf (it answers everything)."""
+        return [(int(s["resolution"]), -math.inf if s.get("threshold") is None else float(s["threshold"]))
+                for s in self.doc["stages"]]
+
+    @property
+    def reference(self) -> int:
+        return int(self.doc["reference"]["resolution"])
+
+    def model_path(self, resolution: int) -> Path:
+        return self.dir / self.doc["models"][str(resolution)]["file"]
+
+
+class BundleRunner:
+    """Run an exported cascade (a `Bundle`) with ONNX Runtime, numpy and Pillow: no torch.
+
+    bundle: the bundle directory (or its bundle.json, or a Bundle). providers: ONNX Runtime execution providers in
+    order of preference (default CPU; ("CUDAExecutionProvider", "CPUExecutionProvider") on an NVIDIA GPU with
+    onnxruntime-gpu). threads: ONNX Runtime's intra-op threads and the preprocessing's (default: the CPUs this
+    process may use; the sessions are set up as the profiler's, `profiling.ort.session_options`). reference: run the
+    reference model alone instead of the cascade (to compare costs). max_image_pixels: refuse larger images
+    (None: no limit). warmup: run every stage at load on batches of these sizes (True: 1; False: none).
+    Raises ArtifactError for a missing or changed bundle, BackendUnavailable for a provider that is not there,
+    ConfigError for bad arguments.
+
+    runner(images) takes a list of inputs (or one input), each an image file path, the encoded bytes of an image
+    file, a PIL image or a uint8 array [H, W, 3]; or one uint8 array [N, H, W, 3]. Like `CascadeRunner`: files
+    and bytes are decoded stage by stage at the scale the family's predictions used, an input that fails gets an
+    error of its own, and `counts` holds what the cascade saw (`rescascade drift BUNDLE_DIR/bundle.json COUNTS`).
+    Returns a CascadeResult: labels [N] int64 (-1 where failed), names, probs [N, C] float32, exit_stage [N],
+    confidence [N], errors {index: message}, stage_timings, wall_s.
+    """
+
+    def __init__(self, bundle, providers: Sequence[str] | None = None, threads: int | None = None,
+                 reference: bool = False, max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
+                 warmup: bool | Sequence[int] = True):
+        import onnxruntime as ort
+
+        if threads is not None:
+            check_int("threads", threads, 1, MAX_THREADS)
+        if max_image_pixels is not None:
+            check_int("max_image_pixels", max_image_pixels, 1)
+        if warmup is not True and warmup is not False:
+            try:
+                warmup = [check_int("warmup", b, 1, MAX_BATCH) for b in warmup]
+            except TypeError:
+                raise ConfigError(f"warmup {warmup!r}: give True, False or batch sizes such as [1, 32]") from None
+        providers = list(providers or ["CPUExecutionProvider"])
+        missing = [p for p in providers if p not in ort.get_available_providers()]
+        if missing:
+            raise BackendUnavailable(f"ONNX Runtime here has no {', '.join(missing)} (it has "
+                                     f"{', '.join(ort.get_available_providers())}); for CUDA install onnxruntime-gpu")
+        self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
+        doc = self.bundle.doc
+        prep = doc["preprocessing"]
+        self.crop_fraction, self.decode_scale = prep["crop_fraction"], prep["decode_scale"]
+        self.mean, self.std = prep["mean"], prep["std"]
+        self.stages = [(self.bundle.reference, -math.inf)] if reference else self.bundle.stages
+        self.temperatures = {int(r): float(t) for r, t in doc["confidence"].get("temperatures", {}).items()}
+        self.measure, self.combined = doc["confidence"]["measure"], bool(doc["confidence"].get("combine", False))
+        self.class_names = list(doc["class_names"])
+        self.num_classes = len(self.class_names)
+        self.max_image_pixels = max_image_pixels
+        self.counts = ExitCounts.for_cascade([r for r, _ in self.stages], self.measure, self.num_classes)
+        options = session_options(threads)
+        self._pool = ThreadPoolExecutor(options.intra_op_num_threads, thread_name_prefix="rescascade-preprocess")
+        self.sessions = {}
+        for r, _ in self.stages:
+            session = ort.InferenceSession(str(self.bundle.model_path(r)), options, providers=providers)
+            dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
+            self.sessions[r] = (session, dtype)
+        self._counting = True
+        for b in ([1] if warmup is True else sorted(set(warmup or ()))):
+            self.warmup(b)
+
+    def warmup(self, batch_size: int = 1) -> None:
+        """Run every stage on a batch of grey JPEGs (the top stage's resize size), not counted: what a first
+        request would otherwise pay alone (sessions allocate and plan on their first run at a batch size)."""
+        side = eval_resize_size(max(r for r, _ in self.stages), self.crop_fraction)
+        jpeg = io.BytesIO()
+        Image.new("RGB", (side, side), (128, 128, 128)).save(jpeg, "JPEG")
+        stages, self.stages = self.stages, [(r, math.inf) for r, _ in self.stages]  # no row exits early
+        self._counting = False
+        try:
+            self([jpeg.getvalue()] * check_int("batch_size", batch_size, 1, MAX_BATCH))
+        finally:
+            self.stages, self._counting = stages, True
+
+    # ---- inputs --------------------------------------------------------------------------------------------
+    def _load(self, images) -> tuple[list[np.ndarray | Encoded | None], dict[int, str]]:
+        """Inputs -> decoded uint8 [H, W, 3] arrays or `Encoded` images (header checked), or None where an
+        input failed, with its error."""
+        if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)) or \
+                (isinstance(images, np.ndarray) and images.ndim == 3):
+            images = [images]  # one input
+        if isinstance(images, np.ndarray):
+            if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8 or 0 in images.shape[1:3]:
+                raise RescascadeError(f"images array must be uint8 [N, H, W, 3] with H, W >= 1, got {images.dtype} "
+                                      f"{list(images.shape)}")
+            return list(images), {}
+        if not isinstance(images, Sequence):
+            raise ConfigError(f"images: give a list of paths, bytes, PIL images or uint8 [H, W, 3] arrays, or a "
+                              f"uint8 array [N, H, W, 3]; got {type(images).__name__}")
+        out, errors = [], {}
+        for i, item in enumerate(images):
+            try:
+                if isinstance(item, (str, os.PathLike)):
+                    item = Path(item).read_bytes()
+                if isinstance(item, (bytes, bytearray, memoryview)):
+                    out.append(Encoded(item, self.max_image_pixels))
+                    continue
+                if isinstance(item, Image.Image):
+                    item = pil_pixels(item)
+                if not (isinstance(item, np.ndarray) and item.ndim == 3 and item.shape[2] == 3
+                        and item.dtype == np.uint8):
+                    got = f"a {item.dtype} array {list(item.shape)}" if isinstance(item, np.ndarray) else \
+                        f"a {type(item).__name__}"
+                    raise ValueError(f"not an image: got {got}; give a file path, encoded bytes, a PIL image or a "
+                                     "uint8 [H, W, 3] array")
+                if 0 in item.shape[:2]:
+                    raise ValueError(f"an empty image ({item.shape[0]}x{item.shape[1]} pixels)")
+                out.append(item)
+            except (OSError, ValueError) as e:  # a missing, corrupt or oversized file fails that input only
+                out.append(None)
+                errors[i] = error_text(e)
+        return out, errors
+
+
+    def _stage_input(self, pixels: list[np.ndarray], rows: np.ndarray, resolution: int) -> np.ndarray:
+        """The model input [len(rows), 3, r, r] float32: images of one size preprocessed together, a few at a time
+        on each of the runner's threads (numpy releases the GIL in its products)."""
+        out = np.empty((len(rows), 3, resolution, resolution), dtype=np.float32)
+        by_shape: dict[tuple, list[int]] = {}
+        for j, i in enumerate(rows):
+            by_shape.setdefault(pixels[i].shape, []).append(j)
+        tasks = [js[c:c + _PREPROCESS_CHUNK] for js in by_shape.values() for c in range(0, len(js), _PREPROCESS_CHUNK)]
+
+        def run(js: list[int]) -> None:
+            batch = np.stack([pixels[rows[j]] for j in js])
+            out[js] = preprocess_pixels(batch, resolution, self.crop_fraction, self.mean, self.std)
+        if len(tasks) == 1:
+            run(tasks[0])
+        else:
+            list(self._pool.map(run, tasks))
+        return out
+
+    # ---- running -------------------------------------------------------------------------------------------
+    def __call__(self, images) -> CascadeResult:
+        """Classify `images` (see the class) -> CascadeResult. ConfigError for a container of the wrong kind (one
+        bad input fails only itself)."""
+        t_start = time.perf_counter()
+        items, errors = self._load(images)
+        n = len(items)
+        pixels = [item if isinstance(item, np.ndarray) else None for item in items]  # the current decode
+        answers = Answers.empty(n, self.num_classes)
+        active = np.array([i for i in range(n) if items[i] is not None], dtype=np.int64)
+        history: list[np.ndarray] = []  # log-probs of the stages run so far, rows aligned with `active`
+        timings = []
+        for k, (r, threshold) in enumerate(self.stages):
+            t = StageTiming(r)
+            timings.append(t)
+            if len(active) == 0:
+                break
+            t0 = time.perf_counter()
+            side = stage_min_side(r, self.crop_fraction, self.decode_scale)
+            kept, t.decoded = decode_stage(items, pixels, active, side, errors, tensors=False)
+            if len(kept) < len(active):  # rows whose data failed to decode: drop them, and their history
+                still = np.isin(active, kept)
+                history = [h[still] for h in history]
+                active = kept
+            t1 = time.perf_counter()
+            t.decode_s = t1 - t0
+            if len(active) == 0:
+                break
+            session, dtype = self.sessions[r]
+            x = self._stage_input(pixels, active, r).astype(dtype, copy=False)
+            t2 = time.perf_counter()
+            logits = session.run(None, {session.get_inputs()[0].name: x})[0].astype(np.float32, copy=False)
+            t3 = time.perf_counter()
+            t.rows, t.calls = len(active), 1
+            if k == len(self.stages) - 1:
+                threshold = -math.inf
+            active, history = exit_step(logits, k, threshold, self.temperatures.get(r, 1.0), self.measure,
+                                        self.combined, history, active, answers,
+                                        self.counts if self._counting else None)
+            t.preprocess_s, t.inference_s = t2 - t1, t3 - t2
+            t.decide_s = time.perf_counter() - t3
+        if self._counting:
+            self.counts.inputs += n
+            self.counts.errors += len(errors)
+        return CascadeResult(answers.labels, answers.probs, answers.exit_stage, answers.confidence, errors, timings,
+                             time.perf_counter() - t_start, self.class_names)
+
+
+def main(argv=None) -> int:
+    """`python -m rescascade.deploy BUNDLE_DIR IMAGE...`: one line per image (label, probability, exit stage)."""
+    import argparse
+    parser = argparse.ArgumentParser(prog="python -m rescascade.deploy",
+                                     description="Classify images with an exported cascade (no torch needed).")
+    parser.add_argument("bundle", help="the directory `rescascade export` wrote")
+    parser.add_argument("images", nargs="+", help="image files")
+    parser.add_argument("--reference", action="store_true", help="run the reference model alone")
+    args = parser.parse_args(argv)
+    try:
+        runner = BundleRunner(args.bundle, reference=args.reference)
+        result = runner(args.images)
+    except RescascadeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    for i, path in enumerate(args.images):
+        if i in result.errors:
+            print(f"{path}\terror: {result.errors[i]}")
+        else:
+            stage = runner.stages[result.exit_stage[i]][0]
+            print(f"{path}\t{result.names[i]}\t{result.probs[i].max():.4f}\tr{stage}")
+    return 1 if result.errors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

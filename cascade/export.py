@@ -1,0 +1,202 @@
+"""Export a cascade for deployment outside rescascade: a self-contained bundle that runs without torch, or a
+Triton model repository that serves it (`export_triton`).
+
+DIR/bundle.json     the cascade (stages, thresholds, temperatures, confidence measure, expected exit fractions),
+                    the preprocessing, the class names, and each model's file and sha256
+DIR/r<R>.<precision>.onnx   one model per stage and one for the reference (the family's shared weights with
+                    that resolution's BatchNorm patch folded; each checked against PyTorch, profiling.export)
+DIR/rescascade/     the modules `rescascade.deploy` imports (deploy.RUNTIME_MODULES): onnxruntime, numpy and
+                    Pillow are all it needs
+DIR/README.txt      how to run it
+
+The directory is written beside DIR and renamed into place, so an interrupted export leaves any earlier bundle
+there whole.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.util
+import shutil
+import tempfile
+from pathlib import Path
+
+from rescascade.profiling.export import TOLERANCE, export_resolution
+from rescascade.training.errors import ConfigError
+from rescascade.training.fileio import sha256_file, write_json, write_text
+from rescascade.training.preprocess_np import CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, MAX_ASPECT
+from rescascade.training.store import weights_id
+
+from .config import CascadeConfig, read_config
+from .deploy import BUNDLE_FORMAT, BUNDLE_SCHEMA, RESIZE, RUNTIME_MODULES, Bundle
+from .runtime import open_family
+
+_README = """A rescascade cascade, exported by `rescascade export` from {source}.
+
+Stages: {stages}; reference (the best single model): r{reference}. Needs Python >= 3.10 with onnxruntime,
+numpy and Pillow (no torch):
+
+    PYTHONPATH={name} python -m rescascade.deploy {name} photo.jpg
+
+    import sys; sys.path.insert(0, "{name}")
+    from rescascade.deploy import BundleRunner
+    result = BundleRunner("{name}")(["photo.jpg"])   # labels, names, probs, exit_stage, errors
+"""
+
+
+def export_bundle(config, out, precision: str = "fp32", log=print) -> Path:
+    """Write the bundle of `config` (a cascade.json path or a CascadeConfig; its family must be where it says)
+    to the directory `out`: see the module. precision: the ONNX models' ("fp32"; "fp16" for GPUs). An existing
+    bundle at `out` is replaced; any other non-empty directory is refused. Returns the bundle.json path.
+    Raises ConfigError (bad precision, out not a bundle), ArtifactError / RescascadeError (family missing or
+    changed, export differing from PyTorch)."""
+    if precision not in TOLERANCE:
+        raise ConfigError(f"precision {precision!r}: choose one of {', '.join(TOLERANCE)}")
+    config = config if isinstance(config, CascadeConfig) else read_config(config)
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "bundle.json").is_file())):
+        raise ConfigError(f"{out} exists and is not a bundle: give a new or empty directory (an earlier bundle "
+                          "there is replaced)")
+    family, doc = open_family(config)
+    fam_dir, wid = config.family_dir, weights_id(doc)
+    resolutions = sorted({s.resolution for s in config.cascade.stages} | {config.reference})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        models = {}
+        for r in resolutions:
+            log(f"exporting r{r} ({precision}) ...")
+            path, meta = export_resolution(family, fam_dir, r, wid, precision)
+            name = f"r{r}.{precision}.onnx"
+            shutil.copyfile(path, tmp / name)
+            models[str(r)] = {"file": name, "sha256": sha256_file(tmp / name), "precision": precision,
+                              "input": "input", "output": "logits", "max_abs_diff": meta["max_abs_diff"]}
+        _copy_runtime(tmp)
+        prep = doc.get("preprocessing", {})
+        bundle = {
+            "format": BUNDLE_FORMAT, "schema_version": BUNDLE_SCHEMA,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "source": {"cascade_json": str(config.path), "cascade_json_sha256": sha256_file(config.path)
+                       if config.path else None, "weights_sha256": wid,
+                       "family_json_sha256": config.doc["family"]["family_json_sha256"]},
+            "models": models,
+            "stages": config.doc["stages"], "reference": config.doc["reference"],
+            "confidence": config.doc["confidence"], "expected": config.doc["expected"],
+            "profile": {k: config.doc["profile"].get(k) for k in ("backend", "precision", "batch_size", "device")},
+            "preprocessing": {"resize": RESIZE, "crop_fraction": prep.get("crop_fraction", CROP_FRACTION),
+                              "mean": list(prep.get("mean") or IMAGENET_MEAN),
+                              "std": list(prep.get("std") or IMAGENET_STD),
+                              "decode_scale": prep.get("decode_scale", "full"), "max_aspect": MAX_ASPECT},
+            "class_names": list(doc["class_names"]), "num_classes": int(doc["num_classes"]),
+        }
+        write_json(tmp / "bundle.json", bundle)
+        write_text(tmp / "README.txt", _README.format(
+            source=config.path, name=out.name, reference=config.reference,
+            stages=" -> ".join(f"r{s.resolution}" for s in config.cascade.stages)))
+        Bundle(tmp)  # reads back as the runtime will
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"wrote {out}/ (bundle.json, {len(models)} ONNX models, the runtime): "
+        f"PYTHONPATH={out} python -m rescascade.deploy {out} IMAGE...")
+    return out / "bundle.json"
+
+
+def _copy_runtime(dest: Path) -> None:
+    """Copy the deployed runtime's modules (deploy.RUNTIME_MODULES) into dest/rescascade/, as installed."""
+    for name in RUNTIME_MODULES:
+        spec = importlib.util.find_spec(name)
+        parts = name.split(".")
+        target = dest.joinpath(*parts, "__init__.py") if spec.submodule_search_locations is not None else \
+            dest.joinpath(*parts[:-1], parts[-1] + ".py")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(spec.origin, target)
+
+
+def _replace(new: Path, out: Path) -> None:
+    """Rename directory `new` to `out`; an earlier bundle at `out` is moved aside first and removed after."""
+    if not out.exists():
+        new.rename(out)
+        return
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+    old.rmdir()
+    out.rename(old)
+    try:
+        new.rename(out)
+    except OSError:
+        old.rename(out)  # put the earlier bundle back
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+_CONFIG_PBTXT = """# A rescascade cascade served by Triton's Python backend (model.py runs the bundle in 1/bundle/).
+name: "{name}"
+backend: "python"
+max_batch_size: {max_batch_size}
+dynamic_batching {{ max_queue_delay_microseconds: {max_queue_delay_us} }}
+instance_group [ {{ count: {instances} kind: {kind} }} ]
+input [
+  {{ name: "IMAGE" data_type: TYPE_STRING dims: [ 1 ] optional: true }},
+  {{ name: "PIXELS" data_type: TYPE_UINT8 dims: [ -1, -1, 3 ] optional: true }}
+]
+output [
+  {{ name: "LABEL" data_type: TYPE_INT64 dims: [ 1 ] }},
+  {{ name: "CLASS_NAME" data_type: TYPE_STRING dims: [ 1 ] }},
+  {{ name: "PROBABILITY" data_type: TYPE_FP32 dims: [ 1 ] }},
+  {{ name: "EXIT_STAGE" data_type: TYPE_INT64 dims: [ 1 ] }},
+  {{ name: "RESOLUTION" data_type: TYPE_INT32 dims: [ 1 ] }},
+  {{ name: "ERROR" data_type: TYPE_STRING dims: [ 1 ] }}
+]
+parameters: [
+  {{ key: "reference" value: {{ string_value: "{reference}" }} }},
+  {{ key: "providers" value: {{ string_value: "{providers}" }} }},
+  {{ key: "counts_path" value: {{ string_value: "exit_counts.json" }} }}
+]
+"""
+TRITON_DEVICES = {"cpu": ("KIND_CPU", "CPUExecutionProvider"),
+                  "gpu": ("KIND_GPU", "CUDAExecutionProvider,CPUExecutionProvider")}
+
+
+def export_triton(config, out, precision: str = "fp32", max_batch_size: int = 32, instances: int = 1,
+                  max_queue_delay_us: int = 1000, device: str = "cpu", log=print) -> Path:
+    """Write a Triton model repository to `out` that serves the cascade of `config` (model "cascade") and, for
+    comparison, its reference model alone (model "reference"): each is a Python-backend model (`triton_model.py`
+    as 1/model.py, `config.pbtxt` with dynamic batching up to max_batch_size, `instances` instances) running the
+    exported bundle (1/bundle/) with ONNX Runtime on `device` ("cpu", or "gpu": the CUDA provider in GPU
+    instances; Triton's Python environment then needs onnxruntime-gpu). An earlier repository at `out` is
+    replaced; any other non-empty directory is refused. Returns `out`. Raises ConfigError for bad values, and
+    what `export_bundle` raises."""
+    from rescascade.training.config import MAX_BATCH
+    from rescascade.training.errors import check_int
+    check_int("max_batch_size", max_batch_size, 1, MAX_BATCH)
+    check_int("instances", instances, 1, 64)
+    check_int("max_queue_delay_us", max_queue_delay_us, 0, 10_000_000)
+    if device not in TRITON_DEVICES:
+        raise ConfigError(f"device {device!r}: choose one of {', '.join(TRITON_DEVICES)}")
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and
+                                              not (out / "cascade" / "config.pbtxt").is_file())):
+        raise ConfigError(f"{out} exists and is not a model repository written by rescascade: give a new or empty "
+                          "directory (an earlier one there is replaced)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        kind, providers = TRITON_DEVICES[device]
+        bundle = tmp / "cascade" / "1" / "bundle"
+        export_bundle(config, bundle, precision, log)
+        model_py = importlib.util.find_spec("rescascade.triton_model").origin
+        for name, reference in (("cascade", "false"), ("reference", "true")):
+            version = tmp / name / "1"
+            if name != "cascade":
+                shutil.copytree(bundle, version / "bundle")
+            shutil.copyfile(model_py, version / "model.py")
+            write_text(tmp / name / "config.pbtxt", _CONFIG_PBTXT.format(
+                name=name, max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
+                instances=instances, kind=kind, reference=reference, providers=providers))
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"wrote the Triton model repository {out}/ (models cascade and reference): tritonserver "
+        f"--model-repository {out}")
+    return out

@@ -1,0 +1,194 @@
+"""The exported bundle and its torch-free runtime: same pixels, labels, exit stages and probabilities as
+`CascadeRunner`; runs where torch cannot be imported; refuses damaged bundles and bad inputs clearly."""
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from rescascade.cli import main as cli_main
+from rescascade.config import read_config
+from rescascade.deploy import Bundle, BundleRunner
+from rescascade.export import export_bundle
+from rescascade.monitor import ExitCounts
+from rescascade.optimizer import Cascade, Stage
+from rescascade.runtime import CascadeRunner
+from rescascade.training.errors import ArtifactError, BackendUnavailable, ConfigError, RescascadeError
+from rescascade.training.preprocess import preprocess, resize_center_crop
+from rescascade.training.preprocess_np import preprocess_pixels, resize_center_crop_pixels
+
+from .conftest import encode, photo
+
+QUIET = dict(log=lambda s: None)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_numpy_preprocessing_equals_torch(seed):
+    """preprocess_np gives torch's pixels bit for bit: downscales and upscales, crops of odd sizes, aspect
+    ratios beyond 4:1 (cut first), 1-pixel sides, large factors (float64 sums), batches."""
+    rng = np.random.default_rng(seed)
+    sizes = [(1, 1), (1, 700), (3000, 20), (2100, 1500), (110, 110), (256, 256), (97, 401)] if seed == 0 else \
+        [tuple(int(v) for v in rng.integers(8, 900, 2)) for _ in range(12)]
+    for h, w in sizes:
+        r = int(rng.choice([32, 48, 96, 160, 224]))
+        images = rng.integers(0, 256, (int(rng.integers(1, 4)), h, w, 3), dtype=np.uint8)
+        tensors = torch.from_numpy(images).permute(0, 3, 1, 2)
+        assert np.array_equal(resize_center_crop_pixels(images, r), resize_center_crop(tensors, r).permute(0, 2, 3, 1).numpy()), (h, w, r)
+        assert np.array_equal(preprocess_pixels(images, r, 0.8), preprocess(tensors, r, 0.8).numpy()), (h, w, r)
+
+
+def test_numpy_preprocessing_refuses_other_arrays():
+    for bad in (np.zeros((2, 8, 8, 3), np.float32), np.zeros((8, 8, 3), np.uint8), np.zeros((1, 0, 8, 3), np.uint8)):
+        with pytest.raises(ValueError, match="uint8"):
+            preprocess_pixels(bad, 32)
+
+
+@pytest.fixture(scope="module")
+def bundle(split_cascade, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bundle") / "bundle"
+    export_bundle(split_cascade, out, **QUIET)
+    return out
+
+
+def _inputs(tmp_path: Path) -> tuple[list, list]:
+    """The same images for both runtimes: (CascadeRunner inputs, BundleRunner inputs)."""
+    photos = [photo(40 + 23 * i, 300 - 17 * i, 100 + i) for i in range(12)]
+    files = [encode(p, "JPEG" if i % 4 else "PNG") for i, p in enumerate(photos)]
+    big = encode(photo(300, 420, 7), "JPEG")  # decoded at 1/8 for r32, at 1/4 for r48
+    path = tmp_path / "photo.jpg"
+    path.write_bytes(files[1])
+    truncated = files[2][: len(files[2]) // 2]
+    pil = Image.fromarray(photos[3])
+    torch_side = files + [big, str(path), torch.from_numpy(photos[5]).permute(2, 0, 1), pil, truncated,
+                          b"not an image", str(tmp_path / "missing.jpg")]
+    bundle_side = files + [big, str(path), photos[5], pil, truncated, b"not an image", str(tmp_path / "missing.jpg")]
+    return torch_side, bundle_side
+
+
+def test_bundle_gives_the_runtimes_answers(split_cascade, bundle, tmp_path):
+    """Same labels, exit stages, probabilities (to 1e-5) and per-input errors as CascadeRunner, with rows on
+    both stages; the exit counts agree too."""
+    torch_side, bundle_side = _inputs(tmp_path)
+    want = CascadeRunner(split_cascade, threads=1)(torch_side)
+    runner = BundleRunner(bundle, threads=1)
+    got = runner(bundle_side)
+    assert set(got.errors) == set(want.errors) == {16, 17, 18}
+    ok = want.labels >= 0
+    assert np.array_equal(got.labels, want.labels) and np.array_equal(got.exit_stage, want.exit_stage)
+    assert set(want.exit_stage[ok]) == {0, 1}, "the test needs rows answered by each stage"
+    assert np.abs(got.probs[ok] - want.probs[ok]).max() <= 1e-5
+    assert np.allclose(got.confidence[ok], want.confidence[ok], atol=1e-5)
+    assert got.names == want.names
+    assert runner.counts.reached[0] == 16 and runner.counts.exited == [int((want.exit_stage == k).sum()) for k in (0, 1)]
+    assert [t.decoded for t in got.stage_timings] == [t.decoded for t in want.stage_timings]
+    # one uint8 array [N, H, W, 3] is a batch, as a uint8 tensor [N, 3, H, W] is to CascadeRunner
+    batch = np.stack([photo(64, 80, s) for s in range(5)])
+    a = BundleRunner(bundle, threads=1, warmup=False)(batch)
+    b = CascadeRunner(split_cascade, threads=1, warmup=False)(torch.from_numpy(batch).permute(0, 3, 1, 2))
+    assert np.array_equal(a.labels, b.labels) and np.abs(a.probs - b.probs).max() <= 1e-5
+
+
+def test_bundle_reference_and_drift(split_cascade, bundle, tmp_path):
+    """reference=True runs the reference model alone; the counts of the bundle's runtime feed `rescascade drift`
+    given the bundle."""
+    images = [encode(photo(50 + i, 70, i), "JPEG") for i in range(6)]
+    config = read_config(split_cascade)
+    ref = BundleRunner(bundle, reference=True, warmup=False)(images)
+    want = CascadeRunner(config, warmup=False, stages=Cascade([Stage(config.reference, -math.inf)]))(images)
+    assert np.array_equal(ref.labels, want.labels) and set(ref.exit_stage) == {0}
+    runner = BundleRunner(bundle, warmup=[2])
+    runner(images)
+    assert runner.counts.inputs == 6  # the warm-up is not counted
+    counts = tmp_path / "counts.json"
+    runner.counts.save(counts)
+    assert ExitCounts.load(counts).reached[0] == 6
+    assert cli_main(["drift", str(bundle), str(counts)]) == 0
+    assert cli_main(["drift", str(bundle / "bundle.json"), str(counts)]) == 0
+
+
+_BLOCK_TORCH = """
+import importlib.abc, json, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "torchvision", "scipy", "pandas", "matplotlib"):
+            raise ImportError(f"{name} is not installed here")
+sys.meta_path.insert(0, Block())
+sys.path.insert(0, sys.argv[1])
+import rescascade
+from rescascade.deploy import BundleRunner
+r = BundleRunner(sys.argv[1], threads=1)([open(p, "rb").read() for p in sys.argv[2:]])
+print(json.dumps({"module": rescascade.__file__, "labels": r.labels.tolist(), "exits": r.exit_stage.tolist(),
+                  "probs": r.probs.tolist(), "heavy": [m for m in sys.modules if m.split(".")[0] in ("torch", "scipy")]}))
+"""
+
+
+def test_bundle_runs_without_torch(bundle, tmp_path):
+    """The bundle's own copy of the runtime runs where torch (and scipy, pandas, matplotlib) cannot be imported,
+    and answers as the installed runtime does."""
+    files = []
+    for i in range(6):
+        files.append(tmp_path / f"{i}.jpg")
+        files[-1].write_bytes(encode(photo(90 + 9 * i, 120, 40 + i), "JPEG"))
+    res = subprocess.run([sys.executable, "-c", _BLOCK_TORCH, str(bundle), *map(str, files)], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert Path(got["module"]).resolve().is_relative_to(bundle.resolve()) and got["heavy"] == []
+    want = BundleRunner(bundle, threads=1, warmup=False)([f.read_bytes() for f in files])
+    assert got["labels"] == want.labels.tolist() and got["exits"] == want.exit_stage.tolist()
+    assert np.abs(np.array(got["probs"]) - want.probs).max() <= 1e-6
+    cli = subprocess.run([sys.executable, "-m", "rescascade.deploy", str(bundle), str(files[0]), "nothing.jpg"],
+                         cwd=tmp_path, env={"PYTHONPATH": str(bundle), "PATH": "/usr/bin:/bin"},
+                         capture_output=True, text=True, timeout=300)
+    lines = cli.stdout.strip().splitlines()
+    assert cli.returncode == 1 and len(lines) == 2 and "\tr" in lines[0] and lines[1].endswith(
+        "error: cannot read nothing.jpg: No such file or directory"), cli
+
+
+def test_bundle_refuses_damage_and_bad_arguments(split_cascade, bundle, tmp_path):
+    import shutil
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    model = next(copy.glob("r*.onnx"))
+    model.write_bytes(model.read_bytes()[:-10])
+    with pytest.raises(ArtifactError, match="changed since export"):
+        Bundle(copy)
+    model.unlink()
+    with pytest.raises(ArtifactError, match="missing from the bundle"):
+        Bundle(copy)
+    doc = json.loads((bundle / "bundle.json").read_text())
+    (copy / "bundle.json").write_text(json.dumps({**doc, "schema_version": 99}))
+    with pytest.raises(ArtifactError, match="schema_version"):
+        Bundle(copy)
+    with pytest.raises(ArtifactError, match="not found"):
+        Bundle(tmp_path / "nowhere")
+    with pytest.raises(BackendUnavailable, match="NoSuchExecutionProvider"):
+        BundleRunner(bundle, providers=["NoSuchExecutionProvider"])
+    runner = BundleRunner(bundle, warmup=False)
+    with pytest.raises(ConfigError, match="threads"):
+        BundleRunner(bundle, threads=0)
+    with pytest.raises(ConfigError):
+        runner(42)
+    with pytest.raises(RescascadeError, match=r"uint8 \[N, H, W, 3\]"):
+        runner(np.zeros((2, 8, 8, 4), np.uint8))
+    res = runner([np.zeros((8, 8), np.uint8), np.zeros((0, 5, 3), np.uint8), np.zeros((6, 6, 3), np.uint8)])
+    assert set(res.errors) == {0, 1} and res.labels[2] >= 0
+    # export: into a directory that holds something else, refused; over an earlier bundle, replaced
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not a bundle"):
+        export_bundle(split_cascade, other, **QUIET)
+    assert (other / "notes.txt").read_text() == "mine"
+    with pytest.raises(ConfigError, match="precision"):
+        export_bundle(split_cascade, tmp_path / "b", precision="int4", **QUIET)
+    before = (bundle / "bundle.json").read_text()
+    assert cli_main(["export", str(split_cascade), "--out", str(bundle)]) == 0
+    assert Bundle(bundle).doc["models"] == json.loads(before)["models"]
+    assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".")]  # no temporary left behind
+    assert cli_main(["export", str(tmp_path / "none.json"), "--out", str(tmp_path / "x")]) == 2

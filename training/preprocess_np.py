@@ -1,0 +1,205 @@
+"""The eval preprocessing in numpy alone, pixel for pixel what `training.preprocess.preprocess` computes on CPU:
+for runtimes without torch (`rescascade.deploy`), and the geometry both share (resize size, center crop, aspect
+bound, normalization constants).
+
+Resize: torch's CPU kernel for uint8 antialiased bilinear resizing (aten/src/ATen/native/cpu/UpSampleKernel.cpp,
+`HelperInterpBase::_compute_indices_min_size_weights_aa` and `_compute_index_ranges_int16_weights`; the AVX2 path
+in UpSampleKernelAVXAntialias.h is a port of Pillow-SIMD's) computes each axis's weights in double with Pillow's
+support and centering, rounds them to integers at the largest precision under which the largest weight still
+fits in int16, and sums integer products plus half a unit, shifted down and clamped: width first, each pass
+rounded to uint8. Here each pass is a few small matrix products over the band of that weight matrix, in float32
+where every product and partial sum is an integer below 2^24 (exact in any order), else in float64: the same
+integers, so the same pixels (tests/test_deploy.py checks random sizes against torch). Other formulations were
+measured slower (benchmarks/README, "Deploying without torch").
+"""
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CROP_FRACTION = 0.875
+MAX_ASPECT = 4  # longer images are cut to their central 4:1 part before resizing
+_BLOCK = 16     # output pixels per matrix product: wider blocks multiply more zeros, narrower ones call more often
+# Multiply-adds per matrix product: OpenBLAS runs products up to 2^18 on the calling thread, larger ones on its
+# own pool, which was 1.2-2x slower for these thin products on 2 cores (benchmarks/README, "Deploying without
+# torch"); the runtime spreads images over threads instead.
+_SMALL_PRODUCT = 1 << 18
+
+
+def eval_resize_size(resolution: int, crop_fraction: float = CROP_FRACTION) -> int:
+    """The shorter side an image is resized to before the center crop of `resolution`."""
+    return int(round(resolution / crop_fraction))
+
+
+def stage_min_side(resolution: int, crop_fraction: float = CROP_FRACTION, decode_scale: str = "stage") -> int | None:
+    """The shorter side a stage at `resolution` decodes a JPEG to at least under a family's decode_scale ("stage":
+    its resize size; "full": None, a full decode)."""
+    return None if decode_scale == "full" else eval_resize_size(resolution, crop_fraction)
+
+
+def aspect_window(height: int, width: int, max_aspect: int = MAX_ASPECT) -> tuple[int, int, int, int]:
+    """(top, left, height, width) of the central max_aspect:1 part of an image longer than that, else the whole
+    image: resizing the shorter side first makes the work grow with the aspect ratio, and the center crop keeps
+    only the middle of the long side anyway."""
+    if width > max_aspect * height:
+        return 0, (width - max_aspect * height) // 2, height, max_aspect * height
+    if height > max_aspect * width:
+        return (height - max_aspect * width) // 2, 0, max_aspect * width, width
+    return 0, 0, height, width
+
+
+def resized_size(height: int, width: int, side: int) -> tuple[int, int]:
+    """(height, width) after resizing the shorter side to `side`, the longer one in proportion, truncated
+    (torchvision's `resize` with one size)."""
+    if width <= height:
+        return int(side * height / width), side
+    return side, int(side * width / height)
+
+
+def crop_origin(height: int, width: int, resolution: int) -> tuple[int, int]:
+    """(top, left) of the centered resolution x resolution crop (torchvision's `center_crop` rounding)."""
+    return int(round((height - resolution) / 2.0)), int(round((width - resolution) / 2.0))
+
+
+def _bilinear(x: float) -> float:
+    x = -x if x < 0 else x
+    return 1.0 - x if x < 1.0 else 0.0
+
+
+@functools.lru_cache(maxsize=512)
+def _axis_weights(n_in: int, n_out: int) -> tuple[list[int], list[list[int]], int]:
+    """torch's integer weights for one axis resized from n_in to n_out, in its order of operations (see the
+    module): (first input index [n_out], weights [n_out][taps], precision bits). The precision comes from the
+    largest weight of the whole axis, so it is computed for every output even when only a crop is needed."""
+    scale = n_in / n_out
+    support = scale if scale >= 1.0 else 1.0  # interp_size / 2 = 1 for bilinear
+    taps = int(math.ceil(support)) * 2 + 1
+    invscale = 1.0 / scale if scale >= 1.0 else 1.0
+    firsts, weights, wt_max = [], [], 0.0
+    for i in range(n_out):
+        center = scale * (i + 0.5)
+        first = max(int(center - support + 0.5), 0)
+        size = min(max(min(int(center + support + 0.5), n_in) - first, 0), taps)
+        w = [_bilinear((j + first - center + 0.5) * invscale) for j in range(size)]
+        total = 0.0
+        for v in w:
+            total += v
+        if total != 0.0:
+            w = [v / total for v in w]
+            wt_max = max([wt_max, *w])
+        firsts.append(first)
+        weights.append(w)
+    precision = 0
+    while precision < 22 and int(0.5 + wt_max * (1 << (precision + 1))) < (1 << 15):
+        precision += 1
+    return firsts, [[int(0.5 + v * (1 << precision)) for v in w] for w in weights], precision  # all w >= 0
+
+
+@functools.lru_cache(maxsize=512)
+def _axis_plan(n_in: int, n_out: int, start: int, count: int):
+    """Outputs start..start+count of one axis resized from n_in to n_out as matrix products: ([(in_lo, in_hi,
+    out_lo, out_hi, weights [in_hi - in_lo, out_hi - out_lo])], the float dtype that is exact). The weights are
+    torch's integers times 2^-precision, so a product plus 0.5 is (sum + half a unit) / 2^precision, exactly
+    (an integer below 2^24, or 2^53, times a power of two), and its floor is torch's shifted sum."""
+    firsts, ints, precision = _axis_weights(n_in, n_out)
+    firsts, ints = firsts[start:start + count], ints[start:start + count]
+    largest = max(sum(w) for w in ints)
+    dtype = np.float32 if 255 * largest + (1 << (precision - 1)) <= 1 << 24 else np.float64
+    blocks = []
+    for lo in range(0, count, _BLOCK):
+        hi = min(count, lo + _BLOCK)
+        in_lo = min(firsts[lo:hi])
+        in_hi = max(f + len(w) for f, w in zip(firsts[lo:hi], ints[lo:hi]))
+        matrix = np.zeros((in_hi - in_lo, hi - lo), dtype=dtype)
+        for j in range(lo, hi):
+            matrix[firsts[j] - in_lo:firsts[j] - in_lo + len(ints[j]), j - lo] = np.ldexp(ints[j], -precision)
+        blocks.append((in_lo, in_hi, lo, hi, matrix))
+    return blocks, dtype
+
+
+def _round(acc: np.ndarray) -> np.ndarray:
+    """floor(acc + 0.5), clamped to 255, in place (the sums are >= 0: bilinear weights are)."""
+    acc += acc.dtype.type(0.5)
+    np.minimum(acc, acc.dtype.type(255), out=acc)
+    return np.floor(acc, out=acc)
+
+
+@functools.lru_cache(maxsize=512)
+def _channel_plan(n_in: int, n_out: int, start: int, count: int):
+    """`_axis_plan` for the width of channels-last rows [W * 3]: each block's weights kron the 3x3 identity, so the
+    pass reads the decoded pixels as they lie (3x the multiplications, but no transposes: measured faster)."""
+    blocks, dtype = _axis_plan(n_in, n_out, start, count)
+    eye = np.eye(3, dtype=dtype)
+    return [(3 * a, 3 * b, 3 * lo, 3 * hi, np.kron(m, eye)) for a, b, lo, hi, m in blocks], dtype
+
+
+def _resample_width(x: np.ndarray, n_out: int, start: int, count: int) -> np.ndarray:
+    """Rows of channels-last pixels x [M, W * 3] -> [M, count * 3]: outputs start.. of the width resized to n_out."""
+    blocks, dtype = _channel_plan(x.shape[1] // 3, n_out, start, count)
+    x = x.astype(dtype, copy=False)
+    out = np.empty((x.shape[0], 3 * count), dtype=dtype)
+    for in_lo, in_hi, lo, hi, matrix in blocks:
+        step = max(1, _SMALL_PRODUCT // matrix.size)
+        for c in range(0, x.shape[0], step):
+            np.matmul(x[c:c + step, in_lo:in_hi], matrix, out=out[c:c + step, lo:hi])
+    return _round(out)
+
+
+def _resample_height(y: np.ndarray, n_out: int, start: int, count: int) -> np.ndarray:
+    """Images y [N, H, M] -> [N, count, M]: outputs start.. of the height resized to n_out."""
+    blocks, dtype = _axis_plan(y.shape[1], n_out, start, count)
+    y = y.astype(dtype, copy=False)
+    out = np.empty((y.shape[0], count, y.shape[2]), dtype=dtype)
+    for in_lo, in_hi, lo, hi, matrix in blocks:
+        np.matmul(matrix.T, y[:, in_lo:in_hi], out=out[:, lo:hi])
+    return _round(out)
+
+
+_CHUNK = 4  # images resized together: enough for large matrix products, few enough to stay in the CPU's caches
+
+
+def resize_center_crop_pixels(images: np.ndarray, resolution: int,
+                              crop_fraction: float = CROP_FRACTION) -> np.ndarray:
+    """Equal-size uint8 images [N, H, W, 3] -> the center crop of their resize, as float [N, r, r, 3] (channels
+    last) holding integers 0..255: the pixels `training.preprocess.resize_center_crop` gives on CPU. ValueError
+    for another shape or dtype."""
+    if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8 or 0 in images.shape:
+        raise ValueError(f"images must be uint8 [N, H, W, 3] with N, H, W >= 1, got {images.dtype} "
+                         f"{list(images.shape)}")
+    if len(images) > _CHUNK:
+        return np.concatenate([resize_center_crop_pixels(images[i:i + _CHUNK], resolution, crop_fraction)
+                               for i in range(0, len(images), _CHUNK)])
+    n, r = images.shape[0], resolution
+    top, left, h, w = aspect_window(*images.shape[1:3])
+    images = images[:, top:top + h, left:left + w]
+    nh, nw = resized_size(h, w, eval_resize_size(r, crop_fraction))
+    y0, x0 = crop_origin(nh, nw, r)
+    x = images.reshape(n * h, w * 3)  # a copy where the aspect bound sliced the images
+    x = _resample_width(x, nw, x0, r) if nw != w else x[:, 3 * x0:3 * (x0 + r)].astype(np.float32)
+    y = x.reshape(n, h, 3 * r)  # width first, as torch
+    y = _resample_height(y, nh, y0, r) if nh != h else y[:, y0:y0 + r]
+    return y.reshape(n, r, r, 3)
+
+
+def normalize_pixels(pixels: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
+    """Pixels [N, r, r, 3] (channels last, values 0..255) -> float32 model input [N, 3, r, r], (x / 255 - mean)
+    / std computed as x * (1 / (255 std)) + (-mean / std) in float32, one rounding per operation, as
+    `to_model_input` does."""
+    std32, mean32 = np.asarray(std, np.float32), np.asarray(mean, np.float32)
+    scale = (np.float32(1) / (np.float32(255) * std32)).reshape(-1, 1, 1)
+    shift = (-mean32 / std32).reshape(-1, 1, 1)
+    out = np.empty((pixels.shape[0], 3) + pixels.shape[1:3], dtype=np.float32)
+    np.multiply(pixels.transpose(0, 3, 1, 2), scale, out=out, dtype=np.float32)
+    out += shift
+    return out
+
+
+def preprocess_pixels(images: np.ndarray, resolution: int, crop_fraction: float = CROP_FRACTION,
+                      mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
+    """Equal-size uint8 images [N, H, W, 3] -> float32 model input [N, 3, r, r], equal to
+    `training.preprocess.preprocess` on CPU. ValueError for another shape or dtype."""
+    return normalize_pixels(resize_center_crop_pixels(images, resolution, crop_fraction), mean, std)
