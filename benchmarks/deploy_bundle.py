@@ -86,23 +86,35 @@ def preprocessing_rows(decoded: list[torch.Tensor], resolutions: list[int], quic
     return rows
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def family_options(ap: argparse.ArgumentParser) -> None:
+    """The options of cost_prediction.py's family (shared with triton_load.py)."""
     ap.add_argument("--quick", action="store_true", help="a few images: checks the pipeline only")
-    ap.add_argument("--runs", type=int, default=3, help="cost measurements, each of both runtimes")
-    ap.add_argument("--images", type=int, help="time on this many test images, spread over the classes (default: "
-                                               "all); the answers are always compared on every one")
     ap.add_argument("--train-per-class", type=int, default=100)
     ap.add_argument("--epochs", type=int, help="override the preset's epochs")
     ap.add_argument("--out", default=str(ROOT / ".bench" / "costs"))
     ap.add_argument("--fresh", action="store_true", help="retrain the family")
-    args = ap.parse_args()
-    log = print
+
+
+def batch32_cascade(args, log) -> tuple[Path, Path]:
+    """(family dir, cascade.json) of cost_prediction.py's family (trained and profiled if not yet) and its cascade
+    built for batch 32, batch-aware, decoded inputs."""
     fam = family(args, log)
     if args.quick or not (fam / "profile.csv").is_file():
         profile(fam, args)
     cascade_json = fam / "deploy_b32.json"
     run_build(fam, batch_size=32, batch_aware=True, out=cascade_json, plots=False, source_size=None, **QUIET)
+    return fam, cascade_json
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    family_options(ap)
+    ap.add_argument("--runs", type=int, default=3, help="cost measurements, each of both runtimes")
+    ap.add_argument("--images", type=int, help="time on this many test images, spread over the classes (default: "
+                                               "all); the answers are always compared on every one")
+    args = ap.parse_args()
+    log = print
+    fam, cascade_json = batch32_cascade(args, log)
     config = read_config(cascade_json)
     bundle = fam / "bundle_b32"
     export_bundle(cascade_json, bundle, **QUIET)

@@ -8,7 +8,7 @@ be 0) and whether every answer equals the bundle runtime's (label and exit stage
 (SIGKILL) in the middle of a load at concurrency 8 and restarted on the same repository: clients must get errors,
 never a wrong answer, and the answers after the restart must be the same.
 
-    python benchmarks/triton_load.py [--quick] [--requests 400]
+    python benchmarks/triton_load.py [--quick] [--requests 600]
 
 The clients run on the same 2 cores as the server: the figures compare the two models, not absolute capacity.
 """
@@ -24,11 +24,11 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import ROOT, table  # noqa: E402
+from _common import table  # noqa: E402
 from _triton import TritonServer, classify  # noqa: E402
-from cost_prediction import QUIET, family, profile  # noqa: E402
+from cost_prediction import QUIET  # noqa: E402
+from deploy_bundle import batch32_cascade, family_options  # noqa: E402
 
-from rescascade.build import run_build  # noqa: E402
 from rescascade.config import read_config  # noqa: E402
 from rescascade.deploy import BundleRunner  # noqa: E402
 from rescascade.export import export_triton  # noqa: E402
@@ -71,19 +71,11 @@ def wrong(answers, want: dict) -> int:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="a few requests: checks the pipeline only")
-    ap.add_argument("--requests", type=int, default=400, help="requests per (model, concurrency)")
-    ap.add_argument("--train-per-class", type=int, default=100)
-    ap.add_argument("--epochs", type=int, help="override the preset's epochs")
-    ap.add_argument("--out", default=str(ROOT / ".bench" / "costs"))
-    ap.add_argument("--fresh", action="store_true", help="retrain the family")
+    family_options(ap)
+    ap.add_argument("--requests", type=int, default=600, help="requests per (model, concurrency)")
     args = ap.parse_args()
     log = print
-    fam = family(args, log)
-    if args.quick or not (fam / "profile.csv").is_file():
-        profile(fam, args)
-    cascade_json = fam / "deploy_b32.json"
-    run_build(fam, batch_size=32, batch_aware=True, out=cascade_json, plots=False, source_size=None, **QUIET)
+    fam, cascade_json = batch32_cascade(args, log)
     config = read_config(cascade_json)
     repo = fam / "triton_b32"
     export_triton(cascade_json, repo, max_batch_size=32, max_queue_delay_us=2000, **QUIET)

@@ -40,6 +40,7 @@ _EXPORTS = {
     "run_build": "rescascade.build", "run_eval": "rescascade.evaluate",
     "CascadeRunner": "rescascade.runtime", "decision_step": "rescascade.exits",
     "ExitCounts": "rescascade.monitor", "drift_report": "rescascade.monitor",
+    "BundleRunner": "rescascade.deploy", "export_bundle": "rescascade.export", "export_triton": "rescascade.export",
 }
 __all__ = sorted(_EXPORTS)
 

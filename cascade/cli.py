@@ -432,7 +432,8 @@ def cmd_drift(args) -> None:
         config = CascadeConfig(bundle.doc, bundle.path)
     else:
         config = read_config(path)
-    report = drift_report(config, ExitCounts.load(args.counts), args.alpha)
+    counts = [ExitCounts.load(c) for c in args.counts]
+    report = drift_report(config, sum(counts[1:], counts[0]), args.alpha)
     print(format_drift(report))
     if report["drifted"] and args.check:
         raise SystemExit(3)
@@ -444,9 +445,10 @@ def add_drift_parser(sub) -> None:
                        description="Compare the exits per stage a serving runtime counted (runner.counts.save(PATH)) "
                                    "with the ones cascade.json expects: a two-proportion test per stage; a "
                                    "difference means the thresholds should be re-fitted on recent labelled images.")
-    s.add_argument("cascade_json", help="the cascade.json (or the bundle `rescascade export` wrote) that served the "
-                                        "traffic")
-    s.add_argument("counts", help="the counts JSON saved by the runtime")
+    s.add_argument("cascade_json", help="the cascade.json (or the bundle `rescascade export` wrote; in a Triton "
+                                        "repository MODEL/1/bundle) that served the traffic")
+    s.add_argument("counts", nargs="+", help="the counts JSON saved by the runtime (several: added up, e.g. one "
+                                             "per Triton instance: MODEL/exit_counts.*.json)")
     s.add_argument("--alpha", type=_fraction, default=0.01, help="family-wise false-alarm rate (default: 0.01)")
     s.add_argument("--check", action="store_true", help="exit with status 3 when traffic has drifted (for alerts)")
     s.set_defaults(func=cmd_drift)
@@ -456,7 +458,7 @@ def cmd_export(args) -> None:
     from .export import export_bundle, export_triton
     if args.format == "triton":
         export_triton(args.cascade_json, args.out, args.precision, args.max_batch_size, args.instances,
-                      args.max_queue_delay_us, args.device)
+                      args.max_queue_delay_us, args.device, args.threads)
     else:
         export_bundle(args.cascade_json, args.out, args.precision)
 
@@ -486,6 +488,8 @@ def add_export_parser(sub) -> None:
                    default=1000, help="how long the batcher waits to fill a batch (default: 1000)")
     t.add_argument("--device", choices=("cpu", "gpu"), default="cpu",
                    help="cpu instances, or gpu instances on ONNX Runtime's CUDA provider (default: cpu)")
+    t.add_argument("--threads", type=_threads,
+                   help="CPU threads per instance (default: every CPU; with --instances N give CPUs / N)")
     s.set_defaults(func=cmd_export)
 
 

@@ -6,6 +6,8 @@ means the same thing in both.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 MEASURES = ("max_prob", "margin", "entropy")
@@ -50,3 +52,45 @@ def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
         return float(-log_softmax(logits / np.exp(log_t), axis=-1)[rows, labels].mean())
     res = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded", options={"xatol": 1e-4})
     return float(np.exp(res.x))
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def exit_problem(doc: dict, resolutions, num_classes: int) -> str | None:
+    """What is wrong with the exit decision a cascade.json or a bundle.json describes (confidence: measure,
+    temperatures, combine; stages: resolution and threshold; reference), None if nothing: `resolutions` are the
+    ones it may use, thresholds must lie in the measure's range for `num_classes` classes."""
+    conf, stages, ref = doc.get("confidence"), doc.get("stages"), doc.get("reference")
+    if not isinstance(conf, dict) or conf.get("measure") not in MEASURES:
+        return f"confidence.measure must be one of {', '.join(MEASURES)}"
+    measure, temps = conf["measure"], conf.get("temperatures", {})
+    if not (isinstance(temps, dict) and all(str(k).isdigit() and _is_number(t) and t > 0 for k, t in temps.items())):
+        return "confidence.temperatures must map resolutions to positive numbers"
+    if not isinstance(conf.get("combine", False), bool):
+        return "confidence.combine must be true or false"
+    if not (isinstance(stages, list) and stages):
+        return "stages must be a non-empty list of {resolution, threshold}"
+    low, high = (-math.log(num_classes), 0.0) if measure == "entropy" else (0.0, 1.0)
+    seen = set()
+    for k, s in enumerate(stages, 1):
+        if not (isinstance(s, dict) and _is_int(s.get("resolution")) and s["resolution"] in resolutions):
+            return f"stage {k}'s resolution must be one of {sorted(resolutions)}"
+        if s["resolution"] in seen:
+            return f"stage {k} repeats resolution {s['resolution']}"
+        seen.add(s["resolution"])
+        last, threshold = k == len(stages), s.get("threshold")
+        if last != (threshold is None):
+            return f"only the last stage may (and must) have threshold null; stage {k} " + \
+                ("has none" if not last else "has one")
+        if not last and not (_is_number(threshold) and low <= threshold <= high):
+            return f"stage {k}'s threshold {threshold!r} is not a {measure} confidence (a number in " \
+                f"[{low:.4g}, {high:g}])"
+    if not (isinstance(ref, dict) and _is_int(ref.get("resolution")) and ref["resolution"] in resolutions):
+        return f"reference.resolution must be one of {sorted(resolutions)}"
+    return None

@@ -16,7 +16,7 @@ from rescascade.training.config import MAX_BATCH
 from rescascade.training.errors import ArtifactError, ConfigError
 from rescascade.training.fileio import check_schema, read_json, write_json
 
-from .confidence import MEASURES
+from .confidence import exit_problem
 from .optimizer import Cascade, Stage, paired_difference
 from .predictions import Predictions
 
@@ -152,11 +152,6 @@ def write_config(path, doc: dict) -> None:
     write_json(path, {"schema_version": SCHEMA_VERSION, **doc})
 
 
-def _measure_range(measure: str, num_classes: int) -> tuple[float, float]:
-    """The values a confidence measure takes (cascade/confidence.py): probabilities, or negative entropy."""
-    return (-math.log(num_classes), 0.0) if measure == "entropy" else (0.0, 1.0)
-
-
 def _check(ok: bool, path, what: str) -> None:
     if not ok:
         raise ArtifactError(f"{path}: {what}; the file was edited or damaged: restore it or re-run `rescascade build`")
@@ -166,16 +161,12 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
 def validate(doc: dict, path) -> None:
     """Every field the runtime and eval use, with the values it may take; raises RescascadeError naming the field."""
     for key in REQUIRED:
         _check(isinstance(doc[key], list if key == "stages" else dict), path,
                f"{key} must be {'a list' if key == 'stages' else 'an object'}")
-    fam, prof, conf = doc["family"], doc["profile"], doc["confidence"]
+    fam, prof = doc["family"], doc["profile"]
     _check(isinstance(fam.get("path"), str) and fam["path"] != "", path, "family.path must name the family directory")
     for key in ("family_json_sha256", "weights_sha256"):
         _check(isinstance(fam.get(key), str) and len(fam[key]) == 64, path, f"family.{key} must be a sha256")
@@ -187,30 +178,8 @@ def validate(doc: dict, path) -> None:
            "profile.backend and profile.precision must be names")
     _check(_is_int(prof.get("batch_size")) and 1 <= prof["batch_size"] <= MAX_BATCH, path,
            f"profile.batch_size must be 1..{MAX_BATCH}")
-    measure = conf.get("measure")
-    _check(measure in MEASURES, path, f"confidence.measure {measure!r} is not one of {', '.join(MEASURES)}")
-    temps = conf.get("temperatures", {})
-    _check(isinstance(temps, dict) and all(str(k).isdigit() and _is_number(t) and t > 0 for k, t in temps.items()),
-           path, "confidence.temperatures must map resolutions to positive numbers")
-    _check(isinstance(conf.get("combine", False), bool), path, "confidence.combine must be true or false")
-    stages = doc["stages"]
-    _check(isinstance(stages, list) and len(stages) > 0, path, "stages must be a non-empty list of "
-                                                               "{resolution, threshold}")
-    low, high = _measure_range(measure, fam["num_classes"])
-    for k, s in enumerate(stages, 1):
-        _check(isinstance(s, dict) and s.get("resolution") in resolutions and _is_int(s.get("resolution")), path,
-               f"stage {k}'s resolution must be one of the family's {resolutions}")
-        last = k == len(stages)
-        threshold = s.get("threshold")
-        _check(last == (threshold is None), path, f"only the last stage may (and must) have threshold null; stage "
-                                                  f"{k} {'has none' if not last else 'has one'}")
-        if not last:
-            _check(_is_number(threshold) and low <= threshold <= high, path,
-                   f"stage {k}'s threshold {threshold!r} is not a {measure} confidence (a number in "
-                   f"[{low:.4g}, {high:g}])")
-    ref = doc["reference"].get("resolution")
-    _check(_is_int(ref) and ref in resolutions, path, f"reference.resolution must be one of the family's "
-                                                      f"{resolutions}")
+    problem = exit_problem(doc, resolutions, fam["num_classes"])
+    _check(problem is None, path, problem)
 
 
 def read_config(path) -> CascadeConfig:

@@ -32,12 +32,14 @@ from PIL import Image
 
 from rescascade.profiling.ort import session_options
 from rescascade.training.config import MAX_BATCH, MAX_THREADS
-from rescascade.training.errors import ArtifactError, BackendUnavailable, ConfigError, RescascadeError, check_int
+from rescascade.training.errors import (ArtifactError, BackendUnavailable, ConfigError, RescascadeError, check_bool,
+                                        check_int)
 from rescascade.training.fileio import check_schema, read_json, sha256_file
-from rescascade.training.images import DEFAULT_MAX_PIXELS, Encoded, pil_pixels
+from rescascade.training.images import DECODE_SCALES, DEFAULT_MAX_PIXELS, Encoded, pil_pixels
 from rescascade.training.preprocess_np import eval_resize_size, preprocess_pixels, stage_min_side
 
-from .exits import Answers, CascadeResult, StageTiming, decode_stage, error_text, exit_step
+from .confidence import exit_problem
+from .exits import Answers, CascadeResult, StageTiming, decode_stage, error_text, exit_step, warmup_sizes
 from .monitor import ExitCounts
 
 BUNDLE_FORMAT = "rescascade-bundle"
@@ -51,6 +53,34 @@ RUNTIME_MODULES = ("rescascade", "rescascade.deploy", "rescascade.exits", "resca
                    "rescascade.profiling.ort", "rescascade.training", "rescascade.training.config",
                    "rescascade.training.errors", "rescascade.training.fileio", "rescascade.training.images",
                    "rescascade.training.preprocess_np")
+
+
+def _bundle_problem(doc: dict) -> str | None:
+    """What is wrong with a bundle.json's content (beyond its schema version and keys), None if nothing."""
+    models, prep, names = doc["models"], doc["preprocessing"], doc["class_names"]
+    if not (isinstance(models, dict) and models and all(
+            str(r).isdigit() and isinstance(m, dict) and isinstance(m.get("file"), str) and
+            isinstance(m.get("sha256"), str) for r, m in models.items())):
+        return "models must map resolutions to {file, sha256}"
+    if not (isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) for n in names)):
+        return "class_names must be a list of at least 2 names"
+    problem = exit_problem(doc, {int(r) for r in models}, len(names))
+    if problem:
+        return problem
+    if not isinstance(prep, dict) or prep.get("resize") != RESIZE:
+        return f"preprocessing.resize must be {RESIZE}, the one this runtime implements"
+    crop, mean, std = prep.get("crop_fraction"), prep.get("mean"), prep.get("std")
+    if not (isinstance(crop, (int, float)) and 0.05 <= crop <= 1):
+        return "preprocessing.crop_fraction must be a number in [0.05, 1]"
+    for name, values in (("mean", mean), ("std", std)):
+        if not (isinstance(values, list) and len(values) == 3 and all(isinstance(v, (int, float)) and
+                                                                       math.isfinite(v) for v in values)):
+            return f"preprocessing.{name} must be 3 numbers"
+    if min(std) <= 0:
+        return "preprocessing.std must be positive"
+    if prep.get("decode_scale") not in DECODE_SCALES:
+        return f"preprocessing.decode_scale must be one of {', '.join(DECODE_SCALES)}"
+    return None
 
 
 class Bundle:
@@ -68,9 +98,9 @@ class Bundle:
             raise ArtifactError(f"{self.path} is not a rescascade bundle (format {doc.get('format')!r})")
         check_schema(doc, self.path, "bundle", BUNDLE_SCHEMA, ("models", "stages", "reference", "confidence",
                                                                  "preprocessing", "class_names"))
-        if doc["preprocessing"].get("resize") != RESIZE:
-            raise ArtifactError(f"{self.path}: resize {doc['preprocessing'].get('resize')!r} is not one this runtime "
-                                f"implements ({RESIZE}); export again with this rescascade")
+        problem = _bundle_problem(doc)
+        if problem:
+            raise ArtifactError(f"{self.path}: {problem}; the file was edited or damaged: export the bundle again")
         for r, model in doc["models"].items():
             file = self.dir / model["file"]
             if not file.is_file():
@@ -122,11 +152,13 @@ class BundleRunner:
             check_int("threads", threads, 1, MAX_THREADS)
         if max_image_pixels is not None:
             check_int("max_image_pixels", max_image_pixels, 1)
-        if warmup is not True and warmup is not False:
-            try:
-                warmup = [check_int("warmup", b, 1, MAX_BATCH) for b in warmup]
-            except TypeError:
-                raise ConfigError(f"warmup {warmup!r}: give True, False or batch sizes such as [1, 32]") from None
+        warmup = warmup_sizes(warmup)
+        check_bool("reference", reference)
+        if isinstance(providers, str) or not (providers is None or all(isinstance(p, str) for p in providers)):
+            raise ConfigError(f"providers {providers!r}: give a list such as ['CUDAExecutionProvider', "
+                              "'CPUExecutionProvider']")
+        if not isinstance(bundle, (Bundle, str, os.PathLike)):
+            raise ConfigError(f"bundle: give the bundle's directory, got {type(bundle).__name__}")
         providers = list(providers or ["CPUExecutionProvider"])
         missing = [p for p in providers if p not in ort.get_available_providers()]
         if missing:
@@ -152,7 +184,7 @@ class BundleRunner:
             dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
             self.sessions[r] = (session, dtype)
         self._counting = True
-        for b in ([1] if warmup is True else sorted(set(warmup or ()))):
+        for b in ([1] if warmup is True else warmup or []):
             self.warmup(b)
 
     def warmup(self, batch_size: int = 1) -> None:

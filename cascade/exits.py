@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from rescascade.training.config import MAX_BATCH
+from rescascade.training.errors import ConfigError, check_int
 from rescascade.training.images import Encoded
 
 from .confidence import combine, confidence, log_probs
@@ -125,3 +127,13 @@ def error_text(e: Exception) -> str:
     if isinstance(e, OSError) and e.strerror and e.filename:  # the machine's answer, not Python's repr of it
         return f"cannot read {e.filename}: {e.strerror}"
     return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'unreadable'}"
+
+
+def warmup_sizes(warmup) -> bool | list[int]:
+    """A runtime's `warmup` argument checked: True, False, or the batch sizes (sorted, unique) to warm up at.
+    ConfigError otherwise."""
+    if warmup is True or warmup is False:
+        return warmup
+    if isinstance(warmup, (str, bytes)) or not hasattr(warmup, "__iter__"):
+        raise ConfigError(f"warmup {warmup!r}: give True, False or batch sizes such as [1, 32]")
+    return sorted({check_int("warmup", b, 1, MAX_BATCH) for b in warmup})

@@ -16,12 +16,16 @@ from __future__ import annotations
 
 import datetime as _dt
 import importlib.util
+import json
+import os
+from contextlib import contextmanager
 import shutil
 import tempfile
 from pathlib import Path
 
 from rescascade.profiling.export import TOLERANCE, export_resolution
-from rescascade.training.errors import ConfigError
+from rescascade.training.config import MAX_BATCH, MAX_THREADS
+from rescascade.training.errors import ConfigError, check_int
 from rescascade.training.fileio import sha256_file, write_json, write_text
 from rescascade.training.preprocess_np import CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, MAX_ASPECT
 from rescascade.training.store import weights_id
@@ -33,9 +37,9 @@ from .runtime import open_family
 _README = """A rescascade cascade, exported by `rescascade export` from {source}.
 
 Stages: {stages}; reference (the best single model): r{reference}. Needs Python >= 3.10 with onnxruntime,
-numpy and Pillow (no torch):
+numpy and Pillow (no torch). From the directory that holds this one:
 
-    PYTHONPATH={name} python -m rescascade.deploy {name} photo.jpg
+    PYTHONPATH={name} python -m rescascade.deploy {name} photo.jpg   # name, probability, exit stage; exit 1 if an image failed
 
     import sys; sys.path.insert(0, "{name}")
     from rescascade.deploy import BundleRunner
@@ -52,16 +56,11 @@ def export_bundle(config, out, precision: str = "fp32", log=print) -> Path:
     if precision not in TOLERANCE:
         raise ConfigError(f"precision {precision!r}: choose one of {', '.join(TOLERANCE)}")
     config = config if isinstance(config, CascadeConfig) else read_config(config)
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / "bundle.json").is_file())):
-        raise ConfigError(f"{out} exists and is not a bundle: give a new or empty directory (an earlier bundle "
-                          "there is replaced)")
     family, doc = open_family(config)
     fam_dir, wid = config.family_dir, weights_id(doc)
     resolutions = sorted({s.resolution for s in config.cascade.stages} | {config.reference})
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    out = Path(out)
+    with _staged(out, _bundle_files, "a bundle") as tmp:
         models = {}
         for r in resolutions:
             log(f"exporting r{r} ({precision}) ...")
@@ -90,13 +89,9 @@ def export_bundle(config, out, precision: str = "fp32", log=print) -> Path:
         }
         write_json(tmp / "bundle.json", bundle)
         write_text(tmp / "README.txt", _README.format(
-            source=config.path, name=out.name, reference=config.reference,
+            source=Path(config.path).resolve() if config.path else "a CascadeConfig", name=out.name, reference=config.reference,
             stages=" -> ".join(f"r{s.resolution}" for s in config.cascade.stages)))
         Bundle(tmp)  # reads back as the runtime will
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log(f"wrote {out}/ (bundle.json, {len(models)} ONNX models, the runtime): "
         f"PYTHONPATH={out} python -m rescascade.deploy {out} IMAGE...")
     return out / "bundle.json"
@@ -113,20 +108,85 @@ def _copy_runtime(dest: Path) -> None:
         shutil.copyfile(spec.origin, target)
 
 
-def _replace(new: Path, out: Path) -> None:
-    """Rename directory `new` to `out`; an earlier bundle at `out` is moved aside first and removed after."""
-    if not out.exists():
-        new.rename(out)
-        return
-    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-    old.rmdir()
-    out.rename(old)
+def _foreign_files(out: Path, ours) -> list[str]:
+    """Files under `out` that an export did not write (`ours(relative path)` says which it did)."""
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*")
+                  if not p.is_dir() and "__pycache__" not in p.parts and not ours(p.relative_to(out)))
+
+
+def _bundle_files(root: Path):
+    """`ours` for a bundle at root: bundle.json, README.txt, the models bundle.json names, the runtime's modules."""
     try:
-        new.rename(out)
-    except OSError:
-        old.rename(out)  # put the earlier bundle back
+        doc = json.loads((root / "bundle.json").read_text())
+        models = {m["file"] for m in doc["models"].values()} if doc.get("format") == BUNDLE_FORMAT else None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        models = None
+    if models is None:
+        return None
+    return lambda rel: rel.parts[0] == "rescascade" or str(rel) in {"bundle.json", "README.txt", *models}
+
+
+def _repository_files(root: Path):
+    """`ours` for a Triton repository at root: models cascade and reference, each config.pbtxt, 1/model.py and
+    1/bundle/ (exit counts are the user's data: not ours)."""
+    inner = {name: _bundle_files(root / name / "1" / "bundle") for name in ("cascade", "reference")}
+    if any(v is None for v in inner.values()):
+        return None
+
+    def ours(rel: Path) -> bool:
+        parts = rel.parts
+        if len(parts) < 2 or parts[0] not in inner:
+            return False
+        if len(parts) == 2:
+            return parts[1] == "config.pbtxt"
+        if parts[1] != "1" or len(parts) < 3:
+            return False
+        return parts[2] == "model.py" if len(parts) == 3 else \
+            parts[2] == "bundle" and inner[parts[0]](Path(*parts[3:]))
+    return ours
+
+
+@contextmanager
+def _staged(out: Path, files, kind: str):
+    """Yield a new directory beside `out` to write; on success it replaces `out`, on failure it is removed and
+    `out` is untouched. `out` may be new, empty, or an earlier export holding only what that export wrote
+    (`files(out)`: which files an export there wrote, or None if it is not one); anything else is refused with
+    ConfigError, so nothing of the user's is ever deleted."""
+    if out.exists() or out.is_symlink():
+        if out.is_symlink() or not out.is_dir():
+            raise ConfigError(f"{out} exists and is not a directory: give a new or empty directory")
+        if any(out.iterdir()):
+            ours = files(out)
+            if ours is None:
+                raise ConfigError(f"{out} is not empty and not {kind}: give a new or empty directory (an earlier "
+                                  "export there is replaced)")
+            foreign = _foreign_files(out, ours)
+            if foreign:
+                shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+                raise ConfigError(f"{out} holds files the export did not write ({shown}): move them elsewhere "
+                                  "first (exit counts are drift data: keep them), or export to a new directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    new = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    new.chmod(0o777 & ~umask)  # mkdtemp's 0700 would keep a server running as another user out
+    try:
+        yield new
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            old.rmdir()
+            out.rename(old)
+            try:
+                new.rename(out)
+            except OSError:
+                old.rename(out)  # put the earlier export back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            new.rename(out)
+    except BaseException:
+        shutil.rmtree(new, ignore_errors=True)
         raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 _CONFIG_PBTXT = """# A rescascade cascade served by Triton's Python backend (model.py runs the bundle in 1/bundle/).
@@ -150,7 +210,7 @@ output [
 parameters: [
   {{ key: "reference" value: {{ string_value: "{reference}" }} }},
   {{ key: "providers" value: {{ string_value: "{providers}" }} }},
-  {{ key: "counts_path" value: {{ string_value: "exit_counts.json" }} }}
+  {{ key: "counts_path" value: {{ string_value: "exit_counts.{{instance}}.json" }} }}{threads}
 ]
 """
 TRITON_DEVICES = {"cpu": ("KIND_CPU", "CPUExecutionProvider"),
@@ -158,32 +218,30 @@ TRITON_DEVICES = {"cpu": ("KIND_CPU", "CPUExecutionProvider"),
 
 
 def export_triton(config, out, precision: str = "fp32", max_batch_size: int = 32, instances: int = 1,
-                  max_queue_delay_us: int = 1000, device: str = "cpu", log=print) -> Path:
+                  max_queue_delay_us: int = 1000, device: str = "cpu", threads: int | None = None,
+                  log=print) -> Path:
     """Write a Triton model repository to `out` that serves the cascade of `config` (model "cascade") and, for
     comparison, its reference model alone (model "reference"): each is a Python-backend model (`triton_model.py`
     as 1/model.py, `config.pbtxt` with dynamic batching up to max_batch_size, `instances` instances) running the
     exported bundle (1/bundle/) with ONNX Runtime on `device` ("cpu", or "gpu": the CUDA provider in GPU
-    instances; Triton's Python environment then needs onnxruntime-gpu). An earlier repository at `out` is
+    instances; Triton's Python environment then needs onnxruntime-gpu) and `threads` CPU threads per instance
+    (default: every CPU; give CPUs / instances). Each instance writes its exit counts to
+    MODEL/exit_counts.<instance>.json (`rescascade drift` adds them up). An earlier repository at `out` is
     replaced; any other non-empty directory is refused. Returns `out`. Raises ConfigError for bad values, and
     what `export_bundle` raises."""
-    from rescascade.training.config import MAX_BATCH
-    from rescascade.training.errors import check_int
     check_int("max_batch_size", max_batch_size, 1, MAX_BATCH)
     check_int("instances", instances, 1, 64)
     check_int("max_queue_delay_us", max_queue_delay_us, 0, 10_000_000)
+    if threads is not None:
+        check_int("threads", threads, 1, MAX_THREADS)
     if device not in TRITON_DEVICES:
         raise ConfigError(f"device {device!r}: choose one of {', '.join(TRITON_DEVICES)}")
     out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and
-                                              not (out / "cascade" / "config.pbtxt").is_file())):
-        raise ConfigError(f"{out} exists and is not a model repository written by rescascade: give a new or empty "
-                          "directory (an earlier one there is replaced)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+    with _staged(out, _repository_files, "a model repository written by rescascade") as tmp:
         kind, providers = TRITON_DEVICES[device]
         bundle = tmp / "cascade" / "1" / "bundle"
-        export_bundle(config, bundle, precision, log)
+        log(f"exporting the bundle ({precision}) ...")
+        export_bundle(config, bundle, precision, log=lambda s: None)
         model_py = importlib.util.find_spec("rescascade.triton_model").origin
         for name, reference in (("cascade", "false"), ("reference", "true")):
             version = tmp / name / "1"
@@ -192,11 +250,9 @@ def export_triton(config, out, precision: str = "fp32", max_batch_size: int = 32
             shutil.copyfile(model_py, version / "model.py")
             write_text(tmp / name / "config.pbtxt", _CONFIG_PBTXT.format(
                 name=name, max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
-                instances=instances, kind=kind, reference=reference, providers=providers))
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+                instances=instances, kind=kind, reference=reference, providers=providers,
+                threads="" if threads is None else
+                f',\n  {{ key: "threads" value: {{ string_value: "{threads}" }} }}'))
     log(f"wrote the Triton model repository {out}/ (models cascade and reference): tritonserver "
         f"--model-repository {out}")
     return out

@@ -75,6 +75,18 @@ class ExitCounts:
         return counts
 
 
+    def __add__(self, other: "ExitCounts") -> "ExitCounts":
+        """The counts of two runtimes serving the same cascade (e.g. Triton instances). ConfigError otherwise."""
+        if (self.stages, self.measure, self.edges) != (other.stages, other.measure, other.edges):
+            raise ConfigError(f"counts of different cascades ({self.stages} {self.measure} vs {other.stages} "
+                              f"{other.measure}) cannot be added")
+        return ExitCounts(self.stages, self.measure, self.edges,
+                          [a + b for a, b in zip(self.reached, other.reached)],
+                          [a + b for a, b in zip(self.exited, other.exited)],
+                          [[a + b for a, b in zip(h, g)] for h, g in zip(self.histograms, other.histograms)],
+                          self.inputs + other.inputs, self.errors + other.errors)
+
+
 def drift_report(config, counts: ExitCounts, alpha: float = 0.01, split: str = "test") -> dict:
     """Compare served exit fractions with the ones cascade.json expects on `split`, stage by stage (the fraction
     of the inputs reaching stage k that exit there; the last stage answers everything and is not tested).

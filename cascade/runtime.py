@@ -18,7 +18,7 @@ from PIL import Image
 
 from rescascade.profiling.backends import get_backend
 from rescascade.profiling.measure import torch_threads
-from rescascade.training.config import MAX_BATCH, MAX_THREADS
+from rescascade.training.config import MAX_THREADS
 from rescascade.training.errors import ConfigError, RescascadeError, check_int
 from rescascade.training.fileio import sha256_file
 from rescascade.training.images import DEFAULT_MAX_PIXELS, Encoded, from_pil
@@ -26,7 +26,8 @@ from rescascade.training.preprocess import channels_last_batch, eval_resize_size
 from rescascade.training.store import load_family, weights_id
 
 from .config import CascadeConfig, read_config
-from .exits import Answers, CascadeResult, StageTiming, decision_step, decode_stage, error_text, exit_step
+from .exits import (Answers, CascadeResult, StageTiming, decision_step, decode_stage, error_text, exit_step,
+                    warmup_sizes)
 from .monitor import ExitCounts
 from .optimizer import Cascade, Stage
 
@@ -86,11 +87,7 @@ class CascadeRunner:
         if stages is not None and not isinstance(stages, Cascade):
             raise ConfigError(f"stages must be a Cascade (e.g. Cascade([Stage(224, -math.inf)])), got "
                               f"{type(stages).__name__}")
-        if warmup is not True and warmup is not False:
-            try:
-                warmup = [check_int("warmup", b, 1, MAX_BATCH) for b in warmup]
-            except TypeError:
-                raise ConfigError(f"warmup {warmup!r}: give True, False or batch sizes such as [1, 32]") from None
+        warmup = warmup_sizes(warmup)
         self.config: CascadeConfig = config if isinstance(config, CascadeConfig) else read_config(config)
         fam_dir = self.config.family_dir
         family, doc = open_family(self.config)
@@ -114,7 +111,7 @@ class CascadeRunner:
         self._open = lambda r: be.open(family, fam_dir, weights_id(doc), r, self.precision, threads)
         self.use(self.cascade)
         built = int(self.config.doc["profile"].get("batch_size", 1))
-        sizes = sorted({1, built}) if warmup is True else sorted(set(warmup or ()))
+        sizes = sorted({1, built}) if warmup is True else warmup or []
         for b in sizes:
             self.warmup(b, doc.get("provenance", {}).get("data", {}).get("source_size"))
 

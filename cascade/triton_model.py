@@ -11,7 +11,8 @@ TYPE_UINT8 [H, W, 3]: decoded RGB. Outputs per image: LABEL (INT64, -1 where the
 PROBABILITY (FP32, of the answer), EXIT_STAGE (INT64, index of the answering stage), RESOLUTION (INT32, its
 resolution), ERROR (empty, or what is wrong with that image). Parameters (config.pbtxt): reference ("true": the
 reference model alone), providers (comma-separated ONNX Runtime providers), threads, counts_path (where the exit
-counts are written, for `rescascade drift`; relative paths are inside the model's directory). Exits per stage
+counts are written, for `rescascade drift`; relative paths are inside the model's directory; {instance} becomes
+the instance's name, so instances do not overwrite each other's counts). Exits per stage
 are also Triton metrics: rescascade_stage_inputs_total and rescascade_stage_exits_total{model, stage="rN"}.
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 COUNTS_EVERY_S = 10.0  # write the counts file at most this often (and at unload)
+WARMUP_MAX = 64        # warm up at batch 1 and at the max batch size up to this
 
 
 class TritonPythonModel:
@@ -38,11 +40,11 @@ class TritonPythonModel:
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
         providers = [p.strip() for p in params.get("providers", "CPUExecutionProvider").split(",") if p.strip()]
         threads = int(params["threads"]) if params.get("threads") else None
-        batch = max(1, int(config.get("max_batch_size", 1)))
+        batch = min(max(1, int(config.get("max_batch_size", 1))), WARMUP_MAX)
         self.runner = BundleRunner(version_dir / "bundle", providers=providers, threads=threads,
                                    reference=params.get("reference", "false") == "true", warmup=sorted({1, batch}))
         self.resolutions = [r for r, _ in self.runner.stages]
-        counts = params.get("counts_path")
+        counts = params.get("counts_path", "").replace("{instance}", args["model_instance_name"])
         self.counts_path = None if not counts else (Path(counts) if Path(counts).is_absolute()
                                                      else Path(args["model_repository"]) / counts)
         self._saved_at = time.monotonic()
@@ -82,7 +84,7 @@ class TritonPythonModel:
             spans.append((len(items), len(rows)))
             items += rows
         before = (list(self.runner.counts.reached), list(self.runner.counts.exited))
-        result = self.runner(items) if items else None
+        result = self.runner(items)  # no rows at all: empty answers
         responses = []
         for k, (start, n) in enumerate(spans):
             if k in failed:
@@ -114,8 +116,12 @@ class TritonPythonModel:
             self._save()
 
     def _save(self) -> None:
-        self.runner.counts.save(self.counts_path)
+        """Write the counts; a failure (a read-only repository) is logged, never the requests' failure."""
         self._saved_at = time.monotonic()
+        try:
+            self.runner.counts.save(self.counts_path)
+        except OSError as e:
+            self.pb.Logger.log_warn(f"rescascade: cannot write the exit counts to {self.counts_path}: {e}")
 
     def finalize(self) -> None:
         if self.counts_path is not None:

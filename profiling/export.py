@@ -87,7 +87,8 @@ def cached_export(make_model, resolution: int, out: Path, weights_id: str,
     meta_path = out.with_suffix(".json")
     if out.is_file() and meta_path.is_file():
         meta = json.loads(meta_path.read_text())
-        if meta.get("weights_sha256") == weights_id and meta.get("export_version") == EXPORT_VERSION:
+        if meta.get("weights_sha256") == weights_id and meta.get("export_version") == EXPORT_VERSION and \
+                meta.get("onnx_sha256") == sha256_file(out):  # a file changed since it was checked is exported again
             return out, meta
     diff = export_model(make_model(), resolution, out, precision)
     meta = {"export_version": EXPORT_VERSION, "weights_sha256": weights_id, "resolution": resolution,

@@ -167,11 +167,28 @@ def test_bundle_refuses_damage_and_bad_arguments(split_cascade, bundle, tmp_path
         Bundle(copy)
     with pytest.raises(ArtifactError, match="not found"):
         Bundle(tmp_path / "nowhere")
+    model.write_bytes((bundle / model.name).read_bytes())
+    for edit, message in ((lambda d: d["stages"][-1].update(resolution=999), "resolution"),
+                          (lambda d: d["stages"][0].update(threshold=2.0), "threshold"),
+                          (lambda d: d["confidence"].update(combine="no"), "combine"),
+                          (lambda d: d["preprocessing"].update(std=[0, 0, 0]), "std"),
+                          (lambda d: d["preprocessing"].update(decode_scale="weird"), "decode_scale"),
+                          (lambda d: d.update(class_names=["one"]), "class_names")):
+        changed = json.loads((bundle / "bundle.json").read_text())
+        edit(changed)
+        (copy / "bundle.json").write_text(json.dumps(changed))
+        with pytest.raises(ArtifactError, match=message):
+            Bundle(copy)
     with pytest.raises(BackendUnavailable, match="NoSuchExecutionProvider"):
         BundleRunner(bundle, providers=["NoSuchExecutionProvider"])
     runner = BundleRunner(bundle, warmup=False)
     with pytest.raises(ConfigError, match="threads"):
         BundleRunner(bundle, threads=0)
+    for bad in (dict(warmup="yes"), dict(providers="CPUExecutionProvider"), dict(reference="no")):
+        with pytest.raises(ConfigError):
+            BundleRunner(bundle, **bad)
+    with pytest.raises(ConfigError):
+        BundleRunner(None)
     with pytest.raises(ConfigError):
         runner(42)
     with pytest.raises(RescascadeError, match=r"uint8 \[N, H, W, 3\]"):
@@ -187,6 +204,18 @@ def test_bundle_refuses_damage_and_bad_arguments(split_cascade, bundle, tmp_path
     assert (other / "notes.txt").read_text() == "mine"
     with pytest.raises(ConfigError, match="precision"):
         export_bundle(split_cascade, tmp_path / "b", precision="int4", **QUIET)
+    fake = tmp_path / "fake"  # a bundle.json that is not a bundle's: never taken for an earlier export
+    fake.mkdir()
+    (fake / "bundle.json").write_text('{"name": "mine"}')
+    (fake / "keep.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="not a bundle"):
+        export_bundle(split_cascade, fake, **QUIET)
+    extra = tmp_path / "extra"  # an earlier bundle with a file of the user's in it: refused, the file kept
+    shutil.copytree(bundle, extra)
+    (extra / "counts.json").write_text("{}")
+    with pytest.raises(ConfigError, match="counts.json"):
+        export_bundle(split_cascade, extra, **QUIET)
+    assert (extra / "counts.json").is_file() and (fake / "keep.txt").is_file()
     before = (bundle / "bundle.json").read_text()
     assert cli_main(["export", str(split_cascade), "--out", str(bundle)]) == 0
     assert Bundle(bundle).doc["models"] == json.loads(before)["models"]

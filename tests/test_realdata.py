@@ -75,3 +75,23 @@ def test_cost_prediction_benchmark_quick(tmp_path, imagenet_weights_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "## Cost ratio vs the reference on the test half" in res.stdout
     assert all(f"| {w}x{h} | {b} |" in res.stdout for w, h in ((500, 375), (1600, 1200), (4000, 3000)) for b in (1, 32))
+
+
+def test_deploy_benchmarks_quick(tmp_path, imagenet_weights_path):
+    """The exported bundle on real photos (its answers must equal the runtime's: the script fails otherwise) and
+    the Triton load test with its crash and restart, on a few images (their timings mean nothing)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    need(IMAGENETTE)
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    res = subprocess.run([sys.executable, str(bench / "deploy_bundle.py"), "--quick", "--runs", "1", "--out",
+                          str(tmp_path)], capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "| yes |" in res.stdout and "## Cost ratio vs the reference" in res.stdout
+    res = subprocess.run([sys.executable, str(bench / "triton_load.py"), "--quick", "--out", str(tmp_path)],
+                         capture_output=True, text=True, timeout=1200)
+    if "TritonUnavailable" in res.stderr:
+        pytest.skip("Triton cannot run here: " + res.stderr.strip().splitlines()[-1])
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "killed (SIGKILL) during a load" in res.stdout and "0 wrong answers" in res.stdout

@@ -49,7 +49,7 @@ def _serve(repo):
         pytest.skip(f"Triton cannot run here: {e}")
 
 
-def test_served_cascade_answers_as_the_bundle(repo):
+def test_served_cascade_answers_as_the_bundle(repo, split_cascade, capsys):
     images = [encode(photo(60 + 13 * i, 140 - 5 * i, 300 + i), "JPEG" if i % 3 else "PNG") for i in range(12)]
     images.insert(5, b"not an image")
     want = BundleRunner(repo / "cascade" / "1" / "bundle", threads=1, warmup=False)(images)
@@ -85,8 +85,12 @@ def test_served_cascade_answers_as_the_bundle(repo):
         assert np.array_equal(again["PROBABILITY"][ok], got["PROBABILITY"][ok])
     finally:
         server.stop()
-    counts = ExitCounts.load(repo / "cascade" / "exit_counts.json")  # written when the server unloaded the model
-    assert counts.inputs == len(images) and counts.errors == 1 and counts.stages == [r for r, _ in
-                                                                                      BundleRunner(repo / "cascade" / "1" / "bundle", warmup=False).stages]
-    assert cli_main(["drift", str(repo / "cascade" / "1" / "bundle"), str(repo / "cascade" / "exit_counts.json")]) == 0
-    assert json.loads((repo / "cascade" / "exit_counts.json").read_text())["schema_version"] == 1
+    files = sorted((repo / "cascade").glob("exit_counts.*.json"))  # one per instance, written at unload
+    assert len(files) == 1, files
+    counts = ExitCounts.load(files[0])
+    assert counts.inputs == len(images) and counts.errors == 1 and len(counts.stages) == 2
+    assert cli_main(["drift", str(repo / "cascade" / "1" / "bundle"), *map(str, files), *map(str, files)]) == 0
+    # the counts are the user's drift data: exporting again over the repository refuses, and deletes nothing
+    assert cli_main(["export", str(split_cascade), "--out", str(repo), "--format", "triton"]) == 2
+    assert "exit_counts" in capsys.readouterr().err
+    assert files[0].is_file() and json.loads(files[0].read_text())["schema_version"] == 1
