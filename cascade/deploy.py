@@ -182,6 +182,10 @@ class BundleRunner:
         for r, _ in self.stages:
             session = ort.InferenceSession(str(self.bundle.model_path(r)), options, providers=providers)
             dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
+            classes = session.get_outputs()[0].shape[-1]
+            if isinstance(classes, int) and classes != self.num_classes:
+                raise ArtifactError(f"{self.bundle.model_path(r)} gives {classes} logits but bundle.json names "
+                                    f"{self.num_classes} classes; export the bundle again")
             self.sessions[r] = (session, dtype)
         self._counting = True
         for b in ([1] if warmup is True else warmup or []):

@@ -189,6 +189,12 @@ def test_bundle_refuses_damage_and_bad_arguments(split_cascade, bundle, tmp_path
             BundleRunner(bundle, **bad)
     with pytest.raises(ConfigError):
         BundleRunner(None)
+    names = tmp_path / "names"  # more class names than the models have logits
+    shutil.copytree(bundle, names)
+    doc["class_names"] = doc["class_names"] + ["one more"]
+    (names / "bundle.json").write_text(json.dumps(doc))
+    with pytest.raises(ArtifactError, match="logits"):
+        BundleRunner(names)
     with pytest.raises(ConfigError):
         runner(42)
     with pytest.raises(RescascadeError, match=r"uint8 \[N, H, W, 3\]"):
