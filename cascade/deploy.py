@@ -243,7 +243,6 @@ class BundleRunner:
                 errors[i] = error_text(e)
         return out, errors
 
-
     def _stage_input(self, pixels: list[np.ndarray], rows: np.ndarray, resolution: int) -> np.ndarray:
         """The model input [len(rows), 3, r, r] float32: images of one size preprocessed together, a few at a time
         on each of the runner's threads (numpy releases the GIL in its products)."""

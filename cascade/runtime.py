@@ -183,7 +183,6 @@ class CascadeRunner:
                 errors[i] = error_text(e)
         return out, errors
 
-
     def _source_batch(self, images: list[torch.Tensor | None], rows: np.ndarray) -> torch.Tensor | None:
         """The readable images as one contiguous uint8 batch [n, H, W, 3] (channels-last, the layout decode_image
         gives and the resize's fast path), copied to the device once for all stages; None if sizes differ."""
