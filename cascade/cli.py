@@ -306,12 +306,12 @@ def add_profile_parser(sub) -> None:
     s.add_argument("--batch-sizes", type=_batches, default=(1,), help="e.g. 1,32,256 (default: 1)")
     s.add_argument("--resolutions", type=_ints, help="a subset of the family's resolutions (default: all)")
     s.add_argument("--threads", type=_threads, help="CPU threads (default: the cores this process may use)")
-    s.add_argument("--source-size", type=_positive_int,
-                   help="side of the decoded source image the preprocessing cost is measured on (default: the "
-                        "held-out images' typical size)")
+    s.add_argument("--source-size", type=_size, metavar="WxH",
+                   help="size of the images to be served: each stage's preprocessing and JPEG decode are timed "
+                        "on it (default: the held-out images' typical size)")
     s.add_argument("--decode-sizes", type=_sizes, metavar="WxH,...",
-                   help="JPEG sizes whose decode each stage times, e.g. 500x375,1600x1200,4000x3000 (default: the "
-                        "source size); `build --source-size` picks one")
+                   help="more JPEG sizes whose decode each stage times, e.g. 1600x1200,4000x3000; `build "
+                        "--source-size` picks one of them or the source size")
     s.add_argument("--warmup-iters", type=_count, default=10, help="default: 10")
     s.add_argument("--warmup-seconds", type=_nonnegative, default=0.5, help="default: 0.5")
     s.add_argument("--min-iters", type=_positive_int, default=30, help="timed iterations at least (default: 30)")

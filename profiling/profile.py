@@ -116,10 +116,12 @@ def time_decision(decision_step, batch: int, num_classes: int, protocol: Protoco
 
 
 def _source_size(given, doc: dict, family) -> tuple[int, int]:
-    """The decoded image size preprocessing is timed on: --source-size, else the held-out images' typical size
-    recorded at training, else round(top resolution / 0.875) square."""
-    if given:
-        return (given, given) if isinstance(given, int) else tuple(given)
+    """(height, width) of the decoded image preprocessing is timed on: `given` ((width, height) or "WxH", as
+    `build --source-size`), else the held-out images' typical size recorded at training, else round(top
+    resolution / 0.875) square."""
+    if given is not None:
+        w, h = _size(given, "source_size")
+        return h, w
     recorded = doc.get("provenance", {}).get("data", {}).get("source_size")
     if recorded:
         return tuple(int(v) for v in recorded)
@@ -218,16 +220,16 @@ def read_profile(path) -> tuple[pd.DataFrame, dict]:
 
 def run_profile(run_dir, backend: str = "onnxruntime", precision: str = "fp32", batch_sizes=(1,),
                 resolutions=None, threads: int | None = None, protocol: Protocol | None = None, out=None,
-                source_size: int | None = None, log=print, *, decision_step, decode_sizes=None) -> pd.DataFrame:
+                source_size=None, log=print, *, decision_step, decode_sizes=None) -> pd.DataFrame:
     """Time every (resolution, batch size) of the family in RUN_DIR on `backend`, round-robin under `protocol`,
     and write RUN_DIR/profile.csv + profile.json (or `out`): one row per pair with the median and percentiles, in
     ms per batch, of inference, preprocessing, upload, gather and the decision.
 
     decision_step: (batch size, classes) -> a no-argument function running one stage's decision, timed as the
     decision cost (the cascade runtime's `rescascade.runtime.decision_step`). Preprocessing is timed on the
-    source image (source_size: a side, or [H, W]; default the held-out images' typical size) as each stage decodes
-    it. decode_sizes: [(width, height)] of JPEGs whose per-stage decode is timed into profile_decode.csv (default:
-    the source size). Smoke rows (a protocol marked smoke) never replace measured ones. Raises RescascadeError for resolutions outside the family, batch sizes outside
+    source image (source_size: (width, height) or "WxH" of the images to be served, as `build --source-size`;
+    default the held-out images' typical size) as each stage decodes it. decode_sizes: more (width, height) of
+    JPEGs whose per-stage decode is timed into profile_decode.csv, beside the source size's. Smoke rows (a protocol marked smoke) never replace measured ones. Raises RescascadeError for resolutions outside the family, batch sizes outside
     1..MAX_BATCH, an unusable backend or a damaged profile beside it. Returns the rows written."""
     protocol = protocol or Protocol()
     family, doc = load_family(run_dir)
@@ -316,16 +318,16 @@ def run_profile(run_dir, backend: str = "onnxruntime", precision: str = "fp32", 
 JPEG_MAX_SIDE = 65500  # the JPEG format's largest width or height
 
 
-def _size(size) -> tuple[int, int]:
-    """(width, height) from a pair of integers or "WxH", each side 1..JPEG_MAX_SIDE."""
+def _size(size, name: str = "decode_sizes") -> tuple[int, int]:
+    """(width, height) from a pair of integers or "WxH", each side 1..JPEG_MAX_SIDE; ConfigError otherwise."""
     if isinstance(size, str):
         w, h = parse_size(size)
     elif isinstance(size, (tuple, list)) and len(size) == 2:
-        w, h = (check_int("decode_sizes", v, 1) for v in size)
+        w, h = (check_int(name, v, 1) for v in size)
     else:
-        raise ConfigError(f"--decode-sizes {size!r}: give WIDTHxHEIGHT sizes, e.g. 500x375,1600x1200")
+        raise ConfigError(f"{name} {size!r}: give WIDTHxHEIGHT, e.g. 500x375")
     if max(w, h) > JPEG_MAX_SIDE:
-        raise ConfigError(f"--decode-sizes {w}x{h}: a JPEG is at most {JPEG_MAX_SIDE} pixels on a side")
+        raise ConfigError(f"{name} {w}x{h}: a JPEG is at most {JPEG_MAX_SIDE} pixels on a side")
     return w, h
 
 

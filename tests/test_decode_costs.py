@@ -6,6 +6,7 @@ import math
 import os
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from PIL import Image
@@ -15,7 +16,7 @@ from rescascade.config import read_config
 from rescascade.costs import CostModel
 from rescascade.evaluate import run_eval
 from rescascade.profiling.measure import QUICK
-from rescascade.profiling.profile import Profile, run_profile
+from rescascade.profiling.profile import Profile, decode_path, run_profile
 from rescascade.runtime import CascadeRunner, decision_step
 from rescascade.training.data import EvalDataset, load_data
 from rescascade.training.errors import ConfigError, RescascadeError
@@ -161,7 +162,20 @@ def test_bad_decode_options_are_one_line(jpeg_family, tmp_path):
                         decision_step=decision_step, decode_sizes=sizes, out=tmp_path / "p.csv", **QUIET)
     with pytest.raises(ConfigError, match="source_size"):
         run_build(jpeg_family / "fam", batch_size=1, source_size=5, out=tmp_path / "b.json", **QUIET)
+    for size in (5, "0x5", "5"):  # the profile's source size is written as build's: WxH
+        with pytest.raises(ConfigError, match="source_size|WIDTHxHEIGHT"):
+            run_profile(jpeg_family / "fam", "onnxruntime", "fp32", (1,), protocol=QUICK, threads=1,
+                        decision_step=decision_step, source_size=size, out=tmp_path / "p.csv", **QUIET)
     assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "p.csv")
+
+
+def test_profile_source_size_is_width_by_height(jpeg_family, tmp_path):
+    out = tmp_path / "p.csv"
+    run_profile(jpeg_family / "fam", "onnxruntime", "fp32", (1,), resolutions=[32], protocol=QUICK, threads=1,
+                decision_step=decision_step, source_size="300x200", out=out, **QUIET)
+    assert json.loads(out.with_suffix(".json").read_text())["source_size"] == [300, 200]
+    decode = pd.read_csv(decode_path(out))
+    assert set(zip(decode.source_width, decode.source_height)) == {(300, 200)}
 
 
 def test_refined_costs_scale_each_stage_by_what_the_runtime_measured():
