@@ -6,9 +6,10 @@ Runtime CPU) and a cascade built for batch 32 (batch-aware costs):
 
 1. Answers, on every test image (the JPEG files): labels, exit stages and the largest probability difference.
    The script fails if a label or exit stage differs or a probability differs by more than 1e-5.
-2. Cost ratio vs the reference at batch 32 (and 1), `eval`'s protocol for both runtimes (cascade and reference
-   back to back per batch, alternating which goes first, 3 passes, median per batch), from decoded images and
-   from the files, `--runs` times: ms per image and the ratio of each, and how far the bundle's ratio is from eval's.
+2. Cost ratio vs the reference at batch 32 (and 1), `eval`'s protocol for both runtimes at once (per batch the
+   four runners -- eval's cascade and reference, the bundle's cascade and reference -- back to back in rotating
+   order, 3 passes, median per batch), from decoded images and from the files, `--runs` times: ms per image and
+   the ratio of each, and how far the bundle's ratio is from eval's.
 3. Preprocessing, the one step the two runtimes compute differently (torch's kernel vs preprocess_np's matrix
    products, same pixels): ms per image per resolution on the test images at batch 1 and 32.
 
@@ -34,7 +35,6 @@ from cost_prediction import QUIET, family, profile  # noqa: E402
 from rescascade.build import run_build  # noqa: E402
 from rescascade.config import read_config  # noqa: E402
 from rescascade.deploy import BundleRunner  # noqa: E402
-from rescascade.evaluate import _time_side_by_side  # noqa: E402  (eval's own protocol, for both runtimes)
 from rescascade.export import export_bundle  # noqa: E402
 from rescascade.optimizer import Cascade, Stage  # noqa: E402
 from rescascade.runtime import CascadeRunner  # noqa: E402
@@ -60,11 +60,21 @@ def answers(casc: CascadeRunner, bund: BundleRunner, files: list[bytes], batch: 
     return [n, f"{same_label}/{n}", f"{same_exit}/{n}", f"{diff:.1e}", "yes" if ok else "NO"], ok
 
 
-def ratios(pair, items, batch: int) -> tuple[float, float, float]:
-    """(cascade ms/image, reference ms/image, ratio) by eval's protocol."""
-    casc_ms, ref_ms, *_ = _time_side_by_side(*pair, items, batch, 3, desc="timing")
-    c, r = np.median(casc_ms, 1).sum() / len(items), np.median(ref_ms, 1).sum() / len(items)
-    return c, r, c / r
+def side_by_side(runners: list, inputs: list[list], batch: int, repeats: int = 3) -> list[float]:
+    """eval's protocol (`_time_side_by_side`) for several runners at once: each batch runs on every runner back to
+    back, the order rotating from batch to batch and pass to pass, so slow spells of the machine reach all of them
+    alike. inputs[k]: runner k's images. -> ms per image of each runner: per batch the median over the passes,
+    summed."""
+    n = len(inputs[0])
+    starts = range(0, n, batch)
+    for runner, items in zip(runners, inputs):  # warm-up at the batch shapes
+        runner(items[:batch])
+    ms = np.zeros((len(runners), len(starts), repeats))
+    for rep in range(repeats):
+        for j, s in enumerate(starts):
+            for k in np.roll(np.arange(len(runners)), j + rep):
+                ms[k, j, rep] = 1000 * runners[k](inputs[k][s:s + batch]).wall_s
+    return list(np.median(ms, 2).sum(1) / n)
 
 
 def preprocessing_rows(decoded: list[torch.Tensor], resolutions: list[int], quick: bool) -> list[list]:
@@ -141,10 +151,11 @@ def main() -> None:
             for inputs, (torch_items, bundle_items) in (("decoded", (decoded, arrays)), ("files", (files, files))):
                 if b == 1 and inputs == "decoded":
                     continue  # batch 1 from the files only: what a service receives one request at a time
-                e = ratios((casc, refr), torch_items, b)
-                d = ratios((bund, bref), bundle_items, b)
-                rows.append([run, b, inputs, f"{e[0]:.2f}", f"{e[1]:.2f}", f"{e[2]:.3f}", f"{d[0]:.2f}",
-                             f"{d[1]:.2f}", f"{d[2]:.3f}", f"{100 * (d[2] / e[2] - 1):+.1f}%"])
+                log(f"timing run {run}/{args.runs}: batch {b}, {inputs} ...")
+                ec, er, dc, dr = side_by_side([casc, refr, bund, bref],
+                                              [torch_items, torch_items, bundle_items, bundle_items], b)
+                rows.append([run, b, inputs, f"{ec:.2f}", f"{er:.2f}", f"{ec / er:.3f}", f"{dc:.2f}",
+                             f"{dr:.2f}", f"{dc / dr:.3f}", f"{100 * (dc / dr / (ec / er) - 1):+.1f}%"])
     log("\n## Cost ratio vs the reference: rescascade's runtime (eval) and the bundle's, ms per image\n")
     log(table(["run", "batch", "inputs", "eval cascade", "eval r" + str(config.reference), "eval ratio",
                "bundle cascade", "bundle r" + str(config.reference), "bundle ratio", "bundle vs eval"], rows))

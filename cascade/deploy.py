@@ -39,13 +39,13 @@ from rescascade.training.images import DECODE_SCALES, DEFAULT_MAX_PIXELS, Encode
 from rescascade.training.preprocess_np import eval_resize_size, preprocess_pixels, stage_min_side
 
 from .confidence import exit_problem
-from .exits import Answers, CascadeResult, StageTiming, decode_stage, error_text, exit_step, warmup_sizes
+from .exits import Answers, CascadeResult, StageTiming, decode_stage, exit_step, load_inputs, warmup_sizes
 from .monitor import ExitCounts
 
 BUNDLE_FORMAT = "rescascade-bundle"
 BUNDLE_SCHEMA = 1
-RESIZE = "torch-uint8-antialias-bilinear"
-_PREPROCESS_CHUNK = 4  # images per preprocessing task  # the only resize this runtime implements (preprocess_np)
+RESIZE = "torch-uint8-antialias-bilinear"  # the only resize this runtime implements (preprocess_np)
+_PREPROCESS_CHUNK = 4  # images per preprocessing task
 # The modules this file imports, directly or not: `export` copies them into the bundle. tests/test_deploy.py runs
 # the copy where torch cannot be imported, so a module missing here fails there.
 RUNTIME_MODULES = ("rescascade", "rescascade.deploy", "rescascade.exits", "rescascade.confidence",
@@ -121,6 +121,19 @@ class Bundle:
 
     def model_path(self, resolution: int) -> Path:
         return self.dir / self.doc["models"][str(resolution)]["file"]
+
+
+def _array_pixels(item) -> np.ndarray:
+    """A decoded input (a PIL image or a uint8 [H, W, 3] array) -> uint8 [H, W, 3]; ValueError otherwise."""
+    if isinstance(item, Image.Image):
+        item = pil_pixels(item)
+    if not (isinstance(item, np.ndarray) and item.ndim == 3 and item.shape[2] == 3 and item.dtype == np.uint8):
+        got = f"a {item.dtype} array {list(item.shape)}" if isinstance(item, np.ndarray) else f"a {type(item).__name__}"
+        raise ValueError(f"not an image: got {got}; give a file path, encoded bytes, a PIL image or a uint8 [H, W, 3] "
+                         "array")
+    if 0 in item.shape[:2]:
+        raise ValueError(f"an empty image ({item.shape[0]}x{item.shape[1]} pixels)")
+    return item
 
 
 class BundleRunner:
@@ -219,29 +232,7 @@ class BundleRunner:
         if not isinstance(images, Sequence):
             raise ConfigError(f"images: give a list of paths, bytes, PIL images or uint8 [H, W, 3] arrays, or a "
                               f"uint8 array [N, H, W, 3]; got {type(images).__name__}")
-        out, errors = [], {}
-        for i, item in enumerate(images):
-            try:
-                if isinstance(item, (str, os.PathLike)):
-                    item = Path(item).read_bytes()
-                if isinstance(item, (bytes, bytearray, memoryview)):
-                    out.append(Encoded(item, self.max_image_pixels))
-                    continue
-                if isinstance(item, Image.Image):
-                    item = pil_pixels(item)
-                if not (isinstance(item, np.ndarray) and item.ndim == 3 and item.shape[2] == 3
-                        and item.dtype == np.uint8):
-                    got = f"a {item.dtype} array {list(item.shape)}" if isinstance(item, np.ndarray) else \
-                        f"a {type(item).__name__}"
-                    raise ValueError(f"not an image: got {got}; give a file path, encoded bytes, a PIL image or a "
-                                     "uint8 [H, W, 3] array")
-                if 0 in item.shape[:2]:
-                    raise ValueError(f"an empty image ({item.shape[0]}x{item.shape[1]} pixels)")
-                out.append(item)
-            except (OSError, ValueError) as e:  # a missing, corrupt or oversized file fails that input only
-                out.append(None)
-                errors[i] = error_text(e)
-        return out, errors
+        return load_inputs(images, self.max_image_pixels, _array_pixels)
 
     def _stage_input(self, pixels: list[np.ndarray], rows: np.ndarray, resolution: int) -> np.ndarray:
         """The model input [len(rows), 3, r, r] float32: images of one size preprocessed together, a few at a time
@@ -254,7 +245,10 @@ class BundleRunner:
 
         def run(js: list[int]) -> None:
             batch = np.stack([pixels[rows[j]] for j in js])
-            out[js] = preprocess_pixels(batch, resolution, self.crop_fraction, self.mean, self.std)
+            if js[-1] - js[0] == len(js) - 1:  # consecutive rows (images of one size): written in place
+                preprocess_pixels(batch, resolution, self.crop_fraction, self.mean, self.std, out=out[js[0]:js[-1] + 1])
+            else:
+                out[js] = preprocess_pixels(batch, resolution, self.crop_fraction, self.mean, self.std)
         if len(tasks) == 1:
             run(tasks[0])
         else:

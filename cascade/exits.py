@@ -7,7 +7,10 @@ same thing when a cascade is built and when it is served.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -99,6 +102,24 @@ def decision_step(batch: int, num_classes: int):
     answers = Answers.empty(batch, num_classes)
     counts = ExitCounts.for_cascade([96, 128], "max_prob", num_classes)
     return lambda: exit_step(logits, 1, 0.5, 1.3, "max_prob", True, earlier, active, answers, counts)
+
+
+def load_inputs(images: Sequence, max_pixels: int, to_pixels: Callable) -> tuple[list, dict[int, str]]:
+    """A runtime's inputs, one by one: paths are read, encoded bytes become `Encoded` (header checked, decoded
+    stage by stage), anything else goes through `to_pixels` (the runtime's own decoded layout; ValueError for
+    what it refuses) -> (items, or None where an input failed; input index -> its error). A missing, corrupt or
+    oversized input fails itself only."""
+    out, errors = [], {}
+    for i, item in enumerate(images):
+        try:
+            if isinstance(item, (str, os.PathLike)):
+                item = Path(item).read_bytes()
+            out.append(Encoded(item, max_pixels) if isinstance(item, (bytes, bytearray, memoryview))
+                       else to_pixels(item))
+        except (OSError, ValueError) as e:
+            out.append(None)
+            errors[i] = error_text(e)
+    return out, errors
 
 
 def decode_stage(items: list, pixels: list, active: np.ndarray, min_side: int | None, errors: dict[int, str],

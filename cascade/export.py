@@ -44,6 +44,7 @@ numpy and Pillow (no torch). From the directory that holds this one:
     import sys; sys.path.insert(0, "{name}")
     from rescascade.deploy import BundleRunner
     result = BundleRunner("{name}")(["photo.jpg"])   # labels, names, probs, exit_stage, errors
+    BundleRunner("{name}", reference=True)            # the reference model alone, for comparison
 """
 
 
@@ -152,6 +153,10 @@ def _staged(out: Path, files, kind: str):
     `out` is untouched. `out` may be new, empty, or an earlier export holding only what that export wrote
     (`files(out)`: which files an export there wrote, or None if it is not one); anything else is refused with
     ConfigError, so nothing of the user's is ever deleted."""
+    here = Path.cwd()
+    if Path(os.path.abspath(out)) in (here, *here.parents):
+        raise ConfigError(f"{out} is the current directory or holds it: an export replaces its directory as a "
+                          "whole; give another directory (or run from its parent)")
     if out.exists() or out.is_symlink():
         if out.is_symlink() or not out.is_dir():
             raise ConfigError(f"{out} exists and is not a directory: give a new or empty directory")
@@ -189,7 +194,7 @@ def _staged(out: Path, files, kind: str):
         raise
 
 
-_CONFIG_PBTXT = """# A rescascade cascade served by Triton's Python backend (model.py runs the bundle in 1/bundle/).
+_CONFIG_PBTXT = """# {what} served by Triton's Python backend (model.py runs the bundle in 1/bundle/).
 name: "{name}"
 backend: "python"
 max_batch_size: {max_batch_size}
@@ -236,6 +241,7 @@ def export_triton(config, out, precision: str = "fp32", max_batch_size: int = 32
         check_int("threads", threads, 1, MAX_THREADS)
     if device not in TRITON_DEVICES:
         raise ConfigError(f"device {device!r}: choose one of {', '.join(TRITON_DEVICES)}")
+    config = config if isinstance(config, CascadeConfig) else read_config(config)
     out = Path(out)
     with _staged(out, _repository_files, "a model repository written by rescascade") as tmp:
         kind, providers = TRITON_DEVICES[device]
@@ -248,8 +254,10 @@ def export_triton(config, out, precision: str = "fp32", max_batch_size: int = 32
             if name != "cascade":
                 shutil.copytree(bundle, version / "bundle")
             shutil.copyfile(model_py, version / "model.py")
+            what = f"The reference model r{config.reference} of a rescascade cascade, alone," if name == "reference" \
+                else "A rescascade cascade"
             write_text(tmp / name / "config.pbtxt", _CONFIG_PBTXT.format(
-                name=name, max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
+                what=what, name=name, max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
                 instances=instances, kind=kind, reference=reference, providers=providers,
                 threads="" if threads is None else
                 f',\n  {{ key: "threads" value: {{ string_value: "{threads}" }} }}'))

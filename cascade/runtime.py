@@ -9,7 +9,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from pathlib import Path
+from functools import partial
 from typing import Sequence
 
 import numpy as np
@@ -26,7 +26,7 @@ from rescascade.training.preprocess import channels_last_batch, eval_resize_size
 from rescascade.training.store import load_family, weights_id
 
 from .config import CascadeConfig, read_config
-from .exits import (Answers, CascadeResult, StageTiming, decision_step, decode_stage, error_text, exit_step,
+from .exits import (Answers, CascadeResult, StageTiming, decision_step, decode_stage, exit_step, load_inputs,
                     warmup_sizes)
 from .monitor import ExitCounts
 from .optimizer import Cascade, Stage
@@ -48,6 +48,23 @@ def open_family(config: CascadeConfig):
     if weights_id(doc) != doc_family["weights_sha256"]:
         raise RescascadeError(f"the weights in {fam_dir} are not the ones {config.path} was built for")
     return family, doc
+
+
+def _tensor_pixels(item, max_pixels: int) -> torch.Tensor | Encoded:
+    """A decoded input (a PIL image or a uint8 [3, H, W] tensor) -> uint8 [3, H, W]; a uint8 [L] tensor of
+    encoded bytes (torchvision's `read_file`) -> `Encoded`; ValueError otherwise."""
+    if isinstance(item, torch.Tensor) and item.dim() == 1 and item.dtype == torch.uint8:
+        return Encoded(item, max_pixels)
+    if isinstance(item, Image.Image):
+        item = from_pil(item)
+    if not (isinstance(item, torch.Tensor) and item.dim() == 3 and item.shape[0] == 3 and item.dtype == torch.uint8):
+        got = f"a {item.dtype} tensor {list(item.shape)}" if isinstance(item, torch.Tensor) else \
+            f"a {type(item).__name__}"
+        raise ValueError(f"not an image: got {got}; give a file path, encoded bytes, a PIL image or a uint8 [3, H, W] "
+                         "tensor")
+    if 0 in item.shape[1:]:
+        raise ValueError(f"an empty image ({item.shape[1]}x{item.shape[2]} pixels)")
+    return item
 
 
 class CascadeRunner:
@@ -158,30 +175,7 @@ class CascadeRunner:
                 raise RescascadeError(f"images tensor must be uint8 [N, 3, H, W] with H, W >= 1, got {images.dtype} "
                                       f"{list(images.shape)}")
             return list(images), {}
-        out, errors = [], {}
-        for i, item in enumerate(images):
-            try:
-                if isinstance(item, (str, os.PathLike)):
-                    item = Path(item).read_bytes()
-                if isinstance(item, Image.Image):
-                    item = from_pil(item)
-                elif isinstance(item, (bytes, bytearray, memoryview)) or (
-                        isinstance(item, torch.Tensor) and item.dim() == 1 and item.dtype == torch.uint8):
-                    out.append(Encoded(item, self.max_image_pixels))
-                    continue
-                if not (isinstance(item, torch.Tensor) and item.dim() == 3 and item.shape[0] == 3
-                        and item.dtype == torch.uint8):
-                    got = f"a {item.dtype} tensor {list(item.shape)}" if isinstance(item, torch.Tensor) else \
-                        f"a {type(item).__name__}"
-                    raise ValueError(f"not an image: got {got}; give a file path, encoded bytes, a PIL image or a "
-                                     "uint8 [3, H, W] tensor")
-                if 0 in item.shape[1:]:
-                    raise ValueError(f"an empty image ({item.shape[1]}x{item.shape[2]} pixels)")
-                out.append(item)
-            except (OSError, ValueError) as e:  # a missing, corrupt or oversized file fails that input only
-                out.append(None)
-                errors[i] = error_text(e)
-        return out, errors
+        return load_inputs(images, self.max_image_pixels, partial(_tensor_pixels, max_pixels=self.max_image_pixels))
 
     def _source_batch(self, images: list[torch.Tensor | None], rows: np.ndarray) -> torch.Tensor | None:
         """The readable images as one contiguous uint8 batch [n, H, W, 3] (channels-last, the layout decode_image

@@ -150,7 +150,7 @@ def test_bundle_runs_without_torch(bundle, tmp_path):
         "error: cannot read nothing.jpg: No such file or directory"), cli
 
 
-def test_bundle_refuses_damage_and_bad_arguments(split_cascade, bundle, tmp_path):
+def test_bundle_refuses_damage_and_bad_arguments(split_cascade, bundle, tmp_path, monkeypatch):
     import shutil
     copy = tmp_path / "copy"
     shutil.copytree(bundle, copy)
@@ -222,6 +222,11 @@ def test_bundle_refuses_damage_and_bad_arguments(split_cascade, bundle, tmp_path
     with pytest.raises(ConfigError, match="counts.json"):
         export_bundle(split_cascade, extra, **QUIET)
     assert (extra / "counts.json").is_file() and (fake / "keep.txt").is_file()
+    monkeypatch.chdir(extra)  # the directory the shell is in, or one above it: refused, not renamed away
+    for here in (".", "..", str(extra)):
+        with pytest.raises(ConfigError, match="current directory"):
+            export_bundle(split_cascade, here, **QUIET)
+    monkeypatch.chdir(tmp_path)
     before = (bundle / "bundle.json").read_text()
     assert cli_main(["export", str(split_cascade), "--out", str(bundle)]) == 0
     assert Bundle(bundle).doc["models"] == json.loads(before)["models"]

@@ -9,13 +9,15 @@ support and centering, rounds them to integers at the largest precision under wh
 fits in int16, and sums integer products plus half a unit, shifted down and clamped: width first, each pass
 rounded to uint8. Here each pass is a few small matrix products over the band of that weight matrix, in float32
 where every product and partial sum is an integer below 2^24 (exact in any order), else in float64: the same
-integers, so the same pixels (tests/test_deploy.py checks random sizes against torch). Other formulations were
-measured slower (benchmarks/README, "Deploying without torch").
+integers, so the same pixels (tests/test_deploy.py checks random sizes against torch). Only the crop's outputs
+and the input rows they read are computed, on channel-planar rows, in buffers each thread reuses. Other
+formulations were measured slower (benchmarks/README, "Deploying without torch").
 """
 from __future__ import annotations
 
 import functools
 import math
+import threading
 
 import numpy as np
 
@@ -102,13 +104,15 @@ def _axis_weights(n_in: int, n_out: int) -> tuple[list[int], list[list[int]], in
 @functools.lru_cache(maxsize=512)
 def _axis_plan(n_in: int, n_out: int, start: int, count: int):
     """Outputs start..start+count of one axis resized from n_in to n_out as matrix products: ([(in_lo, in_hi,
-    out_lo, out_hi, weights [in_hi - in_lo, out_hi - out_lo])], the float dtype that is exact). The weights are
-    torch's integers times 2^-precision, so a product plus 0.5 is (sum + half a unit) / 2^precision, exactly
-    (an integer below 2^24, or 2^53, times a power of two), and its floor is torch's shifted sum."""
+    out_lo, out_hi, weights [in_hi - in_lo, out_hi - out_lo])], the float dtype that is exact, whether a sum can
+    round above 255). The weights are torch's integers times 2^-precision, so a product plus 0.5 is (sum + half a
+    unit) / 2^precision, exactly (an integer below 2^24, or 2^53, times a power of two), and its floor is torch's
+    shifted sum; torch clamps it to 255, which only weights summing to more than 1 + 1/510 can exceed."""
     firsts, ints, precision = _axis_weights(n_in, n_out)
     firsts, ints = firsts[start:start + count], ints[start:start + count]
     largest = max(sum(w) for w in ints)
     dtype = np.float32 if 255 * largest + (1 << (precision - 1)) <= 1 << 24 else np.float64
+    clamp = 255 * largest + (1 << (precision - 1)) >= 256 << precision
     blocks = []
     for lo in range(0, count, _BLOCK):
         hi = min(count, lo + _BLOCK)
@@ -118,48 +122,96 @@ def _axis_plan(n_in: int, n_out: int, start: int, count: int):
         for j in range(lo, hi):
             matrix[firsts[j] - in_lo:firsts[j] - in_lo + len(ints[j]), j - lo] = np.ldexp(ints[j], -precision)
         blocks.append((in_lo, in_hi, lo, hi, matrix))
-    return blocks, dtype
+    return blocks, dtype, clamp
 
 
-def _round(acc: np.ndarray) -> np.ndarray:
-    """floor(acc + 0.5), clamped to 255, in place (the sums are >= 0: bilinear weights are)."""
+_WORKSPACE_BYTES = 1 << 24  # largest buffer a thread keeps between calls; larger ones are allocated each time
+_workspace = threading.local()
+
+
+def _buffer(name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    """An uninitialized array reused by this thread's next call of the same name: fresh multi-megabyte arrays
+    cost their page faults on every call, more than the arithmetic (benchmarks/README, "Deploying without
+    torch")."""
+    size, dtype = math.prod(shape), np.dtype(dtype)
+    if size * dtype.itemsize > _WORKSPACE_BYTES:
+        return np.empty(shape, dtype)
+    buffers = _workspace.__dict__.setdefault("buffers", {})
+    flat = buffers.get(name)
+    if flat is None or flat.dtype != dtype or flat.size < size:
+        flat = buffers[name] = np.empty(size, dtype)
+    return flat[:size].reshape(shape)
+
+
+def _round(acc: np.ndarray, clamp: bool) -> np.ndarray:
+    """floor(acc + 0.5), clamped to 255 if `clamp`, in place (the sums are >= 0: bilinear weights are)."""
     acc += acc.dtype.type(0.5)
-    np.minimum(acc, acc.dtype.type(255), out=acc)
-    return np.floor(acc, out=acc)
+    np.floor(acc, out=acc)
+    return np.minimum(acc, acc.dtype.type(255), out=acc) if clamp else acc
 
 
-@functools.lru_cache(maxsize=512)
-def _channel_plan(n_in: int, n_out: int, start: int, count: int):
-    """`_axis_plan` for the width of channels-last rows [W * 3]: each block's weights kron the 3x3 identity, so the
-    pass reads the decoded pixels as they lie (3x the multiplications, but no transposes: measured faster)."""
-    blocks, dtype = _axis_plan(n_in, n_out, start, count)
-    eye = np.eye(3, dtype=dtype)
-    return [(3 * a, 3 * b, 3 * lo, 3 * hi, np.kron(m, eye)) for a, b, lo, hi, m in blocks], dtype
-
-
-def _resample_width(x: np.ndarray, n_out: int, start: int, count: int) -> np.ndarray:
-    """Rows of channels-last pixels x [M, W * 3] -> [M, count * 3]: outputs start.. of the width resized to n_out."""
-    blocks, dtype = _channel_plan(x.shape[1] // 3, n_out, start, count)
-    x = x.astype(dtype, copy=False)
-    out = np.empty((x.shape[0], 3 * count), dtype=dtype)
+def _resample_width(images: np.ndarray, n_out: int, start: int, count: int) -> np.ndarray:
+    """uint8 images [N, H, W, 3] -> float channel rows [N, H, 3, count]: outputs start.. of the width resized to
+    n_out. The pixels are copied channel-planar once (the float copy is needed anyway), so every product reads
+    contiguous rows and multiplies no zeros between channels."""
+    n, h, w, _ = images.shape
+    blocks, dtype, clamp = _axis_plan(w, n_out, start, count)
+    x = _buffer("planar", (n, h, 3, w), dtype)
+    x[...] = images.transpose(0, 1, 3, 2)
+    x = x.reshape(n * h * 3, w)
+    out = _buffer("width", (n * h * 3, count), dtype)
     for in_lo, in_hi, lo, hi, matrix in blocks:
         step = max(1, _SMALL_PRODUCT // matrix.size)
-        for c in range(0, x.shape[0], step):
+        for c in range(0, len(x), step):
             np.matmul(x[c:c + step, in_lo:in_hi], matrix, out=out[c:c + step, lo:hi])
-    return _round(out)
+    return _round(out, clamp).reshape(n, h, 3, count)
 
 
-def _resample_height(y: np.ndarray, n_out: int, start: int, count: int) -> np.ndarray:
-    """Images y [N, H, M] -> [N, count, M]: outputs start.. of the height resized to n_out."""
-    blocks, dtype = _axis_plan(y.shape[1], n_out, start, count)
+def _rows_needed(n_in: int, n_out: int, start: int, count: int) -> tuple[int, int]:
+    """The input rows [lo, hi) that outputs start..start+count of an axis resized from n_in to n_out read."""
+    blocks = _axis_plan(n_in, n_out, start, count)[0]
+    return blocks[0][0], max(b[1] for b in blocks)
+
+
+def _resample_height(y: np.ndarray, n_in: int, n_out: int, start: int, count: int, first_row: int) -> np.ndarray:
+    """Images y [N, rows, M] holding input rows first_row.. of n_in -> [N, count, M]: outputs start.. of the
+    height resized to n_out."""
+    blocks, dtype, clamp = _axis_plan(n_in, n_out, start, count)
     y = y.astype(dtype, copy=False)
-    out = np.empty((y.shape[0], count, y.shape[2]), dtype=dtype)
+    out = _buffer("height", (y.shape[0], count, y.shape[2]), dtype)
     for in_lo, in_hi, lo, hi, matrix in blocks:
-        np.matmul(matrix.T, y[:, in_lo:in_hi], out=out[:, lo:hi])
-    return _round(out)
+        np.matmul(matrix.T, y[:, in_lo - first_row:in_hi - first_row], out=out[:, lo:hi])
+    return _round(out, clamp)
 
 
 _CHUNK = 4  # images resized together: enough for large matrix products, few enough to stay in the CPU's caches
+
+
+def _resize_center_crop_chunk(images: np.ndarray, resolution: int, crop_fraction: float) -> np.ndarray:
+    """Up to _CHUNK equal-size uint8 images [N, H, W, 3] -> float [N, r, 3, r] (row, channel, column) in this
+    thread's workspace: valid until the thread's next call."""
+    n, r = images.shape[0], resolution
+    top, left, h, w = aspect_window(*images.shape[1:3])
+    images = images[:, top:top + h, left:left + w]
+    nh, nw = resized_size(h, w, eval_resize_size(r, crop_fraction))
+    y0, x0 = crop_origin(nh, nw, r)
+    lo, hi = _rows_needed(h, nh, y0, r) if nh != h else (y0, y0 + r)  # the crop's rows only
+    images = images[:, lo:hi]
+    if nw != w:  # width first, as torch
+        x = _resample_width(images, nw, x0, r)
+    else:
+        x = _buffer("planar", (n, hi - lo, 3, r), np.float32)
+        x[...] = images[:, :, x0:x0 + r].transpose(0, 1, 3, 2)
+    y = x.reshape(n, hi - lo, 3 * r)
+    if nh != h:
+        y = _resample_height(y, h, nh, y0, r, lo)
+    return y.reshape(n, r, 3, r)
+
+
+def _check_images(images: np.ndarray) -> None:
+    if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8 or 0 in images.shape:
+        raise ValueError(f"images must be uint8 [N, H, W, 3] with N, H, W >= 1, got {images.dtype} "
+                         f"{list(images.shape)}")
 
 
 def resize_center_crop_pixels(images: np.ndarray, resolution: int,
@@ -167,39 +219,41 @@ def resize_center_crop_pixels(images: np.ndarray, resolution: int,
     """Equal-size uint8 images [N, H, W, 3] -> the center crop of their resize, as float [N, r, r, 3] (channels
     last) holding integers 0..255: the pixels `training.preprocess.resize_center_crop` gives on CPU. ValueError
     for another shape or dtype."""
-    if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8 or 0 in images.shape:
-        raise ValueError(f"images must be uint8 [N, H, W, 3] with N, H, W >= 1, got {images.dtype} "
-                         f"{list(images.shape)}")
-    if len(images) > _CHUNK:
-        return np.concatenate([resize_center_crop_pixels(images[i:i + _CHUNK], resolution, crop_fraction)
-                               for i in range(0, len(images), _CHUNK)])
-    n, r = images.shape[0], resolution
-    top, left, h, w = aspect_window(*images.shape[1:3])
-    images = images[:, top:top + h, left:left + w]
-    nh, nw = resized_size(h, w, eval_resize_size(r, crop_fraction))
-    y0, x0 = crop_origin(nh, nw, r)
-    x = images.reshape(n * h, w * 3)  # a copy where the aspect bound sliced the images
-    x = _resample_width(x, nw, x0, r) if nw != w else x[:, 3 * x0:3 * (x0 + r)].astype(np.float32)
-    y = x.reshape(n, h, 3 * r)  # width first, as torch
-    y = _resample_height(y, nh, y0, r) if nh != h else y[:, y0:y0 + r]
-    return y.reshape(n, r, r, 3)
+    _check_images(images)
+    return np.concatenate([_resize_center_crop_chunk(images[i:i + _CHUNK], resolution, crop_fraction)
+                           for i in range(0, len(images), _CHUNK)]).transpose(0, 1, 3, 2)
+
+
+def _normalize_into(out: np.ndarray, pixels: np.ndarray, mean, std) -> None:
+    """out [N, 3, r, r] float32 <- pixels [N, r, 3, r] normalized (see `normalize_pixels`)."""
+    std32, mean32 = np.asarray(std, np.float32), np.asarray(mean, np.float32)
+    scale = (np.float32(1) / (np.float32(255) * std32)).reshape(-1, 1, 1)
+    shift = (-mean32 / std32).reshape(-1, 1, 1)
+    np.multiply(pixels.transpose(0, 2, 1, 3), scale, out=out, dtype=np.float32)
+    out += shift
 
 
 def normalize_pixels(pixels: np.ndarray, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
     """Pixels [N, r, r, 3] (channels last, values 0..255) -> float32 model input [N, 3, r, r], (x / 255 - mean)
     / std computed as x * (1 / (255 std)) + (-mean / std) in float32, one rounding per operation, as
     `to_model_input` does."""
-    std32, mean32 = np.asarray(std, np.float32), np.asarray(mean, np.float32)
-    scale = (np.float32(1) / (np.float32(255) * std32)).reshape(-1, 1, 1)
-    shift = (-mean32 / std32).reshape(-1, 1, 1)
     out = np.empty((pixels.shape[0], 3) + pixels.shape[1:3], dtype=np.float32)
-    np.multiply(pixels.transpose(0, 3, 1, 2), scale, out=out, dtype=np.float32)
-    out += shift
+    _normalize_into(out, pixels.transpose(0, 1, 3, 2), mean, std)
     return out
 
 
 def preprocess_pixels(images: np.ndarray, resolution: int, crop_fraction: float = CROP_FRACTION,
-                      mean=IMAGENET_MEAN, std=IMAGENET_STD) -> np.ndarray:
+                      mean=IMAGENET_MEAN, std=IMAGENET_STD, out: np.ndarray | None = None) -> np.ndarray:
     """Equal-size uint8 images [N, H, W, 3] -> float32 model input [N, 3, r, r], equal to
-    `training.preprocess.preprocess` on CPU. ValueError for another shape or dtype."""
-    return normalize_pixels(resize_center_crop_pixels(images, resolution, crop_fraction), mean, std)
+    `training.preprocess.preprocess` on CPU, written to `out` when given (float32 [N, 3, r, r]). ValueError for
+    another shape or dtype."""
+    _check_images(images)
+    shape = (len(images), 3, resolution, resolution)
+    if out is None:
+        out = np.empty(shape, dtype=np.float32)
+    elif out.shape != shape or out.dtype != np.float32:
+        raise ValueError(f"out must be float32 {list(shape)}, got {out.dtype} {list(out.shape)}")
+    for i in range(0, len(images), _CHUNK):
+        _normalize_into(out[i:i + _CHUNK], _resize_center_crop_chunk(images[i:i + _CHUNK], resolution,
+                                                                     crop_fraction), mean, std)
+    return out
