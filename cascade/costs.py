@@ -119,8 +119,9 @@ class CostModel:
         size there, else default_size, the size the profile's preprocessing was timed on)."""
         where = where.replace("profile.csv", "profile_decode.csv") if where.endswith("profile.csv") else where
         if decode is None or decode.empty:
-            raise RescascadeError(f"{where} has no decode rows for this family's decode: re-run `rescascade profile "
-                                  "RUN_DIR` to time decoding, or count no decode: --decoded-inputs (source_size=None)")
+            raise RescascadeError(f"{where} has no decode rows for this family's decode: time the decode of the images "
+                                  "you serve with `rescascade profile RUN_DIR --source-size WxH`, or count no decode "
+                                  "with `build --decoded-inputs` (source_size=None)")
         sizes = sorted({(int(w), int(h)) for w, h in zip(decode.source_width, decode.source_height)})
         if source_size == "auto":
             if len(sizes) != 1 and tuple(default_size or ()) not in sizes:

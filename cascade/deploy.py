@@ -128,7 +128,7 @@ def _array_pixels(item) -> np.ndarray:
     if isinstance(item, Image.Image):
         item = pil_pixels(item)
     if not (isinstance(item, np.ndarray) and item.ndim == 3 and item.shape[2] == 3 and item.dtype == np.uint8):
-        got = f"a {item.dtype} array {list(item.shape)}" if isinstance(item, np.ndarray) else f"a {type(item).__name__}"
+        got = f"a {item.dtype} array {list(item.shape)}" if isinstance(item, np.ndarray) else type(item).__name__
         raise ValueError(f"not an image: got {got}; give a file path, encoded bytes, a PIL image or a uint8 [H, W, 3] "
                          "array")
     if 0 in item.shape[:2]:
@@ -200,7 +200,6 @@ class BundleRunner:
                 raise ArtifactError(f"{self.bundle.model_path(r)} gives {classes} logits but bundle.json names "
                                     f"{self.num_classes} classes; export the bundle again")
             self.sessions[r] = (session, dtype)
-        self._counting = True
         for b in ([1] if warmup is True else warmup or []):
             self.warmup(b)
 
@@ -210,12 +209,8 @@ class BundleRunner:
         side = eval_resize_size(max(r for r, _ in self.stages), self.crop_fraction)
         jpeg = io.BytesIO()
         Image.new("RGB", (side, side), (128, 128, 128)).save(jpeg, "JPEG")
-        stages, self.stages = self.stages, [(r, math.inf) for r, _ in self.stages]  # no row exits early
-        self._counting = False
-        try:
-            self([jpeg.getvalue()] * check_int("batch_size", batch_size, 1, MAX_BATCH))
-        finally:
-            self.stages, self._counting = stages, True
+        every = [(r, math.inf) for r, _ in self.stages]  # no row exits early
+        self._run([jpeg.getvalue()] * check_int("batch_size", batch_size, 1, MAX_BATCH), every, None)
 
     # ---- inputs --------------------------------------------------------------------------------------------
     def _load(self, images) -> tuple[list[np.ndarray | Encoded | None], dict[int, str]]:
@@ -259,6 +254,10 @@ class BundleRunner:
     def __call__(self, images) -> CascadeResult:
         """Classify `images` (see the class) -> CascadeResult. ConfigError for a container of the wrong kind (one
         bad input fails only itself)."""
+        return self._run(images, self.stages, self.counts)
+
+    def _run(self, images, stages: list[tuple[int, float]], counts: ExitCounts | None) -> CascadeResult:
+        """Run `stages` [(resolution, threshold)] on `images`, recording into `counts` (None: not counted)."""
         t_start = time.perf_counter()
         items, errors = self._load(images)
         n = len(items)
@@ -267,7 +266,7 @@ class BundleRunner:
         active = np.array([i for i in range(n) if items[i] is not None], dtype=np.int64)
         history: list[np.ndarray] = []  # log-probs of the stages run so far, rows aligned with `active`
         timings = []
-        for k, (r, threshold) in enumerate(self.stages):
+        for k, (r, threshold) in enumerate(stages):
             t = StageTiming(r)
             timings.append(t)
             if len(active) == 0:
@@ -289,16 +288,15 @@ class BundleRunner:
             logits = session.run(None, {session.get_inputs()[0].name: x})[0].astype(np.float32, copy=False)
             t3 = time.perf_counter()
             t.rows, t.calls = len(active), 1
-            if k == len(self.stages) - 1:
+            if k == len(stages) - 1:
                 threshold = -math.inf
             active, history = exit_step(logits, k, threshold, self.temperatures.get(r, 1.0), self.measure,
-                                        self.combined, history, active, answers,
-                                        self.counts if self._counting else None)
+                                        self.combined, history, active, answers, counts)
             t.preprocess_s, t.inference_s = t2 - t1, t3 - t2
             t.decide_s = time.perf_counter() - t3
-        if self._counting:
-            self.counts.inputs += n
-            self.counts.errors += len(errors)
+        if counts is not None:
+            counts.inputs += n
+            counts.errors += len(errors)
         return CascadeResult(answers.labels, answers.probs, answers.exit_stage, answers.confidence, errors, timings,
                              time.perf_counter() - t_start, self.class_names)
 
@@ -311,9 +309,11 @@ def main(argv=None) -> int:
     parser.add_argument("bundle", help="the directory `rescascade export` wrote")
     parser.add_argument("images", nargs="+", help="image files")
     parser.add_argument("--reference", action="store_true", help="run the reference model alone")
+    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
+                        help=f"refuse larger images (default: {DEFAULT_MAX_PIXELS:,})")
     args = parser.parse_args(argv)
     try:
-        runner = BundleRunner(args.bundle, reference=args.reference)
+        runner = BundleRunner(args.bundle, reference=args.reference, max_image_pixels=args.max_image_pixels)
         result = runner(args.images)
     except RescascadeError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -113,6 +113,8 @@ def load_inputs(images: Sequence, max_pixels: int, to_pixels: Callable) -> tuple
     for i, item in enumerate(images):
         try:
             if isinstance(item, (str, os.PathLike)):
+                if not str(item):
+                    raise ValueError("an empty path")
                 item = Path(item).read_bytes()
             out.append(Encoded(item, max_pixels) if isinstance(item, (bytes, bytearray, memoryview))
                        else to_pixels(item))

@@ -36,7 +36,7 @@ from .runtime import open_family
 
 _README = """A rescascade cascade, exported by `rescascade export` from {source}.
 
-Stages: {stages}; reference (the best single model): r{reference}. Needs Python >= 3.10 with onnxruntime,
+Stages: {stages}; reference: r{reference}. Needs Python >= 3.10 with onnxruntime,
 numpy and Pillow (no torch). From the directory that holds this one:
 
     PYTHONPATH={name} python -m rescascade.deploy {name} photo.jpg   # name, probability, exit stage; exit 1 if an image failed
@@ -159,7 +159,8 @@ def _staged(out: Path, files, kind: str):
                           "whole; give another directory (or run from its parent)")
     if out.exists() or out.is_symlink():
         if out.is_symlink() or not out.is_dir():
-            raise ConfigError(f"{out} exists and is not a directory: give a new or empty directory")
+            raise ConfigError(f"{out} exists and is {'a symbolic link' if out.is_symlink() else 'not a directory'}: "
+                              "give a new or empty directory")
         if any(out.iterdir()):
             ours = files(out)
             if ours is None:
@@ -255,7 +256,7 @@ def export_triton(config, out, precision: str = "fp32", max_batch_size: int = 32
                 shutil.copytree(bundle, version / "bundle")
             shutil.copyfile(model_py, version / "model.py")
             what = f"The reference model r{config.reference} of a rescascade cascade, alone," if name == "reference" \
-                else "A rescascade cascade"
+                else "A rescascade cascade, " + " -> ".join(f"r{s.resolution}" for s in config.cascade.stages) + ","
             write_text(tmp / name / "config.pbtxt", _CONFIG_PBTXT.format(
                 what=what, name=name, max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
                 instances=instances, kind=kind, reference=reference, providers=providers,

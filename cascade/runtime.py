@@ -58,8 +58,7 @@ def _tensor_pixels(item, max_pixels: int) -> torch.Tensor | Encoded:
     if isinstance(item, Image.Image):
         item = from_pil(item)
     if not (isinstance(item, torch.Tensor) and item.dim() == 3 and item.shape[0] == 3 and item.dtype == torch.uint8):
-        got = f"a {item.dtype} tensor {list(item.shape)}" if isinstance(item, torch.Tensor) else \
-            f"a {type(item).__name__}"
+        got = f"a {item.dtype} tensor {list(item.shape)}" if isinstance(item, torch.Tensor) else type(item).__name__
         raise ValueError(f"not an image: got {got}; give a file path, encoded bytes, a PIL image or a uint8 [3, H, W] "
                          "tensor")
     if 0 in item.shape[1:]:
@@ -153,11 +152,8 @@ class CascadeRunner:
         jpeg = io.BytesIO()
         Image.new("RGB", (w, h), (128, 128, 128)).save(jpeg, "JPEG")
         every = Cascade([Stage(s.resolution, math.inf) for s in self.cascade.stages])  # no row exits early
-        stages, self.cascade = self.cascade, every
-        try:
-            self([jpeg.getvalue()] * max(1, batch_size))
-        finally:
-            self.cascade = stages
+        with torch_threads(next(iter(self.engines.values())).preprocess_threads):
+            self._run([jpeg.getvalue()] * max(1, batch_size), every)  # not counted; requests meanwhile unaffected
 
     # ---- inputs --------------------------------------------------------------------------------------------
     def _load(self, images) -> tuple[list[torch.Tensor | Encoded | None], dict[int, str]]:
@@ -203,9 +199,9 @@ class CascadeRunner:
         per-stage timings. ConfigError for a container of the wrong kind (one bad input fails only itself)."""
         threads = next(iter(self.engines.values())).preprocess_threads
         with torch_threads(threads):
-            return self._run(images)
+            return self._run(images, self.cascade)
 
-    def _run(self, images) -> CascadeResult:
+    def _run(self, images, cascade: Cascade) -> CascadeResult:
         t_start = time.perf_counter()
         items, errors = self._load(images)
         n = len(items)
@@ -216,7 +212,7 @@ class CascadeRunner:
         source = None
         history: list[np.ndarray] = []  # log-probs of the stages run so far, rows aligned with `active`
         timings = []
-        stages = self.cascade.stages
+        stages = cascade.stages
         for k, stage in enumerate(stages):
             t = StageTiming(stage.resolution)
             timings.append(t)
@@ -246,10 +242,10 @@ class CascadeRunner:
             threshold = -math.inf if k == len(stages) - 1 else stage.threshold
             active, history = exit_step(logits, k, threshold, self.temperatures.get(stage.resolution, 1.0),
                                         self.measure, self.combined, history, active, answers,
-                                        self.counts if self.cascade is self._served else None)
+                                        self.counts if cascade is self._served else None)
             t.decode_s, t.preprocess_s, t.inference_s = t1 - t0, t2 - t1, t3 - t2
             t.decide_s = time.perf_counter() - t3
-        if self.cascade is self._served:
+        if cascade is self._served:
             self.counts.inputs += n
             self.counts.errors += len(errors)
         return CascadeResult(answers.labels, answers.probs, answers.exit_stage, answers.confidence, errors, timings,

@@ -120,7 +120,7 @@ def _source_size(given, doc: dict, family) -> tuple[int, int]:
     `build --source-size`), else the held-out images' typical size recorded at training, else round(top
     resolution / 0.875) square."""
     if given is not None:
-        w, h = _size(given, "source_size")
+        w, h = _size(given, "--source-size")
         return h, w
     recorded = doc.get("provenance", {}).get("data", {}).get("source_size")
     if recorded:
@@ -251,7 +251,11 @@ def run_profile(run_dir, backend: str = "onnxruntime", precision: str = "fp32", 
                           f"{type(protocol).__name__}")
     device = engine_backend.device
     threads = threads or (default_threads() if device == "cpu" else None)
-    source_size = _source_size(source_size, doc, family)
+    given_size, source_size = source_size is not None, _source_size(source_size, doc, family)
+    if source_size[0] * source_size[1] > DEFAULT_MAX_PIXELS:
+        raise ConfigError(f"--source-size {source_size[1]}x{source_size[0]}: {source_size[0] * source_size[1]:,} "
+                          f"pixels is more than the runtime decodes ({DEFAULT_MAX_PIXELS:,}, its max_image_pixels); "
+                          "give the size your images have")
     prep = doc.get("preprocessing", {})
     crop_fraction, decode_scale = prep.get("crop_fraction", CROP_FRACTION), prep.get("decode_scale", "full")
     if isinstance(decode_sizes, str):
@@ -259,7 +263,7 @@ def run_profile(run_dir, backend: str = "onnxruntime", precision: str = "fp32", 
     if decode_sizes is not None and not isinstance(decode_sizes, (list, tuple)):
         raise ConfigError(f"decode_sizes {decode_sizes!r}: give (width, height) pairs or 'WxH' strings")
     if decode_sizes is None:  # a family whose held-out images were given decoded serves no files by default
-        decode_sizes = [tuple(source_size[::-1])] if prep.get("held_out_files", True) else []
+        decode_sizes = [tuple(source_size[::-1])] if prep.get("held_out_files", True) or given_size else []
     else:
         decode_sizes = list(dict.fromkeys(map(_size, decode_sizes)))
         if not decode_sizes:
@@ -402,7 +406,7 @@ def _measure(family, run_dir, wid: str, engine_backend, backend: str, precision:
                      "per_image_ms": stats["median_ms"] / b, "preprocess_ms": pre["median_ms"],
                      "preprocess_per_image_ms": pre["median_ms"] / b, "overhead_ms": decision[b]["median_ms"],
                      "upload_ms": upload[b], "gather_ms": gather[b],
-                     "source_size": f"{decoded[r][0]}x{decoded[r][1]}", "threads": threads or 0,
+                     "source_size": f"{decoded[r][1]}x{decoded[r][0]}", "threads": threads or 0,
                      "build_s": round(build[r, b], 3), "smoke": protocol.smoke,
                      "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
     return rows

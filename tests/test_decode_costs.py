@@ -162,8 +162,9 @@ def test_bad_decode_options_are_one_line(jpeg_family, tmp_path):
                         decision_step=decision_step, decode_sizes=sizes, out=tmp_path / "p.csv", **QUIET)
     with pytest.raises(ConfigError, match="source_size"):
         run_build(jpeg_family / "fam", batch_size=1, source_size=5, out=tmp_path / "b.json", **QUIET)
-    for size in (5, "0x5", "5"):  # the profile's source size is written as build's: WxH
-        with pytest.raises(ConfigError, match="source_size|WIDTHxHEIGHT"):
+    for size, message in ((5, r"source.size`? 5"), ("0x5", "at least 1 pixel"), ("5", "WIDTHxHEIGHT"),
+                          ("20000x20000", "more than the runtime decodes")):  # WxH, as build's source size
+        with pytest.raises(ConfigError, match=message):
             run_profile(jpeg_family / "fam", "onnxruntime", "fp32", (1,), protocol=QUICK, threads=1,
                         decision_step=decision_step, source_size=size, out=tmp_path / "p.csv", **QUIET)
     assert not os.path.exists(tmp_path / "x") and not os.path.exists(tmp_path / "p.csv")
@@ -176,6 +177,8 @@ def test_profile_source_size_is_width_by_height(jpeg_family, tmp_path):
     assert json.loads(out.with_suffix(".json").read_text())["source_size"] == [300, 200]
     decode = pd.read_csv(decode_path(out))
     assert set(zip(decode.source_width, decode.source_height)) == {(300, 200)}
+    w, h = (int(v) for v in pd.read_csv(out).source_size.iloc[0].split("x"))
+    assert w > h  # the decode preprocessing started from, width first too
 
 
 def test_refined_costs_scale_each_stage_by_what_the_runtime_measured():
@@ -254,3 +257,18 @@ def test_refine_prices_only_full_batch_calls_when_the_costs_ignore_shrinking_bat
     assert refined.table[32][8] == pytest.approx(1.5) and refined.table[48][8] == pytest.approx(2.0)
     aware = refined_costs(CostModel("onnxruntime", "fp32", 8, True, {32: {8: 1.0}, 48: {1: 5.0, 8: 2.0}}, {}), runs)
     assert aware.table[48][1] == pytest.approx(5.0 * (0.010 + 0.032) * 1000 / (2 * 5.0 + 16 * 2.0))
+
+
+def test_a_family_given_decoded_images_times_the_decode_of_a_given_source_size(tiny_family, tmp_path):
+    """No decode is timed by default where the held-out images came decoded (synthetic), but --source-size says
+    what will be served: its decode is timed, and build can count it."""
+    out = tmp_path / "p.csv"
+    run_profile(tiny_family, "onnxruntime", "fp32", (1,), protocol=QUICK, threads=1, decision_step=decision_step,
+                out=out, **QUIET)
+    assert not decode_path(out).exists()
+    run_profile(tiny_family, "onnxruntime", "fp32", (1,), protocol=QUICK, threads=1, decision_step=decision_step,
+                source_size="120x90", out=out, **QUIET)
+    decode = pd.read_csv(decode_path(out))
+    assert set(zip(decode.source_width, decode.source_height)) == {(120, 90)}
+    costs = CostModel.from_profile(Profile.load(out), batch_size=1, source_size="120x90")
+    assert costs.decode_ms and set(costs.decode_ms) == set(decode.resolution)

@@ -4,6 +4,7 @@ import json
 import math
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,7 @@ from PIL import Image
 from rescascade.cli import main as cli_main
 from rescascade.config import read_config
 from rescascade.deploy import Bundle, BundleRunner
+from rescascade.deploy import main as deploy_main
 from rescascade.export import export_bundle
 from rescascade.monitor import ExitCounts
 from rescascade.optimizer import Cascade, Stage
@@ -111,6 +113,26 @@ def test_bundle_reference_and_drift(split_cascade, bundle, tmp_path):
     assert cli_main(["drift", str(bundle / "bundle.json"), str(counts)]) == 0
 
 
+def test_warmup_meanwhile_changes_no_answer_and_no_count(split_cascade, bundle):
+    """Either runtime's warmup() (every stage, not counted) while another thread serves: the served answers and
+    counts are those of a run alone."""
+    images = [encode(photo(50 + 3 * i, 90 - 2 * i, 40 + i), "JPEG") for i in range(16)]
+    for runner in (BundleRunner(bundle, threads=1, warmup=False), CascadeRunner(split_cascade, threads=1, warmup=False)):
+        alone = runner(images)
+        assert set(alone.exit_stage) == {0, 1}, "the test needs rows answered by each stage"
+        stop = threading.Event()
+        warming = threading.Thread(target=lambda: [runner.warmup(4) for _ in iter(stop.is_set, True)])
+        warming.start()
+        try:
+            served = [runner(images) for _ in range(8)]
+        finally:
+            stop.set()
+            warming.join()
+        for res in served:
+            assert np.array_equal(res.exit_stage, alone.exit_stage) and np.array_equal(res.probs, alone.probs)
+        assert runner.counts.inputs == 9 * len(images)
+
+
 _BLOCK_TORCH = """
 import importlib.abc, json, sys
 class Block(importlib.abc.MetaPathFinder):
@@ -127,7 +149,7 @@ print(json.dumps({"module": rescascade.__file__, "labels": r.labels.tolist(), "e
 """
 
 
-def test_bundle_runs_without_torch(bundle, tmp_path):
+def test_bundle_runs_without_torch(bundle, tmp_path, capsys):
     """The bundle's own copy of the runtime runs where torch (and scipy, pandas, matplotlib) cannot be imported,
     and answers as the installed runtime does."""
     files = []
@@ -148,6 +170,8 @@ def test_bundle_runs_without_torch(bundle, tmp_path):
     lines = cli.stdout.strip().splitlines()
     assert cli.returncode == 1 and len(lines) == 2 and "\tr" in lines[0] and lines[1].endswith(
         "error: cannot read nothing.jpg: No such file or directory"), cli
+    assert deploy_main([str(bundle), str(files[0]), "--max-image-pixels", "100"]) == 1
+    assert "exceeds the limit of 100 " in capsys.readouterr().out
 
 
 def test_bundle_refuses_damage_and_bad_arguments(split_cascade, bundle, tmp_path, monkeypatch):
@@ -199,8 +223,9 @@ def test_bundle_refuses_damage_and_bad_arguments(split_cascade, bundle, tmp_path
         runner(42)
     with pytest.raises(RescascadeError, match=r"uint8 \[N, H, W, 3\]"):
         runner(np.zeros((2, 8, 8, 4), np.uint8))
-    res = runner([np.zeros((8, 8), np.uint8), np.zeros((0, 5, 3), np.uint8), np.zeros((6, 6, 3), np.uint8)])
-    assert set(res.errors) == {0, 1} and res.labels[2] >= 0
+    res = runner([np.zeros((8, 8), np.uint8), np.zeros((0, 5, 3), np.uint8), np.zeros((6, 6, 3), np.uint8), "", 7])
+    assert set(res.errors) == {0, 1, 3, 4} and res.labels[2] >= 0
+    assert res.errors[3] == "ValueError: an empty path" and "got int;" in res.errors[4]
     # export: into a directory that holds something else, refused; over an earlier bundle, replaced
     other = tmp_path / "other"
     other.mkdir()
@@ -208,6 +233,9 @@ def test_bundle_refuses_damage_and_bad_arguments(split_cascade, bundle, tmp_path
     with pytest.raises(ConfigError, match="not a bundle"):
         export_bundle(split_cascade, other, **QUIET)
     assert (other / "notes.txt").read_text() == "mine"
+    (tmp_path / "link").symlink_to(other)
+    with pytest.raises(ConfigError, match="is a symbolic link"):
+        export_bundle(split_cascade, tmp_path / "link", **QUIET)
     with pytest.raises(ConfigError, match="precision"):
         export_bundle(split_cascade, tmp_path / "b", precision="int4", **QUIET)
     fake = tmp_path / "fake"  # a bundle.json that is not a bundle's: never taken for an earlier export

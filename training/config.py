@@ -18,8 +18,10 @@ MAX_THREADS = 256      # more threads than any machine's cores only slow things 
 def parse_size(text: str) -> tuple[int, int]:
     """"WxH" (e.g. 4000x3000: width first, as photo sizes are written) -> (width, height); ConfigError otherwise."""
     m = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", str(text))
-    if not m or min(int(m.group(1)), int(m.group(2))) < 1:
+    if not m:
         raise ConfigError(f"image size {text!r}: give WIDTHxHEIGHT, e.g. 1600x1200")
+    if min(int(m.group(1)), int(m.group(2))) < 1:
+        raise ConfigError(f"image size {text!r}: both sides must be at least 1 pixel")
     return int(m.group(1)), int(m.group(2))
 
 
