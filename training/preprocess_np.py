@@ -220,8 +220,11 @@ def resize_center_crop_pixels(images: np.ndarray, resolution: int,
     last) holding integers 0..255: the pixels `training.preprocess.resize_center_crop` gives on CPU. ValueError
     for another shape or dtype."""
     _check_images(images)
-    return np.concatenate([_resize_center_crop_chunk(images[i:i + _CHUNK], resolution, crop_fraction)
-                           for i in range(0, len(images), _CHUNK)]).transpose(0, 1, 3, 2)
+    out = np.empty((len(images), resolution, resolution, 3), dtype=np.float32)
+    for i in range(0, len(images), _CHUNK):  # each chunk's result lives in the workspace until the next one
+        out[i:i + _CHUNK] = _resize_center_crop_chunk(images[i:i + _CHUNK], resolution, crop_fraction).transpose(
+            0, 1, 3, 2)
+    return out
 
 
 def _normalize_into(out: np.ndarray, pixels: np.ndarray, mean, std) -> None:
