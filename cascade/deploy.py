@@ -36,7 +36,7 @@ from rescascade.training.errors import (ArtifactError, BackendUnavailable, Confi
                                         check_int)
 from rescascade.training.fileio import check_schema, read_json, sha256_file
 from rescascade.training.images import DECODE_SCALES, DEFAULT_MAX_PIXELS, Encoded, pil_pixels
-from rescascade.training.preprocess_np import eval_resize_size, preprocess_pixels, stage_min_side
+from rescascade.training.preprocess_np import CHUNK, eval_resize_size, preprocess_pixels, stage_min_side
 
 from .confidence import exit_problem
 from .exits import Answers, CascadeResult, StageTiming, decode_stage, exit_step, load_inputs, warmup_sizes
@@ -45,7 +45,6 @@ from .monitor import ExitCounts
 BUNDLE_FORMAT = "rescascade-bundle"
 BUNDLE_SCHEMA = 1
 RESIZE = "torch-uint8-antialias-bilinear"  # the only resize this runtime implements (preprocess_np)
-_PREPROCESS_CHUNK = 4  # images per preprocessing task
 # The modules this file imports, directly or not: `export` copies them into the bundle. tests/test_deploy.py runs
 # the copy where torch cannot be imported, so a module missing here fails there.
 RUNTIME_MODULES = ("rescascade", "rescascade.deploy", "rescascade.exits", "rescascade.confidence",
@@ -236,7 +235,7 @@ class BundleRunner:
         by_shape: dict[tuple, list[int]] = {}
         for j, i in enumerate(rows):
             by_shape.setdefault(pixels[i].shape, []).append(j)
-        tasks = [js[c:c + _PREPROCESS_CHUNK] for js in by_shape.values() for c in range(0, len(js), _PREPROCESS_CHUNK)]
+        tasks = [js[c:c + CHUNK] for js in by_shape.values() for c in range(0, len(js), CHUNK)]  # a chunk per task
 
         def run(js: list[int]) -> None:
             batch = np.stack([pixels[rows[j]] for j in js])

@@ -184,11 +184,11 @@ def _resample_height(y: np.ndarray, n_in: int, n_out: int, start: int, count: in
     return _round(out, clamp)
 
 
-_CHUNK = 4  # images resized together: enough for large matrix products, few enough to stay in the CPU's caches
+CHUNK = 4  # images resized together: enough for large matrix products, few enough to stay in the CPU's caches
 
 
 def _resize_center_crop_chunk(images: np.ndarray, resolution: int, crop_fraction: float) -> np.ndarray:
-    """Up to _CHUNK equal-size uint8 images [N, H, W, 3] -> float [N, r, 3, r] (row, channel, column) in this
+    """Up to CHUNK equal-size uint8 images [N, H, W, 3] -> float [N, r, 3, r] (row, channel, column) in this
     thread's workspace: valid until the thread's next call."""
     n, r = images.shape[0], resolution
     top, left, h, w = aspect_window(*images.shape[1:3])
@@ -221,8 +221,8 @@ def resize_center_crop_pixels(images: np.ndarray, resolution: int,
     for another shape or dtype."""
     _check_images(images)
     out = np.empty((len(images), resolution, resolution, 3), dtype=np.float32)
-    for i in range(0, len(images), _CHUNK):  # each chunk's result lives in the workspace until the next one
-        out[i:i + _CHUNK] = _resize_center_crop_chunk(images[i:i + _CHUNK], resolution, crop_fraction).transpose(
+    for i in range(0, len(images), CHUNK):  # each chunk's result lives in the workspace until the next one
+        out[i:i + CHUNK] = _resize_center_crop_chunk(images[i:i + CHUNK], resolution, crop_fraction).transpose(
             0, 1, 3, 2)
     return out
 
@@ -256,7 +256,7 @@ def preprocess_pixels(images: np.ndarray, resolution: int, crop_fraction: float 
         out = np.empty(shape, dtype=np.float32)
     elif out.shape != shape or out.dtype != np.float32:
         raise ValueError(f"out must be float32 {list(shape)}, got {out.dtype} {list(out.shape)}")
-    for i in range(0, len(images), _CHUNK):
-        _normalize_into(out[i:i + _CHUNK], _resize_center_crop_chunk(images[i:i + _CHUNK], resolution,
+    for i in range(0, len(images), CHUNK):
+        _normalize_into(out[i:i + CHUNK], _resize_center_crop_chunk(images[i:i + CHUNK], resolution,
                                                                      crop_fraction), mean, std)
     return out
