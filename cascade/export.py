@@ -216,7 +216,7 @@ output [
 parameters: [
   {{ key: "reference" value: {{ string_value: "{reference}" }} }},
   {{ key: "providers" value: {{ string_value: "{providers}" }} }},
-  {{ key: "counts_path" value: {{ string_value: "exit_counts.{{instance}}.json" }} }}{threads}
+  {{ key: "counts_path" value: {{ string_value: "{counts_path}" }} }}{threads}
 ]
 """
 TRITON_DEVICES = {"cpu": ("KIND_CPU", "CPUExecutionProvider"),
@@ -232,8 +232,8 @@ def export_triton(config, out, precision: str = "fp32", max_batch_size: int = 32
     exported bundle (1/bundle/) with ONNX Runtime on `device` ("cpu", or "gpu": the CUDA provider in GPU
     instances; Triton's Python environment then needs onnxruntime-gpu) and `threads` CPU threads per instance
     (default: every CPU; give CPUs / instances). Each instance writes its exit counts to
-    MODEL/exit_counts.<instance>.json (`rescascade drift` adds them up). An earlier repository at `out` is
-    replaced; any other non-empty directory is refused. Returns `out`. Raises ConfigError for bad values, and
+    cascade/exit_counts.<instance>.json (`rescascade drift` adds them up; the reference writes none). An earlier
+    repository at `out` is replaced; any other non-empty directory is refused. Returns `out`. Raises ConfigError for bad values, and
     what `export_bundle` raises."""
     check_int("max_batch_size", max_batch_size, 1, MAX_BATCH)
     check_int("instances", instances, 1, 64)
@@ -260,6 +260,7 @@ def export_triton(config, out, precision: str = "fp32", max_batch_size: int = 32
             write_text(tmp / name / "config.pbtxt", _CONFIG_PBTXT.format(
                 what=what, name=name, max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
                 instances=instances, kind=kind, reference=reference, providers=providers,
+                counts_path="" if name == "reference" else "exit_counts.{instance}.json",  # one stage: no exits to count
                 threads="" if threads is None else
                 f',\n  {{ key: "threads" value: {{ string_value: "{threads}" }} }}'))
     log(f"wrote the Triton model repository {out}/ (models cascade and reference): tritonserver "

@@ -87,6 +87,7 @@ def test_served_cascade_answers_as_the_bundle(repo, split_cascade, capsys):
         server.stop()
     files = sorted((repo / "cascade").glob("exit_counts.*.json"))  # one per instance, written at unload
     assert len(files) == 1, files
+    assert not list((repo / "reference").glob("exit_counts.*"))  # one stage: nothing to count
     counts = ExitCounts.load(files[0])
     assert counts.inputs == len(images) and counts.errors == 1 and len(counts.stages) == 2
     assert cli_main(["drift", str(repo / "cascade" / "1" / "bundle"), *map(str, files), *map(str, files)]) == 0

@@ -150,27 +150,28 @@ def _round(acc: np.ndarray, clamp: bool) -> np.ndarray:
     return np.minimum(acc, acc.dtype.type(255), out=acc) if clamp else acc
 
 
+def _span(n_in: int, n_out: int, start: int, count: int) -> tuple[int, int]:
+    """The inputs [lo, hi) that outputs start..start+count of an axis resized from n_in to n_out read."""
+    blocks = _axis_plan(n_in, n_out, start, count)[0]
+    return blocks[0][0], max(b[1] for b in blocks)
+
+
 def _resample_width(images: np.ndarray, n_out: int, start: int, count: int) -> np.ndarray:
     """uint8 images [N, H, W, 3] -> float channel rows [N, H, 3, count]: outputs start.. of the width resized to
     n_out. The pixels are copied channel-planar once (the float copy is needed anyway), so every product reads
     contiguous rows and multiplies no zeros between channels."""
     n, h, w, _ = images.shape
     blocks, dtype, clamp = _axis_plan(w, n_out, start, count)
-    x = _buffer("planar", (n, h, 3, w), dtype)
-    x[...] = images.transpose(0, 1, 3, 2)
-    x = x.reshape(n * h * 3, w)
+    first, last = _span(w, n_out, start, count)  # the crop's columns only
+    x = _buffer("planar", (n, h, 3, last - first), dtype)
+    x[...] = images[:, :, first:last].transpose(0, 1, 3, 2)
+    x = x.reshape(n * h * 3, last - first)
     out = _buffer("width", (n * h * 3, count), dtype)
     for in_lo, in_hi, lo, hi, matrix in blocks:
         step = max(1, _SMALL_PRODUCT // matrix.size)
         for c in range(0, len(x), step):
-            np.matmul(x[c:c + step, in_lo:in_hi], matrix, out=out[c:c + step, lo:hi])
+            np.matmul(x[c:c + step, in_lo - first:in_hi - first], matrix, out=out[c:c + step, lo:hi])
     return _round(out, clamp).reshape(n, h, 3, count)
-
-
-def _rows_needed(n_in: int, n_out: int, start: int, count: int) -> tuple[int, int]:
-    """The input rows [lo, hi) that outputs start..start+count of an axis resized from n_in to n_out read."""
-    blocks = _axis_plan(n_in, n_out, start, count)[0]
-    return blocks[0][0], max(b[1] for b in blocks)
 
 
 def _resample_height(y: np.ndarray, n_in: int, n_out: int, start: int, count: int, first_row: int) -> np.ndarray:
@@ -195,7 +196,7 @@ def _resize_center_crop_chunk(images: np.ndarray, resolution: int, crop_fraction
     images = images[:, top:top + h, left:left + w]
     nh, nw = resized_size(h, w, eval_resize_size(r, crop_fraction))
     y0, x0 = crop_origin(nh, nw, r)
-    lo, hi = _rows_needed(h, nh, y0, r) if nh != h else (y0, y0 + r)  # the crop's rows only
+    lo, hi = _span(h, nh, y0, r) if nh != h else (y0, y0 + r)  # the crop's rows only
     images = images[:, lo:hi]
     if nw != w:  # width first, as torch
         x = _resample_width(images, nw, x0, r)
