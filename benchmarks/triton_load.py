@@ -15,6 +15,7 @@ The clients run on the same 2 cores as the server: the figures compare the two m
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import threading
 import time
@@ -39,14 +40,18 @@ CONCURRENCY = (1, 8, 32)
 
 def load(url: str, model: str, files: list[bytes], requests: int, concurrency: int, stop=None):
     """`requests` one-image requests (files round-robin) from `concurrency` threads -> (latencies ms of the
-    answered ones, {file index: (label, exit stage)} answered, errors, wall seconds)."""
-    latencies, answers, errors = [], [], 0
+    answered ones, {file index: (label, exit stage)} answered, errors, wall seconds). With a `stop` event: requests
+    go on (up to `requests`) until it is set, then 2 x concurrency more tries, not a flood."""
+    latencies, answers, errors, after_stop = [], [], 0, 0
     lock = threading.Lock()
 
     def one(k: int):
-        nonlocal errors
-        if stop is not None and stop.is_set() and k % 4:
-            return  # after the kill: a few more tries, not a flood
+        nonlocal errors, after_stop
+        if stop is not None and stop.is_set():
+            with lock:
+                after_stop += 1
+                if after_stop > 2 * concurrency:
+                    return
         i = k % len(files)
         t0 = time.perf_counter()
         try:
@@ -78,6 +83,7 @@ def main() -> None:
     fam, cascade_json = batch32_cascade(args, log)
     config = read_config(cascade_json)
     repo = fam / "triton_b32"
+    shutil.rmtree(repo, ignore_errors=True)  # this script's own repository: its last run's exit counts are not kept
     export_triton(cascade_json, repo, max_batch_size=32, max_queue_delay_us=2000, **QUIET)
     scored = images_to_score(config, None, "test", 64 if args.quick else 512, QUIET["log"])
     files = encoded_all(scored.images, list(range(len(scored.images))), scored.source)
@@ -106,7 +112,7 @@ def main() -> None:
         stop = threading.Event()
         killer = threading.Timer(1.0 if args.quick else 3.0, lambda: (stop.set(), server.stop(kill=True)))
         killer.start()
-        lat, answers, errors, wall = load(server.url, "cascade", files, 4 * n, 8, stop)
+        lat, answers, errors, wall = load(server.url, "cascade", files, 1000 * n, 8, stop)  # until the kill
         killer.join()
         bad = wrong(answers, want["cascade"])
         server.start()

@@ -151,6 +151,8 @@ class BundleRunner:
     file, a PIL image or a uint8 array [H, W, 3]; or one uint8 array [N, H, W, 3]. Like `CascadeRunner`: files
     and bytes are decoded stage by stage at the scale the family's predictions used, an input that fails gets an
     error of its own, and `counts` holds what the cascade saw (`rescascade drift BUNDLE_DIR/bundle.json COUNTS`).
+    The numpy resize costs 2-3x torch's from sources under about 2x a stage's resize side (JPEGs decoded at the
+    stage's scale are) and up to ~12x from far larger decoded arrays or full-size PNGs (benchmarks/README).
     Returns a CascadeResult: labels [N] int64 (-1 where failed), names, probs [N, C] float32, exit_stage [N],
     confidence [N], errors {index: message}, stage_timings, wall_s.
     """

@@ -233,8 +233,8 @@ def export_triton(config, out, precision: str = "fp32", max_batch_size: int = 32
     instances; Triton's Python environment then needs onnxruntime-gpu) and `threads` CPU threads per instance
     (default: every CPU; give CPUs / instances). Each instance writes its exit counts to
     cascade/exit_counts.<instance>.json (`rescascade drift` adds them up; the reference writes none). An earlier
-    repository at `out` is replaced; any other non-empty directory is refused. Returns `out`. Raises ConfigError for bad values, and
-    what `export_bundle` raises."""
+    repository at `out` is replaced; any other non-empty directory is refused. Returns `out`. Raises ConfigError
+    for bad values, and what `export_bundle` raises."""
     check_int("max_batch_size", max_batch_size, 1, MAX_BATCH)
     check_int("instances", instances, 1, 64)
     check_int("max_queue_delay_us", max_queue_delay_us, 0, 10_000_000)

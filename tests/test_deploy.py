@@ -44,10 +44,22 @@ def test_numpy_preprocessing_equals_torch(seed):
         assert np.array_equal(preprocess_pixels(images, r, 0.8), preprocess(tensors, r, 0.8).numpy()), (h, w, r)
 
 
-def test_numpy_preprocessing_refuses_other_arrays():
-    for bad in (np.zeros((2, 8, 8, 3), np.float32), np.zeros((8, 8, 3), np.uint8), np.zeros((1, 0, 8, 3), np.uint8)):
+def test_numpy_preprocessing_refuses_other_arguments():
+    for bad in (np.zeros((2, 8, 8, 3), np.float32), np.zeros((8, 8, 3), np.uint8), np.zeros((1, 0, 8, 3), np.uint8),
+                [[[[0, 0, 0]]]], None):
         with pytest.raises(ValueError, match="uint8"):
             preprocess_pixels(bad, 32)
+    image = np.zeros((1, 20, 30, 3), np.uint8)
+    for resolution in (0, -1, 2.0, True):
+        with pytest.raises(ValueError, match="resolution must be an integer >= 1"):
+            preprocess_pixels(image, resolution)
+    for crop_fraction in (0, -0.5, 1.2, "0.8"):  # above 1 torch pads the crop: not reproduced, so refused
+        with pytest.raises(ValueError, match=r"crop_fraction must be a number in \(0, 1\]"):
+            resize_center_crop_pixels(image, 32, crop_fraction)
+    for out in (np.zeros((1, 3, 32, 32), np.float64), np.zeros((2, 3, 32, 32), np.float32), [0.0]):
+        with pytest.raises(ValueError, match="out must be a float32 array"):
+            preprocess_pixels(image, 32, out=out)
+    assert preprocess_pixels(image, np.int64(32), 1).shape == (1, 3, 32, 32)
 
 
 @pytest.fixture(scope="module")

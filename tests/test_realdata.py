@@ -93,5 +93,5 @@ def test_deploy_benchmarks_quick(tmp_path, imagenet_weights_path):
                          capture_output=True, text=True, timeout=1200)
     if "TritonUnavailable" in res.stderr:
         pytest.skip("Triton cannot run here: " + res.stderr.strip().splitlines()[-1])
-    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]  # the table says which check failed
     assert "killed (SIGKILL) during a load" in res.stdout and "0 wrong answers" in res.stdout

@@ -209,18 +209,27 @@ def _resize_center_crop_chunk(images: np.ndarray, resolution: int, crop_fraction
     return y.reshape(n, r, 3, r)
 
 
-def _check_images(images: np.ndarray) -> None:
+def _check_arguments(images: np.ndarray, resolution: int, crop_fraction: float) -> None:
+    """ValueError unless images are uint8 [N, H, W, 3] with N, H, W >= 1, resolution an integer >= 1 and
+    crop_fraction in (0, 1] (above 1 torch pads the crop, which is not reproduced here)."""
+    if not isinstance(images, np.ndarray):
+        raise ValueError(f"images must be a numpy array, uint8 [N, H, W, 3], got {type(images).__name__}")
     if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8 or 0 in images.shape:
         raise ValueError(f"images must be uint8 [N, H, W, 3] with N, H, W >= 1, got {images.dtype} "
                          f"{list(images.shape)}")
+    if isinstance(resolution, (bool, np.bool_)) or not isinstance(resolution, (int, np.integer)) or resolution < 1:
+        raise ValueError(f"resolution must be an integer >= 1, got {resolution!r}")
+    if isinstance(crop_fraction, (bool, np.bool_)) or not isinstance(crop_fraction, (int, float, np.floating)) \
+            or not 0 < crop_fraction <= 1:
+        raise ValueError(f"crop_fraction must be a number in (0, 1], got {crop_fraction!r}")
 
 
 def resize_center_crop_pixels(images: np.ndarray, resolution: int,
                               crop_fraction: float = CROP_FRACTION) -> np.ndarray:
     """Equal-size uint8 images [N, H, W, 3] -> the center crop of their resize, as float [N, r, r, 3] (channels
     last) holding integers 0..255: the pixels `training.preprocess.resize_center_crop` gives on CPU. ValueError
-    for another shape or dtype."""
-    _check_images(images)
+    for another shape or dtype, a resolution below 1 or a crop_fraction outside (0, 1]."""
+    _check_arguments(images, resolution, crop_fraction)
     out = np.empty((len(images), resolution, resolution, 3), dtype=np.float32)
     for i in range(0, len(images), CHUNK):  # each chunk's result lives in the workspace until the next one
         out[i:i + CHUNK] = _resize_center_crop_chunk(images[i:i + CHUNK], resolution, crop_fraction).transpose(
@@ -250,13 +259,14 @@ def preprocess_pixels(images: np.ndarray, resolution: int, crop_fraction: float 
                       mean=IMAGENET_MEAN, std=IMAGENET_STD, out: np.ndarray | None = None) -> np.ndarray:
     """Equal-size uint8 images [N, H, W, 3] -> float32 model input [N, 3, r, r], equal to
     `training.preprocess.preprocess` on CPU, written to `out` when given (float32 [N, 3, r, r]). ValueError for
-    another shape or dtype."""
-    _check_images(images)
+    another shape or dtype (of images or out), a resolution below 1 or a crop_fraction outside (0, 1]."""
+    _check_arguments(images, resolution, crop_fraction)
     shape = (len(images), 3, resolution, resolution)
     if out is None:
         out = np.empty(shape, dtype=np.float32)
-    elif out.shape != shape or out.dtype != np.float32:
-        raise ValueError(f"out must be float32 {list(shape)}, got {out.dtype} {list(out.shape)}")
+    elif not isinstance(out, np.ndarray) or out.shape != shape or out.dtype != np.float32:
+        got = f"{out.dtype} {list(out.shape)}" if isinstance(out, np.ndarray) else type(out).__name__
+        raise ValueError(f"out must be a float32 array {list(shape)}, got {got}")
     for i in range(0, len(images), CHUNK):
         _normalize_into(out[i:i + CHUNK], _resize_center_crop_chunk(images[i:i + CHUNK], resolution,
                                                                      crop_fraction), mean, std)
