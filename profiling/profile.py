@@ -226,11 +226,13 @@ def run_profile(run_dir, backend: str = "onnxruntime", precision: str = "fp32", 
     ms per batch, of inference, preprocessing, upload, gather and the decision.
 
     decision_step: (batch size, classes) -> a no-argument function running one stage's decision, timed as the
-    decision cost (the cascade runtime's `rescascade.runtime.decision_step`). Preprocessing is timed on the
-    source image (source_size: (width, height) or "WxH" of the images to be served, as `build --source-size`;
-    default the held-out images' typical size) as each stage decodes it. decode_sizes: more (width, height) of
-    JPEGs whose per-stage decode is timed into profile_decode.csv, beside the source size's. Smoke rows (a protocol marked smoke) never replace measured ones. Raises RescascadeError for resolutions outside the family, batch sizes outside
-    1..MAX_BATCH, an unusable backend or a damaged profile beside it. Returns the rows written."""
+    decision cost (the cascade runtime's `rescascade.runtime.decision_step`). Preprocessing is timed on the source
+    image (source_size: (width, height) or "WxH" of the images to be served, as `build --source-size`; default the
+    held-out images' typical size) as each stage decodes it. decode_sizes: more (width, height) of JPEGs whose
+    per-stage decode is timed into profile_decode.csv, beside the source size's. Smoke rows (a protocol marked
+    smoke) never replace measured ones. Raises RescascadeError for resolutions outside the family, batch sizes
+    outside 1..MAX_BATCH, a source size of more pixels than the runtime decodes, an unusable backend or a damaged
+    profile beside it. Returns the rows written."""
     protocol = protocol or Protocol()
     family, doc = load_family(run_dir)
     wid = weights_id(doc)
