@@ -12,7 +12,10 @@ MobileNetV2 weights, ONNX Runtime CPU):
    and 4000x3000; the profile times each stage's decode at those sizes, `build --source-size --refine N` counts
    it (the refinement runs the family's own calib files: it corrects the stage costs, the decode stays the
    profile's), and `eval --from-bytes` runs cascade and reference end to end at batch 1 and 32: decode,
-   preprocessing, inference, total, ratio (predicted: the refined build's), top-1.
+   preprocessing, inference, total, ratio (predicted: the refined build's), top-1. The build weighs decoding
+   each JPEG at every stage's own scale against decoding it once at a larger stage's (`--decode-plan auto`);
+   where it picks "once", the per-stage plan's cascade (`--decode-plan stage`) is measured beside it, and a
+   second table gives each plan's best cascade with its predicted calib cost.
 
     python benchmarks/cost_prediction.py [--quick] [--runs 3] [--refine 200] [--photos 100]
 
@@ -25,6 +28,7 @@ import io
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -54,6 +58,31 @@ def family(args, log) -> Path:
                         {**raw.description, "source": f"shared-imagenette:{IMAGENETTE}"})
     out = Path(args.out) / ("quick" if args.quick else f"{args.train_per_class}-per-class")
     return train_variant("10way", "patches+distill", variants("10way")["patches+distill"], splits, out, args, log)
+
+
+def with_decoded_at(fam: Path, log) -> None:
+    """Give a family trained before `Predictions.decoded_at` its decode-once logits: calib and test predicted again
+    (ONNX Runtime), each resolution also from every larger one's decode; the logits it had must come back."""
+    from cascade_realdata import predictors
+
+    from rescascade.predictions import load_predictions
+    from rescascade.scoring import images_to_score
+    from rescascade.training.predict import predict_logits, write_predictions
+
+    for split in ("calib", "test"):
+        path = fam / "predictions" / f"{split}.npz"
+        old = load_predictions(path)
+        if old.decode_plans():
+            continue
+        log(f"  predicting {split} from each larger stage's decode (decode-once plans) ...")
+        images = images_to_score(SimpleNamespace(family_dir=fam), None, split, None, log).images
+        new = predict_logits(predictors(fam), images, batch_size=32, decode_scale="stage", decoded_at=True,
+                             desc=f"predict {split}")
+        diff = float(np.abs(new["logits"] - old.logits).max())
+        if list(new["ids"]) != list(old.ids) or diff > 1e-3:
+            sys.exit(f"{path}: predicting again gave other logits (largest difference {diff:.2g}): retrain with "
+                     "--fresh")
+        write_predictions(path, {**new, "logits": old.logits}, old.weights_sha256, split)
 
 
 def profile(fam: Path, args, decode_sizes=None) -> None:
@@ -120,29 +149,51 @@ def reencode(fam: Path, size: tuple[int, int], n: int, quick: bool) -> Path:
 
 def bytes_rows(fam: Path, args, log) -> list[list]:
     t0 = time.perf_counter()
+    with_decoded_at(fam, log)
     profile(fam, args, decode_sizes=[f"{w}x{h}" for w, h in SIZES])
-    rows = []
+    rows, plans = [], []
     for size in SIZES:
         photos = reencode(fam, size, 8 if args.quick else args.photos, args.quick)
         for b in (1, 32):
-            path = fam / f"bytes_{size[0]}x{size[1]}_b{b}.json"
-            built = run_build(fam, batch_size=b, batch_aware=b > 1, out=path, plots=False, source_size=size,
-                              refine=args.refine, **QUIET)
-            ev = run_eval(path, data=f"imagefolder:{photos}", batch_size=b, repeats=1 if args.quick else 3,
-                          from_bytes=True, plot=False, out=fam / f"eval_bytes_{size[0]}x{size[1]}_b{b}.json", **QUIET)
-            fb = ev["from_bytes"]
-            for who in ("cascade", "reference"):
-                part = fb[who]
-                st = part["stage_seconds"].values()
-                n = ev["images"]
-                ms = {k: 1000 * sum(s[k] for s in st) / n for k in ("decode_s", "preprocess_s", "inference_s")}
-                name = f"cascade {_stages(built)}" if who == "cascade" else f"r{ev['reference']['resolution']}"
-                rows.append([f"{size[0]}x{size[1]}", b, name, f"{ms['decode_s']:.2f}", f"{ms['preprocess_s']:.2f}",
-                             f"{ms['inference_s']:.2f}", f"{part['ms_per_image']:.2f}",
-                             f"{fb['measured_cost_ratio']:.3f}" if who == "cascade" else "1.000",
-                             f"{fb['predicted_cost_ratio']:.3f}" if who == "cascade" else "",
-                             f"{100 * part['accuracy']:.1f}"])
+            name = f"bytes_{size[0]}x{size[1]}_b{b}"
+            built = run_build(fam, batch_size=b, batch_aware=b > 1, out=fam / f"{name}.json", plots=False,
+                              source_size=size, refine=args.refine, **QUIET)
+            compared = built["optimizer"]["decode_plans"]
+            header = ["source", "batch"] + [p["plan"] for p in compared] + ["chosen"]
+            plans.append([f"{size[0]}x{size[1]}", b] + [
+                f"{p['cascade']} ({p['calib_cost_ms']:.2f} ms)" if p["cascade"] else "target not met"
+                for p in compared] + [_plan(built)])
+            builds = [(name, built)]
+            if "decode" in built:  # decoded once: the per-stage plan's choice measured beside it
+                builds.append((name + "_per_stage", run_build(
+                    fam, batch_size=b, batch_aware=b > 1, out=fam / f"{name}_per_stage.json", plots=False,
+                    source_size=size, refine=args.refine, decode_plan="stage", **QUIET)))
+            for file, config in builds:
+                ev = run_eval(fam / f"{file}.json", data=f"imagefolder:{photos}", batch_size=b,
+                              repeats=1 if args.quick else 3, from_bytes=True, plot=False,
+                              out=fam / f"eval_{file}.json", **QUIET)
+                rows += _bytes_rows(size, b, config, ev)
     log(f"  bytes-in table in {time.perf_counter() - t0:.0f} s")
+    return rows, [header] + plans
+
+
+def _plan(config: dict) -> str:
+    return f"once at r{config['decode']['resolution']}" if "decode" in config else "per stage"
+
+
+def _bytes_rows(size, b: int, config: dict, ev: dict) -> list[list]:
+    """The cascade's and the reference's rows of the bytes-in table from one `eval --from-bytes`."""
+    fb, rows = ev["from_bytes"], []
+    for who in ("cascade", "reference"):
+        part = fb[who]
+        st = part["stage_seconds"].values()
+        n = ev["images"]
+        ms = {k: 1000 * sum(s[k] for s in st) / n for k in ("decode_s", "preprocess_s", "inference_s")}
+        name = f"cascade {_stages(config)}" if who == "cascade" else f"r{ev['reference']['resolution']}"
+        rows.append([f"{size[0]}x{size[1]}", b, name, _plan(config) if who == "cascade" else "",
+                     f"{ms['decode_s']:.2f}", f"{ms['preprocess_s']:.2f}", f"{ms['inference_s']:.2f}",
+                     f"{part['ms_per_image']:.2f}", f"{fb['measured_cost_ratio']:.3f}" if who == "cascade" else "1.000",
+                     f"{fb['predicted_cost_ratio']:.3f}" if who == "cascade" else "", f"{100 * part['accuracy']:.1f}"])
     return rows
 
 
@@ -173,10 +224,13 @@ def main() -> None:
                           "measured", "profile error", "refined error", "bytes: profile", "refined", "measured",
                           "refined error"], prediction_rows(fam, args, print))]
     if args.part in ("bytes", "both"):
+        rows, plans = bytes_rows(fam, args, print)
         report += ["", "## From encoded bytes: cascade vs the single model end to end, ms per image (ONNX Runtime "
-                   "CPU; decode at each stage's DCT scale)", "",
-                   table(["source", "batch", "model", "decode", "preprocessing", "inference", "total",
-                          "cost vs reference", "predicted", "top-1 %"], bytes_rows(fam, args, print))]
+                   "CPU; decode plan chosen by `build`)", "",
+                   table(["source", "batch", "model", "decode plan", "decode", "preprocessing", "inference", "total",
+                          "cost vs reference", "predicted", "top-1 %"], rows),
+                   "", "## Each decode plan's best cascade (predicted calib cost per image, refined costs)", "",
+                   table(plans[0], plans[1:])]
     print("\n" + "\n".join(report))
     print(f"\ntotal {(time.perf_counter() - t0) / 60:.1f} min on {torch.get_num_threads()} CPU threads")
 

@@ -45,6 +45,17 @@ def build_warnings(calib: Predictions, profile, costs: CostModel, resolutions, g
     return out
 
 
+def _unweighed_plans(builder: CascadeBuilder, calib: Predictions, costs: CostModel, pool, profile_path) -> list[str]:
+    """Why a build that counts the decode did not weigh decoding once, where the predictions would allow it."""
+    if not costs.decode_ms or builder.decode_plan != "auto" or len(builder.decode_plans_) > 1 or \
+            not calib.restrict(pool).decode_plans():
+        return []
+    if builder.guarantee is not None:
+        return ["--guarantee certifies per-stage decoding only: decoding each JPEG once was not weighed"]
+    return [f"{profile_path} times no preprocessing from a larger stage's decode, so decoding each JPEG once was not "
+            "weighed; re-run `rescascade profile` to time it"]
+
+
 def _check_same_family(calib: Predictions, test: Predictions, wid: str, profile_meta: dict, run_dir) -> None:
     for p in (calib, test):
         if p.weights_sha256 != wid:
@@ -65,7 +76,8 @@ def run_build(run_dir, profile=None, backend: str | None = None, precision: str 
               guarantee: tuple[float, float] | None = None, measure: str = "max_prob", temperature: bool = True,
               combine: str = "off", batch_aware: bool = False, exact: str = "auto", reference: int | None = None,
               resolutions=None, out=None, plots: bool = True, seed: int = 0, guarantee_fraction: float = 0.5,
-              tolerances=DEFAULT_TOLERANCES, source_size="auto", refine: int = 0, log=print) -> dict:
+              tolerances=DEFAULT_TOLERANCES, source_size="auto", refine: int = 0, decode_plan: str = "auto",
+              log=print) -> dict:
     """`rescascade build` on a family directory: read its predictions and profile, fit a CascadeBuilder (see it
     for the choice's parameters), and write cascade.json (default RUN_DIR/cascade.json) with the figures on calib
     and test, the Pareto plot and the exit histogram. Returns the config written. source_size: (width, height)
@@ -73,8 +85,9 @@ def run_build(run_dir, profile=None, backend: str | None = None, precision: str 
     "auto": the profile's (none if it timed no decoding); None: count no decode (decoded inputs). refine: run
     the choice, its closest alternatives and the reference with the cascade runtime (the profile's backend, on
     this machine) on this many calib images, re-estimate the costs from its stage timings and choose again
-    (cascade/refine.py); cascade.json's "cost_check" records predicted, refined and measured cost ratios. Raises
-    RescascadeError for files of another family, ConfigError for bad values."""
+    (cascade/refine.py); cascade.json's "cost_check" records predicted, refined and measured cost ratios.
+    decode_plan: "auto" also weighs decoding each JPEG once at a larger stage's scale (CascadeBuilder), "stage"
+    decodes per stage only. Raises RescascadeError for files of another family, ConfigError for bad values."""
     run_dir = Path(run_dir)
     t_start = time.perf_counter()
     check_int("batch_size", batch_size, 1)
@@ -91,7 +104,7 @@ def run_build(run_dir, profile=None, backend: str | None = None, precision: str 
     builder = CascadeBuilder(Target.parse(target, max_drop, budget), guarantee=guarantee, measure=measure,
                              temperature=temperature, combine=combine, exact=exact, reference=reference,
                              resolutions=resolutions, seed=seed, guarantee_fraction=guarantee_fraction,
-                             tolerances=tolerances)
+                             tolerances=tolerances, decode_plan=decode_plan)
     pool = builder.pool(calib)
     no_decode_rows = source_size == "auto" and profile.decode is None
     if no_decode_rows:
@@ -110,6 +123,7 @@ def run_build(run_dir, profile=None, backend: str | None = None, precision: str 
         warnings.append(f"{profile_path} times no JPEG decoding: the costs are those of decoded inputs; re-run "
                         "`rescascade profile` to count the decode encoded images pay")
     builder.fit(calib, costs)
+    warnings += _unweighed_plans(builder, calib, costs, pool, profile_path)
     check = None
     if refine:
         def make_runner(b, c):
@@ -155,7 +169,8 @@ def format_build_summary(config: dict, out) -> str:
     prof = config["profile"]
     stages = [f"r{s['resolution']}" + (f" (conf >= {s['threshold']:.4g})" if s["threshold"] is not None else "")
               for s in config["stages"]]
-    lines = [f"cascade: {' -> '.join(stages)}",
+    once = config.get("decode", {}).get("resolution")
+    lines = [f"cascade: {' -> '.join(stages)}" + (f" (JPEGs decoded once, at r{once}'s scale)" if once else ""),
              f"confidence: {config['confidence']['measure']}, {_temperature_words(config['confidence'])}, "
              f"combine {'on' if config['confidence']['combine'] else 'off'}; costs: {prof['backend']} "
              f"{prof['precision']} batch {prof['batch_size']}{' (batch-aware)' if prof['batch_aware'] else ''}, "
@@ -187,6 +202,11 @@ def format_build_summary(config: dict, out) -> str:
                      f"reference predicted {c['predicted_ratio']:.3f}x by the profile, {c['refined_ratio']:.3f}x "
                      f"refined, {c['measured_ratio']:.3f}x measured" +
                      (f"; first choice {c['first_choice']}, chosen again" if c["first_choice"] != c["chosen"] else ""))
+    plans = config["optimizer"].get("decode_plans", [])
+    if len(plans) > 1:
+        lines.append("decode plans, each one's cheapest cascade at the target (calib ms/image): " + "; ".join(
+            f"{p['plan']}: " + (f"{p['cascade']} at {p['calib_cost_ms']:.3f}" if p["cascade"] else "none")
+            for p in plans))
     lines += [f"warning: {w}" for w in config.get("warnings", [])]
     if config["single_model_wins"]:
         lines.append(f"no cascade beats the single model r{config['stages'][0]['resolution']} here "

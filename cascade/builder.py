@@ -5,9 +5,11 @@
 
 The choice: per confidence setting (measure x combine), a cost-aware greedy swept over tolerances (Streeter,
 "Approximation Algorithms for Cascading Prediction Models", ICML 2018, §3) gives a cloud of cascades and every
-single model; the target picks one; the cheapest setting wins. With a guarantee, everything is chosen on one
+single model; the target picks one; the cheapest setting wins. For encoded inputs whose decode the costs
+count, cascades decoded once at a larger stage's scale (`Cascade.decode_at`, priced and judged on the logits that
+decode gives) join the cloud, so the cheaper decode plan wins. With a guarantee, everything is chosen on one
 part of calib and one path is certified on the other (Learn-then-Test, Angelopoulos et al. 2021;
-`rescascade.guarantee`). For few resolutions an exact search measures the greedy's gap.
+`rescascade.guarantee`; per-stage decoding only). For few resolutions an exact search measures the greedy's gap.
 """
 from __future__ import annotations
 
@@ -46,18 +48,22 @@ class CascadeBuilder:
       resolutions: the pool (None: every resolution predicted).
       seed, guarantee_fraction: the guarantee's split of calib (select part, certify part).
       tolerances: the greedy's tolerance sweep.
+      decode_plan: "auto" (compare decoding a JPEG at each stage's own scale with decoding it once at a larger
+        stage's, where the costs count the decode and the predictions cover it) or "stage" (per stage only).
 
     Learned attributes (after fit): weights_sha256_ (the family whose predictions it was fitted on), cascade_
     (Cascade), chosen_ (Candidate: cascade, calib Outcome, finisher),
     candidates_ (the cloud), front_ (its Pareto front), reference_ (resolution), reference_outcome_ (Outcome on
     calib), measure_, combine_ (bool), temperatures_ ({resolution: T}), resolutions_, exact_ (dict or None),
-    certificate_ (guarantee.Certified or None).
+    certificate_ (guarantee.Certified or None), decode_plans_ (the `Cascade.decode_at` plans compared: None, each
+    stage at its own scale; R, decoded once at R's scale), plan_choices_ ({plan: the Candidate the target picks
+    within that plan, None where none meets it}).
     """
 
     def __init__(self, target: Target | str | None = None, *, guarantee: tuple[float, float] | None = None,
                  measure: str = "max_prob", temperature: bool = True, combine: str = "off", exact: str = "auto",
                  reference: int | None = None, resolutions=None, seed: int = 0, guarantee_fraction: float = 0.5,
-                 tolerances=DEFAULT_TOLERANCES):
+                 tolerances=DEFAULT_TOLERANCES, decode_plan: str = "auto"):
         self.target = target if isinstance(target, Target) else Target.parse(target, None, None)
         if guarantee is not None:
             try:
@@ -76,6 +82,8 @@ class CascadeBuilder:
             raise ConfigError(f"--combine {combine!r}: use off, on or auto")
         if exact not in ("auto", "on", "off"):
             raise ConfigError(f"--exact {exact!r}: use auto, on or off")
+        if not isinstance(decode_plan, str) or decode_plan not in ("auto", "stage"):
+            raise ConfigError(f"--decode-plan {decode_plan!r}: use auto or stage")
         check_bool("temperature", temperature)
         check_int("seed", seed, 0)
         check_number("guarantee_fraction", guarantee_fraction, 0, 1)
@@ -94,6 +102,7 @@ class CascadeBuilder:
         self.guarantee, self.measure, self.temperature, self.combine = guarantee, measure, temperature, combine
         self.exact, self.reference, self.resolutions = exact, reference, resolutions
         self.seed, self.guarantee_fraction, self.tolerances = seed, guarantee_fraction, tolerances
+        self.decode_plan = decode_plan
 
     # ---- fitting ------------------------------------------------------------------------------------------
     def fit(self, calib: Predictions, costs: CostModel) -> "CascadeBuilder":
@@ -149,22 +158,39 @@ class CascadeBuilder:
                                                                             cs.temperatures, cs.reference)
         self._views = StageViews(calib, self.measure_, self.temperatures_, self.combine_)
         self.reference_outcome_ = simulate(Cascade([Stage(self.reference_, -math.inf)]), self._views, costs)
+        self.decode_plans_ = [None]
         cascade = cs.certified.cascade
         self.chosen_ = Candidate(cascade, simulate(cascade, self._views, costs), self.reference_)
         self.candidates_ = [self.chosen_]
+        self.plan_choices_ = {None: self.chosen_}
         self.certificate_ = cs.certified
 
+    def decode_plans(self, calib: Predictions, costs: CostModel) -> list[int | None]:
+        """The decode plans (`Cascade.decode_at`) the choice compares: None (each stage decodes at its own scale)
+        and, where the costs count the JPEG decode and both the predictions and the profile cover it, every
+        resolution R of the pool at which a cascade decodes once. A guarantee certifies the per-stage plan only."""
+        if self.guarantee is not None or self.decode_plan == "stage":
+            return [None]
+        pool = self.pool(calib)
+        covered = set(calib.restrict(pool).decode_plans()) & set(costs.decode_plans())
+        return [None] + [R for R in pool if R in covered]
+
     def _fit_by_target(self, calib: Predictions, costs: CostModel) -> None:
-        """Per setting, sweep and pick by the target; then the cheapest setting."""
+        """Per setting, sweep every decode plan and pick by the target; then the cheapest setting."""
         temps = {r: fit_temperature(calib.column(r), calib.labels) if self.temperature else 1.0
                  for r in self.resolutions_}
+        plans = self.decode_plans_ = self.decode_plans(calib, costs)
         best = None
         for m, comb in self._settings():
             views = StageViews(calib, m, temps, comb)
             ref = self.reference if self.reference is not None else reference_resolution(views, self.resolutions_)
             ref_out = simulate(Cascade([Stage(ref, -math.inf)]), views, costs)
-            finishers = [ref] if self.target.kind == "best" else self.resolutions_
-            cands = tolerance_sweep(views, costs, self.resolutions_, finishers, self.tolerances)
+            cands = []
+            for at in plans:  # a plan R chooses among the resolutions up to R, whose decode serves them all
+                pool = [r for r in self.resolutions_ if at is None or r <= at]
+                finishers = [ref] if self.target.kind == "best" else pool
+                if set(finishers) <= set(pool):
+                    cands += tolerance_sweep(views, costs, pool, finishers, self.tolerances, decode_at=at)
             pick = _select(cands, self.target, ref_out.accuracy, f"{m}, combine {'on' if comb else 'off'}")
             key = (pick.outcome.mean_cost, -pick.outcome.accuracy)
             if best is None or key < best[0]:
@@ -172,6 +198,14 @@ class CascadeBuilder:
         _, self.measure_, self.combine_, self._views, self.reference_, self.reference_outcome_, self.chosen_, \
             self.candidates_ = best
         self.temperatures_ = temps
+        self.plan_choices_ = {}
+        for at in plans:  # what each plan would have cost: what the plan chosen saves
+            within = [c for c in self.candidates_ if c.cascade.decode_at == at]
+            try:
+                self.plan_choices_[at] = _select(within, self.target, self.reference_outcome_.accuracy, "") \
+                    if within else None
+            except RescascadeError:  # the target is out of this plan's reach
+                self.plan_choices_[at] = None
         self.certificate_ = None
 
     def _wants_exact(self) -> bool:
@@ -183,11 +217,15 @@ class CascadeBuilder:
         need = self.target.min_accuracy(self.reference_outcome_.accuracy)
         greedy_thresholds = {}
         for c in self.candidates_:
+            if c.cascade.decode_at != self.cascade_.decode_at:
+                continue
             for s in c.cascade.stages[:-1]:
                 greedy_thresholds.setdefault(s.resolution, []).append(s.threshold)
+        at = self.cascade_.decode_at  # searched within the chosen decode plan
         t0 = time.perf_counter()
-        ex, nodes, cut = exact_search(self._views, costs, self.resolutions_, int(math.ceil(need * calib.n - 1e-9)),
-                                      extra_thresholds=greedy_thresholds)
+        ex, nodes, cut = exact_search(self._views, costs, [r for r in self.resolutions_ if at is None or r <= at],
+                                      int(math.ceil(need * calib.n - 1e-9)), extra_thresholds=greedy_thresholds,
+                                      decode_at=at)
         if ex is None:
             return None
         ex_out = simulate(ex, self._views, costs)

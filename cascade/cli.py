@@ -341,7 +341,8 @@ def cmd_build(args) -> None:
               guarantee=args.guarantee, measure=args.confidence, temperature=not args.no_temperature,
               combine=args.combine, batch_aware=args.batch_aware, exact=args.exact, reference=args.reference,
               resolutions=args.resolutions, out=args.out, seed=args.seed,
-              source_size=None if args.decoded_inputs else (args.source_size or "auto"), refine=args.refine)
+              source_size=None if args.decoded_inputs else (args.source_size or "auto"), refine=args.refine,
+              decode_plan=args.decode_plan)
 
 
 def add_build_parser(sub) -> None:
@@ -364,6 +365,9 @@ def add_build_parser(sub) -> None:
                         "--decode-sizes); the costs include it (default: the profile's source size)")
     g.add_argument("--decoded-inputs", action="store_true",
                    help="count no decode: the service is given decoded images")
+    s.add_argument("--decode-plan", default="auto", choices=["auto", "stage"],
+                   help="auto: where the costs count the decode, also weigh decoding each JPEG once at a larger "
+                        "stage's scale against decoding it at each stage's own; stage: per stage only (default: auto)")
     s.add_argument("--target", type=_target, help="'best' (>= the reference's calib accuracy; the default) or an accuracy: 0.712 "
                                     "or 71.2%%")
     s.add_argument("--max-drop", type=_nonnegative, help="accuracy points the cascade may lose against the reference")

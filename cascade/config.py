@@ -20,7 +20,7 @@ from .confidence import exit_problem
 from .optimizer import Cascade, Stage, paired_difference
 from .predictions import Predictions
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: the "decode" plan; a config without one (the per-stage plan) is written as version 1
 REQUIRED = ("family", "profile", "confidence", "stages", "reference", "expected")
 
 
@@ -45,8 +45,8 @@ class CascadeConfig:
         if path.is_dir():
             path = path / "cascade.json"
         family = self.family_dir
-        doc = {**self.doc, "family": {**self.doc["family"],
-                                      "path": os.path.relpath(family.resolve(), path.parent.resolve())}}
+        doc = versioned({**self.doc, "family": {**self.doc["family"],
+                                                "path": os.path.relpath(family.resolve(), path.parent.resolve())}})
         validate(doc, path)
         write_config(path, doc)
         self.doc, self.path = doc, path
@@ -95,6 +95,7 @@ class CascadeConfig:
                                                      "calib" if b.guarantee is None else "the select part of calib"),
                            "combine": b.combine_},
             "stages": stages_json(cascade),
+            **decode_json(cascade),
             "reference": {"resolution": b.reference_, "accuracy_calib": ref_out.accuracy,
                           "accuracy_test": ref_test.accuracy, "cost_ms": ref_out.mean_cost},
             "target": {"kind": b.target.kind, "value": b.target.value, "description": b.target.describe()},
@@ -104,7 +105,11 @@ class CascadeConfig:
                           "candidates": len(b.candidates_),
                           "pareto_front": [{"cascade": c.cascade.describe(), "accuracy": c.outcome.accuracy,
                                             "cost_ms": c.outcome.mean_cost} for c in b.front_],
-                          "exact": b.exact_, "seconds": None},
+                          "exact": b.exact_, "seconds": None,
+                          "decode_plans": [{"plan": "per stage" if at is None else f"once at r{at}",
+                                            **({"cascade": c.cascade.describe(), "calib_accuracy": c.outcome.accuracy,
+                                                "calib_cost_ms": c.outcome.mean_cost} if c else {"cascade": None})}
+                                           for at, c in b.plan_choices_.items()]},
             "single_model_wins": len(cascade.stages) == 1,
             "warnings": list(warnings),
         }
@@ -115,7 +120,8 @@ class CascadeConfig:
     @property
     def cascade(self) -> Cascade:
         return Cascade([Stage(int(s["resolution"]), -math.inf if s.get("threshold") is None else float(s["threshold"]))
-                        for s in self.doc["stages"]], method=self.doc.get("optimizer", {}).get("method", "greedy"))
+                        for s in self.doc["stages"]], method=self.doc.get("optimizer", {}).get("method", "greedy"),
+                       decode_at=self.doc.get("decode", {}).get("resolution"))
 
     @property
     def measure(self) -> str:
@@ -148,8 +154,22 @@ def stages_json(cascade: Cascade) -> list[dict]:
             for s in cascade.stages]
 
 
+def decode_json(cascade: Cascade) -> dict:
+    """cascade.json's "decode" plan for encoded inputs: {"plan": "once", "resolution": R} for a cascade decoded
+    once at R's scale; nothing for the per-stage plan (each stage at its own scale, what version-1 readers do)."""
+    return {} if cascade.decode_at is None else {"decode": {"plan": "once", "resolution": cascade.decode_at}}
+
+
+def versioned(doc: dict) -> dict:
+    """The doc with the schema_version it is written at: 1 unless it needs version 2's "decode" plan, so that a
+    reader that would ignore the plan refuses the file instead (a loaded doc's own version is replaced)."""
+    body = {k: v for k, v in doc.items() if k != "schema_version"}
+    return {"schema_version": SCHEMA_VERSION if "decode" in body else 1, **body}
+
+
 def write_config(path, doc: dict) -> None:
-    write_json(path, {"schema_version": SCHEMA_VERSION, **doc})
+    """Write atomically, versioned (`versioned`)."""
+    write_json(path, versioned(doc))
 
 
 def _check(ok: bool, path, what: str) -> None:
@@ -180,6 +200,14 @@ def validate(doc: dict, path) -> None:
            f"profile.batch_size must be 1..{MAX_BATCH}")
     problem = exit_problem(doc, resolutions, fam["num_classes"])
     _check(problem is None, path, problem)
+    if "decode" in doc:
+        plan = doc["decode"]
+        _check(doc.get("schema_version", SCHEMA_VERSION) >= 2, path,
+               "a decode plan needs schema_version 2 (a version-1 reader would decode per stage)")
+        _check(isinstance(plan, dict) and plan.get("plan") == "once" and _is_int(plan.get("resolution")) and
+               plan["resolution"] in resolutions and all(s["resolution"] <= plan["resolution"] for s in doc["stages"]),
+               path, 'decode must be {"plan": "once", "resolution": R}, R one of family.resolutions and no stage '
+                     'above it')
 
 
 def read_config(path) -> CascadeConfig:

@@ -13,7 +13,9 @@ underestimated a stage run on 4 of 32 images by 2x). Profile the batch sizes you
 
 With decode costs (a profile's decode rows for one source size), a cascade served encoded images also pays the
 JPEG decode: the first stage decodes at its scale, a later stage again only where it needs a larger DCT scale
-than the stage before it (the runtime keeps the last decode). A single model pays its own decode.
+than the stage before it (the runtime keeps the last decode). A single model pays its own decode. A cascade
+decoded once (`Cascade.decode_at` R) pays R's decode at its first stage and none later, and each stage's
+preprocessing from that larger decode (the profile's decode rows with decoded_for R).
 """
 from __future__ import annotations
 
@@ -48,6 +50,8 @@ class CostModel:
     source_size: tuple[int, int] | None = None  # (width, height) of the JPEGs the decode costs are for
     # resolution -> per-image ms the preprocessing from source_size's decode costs more than from the profiled one
     preprocess_delta: dict[int, float] = field(default_factory=dict)
+    # (r, R) -> the same for r's preprocessing from the decode at R's scale (R > r: a cascade decoded once at R)
+    preprocess_delta_at: dict[tuple[int, int], float] = field(default_factory=dict)
 
     @classmethod
     def from_profile(cls, df: pd.DataFrame, resolutions=None, backend: str | None = None, precision: str | None = None,
@@ -139,17 +143,29 @@ class CostModel:
             raise RescascadeError(f"{where} has no decode rows for {source_size[0]}x{source_size[1]} (it has "
                                   f"{', '.join(f'{w}x{h}' for w, h in sizes)}); profile it with `rescascade profile "
                                   f"RUN_DIR --decode-sizes {source_size[0]}x{source_size[1]}` or pick one of those")
+        if "decoded_for" not in sel.columns:  # profiles from before the column timed each stage's own decode only
+            sel = sel.assign(decoded_for=sel.resolution)
+        own, at = sel[sel.decoded_for == sel.resolution], sel[sel.decoded_for > sel.resolution]
+        base = decode[(decode.source_width == (default_size or [0])[0]) &
+                      (decode.source_height == (default_size or [0, 0])[1])]
+        base = base[base.decoded_for == base.resolution] if "decoded_for" in base.columns else base
+        sel = own
+        for row in at.itertuples() if "preprocess_ms" in at.columns else ():
+            r, R = int(row.resolution), int(row.decoded_for)
+            ref = base[base.resolution == r]
+            if r in self.table and R in self.table and len(ref) and np.isfinite([row.preprocess_ms,
+                                                                                 ref.preprocess_ms.iloc[-1]]).all():
+                self.preprocess_delta_at[r, R] = float(row.preprocess_ms - ref.preprocess_ms.iloc[-1])
         for r in self.table:
             row = sel[sel.resolution == r]
             if row.empty:
                 raise RescascadeError(f"{where} has no decode row for resolution {r} at {source_size[0]}x"
                                       f"{source_size[1]}; re-run `rescascade profile` with every resolution")
             self.decode_ms[r], self.decode_scale[r] = float(row.median_ms.iloc[-1]), int(row.scale.iloc[-1])
-            base = decode[(decode.source_width == (default_size or [0])[0]) &
-                          (decode.source_height == (default_size or [0, 0])[1]) & (decode.resolution == r)]
-            if "preprocess_ms" in decode.columns and len(base) and np.isfinite(
-                    [row.preprocess_ms.iloc[-1], base.preprocess_ms.iloc[-1]]).all():
-                self.preprocess_delta[r] = float(row.preprocess_ms.iloc[-1] - base.preprocess_ms.iloc[-1])
+            ref = base[base.resolution == r]
+            if "preprocess_ms" in decode.columns and len(ref) and np.isfinite(
+                    [row.preprocess_ms.iloc[-1], ref.preprocess_ms.iloc[-1]]).all():
+                self.preprocess_delta[r] = float(row.preprocess_ms.iloc[-1] - ref.preprocess_ms.iloc[-1])
         self.source_size = source_size
 
     def per_image(self, resolution: int, batch: float | None = None) -> float:
@@ -162,29 +178,60 @@ class CostModel:
         does not do."""
         return _interpolate(self.once, self.batch_size) if self.once else 0.0
 
-    def decode_cost(self, resolution: int, prev: int | None = None) -> float:
+    def decode_plans(self) -> list[int]:
+        """The resolutions R at which these costs price a cascade decoded once (`Cascade.decode_at`): the decode
+        is counted and the profile timed every lower stage's preprocessing from R's decode."""
+        if not self.decode_ms:
+            return []
+        return [R for R in sorted(self.table)[1:]
+                if all((r, R) in self.preprocess_delta_at for r in self.table if r < R)]
+
+    def _check_plan(self, resolution: int, decode_at: int) -> float:
+        """The preprocessing delta of `resolution` in a cascade decoded once at `decode_at`'s scale; RescascadeError
+        where these costs do not price that plan (see decode_plans)."""
+        if decode_at not in self.decode_plans() or resolution not in self.table or resolution > decode_at:
+            raise RescascadeError(f"these costs do not price r{resolution} decoded once at r{decode_at!r}'s scale "
+                                  f"(they price decoding once at {self.decode_plans() or 'no resolution'}, each stage "
+                                  "at or below it); profile with --decode-sizes to time it, or decode per stage")
+        return self.preprocess_delta_at.get((resolution, decode_at), self.preprocess_delta.get(resolution, 0.0))
+
+    def decode_cost(self, resolution: int, prev: int | None = None, decode_at: int | None = None) -> float:
         """Per-image ms a stage at `resolution` pays to decode, after a stage at `prev` (None: it comes first):
-        nothing where decode is not counted or prev's decode already has its scale."""
-        if not self.decode_ms or (prev is not None and self.decode_scale[prev] == self.decode_scale[resolution]):
+        nothing where decode is not counted or prev's decode already has its scale; decoded once (decode_at R):
+        R's decode at the first stage, nothing later."""
+        if not self.decode_ms:
+            return 0.0
+        if decode_at is not None:
+            self._check_plan(resolution, decode_at)
+            return self.decode_ms[decode_at] if prev is None else 0.0
+        if prev is not None and self.decode_scale[prev] == self.decode_scale[resolution]:
             return 0.0
         return self.decode_ms[resolution]
 
-    def stage_cost(self, resolution: int, prev: int | None = None, batch: float | None = None) -> float:
+    def stage_cost(self, resolution: int, prev: int | None = None, batch: float | None = None,
+                   decode_at: int | None = None) -> float:
         """Per-image ms of a stage at `resolution` run on `batch` images (default: the serving batch size) right
-        after a stage at `prev` (None: first): inference, preprocessing, decision and any decode."""
-        work = self.per_image(resolution, batch) + self.preprocess_delta.get(resolution, 0.0)
-        return max(work, 0.0) + self.decode_cost(resolution, prev)
+        after a stage at `prev` (None: first), in a cascade decoded per `decode_at` (`Cascade.decode_at`):
+        inference, preprocessing, decision and any decode."""
+        if decode_at is not None and self.decode_ms:
+            delta = self._check_plan(resolution, decode_at)
+        else:
+            delta = self.preprocess_delta.get(resolution, 0.0)
+        work = self.per_image(resolution, batch) + delta
+        return max(work, 0.0) + self.decode_cost(resolution, prev, decode_at)
 
     def unit_costs(self) -> dict[int, float]:
         """Per-image cost of each resolution at the serving batch size, as a first stage (its decode included)."""
         return {r: self.stage_cost(r) for r in self.table}
 
-    def expected(self, resolutions: list[int], reach: list[float]) -> float:
-        """Expected per-image ms of a cascade whose stage k runs on a fraction reach[k] of the inputs."""
+    def expected(self, resolutions: list[int], reach: list[float], decode_at: int | None = None) -> float:
+        """Expected per-image ms of a cascade whose stage k runs on a fraction reach[k] of the inputs, decoded per
+        `decode_at` (`Cascade.decode_at`)."""
         total, prev = self.once_per_image(), None
         for r, frac in zip(resolutions, reach):
             if frac > 0:
-                total += frac * self.stage_cost(r, prev, max(1.0, frac * self.batch_size) if self.batch_aware else None)
+                total += frac * self.stage_cost(r, prev, max(1.0, frac * self.batch_size) if self.batch_aware else None,
+                                                decode_at)
             prev = r
         return total
 
@@ -198,12 +245,15 @@ class CostModel:
                              "per_image_ms": {str(r): self.decode_ms[r] for r in sorted(self.table)},
                              "scale": {str(r): self.decode_scale[r] for r in sorted(self.table)},
                              "preprocess_delta_ms": {str(r): self.preprocess_delta.get(r, 0.0)
-                                                     for r in sorted(self.table)}}
+                                                     for r in sorted(self.table)},
+                             "preprocess_delta_ms_decoded_at": {f"{r}@{R}": v for (r, R), v in
+                                                                sorted(self.preprocess_delta_at.items())}}
         return out
 
     def without_decode(self) -> "CostModel":
         """The same costs for decoded inputs (no decode counted)."""
-        return replace(self, decode_ms={}, decode_scale={}, source_size=None, preprocess_delta={})
+        return replace(self, decode_ms={}, decode_scale={}, source_size=None, preprocess_delta={},
+                       preprocess_delta_at={})
 
 
 def _interpolate(rows: dict[int, float], b: float) -> float:

@@ -43,7 +43,7 @@ from .exits import Answers, CascadeResult, StageTiming, decode_stage, exit_step,
 from .monitor import ExitCounts
 
 BUNDLE_FORMAT = "rescascade-bundle"
-BUNDLE_SCHEMA = 1
+BUNDLE_SCHEMA = 2  # 2: the cascade's "decode" plan; a bundle without one is written as version 1
 RESIZE = "torch-uint8-antialias-bilinear"  # the only resize this runtime implements (preprocess_np)
 # The modules this file imports, directly or not: `export` copies them into the bundle. tests/test_deploy.py runs
 # the copy where torch cannot be imported, so a module missing here fails there.
@@ -66,6 +66,14 @@ def _bundle_problem(doc: dict) -> str | None:
     problem = exit_problem(doc, {int(r) for r in models}, len(names))
     if problem:
         return problem
+    if "decode" in doc:
+        plan = doc["decode"]
+        if doc.get("schema_version", BUNDLE_SCHEMA) < 2:
+            return "a decode plan needs schema_version 2 (a version-1 reader would decode per stage)"
+        if not (isinstance(plan, dict) and plan.get("plan") == "once" and isinstance(plan.get("resolution"), int)
+                and str(plan["resolution"]) in models and
+                all(s["resolution"] <= plan["resolution"] for s in doc["stages"])):
+            return 'decode must be {"plan": "once", "resolution": R}, R one of the models and no stage above it'
     if not isinstance(prep, dict) or prep.get("resize") != RESIZE:
         return f"preprocessing.resize must be {RESIZE}, the one this runtime implements"
     crop, mean, std = prep.get("crop_fraction"), prep.get("mean"), prep.get("std")
@@ -117,6 +125,12 @@ class Bundle:
     @property
     def reference(self) -> int:
         return int(self.doc["reference"]["resolution"])
+
+    @property
+    def decode_at(self) -> int | None:
+        """The resolution whose JPEG scale every stage decodes at (the cascade is decoded once), or None (each
+        stage at its own scale)."""
+        return int(self.doc["decode"]["resolution"]) if "decode" in self.doc else None
 
     def model_path(self, resolution: int) -> Path:
         return self.dir / self.doc["models"][str(resolution)]["file"]
@@ -184,6 +198,7 @@ class BundleRunner:
         self.crop_fraction, self.decode_scale = prep["crop_fraction"], prep["decode_scale"]
         self.mean, self.std = prep["mean"], prep["std"]
         self.stages = [(self.bundle.reference, -math.inf)] if reference else self.bundle.stages
+        self.decode_at = None if reference else self.bundle.decode_at
         self.temperatures = {int(r): float(t) for r, t in doc["confidence"].get("temperatures", {}).items()}
         self.measure, self.combined = doc["confidence"]["measure"], bool(doc["confidence"].get("combine", False))
         self.class_names = list(doc["class_names"])
@@ -273,7 +288,7 @@ class BundleRunner:
             if len(active) == 0:
                 break
             t0 = time.perf_counter()
-            side = stage_min_side(r, self.crop_fraction, self.decode_scale)
+            side = stage_min_side(self.decode_at or r, self.crop_fraction, self.decode_scale)
             kept, t.decoded = decode_stage(items, pixels, active, side, errors, tensors=False)
             if len(kept) < len(active):  # rows whose data failed to decode: drop them, and their history
                 still = np.isin(active, kept)

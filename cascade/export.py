@@ -30,7 +30,7 @@ from rescascade.training.fileio import sha256_file, write_json, write_text
 from rescascade.training.preprocess_np import CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, MAX_ASPECT
 from rescascade.training.store import weights_id
 
-from .config import CascadeConfig, read_config
+from .config import CascadeConfig, decode_json, read_config
 from .deploy import BUNDLE_FORMAT, BUNDLE_SCHEMA, RESIZE, RUNTIME_MODULES, Bundle
 from .runtime import open_family
 
@@ -73,13 +73,13 @@ def export_bundle(config, out, precision: str = "fp32", log=print) -> Path:
         _copy_runtime(tmp)
         prep = doc.get("preprocessing", {})
         bundle = {
-            "format": BUNDLE_FORMAT, "schema_version": BUNDLE_SCHEMA,
+            "format": BUNDLE_FORMAT, "schema_version": BUNDLE_SCHEMA if "decode" in config.doc else 1,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "source": {"cascade_json": str(config.path), "cascade_json_sha256": sha256_file(config.path)
                        if config.path else None, "weights_sha256": wid,
                        "family_json_sha256": config.doc["family"]["family_json_sha256"]},
             "models": models,
-            "stages": config.doc["stages"], "reference": config.doc["reference"],
+            "stages": config.doc["stages"], **decode_json(config.cascade), "reference": config.doc["reference"],
             "confidence": config.doc["confidence"], "expected": config.doc["expected"],
             "profile": {k: config.doc["profile"].get(k) for k in ("backend", "precision", "batch_size", "device")},
             "preprocessing": {"resize": RESIZE, "crop_fraction": prep.get("crop_fraction", CROP_FRACTION),

@@ -39,18 +39,21 @@ class Cascade:
     stages: list[Stage]
     tolerance: float | None = None  # the greedy tolerance that produced it (None: exact / single model)
     method: str = "greedy"
+    # the decode plan for encoded inputs: None, each stage decodes a JPEG at its own DCT scale; a resolution R,
+    # every stage uses one decode at the scale R's stage needs (decoded once, at the cascade's first stage)
+    decode_at: int | None = None
 
     @property
     def resolutions(self) -> list[int]:
         return [s.resolution for s in self.stages]
 
     def key(self) -> tuple:
-        return tuple((s.resolution, round(s.threshold, 9)) for s in self.stages)
+        return tuple((s.resolution, round(s.threshold, 9)) for s in self.stages) + (self.decode_at,)
 
     def describe(self) -> str:
         parts = [f"r{s.resolution}" + (f"@{s.threshold:.4g}" if math.isfinite(s.threshold) else "")
                  for s in self.stages]
-        return " -> ".join(parts)
+        return " -> ".join(parts) + (f" (decoded once at r{self.decode_at}'s scale)" if self.decode_at else "")
 
 
 @dataclass
@@ -59,6 +62,8 @@ class StageViews:
 
     measure: max_prob | margin | entropy; temperatures: per resolution; combined: the free ensemble, where a
     stage's output is the mean log-probability of every stage run so far (so it depends on the prefix).
+    at: a cascade's decode_at (None: each stage's own decode; R: the logits of every stage decoded at R's scale,
+    `Predictions.column(r, at)`).
     """
     preds: Predictions
     measure: str = "max_prob"
@@ -69,29 +74,27 @@ class StageViews:
         self._cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
         self._logp: dict[int, np.ndarray] = {}
 
-    def logp(self, r: int) -> np.ndarray:
-        if r not in self._logp:
-            self._logp[r] = log_probs(self.preds.column(r), self.temperatures.get(r, 1.0))
-        return self._logp[r]
+    def logp(self, r: int, at: int | None = None) -> np.ndarray:
+        key = (r, self.preds.decode_key(r, at))
+        if key not in self._logp:
+            self._logp[key] = log_probs(self.preds.column(r, at), self.temperatures.get(r, 1.0))
+        return self._logp[key]
 
-    def view(self, prefix: tuple[int, ...], r: int) -> tuple[np.ndarray, np.ndarray]:
-        """(confidence [N] float64, correct [N] bool) of stage r after the stages in prefix."""
-        key = (tuple(prefix) if self.combined else (), r)
+    def view(self, prefix: tuple[int, ...], r: int, at: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(confidence [N] float64, correct [N] bool) of stage r after the stages in prefix, decoded per `at`."""
+        key = (tuple(prefix) if self.combined else (), r, self.preds.decode_key(r, at))
         if key not in self._cache:
             if self.combined and prefix:
-                lp = combine([self.logp(p) for p in prefix] + [self.logp(r)])
+                lp = combine([self.logp(p, at) for p in prefix] + [self.logp(r, at)])
             else:
-                lp = self.logp(r)
+                lp = self.logp(r, at)
             conf = confidence(lp, self.measure).astype(np.float64)
             correct = lp.argmax(-1) == self.preds.labels
             if not self.combined:  # the full log-probs are no longer needed
-                self._logp.pop(r, None)
+                self._logp.pop((r, self.preds.decode_key(r, at)), None)
             self._cache[key] = (conf, correct)
         return self._cache[key]
 
-    def predictions(self, prefix: tuple[int, ...], r: int) -> np.ndarray:
-        lp = combine([self.logp(p) for p in prefix] + [self.logp(r)]) if self.combined and prefix else self.logp(r)
-        return lp.argmax(-1)
 
 
 @dataclass
@@ -131,7 +134,7 @@ def simulate(cascade: Cascade, views: StageViews, costs: CostModel) -> Outcome:
     reach, exits, prefix = [], [], ()
     for k, stage in enumerate(cascade.stages):
         reach.append(remaining.mean())
-        conf, corr = views.view(prefix, stage.resolution)
+        conf, corr = views.view(prefix, stage.resolution, cascade.decode_at)
         last = k == len(cascade.stages) - 1
         out = remaining if last else remaining & (conf >= stage.threshold)
         exit_stage[out] = k
@@ -139,7 +142,8 @@ def simulate(cascade: Cascade, views: StageViews, costs: CostModel) -> Outcome:
         exits.append(out.mean())
         remaining &= ~out
         prefix = prefix + (stage.resolution,)
-    return Outcome(float(correct.mean()), int(correct.sum()), n, costs.expected(cascade.resolutions, reach),
+    return Outcome(float(correct.mean()), int(correct.sum()), n,
+                   costs.expected(cascade.resolutions, reach, cascade.decode_at),
                    [float(e) for e in exits], [float(r) for r in reach], exit_stage, correct)
 
 
@@ -151,10 +155,12 @@ def reference_resolution(views: StageViews, resolutions) -> int:
 
 
 def greedy(views: StageViews, costs: CostModel, reference: int, candidates, tolerance: float = 0.0,
-           quantiles: int = 100, min_exit: int = 1) -> Cascade:
-    """Streeter-style greedy; the reference closes the cascade."""
+           quantiles: int = 100, min_exit: int = 1, decode_at: int | None = None) -> Cascade:
+    """Streeter-style greedy; the reference closes the cascade. decode_at: the decode plan (`Cascade.decode_at`)
+    the cascade is chosen, priced and returned with."""
     n = views.preds.n
-    _, ref_correct = views.view((), reference)
+    at = decode_at
+    _, ref_correct = views.view((), reference, at)
     remaining = np.ones(n, dtype=bool)
     stages, prefix = [], ()
     pool = [r for r in candidates if r != reference]
@@ -165,7 +171,7 @@ def greedy(views: StageViews, costs: CostModel, reference: int, candidates, tole
             break
         best = None  # (ratio, r, threshold, k)
         for r in pool:
-            conf, corr = views.view(prefix, r)
+            conf, corr = views.view(prefix, r, at)
             c = conf[idx]
             order = np.argsort(-c, kind="stable")
             cs = c[order]
@@ -180,9 +186,10 @@ def greedy(views: StageViews, costs: CostModel, reference: int, candidates, tole
             # it must lower the expected cost: exits saved at the reference outweigh running r on all remaining
             # the added cost of r before the reference: its own, less the decode the reference then no longer pays
             prev = prefix[-1] if prefix else None
-            cost_r = max(1e-12, costs.stage_cost(r, prev) - costs.stage_cost(reference, prev)
-                         + costs.stage_cost(reference, r))
-            ok &= ks * costs.stage_cost(reference, r) > m * cost_r
+            ref_after_r = costs.stage_cost(reference, r, decode_at=at)
+            cost_r = max(1e-12, costs.stage_cost(r, prev, decode_at=at)
+                         - costs.stage_cost(reference, prev, decode_at=at) + ref_after_r)
+            ok &= ks * ref_after_r > m * cost_r
             if not ok.any():
                 continue
             ratio = np.where(ok, ks / (m * cost_r), -np.inf)
@@ -192,13 +199,13 @@ def greedy(views: StageViews, costs: CostModel, reference: int, candidates, tole
         if best is None:
             break
         _, r, t, _ = best
-        conf, _ = views.view(prefix, r)
+        conf, _ = views.view(prefix, r, at)
         remaining &= ~(conf >= t)
         stages.append(Stage(r, t))
         prefix = prefix + (r,)
         pool = [q for q in pool if q > r]  # stages run in increasing resolution, as the exact search's chains
     stages.append(Stage(reference, -math.inf))
-    return Cascade(stages, tolerance=tolerance, method="greedy")
+    return Cascade(stages, tolerance=tolerance, method="greedy", decode_at=at)
 
 
 # ---- exact search --------------------------------------------------------------------------------------
@@ -213,23 +220,25 @@ def _count(packed: np.ndarray) -> int:
 
 def exact_search(views: StageViews, costs: CostModel, resolutions, min_correct: int, grid: int = 16,
                  extra_thresholds: dict[int, list[float]] | None = None,
-                 max_nodes: int = 5_000_000) -> tuple[Cascade | None, int, bool]:
+                 max_nodes: int = 5_000_000, decode_at: int | None = None) -> tuple[Cascade | None, int, bool]:
     """Cheapest cascade over increasing chains x threshold grid with at least min_correct correct answers.
 
     The grid per resolution is `grid` confidence quantiles plus `extra_thresholds` (pass the greedy's, so the
     greedy's own cascade is in the search space and the reported gap is >= 0). Branch and bound on expected
     cost (costs are non-negative, so a partial chain already costlier than the best is cut). Returns
-    (cascade or None if no chain meets the constraint, nodes visited, whether max_nodes cut the search)."""
+    (cascade or None if no chain meets the constraint, nodes visited, whether max_nodes cut the search).
+    decode_at: the decode plan searched within (`Cascade.decode_at`)."""
     resolutions = sorted(resolutions)
     n = views.preds.n
     def cost_of(r: int, frac: float, prev: int | None) -> float:
-        return frac * costs.stage_cost(r, prev, max(1.0, frac * costs.batch_size) if costs.batch_aware else None)
+        return frac * costs.stage_cost(r, prev, max(1.0, frac * costs.batch_size) if costs.batch_aware else None,
+                                       decode_at)
     packs: dict[tuple, tuple] = {}
 
     def stage_bits(prefix: tuple, r: int):
         key = (prefix if views.combined else (), r)
         if key not in packs:
-            conf, corr = views.view(prefix, r)
+            conf, corr = views.view(prefix, r, decode_at)
             ts = np.quantile(conf, np.linspace(0, 1, grid + 1)[1:-1])
             ts = np.unique(np.concatenate([ts, (extra_thresholds or {}).get(r, [])]))
             packs[key] = (ts, [_pack(conf >= t) for t in ts], _pack(corr))
@@ -268,7 +277,7 @@ def exact_search(views: StageViews, costs: CostModel, resolutions, min_correct: 
     cut = nodes > max_nodes
     if best["stages"] is None:
         return None, nodes, cut
-    return Cascade(best["stages"], method="exact"), nodes, cut
+    return Cascade(best["stages"], method="exact", decode_at=decode_at), nodes, cut
 
 
 # ---- sweeps and selection ------------------------------------------------------------------------------
@@ -280,17 +289,22 @@ class Candidate:
 
 
 def tolerance_sweep(views: StageViews, costs: CostModel, resolutions, finishers=None,
-                    tolerances=DEFAULT_TOLERANCES, quantiles: int = 100) -> list[Candidate]:
-    """Greedy cascades over tolerances x finishing models, plus every single model: the raw Pareto cloud."""
+                    tolerances=DEFAULT_TOLERANCES, quantiles: int = 100,
+                    decode_at: int | None = None) -> list[Candidate]:
+    """Greedy cascades over tolerances x finishing models, plus every single model: the raw Pareto cloud.
+    decode_at: a decode plan (`Cascade.decode_at`): the cascades of that plan, without the single models (a single
+    model decodes at its own scale)."""
     finishers = list(finishers or resolutions)
     seen, out = set(), []
-    for r in resolutions:  # single models
+    for r in resolutions if decode_at is None else ():  # single models
         c = Cascade([Stage(r, -math.inf)], tolerance=None, method="single")
         out.append(Candidate(c, simulate(c, views, costs), r))
         seen.add(c.key())
     for f in finishers:
         for tol in tolerances:
-            c = greedy(views, costs, f, resolutions, tol, quantiles)
+            c = greedy(views, costs, f, resolutions, tol, quantiles, decode_at=decode_at)
+            if len(c.stages) == 1 and decode_at is not None:  # a single model: the per-stage plan's
+                continue
             if c.key() in seen:
                 continue
             seen.add(c.key())

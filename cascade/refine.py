@@ -50,11 +50,12 @@ def calibration_inputs(config, calib, n: int, encoded: bool, log) -> tuple[list,
 def measure_cascades(runner, cascades: list[Cascade], inputs: list, batch_size: int, repeats: int) -> list[dict]:
     """Run each cascade on `inputs` with `runner` (a CascadeRunner; `runner.use` switches cascades), batch by batch
     in rotating order, `repeats` passes after one warm-up pass. -> per cascade: ms_per_image (the sum over batches
-    of each batch's median wall time, / N) and, summed over the passes, per resolution the rows, decoded rows and
-    seconds of decode and of the rest of the stage, and the wall seconds outside every stage."""
+    of each batch's median wall time, / N) and, summed over the passes, per resolution the rows and seconds of the
+    stage's work ("stages"), per resolution whose scale was decoded at the decoded rows and seconds ("decode"),
+    and the wall seconds outside every stage."""
     batches = [inputs[s:s + batch_size] for s in range(0, len(inputs), batch_size)]
     wall = np.zeros((len(cascades), len(batches), repeats))
-    stats = [{"stages": {}, "outside_s": 0.0, "images": 0} for _ in cascades]
+    stats = [{"stages": {}, "decode": {}, "outside_s": 0.0, "images": 0} for _ in cascades]
     for rep in range(-1, repeats):  # -1: the warm-up pass, untimed
         for j, batch in enumerate(progress(batches, desc=f"refine pass {rep + 2}/{repeats + 1}", unit="batch")):
             for k in np.roll(np.arange(len(cascades)), j + rep):
@@ -65,11 +66,13 @@ def measure_cascades(runner, cascades: list[Cascade], inputs: list, batch_size: 
                 wall[k, j, rep] = res.wall_s
                 inside = 0.0
                 for t in res.stage_timings:
-                    s = stats[k]["stages"].setdefault(t.resolution, {"rows": 0, "decoded": 0, "decode_s": 0.0,
-                                                                     "work_s": 0.0, "calls": []})
+                    s = stats[k]["stages"].setdefault(t.resolution, {"rows": 0, "work_s": 0.0, "calls": []})
+                    # a decode belongs to the scale it decodes at: a cascade decoded once decodes at decode_at's
+                    d = stats[k]["decode"].setdefault(cascades[k].decode_at or t.resolution,
+                                                      {"decoded": 0, "decode_s": 0.0})
                     s["rows"] += t.rows
-                    s["decoded"] += t.decoded
-                    s["decode_s"] += t.decode_s
+                    d["decoded"] += t.decoded
+                    d["decode_s"] += t.decode_s
                     s["work_s"] += t.preprocess_s + t.inference_s + t.decide_s
                     if t.rows:  # (rows, batch, seconds) of each call: the cost model prices calls by their rows
                         s["calls"].append((t.rows, len(batch), t.preprocess_s + t.inference_s + t.decide_s))
@@ -91,8 +94,9 @@ def refined_costs(costs: CostModel, runs: list[dict], decode: bool = True) -> Co
     for run in runs:
         for r, s in run["stages"].items():
             calls.setdefault(r, []).extend(s.get("calls") or [(s["rows"], s["rows"], s["work_s"])])
-            dec_s[r] = dec_s.get(r, 0.0) + s["decode_s"]
-            decoded[r] = decoded.get(r, 0) + s["decoded"]
+        for r, d in run["decode"].items():
+            dec_s[r] = dec_s.get(r, 0.0) + d["decode_s"]
+            decoded[r] = decoded.get(r, 0) + d["decoded"]
     factor = {}
     for r, cs in calls.items():
         if r not in costs.table:

@@ -80,7 +80,8 @@ class CascadeRunner:
     8 bits, first frame of an animation, at most max_image_pixels pixels, checked from the header before
     decoding), each stage at the scale the family's predictions used (family.json's preprocessing.decode_scale:
     "stage" decodes a JPEG at the smallest DCT scale that covers that stage's resize, again for the rows that go
-    on only where the next stage needs a larger scale; "full" once in full). Give encoded images to get the
+    on only where the next stage needs a larger scale, or, for a cascade decoded once (cascade.json's "decode"),
+    every stage from one decode at that resolution's scale; "full" once in full). Give encoded images to get the
     pixels, and the cost, the cascade was built for; decoded ones skip the decode. An input that fails (missing,
     not an image, damaged, too large, empty) gets an error of its own in the result; the others are answered.
     The result holds class indices and, as `names`, the class names.
@@ -151,7 +152,8 @@ class CascadeRunner:
         h, w = source_size or (side, side)
         jpeg = io.BytesIO()
         Image.new("RGB", (w, h), (128, 128, 128)).save(jpeg, "JPEG")
-        every = Cascade([Stage(s.resolution, math.inf) for s in self.cascade.stages])  # no row exits early
+        every = Cascade([Stage(s.resolution, math.inf) for s in self.cascade.stages],  # no row exits early
+                        decode_at=self.cascade.decode_at)
         with torch_threads(next(iter(self.engines.values())).preprocess_threads):
             self._run([jpeg.getvalue()] * max(1, batch_size), every)  # not counted; requests meanwhile unaffected
 
@@ -219,7 +221,7 @@ class CascadeRunner:
             if len(active) == 0:
                 break
             t0 = time.perf_counter()
-            side = stage_min_side(stage.resolution, self.crop_fraction, self.decode_scale)
+            side = stage_min_side(cascade.decode_at or stage.resolution, self.crop_fraction, self.decode_scale)
             kept, t.decoded = decode_stage(items, pixels, active, side, errors, tensors=True)
             if len(kept) < len(active):  # rows whose data failed to decode: drop them, and their history
                 still = np.isin(active, kept)

@@ -23,9 +23,9 @@ from rescascade.training.preprocess import preprocess, stage_min_side
 
 from .measure import Protocol, cpu_timer, run_protocol, summarize
 
-DECODE_COLUMNS = ["source_width", "source_height", "resolution", "decode_scale", "scale", "decoded_width",
-                  "decoded_height", "jpeg_bytes", "bits_per_pixel", "median_ms", "p90_ms", "p99_ms", "cv", "n_iters",
-                  "preprocess_ms", "decoder", "smoke", "measured_at"]
+DECODE_COLUMNS = ["source_width", "source_height", "resolution", "decoded_for", "decode_scale", "scale",
+                  "decoded_width", "decoded_height", "jpeg_bytes", "bits_per_pixel", "median_ms", "p90_ms", "p99_ms",
+                  "cv", "n_iters", "preprocess_ms", "decoder", "smoke", "measured_at"]
 JPEG_QUALITY = 90
 
 
@@ -53,8 +53,10 @@ def time_decode(sizes: list[tuple[int, int]], resolutions: list[int], crop_fract
                 protocol: Protocol, log=print) -> pd.DataFrame:
     """Time `decode` of a synthetic JPEG of each (width, height) in `sizes` for each stage resolution, and the
     stage's preprocessing of one image from that decode (resize, crop, normalize: it grows with the source),
-    round-robin over `protocol.rounds`; stages that decode at the same scale share one decode timing. ->
-    profile_decode.csv's rows (DECODE_COLUMNS; times in ms per image)."""
+    round-robin over `protocol.rounds`; stages that decode at the same scale share one decode timing. A family
+    that decodes per stage also gets, per stage r and larger resolution R, r's preprocessing from R's decode
+    (decoded_for R: a cascade decoded once at R's scale, `Cascade.decode_at`). -> profile_decode.csv's rows
+    (DECODE_COLUMNS; times in ms per image)."""
     import PIL
     rows, times, jobs = [], {}, {}
     for w, h in sizes:
@@ -63,30 +65,32 @@ def time_decode(sizes: list[tuple[int, int]], resolutions: list[int], crop_fract
             side = stage_min_side(r, crop_fraction, decode_scale)
             scale = jpeg_scale(w, h, side)
             jobs.setdefault((w, h, scale), (data, side))
-    prep = {}  # (w, h, r) -> times of preprocessing one image from the decode stage r gets
+    pairs = [(r, R) for r in resolutions for R in resolutions if R == r or (R > r and decode_scale == "stage")]
+    prep = {}  # (w, h, r, R) -> times of preprocessing one image for stage r from the decode stage R gets
     decoded = {key: decode(data, None, side)[None] for key, (data, side) in jobs.items()}  # once, not per round
     for k in range(protocol.rounds):
         part = protocol.round(k)
         for key, (data, side) in jobs.items():
             times.setdefault(key, []).append(run_protocol(cpu_timer(lambda d=data, s=side: decode(d, None, s)), part))
         for w, h in sizes:
-            for r in resolutions:
-                image = decoded[w, h, jpeg_scale(w, h, stage_min_side(r, crop_fraction, decode_scale))]
-                prep.setdefault((w, h, r), []).append(run_protocol(
+            for r, R in pairs:
+                image = decoded[w, h, jpeg_scale(w, h, stage_min_side(R, crop_fraction, decode_scale))]
+                prep.setdefault((w, h, r, R), []).append(run_protocol(
                     cpu_timer(lambda x=image, r=r: preprocess(x, r, crop_fraction)), part))
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     for w, h in sizes:
-        for r in resolutions:
-            side = stage_min_side(r, crop_fraction, decode_scale)
+        for r, R in pairs:
+            side = stage_min_side(R, crop_fraction, decode_scale)
             scale = jpeg_scale(w, h, side)
             data, _ = jobs[w, h, scale]
             stats = summarize(np.concatenate(times[w, h, scale]))
-            rows.append({"source_width": w, "source_height": h, "resolution": r, "decode_scale": decode_scale,
+            rows.append({"source_width": w, "source_height": h, "resolution": r, "decoded_for": R,
+                         "decode_scale": decode_scale,
                          "scale": scale, "decoded_width": -(-w // scale), "decoded_height": -(-h // scale),
                          "jpeg_bytes": len(data), "bits_per_pixel": round(8 * len(data) / (w * h), 3),
                          "median_ms": stats["median_ms"], "p90_ms": stats["p90_ms"], "p99_ms": stats["p99_ms"],
                          "cv": stats["cv"], "n_iters": stats["n_iters"],
-                         "preprocess_ms": float(np.median(np.concatenate(prep[w, h, r]))),
+                         "preprocess_ms": float(np.median(np.concatenate(prep[w, h, r, R]))),
                          "decoder": f"pillow-{PIL.__version__}",
                          "smoke": protocol.smoke, "measured_at": now})
     return pd.DataFrame(rows, columns=DECODE_COLUMNS)

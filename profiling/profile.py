@@ -190,10 +190,13 @@ def _read_decode(path: Path) -> pd.DataFrame | None:
         df = pd.read_csv(path)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as e:
         raise RescascadeError(f"{path} is not a readable CSV ({e}); re-run `rescascade profile`") from None
+    if "decoded_for" not in df.columns:  # profiles from before the column timed each stage's own decode only
+        df["decoded_for"] = df["resolution"]
     missing = [c for c in DECODE_COLUMNS if c not in df.columns and c != "preprocess_ms"]
     if missing:
         raise RescascadeError(f"{path} lacks column(s) {', '.join(missing)}; re-run `rescascade profile`")
-    for column, low in (("source_width", 1), ("source_height", 1), ("resolution", 1), ("scale", 1), ("median_ms", 0)):
+    for column, low in (("source_width", 1), ("source_height", 1), ("resolution", 1), ("decoded_for", 1), ("scale", 1),
+                        ("median_ms", 0)):
         values = pd.to_numeric(df[column], errors="coerce")
         bad = ~(np.isfinite(values) & (values >= low))
         if bad.any():
@@ -339,10 +342,10 @@ def _size(size, name: str = "decode_sizes") -> tuple[int, int]:
 
 def _merge_decode(path: Path, new: pd.DataFrame) -> None:
     """Write decode rows beside the profile: new rows replace older rows of the same (source size, resolution,
-    decode scale), except that smoke figures never replace measured ones."""
+    decoded_for, decode scale), except that smoke figures never replace measured ones."""
     old = _read_decode(path)
     if old is not None:
-        key = ["source_width", "source_height", "resolution", "decode_scale"]
+        key = ["source_width", "source_height", "resolution", "decoded_for", "decode_scale"]
         old_keys = [tuple(k) for k in old[key].astype(str).values]
         new_keys = [tuple(k) for k in new[key].astype(str).values]
         stale = ~old.decode_scale.isin(set(new.decode_scale))  # the family now decodes otherwise
@@ -353,7 +356,7 @@ def _merge_decode(path: Path, new: pd.DataFrame) -> None:
             new_keys = [k for k in new_keys if k not in measured]
         old = old[[k not in set(new_keys) for k in old_keys]]
         new = pd.concat([old, new], ignore_index=True)
-    new = new.sort_values(["source_width", "source_height", "resolution"]).reset_index(drop=True)
+    new = new.sort_values(["source_width", "source_height", "resolution", "decoded_for"]).reset_index(drop=True)
     with atomic_path(path) as tmp:
         new.to_csv(tmp, index=False, float_format="%.6g")
 
@@ -435,9 +438,11 @@ def format_profile(df: pd.DataFrame, backend: str | None = None, precision: str 
 
 
 def format_decode(df: pd.DataFrame) -> str:
-    """The decode rows as a table: per source size and stage resolution, the DCT scale and the ms per image."""
+    """The decode rows as a table: per source size and stage resolution, the DCT scale and the ms per image (each
+    stage's own decode; not the rows of a cascade decoded once)."""
     lines = ["| source (WxH) | JPEG bits/px | res | scale | decoded (WxH) | decode ms/img |", "|---|---|---|---|---|---|"]
-    for row in df.sort_values(["source_width", "source_height", "resolution"]).itertuples():
+    own = df[df.decoded_for == df.resolution]
+    for row in own.sort_values(["source_width", "source_height", "resolution"]).itertuples():
         lines.append(f"| {row.source_width}x{row.source_height} | {row.bits_per_pixel:.2f} | {row.resolution} | "
                      f"1/{row.scale} | {row.decoded_width}x{row.decoded_height} | {row.median_ms:.3f} |")
     return "\n".join(lines)

@@ -21,11 +21,18 @@ from rescascade.runtime import CascadeRunner, decision_step
 from rescascade.training.data import EvalDataset, load_data
 from rescascade.training.errors import ConfigError, RescascadeError
 from rescascade.training.images import jpeg_scale
+from rescascade.training.predict import write_predictions
 from rescascade.training.run import run_train
 from rescascade.training.synthetic import class_names, make_synthetic
 from rescascade.training.trainer import TrainConfig
+from rescascade.builder import CascadeBuilder
+from rescascade.deploy import BundleRunner
+from rescascade.export import export_bundle
 from rescascade.optimizer import Cascade, Stage
+from rescascade.predictions import Predictions, load_predictions
 from rescascade.refine import refined_costs
+from rescascade.target import Target
+from rescascade.training.errors import ArtifactError
 
 QUIET = dict(log=lambda s: None)
 SIZE = (200, 150)  # width, height: r32 (resize 37) decodes at 1/4, r48 (resize 55) at 1/2
@@ -98,13 +105,16 @@ def test_runtime_decodes_again_only_the_rows_that_need_a_larger_scale(jpeg_famil
 def test_profile_times_each_stages_decode_and_build_counts_it(jpeg_family):
     fam = jpeg_family / "fam"
     profile = Profile.load(fam)
-    dec = profile.decode.set_index(["source_width", "source_height", "resolution"])
-    assert dec.loc[(200, 150, 32), "scale"] == 4 and dec.loc[(200, 150, 48), "scale"] == 2
-    assert dec.loc[(800, 600, 32), "decoded_width"] == 100  # 1/8
+    dec = profile.decode.set_index(["source_width", "source_height", "resolution", "decoded_for"])
+    assert dec.loc[(200, 150, 32, 32), "scale"] == 4 and dec.loc[(200, 150, 48, 48), "scale"] == 2
+    assert dec.loc[(800, 600, 32, 32), "decoded_width"] == 100  # 1/8
+    assert dec.loc[(200, 150, 32, 48), "scale"] == 2  # r32 from r48's decode: a cascade decoded once
+    assert dec.loc[(200, 150, 32, 48), "median_ms"] == dec.loc[(200, 150, 48, 48), "median_ms"]
     assert profile.meta["source_size"] == [200, 150]  # the held-out images' size: the default bucket
     costs = CostModel.from_profile(profile, batch_size=1, source_size="auto")
     assert costs.source_size == (200, 150) and costs.decode_scale == {32: 4, 48: 2}
     assert costs.preprocess_delta == {32: 0.0, 48: 0.0}  # the profile's own source size
+    assert costs.decode_plans() == [48] and set(costs.preprocess_delta_at) == {(32, 48)}
     big = CostModel.from_profile(profile, batch_size=1, source_size=(800, 600))
     assert set(big.preprocess_delta) == {32, 48} and big.decode_scale == {32: 8, 48: 8}
     assert big.stage_cost(48) == pytest.approx(max(0.0, big.per_image(48) + big.preprocess_delta[48])
@@ -131,6 +141,138 @@ def test_cost_model_charges_a_decode_where_the_scale_grows():
     assert costs.expected([32, 48], [1.0, 0.3]) == pytest.approx(1.5 + 0.3 * 2.0)
     assert costs.expected([48], [1.0]) == pytest.approx(2.8)
     assert costs.without_decode().expected([32, 48], [1.0, 0.3]) == pytest.approx(1.0 + 0.3 * 2.0)
+
+
+def test_cost_model_prices_a_cascade_decoded_once():
+    costs = CostModel("onnxruntime", "fp32", 1, False, {32: {1: 1.0}, 48: {1: 2.0}}, {},
+                      {32: 0.5, 48: 0.8}, {32: 4, 48: 2}, (200, 150), {32: 0.0, 48: 0.1}, {(32, 48): 0.2})
+    assert costs.decode_plans() == [48]
+    # r48's decode at the first stage, r32's preprocessing from that larger decode, nothing decoded again
+    assert costs.expected([32, 48], [1.0, 0.3], decode_at=48) == pytest.approx(1.0 + 0.2 + 0.8 + 0.3 * 2.1)
+    assert costs.expected([32, 48], [1.0, 0.3]) == pytest.approx(1.5 + 0.3 * 2.9)
+    assert costs.without_decode().expected([32, 48], [1.0, 0.3], decode_at=48) == pytest.approx(1.0 + 0.3 * 2.0)
+    with pytest.raises(RescascadeError, match="do not price r32 decoded once at r100's scale"):
+        costs.stage_cost(32, None, decode_at=100)
+    assert CostModel("onnxruntime", "fp32", 1, False, {32: {1: 1.0}, 48: {1: 2.0}}, {},
+                     {32: 0.5, 48: 0.8}, {32: 4, 48: 2}, (200, 150)).decode_plans() == []  # not profiled
+
+
+def _two_stage_predictions(n: int = 400, seed: int = 0) -> Predictions:
+    """r48 always right; r32 right and confident on 70 %, wrong and unsure on the rest, as from either decode."""
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 5, n)
+    easy = rng.random(n) < 0.7
+    big = np.full((n, 5), -2.0, dtype=np.float32)
+    big[np.arange(n), labels] = 4.0
+    small = np.zeros((n, 5), dtype=np.float32)
+    small[np.arange(n), np.where(easy, labels, (labels + 1) % 5)] = np.where(easy, 5.0, 0.3)
+    small += rng.normal(0, 0.05, small.shape).astype(np.float32)
+    once = small + rng.normal(0, 0.05, small.shape).astype(np.float32)
+    return Predictions(np.stack([small, big], 1), labels, [32, 48], np.arange(n).astype(str), "w" * 64,
+                       decoded_at={(32, 48): once})
+
+
+@pytest.mark.parametrize("decode_48, plan", [(1.2, 48), (3.0, None)])
+def test_build_decodes_once_where_that_is_cheaper(decode_48, plan):
+    # per stage: r32's decode, then r48's for the 30 % that go on; once: r48's decode for every image
+    costs = CostModel("onnxruntime", "fp32", 1, False, {32: {1: 1.0}, 48: {1: 2.0}}, {},
+                      {32: 1.0, 48: decode_48}, {32: 4, 48: 2}, (200, 150), {32: 0.0, 48: 0.0}, {(32, 48): 0.0})
+    calib = _two_stage_predictions()
+    builder = CascadeBuilder(Target.best(), temperature=False, exact="on").fit(calib, costs)
+    assert builder.decode_plans_ == [None, 48] and builder.cascade_.decode_at == plan
+    assert builder.cascade_.resolutions == [32, 48] and builder.chosen_.outcome.accuracy == 1.0
+    reach = builder.chosen_.outcome.reach_fractions
+    assert builder.chosen_.outcome.mean_cost == pytest.approx(costs.expected([32, 48], reach, plan))
+    assert builder.exact_ is not None and builder.exact_["greedy_gap"] >= -1e-9  # searched within the same plan
+    other = builder.plan_choices_[48 if plan is None else None]
+    assert other.outcome.mean_cost > builder.chosen_.outcome.mean_cost
+    assert builder.plan_choices_[plan] is builder.chosen_
+    per_stage = CascadeBuilder(Target.best(), temperature=False, decode_plan="stage").fit(calib, costs)
+    assert per_stage.decode_plans_ == [None]
+    for bad in ("once", ["stage"]):
+        with pytest.raises(ConfigError, match="decode_plan. .*: use auto or stage"):
+            CascadeBuilder(decode_plan=bad)
+    casc, ref = builder.simulate(_two_stage_predictions(seed=1), costs)
+    assert casc.mean_cost < ref.mean_cost
+    decoded = CascadeBuilder(Target.best(), temperature=False).fit(calib, costs.without_decode())
+    assert decoded.decode_plans_ == [None]  # decoded inputs: nothing to decode once
+    bare = Predictions(calib.logits, calib.labels, calib.resolutions, calib.ids, calib.weights_sha256)
+    assert CascadeBuilder(Target.best(), temperature=False).fit(bare, costs).decode_plans_ == [None]
+    with pytest.raises(ArtifactError, match="no logits of r32 decoded at r48's scale"):
+        bare.column(32, 48)
+
+
+def test_decode_once_logits_that_do_not_fit_are_refused(tmp_path):
+    good = _two_stage_predictions(n=20)
+    pred = {"logits": good.logits, "labels": good.labels, "resolutions": np.array([32, 48]), "ids": good.ids,
+            "decoded_at_pairs": np.array([[32, 48]]), "decoded_at_logits": good.column(32, 48)[:, None]}
+    write_predictions(tmp_path / "ok.npz", pred, "w" * 64)
+    assert load_predictions(tmp_path / "ok.npz").decode_plans() == [48]
+    with pytest.raises(ConfigError, match="resolution 100 is not predicted"):
+        load_predictions(tmp_path / "ok.npz").column(32, 100)
+    for name, bad in (("reversed", {"decoded_at_pairs": np.array([[48, 32]])}),
+                      ("short", {"decoded_at_logits": good.column(32, 48)[:10, None]}),
+                      ("flat", {"decoded_at_pairs": np.array([32, 48])}),
+                      ("float", {"decoded_at_pairs": np.array([[32.7, 48]])})):
+        write_predictions(tmp_path / f"{name}.npz", {**pred, **bad}, "w" * 64)
+        with pytest.raises(ArtifactError, match="decoded_at_"):
+            load_predictions(tmp_path / f"{name}.npz")
+
+
+def test_a_decode_plan_below_the_reference_has_no_cascade():
+    two = _two_stage_predictions()
+    wrong_once = two.logits[:, 1].copy()
+    wrong_once[0] = np.roll(wrong_once[0], 1)  # r48 misses one image that r64 gets: r64 is the reference
+    calib = Predictions(np.stack([two.logits[:, 0], wrong_once, two.logits[:, 1]], 1), two.labels, [32, 48, 64],
+                        two.ids, two.weights_sha256,
+                        decoded_at={(32, 48): two.column(32), (32, 64): two.column(32), (48, 64): wrong_once})
+    costs = CostModel("onnxruntime", "fp32", 1, False, {32: {1: 1.0}, 48: {1: 2.0}, 64: {1: 3.0}}, {},
+                      {32: 1.0, 48: 1.2, 64: 1.4}, {32: 4, 48: 2, 64: 1}, (200, 150), {},
+                      {(32, 48): 0.0, (32, 64): 0.0, (48, 64): 0.0})
+    builder = CascadeBuilder(Target.best(), temperature=False, exact="off").fit(calib, costs)
+    assert builder.reference_ == 64 and builder.decode_plans_ == [None, 48, 64]
+    assert builder.plan_choices_[48] is None and builder.plan_choices_[64] is not None
+
+
+def test_a_cascade_decoded_once_runs_as_its_predictions_say(jpeg_family, tmp_path):
+    fam = jpeg_family / "fam"
+    test = load_predictions(fam / "predictions" / "test.npz")
+    assert test.decode_plans() == [48]
+    splits = load_data(f"imagefolder:{jpeg_family / 'photos'}", val_fraction=0.4, **QUIET)
+    own, bigger, once = EvalDataset(splits.test, [32, 48], 0.875, "stage", [(32, 48)])[0][0]
+    assert once.shape == own.shape and not torch.equal(once, own)  # r32 from r48's decode: other pixels
+    config = read_config(fam / "cascade.json" if (fam / "cascade.json").exists() else _build(fam))
+    assert [p["plan"] for p in config.doc["optimizer"]["decode_plans"]] == ["per stage", "once at r48"]
+    files = [jpeg_family / "photos" / i for i in test.ids]
+    alone = CascadeRunner(config, stages=Cascade([Stage(32, -np.inf)], decode_at=48), warmup=False)(files)
+    want = torch.softmax(torch.from_numpy(test.column(32, 48)) / config.temperatures.get(32, 1.0), -1).numpy()
+    assert not alone.errors and np.abs(alone.probs - want).max() < 1e-4  # r32 from r48's decode, as predicted
+    # every image goes on to r48 (a 1-epoch model is equally unsure of all): does r48 decode again?
+    doc = {**config.doc, "stages": [{"resolution": 32, "threshold": 1.0}, {"resolution": 48, "threshold": None}],
+           "decode": {"plan": "once", "resolution": 48}}
+    path = type(config)(doc, config.path).save(tmp_path / "once.json")
+    assert json.loads(path.read_text())["schema_version"] == 2  # a reader that predates the plan refuses it
+    (tmp_path / "v1.json").write_text(path.read_text().replace('"schema_version": 2', '"schema_version": 1'))
+    with pytest.raises(ArtifactError, match="a decode plan needs schema_version 2"):
+        read_config(tmp_path / "v1.json")
+    assert read_config(path).cascade.decode_at == 48
+    res = CascadeRunner(path, warmup=False)(files)
+    first, second = res.stage_timings
+    assert first.decoded == second.rows == len(files) and second.decoded == 0  # decoded once
+    bundle = BundleRunner(export_bundle(path, tmp_path / "bundle", log=lambda *a: None).parent, warmup=False)
+    assert bundle.decode_at == 48
+    got = bundle(files)
+    assert (got.labels == res.labels).all() and (got.exit_stage == res.exit_stage).all()
+    assert got.stage_timings[1].decoded == 0
+    manifest = tmp_path / "bundle" / "bundle.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "decode": {"plan": "once", "resolution": 32}}))
+    with pytest.raises(ArtifactError, match="no stage above it"):
+        BundleRunner(tmp_path / "bundle", warmup=False)  # r48 resized up from r32's decode: refused
+    bad = {**doc, "decode": {"plan": "once", "resolution": 32}}  # a stage above the decode's resolution
+    (tmp_path / "bad.json").write_text(json.dumps({**bad, "schema_version": 2, "family": {
+        **bad["family"], "path": str(fam)}}))
+    with pytest.raises(ArtifactError, match="no stage above it"):
+        read_config(tmp_path / "bad.json")
 
 
 def test_eval_from_bytes_reports_the_end_to_end_ratio(jpeg_family, tmp_path):
@@ -181,11 +323,31 @@ def test_profile_source_size_is_width_by_height(jpeg_family, tmp_path):
     assert w > h  # the decode preprocessing started from, width first too
 
 
+def test_a_profile_from_before_decode_once_rows_prices_the_per_stage_plan_only(jpeg_family, tmp_path):
+    for name in ("profile.csv", "profile.json", "profile_decode.csv"):
+        (tmp_path / name).write_bytes((jpeg_family / "fam" / name).read_bytes())
+    rows = pd.read_csv(tmp_path / "profile_decode.csv")
+    for old in (rows[rows.decoded_for == rows.resolution].drop(columns="decoded_for"),  # before decoded_for
+                rows.drop(columns="preprocess_ms")):  # nothing timed from a larger decode
+        old.to_csv(tmp_path / "profile_decode.csv", index=False)
+        profile = Profile.load(tmp_path / "profile.csv")
+        costs = CostModel.from_profile(profile, batch_size=1, source_size="auto")
+        assert costs.decode_plans() == [] and costs.decode_ms
+        config = run_build(jpeg_family / "fam", profile=tmp_path / "profile.csv", batch_size=1, target="0.05",
+                           out=tmp_path / "c.json", exact="off", plots=False, **QUIET)
+        assert [p["plan"] for p in config["optimizer"]["decode_plans"]] == ["per stage"] and "decode" not in config
+        assert any("decoding each JPEG once was not weighed" in w for w in config["warnings"])
+    assert (profile.decode.decoded_for >= profile.decode.resolution).all()
+    certified = run_build(jpeg_family / "fam", batch_size=1, guarantee=(0.2, 0.2), out=tmp_path / "g.json",
+                          plots=False, **QUIET)
+    assert any(w.startswith("--guarantee certifies per-stage decoding only") for w in certified["warnings"])
+
+
 def test_refined_costs_scale_each_stage_by_what_the_runtime_measured():
     costs = CostModel("onnxruntime", "fp32", 1, False, {32: {1: 1.0, 4: 0.5}, 48: {1: 2.0}, 64: {1: 4.0}}, {1: 0.1},
                       {32: 0.5, 48: 0.8, 64: 1.0}, {32: 4, 48: 2, 64: 1}, (200, 150))
-    runs = [{"stages": {32: {"rows": 10, "decoded": 10, "decode_s": 0.010, "work_s": 0.015},
-                        48: {"rows": 4, "decoded": 4, "decode_s": 0.004, "work_s": 0.012}},
+    runs = [{"stages": {32: {"rows": 10, "work_s": 0.015}, 48: {"rows": 4, "work_s": 0.012}},
+             "decode": {32: {"decoded": 10, "decode_s": 0.010}, 48: {"decoded": 4, "decode_s": 0.004}},
              "outside_s": 0.002, "images": 10}]
     refined = refined_costs(costs, runs)
     assert refined.table[32] == {1: pytest.approx(1.5), 4: pytest.approx(0.75)}  # 1.5 ms measured vs 1.0 profiled
@@ -247,12 +409,11 @@ def test_build_reads_only_decode_rows_timed_the_way_the_family_decodes(jpeg_fami
 
 def test_refine_prices_only_full_batch_calls_when_the_costs_ignore_shrinking_batches():
     costs = CostModel("onnxruntime", "fp32", 8, False, {32: {8: 1.0}, 48: {8: 2.0}}, {})
-    runs = [{"stages": {32: {"rows": 16, "decoded": 0, "decode_s": 0.0, "work_s": 0.024,
-                             "calls": [(8, 8, 0.012), (8, 8, 0.012)]},
-                        48: {"rows": 2, "decoded": 0, "decode_s": 0.0, "work_s": 0.010,
-                             "calls": [(1, 8, 0.005), (1, 8, 0.005)]}}, "outside_s": 0.0, "images": 16},
-            {"stages": {48: {"rows": 16, "decoded": 0, "decode_s": 0.0, "work_s": 0.032,
-                             "calls": [(8, 8, 0.016), (8, 8, 0.016)]}}, "outside_s": 0.0, "images": 16}]
+    runs = [{"stages": {32: {"rows": 16, "work_s": 0.024, "calls": [(8, 8, 0.012), (8, 8, 0.012)]},
+                        48: {"rows": 2, "work_s": 0.010, "calls": [(1, 8, 0.005), (1, 8, 0.005)]}},
+             "decode": {}, "outside_s": 0.0, "images": 16},
+            {"stages": {48: {"rows": 16, "work_s": 0.032, "calls": [(8, 8, 0.016), (8, 8, 0.016)]}},
+             "decode": {}, "outside_s": 0.0, "images": 16}]
     refined = refined_costs(costs, runs)
     assert refined.table[32][8] == pytest.approx(1.5) and refined.table[48][8] == pytest.approx(2.0)
     aware = refined_costs(CostModel("onnxruntime", "fp32", 8, True, {32: {8: 1.0}, 48: {1: 5.0, 8: 2.0}}, {}), runs)

@@ -488,14 +488,17 @@ class EvalDataset(torch.utils.data.Dataset):
     """(list of uint8 [3, r, r] per resolution, label, position, pixel digest) with the eval preprocessing of each
     r, or Unreadable. decode_scale "stage": each resolution resizes a JPEG decoded at the scale the cascade runtime
     decodes it at for that stage (`images.Encoded`), so the logits thresholds are fitted on are the ones it
-    meets; "full": every resolution from the full decode. The digest is always the full decode's."""
+    meets; "full": every resolution from the full decode. The digest is always the full decode's. pairs: (r, R)
+    with R > r, whose views follow the resolutions' in the list: r from the decode at R's scale (what a cascade
+    decoded once at R's scale gives stage r; decode_scale "stage" only)."""
 
-    def __init__(self, images: ImageSet, resolutions, crop_fraction: float, decode_scale: str = "full"):
+    def __init__(self, images: ImageSet, resolutions, crop_fraction: float, decode_scale: str = "full",
+                 pairs=()):
         from .preprocess import resize_center_crop, stage_min_side
         if decode_scale not in DECODE_SCALES:
             raise ConfigError(f"decode_scale {decode_scale!r}: use one of {', '.join(DECODE_SCALES)}")
         self.images, self.resolutions, self.crop_fraction = images, list(resolutions), crop_fraction
-        self.decode_scale = decode_scale
+        self.decode_scale, self.pairs = decode_scale, list(pairs)
         self._resize, self._min_side = resize_center_crop, stage_min_side
 
     def __len__(self):
@@ -504,11 +507,16 @@ class EvalDataset(torch.utils.data.Dataset):
     def _views(self, i: int) -> tuple[list[torch.Tensor], str]:
         full = self.images.read(i)
         enc = self.images.encoded(i) if self.decode_scale == "stage" else None
-        views = []
-        for r in self.resolutions:
+        sources = {1: full}  # DCT scale -> pixels
+
+        def source(r: int) -> torch.Tensor:  # the decode stage r gets
             side = self._min_side(r, self.crop_fraction, "stage")
-            source = full if enc is None or enc.scale(side) == 1 else enc.decode(side)
-            views.append(self._resize(source, r, self.crop_fraction))
+            scale = 1 if enc is None else enc.scale(side)
+            if scale not in sources:
+                sources[scale] = enc.decode(side)
+            return sources[scale]
+        views = [self._resize(source(r), r, self.crop_fraction) for r in self.resolutions]
+        views += [self._resize(source(at), r, self.crop_fraction) for r, at in self.pairs]
         return views, pixel_digest(full)
 
     def __getitem__(self, i):

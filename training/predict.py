@@ -21,14 +21,19 @@ PREDICTIONS_SCHEMA = 1
 
 def predict_logits(models: dict, images: ImageSet, batch_size: int = 64,
                    device: str = "cpu", workers: int = 0, crop_fraction: float = CROP_FRACTION,
-                   desc: str = "predict", decode_scale: str = "full") -> dict:
+                   desc: str = "predict", decode_scale: str = "full", decoded_at: bool = False) -> dict:
     """models: resolution -> an nn.Module, or any callable input -> logits (e.g. an ONNX Runtime engine's run).
     decode_scale: "stage" decodes a JPEG at each resolution's own DCT scale, as the cascade runtime does for a
-    family that records it (`data.EvalDataset`); "full": one full decode for every resolution.
+    family that records it (`data.EvalDataset`); "full": one full decode for every resolution. decoded_at (with
+    "stage"): also predict every resolution r from the decode at each larger resolution R's scale, the pixels a
+    cascade decoded once gives it (K(K-1)/2 more inferences per image).
     Returns logits [N, R, C], labels, ids, pixel_digests (training.images.pixel_digest of each decoded image),
-    resolutions, skipped (count) and unreadable ([{id, error}]) over the images that failed to decode."""
+    resolutions, skipped (count) and unreadable ([{id, error}]) over the images that failed to decode; with
+    decoded_at, decoded_at_pairs [P, 2] (r, R) and decoded_at_logits [N, P, C]."""
     resolutions = sorted(models)
-    ds = EvalDataset(images, resolutions, crop_fraction, decode_scale)
+    pairs = [(r, at) for at in resolutions for r in resolutions if r < at] \
+        if decoded_at and decode_scale == "stage" else []
+    ds = EvalDataset(images, resolutions, crop_fraction, decode_scale, pairs)
     loader = torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
                                          collate_fn=collate_skipping)
     for m in models.values():
@@ -45,7 +50,7 @@ def predict_logits(models: dict, images: ImageSet, batch_size: int = 64,
             views, y, pos, digest = batch
             digests += list(digest)
             out = []
-            for r, v in zip(resolutions, views):
+            for r, v in zip(resolutions + [r for r, _ in pairs], views):
                 x = to_model_input(v.to(device)).contiguous(memory_format=torch.channels_last)
                 out.append(models[r](x).float().cpu())
             chunks.append(torch.stack(out, 1))
@@ -55,7 +60,10 @@ def predict_logits(models: dict, images: ImageSet, batch_size: int = 64,
     if not chunks:
         raise RescascadeError(f"no readable images among {len(ds)} to predict on")
     pos = torch.cat(positions).numpy()
-    return {"logits": torch.cat(chunks).numpy().astype(np.float32), "labels": torch.cat(labels).numpy(),
+    logits = torch.cat(chunks).numpy().astype(np.float32)
+    extra = {"decoded_at_pairs": np.array(pairs, dtype=np.int64).reshape(-1, 2),
+             "decoded_at_logits": logits[:, len(resolutions):]} if pairs else {}
+    return {"logits": logits[:, :len(resolutions)], **extra, "labels": torch.cat(labels).numpy(),
             "resolutions": np.array(resolutions, dtype=np.int64), "ids": np.array([images.ids[i] for i in pos]),
             "pixel_digests": np.array(digests), "skipped": len(unreadable), "unreadable": unreadable,
             "seconds": time.perf_counter() - t0}
@@ -67,7 +75,8 @@ def write_predictions(path, pred: dict, weights_sha256: str | None = None, split
             np.savez(f, schema_version=np.int64(PREDICTIONS_SCHEMA), logits=pred["logits"], labels=pred["labels"],
                      resolutions=pred["resolutions"], ids=pred["ids"], split=np.array(split),
                      weights_sha256=np.array(weights_sha256 or ""),
-                     pixel_digests=pred.get("pixel_digests", np.array([], dtype=str)))
+                     pixel_digests=pred.get("pixel_digests", np.array([], dtype=str)),
+                     **{k: pred[k] for k in ("decoded_at_pairs", "decoded_at_logits") if k in pred})
 
 
 def top1(pred: dict) -> dict[int, float]:

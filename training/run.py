@@ -70,7 +70,9 @@ def run_train(data: str, out: str, cfg: TrainConfig, *, arch: str = DEFAULT_ARCH
     CPU; None: the plain models in PyTorch. probe_cache: a `probe.ProbeCache` shared by several runs
     from one start on the same `splits` (each probes the same frozen features). decode_scale: how the predictions,
     and the cascade runtime after them, decode a JPEG for each resolution ("stage": at the smallest DCT scale that
-    covers its resize, far cheaper for large photos; "full"); recorded in family.json."""
+    covers its resize, far cheaper for large photos; "full"); recorded in family.json. With "stage" and held-out
+    files, the predictions also hold each resolution decoded at every larger one's scale, so that `build` can
+    price and judge a cascade decoded once (`Predictions.decoded_at`)."""
     if not isinstance(cfg, TrainConfig):
         raise ConfigError(f"run_train(data, out, cfg): cfg must be a TrainConfig (e.g. TrainConfig.preset(...)), got "
                           f"{type(cfg).__name__}")
@@ -145,7 +147,7 @@ def _package(result, splits: DataSplits, cfg: TrainConfig, out: Path, weights_de
     for split, images in (("calib", splits.calib), ("test", splits.test)):
         pred = predict_logits(models, images, batch_size=predict_batch, device=str(device),
                               workers=min(cfg.workers, 2), desc=f"predict {split}",
-                              decode_scale="full" if cfg.independent else decode_scale)
+                              decode_scale="full" if cfg.independent else decode_scale, decoded_at=True)
         write_predictions(out / "predictions" / f"{split}.npz", pred, wid, split)
         figures[split] = {str(r): acc for r, acc in top1(pred).items()}
         data_desc[f"{split}_images"] = len(pred["labels"])  # the images actually scored
