@@ -163,8 +163,8 @@ class BundleRunner:
 
     runner(images) takes a list of inputs (or one input), each an image file path, the encoded bytes of an image
     file, a PIL image or a uint8 array [H, W, 3]; or one uint8 array [N, H, W, 3]. Like `CascadeRunner`: files
-    and bytes are decoded stage by stage at the scale the family's predictions used, an input that fails gets an
-    error of its own, and `counts` holds what the cascade saw (`rescascade drift BUNDLE_DIR/bundle.json COUNTS`).
+    and bytes are decoded stage by stage at the scale the family's predictions used (or once, at the scale of
+    bundle.json's "decode" resolution), an input that fails gets an error of its own, and `counts` holds what the cascade saw (`rescascade drift BUNDLE_DIR/bundle.json COUNTS`).
     The numpy resize costs 2-3x torch's from sources under about 2x a stage's resize side (JPEGs decoded at the
     stage's scale are) and up to ~12x from far larger decoded arrays or full-size PNGs (benchmarks/README).
     Returns a CascadeResult: labels [N] int64 (-1 where failed), names, probs [N, C] float32, exit_stage [N],
