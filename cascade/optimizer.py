@@ -72,7 +72,7 @@ class StageViews:
 
     def __post_init__(self):
         self._cache: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
-        self._logp: dict[int, np.ndarray] = {}
+        self._logp: dict[tuple[int, int | None], np.ndarray] = {}  # (resolution, decode) -> log-probabilities
 
     def logp(self, r: int, at: int | None = None) -> np.ndarray:
         key = (r, self.preds.decode_key(r, at))
@@ -94,7 +94,6 @@ class StageViews:
                 self._logp.pop((r, self.preds.decode_key(r, at)), None)
             self._cache[key] = (conf, correct)
         return self._cache[key]
-
 
 
 @dataclass
