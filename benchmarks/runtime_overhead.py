@@ -45,12 +45,14 @@ def source_images(n: int) -> list[torch.Tensor]:
 def write_cascade(fam, thresholds) -> str:
     doc = read_family_json(fam)
     path = fam / "overhead_cascade.json"
+    expected = {"n": 1, "exit_fractions": [1 / len(STAGES)] * len(STAGES)}  # not measured: no drift test here
     write_config(path, {
-        "family": {"path": ".", "family_json_sha256": sha256_file(fam / "family.json"), "weights_sha256": weights_id(doc)},
+        "family": {"path": ".", "family_json_sha256": sha256_file(fam / "family.json"), "weights_sha256": weights_id(doc),
+                   "resolutions": doc["resolutions"], "num_classes": doc["num_classes"]},
         "profile": {"backend": "onnxruntime", "precision": "fp32", "batch_size": 32},
-        "confidence": {"measure": "max_prob", "temperatures": {}, "combine": False},
+        "confidence": {"measure": "max_prob", "temperatures": {str(r): 1.0 for r in STAGES}, "combine": False},
         "stages": [{"resolution": r, "threshold": t} for r, t in zip(STAGES, thresholds)],
-        "reference": {"resolution": 224}, "expected": {}})
+        "reference": {"resolution": 224}, "expected": {"calib": expected, "test": expected}})
     return path
 
 
@@ -93,10 +95,11 @@ def main() -> None:
     for r in STAGES[:2]:
         x = torch.stack([preprocess(im, r) for im in images[:64]])
         ths.append(float(np.median(confidence(log_probs(probe.engines[r].run(x).numpy()), "max_prob"))))
-    runner = CascadeRunner(read_config(write_cascade(fam, ths + [None])))
+    sizes = [int(v) for v in args.batch_sizes.split(",")]
+    runner = CascadeRunner(read_config(write_cascade(fam, ths + [None])), batch_size=max(sizes))
     engines = runner.engines
     rows = []
-    for b in (int(v) for v in args.batch_sizes.split(",")):
+    for b in sizes:
         batches = [images[(i * b) % len(images):][:b] for i in range(args.batches)]
         batches = [x if len(x) == b else images[:b] for x in batches]
         walls, pres, infs = [], [], []

@@ -8,20 +8,23 @@ from __future__ import annotations
 import math
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 from rescascade.profiling.profile import Profile
 from rescascade.training.errors import RescascadeError, check_int
+from rescascade.training.fileio import output_file
 from rescascade.training.store import read_family_json, verify_files, weights_id
 
 from .builder import CascadeBuilder
-from .config import CascadeConfig
+from .config import CascadeConfig, config_path
 from .costs import CostModel
 from .optimizer import DEFAULT_TOLERANCES
 from .predictions import Predictions, load_predictions
-from .refine import refine as refine_choice
+from .refine import calibration_inputs, refine as refine_choice
 from .target import Target
 
 REFINE_FEW = 50  # calib images below which a cost check's ratios vary more than the differences it decides
+REFINE_AUTO = 200  # calib images the default cost check runs on (where the calib images are at hand)
 CALIB_HALF_WIDTH = 0.01  # warn when calib pins the reference's accuracy down to less than +-1 point (95 %)
 
 
@@ -76,8 +79,8 @@ def run_build(run_dir, profile=None, backend: str | None = None, precision: str 
               guarantee: tuple[float, float] | None = None, measure: str = "max_prob", temperature: bool = True,
               combine: str = "off", batch_aware: bool = False, exact: str = "auto", reference: int | None = None,
               resolutions=None, out=None, plots: bool = True, seed: int = 0, guarantee_fraction: float = 0.5,
-              tolerances=DEFAULT_TOLERANCES, source_size="auto", refine: int = 0, decode_plan: str = "auto",
-              log=print) -> dict:
+              tolerances=DEFAULT_TOLERANCES, source_size="auto", refine: int | str = "auto",
+              decode_plan: str = "auto", log=print) -> dict:
     """`rescascade build` on a family directory: read its predictions and profile, fit a CascadeBuilder (see it
     for the choice's parameters), and write cascade.json (default RUN_DIR/cascade.json) with the figures on calib
     and test, the Pareto plot and the exit histogram. Returns the config written. source_size: (width, height)
@@ -85,13 +88,21 @@ def run_build(run_dir, profile=None, backend: str | None = None, precision: str 
     "auto": the profile's (none if it timed no decoding); None: count no decode (decoded inputs). refine: run
     the choice, its closest alternatives and the reference with the cascade runtime (the profile's backend, on
     this machine) on this many calib images, re-estimate the costs from its stage timings and choose again
-    (cascade/refine.py); cascade.json's "cost_check" records predicted, refined and measured cost ratios.
+    (cascade/refine.py); cascade.json's "cost_check" records predicted, refined and measured cost ratios. "auto"
+    (the default): on REFINE_AUTO calib images where they are at hand as the runtime gets them, else not (a
+    warning says why): the profile alone mispredicts the runtime by 10-50 % on small models and at batch 1 (per-call
+    overheads, shrinking batches); 0: off.
     decode_plan: "auto" also weighs decoding each JPEG once at a larger stage's scale (CascadeBuilder), "stage"
     decodes per stage only. Raises RescascadeError for files of another family, ConfigError for bad values."""
     run_dir = Path(run_dir)
     t_start = time.perf_counter()
     check_int("batch_size", batch_size, 1)
-    check_int("refine", refine, 0)
+    if refine != "auto":
+        check_int("refine", refine, 0)
+    out = config_path(out if out is not None else run_dir, "--out")
+    for path in (out, *([out.with_name(out.stem + "_pareto.png"), out.with_name(out.stem + "_exits.png")] if plots
+                        else [])):
+        output_file(path)  # before the work: an output that cannot be written fails now, not after the fit
     doc = read_family_json(run_dir)
     verify_files(run_dir, doc)  # cascade.json vouches for these weights
     wid = weights_id(doc)
@@ -113,9 +124,20 @@ def run_build(run_dir, profile=None, backend: str | None = None, precision: str 
     costs = CostModel.from_profile(profile, pool, backend, precision, batch_size, batch_aware, str(profile_path),
                                    source_size, doc.get("preprocessing", {}).get("decode_scale", "full"))
     warnings = build_warnings(calib, df, costs, pool, guarantee)  # printed with the summary, in cascade.json
+    inputs = None
+    if refine == "auto":
+        refine = min(REFINE_AUTO, calib.n)
+        try:  # the calib images as the runtime gets them: where they are not at hand, no cost check
+            inputs = calibration_inputs(SimpleNamespace(family_dir=run_dir), calib, refine, bool(costs.decode_ms),
+                                        lambda s: None)
+        except RescascadeError as e:
+            warnings.append(f"the costs were not checked with the runtime ({e.cli_message}); its ratios can differ "
+                            "from the profile's by 10-50 %: `rescascade eval` measures them")
+            refine = 0
     if refine and costs.batch_size > 1 and not batch_aware:
-        warnings.append(f"--refine at batch {costs.batch_size} without --batch-aware: the costs price every stage at "
-                        "full batches, so the later stages' smaller batches stay unpriced; add --batch-aware")
+        warnings.append(f"the cost check (--refine) at batch {costs.batch_size} without --batch-aware: the costs price "
+                        "every stage at full batches, so the later stages' smaller batches stay unpriced; add "
+                        "--batch-aware")
     if 0 < refine < REFINE_FEW:
         warnings.append(f"--refine {refine}: the cost check runs on {refine} images; its ratios are noisy below "
                         f"{REFINE_FEW}")
@@ -129,11 +151,8 @@ def run_build(run_dir, profile=None, backend: str | None = None, precision: str 
         def make_runner(b, c):
             from .runtime import CascadeRunner
             return CascadeRunner(CascadeConfig.from_builder(b, run_dir, profile, c, test))
-        check = refine_choice(builder, calib, costs, make_runner, refine, log=log)
+        check = refine_choice(builder, calib, costs, make_runner, refine, log=log, inputs=inputs)
         profile_costs, costs = costs, check.pop("costs")
-    out = Path(out) if out else run_dir / "cascade.json"
-    if out.is_dir():
-        out = out / "cascade.json"
     cascade_config = CascadeConfig.from_builder(builder, run_dir, profile, costs, test, warnings)
     config = cascade_config.doc
     if check is not None:  # on test too: the ratio the profile's costs give the final choice, and the refined one

@@ -239,6 +239,13 @@ class CascadeBuilder:
         if not hasattr(self, "cascade_"):
             raise RescascadeError("this CascadeBuilder is not fitted yet: call fit(calib, costs) first")
 
+    def simulate_calib(self, costs: CostModel) -> tuple[Outcome, Outcome]:
+        """The chosen cascade and the reference on the calib predictions the choice was made on, priced by other
+        `costs` (e.g. without the decode): -> (cascade Outcome, reference Outcome)."""
+        self.check_fitted()
+        return (simulate(self.cascade_, self._views, costs),
+                simulate(Cascade([Stage(self.reference_, -math.inf)]), self._views, costs))
+
     def simulate(self, predictions: Predictions, costs: CostModel) -> tuple[Outcome, Outcome]:
         """The chosen cascade and the reference on other predictions (e.g. test), with the fitted confidence
         setting: -> (cascade Outcome, reference Outcome), each with accuracy, mean cost (ms) and exits."""

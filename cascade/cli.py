@@ -8,6 +8,7 @@ import textwrap
 
 from rescascade.training.config import MAX_BATCH, MAX_THREADS, parse_size
 from rescascade.training.errors import RescascadeError
+from rescascade.training.fileio import printable_streams
 
 
 def cmd_info(args) -> None:
@@ -67,6 +68,11 @@ _ints = _list(_number(int, what="comma-separated integers"))
 _batches = _list(_batch)
 
 
+# what every file output accepts (training/fileio.output_file)
+OUT_FILES = ("a new or regular file, replaced atomically; a symbolic link is written through (its target "
+             "replaced, the link kept); a device, FIFO or directory is refused")
+
+
 def _size(text: str) -> tuple[int, int]:
     try:
         return parse_size(text)
@@ -90,6 +96,10 @@ def _crop_scale(text: str) -> tuple[float, float]:
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
         raise argparse.ArgumentTypeError(f"give MIN,MAX with 0 < MIN <= MAX <= 1, e.g. 0.25,1; got {text}")
     return scale
+
+
+def _refine(text: str) -> int | str:
+    return text if text == "auto" else _count(text)
 
 
 def _target(text: str) -> str:
@@ -193,7 +203,7 @@ def add_train_parser(sub) -> None:
                                                                     "(default: all)")
     g.add_argument("--max-image-pixels", type=_positive_int,
                    help="images with more pixels are left out, checked from the header before decoding "
-                        "(default: Pillow's Image.MAX_IMAGE_PIXELS)")
+                        "(default: 89,478,485, Pillow's default limit, whatever another library set its global to)")
     g.add_argument("--data-root", help="where torchvision datasets live (default: ./data)")
     g.add_argument("--download", action="store_true", help="let torchvision download the dataset (needs network)")
     g = s.add_argument_group("model")
@@ -320,7 +330,8 @@ def add_profile_parser(sub) -> None:
                    help="round-robin passes the minimums are spread over (default: 5)")
     s.add_argument("--quick", action="store_true",
                    help="a few iterations only: smoke figures, which never replace measured rows")
-    s.add_argument("--out", help="profile.csv to write or update (default: RUN_DIR/profile.csv)")
+    s.add_argument("--out", help="profile.csv to write or update, or its directory (default: RUN_DIR/profile.csv); "
+                                 f"{OUT_FILES}")
     s.set_defaults(func=cmd_profile)
 
 
@@ -386,12 +397,13 @@ def add_build_parser(sub) -> None:
     s.add_argument("--reference", type=_positive_int, help="reference resolution (default: the most accurate on "
                                                            "calib)")
     s.add_argument("--resolutions", type=_ints, help="restrict the pool to these resolutions (default: all)")
-    s.add_argument("--refine", type=_count, default=0, metavar="N",
+    s.add_argument("--refine", type=_refine, default="auto", metavar="N",
                    help="check the costs with the real runtime on N calib images (this machine, the profile's "
                         "backend): the choice, its closest alternatives and the reference; re-estimate each "
-                        "stage's cost from its timings and choose again (default: 0, off)")
+                        "stage's cost from its timings and choose again; 0: off (default: auto: 200 calib images "
+                        "where they are at hand, since the profile alone can be 10-50 %% off)")
     s.add_argument("--seed", type=_count, default=0, help="seed of the guarantee's calib split (default: 0)")
-    s.add_argument("--out", help="cascade.json to write (default: RUN_DIR/cascade.json)")
+    s.add_argument("--out", help=f"cascade.json to write, or its directory (default: RUN_DIR/cascade.json); {OUT_FILES}")
     s.set_defaults(func=cmd_build)
 
 
@@ -420,20 +432,20 @@ def add_eval_parser(sub) -> None:
                                                                     "(default: 3)")
     s.add_argument("--threads", type=_threads, help="CPU threads (default: the backend's)")
     s.add_argument("--limit", type=_positive_int, help="score N images spread over the split (default: all)")
-    s.add_argument("--out", help="report path (default: next to cascade.json)")
+    s.add_argument("--out", help="report JSON to write (its plot beside it, .png), or its directory (default: next to "
+                                 f"cascade.json); {OUT_FILES}")
     s.set_defaults(func=cmd_eval)
 
 
 def cmd_drift(args) -> None:
     from pathlib import Path
 
-    from .config import CascadeConfig, read_config
+    from .config import read_config
     from .monitor import ExitCounts, drift_report, format_drift
     path = Path(args.cascade_json)
     if path.name == "bundle.json" or (path / "bundle.json").is_file():  # an exported bundle carries its cascade
         from .deploy import Bundle
-        bundle = Bundle(path)
-        config = CascadeConfig(bundle.doc, bundle.path)
+        config = Bundle(path)
     else:
         config = read_config(path)
     counts = [ExitCounts.load(c) for c in args.counts]
@@ -462,9 +474,9 @@ def cmd_export(args) -> None:
     from .export import export_bundle, export_triton
     if args.format == "triton":
         export_triton(args.cascade_json, args.out, args.precision, args.max_batch_size, args.instances,
-                      args.max_queue_delay_us, args.device, args.threads)
+                      args.max_queue_delay_us, args.device, args.threads, args.overwrite)
     else:
-        export_bundle(args.cascade_json, args.out, args.precision)
+        export_bundle(args.cascade_json, args.out, args.precision, args.overwrite)
 
 
 def add_export_parser(sub) -> None:
@@ -477,7 +489,11 @@ def add_export_parser(sub) -> None:
                                    "IMAGE... (or rescascade.deploy.BundleRunner). It gives the labels, exit stages "
                                    "and probabilities rescascade's own runtime gives on CPU.")
     s.add_argument("cascade_json", help="cascade.json written by `rescascade build` (its family where it says)")
-    s.add_argument("--out", required=True, help="the bundle directory (new, empty, or an earlier bundle to replace)")
+    s.add_argument("--out", required=True, help="the bundle directory: new, empty, or an earlier export of the same "
+                                                "cascade.json (replaced)")
+    s.add_argument("--overwrite", action="store_true",
+                   help="replace an earlier export of another cascade in --out (files an export did not write, such "
+                        "as exit counts, are never deleted: the export stops instead)")
     s.add_argument("--precision", choices=("fp32", "fp16"), default="fp32",
                    help="the ONNX models' precision (default: fp32; fp16 for GPUs, on CPU fp32 is faster)")
     s.add_argument("--format", choices=("bundle", "triton"), default="bundle",
@@ -543,6 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    printable_streams()
     parser = build_parser()
     try:
         args, unknown = parser.parse_known_args(argv)

@@ -64,8 +64,9 @@ def _is_number(v) -> bool:
 
 def exit_problem(doc: dict, resolutions, num_classes: int) -> str | None:
     """What is wrong with the exit decision a cascade.json or a bundle.json describes (confidence: measure,
-    temperatures, combine; stages: resolution and threshold; reference), None if nothing: `resolutions` are the
-    ones it may use, thresholds must lie in the measure's range for `num_classes` classes."""
+    temperatures, one for every stage and the reference, combine; stages: resolution and threshold; reference;
+    the expected exit figures, `expected_problem`), None if nothing: `resolutions` are the ones it may use,
+    thresholds must lie in the measure's range for `num_classes` classes."""
     conf, stages, ref = doc.get("confidence"), doc.get("stages"), doc.get("reference")
     if not isinstance(conf, dict) or conf.get("measure") not in MEASURES:
         return f"confidence.measure must be one of {', '.join(MEASURES)}"
@@ -93,4 +94,25 @@ def exit_problem(doc: dict, resolutions, num_classes: int) -> str | None:
                 f"[{low:.4g}, {high:g}])"
     if not (isinstance(ref, dict) and _is_int(ref.get("resolution")) and ref["resolution"] in resolutions):
         return f"reference.resolution must be one of {sorted(resolutions)}"
+    untempered = [r for r in [s["resolution"] for s in stages] + [ref["resolution"]] if str(r) not in temps]
+    if untempered:  # a threshold cuts the tempered probability: without its temperature it cuts another one
+        return f"confidence.temperatures lacks r{untempered[0]}'s temperature (every stage's and the reference's)"
+    return expected_problem(doc.get("expected"), len(stages))
+
+
+def expected_problem(expected, n_stages: int) -> str | None:
+    """What is wrong with the "expected" figures of a cascade.json or bundle.json (per split calib and test: the
+    images n and the fraction exiting at each of the n_stages stages), None if nothing. `rescascade drift` tests
+    served traffic against them."""
+    if not isinstance(expected, dict):
+        return "expected must hold the calib and test figures"
+    for split in ("calib", "test"):
+        e = expected.get(split)
+        if not (isinstance(e, dict) and _is_int(e.get("n")) and e["n"] > 0):
+            return f"expected.{split}.n must be the number of {split} images (an integer > 0)"
+        fractions = e.get("exit_fractions")
+        if not (isinstance(fractions, list) and len(fractions) == n_stages and
+                all(_is_number(f) and 0 <= f <= 1 for f in fractions) and abs(sum(fractions) - 1) < 1e-6):
+            return f"expected.{split}.exit_fractions must be {n_stages} fractions (one per stage) that sum to 1"
     return None
+

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from rescascade.training.config import MAX_BATCH
 from rescascade.training.errors import ArtifactError, ConfigError
-from rescascade.training.fileio import check_schema, read_json, write_json
+from rescascade.training.fileio import check_schema, output_file, read_json, write_json
 
 from .confidence import exit_problem
 from .optimizer import Cascade, Stage, paired_difference
@@ -39,14 +39,11 @@ class CascadeConfig:
     def save(self, path) -> Path:
         """Write atomically to `path` (a directory: PATH/cascade.json), the family path recorded relative to it
         (the pair stays deployable when copied together). Returns the path written."""
-        if not isinstance(path, (str, os.PathLike)):
-            raise ConfigError(f"save(path): give a file path such as 'runs/x/cascade.json', got {type(path).__name__}")
-        path = Path(path)
-        if path.is_dir():
-            path = path / "cascade.json"
+        path = config_path(path)
         family = self.family_dir
-        doc = versioned({**self.doc, "family": {**self.doc["family"],
-                                                "path": os.path.relpath(family.resolve(), path.parent.resolve())}})
+        # relative to where the file really lands (a link is written through)
+        doc = versioned({**self.doc, "family": {**self.doc["family"], "path": os.path.relpath(
+            family.resolve(), output_file(path, "path").parent)}})
         validate(doc, path)
         write_config(path, doc)
         self.doc, self.path = doc, path
@@ -81,9 +78,10 @@ class CascadeConfig:
                      "paired_difference": paired_difference(casc_test.correct_mask, ref_test.correct_mask)},
         }
         if costs.decode_ms:  # the costs include the JPEG decode: what the same cascade costs on decoded inputs
-            casc_dec, ref_dec = b.simulate(test, costs.without_decode())
-            expected["test"]["decoded_inputs"] = {"mean_cost_ms": casc_dec.mean_cost,
-                                                  "cost_vs_reference": casc_dec.mean_cost / ref_dec.mean_cost}
+            decoded = costs.without_decode()
+            for split, (casc_dec, ref_dec) in (("calib", b.simulate_calib(decoded)), ("test", b.simulate(test, decoded))):
+                expected[split]["decoded_inputs"] = {"mean_cost_ms": casc_dec.mean_cost,
+                                                     "cost_vs_reference": casc_dec.mean_cost / ref_dec.mean_cost}
         config = {
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "family": {"path": str(family_dir), "family_json_sha256": sha256_file(family_dir / "family.json"),
@@ -141,11 +139,21 @@ class CascadeConfig:
         recorded = Path(self.doc["family"]["path"])
         if recorded.is_absolute() or self.path is None:
             return recorded
-        return (self.path.parent / recorded).resolve()
+        return (self.path.resolve().parent / recorded).resolve()  # next to the file itself, not to a link to it
 
     @property
     def reference(self) -> int:
         return int(self.doc["reference"]["resolution"])
+
+
+def config_path(path, what: str = "path") -> Path:
+    """The cascade.json a `path` names: the path, or PATH/cascade.json for a directory. ConfigError (naming
+    `what`) for a path that is not a str or os.PathLike."""
+    if not isinstance(path, (str, os.PathLike)) or not str(path):
+        raise ConfigError(f"{what} {path!r}: give the path of a cascade.json (e.g. 'runs/x/cascade.json') or its "
+                          "directory")
+    path = Path(path)
+    return path / "cascade.json" if path.is_dir() else path
 
 
 def stages_json(cascade: Cascade) -> list[dict]:
@@ -212,11 +220,7 @@ def validate(doc: dict, path) -> None:
 
 def read_config(path) -> CascadeConfig:
     """Read and validate cascade.json (or DIR/cascade.json); ArtifactError when missing or invalid."""
-    if not isinstance(path, (str, os.PathLike)):
-        raise ConfigError(f"give the path of a cascade.json, got {type(path).__name__}")
-    path = Path(path)
-    if path.is_dir():
-        path = path / "cascade.json"
+    path = config_path(path)
     doc = read_json(path, "a cascade.json written by `rescascade build`")
     check_schema(doc, path, "cascade config", SCHEMA_VERSION, REQUIRED)
     validate(doc, path)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import pandas as pd
 
+from rescascade.training.config import parse_size
 from rescascade.training.errors import ConfigError, RescascadeError, check_int
 
 
@@ -91,6 +92,13 @@ class CostModel:
         sel = sel[sel.precision == precision]
         if sel.empty:
             raise RescascadeError(f"{where} has no {precision} rows for backend {backend}")
+        if "served_size" in sel.columns and sel.served_size.notna().any():
+            sizes = sorted(set(sel.served_size.dropna().astype(str)))
+            if len(sizes) > 1:  # preprocessing timed from other images per row: no one source size to price
+                raise RescascadeError(f"{where} holds {backend} {precision} rows timed for images of several sizes "
+                                      f"({', '.join(sizes)}); re-run `rescascade profile` for every batch size at the "
+                                      "size you serve (--source-size WxH)")
+            default_size = list(parse_size(sizes[0]))  # the decode rows' base: the size these rows were timed for
         # per batch size: what a cascade's first stage pays and later stages do not (upload - gather), measured apart
         # from preprocess_ms (which includes the upload), so never more than the smallest preprocessing
         once = {}
@@ -133,7 +141,6 @@ class CostModel:
                                       f"({', '.join(f'{w}x{h}' for w, h in sizes)}); choose one with --source-size")
             source_size = sizes[0] if len(sizes) == 1 else tuple(default_size)
         elif isinstance(source_size, str):
-            from rescascade.training.config import parse_size
             source_size = parse_size(source_size)
         if not isinstance(source_size, (tuple, list)) or len(source_size) != 2:
             raise ConfigError(f"source_size {source_size!r}: give (width, height), 'WxH' or 'auto'")

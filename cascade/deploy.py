@@ -34,13 +34,14 @@ from rescascade.profiling.ort import session_options
 from rescascade.training.config import MAX_BATCH, MAX_THREADS
 from rescascade.training.errors import (ArtifactError, BackendUnavailable, ConfigError, RescascadeError, check_bool,
                                         check_int)
-from rescascade.training.fileio import check_schema, read_json, sha256_file
+from rescascade.training.fileio import check_schema, printable_streams, read_json, sha256_file
 from rescascade.training.images import DECODE_SCALES, DEFAULT_MAX_PIXELS, Encoded, pil_pixels
 from rescascade.training.preprocess_np import CHUNK, eval_resize_size, preprocess_pixels, stage_min_side
 
 from .confidence import exit_problem
-from .exits import Answers, CascadeResult, StageTiming, decode_stage, exit_step, load_inputs, warmup_sizes
-from .monitor import ExitCounts
+from .exits import (Answers, CascadeResult, StageTiming, decode_stage, exit_step, in_batches, load_inputs,
+                    warmup_sizes)
+from .monitor import ExitCounts, plan_identity
 
 BUNDLE_FORMAT = "rescascade-bundle"
 BUNDLE_SCHEMA = 2  # 2: the cascade's "decode" plan; a bundle without one is written as version 1
@@ -97,9 +98,11 @@ class Bundle:
     version, or a model file is missing or changed."""
 
     def __init__(self, path):
+        if not isinstance(path, (str, os.PathLike)) or not str(path):
+            raise ConfigError(f"bundle {path!r}: give the bundle's directory or its bundle.json")
         path = Path(path)
-        self.dir = path.parent if path.name == "bundle.json" else path
-        self.path = self.dir / "bundle.json"
+        self.path = path if path.name == "bundle.json" else path / "bundle.json"
+        self.dir = self.path.resolve().parent  # the models lie next to the file itself, not to a link to it
         doc = read_json(self.path, "a bundle written by `rescascade export`")
         if doc.get("format") != BUNDLE_FORMAT:
             raise ArtifactError(f"{self.path} is not a rescascade bundle (format {doc.get('format')!r})")
@@ -157,7 +160,9 @@ class BundleRunner:
     onnxruntime-gpu). threads: ONNX Runtime's intra-op threads and the preprocessing's (default: the CPUs this
     process may use; the sessions are set up as the profiler's, `profiling.ort.session_options`). reference: run the
     reference model alone instead of the cascade (to compare costs). max_image_pixels: refuse larger images
-    (None: no limit). warmup: run every stage at load on batches of these sizes (True: 1; False: none).
+    (None: no limit). batch_size: the most inputs run at once (default: the batch size the cascade was built for);
+    a call with more runs them in batches of this size, one after the other, so memory is set by it, not by the
+    number of inputs. warmup: run every stage at load on batches of these sizes (True: 1; False: none).
     Raises ArtifactError for a missing or changed bundle, BackendUnavailable for a provider that is not there,
     ConfigError for bad arguments.
 
@@ -173,13 +178,15 @@ class BundleRunner:
 
     def __init__(self, bundle, providers: Sequence[str] | None = None, threads: int | None = None,
                  reference: bool = False, max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 warmup: bool | Sequence[int] = True):
+                 warmup: bool | Sequence[int] = True, batch_size: int | None = None):
         import onnxruntime as ort
 
         if threads is not None:
             check_int("threads", threads, 1, MAX_THREADS)
         if max_image_pixels is not None:
             check_int("max_image_pixels", max_image_pixels, 1)
+        if batch_size is not None:
+            check_int("batch_size", batch_size, 1, MAX_BATCH)
         warmup = warmup_sizes(warmup)
         check_bool("reference", reference)
         if isinstance(providers, str) or not (providers is None or all(isinstance(p, str) for p in providers)):
@@ -204,7 +211,9 @@ class BundleRunner:
         self.class_names = list(doc["class_names"])
         self.num_classes = len(self.class_names)
         self.max_image_pixels = max_image_pixels
-        self.counts = ExitCounts.for_cascade([r for r, _ in self.stages], self.measure, self.num_classes)
+        self.batch_size = batch_size or int(doc.get("profile", {}).get("batch_size") or 1)
+        self.counts = ExitCounts.for_cascade([r for r, _ in self.stages], self.measure, self.num_classes,
+                                             plan_identity(doc, self.stages, self.decode_at))
         options = session_options(threads)
         self._pool = ThreadPoolExecutor(options.intra_op_num_threads, thread_name_prefix="rescascade-preprocess")
         self.sessions = {}
@@ -229,20 +238,24 @@ class BundleRunner:
         self._run([jpeg.getvalue()] * check_int("batch_size", batch_size, 1, MAX_BATCH), every, None)
 
     # ---- inputs --------------------------------------------------------------------------------------------
-    def _load(self, images) -> tuple[list[np.ndarray | Encoded | None], dict[int, str]]:
-        """Inputs -> decoded uint8 [H, W, 3] arrays or `Encoded` images (header checked), or None where an
-        input failed, with its error."""
+    def _inputs(self, images) -> list:
+        """The inputs as a list, one per image (a single input, or a uint8 array [N, H, W, 3], split);
+        ConfigError / RescascadeError for a container of the wrong kind."""
         if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)) or \
                 (isinstance(images, np.ndarray) and images.ndim == 3):
-            images = [images]  # one input
+            return [images]  # one input
         if isinstance(images, np.ndarray):
             if images.ndim != 4 or images.shape[3] != 3 or images.dtype != np.uint8 or 0 in images.shape[1:3]:
                 raise RescascadeError(f"images array must be uint8 [N, H, W, 3] with H, W >= 1, got {images.dtype} "
                                       f"{list(images.shape)}")
-            return list(images), {}
-        if not isinstance(images, Sequence):
+        elif not isinstance(images, Sequence):
             raise ConfigError(f"images: give a list of paths, bytes, PIL images or uint8 [H, W, 3] arrays, or a "
                               f"uint8 array [N, H, W, 3]; got {type(images).__name__}")
+        return list(images)
+
+    def _load(self, images: list) -> tuple[list[np.ndarray | Encoded | None], dict[int, str]]:
+        """Inputs -> decoded uint8 [H, W, 3] arrays or `Encoded` images (header checked), or None where an
+        input failed, with its error."""
         return load_inputs(images, self.max_image_pixels, _array_pixels)
 
     def _stage_input(self, pixels: list[np.ndarray], rows: np.ndarray, resolution: int) -> np.ndarray:
@@ -270,7 +283,8 @@ class BundleRunner:
     def __call__(self, images) -> CascadeResult:
         """Classify `images` (see the class) -> CascadeResult. ConfigError for a container of the wrong kind (one
         bad input fails only itself)."""
-        return self._run(images, self.stages, self.counts)
+        return in_batches(lambda part: self._run(part, self.stages, self.counts), self._inputs(images),
+                          self.batch_size)
 
     def _run(self, images, stages: list[tuple[int, float]], counts: ExitCounts | None) -> CascadeResult:
         """Run `stages` [(resolution, threshold)] on `images`, recording into `counts` (None: not counted)."""
@@ -327,20 +341,28 @@ def main(argv=None) -> int:
     parser.add_argument("--reference", action="store_true", help="run the reference model alone")
     parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS,
                         help=f"refuse larger images (default: {DEFAULT_MAX_PIXELS:,})")
+    parser.add_argument("--batch-size", type=int, help="images run at once; memory grows with it (default: the "
+                                                       "batch size the cascade was built for)")
     args = parser.parse_args(argv)
+    printable_streams()
     try:
-        runner = BundleRunner(args.bundle, reference=args.reference, max_image_pixels=args.max_image_pixels)
-        result = runner(args.images)
+        runner = BundleRunner(args.bundle, reference=args.reference, max_image_pixels=args.max_image_pixels,
+                              batch_size=args.batch_size)
     except RescascadeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    for i, path in enumerate(args.images):
-        if i in result.errors:
-            print(f"{path}\terror: {result.errors[i]}")
-        else:
-            stage = runner.stages[result.exit_stage[i]][0]
-            print(f"{path}\t{result.names[i]}\t{result.probs[i].max():.4f}\tr{stage}")
-    return 1 if result.errors else 0
+    failed = False
+    for start in range(0, len(args.images), runner.batch_size):  # answers printed batch by batch, as they come
+        paths = args.images[start:start + runner.batch_size]
+        result = runner(paths)
+        failed = failed or bool(result.errors)
+        for i, path in enumerate(paths):
+            if i in result.errors:
+                print(f"{path}\terror: {result.errors[i]}")
+            else:
+                stage = runner.stages[result.exit_stage[i]][0]
+                print(f"{path}\t{result.names[i]}\t{result.probs[i].max():.4f}\tr{stage}")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

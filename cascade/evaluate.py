@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,12 +20,13 @@ import torch
 from rescascade.profiling.measure import torch_threads
 from rescascade.training.config import MAX_BATCH, MAX_THREADS
 from rescascade.training.errors import ConfigError, RescascadeError, check_int
-from rescascade.training.fileio import write_json
+from rescascade.training.fileio import output_file, write_json
 from rescascade.training.progress import progress
 
 from .config import read_config
 from .optimizer import Cascade, Stage
 from .plots import eval_plot
+from .predictions import load_predictions
 from .runtime import CascadeRunner
 from .scoring import decode_all, encoded_all, images_to_score
 
@@ -55,14 +57,18 @@ def run_eval(cascade_json, data: str | None = None, backend: str | None = None, 
     config = read_config(cascade_json)
     b = batch_size or int(config.doc["profile"]["batch_size"])
     images, spec, digests, own = images_to_score(config, data, split, limit, log)
+    out, plot_path = report_paths(config, out, split, spec, own, limit)
     with torch_threads(threads):
-        decoded, labels, kept = decode_all(images, digests, log)
+        calib = None if own else load_predictions(config.family_dir / "predictions" / "calib.npz")
+        fitted_on = None if calib is None or calib.pixel_digests is None else set(calib.pixel_digests)
+        decoded, labels, kept = decode_all(images, digests, log, fitted_on)
         if not decoded:
-            raise RescascadeError(f"no readable {split} images in {spec}")
+            raise RescascadeError(f"no readable {split} images in {spec} that the thresholds were not fitted on")
         encoded = encoded_all(images, kept, spec) if from_bytes else None
         ref = config.reference
-        casc = CascadeRunner(config, backend=backend, threads=threads)
-        refr = CascadeRunner(config, backend=backend, threads=threads, stages=Cascade([Stage(ref, -math.inf)]))
+        casc = CascadeRunner(config, backend=backend, threads=threads, batch_size=b)
+        refr = CascadeRunner(config, backend=backend, threads=threads, stages=Cascade([Stage(ref, -math.inf)]),
+                             batch_size=b)
         casc_ms, ref_ms, pred_c, pred_r, exits, stage_time = _time_side_by_side(casc, refr, decoded, b, repeats)
         if from_bytes:
             bytes_run = _time_side_by_side(casc, refr, encoded, b, repeats, desc="eval from bytes")
@@ -88,27 +94,51 @@ def run_eval(cascade_json, data: str | None = None, backend: str | None = None, 
                       "images_per_s": 1000 / ms_img_r},
         "inputs": "decoded",
         "measured_cost_ratio": ms_img_c / ms_img_r,
-        "predicted_cost_ratio": exp.get("decoded_inputs", exp).get("cost_vs_reference"),
+        "predicted_cost_ratio": _predicted_ratio(config, exp, decoded=True),
         "predicted_accuracy": exp.get("accuracy"),
         "agreement_with_reference": float((pred_c == pred_r).mean()),
     }
     if from_bytes:
         report["from_bytes"] = _bytes_figures(bytes_run, labels, config, exp)
+    if "decode" in config.doc["profile"] and "decoded_inputs" not in exp:
+        log(f"cascade.json predicts no decoded-input cost for {split} (built before it did): re-run `rescascade build` "
+            "for that prediction")
     figures = [acc_c, acc_r, ms_img_c, ms_img_r, report["measured_cost_ratio"]]
     if not all(math.isfinite(v) for v in figures):  # never replace a report with a broken one
         raise RescascadeError(f"the measurement gave no valid figures ({figures}); nothing written")
-    if out is None or Path(out).is_dir():  # a partial or other-data run gets its own report, not the test split's
+    write_json(out, report)
+    if plot:
+        eval_plot(report, plot_path)
+    log(format_eval(report))
+    log(f"wrote {out}")
+    return report
+
+
+def report_paths(config, out, split: str, spec: str, own: bool, limit: int | None) -> tuple[Path, Path]:
+    """(report JSON, plot PNG) of an eval: `out`, or a name beside cascade.json (in `out` when it is a directory)
+    that tells a partial or other-data run from the test split's. Checked before anything is measured: ConfigError
+    for an `out` that is not a regular file (`fileio.output_file`)."""
+    if out is None or (isinstance(out, (str, os.PathLike)) and Path(out).is_dir()):
         tag = hashlib.sha256(spec.encode()).hexdigest()[:8]
         name = split if own else f"data-{Path(spec.partition(':')[2] or spec).name}-{tag}"
         name = config.path.stem + f"_eval_{name}" + (f"_limit{limit}" if limit else "") + ".json"
         out = (Path(out) if out is not None else config.path.parent) / name
+    output_file(out)
     out = Path(out)
-    write_json(out, report)
-    if plot:
-        eval_plot(report, out.with_suffix(".png"))
-    log(format_eval(report))
-    log(f"wrote {out}")
-    return report
+    plot = out.with_suffix(".png") if out.suffix != ".png" else out.with_suffix(".plot.png")
+    output_file(plot, "--out (its plot)")
+    return out, plot
+
+
+def _predicted_ratio(config, exp: dict, decoded: bool) -> float | None:
+    """The cost ratio cascade.json predicts on a split (`exp`, its expected figures) for decoded inputs or from
+    the encoded files: its main figure is the one its costs counted (the decode where profile.decode is recorded),
+    decoded_inputs the other; None where it predicts none."""
+    counted_decode = "decode" in config.doc["profile"]
+    if decoded:
+        return exp.get("decoded_inputs", {}).get("cost_vs_reference") if counted_decode else \
+            exp.get("cost_vs_reference")
+    return exp.get("cost_vs_reference") if counted_decode else None
 
 
 def _bytes_figures(run, labels: np.ndarray, config, exp: dict) -> dict:
@@ -116,7 +146,6 @@ def _bytes_figures(run, labels: np.ndarray, config, exp: dict) -> dict:
     casc_ms, ref_ms, pred_c, pred_r, exits, stage_time = run
     n = len(labels)
     ms_c, ms_r = np.median(casc_ms, 1).sum() / n, np.median(ref_ms, 1).sum() / n
-    decoded = "decoded_inputs" in exp  # the build counted the decode: its main figure is this one
     def decode_ms(who: str) -> float:
         return 1000 * sum(s["decode_s"] for s in stage_time[who].values()) / n
     return {"cascade": {"accuracy": float((pred_c == labels).mean()), "ms_per_image": ms_c,
@@ -126,7 +155,8 @@ def _bytes_figures(run, labels: np.ndarray, config, exp: dict) -> dict:
             "reference": {"accuracy": float((pred_r == labels).mean()), "ms_per_image": ms_r,
                           "decode_ms_per_image": decode_ms("reference"), "stage_seconds": stage_time["reference"]},
             "measured_cost_ratio": ms_c / ms_r,
-            "predicted_cost_ratio": exp.get("cost_vs_reference") if decoded else None}
+            "predicted_cost_ratio": _predicted_ratio(config, exp, decoded=False),
+            "decode_counted": "decode" in config.doc["profile"]}
 
 
 def _time_side_by_side(casc, refr, decoded: list, batch_size: int, repeats: int, desc: str = "eval"):
@@ -196,7 +226,8 @@ def format_eval(r: dict) -> str:
                   f"| reference r{ref['resolution']} | {100 * fb['reference']['accuracy']:.2f}% | "
                   f"{fb['reference']['ms_per_image']:.3f} | {fb['reference']['decode_ms_per_image']:.3f} | 1.000x |",
                   "", f"end-to-end cost ratio measured {fb['measured_cost_ratio']:.3f}x" +
-                  (f", predicted {p:.3f}x" if p is not None else " (the build counted no decode: no prediction)")]
+                  (f", predicted {p:.3f}x" if p is not None else
+                   " (the build counted no decode: no prediction)" if not fb.get("decode_counted") else "")]
     ratio = fb["measured_cost_ratio"] if fb else r["measured_cost_ratio"]
     if ratio >= 1:
         lines.append("the cascade is not cheaper than the reference here: serve the single model")

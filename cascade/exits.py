@@ -100,8 +100,28 @@ def decision_step(batch: int, num_classes: int):
     earlier = [rng.normal(size=(batch, num_classes)).astype(np.float32)]
     active = np.arange(batch)
     answers = Answers.empty(batch, num_classes)
-    counts = ExitCounts.for_cascade([96, 128], "max_prob", num_classes)
+    counts = ExitCounts.for_cascade([96, 128], "max_prob", num_classes, "timed")
     return lambda: exit_step(logits, 1, 0.5, 1.3, "max_prob", True, earlier, active, answers, counts)
+
+
+def in_batches(run: Callable[[list], CascadeResult], items: list, batch_size: int) -> CascadeResult:
+    """`run` (a list of inputs -> CascadeResult) on consecutive batches of at most batch_size inputs, the results
+    joined in input order (errors keyed by input index, stage timings added up): a runtime holds the files,
+    decodes and model inputs of one batch at a time, so its memory is set by the batch size, not by how many
+    inputs it is given."""
+    if len(items) <= batch_size:
+        return run(items)
+    parts = [run(items[s:s + batch_size]) for s in range(0, len(items), batch_size)]
+    timings = [StageTiming(t.resolution) for t in max((p.stage_timings for p in parts), key=len)]
+    for part in parts:
+        for total, t in zip(timings, part.stage_timings):
+            for key in ("rows", "calls", "decoded", "decode_s", "preprocess_s", "inference_s", "decide_s"):
+                setattr(total, key, getattr(total, key) + getattr(t, key))
+    starts = np.cumsum([0] + [len(p.labels) for p in parts])
+    return CascadeResult(np.concatenate([p.labels for p in parts]), np.concatenate([p.probs for p in parts]),
+                         np.concatenate([p.exit_stage for p in parts]), np.concatenate([p.confidence for p in parts]),
+                         {int(start) + i: e for start, p in zip(starts, parts) for i, e in p.errors.items()},
+                         timings, sum(p.wall_s for p in parts), parts[0].class_names)
 
 
 def load_inputs(images: Sequence, max_pixels: int, to_pixels: Callable) -> tuple[list, dict[int, str]]:

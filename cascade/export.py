@@ -15,17 +15,18 @@ there whole.
 from __future__ import annotations
 
 import datetime as _dt
+import fcntl
 import importlib.util
 import json
 import os
-from contextlib import contextmanager
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 
 from rescascade.profiling.export import TOLERANCE, export_resolution
 from rescascade.training.config import MAX_BATCH, MAX_THREADS
-from rescascade.training.errors import ConfigError, check_int
+from rescascade.training.errors import ConfigError, check_bool, check_int
 from rescascade.training.fileio import sha256_file, write_json, write_text
 from rescascade.training.preprocess_np import CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, MAX_ASPECT
 from rescascade.training.store import weights_id
@@ -48,54 +49,76 @@ numpy and Pillow (no torch). From the directory that holds this one:
 """
 
 
-def export_bundle(config, out, precision: str = "fp32", log=print) -> Path:
+def export_bundle(config, out, precision: str = "fp32", overwrite: bool = False, log=print) -> Path:
     """Write the bundle of `config` (a cascade.json path or a CascadeConfig; its family must be where it says)
-    to the directory `out`: see the module. precision: the ONNX models' ("fp32"; "fp16" for GPUs). An existing
-    bundle at `out` is replaced; any other non-empty directory is refused. Returns the bundle.json path.
-    Raises ConfigError (bad precision, out not a bundle), ArtifactError / RescascadeError (family missing or
-    changed, export differing from PyTorch)."""
+    to the directory `out`: see the module. precision: the ONNX models' ("fp32"; "fp16" for GPUs). `out` may be
+    new, empty, or an earlier export of the same cascade.json (replaced); an export of another cascade is replaced
+    only with `overwrite`, and a directory holding anything an export did not write never. Returns the bundle.json
+    path. Raises ConfigError (bad precision, out not usable, another export into out running), ArtifactError /
+    RescascadeError (family missing or changed, export differing from PyTorch)."""
     if precision not in TOLERANCE:
         raise ConfigError(f"precision {precision!r}: choose one of {', '.join(TOLERANCE)}")
+    out = _out_dir(out)
+    check_bool("overwrite", overwrite)
     config = config if isinstance(config, CascadeConfig) else read_config(config)
+    source = _source(config)
+    with _staged(out, _bundle_files, "a bundle", source, overwrite) as tmp:
+        models = _write_bundle(config, tmp, out.name, precision, log)
+    log(f"wrote {out}/ (bundle.json, {models} ONNX models, the runtime): "
+        f"PYTHONPATH={out} python -m rescascade.deploy {out} IMAGE...")
+    return out / "bundle.json"
+
+
+def _source(config: CascadeConfig) -> str | None:
+    """What an export is an export of: the cascade.json it was written from (its real path), None for a config
+    never saved."""
+    return str(Path(config.path).resolve()) if config.path else None
+
+
+def _write_bundle(config: CascadeConfig, tmp: Path, name: str, precision: str, log) -> int:
+    """The bundle's files, into the directory tmp (see the module). -> how many ONNX models it holds."""
     family, doc = open_family(config)
     fam_dir, wid = config.family_dir, weights_id(doc)
     resolutions = sorted({s.resolution for s in config.cascade.stages} | {config.reference})
-    out = Path(out)
-    with _staged(out, _bundle_files, "a bundle") as tmp:
-        models = {}
-        for r in resolutions:
-            log(f"exporting r{r} ({precision}) ...")
-            path, meta = export_resolution(family, fam_dir, r, wid, precision)
-            name = f"r{r}.{precision}.onnx"
-            shutil.copyfile(path, tmp / name)
-            models[str(r)] = {"file": name, "sha256": sha256_file(tmp / name), "precision": precision,
-                              "input": "input", "output": "logits", "max_abs_diff": meta["max_abs_diff"]}
-        _copy_runtime(tmp)
-        prep = doc.get("preprocessing", {})
-        bundle = {
-            "format": BUNDLE_FORMAT, "schema_version": BUNDLE_SCHEMA if "decode" in config.doc else 1,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "source": {"cascade_json": str(config.path), "cascade_json_sha256": sha256_file(config.path)
-                       if config.path else None, "weights_sha256": wid,
-                       "family_json_sha256": config.doc["family"]["family_json_sha256"]},
-            "models": models,
-            "stages": config.doc["stages"], **decode_json(config.cascade), "reference": config.doc["reference"],
-            "confidence": config.doc["confidence"], "expected": config.doc["expected"],
-            "profile": {k: config.doc["profile"].get(k) for k in ("backend", "precision", "batch_size", "device")},
-            "preprocessing": {"resize": RESIZE, "crop_fraction": prep.get("crop_fraction", CROP_FRACTION),
-                              "mean": list(prep.get("mean") or IMAGENET_MEAN),
-                              "std": list(prep.get("std") or IMAGENET_STD),
-                              "decode_scale": prep.get("decode_scale", "full"), "max_aspect": MAX_ASPECT},
-            "class_names": list(doc["class_names"]), "num_classes": int(doc["num_classes"]),
-        }
-        write_json(tmp / "bundle.json", bundle)
-        write_text(tmp / "README.txt", _README.format(
-            source=Path(config.path).resolve() if config.path else "a CascadeConfig", name=out.name, reference=config.reference,
-            stages=" -> ".join(f"r{s.resolution}" for s in config.cascade.stages)))
-        Bundle(tmp)  # reads back as the runtime will
-    log(f"wrote {out}/ (bundle.json, {len(models)} ONNX models, the runtime): "
-        f"PYTHONPATH={out} python -m rescascade.deploy {out} IMAGE...")
-    return out / "bundle.json"
+    models = {}
+    for r in resolutions:
+        log(f"exporting r{r} ({precision}) ...")
+        path, meta = export_resolution(family, fam_dir, r, wid, precision)
+        file = f"r{r}.{precision}.onnx"
+        shutil.copyfile(path, tmp / file)
+        models[str(r)] = {"file": file, "sha256": sha256_file(tmp / file), "precision": precision,
+                          "input": "input", "output": "logits", "max_abs_diff": meta["max_abs_diff"]}
+    _copy_runtime(tmp)
+    prep = doc.get("preprocessing", {})
+    bundle = {
+        "format": BUNDLE_FORMAT, "schema_version": BUNDLE_SCHEMA if "decode" in config.doc else 1,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "source": {"cascade_json": _source(config), "cascade_json_sha256": sha256_file(config.path)
+                   if config.path else None, "weights_sha256": wid,
+                   "family_json_sha256": config.doc["family"]["family_json_sha256"]},
+        "models": models,
+        "stages": config.doc["stages"], **decode_json(config.cascade), "reference": config.doc["reference"],
+        "confidence": config.doc["confidence"], "expected": config.doc["expected"],
+        "profile": {k: config.doc["profile"].get(k) for k in ("backend", "precision", "batch_size", "device")},
+        "preprocessing": {"resize": RESIZE, "crop_fraction": prep.get("crop_fraction", CROP_FRACTION),
+                          "mean": list(prep.get("mean") or IMAGENET_MEAN),
+                          "std": list(prep.get("std") or IMAGENET_STD),
+                          "decode_scale": prep.get("decode_scale", "full"), "max_aspect": MAX_ASPECT},
+        "class_names": list(doc["class_names"]), "num_classes": int(doc["num_classes"]),
+    }
+    write_json(tmp / "bundle.json", bundle)
+    write_text(tmp / "README.txt", _README.format(
+        source=Path(config.path).resolve() if config.path else "a CascadeConfig", name=name, reference=config.reference,
+        stages=" -> ".join(f"r{s.resolution}" for s in config.cascade.stages)))
+    Bundle(tmp)  # reads back as the runtime will
+    return len(models)
+
+
+def _out_dir(out) -> Path:
+    """`out` as a directory path; ConfigError for what is not a path."""
+    if not isinstance(out, (str, os.PathLike)) or not str(out):
+        raise ConfigError(f"--out {out!r}: give the directory to write, e.g. deploy/pets")
+    return Path(out)
 
 
 def _copy_runtime(dest: Path) -> None:
@@ -115,21 +138,31 @@ def _foreign_files(out: Path, ours) -> list[str]:
                   if not p.is_dir() and "__pycache__" not in p.parts and not ours(p.relative_to(out)))
 
 
-def _bundle_files(root: Path):
-    """`ours` for a bundle at root: bundle.json, README.txt, the models bundle.json names, the runtime's modules."""
+def _bundle_doc(bundle_json: Path) -> dict | None:
+    """An earlier bundle's bundle.json, or None where there is no bundle of rescascade's."""
     try:
-        doc = json.loads((root / "bundle.json").read_text())
-        models = {m["file"] for m in doc["models"].values()} if doc.get("format") == BUNDLE_FORMAT else None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        models = None
-    if models is None:
+        doc = json.loads(bundle_json.read_text())
+    except (OSError, ValueError):
         return None
-    return lambda rel: rel.parts[0] == "rescascade" or str(rel) in {"bundle.json", "README.txt", *models}
+    return doc if isinstance(doc, dict) and doc.get("format") == BUNDLE_FORMAT else None
+
+
+def _bundle_files(root: Path):
+    """(`ours`, source) for a bundle at root: `ours(relative path)` says which files an export wrote there
+    (bundle.json, README.txt, the models bundle.json names, the runtime's modules), source which cascade.json it
+    was exported from; None where root holds no bundle."""
+    doc = _bundle_doc(root / "bundle.json")
+    try:
+        models = {m["file"] for m in doc["models"].values()}
+        source = doc["source"]["cascade_json"]
+    except (TypeError, KeyError, AttributeError):
+        return None
+    return (lambda rel: rel.parts[0] == "rescascade" or str(rel) in {"bundle.json", "README.txt", *models}), source
 
 
 def _repository_files(root: Path):
-    """`ours` for a Triton repository at root: models cascade and reference, each config.pbtxt, 1/model.py and
-    1/bundle/ (exit counts are the user's data: not ours)."""
+    """(`ours`, source) for a Triton repository at root: models cascade and reference, each config.pbtxt,
+    1/model.py and 1/bundle/ (exit counts are the user's data: not ours); None where root holds none."""
     inner = {name: _bundle_files(root / name / "1" / "bundle") for name in ("cascade", "reference")}
     if any(v is None for v in inner.values()):
         return None
@@ -143,56 +176,89 @@ def _repository_files(root: Path):
         if parts[1] != "1" or len(parts) < 3:
             return False
         return parts[2] == "model.py" if len(parts) == 3 else \
-            parts[2] == "bundle" and inner[parts[0]](Path(*parts[3:]))
-    return ours
+            parts[2] == "bundle" and inner[parts[0]][0](Path(*parts[3:]))
+    return ours, inner["cascade"][1]
 
 
 @contextmanager
-def _staged(out: Path, files, kind: str):
+def _export_lock(out: Path):
+    """Hold `out`'s export lock (an flock on .NAME.lock beside it, removed after): a second export into the same
+    directory meanwhile stops with ConfigError instead of both succeeding and one result vanishing."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    lock = out.parent / f".{out.name}.lock"
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(f"another export into {out} is running (it holds {lock}); wait for it to finish, or "
+                              "export to another --out") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino  # not a lock file its last holder just removed
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        os.close(fd)
+
+
+@contextmanager
+def _staged(out: Path, files, kind: str, source: str | None, overwrite: bool):
     """Yield a new directory beside `out` to write; on success it replaces `out`, on failure it is removed and
     `out` is untouched. `out` may be new, empty, or an earlier export holding only what that export wrote
-    (`files(out)`: which files an export there wrote, or None if it is not one); anything else is refused with
-    ConfigError, so nothing of the user's is ever deleted."""
+    (`files(out)`: (which files an export there wrote, the cascade.json it came from), or None if it is not
+    one) of the same `source` (of another only with `overwrite`); anything else is refused with ConfigError, so
+    nothing of the user's is ever deleted. The whole export holds `out`'s lock (`_export_lock`)."""
     here = Path.cwd()
     if Path(os.path.abspath(out)) in (here, *here.parents):
         raise ConfigError(f"{out} is the current directory or holds it: an export replaces its directory as a "
                           "whole; give another directory (or run from its parent)")
-    if out.exists() or out.is_symlink():
-        if out.is_symlink() or not out.is_dir():
-            raise ConfigError(f"{out} exists and is {'a symbolic link' if out.is_symlink() else 'not a directory'}: "
-                              "give a new or empty directory")
-        if any(out.iterdir()):
-            ours = files(out)
-            if ours is None:
-                raise ConfigError(f"{out} is not empty and not {kind}: give a new or empty directory (an earlier "
-                                  "export there is replaced)")
-            foreign = _foreign_files(out, ours)
-            if foreign:
-                shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
-                raise ConfigError(f"{out} holds files the export did not write ({shown}): move them elsewhere "
-                                  "first (exit counts are drift data: keep them), or export to a new directory")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    new = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    new.chmod(0o777 & ~umask)  # mkdtemp's 0700 would keep a server running as another user out
-    try:
-        yield new
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            old.rmdir()
-            out.rename(old)
-            try:
+    with _export_lock(out):
+        if out.exists() or out.is_symlink():
+            if out.is_symlink() or not out.is_dir():
+                raise ConfigError(f"{out} exists and is {'a symbolic link' if out.is_symlink() else 'not a directory'}"
+                                  ": give a new or empty directory")
+            if any(out.iterdir()):
+                earlier = files(out)
+                if earlier is None:
+                    raise ConfigError(f"{out} is not empty and not {kind}: give a new or empty directory (an earlier "
+                                      "export of the same cascade there is replaced)")
+                ours, was = earlier
+                foreign = _foreign_files(out, ours)
+                if foreign:
+                    shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+                    raise ConfigError(f"{out} holds files the export did not write ({shown}): move them elsewhere "
+                                      "first (exit counts are drift data: keep them), or export to a new directory")
+                if (was is None or was != source) and not overwrite:
+                    raise ConfigError(f"{out} holds an export of another cascade ({was or 'a config never saved'}); "
+                                      "pass --overwrite to replace it, or export to a new directory")
+        new = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        new.chmod(0o777 & ~umask)  # mkdtemp's 0700 would keep a server running as another user out
+        try:
+            yield new
+            if out.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+                old.rmdir()
+                out.rename(old)
+                try:
+                    new.rename(out)
+                except OSError:
+                    old.rename(out)  # put the earlier export back
+                    raise
+                shutil.rmtree(old, ignore_errors=True)
+            else:
                 new.rename(out)
-            except OSError:
-                old.rename(out)  # put the earlier export back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            new.rename(out)
-    except BaseException:
-        shutil.rmtree(new, ignore_errors=True)
-        raise
+        except BaseException:
+            shutil.rmtree(new, ignore_errors=True)
+            raise
 
 
 _CONFIG_PBTXT = """# {what} served by Triton's Python backend (model.py runs the bundle in 1/bundle/).
@@ -225,16 +291,17 @@ TRITON_DEVICES = {"cpu": ("KIND_CPU", "CPUExecutionProvider"),
 
 def export_triton(config, out, precision: str = "fp32", max_batch_size: int = 32, instances: int = 1,
                   max_queue_delay_us: int = 1000, device: str = "cpu", threads: int | None = None,
-                  log=print) -> Path:
+                  overwrite: bool = False, log=print) -> Path:
     """Write a Triton model repository to `out` that serves the cascade of `config` (model "cascade") and, for
     comparison, its reference model alone (model "reference"): each is a Python-backend model (`triton_model.py`
     as 1/model.py, `config.pbtxt` with dynamic batching up to max_batch_size, `instances` instances) running the
     exported bundle (1/bundle/) with ONNX Runtime on `device` ("cpu", or "gpu": the CUDA provider in GPU
     instances; Triton's Python environment then needs onnxruntime-gpu) and `threads` CPU threads per instance
     (default: every CPU; give CPUs / instances). Each instance writes its exit counts to
-    cascade/exit_counts.<instance>.json (`rescascade drift` adds them up; the reference writes none). An earlier
-    repository at `out` is replaced; any other non-empty directory is refused. Returns `out`. Raises ConfigError
-    for bad values, and what `export_bundle` raises."""
+    cascade/exit_counts.<instance>.json (`rescascade drift` adds them up; the reference writes none). `out` may
+    be new, empty, or an earlier repository of the same cascade.json (replaced; of another cascade only with
+    `overwrite`); anything else is refused. Returns `out`. Raises ConfigError for bad values, and what
+    `export_bundle` raises."""
     check_int("max_batch_size", max_batch_size, 1, MAX_BATCH)
     check_int("instances", instances, 1, 64)
     check_int("max_queue_delay_us", max_queue_delay_us, 0, 10_000_000)
@@ -242,13 +309,16 @@ def export_triton(config, out, precision: str = "fp32", max_batch_size: int = 32
         check_int("threads", threads, 1, MAX_THREADS)
     if device not in TRITON_DEVICES:
         raise ConfigError(f"device {device!r}: choose one of {', '.join(TRITON_DEVICES)}")
+    out = _out_dir(out)
+    check_bool("overwrite", overwrite)
     config = config if isinstance(config, CascadeConfig) else read_config(config)
-    out = Path(out)
-    with _staged(out, _repository_files, "a model repository written by rescascade") as tmp:
+    with _staged(out, _repository_files, "a model repository written by rescascade", _source(config),
+                 overwrite) as tmp:
         kind, providers = TRITON_DEVICES[device]
         bundle = tmp / "cascade" / "1" / "bundle"
         log(f"exporting the bundle ({precision}) ...")
-        export_bundle(config, bundle, precision, log=lambda s: None)
+        bundle.mkdir(parents=True)
+        _write_bundle(config, bundle, bundle.name, precision, log=lambda s: None)
         model_py = importlib.util.find_spec("rescascade.triton_model").origin
         for name, reference in (("cascade", "false"), ("reference", "true")):
             version = tmp / name / "1"

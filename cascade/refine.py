@@ -140,14 +140,16 @@ def _alternatives(builder) -> list[Cascade]:
     return [chosen.cascade] + [c.cascade for c in near[:ALTERNATIVES]]
 
 
-def refine(builder, calib, costs: CostModel, make_runner, n: int, repeats: int = 3, log=print) -> dict:
+def refine(builder, calib, costs: CostModel, make_runner, n: int, repeats: int = 3, log=print,
+           inputs: tuple[list, np.ndarray] | None = None) -> dict:
     """The loop of the module docstring on a fitted CascadeBuilder (refitted in place with the refined costs).
     make_runner(builder, costs) -> a CascadeRunner of the builder's current choice; n: calibration images;
-    repeats: timed passes. -> the record cascade.json keeps, with the refined CostModel under "costs"."""
+    repeats: timed passes; inputs: `calibration_inputs` of n images already read. -> the record cascade.json
+    keeps, with the refined CostModel under "costs"."""
     check_int("refine", n, 1)
     check_int("repeats", repeats, 1)
     runner = make_runner(builder, costs)
-    inputs, rows = calibration_inputs(runner.config, calib, n, bool(costs.decode_ms), log)
+    inputs, rows = inputs or calibration_inputs(runner.config, calib, n, bool(costs.decode_ms), log)
     reference = Cascade([Stage(builder.reference_, -math.inf)])
     cascades = _alternatives(builder)
     runs = measure_cascades(runner, cascades + [reference], inputs, costs.batch_size, repeats)

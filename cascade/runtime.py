@@ -18,7 +18,7 @@ from PIL import Image
 
 from rescascade.profiling.backends import get_backend
 from rescascade.profiling.measure import torch_threads
-from rescascade.training.config import MAX_THREADS
+from rescascade.training.config import MAX_BATCH, MAX_THREADS
 from rescascade.training.errors import ConfigError, RescascadeError, check_int
 from rescascade.training.fileio import sha256_file
 from rescascade.training.images import DEFAULT_MAX_PIXELS, Encoded, from_pil
@@ -26,9 +26,9 @@ from rescascade.training.preprocess import channels_last_batch, eval_resize_size
 from rescascade.training.store import load_family, weights_id
 
 from .config import CascadeConfig, read_config
-from .exits import (Answers, CascadeResult, StageTiming, decision_step, decode_stage, exit_step, load_inputs,
-                    warmup_sizes)
-from .monitor import ExitCounts
+from .exits import (Answers, CascadeResult, StageTiming, decision_step, decode_stage, exit_step, in_batches,
+                    load_inputs, warmup_sizes)
+from .monitor import ExitCounts, plan_identity
 from .optimizer import Cascade, Stage
 
 __all__ = ["CascadeRunner", "CascadeResult", "StageTiming", "decision_step", "exit_step"]
@@ -89,14 +89,16 @@ class CascadeRunner:
     counts: an `ExitCounts` of what the served cascade saw (inputs, exits and confidence histogram per stage);
     `runner.counts.save(path)` and `rescascade drift CASCADE_JSON COUNTS_JSON` tell whether traffic has drifted.
 
-    warmup: run every stage at load on batches of these sizes (True, the default: 1 and the batch size the cascade
-    was built for; False: none), so that the first request is not the slow one: sessions allocate and plan on
-    their first run at each batch size. Give the batch sizes you serve.
+    batch_size: the most inputs run at once (default: the batch size the cascade was built for); a call with more
+    runs them in batches of this size, one after the other, so memory is set by it, not by the number of inputs.
+    warmup: run every stage at load on batches of these sizes (True, the default: 1 and batch_size; False: none),
+    so that the first request is not the slow one: sessions allocate and plan on their first run at each batch
+    size. Give the batch sizes you serve.
     """
 
     def __init__(self, config, backend: str | None = None, precision: str | None = None,
                  threads: int | None = None, stages=None, max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 warmup: bool | Sequence[int] = True):
+                 warmup: bool | Sequence[int] = True, batch_size: int | None = None):
         if threads is not None:
             check_int("threads", threads, 1, MAX_THREADS)
         if max_image_pixels is not None:
@@ -118,7 +120,8 @@ class CascadeRunner:
         self._served = self.cascade  # what `counts` counts: not warm-up runs, not cascades swapped in by `use`
         self.temperatures = self.config.temperatures
         self.measure, self.combined = self.config.measure, self.config.combined
-        self.counts = ExitCounts.for_cascade(self.cascade.resolutions, self.measure, doc["num_classes"])
+        self.counts = ExitCounts.for_cascade(self.cascade.resolutions, self.measure, doc["num_classes"], plan_identity(
+            self.config.doc, [(st.resolution, st.threshold) for st in self.cascade.stages], self.cascade.decode_at))
         self.num_classes = doc["num_classes"]
         self.class_names = list(doc["class_names"])
         self.max_image_pixels = max_image_pixels
@@ -128,7 +131,8 @@ class CascadeRunner:
         self._open = lambda r: be.open(family, fam_dir, weights_id(doc), r, self.precision, threads)
         self.use(self.cascade)
         built = int(self.config.doc["profile"].get("batch_size", 1))
-        sizes = sorted({1, built}) if warmup is True else warmup or []
+        self.batch_size = built if batch_size is None else check_int("batch_size", batch_size, 1, MAX_BATCH)
+        sizes = sorted({1, self.batch_size}) if warmup is True else warmup or []
         for b in sizes:
             self.warmup(b, doc.get("provenance", {}).get("data", {}).get("source_size"))
 
@@ -155,15 +159,16 @@ class CascadeRunner:
         every = Cascade([Stage(s.resolution, math.inf) for s in self.cascade.stages],  # no row exits early
                         decode_at=self.cascade.decode_at)
         with torch_threads(next(iter(self.engines.values())).preprocess_threads):
-            self._run([jpeg.getvalue()] * max(1, batch_size), every)  # not counted; requests meanwhile unaffected
+            # not counted; requests meanwhile unaffected
+            self._run([jpeg.getvalue()] * check_int("batch_size", batch_size, 1, MAX_BATCH), every)
 
     # ---- inputs --------------------------------------------------------------------------------------------
-    def _load(self, images) -> tuple[list[torch.Tensor | Encoded | None], dict[int, str]]:
-        """Inputs -> decoded tensors, or `Encoded` images (header checked, decoded stage by stage), or None
-        where an input failed, with its error."""
+    def _inputs(self, images) -> list:
+        """The inputs as a list, one per image (a single input, or a uint8 tensor [N, 3, H, W], split);
+        ConfigError / RescascadeError for a container of the wrong kind."""
         if isinstance(images, (str, os.PathLike, bytes, bytearray, memoryview, Image.Image)) or \
                 (isinstance(images, torch.Tensor) and images.dim() in (1, 3)):
-            images = [images]  # one input, not a sequence of characters, bytes or rows
+            return [images]  # one input, not a sequence of characters, bytes or rows
         if isinstance(images, np.ndarray) or not isinstance(images, (Sequence, torch.Tensor)):
             raise ConfigError(f"images: give a uint8 tensor [N, 3, H, W], or a list of paths, bytes, PIL images or "
                               f"uint8 [3, H, W] tensors; got {type(images).__name__} (a numpy array: "
@@ -172,7 +177,11 @@ class CascadeRunner:
             if images.dim() != 4 or images.shape[1] != 3 or images.dtype != torch.uint8 or 0 in images.shape[2:]:
                 raise RescascadeError(f"images tensor must be uint8 [N, 3, H, W] with H, W >= 1, got {images.dtype} "
                                       f"{list(images.shape)}")
-            return list(images), {}
+        return list(images)
+
+    def _load(self, images: list) -> tuple[list[torch.Tensor | Encoded | None], dict[int, str]]:
+        """Inputs -> decoded tensors, or `Encoded` images (header checked, decoded stage by stage), or None
+        where an input failed, with its error."""
         return load_inputs(images, self.max_image_pixels, partial(_tensor_pixels, max_pixels=self.max_image_pixels))
 
     def _source_batch(self, images: list[torch.Tensor | None], rows: np.ndarray) -> torch.Tensor | None:
@@ -199,9 +208,10 @@ class CascadeRunner:
         """Classify `images` (see the class): -> CascadeResult with labels [N] (int64, -1 for a failed input),
         names, probs [N, C] float32, exit_stage [N], confidence [N], errors {index: message}, wall_s and
         per-stage timings. ConfigError for a container of the wrong kind (one bad input fails only itself)."""
+        images = self._inputs(images)
         threads = next(iter(self.engines.values())).preprocess_threads
         with torch_threads(threads):
-            return self._run(images, self.cascade)
+            return in_batches(partial(self._run, cascade=self.cascade), images, self.batch_size)
 
     def _run(self, images, cascade: Cascade) -> CascadeResult:
         t_start = time.perf_counter()

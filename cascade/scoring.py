@@ -13,6 +13,7 @@ import torch
 
 from rescascade.training.data import ImageSet, heldout_listing, resolve_source
 from rescascade.training.errors import ConfigError, RescascadeError
+from rescascade.training.fileio import printable
 from rescascade.training.images import ImageError, pixel_digest
 from rescascade.training.store import read_family_json
 
@@ -97,10 +98,13 @@ def images_to_score(config, data: str | None, split: str, limit: int | None, log
     return ScoredImages(images, spec, digests, own)
 
 
-def decode_all(images: ImageSet, digests: np.ndarray | None, log) -> tuple[list[torch.Tensor], np.ndarray, list[int]]:
+def decode_all(images: ImageSet, digests: np.ndarray | None, log,
+               fitted_on: set[str] | None = None) -> tuple[list[torch.Tensor], np.ndarray, list[int]]:
     """Decoded images, labels and their positions in `images`. With digests (the family's own images) every image
-    must decode to the pixels it was predicted on; other data leaves unreadable images out, named."""
-    out, labels, changed, kept = [], [], [], []
+    must decode to the pixels it was predicted on; other data leaves unreadable images out, named, and the images
+    whose pixel digest is in `fitted_on` (the family's calib images, wherever they now lie or however re-encoded
+    without loss: the thresholds were fitted on them), counted."""
+    out, labels, changed, kept, fitted = [], [], [], [], 0
     for i in range(len(images)):
         try:
             image = images.read(i)
@@ -108,17 +112,24 @@ def decode_all(images: ImageSet, digests: np.ndarray | None, log) -> tuple[list[
             if digests is not None:
                 raise RescascadeError(f"{images.ids[i]} no longer decodes ({e}), though the family predicted on it: the "
                                       "file changed since training; restore it, or give other images with --data") from None
-            log(f"{images.ids[i]}: unreadable, left out ({e})")
+            log(f"{printable(images.ids[i])}: unreadable, left out ({e})")
             continue
-        if digests is not None and pixel_digest(image) != digests[i]:
+        digest = pixel_digest(image) if digests is not None or fitted_on else None
+        if digests is not None and digest != digests[i]:
             changed.append(images.ids[i])
+        if fitted_on and digest in fitted_on:
+            fitted += 1
+            continue
         out.append(image)
         labels.append(images.labels[i])
         kept.append(i)
     if changed:
         raise RescascadeError(f"{len(changed)} of {len(images)} images decode to other pixels than the family predicted on "
-                              f"(e.g. {changed[0]}): the files changed since training; restore them, or give other "
-                              "images with --data")
+                              f"(e.g. {printable(changed[0])}): the files changed since training; restore them, or give "
+                              "other images with --data")
+    if fitted:
+        log(f"left out {fitted} of the {len(images)} images: they are the family's calib images (same pixels), on "
+            "which the thresholds were fitted; scoring them would flatter the cascade")
     return out, np.array(labels, dtype=np.int64), kept
 
 

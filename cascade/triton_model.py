@@ -12,7 +12,8 @@ PROBABILITY (FP32, of the answer), EXIT_STAGE (INT64, index of the answering sta
 resolution), ERROR (empty, or what is wrong with that image). Parameters (config.pbtxt): reference ("true": the
 reference model alone), providers (comma-separated ONNX Runtime providers), threads, counts_path (where the exit
 counts are written, for `rescascade drift`; relative paths are inside the model's directory; {instance} becomes
-the instance's name, so instances do not overwrite each other's counts). Exits per stage
+the instance's name, so instances do not overwrite each other's counts; a reloaded or restarted model goes on
+counting into the file of its plan, and writes a new file, never over one of another plan). Exits per stage
 are also Triton metrics: rescascade_stage_inputs_total and rescascade_stage_exits_total{model, stage="rN"}.
 """
 from __future__ import annotations
@@ -35,6 +36,7 @@ class TritonPythonModel:
         version_dir = Path(args["model_repository"]) / args["model_version"]
         sys.path.insert(0, str(version_dir / "bundle"))  # the bundle's own copy of the runtime
         from rescascade.deploy import BundleRunner
+        from rescascade.monitor import continue_counts
 
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
@@ -42,11 +44,14 @@ class TritonPythonModel:
         threads = int(params["threads"]) if params.get("threads") else None
         batch = min(max(1, int(config.get("max_batch_size", 1))), WARMUP_MAX)
         self.runner = BundleRunner(version_dir / "bundle", providers=providers, threads=threads,
-                                   reference=params.get("reference", "false") == "true", warmup=sorted({1, batch}))
+                                   reference=params.get("reference", "false") == "true", warmup=sorted({1, batch}),
+                                   batch_size=max(1, int(config.get("max_batch_size", 1))))
         self.resolutions = [r for r, _ in self.runner.stages]
         counts = params.get("counts_path", "").replace("{instance}", args["model_instance_name"])
         self.counts_path = None if not counts else (Path(counts) if Path(counts).is_absolute()
                                                      else Path(args["model_repository"]) / counts)
+        if self.counts_path is not None:  # a reload or restart goes on counting, never overwrites earlier counts
+            self.runner.counts, self.counts_path = continue_counts(self.counts_path, self.runner.counts)
         self._saved_at = time.monotonic()
         self._metrics(pb_utils, args["model_name"])
 
@@ -120,7 +125,7 @@ class TritonPythonModel:
         self._saved_at = time.monotonic()
         try:
             self.runner.counts.save(self.counts_path)
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 (read-only, full, replaced by a directory: never the requests' failure)
             self.pb.Logger.log_warn(f"rescascade: cannot write the exit counts to {self.counts_path}: {e}")
 
     def finalize(self) -> None:

@@ -25,7 +25,7 @@ import torch
 
 from rescascade.training.config import MAX_BATCH, MAX_THREADS, parse_size
 from rescascade.training.errors import ConfigError, RescascadeError, check_int
-from rescascade.training.fileio import atomic_path, check_schema, read_json, write_json
+from rescascade.training.fileio import atomic_path, check_schema, output_file, read_json, write_json
 from rescascade.training.images import DECODE_SCALES, DEFAULT_MAX_PIXELS, jpeg_scale
 from rescascade.training.preprocess import (CROP_FRACTION, channels_last_batch, eval_resize_size, preprocess,
                                             stage_min_side)
@@ -40,9 +40,11 @@ from .measure import (Protocol, after, cpu_timer, cuda_timer, default_threads, d
 PROFILE_SCHEMA = 1
 KEY = ["backend", "precision", "resolution", "batch_size"]
 TIMES = ["median_ms", "preprocess_ms", "overhead_ms", "upload_ms", "gather_ms"]  # what the cost model reads
+# source_size: the decoded image a row's preprocessing started from (the stage's DCT scale of served_size);
+# served_size: the size of the images to be served (run_profile's source_size), one per (backend, precision)
 COLUMNS = KEY + ["median_ms", "mean_ms", "std_ms", "p90_ms", "p99_ms", "min_ms", "cv", "n_iters", "per_image_ms",
                  "preprocess_ms", "preprocess_per_image_ms", "overhead_ms", "upload_ms", "gather_ms", "source_size",
-                 "threads", "build_s", "smoke", "measured_at"]
+                 "served_size", "threads", "build_s", "smoke", "measured_at"]
 
 
 SOURCE_POOL_BYTES = 64 << 20  # more than a CPU's last-level cache
@@ -179,6 +181,10 @@ class Profile:
             df[column] = values
         df["resolution"], df["batch_size"] = df["resolution"].astype(int), df["batch_size"].astype(int)
         df["smoke"] = df["smoke"].astype(bool) if "smoke" in df.columns else False  # profiles before the column: measured
+        recorded = "x".join(str(v) for v in meta["source_size"]) if meta.get("source_size") else None
+        if "served_size" not in df.columns:  # profiles before the column: the size profile.json names
+            df["served_size"] = recorded
+        df["served_size"] = df["served_size"].where(df["served_size"].notna(), recorded)
         return cls(df, meta, path, _read_decode(decode_path(path)))
 
 
@@ -279,9 +285,13 @@ def run_profile(run_dir, backend: str = "onnxruntime", precision: str = "fp32", 
         if w * h > DEFAULT_MAX_PIXELS:
             raise ConfigError(f"--decode-sizes {w}x{h}: {w * h:,} pixels is more than the runtime decodes "
                               f"({DEFAULT_MAX_PIXELS:,}, its max_image_pixels); give the sizes your images have")
+    if out is not None and (not isinstance(out, (str, os.PathLike)) or not str(out)):
+        raise ConfigError(f"--out {out!r}: give the profile.csv to write (or its directory)")
     out = Path(out) if out else Path(run_dir) / "profile.csv"
     if out.is_dir():
         out = out / "profile.csv"
+    for path in (out, out.with_suffix(".json"), decode_path(out)):
+        output_file(path)  # before the measuring: an output that cannot be written fails now
     fp = fingerprint(threads)
     old = None
     if out.is_file():
@@ -294,6 +304,17 @@ def run_profile(run_dir, backend: str = "onnxruntime", precision: str = "fp32", 
                                   f"gpu {meta['device'].get('gpu')}); profiles of different devices go in different "
                                   "files: pass --out")
     combos = [(r, b) for r in resolutions for b in batch_sizes]
+    served = f"{source_size[1]}x{source_size[0]}"
+    if old is not None:  # one served size per (backend, precision): rows this run keeps must be of its size
+        rest = old[(old.backend == backend) & (old.precision == precision) & (old.served_size != served)]
+        kept = sorted({(int(r), int(b)) for r, b in zip(rest.resolution, rest.batch_size)} - set(combos))
+        if kept:
+            raise ConfigError(
+                f"{out} holds {backend} {precision} rows timed for {', '.join(sorted(set(rest.served_size.astype(str))))}"
+                f" images ({', '.join(f'r{r} batch {b}' for r, b in kept[:4])}{' ...' if len(kept) > 4 else ''}); this "
+                f"run times {served}: profile every one of them again (--batch-sizes "
+                f"{','.join(str(b) for b in sorted({b for _, b in kept} | set(batch_sizes)))}, every resolution) so "
+                "the file holds one source size, or write to another --out")
     if old is not None and protocol.smoke:  # smoke figures never replace measurements
         measured = old[~old.smoke & (old.backend == backend) & (old.precision == precision)]
         hit = sorted({(int(r), int(b)) for r, b in zip(measured.resolution, measured.batch_size)} & set(combos))
@@ -411,7 +432,8 @@ def _measure(family, run_dir, wid: str, engine_backend, backend: str, precision:
                      "per_image_ms": stats["median_ms"] / b, "preprocess_ms": pre["median_ms"],
                      "preprocess_per_image_ms": pre["median_ms"] / b, "overhead_ms": decision[b]["median_ms"],
                      "upload_ms": upload[b], "gather_ms": gather[b],
-                     "source_size": f"{decoded[r][1]}x{decoded[r][0]}", "threads": threads or 0,
+                     "source_size": f"{decoded[r][1]}x{decoded[r][0]}", "served_size": f"{w}x{h}",
+                     "threads": threads or 0,
                      "build_s": round(build[r, b], 3), "smoke": protocol.smoke,
                      "measured_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")})
     return rows

@@ -95,3 +95,38 @@ def split_cascade(built, tmp_path_factory):
     out = tmp_path_factory.mktemp("split") / "cascade.json"
     out.write_text(json.dumps(doc))
     return out
+
+
+JPEG_SIZE = (200, 150)  # width, height of jpeg_family's photos: r32 (resize 37) decodes at 1/4, r48 (resize 55) at 1/2
+
+
+def write_jpeg_folder(root, n: int = 160, seed: int = 0) -> None:
+    """n synthetic images of 8 classes as JPEG photos of JPEG_SIZE in class folders under root."""
+    from PIL import Image
+
+    from rescascade.training.synthetic import class_names, make_synthetic
+    images, labels = make_synthetic(n, num_classes=8, size=64, seed=seed)
+    names = class_names(8)
+    for i, (img, y) in enumerate(zip(images, labels)):
+        (root / names[y]).mkdir(parents=True, exist_ok=True)
+        photo = Image.fromarray(img.permute(1, 2, 0).numpy()).resize(JPEG_SIZE, Image.BICUBIC)
+        photo.save(root / names[y] / f"{i:03d}.jpg", "JPEG", quality=90)
+
+
+@pytest.fixture(scope="session")
+def jpeg_family(tmp_path_factory):
+    """A tiny family trained on JPEG files (base/photos, 40 % held out), its held-out images predicted as the
+    runtime decodes them, profiled with the decode at 200x150 and 800x600: base/fam."""
+    from rescascade.profiling.measure import QUICK
+    from rescascade.profiling.profile import run_profile
+    from rescascade.runtime import decision_step
+    from rescascade.training.run import run_train
+    from rescascade.training.trainer import TrainConfig
+    base = tmp_path_factory.mktemp("jpeg")
+    write_jpeg_folder(base / "photos")
+    cfg = TrainConfig((32, 48), epochs=1, batch_size=16, optimizer="adamw", lr=0.003, workers=0)
+    run_train(f"imagefolder:{base / 'photos'}", base / "fam", cfg, width_mult=0.35, weights="none",
+              data_options={"val_fraction": 0.4}, log=lambda s: None)
+    run_profile(base / "fam", "onnxruntime", "fp32", (1, 4), protocol=QUICK, threads=1, decision_step=decision_step,
+                decode_sizes=["200x150", (800, 600)], log=lambda s: None)
+    return base

@@ -41,6 +41,8 @@ def workspace(built, tmp_path_factory):
     cfg = json.loads((fam / "cascade.json").read_text())
     cfg["family"]["path"] = "."
     cfg["stages"] = [{"resolution": 32, "threshold": 0.5}, {"resolution": 48, "threshold": None}]
+    for split in ("calib", "test"):
+        cfg["expected"][split]["exit_fractions"] = [0.5, 0.5]
     (fam / "cascade.json").write_text(json.dumps(cfg))
     profile = pd.read_csv(fam / "profile.csv")
     profile["smoke"] = False  # as if measured for real

@@ -9,7 +9,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from PIL import Image
 
 from rescascade.build import run_build
 from rescascade.config import read_config
@@ -23,7 +22,6 @@ from rescascade.training.errors import ConfigError, RescascadeError
 from rescascade.training.images import jpeg_scale
 from rescascade.training.predict import write_predictions
 from rescascade.training.run import run_train
-from rescascade.training.synthetic import class_names, make_synthetic
 from rescascade.training.trainer import TrainConfig
 from rescascade.builder import CascadeBuilder
 from rescascade.deploy import BundleRunner
@@ -34,29 +32,9 @@ from rescascade.refine import refined_costs
 from rescascade.target import Target
 from rescascade.training.errors import ArtifactError
 
+from .conftest import JPEG_SIZE as SIZE  # r32 (resize 37) decodes at 1/4, r48 (resize 55) at 1/2
+
 QUIET = dict(log=lambda s: None)
-SIZE = (200, 150)  # width, height: r32 (resize 37) decodes at 1/4, r48 (resize 55) at 1/2
-
-
-def write_jpeg_folder(root, n: int = 160, seed: int = 0) -> None:
-    images, labels = make_synthetic(n, num_classes=8, size=64, seed=seed)
-    names = class_names(8)
-    for i, (img, y) in enumerate(zip(images, labels)):
-        (root / names[y]).mkdir(parents=True, exist_ok=True)
-        photo = Image.fromarray(img.permute(1, 2, 0).numpy()).resize(SIZE, Image.BICUBIC)
-        photo.save(root / names[y] / f"{i:03d}.jpg", "JPEG", quality=90)
-
-
-@pytest.fixture(scope="module")
-def jpeg_family(tmp_path_factory):
-    base = tmp_path_factory.mktemp("jpeg")
-    write_jpeg_folder(base / "photos")
-    cfg = TrainConfig((32, 48), epochs=1, batch_size=16, optimizer="adamw", lr=0.003, workers=0)
-    run_train(f"imagefolder:{base / 'photos'}", base / "fam", cfg, width_mult=0.35, weights="none",
-              data_options={"val_fraction": 0.4}, **QUIET)
-    run_profile(base / "fam", "onnxruntime", "fp32", (1, 4), protocol=QUICK, threads=1, decision_step=decision_step,
-                decode_sizes=["200x150", (800, 600)], **QUIET)
-    return base
 
 
 def test_the_scales_differ_between_the_two_stages():
@@ -249,7 +227,9 @@ def test_a_cascade_decoded_once_runs_as_its_predictions_say(jpeg_family, tmp_pat
     assert not alone.errors and np.abs(alone.probs - want).max() < 1e-4  # r32 from r48's decode, as predicted
     # every image goes on to r48 (a 1-epoch model is equally unsure of all): does r48 decode again?
     doc = {**config.doc, "stages": [{"resolution": 32, "threshold": 1.0}, {"resolution": 48, "threshold": None}],
-           "decode": {"plan": "once", "resolution": 48}}
+           "decode": {"plan": "once", "resolution": 48},
+           "expected": {split: {**config.doc["expected"][split], "exit_fractions": [0.0, 1.0]}
+                        for split in ("calib", "test")}}
     path = type(config)(doc, config.path).save(tmp_path / "once.json")
     assert json.loads(path.read_text())["schema_version"] == 2  # a reader that predates the plan refuses it
     (tmp_path / "v1.json").write_text(path.read_text().replace('"schema_version": 2', '"schema_version": 1'))

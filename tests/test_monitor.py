@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from rescascade.config import read_config
-from rescascade.monitor import ExitCounts, drift_report
+from rescascade.monitor import ExitCounts, drift_report, plan_identity
 from rescascade.optimizer import Cascade, Stage
 from rescascade.runtime import CascadeRunner
 from rescascade.training.errors import ArtifactError, ConfigError
@@ -18,7 +18,8 @@ from rescascade.training.synthetic import make_synthetic
 def served_counts(config, fractions, n):
     """Counts of n inputs whose stages exit the given fractions of all inputs (the last answers the rest)."""
     stages = [int(s["resolution"]) for s in config.doc["stages"]]
-    counts = ExitCounts.for_cascade(stages, config.measure, config.doc["family"]["num_classes"])
+    counts = ExitCounts.for_cascade(stages, config.measure, config.doc["family"]["num_classes"],
+                                    plan_identity(config.doc))
     left = n
     for k in range(len(stages)):
         leave = left if k == len(stages) - 1 else int(round(n * fractions[k]))
@@ -35,6 +36,7 @@ def two_stages(cascade_json):
     low, high = config.doc["family"]["resolutions"][0], config.doc["family"]["resolutions"][-1]
     config.doc["stages"] = [{"resolution": low, "threshold": 0.5}, {"resolution": high, "threshold": None}]
     config.doc["expected"]["test"].update(n=500, exit_fractions=[0.6, 0.4])
+    config.doc["expected"]["calib"].update(exit_fractions=[0.6, 0.4])
     return config
 
 
@@ -74,14 +76,14 @@ def test_drift_flags_traffic_that_exits_otherwise(built, tmp_path):
 def test_drift_refuses_counts_of_another_cascade_or_a_damaged_file(built, tmp_path):
     _, cascade_json, _ = built
     config = two_stages(cascade_json)
-    other = ExitCounts.for_cascade([999], config.measure, 10)
-    with pytest.raises(ConfigError, match="compare counts with the cascade.json that served them"):
+    other = ExitCounts.for_cascade([999], config.measure, 10, "another plan")
+    with pytest.raises(ConfigError, match="compare counts with the cascade.json"):
         drift_report(config, other)
     with pytest.raises(ConfigError, match="alpha"):
         drift_report(config, served_counts(config, [0.6, 0.4], 10), alpha=1.5)
-    (tmp_path / "bad.json").write_text(json.dumps({"schema_version": 1, "stages": [96], "measure": "max_prob",
-                                                   "edges": [0, 1], "reached": [1], "exited": [5],
-                                                   "histograms": [[1]]}))
+    (tmp_path / "bad.json").write_text(json.dumps({"schema_version": 2, "stages": [96], "measure": "max_prob",
+                                                   "edges": [0, 1], "plan": "x", "ids": ["a"], "reached": [1],
+                                                   "exited": [5], "histograms": [[1]]}))
     with pytest.raises(ArtifactError, match="more exits than arrivals"):
         ExitCounts.load(tmp_path / "bad.json")
     run = subprocess.run([sys.executable, "-m", "rescascade", "drift", str(cascade_json), str(tmp_path / "none.json")],

@@ -322,6 +322,35 @@ def test_torchrun_two_cpu_processes(tmp_path):
     assert set(doc["top1"]["test"]) == {"32", "48"}
 
 
+@pytest.mark.slow
+def test_torchrun_with_a_truncated_jpeg_skips_it_in_step_and_counts_it(tmp_path):
+    """Two processes of two images each: the one whose batch loses the truncated JPEG skips the step, and so must
+    the other (a lone all-reduce waits forever); the skipped image is counted once, whichever process read it."""
+    from PIL import Image
+
+    from .conftest import photo
+    root = tmp_path / "photos"
+    for c in range(2):
+        (root / "train" / f"c{c}").mkdir(parents=True)
+        (root / "val" / f"c{c}").mkdir(parents=True)
+        for i in range(8):
+            Image.fromarray(photo(40, 40, 10 * c + i)).save(root / "train" / f"c{c}" / f"{i}.jpg")
+            Image.fromarray(photo(40, 40, 100 + 10 * c + i)).save(root / "val" / f"c{c}" / f"{i}.jpg")
+    Image.fromarray(photo(160, 160, 0)).save(root / "train" / "c0" / "0.jpg")
+    whole = (root / "train" / "c0" / "0.jpg").read_bytes()
+    (root / "train" / "c0" / "0.jpg").write_bytes(whole[:len(whole) * 3 // 4])  # its header reads, its data not
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29518",
+           "-m", "rescascade.cli", "train", "--data", f"imagefolder:{root}", "--out", str(tmp_path / "ddp"),
+           "--resolutions", "32,48", "--width-mult", "0.35", "--weights", "none", "--epochs", "2",
+           "--batch-size", "4", "--workers", "0", "--optimizer", "adamw"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
+    assert res.returncode == 0, res.stderr[-3000:]
+    doc = json.loads((tmp_path / "ddp/family.json").read_text())
+    assert doc["provenance"]["skipped_train_images"] == 2  # one per epoch
+    assert [u["id"] for u in doc["provenance"]["data"]["unreadable"]["train"]] == ["train/c0/0.jpg"]
+
+
 def test_linear_probe_fits_separable_features():
     from rescascade.training.probe import fit_linear
     g = torch.Generator().manual_seed(0)
@@ -407,7 +436,9 @@ def test_zero_epochs_with_probe_writes_the_probed_heads(tmp_path):
     """--epochs 0 --head-init probe is the linear-probe baseline: heads fitted, everything else as it started."""
     from rescascade.training.store import load_family
     w = tmp_path / "w.pt"
-    torch.save(random_torchvision(num_classes=1000).state_dict(), w)
+    start = random_torchvision(num_classes=1000)
+    start.features[0][1].reset_running_stats()  # random statistics of no input normalization: the file check refuses them
+    torch.save(start.state_dict(), w)
     kw = dict(width_mult=0.35, weights=str(w), classifier_kind="per_resolution",
               data_options={"heldout_per_class": 4}, **QUIET)
     for head_init in ("none", "probe"):

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, DataError, check_int
+from .fileio import printable
 from .images import DECODE_SCALES, DEFAULT_MAX_PIXELS, Encoded, ImageError, decode, pixel_digest, probe
 from .progress import progress
 
@@ -109,6 +110,9 @@ class ImageSet:
 
     def __post_init__(self):
         self.labels = np.asarray(self.labels, dtype=np.int64)
+        # names that were not UTF-8 on disk, made printable once here for every source (fileio.printable)
+        self.class_names = [printable(c) if isinstance(c, str) else c for c in self.class_names]
+        self.ids = [printable(i) if isinstance(i, str) else i for i in self.ids]
         if self.index is None:
             self.index = np.arange(len(self.labels))
 

@@ -5,7 +5,10 @@ everywhere. Pillow reads it (every format Pillow reads; for JPEG its pixels equa
 both being libjpeg-turbo), and:
 
 - the size is read from the header and checked against a pixel limit before any pixel is decoded (default:
-  Pillow's own `Image.MAX_IMAGE_PIXELS`), so a few-byte "decompression bomb" costs nothing;
+  89,478,485, Pillow's default `Image.MAX_IMAGE_PIXELS`, held here: another library setting Pillow's process-wide
+  limit to None does not turn rescascade's off), so a few-byte "decompression bomb" costs nothing;
+- a JPEG is any file Pillow reads with its JPEG decoder, a phone's MPO (a JPEG with more images after it) too:
+  its primary image decodes exactly as the same JPEG alone, at the same reduced DCT scales;
 - the EXIF orientation is applied (`ImageOps.exif_transpose`): a portrait phone photo stored sideways comes out
   upright, as torchvision's `decode_image(..., apply_exif_orientation=True)` gives it;
 - a multi-frame file (animated GIF, WebP or PNG, multi-page TIFF) gives its first frame;
@@ -13,8 +16,9 @@ both being libjpeg-turbo), and:
   `to_dtype(..., scale=True)` does), grey is repeated over the channels, palettes are expanded, CMYK and YCbCr
   converted, alpha dropped.
 
-Anything else (not an image, truncated, over the limit, floating-point pixels) raises `ImageError` with what is
-wrong; callers that read many images fail that image only. Only the tensor-returning functions import torch: the
+Anything else (not an image, truncated, over the limit, floating-point pixels, metadata Pillow cannot parse: any
+exception from decoding) raises `ImageError` with what is wrong; callers that read many images fail that image
+only. Only the tensor-returning functions import torch: the
 deployed runtime (`rescascade.deploy`) decodes with numpy and Pillow alone.
 """
 from __future__ import annotations
@@ -28,11 +32,13 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps, JpegImagePlugin, UnidentifiedImageError
 
 from .errors import DataError
 
-DEFAULT_MAX_PIXELS = Image.MAX_IMAGE_PIXELS  # Pillow's default decompression-bomb limit (89,478,485 pixels)
+# Pillow's default decompression-bomb limit, as a constant: Image.MAX_IMAGE_PIXELS is process-wide, and another
+# library may have set it to None before rescascade is imported
+DEFAULT_MAX_PIXELS = 89_478_485
 
 _ORIENTATION = 0x0112  # the EXIF tag ImageOps.exif_transpose reads
 _SIXTEEN_BIT = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # "I": Pillow's mode for 16-bit PPM/PGM and some TIFFs
@@ -72,8 +78,8 @@ def _open(data: bytes | str | os.PathLike, max_pixels: int | None) -> Image.Imag
     except UnidentifiedImageError:
         size = len(data) if in_memory else os.path.getsize(data)
         raise ImageError(f"not an image Pillow can read ({size} bytes)") from None
-    except (OSError, ValueError, SyntaxError) as e:  # Pillow's plugins raise these for damaged headers
-        raise ImageError(f"damaged image header: {e}") from None
+    except Exception as e:  # noqa: BLE001 (Pillow's plugins raise many kinds for damaged headers)
+        raise ImageError(f"damaged image header: {type(e).__name__}: {e}") from None
     w, h = im.size
     if w * h == 0:
         im.close()
@@ -134,8 +140,8 @@ def pil_pixels(image: Image.Image) -> np.ndarray:
         return _rgb8(image)
     except ImageError:
         raise
-    except (OSError, ValueError, SyntaxError, EOFError) as e:  # truncated or damaged data
-        raise ImageError(f"{image.format or 'image'} data does not decode: {e}") from None
+    except Exception as e:  # noqa: BLE001 (truncated data, metadata Pillow cannot parse: struct.error, ...)
+        raise ImageError(f"{image.format or 'image'} data does not decode: {type(e).__name__}: {e}") from None
 
 
 DCT_SCALES = (8, 4, 2, 1)  # the reduced sizes libjpeg decodes to in the DCT domain: 1/8, 1/4, 1/2, full
@@ -184,11 +190,17 @@ def decode_pixels(data, max_pixels: int | None = DEFAULT_MAX_PIXELS, min_side: i
     with _open(_raw(data), max_pixels) as im:
         try:
             im.seek(0)
-        except EOFError as e:
-            raise ImageError(f"{im.format or 'image'} has no frame: {e}") from None
-        if min_side is not None and im.format == "JPEG":
-            im.draft(im.mode, _draft_request(*im.size, min_side))
+            if min_side is not None and is_jpeg(im):
+                im.draft(im.mode, _draft_request(*im.size, min_side))
+        except Exception as e:  # noqa: BLE001 (no first frame, a damaged JPEG header)
+            raise ImageError(f"{im.format or 'image'} does not decode: {type(e).__name__}: {e}") from None
         return pil_pixels(im)
+
+
+def is_jpeg(image: Image.Image) -> bool:
+    """Whether Pillow reads `image` with its JPEG decoder (JPEG, and MPO: a JPEG followed by more images), so that
+    it decodes at reduced DCT scales (`draft`)."""
+    return isinstance(image, JpegImagePlugin.JpegImageFile)
 
 
 class Encoded:
@@ -202,12 +214,12 @@ class Encoded:
         self.data = _raw(data)
         self.max_pixels = max_pixels
         with _open(self.data, max_pixels) as im:
-            self.format, (self.width, self.height) = im.format, im.size
+            self.format, self.jpeg, (self.width, self.height) = im.format, is_jpeg(im), im.size
         self._scale, self._pixels, self._tensor = None, None, None
 
     def scale(self, min_side: int | None) -> int:
         """The DCT scale denominator a decode for min_side uses (1 for anything but a JPEG)."""
-        return jpeg_scale(self.width, self.height, min_side) if self.format == "JPEG" else 1
+        return jpeg_scale(self.width, self.height, min_side) if self.jpeg else 1
 
     def pixels(self, min_side: int | None = None) -> np.ndarray:
         """uint8 [H, W, 3], decoded at `scale(min_side)`, or the last decode if it used that scale."""

@@ -21,14 +21,16 @@ from .predict import predict_logits, top1, write_predictions
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 from .store import library_versions, save_family, weights_id
 from .trainer import DistEnv, IndependentModels, TrainConfig, pick_device, train
-from .weights import resolve_weights
+from .weights import check_input_normalization, normalization_images, resolve_weights
 
 MAX_WIDTH_MULT = 4.0  # MobileNetV2 at 4x width has 16x the multiply-adds: beyond, a typo rather than a model
 
 
 def build_model(cfg: TrainConfig, num_classes: int, width_mult: float, patch: str, classifier_kind: str,
-                weights: str | None, arch: str = DEFAULT_ARCH):
-    """The family to train (or, with cfg.independent, the K plain models), initialised from `weights`."""
+                weights: str | None, arch: str = DEFAULT_ARCH, images=None):
+    """The family to train (or, with cfg.independent, the K plain models), initialised from `weights`. Weights
+    from a file are checked against the input normalization rescascade feeds on some of `images` (an ImageSet;
+    `weights.check_input_normalization`); ImageNet weights against what their library records."""
     if not 0 < width_mult <= MAX_WIDTH_MULT:
         raise ConfigError(f"--width-mult {width_mult:g} must be in (0, {MAX_WIDTH_MULT:g}]")
     if weights and weights.startswith("imagenet") and width_mult != 1.0:
@@ -42,6 +44,10 @@ def build_model(cfg: TrainConfig, num_classes: int, width_mult: float, patch: st
         if weights.startswith("imagenet"):
             check_preprocessing(family.model, family.arch_, IMAGENET_MEAN, IMAGENET_STD)
         family.load_plain_state_dict(state, what=f"--weights {weights}")
+        if not weights.startswith("imagenet") and images is not None:
+            top = cfg.resolutions[-1]
+            check_input_normalization(family.plain_model(top), normalization_images(images), top, IMAGENET_MEAN,
+                                      IMAGENET_STD, weights)
     if cfg.independent:
         def make():  # pretrained: the family's start (the same classifier-replacement rule); else a fresh init each
             m = build_plain(family.arch_, num_classes, width_mult)
@@ -97,7 +103,8 @@ def run_train(data: str, out: str, cfg: TrainConfig, *, arch: str = DEFAULT_ARCH
         raise RescascadeError(f"{len(splits.train)} training images are fewer than one batch of {cfg.batch_size}; "
                               "lower --batch-size or add images")
     num_classes = len(splits.class_names)
-    model, weights_desc = build_model(cfg, num_classes, width_mult, patch, classifier_kind, weights, arch)
+    model, weights_desc = build_model(cfg, num_classes, width_mult, patch, classifier_kind, weights, arch,
+                                      splits.train)
     if env.main:
         d = splits.description
         log(f"data: {d['train_images']} train, {d['calib_images']} calib, {d['test_images']} test images, "

@@ -324,8 +324,8 @@ def train_one_epoch(run: _Run, epoch: int) -> EpochStats:
     for batch, bad in bar:
         st.skipped += len(bad)
         st.unreadable.update((b.id, b.error) for b in bad)
-        if batch is None or len(batch[1]) < 2:
-            continue
+        if not _every_process(batch is not None and len(batch[1]) >= 2, run):
+            continue  # too few readable images here (or in another process): every process skips the step
         crops, y = batch
         y = y.to(device, non_blocking=True)
         xs = _inputs(crops, cfg.resolutions, device, channels_last=True)
@@ -360,11 +360,26 @@ def train_one_epoch(run: _Run, epoch: int) -> EpochStats:
         bar.set_postfix(loss=f"{total.item():.3f}", top1=f"{st.sums[cfg.resolutions[-1]]['correct'] / st.seen:.3f}",
                         img_s=f"{ips:.0f}")
     bar.close()
+    if run.env.world > 1:  # the unreadable images of every process, so that rank 0 reports them all
+        gathered = [None] * run.env.world
+        dist.all_gather_object(gathered, (st.skipped, st.unreadable))
+        st.skipped = sum(skipped for skipped, _ in gathered)
+        st.unreadable = {k: v for _, part in gathered for k, v in part.items()}
     if not run.stats_only and not all(math.isfinite(st.sums[r]["loss"]) for r in cfg.resolutions):
         raise RescascadeError(f"training diverged in epoch {epoch + 1} (the loss is not finite); lower the learning "
                               "rates (--lr, --patch-lr, --head-lr) and start over with --overwrite")
     st.seconds = time.perf_counter() - t_epoch
     return st
+
+
+def _every_process(ok: bool, run: _Run) -> bool:
+    """Whether `ok` holds in every training process (itself alone without DDP): a step that one process skips
+    must be skipped by all, or the others wait forever in DDP's all-reduce."""
+    if run.env.world == 1:
+        return ok
+    flag = torch.tensor([int(ok)], device=run.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 def _epoch_metrics(run: _Run, epoch: int, st: EpochStats) -> list[dict]:
@@ -374,7 +389,7 @@ def _epoch_metrics(run: _Run, epoch: int, st: EpochStats) -> list[dict]:
     return [{"epoch": epoch + 1, "resolution": r, "loss": st.sums[r]["loss"] / seen,
              "top1": st.sums[r]["correct"] / seen, "distill_loss": st.kd_sum / seen,
              "lr": lr_now.get("shared", lr_now.get("patches")), "patch_lr": lr_now.get("patches"),
-             "images_per_s": st.seen * world / st.seconds, "skipped_images": st.skipped * world}
+             "images_per_s": st.seen * world / st.seconds, "skipped_images": st.skipped}
             for r in run.cfg.resolutions]
 
 

@@ -1,5 +1,6 @@
 """Pretrained initialisation by the libraries' own names: torchvision's weights enums (`get_model_weights`), timm's
-pretrained tags, a local state-dict file, or none."""
+pretrained tags, a local state-dict file, or none; and the check that weights given as a file expect the input
+normalization rescascade feeds (`check_input_normalization`)."""
 from __future__ import annotations
 
 import contextlib
@@ -8,10 +9,15 @@ import urllib.error
 from enum import Enum
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch import nn
 
 from .backbones import DEFAULT_ARCH, Arch, resolve_arch
-from .errors import RescascadeError
+from .errors import ConfigError, RescascadeError
+
+NORMALIZATION_IMAGES = 32    # training images the input-normalization check feeds
+MAX_VARIANCE_FACTOR = 2.5    # the first BatchNorm's input variance vs its running variance: beyond, another normalization
 
 
 def torchvision_weights(arch: Arch, tag: str | None = None) -> Enum:
@@ -125,3 +131,59 @@ def resolve_weights(spec: str | None, arch: Arch | str = DEFAULT_ARCH) -> tuple[
         tag = spec.split(":", 1)[1] if ":" in spec else None
         return (_timm_pretrained if arch.source == "timm" else _torchvision_pretrained)(arch, tag)
     return load_state_dict_file(spec), f"file {Path(spec).resolve()}"
+
+
+def check_input_normalization(model: nn.Module, images: list[torch.Tensor], resolution: int, mean, std,
+                              what: str) -> None:
+    """Whether loaded weights expect the input normalization rescascade feeds: a state-dict file does not say
+    which mean/std it was trained with, but its first BatchNorm does. Its running variance is the variance of the
+    first convolution's output on the images it was trained on; fed images normalized another way (a checkpoint
+    trained on [0, 1] inputs, or on (x - 0.5) / 0.5), that output's variance is off by a large factor (measured
+    on ImageNet MobileNetV2, ShuffleNetV2 and EfficientNet-Lite0 weights: within 1.05x with the right
+    normalization, 4.7-19x with those two).
+
+    model: the plain model (eval mode) with the weights loaded; images: decoded uint8 [3, H, W], preprocessed here
+    at `resolution` with `mean`/`std`; what: the weights' name for the message. Raises ConfigError when the median
+    over channels of the variance ratio is beyond MAX_VARIANCE_FACTOR either way. Models without BatchNorm, a first
+    BatchNorm whose statistics were never estimated (a fresh init), and no images are not checked."""
+    from .preprocess import preprocess
+    first = next((m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)), None)
+    if first is None or not images:
+        return
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append((m, args[0].detach())))
+             for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    try:
+        with torch.no_grad():
+            model(torch.stack([preprocess(im, resolution, mean=mean, std=std) for im in images]))
+    finally:
+        for h in hooks:
+            h.remove()
+    if not seen:
+        return
+    bn, x = seen[0]  # the first BatchNorm the forward reaches
+    if bn.running_var is None or (bool((bn.running_var == 1).all()) and bool((bn.running_mean == 0).all())):
+        return  # statistics never estimated (a fresh init): they say nothing about the training inputs
+    dims = [d for d in range(x.dim()) if d != 1]
+    ratio = (x.var(dims) + bn.eps) / (bn.running_var + bn.eps)
+    factor = float(np.exp(np.median(np.log(ratio.double().numpy()))))
+    if not 1 / MAX_VARIANCE_FACTOR <= factor <= MAX_VARIANCE_FACTOR:
+        name = next((n for n, m in model.named_modules() if m is bn), "the first BatchNorm")
+        raise ConfigError(
+            f"--weights {what}: on {len(images)} training images normalized as rescascade feeds them (mean "
+            f"{tuple(mean)}, std {tuple(std)}), the first BatchNorm's input ({name}) varies {factor:.3g}x as much "
+            f"as in the images it was trained on (within {MAX_VARIANCE_FACTOR:g}x expected): the file was trained "
+            f"with another input normalization ({'e.g. inputs in [0, 1], mean 0 / std 1' if factor > 1 else 'e.g. (x - 0.5) / 0.5 or [0, 255]'}), "
+            "and would lose much of its accuracy here; fold that normalization into the first convolution, or use "
+            "weights trained with ImageNet's mean/std")
+
+
+def normalization_images(images, n: int = NORMALIZATION_IMAGES) -> list[torch.Tensor]:
+    """Up to n decoded images spread over an ImageSet (unreadable ones skipped), for `check_input_normalization`."""
+    out = []
+    for i in np.unique(np.linspace(0, len(images) - 1, min(n, len(images))).round().astype(np.int64)):
+        try:
+            out.append(images.read(int(i)))
+        except (ValueError, OSError):  # an unreadable image: the others decide
+            continue
+    return out
