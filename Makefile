@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-fast setup
+.PHONY: demo test test-fast lint setup
 
 setup: $(STAMP)
 
@@ -26,3 +26,10 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(VENV)/bin/python -m pytest -q -m "not slow"
+
+# import-linter reads the installed package, not the editable install's mapped folders: check a throwaway install
+lint: $(STAMP)
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	cp -r cascade training profiling pyproject.toml README.md "$$tmp"/ && \
+	$(VENV)/bin/python -m pip install --quiet --no-deps --no-build-isolation --no-compile --target "$$tmp/site" "$$tmp" && \
+	PYTHONPATH="$$tmp/site" $(VENV)/bin/lint-imports

@@ -27,7 +27,8 @@ with thresholds set on calib plus the training images the per-class budget left 
     python benchmarks/cascade_realdata.py [--task 10way|1000way|both] [--quick] [--train-per-class N] [--epochs E]
                                           [--variants unpatched,patches+distill]
 
---quick runs the same pipeline on a few images per class (the tests use it); its figures mean nothing.
+--quick runs the same pipeline on a few images per class, with three of the variants (unpatched, patches+distill,
+independent) and batch sizes 1 and 32 (the tests use it); its figures mean nothing.
 """
 from __future__ import annotations
 
@@ -226,7 +227,10 @@ def run_task(task: str, args, log) -> str:
             samples = samples.subset(np.arange(0, 1000, 100))
         samples = in_memory(samples)
     specs = variants(task)
-    wanted = specs if not args.variants else {n: specs[n] for n in args.variants}
+    if args.quick and not args.variants:  # one variant of each kind of path: probed only, trained, independent
+        wanted = {n: specs[n] for n in ("unpatched", "patches+distill", "independent")}
+    else:
+        wanted = specs if not args.variants else {n: specs[n] for n in args.variants}
     families = [n for n in wanted if not specs[n].get("independent")]  # the independent models have no family
     fams = {}
     for name, opts in wanted.items():
@@ -262,7 +266,7 @@ def run_task(task: str, args, log) -> str:
     # profiled again only if measured costs choose another one).
     pixels = CostModel("pixels", "fp32", 32, False, {r: {32: (r / RES[-1]) ** 2} for r in RES})
     first = fams[pick({n: build_choice(lever_outcomes(fams[n], pixels)) for n in fam_variants})]
-    sizes = [1, 2, 4, 8, 16, 32]
+    sizes = [1, 32] if args.quick else [1, 2, 4, 8, 16, 32]
     protocol = Protocol(warmup_iters=3, warmup_seconds=0.1, min_iters=3, min_seconds=0.0, rounds=1) if args.quick \
         else Protocol(min_seconds=1.0, rounds=3)
     log(f"  profiling {first} (ONNX Runtime CPU, batch {sizes})")

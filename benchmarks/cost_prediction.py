@@ -86,12 +86,14 @@ def with_decoded_at(fam: Path, log) -> None:
 
 
 def profile(fam: Path, args, decode_sizes=None) -> None:
-    """A fresh profile (the old one removed): batch 1..32, each stage's decode at decode_sizes."""
+    """A fresh profile (the old one removed): batch 1..32 (--quick: 1 and 32), each stage's decode at
+    decode_sizes."""
     for path in (fam / "profile.csv", fam / "profile.json", decode_path(fam / "profile.csv")):
         path.unlink(missing_ok=True)
     protocol = Protocol(warmup_iters=2, warmup_seconds=0.0, min_iters=3, min_seconds=0.0, rounds=1, smoke=True) \
         if args.quick else Protocol(min_seconds=1.0, rounds=3)
-    run_profile(fam, "onnxruntime", "fp32", [1, 2, 4, 8, 16, 32], protocol=protocol, decision_step=decision_step,
+    sizes = [1, 32] if args.quick else [1, 2, 4, 8, 16, 32]  # batch-aware costs interpolate between them
+    run_profile(fam, "onnxruntime", "fp32", sizes, protocol=protocol, decision_step=decision_step,
                 decode_sizes=decode_sizes, **QUIET)
 
 

@@ -150,7 +150,8 @@ def run_build(run_dir, profile=None, backend: str | None = None, precision: str 
     if refine:
         def make_runner(b, c):
             from .runtime import CascadeRunner
-            return CascadeRunner(CascadeConfig.from_builder(b, run_dir, profile, c, test))
+            # no warm-up at load: the refinement's first pass over the calib images is its warm-up
+            return CascadeRunner(CascadeConfig.from_builder(b, run_dir, profile, c, test), warmup=False)
         check = refine_choice(builder, calib, costs, make_runner, refine, log=log, inputs=inputs)
         profile_costs, costs = costs, check.pop("costs")
     cascade_config = CascadeConfig.from_builder(builder, run_dir, profile, costs, test, warnings)

@@ -66,9 +66,10 @@ def run_eval(cascade_json, data: str | None = None, backend: str | None = None, 
             raise RescascadeError(f"no readable {split} images in {spec} that the thresholds were not fitted on")
         encoded = encoded_all(images, kept, spec) if from_bytes else None
         ref = config.reference
-        casc = CascadeRunner(config, backend=backend, threads=threads, batch_size=b)
+        # no warm-up at load: _time_side_by_side warms both up on the images themselves
+        casc = CascadeRunner(config, backend=backend, threads=threads, batch_size=b, warmup=False)
         refr = CascadeRunner(config, backend=backend, threads=threads, stages=Cascade([Stage(ref, -math.inf)]),
-                             batch_size=b)
+                             batch_size=b, warmup=False)
         casc_ms, ref_ms, pred_c, pred_r, exits, stage_time = _time_side_by_side(casc, refr, decoded, b, repeats)
         if from_bytes:
             bytes_run = _time_side_by_side(casc, refr, encoded, b, repeats, desc="eval from bytes")

@@ -226,7 +226,10 @@ def exact_search(views: StageViews, costs: CostModel, resolutions, min_correct: 
     greedy's own cascade is in the search space and the reported gap is >= 0). Branch and bound on expected
     cost (costs are non-negative, so a partial chain already costlier than the best is cut). Returns
     (cascade or None if no chain meets the constraint, nodes visited, whether max_nodes cut the search).
-    decode_at: the decode plan searched within (`Cascade.decode_at`)."""
+    A chain is also cut when even its best completion cannot reach min_correct: the rows left answered right by
+    some later stage where any could (the union of the later stages' correct rows; without the free ensemble,
+    whose correctness depends on the stages before) or, at most, all of them. decode_at: the decode plan searched
+    within (`Cascade.decode_at`)."""
     resolutions = sorted(resolutions)
     n = views.preds.n
     def cost_of(r: int, frac: float, prev: int | None) -> float:
@@ -246,6 +249,17 @@ def exact_search(views: StageViews, costs: CostModel, resolutions, min_correct: 
     best = {"cost": math.inf, "stages": None}
     nodes = 0
     all_bits = _pack(np.ones(n, dtype=bool))
+    # can_correct[j]: rows some stage from resolutions[j] on answers correctly (None with the free ensemble)
+    can_correct = [None] * (len(resolutions) + 1)
+    if not views.combined:
+        can_correct[len(resolutions)] = np.zeros_like(all_bits)
+        for j in range(len(resolutions) - 1, -1, -1):
+            can_correct[j] = can_correct[j + 1] | stage_bits((), resolutions[j])[2]
+
+    def reachable(j: int, remaining: np.ndarray, n_rem: int, correct: int) -> bool:
+        """Whether stages from resolutions[j] on can still lift `correct` to min_correct."""
+        upper = n_rem if can_correct[j] is None else _count(remaining & can_correct[j])
+        return correct + upper >= min_correct
 
     def dfs(start: int, prefix: tuple, stages: list, remaining: np.ndarray, n_rem: int, cost: float, correct: int):
         nonlocal nodes
@@ -269,8 +283,11 @@ def exact_search(views: StageViews, costs: CostModel, resolutions, min_correct: 
                 n_out = _count(out)
                 if n_out == 0 or n_out == n_rem:
                     continue
-                dfs(j + 1, prefix + (r,), stages + [Stage(r, float(t))], remaining & ~xb, n_rem - n_out,
-                    cost + c_stage, correct + _count(out & corr_bits))
+                left, now_correct = remaining & ~xb, correct + _count(out & corr_bits)
+                if not reachable(j + 1, left, n_rem - n_out, now_correct):
+                    continue
+                dfs(j + 1, prefix + (r,), stages + [Stage(r, float(t))], left, n_rem - n_out, cost + c_stage,
+                    now_correct)
 
     dfs(0, (), [], all_bits, n, 0.0, 0)
     cut = nodes > max_nodes

@@ -62,7 +62,13 @@ def test_cascade_realdata_benchmark_quick(tmp_path, imagenet_weights_path):
     assert "sample images r96..r224" in res.stdout and "cost ratio measured" in res.stdout
 
 
-def test_cost_prediction_benchmark_quick(tmp_path, imagenet_weights_path):
+@pytest.fixture(scope="module")
+def costs_out(tmp_path_factory):
+    """One output folder for the cost and deploy benchmarks: deploy_bundle.py reuses cost_prediction.py's family."""
+    return tmp_path_factory.mktemp("costs")
+
+
+def test_cost_prediction_benchmark_quick(costs_out, imagenet_weights_path):
     """The cost benchmark end to end on a few images (its figures mean nothing): refined build, eval from bytes,
     the bytes-in table at three source sizes."""
     import subprocess
@@ -70,14 +76,14 @@ def test_cost_prediction_benchmark_quick(tmp_path, imagenet_weights_path):
     from pathlib import Path
     need(IMAGENETTE)
     script = Path(__file__).resolve().parents[1] / "benchmarks" / "cost_prediction.py"
-    res = subprocess.run([sys.executable, str(script), "--quick", "--out", str(tmp_path)], capture_output=True,
+    res = subprocess.run([sys.executable, str(script), "--quick", "--out", str(costs_out)], capture_output=True,
                          text=True, timeout=1200)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "## Cost ratio vs the reference on the test half" in res.stdout
     assert all(f"| {w}x{h} | {b} |" in res.stdout for w, h in ((500, 375), (1600, 1200), (4000, 3000)) for b in (1, 32))
 
 
-def test_deploy_benchmarks_quick(tmp_path, imagenet_weights_path):
+def test_deploy_benchmarks_quick(costs_out, imagenet_weights_path):
     """The exported bundle on real photos (its answers must equal the runtime's: the script fails otherwise) and
     the Triton load test with its crash and restart, on a few images (their timings mean nothing)."""
     import subprocess
@@ -86,10 +92,10 @@ def test_deploy_benchmarks_quick(tmp_path, imagenet_weights_path):
     need(IMAGENETTE)
     bench = Path(__file__).resolve().parents[1] / "benchmarks"
     res = subprocess.run([sys.executable, str(bench / "deploy_bundle.py"), "--quick", "--runs", "1", "--out",
-                          str(tmp_path)], capture_output=True, text=True, timeout=1200)
+                          str(costs_out)], capture_output=True, text=True, timeout=1200)
     assert res.returncode == 0, res.stderr[-3000:]
     assert "| yes |" in res.stdout and "## Cost ratio vs the reference" in res.stdout
-    res = subprocess.run([sys.executable, str(bench / "triton_load.py"), "--quick", "--out", str(tmp_path)],
+    res = subprocess.run([sys.executable, str(bench / "triton_load.py"), "--quick", "--out", str(costs_out)],
                          capture_output=True, text=True, timeout=1200)
     if "TritonUnavailable" in res.stderr:
         pytest.skip("Triton cannot run here: " + res.stderr.strip().splitlines()[-1])

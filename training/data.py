@@ -14,6 +14,7 @@ data, is skipped where it is read and named too; one bad image never stops a bat
 """
 from __future__ import annotations
 
+import functools
 import os
 import re
 import tarfile
@@ -51,13 +52,21 @@ class FileReader:
         return decode(self.encoded(i), self.max_pixels)
 
 
+@functools.lru_cache(maxsize=8)
+def _tar_index(tar_path: str, size: int, mtime_ns: int) -> dict[str, tuple[int, int]]:
+    """member name -> (data offset, size) of an uncompressed tar: read once per file version (listing a large tar
+    takes seconds; the splits of one source list it several times)."""
+    with tarfile.open(tar_path) as tf:
+        return {m.name: (m.offset_data, m.size) for m in tf.getmembers() if m.isfile()}
+
+
 class TarReader:
     """Reads members of an uncompressed tar by offset; the file is opened lazily in each process."""
 
     def __init__(self, tar_path: str, members: list[str], max_pixels: int | None = DEFAULT_MAX_PIXELS):
         self.tar_path, self.max_pixels = tar_path, max_pixels
-        with tarfile.open(tar_path) as tf:
-            index = {m.name: (m.offset_data, m.size) for m in tf.getmembers() if m.isfile()}
+        st = os.stat(tar_path)
+        index = _tar_index(str(tar_path), st.st_size, st.st_mtime_ns)
         missing = [m for m in members if m not in index]
         if missing:
             raise DataError(f"{tar_path} lacks {len(missing)} file(s) its manifest lists, e.g. {missing[0]}")

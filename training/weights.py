@@ -133,6 +133,10 @@ def resolve_weights(spec: str | None, arch: Arch | str = DEFAULT_ARCH) -> tuple[
     return load_state_dict_file(spec), f"file {Path(spec).resolve()}"
 
 
+class _Reached(Exception):
+    """Stops a forward at the first BatchNorm it reaches."""
+
+
 def check_input_normalization(model: nn.Module, images: list[torch.Tensor], resolution: int, mean, std,
                               what: str) -> None:
     """Whether loaded weights expect the input normalization rescascade feeds: a state-dict file does not say
@@ -151,11 +155,18 @@ def check_input_normalization(model: nn.Module, images: list[torch.Tensor], reso
     if first is None or not images:
         return
     seen = []
-    hooks = [m.register_forward_pre_hook(lambda m, args: seen.append((m, args[0].detach())))
+
+    def first_input(module, args):
+        seen.append((module, args[0].detach()))
+        raise _Reached  # the rest of the forward is not needed
+
+    hooks = [m.register_forward_pre_hook(first_input)
              for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     try:
         with torch.no_grad():
             model(torch.stack([preprocess(im, resolution, mean=mean, std=std) for im in images]))
+    except _Reached:
+        pass
     finally:
         for h in hooks:
             h.remove()
