@@ -15,6 +15,7 @@ from rescascade.monitor import ExitCounts
 from rescascade.training.errors import ConfigError
 
 from .conftest import encode, photo
+from .test_real_files import bad_exif_jpeg
 
 pytestmark = pytest.mark.slow
 
@@ -52,6 +53,7 @@ def _serve(repo):
 def test_served_cascade_answers_as_the_bundle(repo, split_cascade, capsys):
     images = [encode(photo(60 + 13 * i, 140 - 5 * i, 300 + i), "JPEG" if i % 3 else "PNG") for i in range(12)]
     images.insert(5, b"not an image")
+    images.insert(9, bad_exif_jpeg(photo(50, 70, 9)))  # Pillow raises struct.error on its EXIF: it fails alone
     want = BundleRunner(repo / "cascade" / "1" / "bundle", threads=1, warmup=False)(images)
     want_ref = BundleRunner(repo / "cascade" / "1" / "bundle", reference=True, threads=1, warmup=False)(images)
     server = _serve(repo)
@@ -62,6 +64,7 @@ def test_served_cascade_answers_as_the_bundle(repo, split_cascade, capsys):
         assert np.abs(got["PROBABILITY"][ok] - want.probs[ok].max(1)).max() <= 1e-5
         assert [b.decode() for b in got["CLASS_NAME"][ok]] == [n for n in want.names if n is not None]
         assert got["ERROR"][5].decode().startswith("ImageError") and not any(got["ERROR"][ok])
+        assert got["ERROR"][9] and int(got["LABEL"][9]) == -1 and ok.sum() == len(images) - 2
         assert set(got["EXIT_STAGE"][ok]) == {0, 1}, "the test needs rows answered by each stage"
         ref = classify(server.url, "reference", images)
         assert ref["LABEL"].tolist() == want_ref.labels.tolist() and set(ref["EXIT_STAGE"][ok]) == {0}
@@ -89,7 +92,7 @@ def test_served_cascade_answers_as_the_bundle(repo, split_cascade, capsys):
     assert len(files) == 1, files
     assert not list((repo / "reference").glob("exit_counts.*"))  # one stage: nothing to count
     counts = ExitCounts.load(files[0])  # the traffic since the restart (and since the last save before the kill)
-    assert counts.inputs >= len(images) and counts.errors >= 1 and len(counts.stages) == 2
+    assert counts.inputs >= len(images) and counts.errors >= 2 and len(counts.stages) == 2
     server = _serve(repo)  # restarted (or reloaded): the instance goes on counting into its file, losing nothing
     try:
         classify(server.url, "cascade", images)
