@@ -115,4 +115,3 @@ def expected_problem(expected, n_stages: int) -> str | None:
                 all(_is_number(f) and 0 <= f <= 1 for f in fractions) and abs(sum(fractions) - 1) < 1e-6):
             return f"expected.{split}.exit_fractions must be {n_stages} fractions (one per stage) that sum to 1"
     return None
-

@@ -13,7 +13,6 @@ import torch
 
 from rescascade.training.data import ImageSet, heldout_listing, resolve_source
 from rescascade.training.errors import ConfigError, RescascadeError
-from rescascade.training.fileio import printable
 from rescascade.training.images import ImageError, pixel_digest
 from rescascade.training.store import read_family_json
 
@@ -112,7 +111,7 @@ def decode_all(images: ImageSet, digests: np.ndarray | None, log,
             if digests is not None:
                 raise RescascadeError(f"{images.ids[i]} no longer decodes ({e}), though the family predicted on it: the "
                                       "file changed since training; restore it, or give other images with --data") from None
-            log(f"{printable(images.ids[i])}: unreadable, left out ({e})")
+            log(f"{images.ids[i]}: unreadable, left out ({e})")
             continue
         digest = pixel_digest(image) if digests is not None or fitted_on else None
         if digests is not None and digest != digests[i]:
@@ -125,7 +124,7 @@ def decode_all(images: ImageSet, digests: np.ndarray | None, log,
         kept.append(i)
     if changed:
         raise RescascadeError(f"{len(changed)} of {len(images)} images decode to other pixels than the family predicted on "
-                              f"(e.g. {printable(changed[0])}): the files changed since training; restore them, or give "
+                              f"(e.g. {changed[0]}): the files changed since training; restore them, or give "
                               "other images with --data")
     if fitted:
         log(f"left out {fitted} of the {len(images)} images: they are the family's calib images (same pixels), on "
