@@ -8,9 +8,12 @@ margins between candidates. The loop:
 1. run the chosen cascade, its closest Pareto alternatives and the reference with the cascade runtime on N
    calibration images (encoded bytes when the costs count the decode), round-robin per batch, `repeats` passes;
 2. re-estimate each stage's per-image cost from the runtime's own stage timings (inference, preprocessing,
-   decision; the decode per decoded row), scale the profile's rows by it (resolutions never run take the median
-   factor), and charge the per-image time outside the stages once per cascade;
-3. choose again with the refined costs (measuring the new choice too when it was not among those run).
+   decision; the decode per decoded row), scale the profile's rows by it (at batch > 1 the serving batch's row by
+   the full calls, the smaller rows by the smaller calls; resolutions never run take the median factor), and
+   charge the per-image time outside the stages once per cascade;
+3. choose again with the refined costs; a new choice is measured too, and its timings refine the costs again
+   (at most ROUNDS choices): a stage first timed on the few rows a later stage gets is priced at full batches
+   from its own full-batch calls once it leads a cascade.
 
 cascade.json records, per cascade run, the cost ratio to the reference predicted by the profile, by the refined
 costs and measured, on the same N images.
@@ -32,6 +35,7 @@ from .scoring import decode_all, encoded_all, images_to_score
 
 ALTERNATIVES = 3       # Pareto candidates measured beside the chosen cascade
 NEAR_ACCURACY = 0.01   # ... among those within this much calib accuracy of it
+ROUNDS = 3             # refine-and-choose rounds at most (each new choice is measured and refines the next)
 
 
 def calibration_inputs(config, calib, n: int, encoded: bool, log) -> tuple[list, np.ndarray]:
@@ -86,8 +90,9 @@ def measure_cascades(runner, cascades: list[Cascade], inputs: list, batch_size: 
 
 def refined_costs(costs: CostModel, runs: list[dict], decode: bool = True) -> CostModel:
     """The profile's costs re-estimated from the runtime's stage timings (see the module): each resolution's rows
-    scaled by measured / priced time of its calls (batch-aware costs price a call by its rows; the others by the
-    serving batch, so only full-batch calls are compared), decode per decoded row (decode False: the profile's
+    scaled by measured / priced time of its calls (batch-aware costs price a call by its rows: the row at the
+    serving batch is scaled by the calls at it, the smaller rows by the smaller calls; the others price every call
+    at the serving batch, so only full-batch calls are compared), decode per decoded row (decode False: the profile's
     decode costs kept, for images of another size than the costs are for), and the time outside the stages as
     the once-per-image cost."""
     calls, dec_s, decoded = {}, {}, {}
@@ -97,19 +102,30 @@ def refined_costs(costs: CostModel, runs: list[dict], decode: bool = True) -> Co
         for r, d in run["decode"].items():
             dec_s[r] = dec_s.get(r, 0.0) + d["decode_s"]
             decoded[r] = decoded.get(r, 0) + d["decoded"]
-    factor = {}
+    full, partial = {}, {}  # per resolution: measured / priced time of its full-batch calls, of its smaller ones
     for r, cs in calls.items():
         if r not in costs.table:
             continue
-        if not costs.batch_aware:  # the costs price every stage at the full serving batch: compare full calls
-            cs = [c for c in cs if c[0] == c[1]] or cs
-        priced = sum(n * costs.per_image(r, n if costs.batch_aware else None) for n, _, _ in cs if n)
-        if priced > 0:
-            factor[r] = 1000 * sum(seconds for _, _, seconds in cs) / priced
-    if not factor:
+        if costs.batch_aware:  # calls priced by their rows: at the serving batch, and below it
+            groups = ((full, [c for c in cs if c[0] >= costs.batch_size]),
+                      (partial, [c for c in cs if c[0] < costs.batch_size]))
+        else:  # the costs price every stage at the full serving batch: compare full calls
+            groups = ((full, [c for c in cs if c[0] == c[1]] or cs),)
+        for factor, some in groups:
+            priced = sum(n * costs.per_image(r, n if costs.batch_aware else None) for n, _, _ in some if n)
+            if priced > 0:
+                factor[r] = 1000 * sum(seconds for _, _, seconds in some) / priced
+    if not full and not partial:
         raise RescascadeError("the refinement ran no stage: no calibration image was answered")
-    typical = float(np.median(list(factor.values())))
-    table = {r: {b: v * factor.get(r, typical) for b, v in by_batch.items()} for r, by_batch in costs.table.items()}
+    typical = float(np.median(list(full.values()) + list(partial.values())))
+
+    def scale(r: int, b: int) -> float:
+        # a profile row can be off on its own (a noisy row): the serving batch's row is scaled by the full-batch
+        # calls, the smaller rows (the later stages' shrinking batches) by the smaller calls, each where measured
+        first, second = (full, partial) if b >= costs.batch_size else (partial, full)
+        return first.get(r, second.get(r, typical))
+
+    table = {r: {b: v * scale(r, b) for b, v in by_batch.items()} for r, by_batch in costs.table.items()}
     decode_ms = dict(costs.decode_ms)
     if decode_ms and decode:
         measured = {r: 1000 * dec_s[r] / decoded[r] for r in dec_s if decoded.get(r)}
@@ -158,22 +174,27 @@ def refine(builder, calib, costs: CostModel, make_runner, n: int, repeats: int =
     if costs.decode_ms and not same_size:
         log(f"refine: the calib images are {size[0]}x{size[1]}, the decode costs are for {costs.source_size[0]}x"
             f"{costs.source_size[1]}: the profile's decode costs are kept")
-    refined = refined_costs(costs, runs, decode=same_size)
     first = builder.cascade_
-    builder.fit(calib, refined)
-    if builder.cascade_.key() not in {c.key() for c in cascades}:  # a new choice: measure it beside the reference
-        runner = make_runner(builder, refined)
-        more = measure_cascades(runner, [builder.cascade_, reference], inputs, costs.batch_size, repeats)
+    ref_runs = runs[-1:]
+    runs = runs[:-1]
+    for _ in range(ROUNDS):
+        refined = refined_costs(costs, runs + ref_runs, decode=same_size)
+        builder.fit(calib, refined)
+        if builder.cascade_.key() in {c.key() for c in cascades}:
+            break
+        # a new choice: measure it beside the reference; its stages' timings refine the costs of the next round
+        # (a stage first run at another batch than the new choice runs it can be priced off by the profile's row)
+        more = measure_cascades(make_runner(builder, refined), [builder.cascade_, reference], inputs,
+                                costs.batch_size, repeats)
         cascades.append(builder.cascade_)
-        runs = runs[:-1] + [more[0], runs[-1]]
-        ref_ms = float(np.mean([runs[-1]["ms_per_image"], more[1]["ms_per_image"]]))
-    else:
-        ref_ms = runs[-1]["ms_per_image"]
+        runs.append(more[0])
+        ref_runs.append(more[1])
+    ref_ms = float(np.mean([run["ms_per_image"] for run in ref_runs]))
     views = StageViews(calib.subset(rows).restrict(builder.resolutions_), builder.measure_, builder.temperatures_,
                        builder.combine_)
     predicted = _ratios(cascades, builder.reference_, views, costs)
     after = _ratios(cascades, builder.reference_, views, refined)
-    measured = [run["ms_per_image"] / ref_ms for run in runs[:-1]]
+    measured = [run["ms_per_image"] / ref_ms for run in runs]
     record = {"images": len(inputs), "repeats": repeats, "batch_size": costs.batch_size,
               "inputs": "encoded" if costs.decode_ms else "decoded",
               "decode_refined": bool(costs.decode_ms) and same_size,

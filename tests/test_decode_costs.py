@@ -400,6 +400,20 @@ def test_refine_prices_only_full_batch_calls_when_the_costs_ignore_shrinking_bat
     assert aware.table[48][1] == pytest.approx(5.0 * (0.010 + 0.032) * 1000 / (2 * 5.0 + 16 * 2.0))
 
 
+def test_refine_scales_the_serving_batch_row_by_full_calls_and_the_smaller_rows_by_the_smaller_calls():
+    """A profile row can be off on its own: r48's batch-8 row is right (full calls measured 2.0 ms), its batch-1
+    row half what the runtime does (the few rows r48 gets after r32): each row keeps its own factor."""
+    costs = CostModel("onnxruntime", "fp32", 8, True, {32: {1: 2.0, 8: 1.0}, 48: {1: 5.0, 8: 2.0}}, {})
+    runs = [{"stages": {32: {"rows": 16, "work_s": 0.016, "calls": [(8, 8, 0.008), (8, 8, 0.008)]},
+                        48: {"rows": 2, "work_s": 0.020, "calls": [(1, 8, 0.010), (1, 8, 0.010)]}},
+             "decode": {}, "outside_s": 0.0, "images": 16},
+            {"stages": {48: {"rows": 16, "work_s": 0.032, "calls": [(8, 8, 0.016), (8, 8, 0.016)]}},
+             "decode": {}, "outside_s": 0.0, "images": 16}]
+    refined = refined_costs(costs, runs)
+    assert refined.table[48] == {1: pytest.approx(10.0), 8: pytest.approx(2.0)}
+    assert refined.table[32] == {1: pytest.approx(2.0), 8: pytest.approx(1.0)}  # no small call: the full calls' factor
+
+
 def test_a_family_given_decoded_images_times_the_decode_of_a_given_source_size(tiny_family, tmp_path):
     """No decode is timed by default where the held-out images came decoded (synthetic), but --source-size says
     what will be served: its decode is timed, and build can count it."""
