@@ -21,6 +21,8 @@ from .optimizer import Cascade, Stage, paired_difference
 from .predictions import Predictions
 
 SCHEMA_VERSION = 2  # 2: the "decode" plan; a config without one (the per-stage plan) is written as version 1
+# the optimizer methods' names in cascade.json (greedy-answers: the guarantee's conservative path, guarantee.py)
+METHODS = {"greedy": "streeter-greedy", "greedy-answers": "streeter-greedy on the reference's answers"}
 REQUIRED = ("family", "profile", "confidence", "stages", "reference", "expected")
 
 
@@ -98,7 +100,7 @@ class CascadeConfig:
                           "accuracy_test": ref_test.accuracy, "cost_ms": ref_out.mean_cost},
             "target": {"kind": b.target.kind, "value": b.target.value, "description": b.target.describe()},
             "expected": expected,
-            "optimizer": {"method": "streeter-greedy" if cascade.method == "greedy" else cascade.method,
+            "optimizer": {"method": METHODS.get(cascade.method, cascade.method),
                           "tolerance": cascade.tolerance, "tolerances": list(b.tolerances),
                           "candidates": len(b.candidates_),
                           "pareto_front": [{"cascade": c.cascade.describe(), "accuracy": c.outcome.accuracy,

@@ -5,9 +5,9 @@ Loss of a cascade on an example: 1[cascade wrong and reference right]. Since
 certifying E[loss] <= epsilon certifies "accuracy drop <= epsilon" with probability >= 1 - delta.
 
 Procedure: split calib in two. On the *select* part alone, fit the per-resolution temperatures, choose the
-reference, and, for every optimizer setting asked for (confidence measure, free ensemble), build the tolerance
-path of greedy cascades (most conservative first); keep the one setting whose path reaches the lowest cost
-among the cascades that pass the same test on the select part. All of it is fixed before the *certify* part is
+reference, and, for every optimizer setting asked for (confidence measure, free ensemble), build the path of
+greedy cascades (`tolerance_path`: fewest losses on the select part first); keep the one setting whose path
+reaches the lowest cost among the cascades that pass the same test on the select part. All of it is fixed before the *certify* part is
 looked at, and only that one path is tested there: H_j: risk > epsilon with the exact binomial tail
 p_j = P(Binom(n, epsilon) <= k_j) (valid for 0/1 losses), in fixed sequence at level delta, stopping at the
 first non-rejection (family-wise error <= delta without a multiplicity penalty). Emit the cheapest of the
@@ -16,7 +16,7 @@ setting's path on the certify part and keeping the cheapest certified one would 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from scipy.stats import binom
@@ -61,14 +61,24 @@ def split_calib(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndar
 
 def tolerance_path(select: StageViews, costs: CostModel, reference: int, resolutions,
                    tolerances=DEFAULT_TOLERANCES, quantiles: int = 100) -> list[Cascade]:
-    """Distinct greedy cascades over increasing tolerance (most conservative first), built on `select` only."""
-    path, seen = [], set()
-    for tol in sorted(tolerances):
-        c = greedy(select, costs, reference, resolutions, tol, quantiles)
-        if c.key() not in seen:
-            seen.add(c.key())
-            path.append(c)
-    return path
+    """Distinct greedy cascades built on `select` only, in the order the certify part tests them: fewest losses
+    on select first (the statistic the test counts), the dearer first among equals. Two greedy paths over the
+    tolerances: one holds the reference's accuracy on the images each stage exits, one the reference's answers
+    there (the reference's predictions as labels). The second is the conservative end: a cascade at the
+    reference's accuracy can still be wrong where the reference is right on many images, right where it is
+    wrong on as many, and every such image is a loss; a path opening with it stops the test at once."""
+    ref_logits = select.preds.column(reference)
+    agree = StageViews(replace(select.preds, labels=ref_logits.argmax(-1)), select.measure, select.temperatures,
+                       select.combined)
+    _, ref_correct = select.view((), reference)
+    found = {}
+    for views, method in ((select, "greedy"), (agree, "greedy-answers")):
+        for tol in sorted(tolerances):
+            c = replace(greedy(views, costs, reference, resolutions, tol, quantiles), method=method)
+            if c.key() not in found:
+                out = simulate(c, select, costs)
+                found[c.key()] = (int(((~out.correct_mask) & ref_correct).sum()), -out.mean_cost, c)
+    return [c for _, _, c in sorted(found.values(), key=lambda t: t[:2])]
 
 
 def fixed_sequence_test(path: list[Cascade], views: StageViews, select: StageViews, costs: CostModel,
@@ -83,7 +93,7 @@ def fixed_sequence_test(path: list[Cascade], views: StageViews, select: StageVie
         k = int(((~out.correct_mask) & ref_correct).sum())
         p = binomial_p_value(k, n, epsilon)
         rejected = p <= delta
-        tested.append({"cascade": c.describe(), "tolerance": c.tolerance, "k": k, "n": n, "loss": k / n,
+        tested.append({"cascade": c.describe(), "method": c.method, "tolerance": c.tolerance, "k": k, "n": n, "loss": k / n,
                        "p_value": p, "certified": bool(rejected),
                        "select_cost_ms": simulate(c, select, costs).mean_cost})
         if not rejected:

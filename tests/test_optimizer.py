@@ -188,6 +188,34 @@ def test_guarantee_holds_in_simulation():
     assert naive_violations > 2 * ltt_violations and naive_violations >= 15, (naive_violations, ltt_violations)
 
 
+def test_the_guarantee_tests_the_cascades_with_fewest_losses_first():
+    """r32 is more accurate than r96 but errs on other images: the greedy at r96's accuracy (tolerance 0) exits
+    every image at r32 and is wrong where r96 is right on 10 % (each a loss), so a path opening with it certifies
+    nothing at 2 %. The greedy on r96's answers exits only where r32 agrees with r96 (loss 0): tested first, it is
+    certified."""
+    from rescascade.predictions import Predictions
+    rng = np.random.default_rng(0)
+    n, c = 4000, 4
+    labels = rng.integers(0, c, n)
+    group = rng.choice(3, n, p=[0.75, 0.1, 0.15])  # 0: both right, 1: r96 right / r32 wrong, 2: r32 right / r96 wrong
+    logits = np.zeros((n, 2, c), dtype=np.float32)
+    rows = np.arange(n)
+    logits[rows, 0, np.where(group == 1, (labels + 1) % c, labels)] = np.choose(group, [8.0, 3.0, 3.5])
+    logits[rows, 1, np.where(group == 2, (labels + 1) % c, labels)] = 8.0
+    calib = Predictions(logits, labels, [32, 96], rows.astype(str), "w" * 64)
+    costs = CostModel("test", "fp32", 1, False, {32: {1: 0.2}, 96: {1: 1.0}})
+    cs = certify_settings(calib, costs, [32, 96], 0.02, 0.1, reference=96)
+    path = cs.certified.tested
+    assert path[0]["k"] == 0 and path[0]["certified"] and path[0]["method"] == "greedy-answers", path
+    assert [t["k"] for t in path] == sorted(t["k"] for t in path)
+    assert cs.certified.cascade.resolutions == [32, 96]
+    views = StageViews(calib, cs.measure, cs.temperatures)
+    first = simulate(greedy(views, costs, 96, [32, 96], 0.0), views, costs)  # what the path used to open with
+    assert ((~first.correct_mask) & views.view((), 96)[1]).mean() > 0.09
+    out = simulate(cs.certified.cascade, views, costs)
+    assert out.mean_cost < 0.5 and out.accuracy >= 0.89
+
+
 @pytest.mark.slow
 def test_guarantee_over_auto_settings_holds_in_simulation():
     """--guarantee with --confidence auto --combine auto (6 settings) and fitted temperatures: over 200 random calib
