@@ -7,12 +7,13 @@ certifying E[loss] <= epsilon certifies "accuracy drop <= epsilon" with probabil
 Procedure: split calib in two. On the *select* part alone, fit the per-resolution temperatures, choose the
 reference, and, for every optimizer setting asked for (confidence measure, free ensemble), build the path of
 greedy cascades (`tolerance_path`: fewest losses on the select part first); keep the one setting whose path
-reaches the lowest cost among the cascades that pass the same test on the select part. All of it is fixed before the *certify* part is
-looked at, and only that one path is tested there: H_j: risk > epsilon with the exact binomial tail
-p_j = P(Binom(n, epsilon) <= k_j) (valid for 0/1 losses), in fixed sequence at level delta, stopping at the
-first non-rejection (family-wise error <= delta without a multiplicity penalty). Emit the cheapest of the
-certified cascades and the reference alone (loss 0; also the fallback when nothing is certified). (Testing each
-setting's path on the certify part and keeping the cheapest certified one would spend delta once per setting.)
+reaches the lowest cost among the cascades that pass the same test on the select part. All of it is fixed
+before the *certify* part is looked at, and only that one path is tested there: H_j: risk > epsilon with the
+exact binomial tail p_j = P(Binom(n, epsilon) <= k_j) (valid for 0/1 losses), in fixed sequence at level delta,
+stopping at the first non-rejection (family-wise error <= delta without a multiplicity penalty). Emit the
+cheapest of the certified cascades and the reference alone (loss 0; also the fallback when nothing is
+certified). (Testing each setting's path on the certify part and keeping the cheapest certified one would
+spend delta once per setting.)
 """
 from __future__ import annotations
 
@@ -93,8 +94,8 @@ def fixed_sequence_test(path: list[Cascade], views: StageViews, select: StageVie
         k = int(((~out.correct_mask) & ref_correct).sum())
         p = binomial_p_value(k, n, epsilon)
         rejected = p <= delta
-        tested.append({"cascade": c.describe(), "method": c.method, "tolerance": c.tolerance, "k": k, "n": n, "loss": k / n,
-                       "p_value": p, "certified": bool(rejected),
+        tested.append({"cascade": c.describe(), "method": c.method, "tolerance": c.tolerance, "k": k, "n": n,
+                       "loss": k / n, "p_value": p, "certified": bool(rejected),
                        "select_cost_ms": simulate(c, select, costs).mean_cost})
         if not rejected:
             break
