@@ -60,6 +60,14 @@ def split_calib(n: int, fraction: float, seed: int) -> tuple[np.ndarray, np.ndar
     return np.sort(perm[:k]), np.sort(perm[k:])
 
 
+def losses(cascade: Cascade, views: StageViews, costs: CostModel, reference: int):
+    """(the count of examples where `cascade` is wrong and the reference right: the test's statistic, the
+    cascade's Outcome on `views`)."""
+    out = simulate(cascade, views, costs)
+    _, ref_correct = views.view((), reference)
+    return int(((~out.correct_mask) & ref_correct).sum()), out
+
+
 def tolerance_path(select: StageViews, costs: CostModel, reference: int, resolutions,
                    tolerances=DEFAULT_TOLERANCES, quantiles: int = 100) -> list[Cascade]:
     """Distinct greedy cascades built on `select` only, in the order the certify part tests them: fewest losses
@@ -71,14 +79,13 @@ def tolerance_path(select: StageViews, costs: CostModel, reference: int, resolut
     ref_logits = select.preds.column(reference)
     agree = StageViews(replace(select.preds, labels=ref_logits.argmax(-1)), select.measure, select.temperatures,
                        select.combined)
-    _, ref_correct = select.view((), reference)
     found = {}
     for views, method in ((select, "greedy"), (agree, "greedy-answers")):
         for tol in sorted(tolerances):
             c = replace(greedy(views, costs, reference, resolutions, tol, quantiles), method=method)
             if c.key() not in found:
-                out = simulate(c, select, costs)
-                found[c.key()] = (int(((~out.correct_mask) & ref_correct).sum()), -out.mean_cost, c)
+                k, out = losses(c, select, costs, reference)
+                found[c.key()] = (k, -out.mean_cost, c)
     return [c for _, _, c in sorted(found.values(), key=lambda t: t[:2])]
 
 
@@ -86,12 +93,10 @@ def fixed_sequence_test(path: list[Cascade], views: StageViews, select: StageVie
                         reference: int, epsilon: float, delta: float) -> tuple[list[dict], list[Cascade]]:
     """Test H_j: risk > epsilon on `views` along the path, stopping at the first non-rejection.
     -> (the tested steps with k, n, p-value, and the cascades certified, in path order)."""
-    _, ref_correct = views.view((), reference)
     n = views.preds.n
     tested, certified = [], []
     for c in path:
-        out = simulate(c, views, costs)
-        k = int(((~out.correct_mask) & ref_correct).sum())
+        k, _ = losses(c, views, costs, reference)
         p = binomial_p_value(k, n, epsilon)
         rejected = p <= delta
         tested.append({"cascade": c.describe(), "method": c.method, "tolerance": c.tolerance, "k": k, "n": n,
