@@ -28,7 +28,7 @@ with thresholds set on calib plus the training images the per-class budget left 
                                           [--variants unpatched,patches+distill]
 
 --quick runs the same pipeline on a few images per class, with three of the variants (unpatched, patches+distill,
-independent) and batch sizes 1 and 32 (the tests use it); its figures mean nothing.
+independent), three resolutions (96, 160, 224) and batch sizes 1 and 32 (the tests use it); its figures mean nothing.
 """
 from __future__ import annotations
 
@@ -68,6 +68,7 @@ from rescascade.training.store import load_family, weights_id  # noqa: E402
 from rescascade.training.trainer import TrainConfig  # noqa: E402
 
 RES = (96, 128, 160, 192, 224)
+QUICK_RES = (96, 160, 224)  # --quick: the same pipeline on three of the five (its figures mean nothing)
 SAMPLES = SHARED_DATA / "imagenet_sample_images"
 
 
@@ -115,7 +116,7 @@ def train_variant(task, name, opts, splits, out: Path, args, log) -> Path:
         return fam
     shutil.rmtree(fam, ignore_errors=True)
     cfg_opts, fam_opts = split_options(opts)
-    cfg_opts.update(resolutions=RES, workers=0, seed=0)
+    cfg_opts.update(resolutions=QUICK_RES if args.quick else RES, workers=0, seed=0)
     if args.epochs is not None and cfg_opts.get("epochs", 1) > 0:
         cfg_opts["epochs"] = args.epochs
     if args.quick:
@@ -135,11 +136,12 @@ def predictors(fam: Path) -> dict:
         from safetensors.torch import load_file
         from torchvision.models import mobilenet_v2
         models = {}
-        for r in RES:
+        doc = json.loads((fam / "independent.json").read_text())
+        for r in doc["resolutions"]:
             m = mobilenet_v2()
             m.load_state_dict(load_file(fam / "models" / f"r{r:03d}.safetensors"))
             models[r] = m
-        return onnx_predictors(models, fam, independent_ids(json.loads((fam / "independent.json").read_text())))
+        return onnx_predictors(models, fam, independent_ids(doc))
     family, doc = load_family(fam)
     return family_predictors(family, fam, weights_id(doc), "onnxruntime")
 
@@ -173,17 +175,18 @@ def lever_outcomes(fam: Path, costs: CostModel, extra: dict | None = None) -> li
         calib = Predictions(np.concatenate([calib.logits, extra["logits"]]),
                             np.concatenate([calib.labels, extra["labels"]]), calib.resolutions,
                             np.concatenate([calib.ids, extra["ids"]]), calib.weights_sha256)
-    fitted = {r: fit_temperature(calib.column(r), calib.labels) for r in RES}
+    res = calib.resolutions
+    fitted = {r: fit_temperature(calib.column(r), calib.labels) for r in res}
     out = []
     for measure in ("max_prob", "margin", "entropy"):
         for temperature in (True, False):
             temps = fitted if temperature else {}
             for comb in (False, True):
                 views = StageViews(calib, measure, temps, comb)
-                ref = reference_resolution(views, RES)
+                ref = reference_resolution(views, res)
                 single = Cascade([Stage(ref, -math.inf)])
                 ref_out = simulate(single, views, costs)
-                pick = cheapest_meeting(tolerance_sweep(views, costs, RES, [ref]), ref_out.accuracy)
+                pick = cheapest_meeting(tolerance_sweep(views, costs, res, [ref]), ref_out.accuracy)
                 tviews = StageViews(test, measure, temps, comb)
                 t, tr = simulate(pick.cascade, tviews, costs), simulate(single, tviews, costs)
                 out.append({"measure": measure, "temperature": temperature, "combine": comb,
@@ -215,6 +218,7 @@ def run_task(task: str, args, log) -> str:
     label_space = "native" if task == "10way" else "imagenet"
     per_class = 4 if args.quick else args.train_per_class
     held = 6 if args.quick else None
+    res = QUICK_RES if args.quick else RES
     log(f"\n=== {task}: loading Imagenette ({per_class or 500} train images per class) ===")
     raw = load_data(f"shared-imagenette:{IMAGENETTE}", seed=0, label_space=label_space, train_per_class=per_class,
                     heldout_per_class=held)
@@ -242,12 +246,13 @@ def run_task(task: str, args, log) -> str:
         doc = json.loads((fam / ("independent.json" if (fam / "independent.json").is_file() else "family.json"))
                          .read_text())
         acc = doc["top1"]["test"]
-        row = [name] + [f"{100 * acc[str(r)]:.1f}" for r in RES]
+        row = [name] + [f"{100 * acc[str(r)]:.1f}" for r in res]
         if samples is not None:
             s = sample_top1(fam, samples)
-            row.append(" / ".join(f"{100 * s[r]:.1f}" for r in RES))
+            row.append(" / ".join(f"{100 * s[r]:.1f}" for r in res))
         rows.append(row)
-    headers = ["variant"] + [f"r{r}" for r in RES] + (["sample images r96..r224"] if samples is not None else [])
+    headers = ["variant"] + [f"r{r}" for r in res] + \
+        ([f"sample images r{res[0]}..r{res[-1]}"] if samples is not None else [])
     report = [f"## {task}: per-resolution top-1 (%) on the Imagenette val test half ({len(splits.test)} images)",
               "", table(headers, rows)]
 
@@ -264,7 +269,7 @@ def run_task(task: str, args, log) -> str:
     # Profile the family that will most likely be chosen: the choice with costs in proportion to the pixels
     # (all variants share the architecture, so one profile prices every variant's cascades; the chosen family is
     # profiled again only if measured costs choose another one).
-    pixels = CostModel("pixels", "fp32", 32, False, {r: {32: (r / RES[-1]) ** 2} for r in RES})
+    pixels = CostModel("pixels", "fp32", 32, False, {r: {32: (r / res[-1]) ** 2} for r in res})
     first = fams[pick({n: build_choice(lever_outcomes(fams[n], pixels)) for n in fam_variants})]
     sizes = [1, 32] if args.quick else [1, 2, 4, 8, 16, 32]
     protocol = Protocol(warmup_iters=3, warmup_seconds=0.1, min_iters=3, min_seconds=0.0, rounds=1) if args.quick \
@@ -274,7 +279,7 @@ def run_task(task: str, args, log) -> str:
     run_profile(first, "onnxruntime", "fp32", sizes, protocol=protocol, log=lambda s: None, decision_step=decision_step)
     log(f"  profiled in {time.perf_counter() - t0:.0f} s")
     df, _ = read_profile(first / "profile.csv")
-    costs32 = CostModel.from_profile(df, RES, "onnxruntime", "fp32", 32, batch_aware=True)
+    costs32 = CostModel.from_profile(df, res, "onnxruntime", "fp32", 32, batch_aware=True)
     crow, choice, levers = [], {}, {}
     for name, fam in fams.items():
         levers[name] = lever_outcomes(fam, costs32)

@@ -19,7 +19,7 @@ MobileNetV2 weights, ONNX Runtime CPU):
 
     python benchmarks/cost_prediction.py [--quick] [--runs 3] [--refine 200] [--photos 100]
 
---quick checks the pipeline on a few images; its figures mean nothing.
+--quick checks the pipeline on a few images at three resolutions; its figures mean nothing.
 """
 from __future__ import annotations
 

@@ -15,7 +15,7 @@ Runtime CPU) and a cascade built for batch 32 (batch-aware costs):
 
     python benchmarks/deploy_bundle.py [--quick] [--runs 3]
 
---quick checks the pipeline on a few images of a quickly trained family; its figures mean nothing.
+--quick checks the pipeline on a few images of a quickly trained family (three resolutions); its figures mean nothing.
 """
 from __future__ import annotations
 
