@@ -482,9 +482,10 @@ def cmd_export(args) -> None:
 def add_export_parser(sub) -> None:
     s = sub.add_parser("export", help="write a bundle that runs the cascade without torch (ONNX Runtime, numpy, "
                                       "Pillow)", formatter_class=_Formatter,
-                       description="Write a self-contained bundle of a cascade: one ONNX model per stage and one for "
-                                   "the reference, bundle.json (stages, thresholds, preprocessing, class names, "
-                                   "sha256 of every model) and the runtime's modules. Run it where only onnxruntime, "
+                       description="Write a self-contained bundle of a cascade: the family's shared weights once (one "
+                                   "ONNX model) and a small patch file per stage and for the reference, bundle.json "
+                                   "(stages, thresholds, preprocessing, class names, sha256 of every file) and the "
+                                   "runtime's modules. Run it where only onnxruntime, "
                                    "numpy and Pillow are installed: PYTHONPATH=DIR python -m rescascade.deploy DIR "
                                    "IMAGE... (or rescascade.deploy.BundleRunner). It gives the labels, exit stages "
                                    "and probabilities rescascade's own runtime gives on CPU.")

@@ -1,7 +1,8 @@
 """Run an exported cascade without torch: ONNX Runtime, numpy and Pillow alone.
 
-`rescascade export CASCADE_JSON --out DIR` writes a bundle: one ONNX model per stage and one for the reference
-(BatchNorm patch folded, each checked against PyTorch), bundle.json (the cascade: stages, thresholds,
+`rescascade export CASCADE_JSON --out DIR` writes a bundle: the family's shared weights once as one ONNX model,
+and per stage (and for the reference) its patch file, the BatchNorm scale and shift that make the shared model that
+resolution's model (each checked against PyTorch), bundle.json (the cascade: stages, thresholds,
 temperatures, confidence measure; the preprocessing; the class names; every model's sha256), and a copy of the
 modules this runtime imports (DIR/rescascade/), so the bundle runs where only onnxruntime, numpy and Pillow are
 installed:
@@ -30,7 +31,7 @@ from typing import Sequence
 import numpy as np
 from PIL import Image
 
-from rescascade.profiling.ort import session_options
+from rescascade.profiling.ort import session_options, stage_session
 from rescascade.training.config import MAX_BATCH, MAX_THREADS
 from rescascade.training.errors import (ArtifactError, BackendUnavailable, ConfigError, RescascadeError, check_bool,
                                         check_int)
@@ -44,7 +45,7 @@ from .exits import (Answers, CascadeResult, StageTiming, decode_stage, exit_step
 from .monitor import ExitCounts, plan_identity
 
 BUNDLE_FORMAT = "rescascade-bundle"
-BUNDLE_SCHEMA = 2  # 2: the cascade's "decode" plan; a bundle without one is written as version 1
+BUNDLE_SCHEMA = 3  # 2: the cascade's "decode" plan; 3: one shared model + a patch per stage (1-2: a model per stage)
 RESIZE = "torch-uint8-antialias-bilinear"  # the only resize this runtime implements (preprocess_np)
 # The modules this file imports, directly or not: `export` copies them into the bundle. tests/test_deploy.py runs
 # the copy where torch cannot be imported, so a module missing here fails there.
@@ -57,11 +58,13 @@ RUNTIME_MODULES = ("rescascade", "rescascade.deploy", "rescascade.exits", "resca
 
 def _bundle_problem(doc: dict) -> str | None:
     """What is wrong with a bundle.json's content (beyond its schema version and keys), None if nothing."""
-    models, prep, names = doc["models"], doc["preprocessing"], doc["class_names"]
+    models, prep, names, shared = doc["models"], doc["preprocessing"], doc["class_names"], doc["shared"]
     if not (isinstance(models, dict) and models and all(
             str(r).isdigit() and isinstance(m, dict) and isinstance(m.get("file"), str) and
             isinstance(m.get("sha256"), str) for r, m in models.items())):
-        return "models must map resolutions to {file, sha256}"
+        return "models must map resolutions to their patch {file, sha256}"
+    if not (isinstance(shared, dict) and isinstance(shared.get("file"), str) and isinstance(shared.get("sha256"), str)):
+        return "shared must be the shared model's {file, sha256}"
     if not (isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) for n in names)):
         return "class_names must be a list of at least 2 names"
     problem = exit_problem(doc, {int(r) for r in models}, len(names))
@@ -106,17 +109,24 @@ class Bundle:
         doc = read_json(self.path, "a bundle written by `rescascade export`")
         if doc.get("format") != BUNDLE_FORMAT:
             raise ArtifactError(f"{self.path} is not a rescascade bundle (format {doc.get('format')!r})")
-        check_schema(doc, self.path, "bundle", BUNDLE_SCHEMA, ("models", "stages", "reference", "confidence",
-                                                                 "preprocessing", "class_names"))
+        if isinstance(doc.get("schema_version"), int) and doc["schema_version"] < 3:
+            source = (doc.get("source") or {}).get("cascade_json") or "CASCADE_JSON"
+            raise ArtifactError(f"{self.path} holds one model per stage (bundle schema {doc['schema_version']}), which "
+                                f"this rescascade no longer runs; export it again: rescascade export {source} --out "
+                                f"{self.dir}")
+        check_schema(doc, self.path, "bundle", BUNDLE_SCHEMA, ("shared", "models", "stages", "reference",
+                                                                 "confidence", "preprocessing", "class_names"))
         problem = _bundle_problem(doc)
         if problem:
             raise ArtifactError(f"{self.path}: {problem}; the file was edited or damaged: export the bundle again")
-        for r, model in doc["models"].items():
-            file = self.dir / model["file"]
+        for what, entry in [("the shared model", doc["shared"])] + \
+                [(f"resolution {r}'s patch", m) for r, m in doc["models"].items()]:
+            file = self.dir / entry["file"]
             if not file.is_file():
-                raise ArtifactError(f"{file} (resolution {r}) is missing from the bundle; copy the whole directory")
-            if sha256_file(file) != model["sha256"]:
-                raise ArtifactError(f"{file} changed since export (sha256 differs); export the bundle again")
+                raise ArtifactError(f"{file} ({what}) is missing from the bundle; copy the whole directory")
+            if sha256_file(file) != entry["sha256"]:
+                raise ArtifactError(f"{file} ({what}) is not the file exported with this bundle.json (sha256 "
+                                    "differs: changed, or from another export); export the bundle again")
         self.doc = doc
 
     @property
@@ -135,7 +145,13 @@ class Bundle:
         stage at its own scale)."""
         return int(self.doc["decode"]["resolution"]) if "decode" in self.doc else None
 
-    def model_path(self, resolution: int) -> Path:
+    @property
+    def shared_path(self) -> Path:
+        """The shared model (the family's weights, once)."""
+        return self.dir / self.doc["shared"]["file"]
+
+    def patch_path(self, resolution: int) -> Path:
+        """The patch that makes the shared model the model of `resolution`."""
         return self.dir / self.doc["models"][str(resolution)]["file"]
 
 
@@ -216,13 +232,15 @@ class BundleRunner:
                                              plan_identity(doc, self.stages, self.decode_at))
         options = session_options(threads)
         self._pool = ThreadPoolExecutor(options.intra_op_num_threads, thread_name_prefix="rescascade-preprocess")
-        self.sessions = {}
-        for r, _ in self.stages:
-            session = ort.InferenceSession(str(self.bundle.model_path(r)), options, providers=providers)
+        self.sessions, self._patches = {}, {}
+        shared = str(self.bundle.shared_path)
+        for r, _ in self.stages:  # the shared model made resolution r's by its patch (ONNX Runtime folds it in)
+            self._patches[r] = self.bundle.patch_path(r).read_bytes()
+            session = stage_session(shared, self._patches[r], r, session_options(threads), providers)
             dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
             classes = session.get_outputs()[0].shape[-1]
             if isinstance(classes, int) and classes != self.num_classes:
-                raise ArtifactError(f"{self.bundle.model_path(r)} gives {classes} logits but bundle.json names "
+                raise ArtifactError(f"{self.bundle.shared_path} gives {classes} logits but bundle.json names "
                                     f"{self.num_classes} classes; export the bundle again")
             self.sessions[r] = (session, dtype)
         for b in ([1] if warmup is True else warmup or []):

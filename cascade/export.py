@@ -2,9 +2,11 @@
 Triton model repository that serves it (`export_triton`).
 
 DIR/bundle.json     the cascade (stages, thresholds, temperatures, confidence measure, expected exit fractions),
-                    the preprocessing, the class names, and each model's file and sha256
-DIR/r<R>.<precision>.onnx   one model per stage and one for the reference (the family's shared weights with
-                    that resolution's BatchNorm patch folded; each checked against PyTorch, profiling.export)
+                    the preprocessing, the class names, and every file's sha256
+DIR/model.<precision>.onnx  the family's shared weights, once (profiling.export.export_shared)
+DIR/patches/r<R>.<precision>.patch  each stage's and the reference's patch: its BatchNorms' scale and shift
+                    (and anything else the resolution owns); with the shared model, that resolution's model,
+                    checked against PyTorch. K resolutions of MobileNetV2 weigh about 1 + 0.01 K models.
 DIR/rescascade/     the modules `rescascade.deploy` imports (deploy.RUNTIME_MODULES): onnxruntime, numpy and
                     Pillow are all it needs
 DIR/README.txt      how to run it
@@ -24,9 +26,10 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from rescascade.profiling.export import TOLERANCE, export_resolution
+from rescascade.profiling.export import TOLERANCE, export_shared
 from rescascade.training.config import MAX_BATCH, MAX_THREADS
 from rescascade.training.errors import ConfigError, check_bool, check_int
+from rescascade.training.family import res_key
 from rescascade.training.fileio import sha256_file, write_json, write_text
 from rescascade.training.preprocess_np import CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, MAX_ASPECT
 from rescascade.training.store import weights_id
@@ -64,7 +67,7 @@ def export_bundle(config, out, precision: str = "fp32", overwrite: bool = False,
     source = _source(config)
     with _staged(out, _bundle_files, "a bundle", source, overwrite) as tmp:
         models = _write_bundle(config, tmp, out.name, precision, log)
-    log(f"wrote {out}/ (bundle.json, {models} ONNX models, the runtime): "
+    log(f"wrote {out}/ (bundle.json, the shared model and {models} patches, the runtime): "
         f"PYTHONPATH={out} python -m rescascade.deploy {out} IMAGE...")
     return out / "bundle.json"
 
@@ -76,27 +79,31 @@ def _source(config: CascadeConfig) -> str | None:
 
 
 def _write_bundle(config: CascadeConfig, tmp: Path, name: str, precision: str, log) -> int:
-    """The bundle's files, into the directory tmp (see the module). -> how many ONNX models it holds."""
+    """The bundle's files, into the directory tmp (see the module). -> how many patches it holds."""
     family, doc = open_family(config)
     fam_dir, wid = config.family_dir, weights_id(doc)
     resolutions = sorted({s.resolution for s in config.cascade.stages} | {config.reference})
+    log(f"exporting the shared model and the patches of {', '.join(f'r{r}' for r in resolutions)} ({precision}) ...")
+    shared_path, patches, meta = export_shared(family, fam_dir, wid, precision)
+    file = f"model.{precision}.onnx"
+    shutil.copyfile(shared_path, tmp / file)
+    shared = {"file": file, "sha256": sha256_file(tmp / file), "precision": precision, "input": "input",
+              "output": "logits", "one_model_bytes": meta["one_model_bytes"]}
     models = {}
+    (tmp / "patches").mkdir()
     for r in resolutions:
-        log(f"exporting r{r} ({precision}) ...")
-        path, meta = export_resolution(family, fam_dir, r, wid, precision)
-        file = f"r{r}.{precision}.onnx"
-        shutil.copyfile(path, tmp / file)
-        models[str(r)] = {"file": file, "sha256": sha256_file(tmp / file), "precision": precision,
-                          "input": "input", "output": "logits", "max_abs_diff": meta["max_abs_diff"]}
+        file = f"patches/{res_key(r)}.{precision}.patch"
+        shutil.copyfile(patches[r], tmp / file)
+        models[str(r)] = {"file": file, "sha256": sha256_file(tmp / file), "max_abs_diff": meta["max_abs_diff"][str(r)]}
     _copy_runtime(tmp)
     prep = doc.get("preprocessing", {})
     bundle = {
-        "format": BUNDLE_FORMAT, "schema_version": BUNDLE_SCHEMA if "decode" in config.doc else 1,
+        "format": BUNDLE_FORMAT, "schema_version": BUNDLE_SCHEMA,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "source": {"cascade_json": _source(config), "cascade_json_sha256": sha256_file(config.path)
                    if config.path else None, "weights_sha256": wid,
                    "family_json_sha256": config.doc["family"]["family_json_sha256"]},
-        "models": models,
+        "shared": shared, "models": models,
         "stages": config.doc["stages"], **decode_json(config.cascade), "reference": config.doc["reference"],
         "confidence": config.doc["confidence"], "expected": config.doc["expected"],
         "profile": {k: config.doc["profile"].get(k) for k in ("backend", "precision", "batch_size", "device")},
@@ -153,7 +160,7 @@ def _bundle_files(root: Path):
     was exported from; None where root holds no bundle."""
     doc = _bundle_doc(root / "bundle.json")
     try:
-        models = {m["file"] for m in doc["models"].values()}
+        models = {m["file"] for m in doc["models"].values()} | ({doc["shared"]["file"]} if "shared" in doc else set())
         source = doc["source"]["cascade_json"]
     except (TypeError, KeyError, AttributeError):
         return None

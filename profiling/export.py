@@ -6,11 +6,18 @@ so ONNX Runtime serves any batch and TensorRT builds one static-shape engine per
 the convolution before it in eval mode, and ONNX Runtime's and TensorRT's graph optimizers fuse whatever is left.
 Each export is checked numerically against the PyTorch model; past the tolerance it fails loudly. Exports are cached
 in RUN_DIR/onnx/ keyed by the family's weights id.
+
+`export_shared` writes the family as deployment stores it (K models for the price of one): one shared model whose
+BatchNorms read their per-channel scale and shift from an external file, and per resolution a patch file of those
+bytes (scale = gamma / sqrt(var + eps), shift = beta - mean * scale, the BatchNorm folded to an affine: 2 numbers a
+channel instead of 4), plus any other tensor the resolution owns (a per-resolution classifier). ONNX Runtime reads a
+stage's patch as that external file (`profiling.ort.stage_session`) and folds it into the convolutions as before.
 """
 from __future__ import annotations
 
 import copy
 import json
+import math
 import warnings
 from pathlib import Path
 
@@ -21,6 +28,8 @@ from torch import nn
 from rescascade.training.errors import ArtifactError
 from rescascade.training.family import ResolutionFamily, res_key
 from rescascade.training.fileio import atomic_path, sha256_file, write_json
+
+from .ort import PATCH_LOCATION, session_options, stage_session
 
 EXPORT_VERSION = 2  # 2: any arch, BatchNorm folded by the exporter
 TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}  # max |logit difference|, relative to max(1, max |logit|)
@@ -42,11 +51,17 @@ def _export(model: nn.Module, example: torch.Tensor, path: Path) -> None:
 def check_onnx(path: Path, reference: nn.Module, resolution: int, precision: str, n: int = 4) -> float:
     """Max |ONNX - PyTorch| logits on random inputs (ONNX Runtime CPU); raises past the tolerance."""
     import onnxruntime as ort
+    return check_session(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), reference, resolution,
+                         precision, n)
+
+
+def check_session(sess, reference: nn.Module, resolution: int, precision: str, n: int = 4) -> float:
+    """Max |ONNX Runtime session - PyTorch model| logits on n random inputs [n, 3, r, r]; ArtifactError past the
+    tolerance (TOLERANCE, relative to max(1, max |logit|))."""
     torch.manual_seed(0)
     x = torch.randn(n, 3, resolution, resolution)
     with torch.no_grad():
         want = reference(x).float().numpy()
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     feed = x.numpy().astype(np.float16 if precision == "fp16" else np.float32)
     got = sess.run(None, {"input": feed})[0].astype(np.float32)
     diff = float(np.abs(got - want).max())
@@ -97,3 +112,157 @@ def cached_export(make_model, resolution: int, out: Path, weights_id: str,
     write_json(meta_path, meta)
     return out, meta
 
+
+
+def export_shared(family: ResolutionFamily, run_dir, weights_id: str,
+                  precision: str = "fp32") -> tuple[Path, dict[int, Path], dict]:
+    """The family as one shared ONNX model and one patch file per resolution (see the module), cached in
+    RUN_DIR/onnx/shared.<precision>.onnx and RUN_DIR/onnx/r<R>.<precision>.patch. Every resolution's session
+    (`profiling.ort.stage_session`) is checked against its PyTorch plain model. Returns (shared model path,
+    {resolution: patch path}, info with max_abs_diff per resolution and the bytes of one plain model's export).
+    Raises ArtifactError past the tolerance, or for an arch whose BatchNorm parameters the exporter renamed."""
+    if precision not in TOLERANCE:
+        raise ArtifactError(f"precision {precision!r} is not one of {', '.join(TOLERANCE)}")
+    folder = Path(run_dir) / "onnx"
+    out, meta_path = folder / f"shared.{precision}.onnx", folder / f"shared.{precision}.json"
+    patches = {r: folder / f"{res_key(r)}.{precision}.patch" for r in family.resolutions}
+    if out.is_file() and meta_path.is_file() and all(p.is_file() for p in patches.values()):
+        meta = json.loads(meta_path.read_text())
+        if meta.get("weights_sha256") == weights_id and meta.get("export_version") == EXPORT_VERSION and \
+                meta.get("onnx_sha256") == sha256_file(out) and \
+                all(meta["patch_sha256"].get(str(r)) == sha256_file(p) for r, p in patches.items()):
+            return out, patches, meta
+    top = max(family.resolutions)
+    model = _distinct_batchnorms(family.plain_model(top))
+    example = torch.randn(1, 3, top, top)
+    if precision == "fp16":
+        model, example = copy.deepcopy(model).half(), example.half()
+    with atomic_path(out) as tmp:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            # no constant folding: the BatchNorms stay nodes of their own, their inputs named as in the state dict
+            torch.onnx.export(model, (example,), str(tmp), dynamo=False, do_constant_folding=False,
+                              input_names=["input"], output_names=["logits"], opset_version=17,
+                              dynamic_axes={"input": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}})
+        layout = _split_patch(tmp, set(family.patch_state_dict(top)))
+        data = {r: _patch_bytes(layout, family.patch_state_dict(r)) for r in family.resolutions}
+        diffs = {}
+        for r in family.resolutions:
+            sess = stage_session(str(tmp), data[r], r, session_options(), ["CPUExecutionProvider"])
+            diffs[str(r)] = check_session(sess, family.plain_model(r), r, precision)
+        for r, path in patches.items():
+            with atomic_path(path) as ptmp:
+                ptmp.write_bytes(data[r])
+    one, _ = export_resolution(family, run_dir, top, weights_id, precision)
+    meta = {"export_version": EXPORT_VERSION, "weights_sha256": weights_id, "precision": precision, "opset": 17,
+            "max_abs_diff": diffs, "onnx_sha256": sha256_file(out),
+            "patch_sha256": {str(r): sha256_file(p) for r, p in patches.items()},
+            "one_model_bytes": one.stat().st_size}
+    write_json(meta_path, meta)
+    return out, patches, meta
+
+
+def _distinct_batchnorms(model: nn.Module) -> nn.Module:
+    """The model with every BatchNorm tensor made unlike any other (its first element a number of its own): the
+    exporter merges equal initializers under one name (an untrained model's are all ones and zeros), and the
+    shared model must keep each BatchNorm's own names. Their values do not matter: the patches replace them."""
+    ident = 0
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                for tensor in (module.weight, module.bias, module.running_mean, module.running_var):
+                    if tensor is None:
+                        continue
+                    ident += 1
+                    tensor.fill_(1.0)
+                    tensor[0] = ident + 1  # small integers: exact in fp16 too
+    return model
+
+
+def _split_patch(path: Path, owned: set[str]) -> list[tuple]:
+    """Rewrite the ONNX model at `path` so that every tensor a resolution owns (`owned`: its patch's state-dict
+    names) is read from the external file PATCH_LOCATION: each BatchNorm's scale and bias (its mean and variance
+    become shared zeros and ones), and any other owned initializer as it is. -> the patch layout [(name, kind, eps,
+    state-dict prefix or name, numpy dtype, shape, offset)]."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(path))
+    inits = {t.name: t for t in model.graph.initializer}
+    layout, offset, consumed = [], 0, set()
+
+    def place(name: str, kind: str, eps: float, key: str) -> None:
+        nonlocal offset
+        t = inits[name]
+        offset += -offset % 64  # aligned, as ONNX Runtime maps external data
+        dtype = helper.tensor_dtype_to_np_dtype(t.data_type)
+        shape = tuple(t.dims)
+        layout.append((name, kind, eps, key, dtype, shape, offset))
+        nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        t.ClearField("raw_data")
+        for field in ("float_data", "int32_data", "double_data"):
+            t.ClearField(field)
+        t.data_location = TensorProto.EXTERNAL
+        del t.external_data[:]
+        for k, v in (("location", PATCH_LOCATION), ("offset", str(offset)), ("length", str(nbytes))):
+            entry = t.external_data.add()
+            entry.key, entry.value = k, v
+        offset += nbytes
+
+    constants: dict[tuple, str] = {}
+    made = []  # the nodes that make them, placed first
+    for node in model.graph.node:
+        if node.op_type != "BatchNormalization":
+            continue
+        _, scale, bias, mean, var = node.input
+        prefix = scale.rsplit(".", 1)[0]
+        if [scale, bias, mean, var] != [f"{prefix}.{p}" for p in ("weight", "bias", "running_mean", "running_var")] \
+                or not {scale, bias, mean, var} <= owned & set(inits):
+            raise ArtifactError(f"the exporter renamed BatchNorm parameters ({scale!r}): this arch cannot be "
+                                "exported as one shared model; please report it")
+        eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
+        place(scale, "scale", eps, prefix)
+        place(bias, "shift", eps, prefix)
+        consumed |= {f"{prefix}.{p}" for p in ("weight", "bias", "running_mean", "running_var")}
+        dtype = helper.tensor_dtype_to_np_dtype(inits[mean].data_type)
+        for i, value in ((3, 0.0), (4, 1.0)):  # zeros and ones made at load (ConstantOfShape: no bytes stored)
+            key = (value, dtype.str, tuple(inits[mean].dims))
+            if key not in constants:
+                name = constants[key] = f"rescascade.{'ones' if value else 'zeros'}.{dtype.name}.{key[2][0]}"
+                model.graph.initializer.append(numpy_helper.from_array(np.array(key[2], np.int64), name + ".shape"))
+                made.append(helper.make_node("ConstantOfShape", [name + ".shape"], [name],
+                                             value=numpy_helper.from_array(np.array([value], dtype))))
+            node.input[i] = constants[key]
+    for name in sorted(owned - consumed):
+        if name.endswith("num_batches_tracked"):
+            continue
+        if name not in inits:
+            raise ArtifactError(f"{name!r}, a tensor each resolution owns, is not a tensor of the exported model; "
+                                "this arch cannot be exported as one shared model; please report it")
+        place(name, "tensor", 0.0, name)
+    nodes = made + list(model.graph.node)
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    used = {i for node in model.graph.node for i in node.input}
+    kept = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    onnx.save(model, str(path))
+    return layout
+
+
+def _patch_bytes(layout: list[tuple], patch: dict[str, torch.Tensor]) -> bytes:
+    """One resolution's patch file: its tensors in `layout`'s order and offsets (little-endian). A BatchNorm's
+    scale is stored times sqrt(1 + eps), since the shared model's BatchNorm divides by sqrt(1 + eps) (variance 1)."""
+    out = bytearray()
+    for _, kind, eps, key, dtype, shape, offset in layout:
+        if kind == "tensor":
+            value = patch[key].detach().double()
+        else:
+            g, b = patch[f"{key}.weight"].detach().double(), patch[f"{key}.bias"].detach().double()
+            mean, var = patch[f"{key}.running_mean"].detach().double(), patch[f"{key}.running_var"].detach().double()
+            scale = g / torch.sqrt(var + eps)
+            value = scale * math.sqrt(1 + eps) if kind == "scale" else b - mean * scale
+        out += b"\0" * (offset - len(out))
+        out += value.numpy().astype(dtype.newbyteorder("<")).reshape(shape).tobytes()
+    return bytes(out)

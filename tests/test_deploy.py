@@ -186,24 +186,57 @@ def test_bundle_runs_without_torch(bundle, tmp_path, capsys):
     assert "exceeds the limit of 100 " in capsys.readouterr().out
 
 
+def test_the_shared_weights_are_stored_once(tmp_path):
+    """MobileNetV2 at all five ImageNet resolutions (1000 classes, each resolution's BatchNorms made to differ):
+    the shared model and the five patches weigh <= 1.06x one resolution's ONNX file, and each resolution's session
+    (shared model + its patch) computes that resolution's PyTorch model (export_shared checks every one)."""
+    from rescascade.profiling.export import export_shared
+    from rescascade.training.family import PatchedBatchNorm2d, ResolutionFamily
+    resolutions = (96, 128, 160, 192, 224)
+    family = ResolutionFamily(resolutions, 1000)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for module in (m for m in family.modules() if isinstance(m, PatchedBatchNorm2d)):
+            for key in module.keys:
+                module.weight[key].mul_(1 + 0.1 * torch.randn(module.weight[key].shape, generator=g))
+                module.bias[key].add_(0.1 * torch.randn(module.bias[key].shape, generator=g))
+                getattr(module, f"running_mean_{key}").add_(0.1 * torch.randn(module.num_features, generator=g))
+    shared, patches, meta = export_shared(family, tmp_path, "test-weights")
+    total = shared.stat().st_size + sum(p.stat().st_size for p in patches.values())
+    assert total <= 1.06 * meta["one_model_bytes"], total / meta["one_model_bytes"]
+    assert len({p.read_bytes() for p in patches.values()}) == 5
+    assert set(meta["max_abs_diff"]) == {str(r) for r in resolutions}
+    assert export_shared(family, tmp_path, "test-weights")[2] == meta  # cached: not exported again
+
+
 def test_bundle_refuses_damage_and_bad_arguments(split_cascade, bundle, tmp_path, monkeypatch):
     import shutil
     copy = tmp_path / "copy"
     shutil.copytree(bundle, copy)
-    model = next(copy.glob("r*.onnx"))
-    model.write_bytes(model.read_bytes()[:-10])
-    with pytest.raises(ArtifactError, match="changed since export"):
+    first, second = sorted((copy / "patches").glob("r*.patch"))
+    for file in (copy / "model.fp32.onnx", first):  # the shared model or a patch: cut short, then gone
+        original = file.read_bytes()
+        file.write_bytes(original[:-10])
+        with pytest.raises(ArtifactError, match="is not the file exported with this bundle.json"):
+            Bundle(copy)
+        file.unlink()
+        with pytest.raises(ArtifactError, match="missing from the bundle"):
+            Bundle(copy)
+        file.write_bytes(original)
+    original = first.read_bytes()
+    first.write_bytes(second.read_bytes())  # another resolution's patch (of the same size) in its place
+    with pytest.raises(ArtifactError, match="resolution 32's patch"):
         Bundle(copy)
-    model.unlink()
-    with pytest.raises(ArtifactError, match="missing from the bundle"):
-        Bundle(copy)
+    first.write_bytes(original)
     doc = json.loads((bundle / "bundle.json").read_text())
     (copy / "bundle.json").write_text(json.dumps({**doc, "schema_version": 99}))
     with pytest.raises(ArtifactError, match="schema_version"):
         Bundle(copy)
+    (copy / "bundle.json").write_text(json.dumps({**doc, "schema_version": 2}))  # an older export: one line, its fix
+    with pytest.raises(ArtifactError, match=r"one model per stage .* export it again: rescascade export .*cascade"):
+        Bundle(copy)
     with pytest.raises(ArtifactError, match="not found"):
         Bundle(tmp_path / "nowhere")
-    model.write_bytes((bundle / model.name).read_bytes())
     for edit, message in ((lambda d: d["stages"][-1].update(resolution=999), "resolution"),
                           (lambda d: d["stages"][0].update(threshold=2.0), "threshold"),
                           (lambda d: d["confidence"].update(combine="no"), "combine"),

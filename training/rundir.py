@@ -14,6 +14,7 @@ from .errors import ConfigError, RescascadeError
 OWN_FILES = ("family.json", "independent.json", "shared.safetensors", "patches/r[0-9][0-9][0-9].safetensors",
              "models/r[0-9][0-9][0-9].safetensors", "predictions/calib.npz", "predictions/test.npz", "metrics.csv",
              "checkpoints/last.pt", "onnx/r[0-9][0-9][0-9].fp*.onnx", "onnx/r[0-9][0-9][0-9].fp*.json",
+             "onnx/shared.fp*.onnx", "onnx/shared.fp*.json", "onnx/r[0-9][0-9][0-9].fp*.patch",
              "engines/ort-tensorrt/**", "engines/tensorrt/*.plan", "profile.csv", "profile.json", "cascade.json",
              "cascade_pareto.png", "cascade_exits.png", "cascade_eval_*.json", "cascade_eval_*.png")
 OWN_DIRS = ("checkpoints", "patches", "models", "predictions", "onnx", "engines/ort-tensorrt", "engines/tensorrt",
