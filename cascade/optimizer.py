@@ -153,6 +153,24 @@ def reference_resolution(views: StageViews, resolutions) -> int:
     return min(r for r in resolutions if accs[r] >= best - 1e-12)
 
 
+def sorted_quantiles(ascending: np.ndarray, qs: np.ndarray) -> np.ndarray:
+    """np.quantile(a, qs) (its default "linear" method) of a 1-D array already sorted ascending [n], to the bit,
+    without the partition np.quantile runs on every call (the greedy calls it per stage and candidate: half of a
+    guarantee's time went there). qs: float64 [k] in [0, 1]. -> float64 [k] (float32 input too, as np.quantile)."""
+    n = len(ascending)
+    virtual = (n - 1) * qs
+    below = np.floor(virtual)
+    gamma = virtual - below
+    below = np.minimum(below.astype(np.intp), n - 1)
+    above = np.minimum(below + 1, n - 1)
+    a, b = ascending[below], ascending[above]
+    diff = b - a
+    out = a + diff * gamma
+    upper = gamma >= 0.5  # np.quantile's lerp: from the upper end where it is nearer
+    out[upper] = (b - diff * (1 - gamma))[upper]
+    return out
+
+
 def greedy(views: StageViews, costs: CostModel, reference: int, candidates, tolerance: float = 0.0,
            quantiles: int = 100, min_exit: int = 1, decode_at: int | None = None) -> Cascade:
     """Streeter-style greedy; the reference closes the cascade. decode_at: the decode plan (`Cascade.decode_at`)
@@ -177,7 +195,7 @@ def greedy(views: StageViews, costs: CostModel, reference: int, candidates, tole
             cum_r = np.cumsum(corr[idx][order])
             cum_ref = np.cumsum(ref_correct[idx][order])
             # thresholds at quantiles of the unresolved examples' confidence; k = how many would exit
-            ts = np.unique(np.quantile(cs, np.linspace(0, 1, quantiles + 1)[:-1]))
+            ts = np.unique(sorted_quantiles(cs[::-1], np.linspace(0, 1, quantiles + 1)[:-1]))
             ks = m - np.searchsorted(cs[::-1], ts, side="left")  # count of conf >= t
             ok = (ks >= min_exit)
             ks_i = np.clip(ks, 1, m) - 1
