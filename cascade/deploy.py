@@ -112,8 +112,8 @@ class Bundle:
         if isinstance(doc.get("schema_version"), int) and doc["schema_version"] < 3:
             source = (doc.get("source") or {}).get("cascade_json") or "CASCADE_JSON"
             raise ArtifactError(f"{self.path} holds one model per stage (bundle schema {doc['schema_version']}), which "
-                                f"this rescascade no longer runs; export it again: rescascade export {source} --out "
-                                f"{self.dir}")
+                                f"this rescascade no longer runs; export it again: `rescascade export {source} --out "
+                                f"{self.dir}`")
         check_schema(doc, self.path, "bundle", BUNDLE_SCHEMA, ("shared", "models", "stages", "reference",
                                                                  "confidence", "preprocessing", "class_names"))
         problem = _bundle_problem(doc)
@@ -367,7 +367,7 @@ def main(argv=None) -> int:
         runner = BundleRunner(args.bundle, reference=args.reference, max_image_pixels=args.max_image_pixels,
                               batch_size=args.batch_size)
     except RescascadeError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {e.cli_message}", file=sys.stderr)
         return 2
     failed = False
     for start in range(0, len(args.images), runner.batch_size):  # answers printed batch by batch, as they come

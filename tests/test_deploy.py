@@ -209,7 +209,7 @@ def test_the_shared_weights_are_stored_once(tmp_path):
     assert export_shared(family, tmp_path, "test-weights")[2] == meta  # cached: not exported again
 
 
-def test_bundle_refuses_damage_and_bad_arguments(split_cascade, bundle, tmp_path, monkeypatch):
+def test_bundle_refuses_damage_and_bad_arguments(split_cascade, bundle, tmp_path, monkeypatch, capsys):
     import shutil
     copy = tmp_path / "copy"
     shutil.copytree(bundle, copy)
@@ -233,8 +233,12 @@ def test_bundle_refuses_damage_and_bad_arguments(split_cascade, bundle, tmp_path
     with pytest.raises(ArtifactError, match="schema_version"):
         Bundle(copy)
     (copy / "bundle.json").write_text(json.dumps({**doc, "schema_version": 2}))  # an older export: one line, its fix
-    with pytest.raises(ArtifactError, match=r"one model per stage .* export it again: rescascade export .*cascade"):
+    with pytest.raises(ArtifactError, match=r"one model per stage .* export it again: `rescascade export \S+ --out "):
         Bundle(copy)
+    capsys.readouterr()
+    assert deploy_main([str(copy), "x.jpg"]) == 2  # the CLI prints the command as it is typed
+    err = capsys.readouterr().err
+    assert "`rescascade export" in err and " --out " in err, err
     with pytest.raises(ArtifactError, match="not found"):
         Bundle(tmp_path / "nowhere")
     for edit, message in ((lambda d: d["stages"][-1].update(resolution=999), "resolution"),
