@@ -113,13 +113,12 @@ def cached_export(make_model, resolution: int, out: Path, weights_id: str,
     return out, meta
 
 
-
 def export_shared(family: ResolutionFamily, run_dir, weights_id: str,
                   precision: str = "fp32") -> tuple[Path, dict[int, Path], dict]:
     """The family as one shared ONNX model and one patch file per resolution (see the module), cached in
     RUN_DIR/onnx/shared.<precision>.onnx and RUN_DIR/onnx/r<R>.<precision>.patch. Every resolution's session
     (`profiling.ort.stage_session`) is checked against its PyTorch plain model. Returns (shared model path,
-    {resolution: patch path}, info with max_abs_diff per resolution and the bytes of one plain model's export).
+    {resolution: patch path}, info with max_abs_diff per resolution).
     Raises ArtifactError past the tolerance, or for an arch whose BatchNorm parameters the exporter renamed."""
     if precision not in TOLERANCE:
         raise ArtifactError(f"precision {precision!r} is not one of {', '.join(TOLERANCE)}")
@@ -153,11 +152,9 @@ def export_shared(family: ResolutionFamily, run_dir, weights_id: str,
         for r, path in patches.items():
             with atomic_path(path) as ptmp:
                 ptmp.write_bytes(data[r])
-    one, _ = export_resolution(family, run_dir, top, weights_id, precision)
     meta = {"export_version": EXPORT_VERSION, "weights_sha256": weights_id, "precision": precision, "opset": 17,
             "max_abs_diff": diffs, "onnx_sha256": sha256_file(out),
-            "patch_sha256": {str(r): sha256_file(p) for r, p in patches.items()},
-            "one_model_bytes": one.stat().st_size}
+            "patch_sha256": {str(r): sha256_file(p) for r, p in patches.items()}}
     write_json(meta_path, meta)
     return out, patches, meta
 
@@ -216,14 +213,14 @@ def _split_patch(path: Path, owned: set[str]) -> list[tuple]:
             continue
         _, scale, bias, mean, var = node.input
         prefix = scale.rsplit(".", 1)[0]
-        if [scale, bias, mean, var] != [f"{prefix}.{p}" for p in ("weight", "bias", "running_mean", "running_var")] \
-                or not {scale, bias, mean, var} <= owned & set(inits):
+        names = [f"{prefix}.{p}" for p in ("weight", "bias", "running_mean", "running_var")]
+        if [scale, bias, mean, var] != names or not set(names) <= owned & set(inits):
             raise ArtifactError(f"the exporter renamed BatchNorm parameters ({scale!r}): this arch cannot be "
                                 "exported as one shared model; please report it")
         eps = next((a.f for a in node.attribute if a.name == "epsilon"), 1e-5)
         place(scale, "scale", eps, prefix)
         place(bias, "shift", eps, prefix)
-        consumed |= {f"{prefix}.{p}" for p in ("weight", "bias", "running_mean", "running_var")}
+        consumed |= set(names)
         dtype = helper.tensor_dtype_to_np_dtype(inits[mean].data_type)
         for i, value in ((3, 0.0), (4, 1.0)):  # zeros and ones made at load (ConstantOfShape: no bytes stored)
             key = (value, dtype.str, tuple(inits[mean].dims))
