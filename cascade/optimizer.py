@@ -80,6 +80,18 @@ class StageViews:
             self._logp[key] = log_probs(self.preds.column(r, at), self.temperatures.get(r, 1.0))
         return self._logp[key]
 
+    def ranked(self, prefix: tuple[int, ...], r: int, reference: int, at: int | None = None):
+        """Every example ranked by stage r's confidence after `prefix`, most confident first (stable): (confidence
+        ascending [N] float64, cumulative count of stage r correct [N] int64, of the reference correct [N] int64,
+        both in the descending order). What the greedy's first step ranks for every tolerance of a path."""
+        key = ("ranked", tuple(prefix) if self.combined else (), r, reference, self.preds.decode_key(r, at))
+        if key not in self._cache:
+            conf, corr = self.view(prefix, r, at)
+            order = np.argsort(-conf, kind="stable")
+            self._cache[key] = (np.ascontiguousarray(conf[order][::-1]), np.cumsum(corr[order]),
+                                np.cumsum(self.view((), reference, at)[1][order]))
+        return self._cache[key]
+
     def view(self, prefix: tuple[int, ...], r: int, at: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(confidence [N] float64, correct [N] bool) of stage r after the stages in prefix, decoded per `at`."""
         key = (tuple(prefix) if self.combined else (), r, self.preds.decode_key(r, at))
@@ -132,16 +144,17 @@ def simulate(cascade: Cascade, views: StageViews, costs: CostModel) -> Outcome:
     correct = np.zeros(n, dtype=bool)
     reach, exits, prefix = [], [], ()
     for k, stage in enumerate(cascade.stages):
-        reach.append(remaining.mean())
+        reach.append(np.count_nonzero(remaining) / n)  # = remaining.mean(), without its overhead
         conf, corr = views.view(prefix, stage.resolution, cascade.decode_at)
         last = k == len(cascade.stages) - 1
         out = remaining if last else remaining & (conf >= stage.threshold)
         exit_stage[out] = k
         correct[out] = corr[out]
-        exits.append(out.mean())
+        exits.append(np.count_nonzero(out) / n)
         remaining &= ~out
         prefix = prefix + (stage.resolution,)
-    return Outcome(float(correct.mean()), int(correct.sum()), n,
+    n_correct = int(np.count_nonzero(correct))
+    return Outcome(n_correct / n, n_correct, n,
                    costs.expected(cascade.resolutions, reach, cascade.decode_at),
                    [float(e) for e in exits], [float(r) for r in reach], exit_stage, correct)
 
@@ -157,18 +170,40 @@ def sorted_quantiles(ascending: np.ndarray, qs: np.ndarray) -> np.ndarray:
     """np.quantile(a, qs) (its default "linear" method) of a 1-D array already sorted ascending [n], to the bit,
     without the partition np.quantile runs on every call (the greedy calls it per stage and candidate: half of a
     guarantee's time went there). qs: float64 [k] in [0, 1]. -> float64 [k] (float32 input too, as np.quantile)."""
-    n = len(ascending)
+    return _quantiles_by_plan(ascending, _quantile_plan(len(ascending), qs))
+
+
+def _quantile_plan(n: int, qs: np.ndarray) -> tuple:
+    """What np.quantile's linear method reads for quantiles qs of n sorted values: the two neighbours' indices,
+    the weight of the upper one, and where it interpolates from the upper end (nearer)."""
     virtual = (n - 1) * qs
     below = np.floor(virtual)
     gamma = virtual - below
     below = np.minimum(below.astype(np.intp), n - 1)
     above = np.minimum(below + 1, n - 1)
+    upper = gamma >= 0.5
+    return below, above, gamma, 1 - gamma[upper], upper
+
+
+def _quantiles_by_plan(ascending: np.ndarray, plan: tuple) -> np.ndarray:
+    below, above, gamma, upper_weight, upper = plan
     a, b = ascending[below], ascending[above]
     diff = b - a
     out = a + diff * gamma
-    upper = gamma >= 0.5  # np.quantile's lerp: from the upper end where it is nearer
-    out[upper] = (b - diff * (1 - gamma))[upper]
+    out[upper] = b[upper] - diff[upper] * upper_weight  # np.quantile's lerp: from the upper end where nearer
     return out
+
+
+def _unique_ascending(values: np.ndarray) -> np.ndarray:
+    """np.unique(values) for values that are almost always sorted already (quantiles): a neighbour comparison
+    instead of a sort, np.unique itself where they are not (rounding, NaN)."""
+    step = values[1:] >= values[:-1]
+    if not step.all():
+        return np.unique(values)
+    keep = np.empty(len(values), dtype=bool)
+    keep[0] = True
+    np.not_equal(values[1:], values[:-1], out=keep[1:])
+    return values[keep]
 
 
 def greedy(views: StageViews, costs: CostModel, reference: int, candidates, tolerance: float = 0.0,
@@ -181,24 +216,30 @@ def greedy(views: StageViews, costs: CostModel, reference: int, candidates, tole
     remaining = np.ones(n, dtype=bool)
     stages, prefix = [], ()
     pool = [r for r in candidates if r != reference]
+    levels = np.linspace(0, 1, quantiles + 1)[:-1]
     while pool:
         idx = np.flatnonzero(remaining)
         m = len(idx)
         if m == 0:
             break
+        plan = _quantile_plan(m, levels)
         best = None  # (ratio, r, threshold, k)
         for r in pool:
-            conf, corr = views.view(prefix, r, at)
-            c = conf[idx]
-            order = np.argsort(-c, kind="stable")
-            cs = c[order]
-            cum_r = np.cumsum(corr[idx][order])
-            cum_ref = np.cumsum(ref_correct[idx][order])
+            if m == n:  # every example still unresolved: the ranking is the same for every tolerance of a path
+                ascending, cum_r, cum_ref = views.ranked(prefix, r, reference, at)
+            else:
+                conf, corr = views.view(prefix, r, at)
+                c = conf[idx]
+                order = np.argsort(-c, kind="stable")
+                rows = idx[order]
+                ascending = np.ascontiguousarray(c[order][::-1])
+                cum_r = np.cumsum(corr[rows])
+                cum_ref = np.cumsum(ref_correct[rows])
             # thresholds at quantiles of the unresolved examples' confidence; k = how many would exit
-            ts = np.unique(sorted_quantiles(cs[::-1], np.linspace(0, 1, quantiles + 1)[:-1]))
-            ks = m - np.searchsorted(cs[::-1], ts, side="left")  # count of conf >= t
+            ts = _unique_ascending(_quantiles_by_plan(ascending, plan))
+            ks = m - np.searchsorted(ascending, ts, side="left")  # count of conf >= t
             ok = (ks >= min_exit)
-            ks_i = np.clip(ks, 1, m) - 1
+            ks_i = np.minimum(np.maximum(ks, 1), m) - 1
             ok &= cum_r[ks_i] >= cum_ref[ks_i] - tolerance * ks - 1e-9
             # it must lower the expected cost: exits saved at the reference outweigh running r on all remaining
             # the added cost of r before the reference: its own, less the decode the reference then no longer pays
