@@ -1,4 +1,11 @@
-"""ONNX Runtime backends: CPUExecutionProvider, CUDAExecutionProvider, TensorrtExecutionProvider."""
+"""ONNX Runtime backends: CPUExecutionProvider, CUDAExecutionProvider, TensorrtExecutionProvider.
+
+A family's stages run as a bundle deploys them: the family's shared ONNX model (exported once,
+`profiling.export.export_shared`) made each resolution's model by that resolution's patch bytes
+(`profiling.ort.stage_session`), so what is profiled is what is deployed, and K resolutions cost one export.
+Under the TensorRT provider, which builds an engine per input shape anyway, each resolution is its own ONNX file:
+that path is written to TensorRT's documented provider options and has not run here (no TensorRT on these
+machines)."""
 from __future__ import annotations
 
 import time
@@ -9,22 +16,24 @@ import torch
 
 from rescascade.training.errors import BackendUnavailable, ConfigError
 
-from ..export import export_resolution
+from ..export import export_resolution, export_shared
 from ..measure import cpu_timer, cuda_timer
-from ..ort import session_options
+from ..ort import session_options, stage_session
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
 
 class OnnxRuntimeEngine:
+    """One resolution's model on ONNX Runtime: onnx_path, a model of that resolution, or a family's shared model
+    with `patch`, the resolution's patch bytes (`export_shared`). Sessions are made on first use."""
+
     def __init__(self, onnx_path: Path, resolution: int, provider: str, precision: str, threads: int | None,
-                 cache_dir: Path):
+                 cache_dir: Path, patch: bytes | None = None):
         self.resolution, self.precision, self.provider = resolution, precision, provider
         self.device = "cpu" if provider == "cpu" else "cuda"
         self.preprocess_threads = 1 if provider == "cpu" else None  # see measure.torch_threads
         self.np_dtype = np.float16 if precision == "fp16" and provider == "cuda" else np.float32
-        opts = session_options(threads)
-        self.onnx_path, self.opts, self.cache_dir = onnx_path, opts, cache_dir
+        self.onnx_path, self.patch, self.threads, self.cache_dir = onnx_path, patch, threads, cache_dir
         self._sessions: dict[int | None, object] = {}
         self.build_seconds = 0.0
 
@@ -48,7 +57,9 @@ class OnnxRuntimeEngine:
         key = batch if self.provider == "tensorrt" else None
         if key not in self._sessions:
             t0 = time.perf_counter()
-            sess = ort.InferenceSession(str(self.onnx_path), self.opts, providers=self._providers(batch))
+            opts, providers = session_options(self.threads), self._providers(batch)
+            sess = ort.InferenceSession(str(self.onnx_path), opts, providers=providers) if self.patch is None else \
+                stage_session(str(self.onnx_path), self.patch, self.resolution, opts, providers)
             want = PROVIDERS[self.provider]
             if want not in sess.get_providers():
                 raise BackendUnavailable(f"ONNX Runtime could not start {want} (it fell back to {sess.get_providers()}); "
@@ -124,6 +135,10 @@ class OnnxRuntimeBackend:
                                      "use --precision fp32")
         # CUDA EP has no fp16 switch: it needs an fp16 model. The TensorRT EP takes fp32 + trt_fp16_enable.
         onnx_precision = "fp16" if precision == "fp16" and self.provider == "cuda" else "fp32"
-        path, _ = export_resolution(family, run_dir, resolution, weights_id, onnx_precision)
-        return OnnxRuntimeEngine(path, resolution, self.provider, precision, threads,
-                                 Path(run_dir) / "engines" / "ort-tensorrt")
+        cache = Path(run_dir) / "engines" / "ort-tensorrt"
+        if self.provider == "tensorrt":
+            path, _ = export_resolution(family, run_dir, resolution, weights_id, onnx_precision)
+            return OnnxRuntimeEngine(path, resolution, self.provider, precision, threads, cache)
+        shared, patches, _ = export_shared(family, run_dir, weights_id, onnx_precision)
+        return OnnxRuntimeEngine(shared, resolution, self.provider, precision, threads, cache,
+                                 patch=patches[resolution].read_bytes())
