@@ -25,7 +25,7 @@ import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Sequence
 
 import numpy as np
@@ -47,6 +47,7 @@ from .monitor import ExitCounts, plan_identity
 BUNDLE_FORMAT = "rescascade-bundle"
 BUNDLE_SCHEMA = 3  # 2: the cascade's "decode" plan; 3: one shared model + a patch per stage (1-2: a model per stage)
 RESIZE = "torch-uint8-antialias-bilinear"  # the only resize this runtime implements (preprocess_np)
+PRECISIONS = ("fp32", "fp16")
 # The modules this file imports, directly or not: `export` copies them into the bundle. tests/test_deploy.py runs
 # the copy where torch cannot be imported, so a module missing here fails there.
 RUNTIME_MODULES = ("rescascade", "rescascade.deploy", "rescascade.exits", "rescascade.confidence",
@@ -54,6 +55,12 @@ RUNTIME_MODULES = ("rescascade", "rescascade.deploy", "rescascade.exits", "resca
                    "rescascade.profiling.ort", "rescascade.training", "rescascade.training.config",
                    "rescascade.training.errors", "rescascade.training.fileio", "rescascade.training.images",
                    "rescascade.training.preprocess_np")
+
+
+def _inside(file) -> bool:
+    """Whether a bundle.json file entry names a file inside the bundle: a relative path that does not climb out."""
+    return isinstance(file, str) and bool(file) and "\\" not in file and not PurePosixPath(file).is_absolute() \
+        and ".." not in PurePosixPath(file).parts
 
 
 def _bundle_problem(doc: dict) -> str | None:
@@ -65,6 +72,13 @@ def _bundle_problem(doc: dict) -> str | None:
         return "models must map resolutions to their patch {file, sha256}"
     if not (isinstance(shared, dict) and isinstance(shared.get("file"), str) and isinstance(shared.get("sha256"), str)):
         return "shared must be the shared model's {file, sha256}"
+    if not all(_inside(entry["file"]) for entry in [shared, *models.values()]):
+        return "every file must be a relative path inside the bundle (no /, .. or \\ at its start or in it)"
+    if shared.get("input") != "input" or shared.get("output") != "logits" or shared.get("precision") not in PRECISIONS:
+        return f'shared must name input "input", output "logits" and a precision of {", ".join(PRECISIONS)}'
+    size = shared.get("patch_bytes")  # every patch is this long (bundles from before the field: unchecked)
+    if size is not None and not (isinstance(size, int) and not isinstance(size, bool) and size > 0):
+        return "shared.patch_bytes must be a positive whole number"
     if not (isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) for n in names)):
         return "class_names must be a list of at least 2 names"
     problem = exit_problem(doc, {int(r) for r in models}, len(names))
@@ -127,6 +141,10 @@ class Bundle:
             if sha256_file(file) != entry["sha256"]:
                 raise ArtifactError(f"{file} ({what}) is not the file exported with this bundle.json (sha256 "
                                     "differs: changed, or from another export); export the bundle again")
+            size = doc["shared"].get("patch_bytes")
+            if entry is not doc["shared"] and size is not None and file.stat().st_size != size:
+                raise ArtifactError(f"{file} ({what}) holds {file.stat().st_size} bytes where the shared model reads "
+                                    f"{size}: it is not a patch of this model; export the bundle again")
         self.doc = doc
 
     @property
@@ -236,7 +254,12 @@ class BundleRunner:
         shared = str(self.bundle.shared_path)
         for r, _ in self.stages:  # the shared model made resolution r's by its patch (ONNX Runtime folds it in)
             self._patches[r] = self.bundle.patch_path(r).read_bytes()
-            session = stage_session(shared, self._patches[r], r, session_options(threads), providers)
+            try:
+                session = stage_session(shared, self._patches[r], r, session_options(threads), providers)
+            except Exception as e:  # onnxruntime's own exception types, whatever the damage
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                raise ArtifactError(f"{shared} with {self.bundle.patch_path(r)}: ONNX Runtime cannot load them "
+                                    f"({first}); export the bundle again") from None
             dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
             classes = session.get_outputs()[0].shape[-1]
             if isinstance(classes, int) and classes != self.num_classes:

@@ -88,7 +88,7 @@ def _write_bundle(config: CascadeConfig, tmp: Path, name: str, precision: str, l
     file = f"model.{precision}.onnx"
     shutil.copyfile(shared_path, tmp / file)
     shared = {"file": file, "sha256": sha256_file(tmp / file), "precision": precision, "input": "input",
-              "output": "logits"}
+              "output": "logits", "patch_bytes": patches[config.reference].stat().st_size}
     models = {}
     (tmp / "patches").mkdir()
     for r in resolutions:

@@ -1,5 +1,6 @@
 """The exported bundle and its torch-free runtime: same pixels, labels, exit stages and probabilities as
 `CascadeRunner`; runs where torch cannot be imported; refuses damaged bundles and bad inputs clearly."""
+import hashlib
 import json
 import math
 import subprocess
@@ -230,6 +231,30 @@ def test_bundle_refuses_damage_and_bad_arguments(split_cascade, bundle, tmp_path
         Bundle(copy)
     first.write_bytes(original)
     doc = json.loads((bundle / "bundle.json").read_text())
+    # a patch cut short with bundle.json edited to match: refused by its size, or, where bundle.json does not record
+    # the size, by ONNX Runtime, as one typed line either way
+    first.write_bytes(original[:-8])
+    cut = json.loads(json.dumps(doc))
+    cut["models"]["32"]["sha256"] = hashlib.sha256(original[:-8]).hexdigest()
+    (copy / "bundle.json").write_text(json.dumps(cut))
+    with pytest.raises(ArtifactError, match=f"holds {len(original) - 8} bytes where the shared model reads"):
+        Bundle(copy)
+    del cut["shared"]["patch_bytes"]
+    (copy / "bundle.json").write_text(json.dumps(cut))
+    with pytest.raises(ArtifactError, match="ONNX Runtime cannot load them"):
+        BundleRunner(copy, warmup=False)
+    first.write_bytes(original)
+    for edit, message in ((lambda d: d["shared"].update(file="../model.fp32.onnx"), "inside the bundle"),
+                          (lambda d: d["models"]["32"].update(file=str(first)), "inside the bundle"),
+                          (lambda d: d["shared"].update(input="pixels"), 'input "input"'),
+                          (lambda d: d["shared"].update(precision="int8"), "precision"),
+                          (lambda d: d["shared"].update(patch_bytes="many"), "patch_bytes"),
+                          (lambda d: d.update(schema_version="3"), "must be a whole number, got '3'")):
+        changed = json.loads(json.dumps(doc))
+        edit(changed)
+        (copy / "bundle.json").write_text(json.dumps(changed))
+        with pytest.raises(ArtifactError, match=message):
+            Bundle(copy)
     (copy / "bundle.json").write_text(json.dumps({**doc, "schema_version": 99}))
     with pytest.raises(ArtifactError, match="schema_version"):
         Bundle(copy)

@@ -120,7 +120,10 @@ def check_schema(doc: dict, path, kind: str, supported: int, required: tuple[str
     version = doc.get("schema_version")
     if version is None:
         raise ArtifactError(f"{path}: no schema_version; this is not a {kind} written by rescascade")
-    if not isinstance(version, int) or version > supported:
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ArtifactError(f"{path}: {kind} schema_version must be a whole number, got {version!r}; the file was "
+                            "edited or damaged: re-create it")
+    if version > supported:
         raise ArtifactError(f"{path}: {kind} schema_version {version!r} is not supported by this rescascade "
                             f"(it reads up to {supported}); upgrade rescascade or re-create the file")
     missing = [k for k in required if k not in doc]
