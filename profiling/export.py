@@ -98,19 +98,36 @@ def export_resolution(family: ResolutionFamily, run_dir, resolution: int, weight
 def cached_export(make_model, resolution: int, out: Path, weights_id: str,
                   precision: str = "fp32") -> tuple[Path, dict]:
     """OUT, exported from make_model() unless OUT's meta file says it holds these weights (weights_id) already;
-    returns (path, info with max_abs_diff)."""
+    returns (path, info with max_abs_diff and onnx_sha256)."""
     meta_path = out.with_suffix(".json")
-    if out.is_file() and meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("weights_sha256") == weights_id and meta.get("export_version") == EXPORT_VERSION and \
-                meta.get("onnx_sha256") == sha256_file(out):  # a file changed since it was checked is exported again
-            return out, meta
+    meta = _cache_hit(meta_path, weights_id, [out])
+    if meta is not None:
+        return out, meta
     diff = export_model(make_model(), resolution, out, precision)
-    meta = {"export_version": EXPORT_VERSION, "weights_sha256": weights_id, "resolution": resolution,
-            "precision": precision, "max_abs_diff": diff, "opset": 17, "batch": "dynamic",
-            "onnx_sha256": sha256_file(out)}
-    write_json(meta_path, meta)
+    meta = _cache_record(meta_path, weights_id, [out], resolution=resolution, precision=precision,
+                         max_abs_diff=diff, opset=17, batch="dynamic")
     return out, meta
+
+
+def _cache_hit(meta_path: Path, weights_id: str, files: list[Path]) -> dict | None:
+    """An export's meta file, where it says `files` hold an export of these weights (weights_id) by this exporter,
+    each unchanged since it was checked (its sha256); None otherwise (export again)."""
+    if not (meta_path.is_file() and all(f.is_file() for f in files)):
+        return None
+    meta = json.loads(meta_path.read_text())
+    same = meta.get("weights_sha256") == weights_id and meta.get("export_version") == EXPORT_VERSION and \
+        meta.get("sha256") == {f.name: sha256_file(f) for f in files}
+    return meta if same else None
+
+
+def _cache_record(meta_path: Path, weights_id: str, files: list[Path], **info) -> dict:
+    """Write the meta file `_cache_hit` reads: the weights, the exporter's version, info, every file's sha256 (the
+    first one's also as onnx_sha256, which TensorRT's engine cache keys on)."""
+    sha = {f.name: sha256_file(f) for f in files}
+    meta = {"export_version": EXPORT_VERSION, "weights_sha256": weights_id, **info, "sha256": sha,
+            "onnx_sha256": sha[files[0].name]}
+    write_json(meta_path, meta)
+    return meta
 
 
 def export_shared(family: ResolutionFamily, run_dir, weights_id: str,
@@ -125,12 +142,9 @@ def export_shared(family: ResolutionFamily, run_dir, weights_id: str,
     folder = Path(run_dir) / "onnx"
     out, meta_path = folder / f"shared.{precision}.onnx", folder / f"shared.{precision}.json"
     patches = {r: folder / f"{res_key(r)}.{precision}.patch" for r in family.resolutions}
-    if out.is_file() and meta_path.is_file() and all(p.is_file() for p in patches.values()):
-        meta = json.loads(meta_path.read_text())
-        if meta.get("weights_sha256") == weights_id and meta.get("export_version") == EXPORT_VERSION and \
-                meta.get("onnx_sha256") == sha256_file(out) and \
-                all(meta["patch_sha256"].get(str(r)) == sha256_file(p) for r, p in patches.items()):
-            return out, patches, meta
+    meta = _cache_hit(meta_path, weights_id, [out, *patches.values()])
+    if meta is not None:
+        return out, patches, meta
     top = max(family.resolutions)
     model = _distinct_batchnorms(family.plain_model(top))
     example = torch.randn(1, 3, top, top)
@@ -152,10 +166,8 @@ def export_shared(family: ResolutionFamily, run_dir, weights_id: str,
         for r, path in patches.items():
             with atomic_path(path) as ptmp:
                 ptmp.write_bytes(data[r])
-    meta = {"export_version": EXPORT_VERSION, "weights_sha256": weights_id, "precision": precision, "opset": 17,
-            "max_abs_diff": diffs, "onnx_sha256": sha256_file(out),
-            "patch_sha256": {str(r): sha256_file(p) for r, p in patches.items()}}
-    write_json(meta_path, meta)
+    meta = _cache_record(meta_path, weights_id, [out, *patches.values()], precision=precision, opset=17,
+                         max_abs_diff=diffs)
     return out, patches, meta
 
 
