@@ -11,9 +11,9 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from rescascade.serve.errors import DataError
+from rescascade.serve.images import DEFAULT_MAX_PIXELS
 from rescascade.training.data import ImageSet, SourceOptions, TarReader, imagenet_class_names, register_source
-from rescascade.training.errors import DataError
-from rescascade.training.images import DEFAULT_MAX_PIXELS
 
 
 def _read_manifest(path: Path) -> list[dict]:

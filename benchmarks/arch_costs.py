@@ -19,9 +19,10 @@ import torch
 from _common import table
 from torch.utils.flop_counter import FlopCounterMode
 
-from rescascade.profiling.measure import Protocol, default_threads, fingerprint
+from rescascade.profiling.measure import Protocol, fingerprint
 from rescascade.profiling.profile import run_profile
 from rescascade.runtime import decision_step
+from rescascade.serve.limits import default_threads
 from rescascade.training.family import ResolutionFamily
 from rescascade.training.progress import progress
 from rescascade.training.store import save_family

@@ -22,7 +22,7 @@ import torch
 from _common import IMAGENET_WEIGHTS, ROOT, imagenet_family, table
 
 from rescascade.profiling.export import export_resolution, export_shared
-from rescascade.profiling.ort import session_options, stage_session
+from rescascade.serve.ort import session_options, stage_session
 from rescascade.training.family import PatchedBatchNorm2d
 from rescascade.training.store import load_family, save_family, weights_id
 

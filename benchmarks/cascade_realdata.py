@@ -48,7 +48,6 @@ from _common import IMAGENET_WEIGHTS, IMAGENETTE, ROOT, SHARED_DATA, table  # no
 from _shared_data import shared_imagenet_samples  # noqa: E402
 
 from rescascade.build import run_build  # noqa: E402
-from rescascade.confidence import fit_temperature  # noqa: E402
 from rescascade.costs import CostModel  # noqa: E402
 from rescascade.evaluate import run_eval  # noqa: E402
 from rescascade.optimizer import (Cascade, Stage, StageViews, cheapest_meeting, paired_difference,  # noqa: E402
@@ -59,6 +58,7 @@ from rescascade.profiling.engines import (family_predictors, independent_ids, on
 from rescascade.profiling.measure import Protocol  # noqa: E402
 from rescascade.profiling.profile import read_profile, run_profile  # noqa: E402
 from rescascade.runtime import decision_step  # noqa: E402
+from rescascade.temperature import fit_temperature  # noqa: E402
 from rescascade.training.data import DataSplits, ImageSet, TensorReader, limit_per_class, load_data  # noqa: E402
 from rescascade.training.predict import predict_logits, top1  # noqa: E402
 from rescascade.training.probe import ProbeCache  # noqa: E402

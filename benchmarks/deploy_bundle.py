@@ -1,4 +1,4 @@
-"""Deploying without torch: the exported bundle (`rescascade export`, run by `rescascade.deploy.BundleRunner` on
+"""Deploying without torch: the exported bundle (`rescascade export`, run by `rescascade.serve.bundle.BundleRunner` on
 ONNX Runtime, numpy and Pillow) against rescascade's own runtime (`CascadeRunner`, what `eval` measures).
 
 On the 10-way real-data family (benchmarks/cost_prediction.py's: Imagenette, ImageNet MobileNetV2 weights, ONNX
@@ -34,13 +34,13 @@ from cost_prediction import QUIET, family, profile  # noqa: E402
 
 from rescascade.build import run_build  # noqa: E402
 from rescascade.config import read_config  # noqa: E402
-from rescascade.deploy import BundleRunner  # noqa: E402
 from rescascade.export import export_bundle  # noqa: E402
 from rescascade.optimizer import Cascade, Stage  # noqa: E402
 from rescascade.runtime import CascadeRunner  # noqa: E402
 from rescascade.scoring import decode_all, encoded_all, images_to_score  # noqa: E402
+from rescascade.serve.bundle import BundleRunner  # noqa: E402
+from rescascade.serve.preprocess_np import preprocess_pixels  # noqa: E402
 from rescascade.training.preprocess import preprocess  # noqa: E402
-from rescascade.training.preprocess_np import preprocess_pixels  # noqa: E402
 
 PROB_TOLERANCE = 1e-5
 

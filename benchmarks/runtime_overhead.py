@@ -21,11 +21,11 @@ import torch
 import torchvision.transforms.v2.functional as TF
 from _common import IMAGENETTE, ROOT, imagenet_family, table
 
-from rescascade.confidence import confidence, log_probs
 from rescascade.config import read_config, write_config
 from rescascade.profiling.measure import torch_threads
 from rescascade.runtime import CascadeRunner
-from rescascade.training.fileio import sha256_file
+from rescascade.serve.confidence import confidence, log_probs
+from rescascade.serve.fileio import sha256_file
 from rescascade.training.preprocess import (IMAGENET_MEAN, IMAGENET_STD, channels_last_batch, preprocess,
                                             resize_center_crop)
 from rescascade.training.store import read_family_json, weights_id

@@ -31,9 +31,9 @@ from cost_prediction import QUIET  # noqa: E402
 from deploy_bundle import batch32_cascade, family_options  # noqa: E402
 
 from rescascade.config import read_config  # noqa: E402
-from rescascade.deploy import BundleRunner  # noqa: E402
 from rescascade.export import export_triton  # noqa: E402
 from rescascade.scoring import encoded_all, images_to_score  # noqa: E402
+from rescascade.serve.bundle import BundleRunner  # noqa: E402
 
 CONCURRENCY = (1, 8, 32)
 

@@ -15,17 +15,19 @@ The journey, each step also a CLI command (README.md has it in full, run by the 
     rc.CascadeConfig.from_builder(builder, "runs/photos", profile, costs).save("runs/photos/cascade.json")
     result = rc.CascadeRunner("runs/photos/cascade.json")(["a.jpg", "b.png"])
 
-Subpackages: `rescascade.training` (the family, data, training), `rescascade.profiling` (export, backends,
-timing); the modules here choose, certify, run and evaluate cascades. Every error a user can fix is a
+Subpackages: `rescascade.serve` (what a deployed cascade executes, torch-free: decode, preprocessing, the stage
+loop, counts, ONNX Runtime sessions; an exported bundle carries this folder), `rescascade.training` (the family,
+data, training), `rescascade.profiling` (export, backends, timing); the modules here choose, certify, run and
+evaluate cascades. Every error a user can fix is a
 `RescascadeError`. Names are imported on first use, so `import rescascade` does not import torch.
 """
 import importlib as _importlib
 
 # public name -> the module that defines it
 _EXPORTS = {
-    "RescascadeError": "rescascade.training.errors", "ConfigError": "rescascade.training.errors",
-    "ArtifactError": "rescascade.training.errors", "DataError": "rescascade.training.errors",
-    "BackendUnavailable": "rescascade.training.errors",
+    "RescascadeError": "rescascade.serve.errors", "ConfigError": "rescascade.serve.errors",
+    "ArtifactError": "rescascade.serve.errors", "DataError": "rescascade.serve.errors",
+    "BackendUnavailable": "rescascade.serve.errors",
     "TrainConfig": "rescascade.training.config",
     "ResolutionFamily": "rescascade.training.family",
     "load_data": "rescascade.training.data", "register_source": "rescascade.training.data",
@@ -38,9 +40,9 @@ _EXPORTS = {
     "load_predictions": "rescascade.predictions", "CascadeConfig": "rescascade.config",
     "CascadeBuilder": "rescascade.builder",
     "run_build": "rescascade.build", "run_eval": "rescascade.evaluate",
-    "CascadeRunner": "rescascade.runtime", "decision_step": "rescascade.exits",
-    "ExitCounts": "rescascade.monitor", "drift_report": "rescascade.monitor",
-    "BundleRunner": "rescascade.deploy", "export_bundle": "rescascade.export", "export_triton": "rescascade.export",
+    "CascadeRunner": "rescascade.runtime", "decision_step": "rescascade.serve.exits",
+    "ExitCounts": "rescascade.serve.counts", "drift_report": "rescascade.monitor",
+    "BundleRunner": "rescascade.serve.bundle", "export_bundle": "rescascade.export", "export_triton": "rescascade.export",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -11,8 +11,8 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from rescascade.profiling.profile import Profile
-from rescascade.training.errors import RescascadeError, check_int
-from rescascade.training.fileio import output_file
+from rescascade.serve.errors import RescascadeError, check_int
+from rescascade.serve.fileio import output_file
 from rescascade.training.store import read_family_json, verify_files, weights_id
 
 from .builder import CascadeBuilder

@@ -16,10 +16,11 @@ from __future__ import annotations
 import math
 import time
 
+from rescascade.serve.errors import ConfigError, RescascadeError, check_bool, check_int, check_number
 from rescascade.training.config import check_resolutions
-from rescascade.training.errors import ConfigError, RescascadeError, check_bool, check_int, check_number
 
-from .confidence import MEASURES, fit_temperature
+from .serve.confidence import MEASURES
+from .temperature import fit_temperature
 from .config import stages_json
 from .costs import CostModel
 from .guarantee import certify_settings

@@ -6,9 +6,10 @@ import math
 import sys
 import textwrap
 
-from rescascade.training.config import MAX_BATCH, MAX_THREADS, parse_size
-from rescascade.training.errors import RescascadeError
-from rescascade.training.fileio import printable_streams
+from rescascade.serve.errors import RescascadeError
+from rescascade.serve.fileio import printable_streams
+from rescascade.serve.limits import MAX_BATCH, MAX_THREADS
+from rescascade.training.config import parse_size
 
 
 def cmd_info(args) -> None:
@@ -68,7 +69,7 @@ _ints = _list(_number(int, what="comma-separated integers"))
 _batches = _list(_batch)
 
 
-# what every file output accepts (training/fileio.output_file)
+# what every file output accepts (serve/fileio.output_file)
 OUT_FILES = ("a new or regular file, replaced atomically; a symbolic link is written through (its target "
              "replaced, the link kept); a device, FIFO or directory is refused")
 
@@ -441,10 +442,11 @@ def cmd_drift(args) -> None:
     from pathlib import Path
 
     from .config import read_config
-    from .monitor import ExitCounts, drift_report, format_drift
+    from .monitor import drift_report, format_drift
+    from .serve.counts import ExitCounts
     path = Path(args.cascade_json)
     if path.name == "bundle.json" or (path / "bundle.json").is_file():  # an exported bundle carries its cascade
-        from .deploy import Bundle
+        from .serve.bundle import Bundle
         config = Bundle(path)
     else:
         config = read_config(path)
@@ -486,8 +488,8 @@ def add_export_parser(sub) -> None:
                                    "ONNX model) and a small patch file per stage and for the reference, bundle.json "
                                    "(stages, thresholds, preprocessing, class names, sha256 of every file) and the "
                                    "runtime's modules. Run it where only onnxruntime, "
-                                   "numpy and Pillow are installed: PYTHONPATH=DIR python -m rescascade.deploy DIR "
-                                   "IMAGE... (or rescascade.deploy.BundleRunner). It gives the labels, exit stages "
+                                   "numpy and Pillow are installed: PYTHONPATH=DIR python -m rescascade.serve DIR "
+                                   "IMAGE... (or rescascade.serve.bundle.BundleRunner). It gives the labels, exit stages "
                                    "and probabilities rescascade's own runtime gives on CPU.")
     s.add_argument("cascade_json", help="cascade.json written by `rescascade build` (its family where it says)")
     s.add_argument("--out", required=True, help="the bundle directory: new, empty, or an earlier export of the same "

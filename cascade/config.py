@@ -12,11 +12,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from rescascade.training.config import MAX_BATCH
-from rescascade.training.errors import ArtifactError, ConfigError
-from rescascade.training.fileio import check_schema, output_file, read_json, write_json
+from rescascade.serve.errors import ArtifactError, ConfigError
+from rescascade.serve.fileio import check_schema, output_file, read_json, write_json
+from rescascade.serve.limits import MAX_BATCH
 
-from .confidence import exit_problem
+from .serve.confidence import exit_problem
 from .optimizer import Cascade, Stage, paired_difference
 from .predictions import Predictions
 
@@ -58,7 +58,7 @@ class CascadeConfig:
         family.json hashes) and profile (a `Profile`) it was built on, the costs (CostModel) it was chosen with,
         and the expected figures on calib and on `test` (default: the family's predictions/test.npz, never seen
         by the choice). Not written until `save`."""
-        from rescascade.training.fileio import sha256_file
+        from rescascade.serve.fileio import sha256_file
         from rescascade.training.store import read_family_json, weights_id
 
         from .predictions import load_predictions

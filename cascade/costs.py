@@ -24,8 +24,8 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import pandas as pd
 
+from rescascade.serve.errors import ConfigError, RescascadeError, check_int
 from rescascade.training.config import parse_size
-from rescascade.training.errors import ConfigError, RescascadeError, check_int
 
 
 NEEDED = {"backend", "precision", "resolution", "batch_size", "median_ms", "preprocess_ms"}

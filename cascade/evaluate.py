@@ -18,9 +18,9 @@ import numpy as np
 import torch
 
 from rescascade.profiling.measure import torch_threads
-from rescascade.training.config import MAX_BATCH, MAX_THREADS
-from rescascade.training.errors import ConfigError, RescascadeError, check_int
-from rescascade.training.fileio import output_file, write_json
+from rescascade.serve.errors import ConfigError, RescascadeError, check_int
+from rescascade.serve.fileio import output_file, write_json
+from rescascade.serve.limits import MAX_BATCH, MAX_THREADS
 from rescascade.training.progress import progress
 
 from .config import read_config

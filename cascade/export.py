@@ -7,8 +7,8 @@ DIR/model.<precision>.onnx  the family's shared weights, once (profiling.export.
 DIR/patches/r<R>.<precision>.patch  each stage's and the reference's patch: its BatchNorms' scale and shift
                     (and anything else the resolution owns); with the shared model, that resolution's model,
                     checked against PyTorch. K resolutions of MobileNetV2 weigh about 1 + 0.01 K models.
-DIR/rescascade/     the modules `rescascade.deploy` imports (deploy.RUNTIME_MODULES): onnxruntime, numpy and
-                    Pillow are all it needs
+DIR/rescascade/serve/  the runtime kernel (`rescascade.serve`, copied whole): onnxruntime, numpy and Pillow
+                    are all it needs
 DIR/README.txt      how to run it
 
 The directory is written beside DIR and renamed into place, so an interrupted export leaves any earlier bundle
@@ -27,26 +27,26 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rescascade.profiling.export import TOLERANCE, export_shared
-from rescascade.training.config import MAX_BATCH, MAX_THREADS
-from rescascade.training.errors import ConfigError, check_bool, check_int
+from rescascade.serve.errors import ConfigError, check_bool, check_int
+from rescascade.serve.fileio import sha256_file, write_json, write_text
+from rescascade.serve.limits import MAX_BATCH, MAX_THREADS
+from rescascade.serve.preprocess_np import CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, MAX_ASPECT
 from rescascade.training.family import res_key
-from rescascade.training.fileio import sha256_file, write_json, write_text
-from rescascade.training.preprocess_np import CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, MAX_ASPECT
 from rescascade.training.store import weights_id
 
 from .config import CascadeConfig, decode_json, read_config
-from .deploy import BUNDLE_FORMAT, BUNDLE_SCHEMA, RESIZE, RUNTIME_MODULES, Bundle
 from .runtime import open_family
+from .serve.bundle import BUNDLE_FORMAT, BUNDLE_SCHEMA, RESIZE, Bundle
 
 _README = """A rescascade cascade, exported by `rescascade export` from {source}.
 
 Stages: {stages}; reference: r{reference}. Needs Python >= 3.10 with onnxruntime,
 numpy and Pillow (no torch). From the directory that holds this one:
 
-    PYTHONPATH={name} python -m rescascade.deploy {name} photo.jpg   # name, probability, exit stage; exit 1 if an image failed
+    PYTHONPATH={name} python -m rescascade.serve {name} photo.jpg   # name, probability, exit stage; exit 1 if an image failed
 
     import sys; sys.path.insert(0, "{name}")
-    from rescascade.deploy import BundleRunner
+    from rescascade.serve.bundle import BundleRunner
     result = BundleRunner("{name}")(["photo.jpg"])   # labels, names, probs, exit_stage, errors
     BundleRunner("{name}", reference=True)            # the reference model alone, for comparison
 """
@@ -68,7 +68,7 @@ def export_bundle(config, out, precision: str = "fp32", overwrite: bool = False,
     with _staged(out, _bundle_files, "a bundle", source, overwrite) as tmp:
         models = _write_bundle(config, tmp, out.name, precision, log)
     log(f"wrote {out}/ (bundle.json, the shared model and {models} patches, the runtime): "
-        f"PYTHONPATH={out} python -m rescascade.deploy {out} IMAGE...")
+        f"PYTHONPATH={out} python -m rescascade.serve {out} IMAGE...")
     return out / "bundle.json"
 
 
@@ -128,15 +128,18 @@ def _out_dir(out) -> Path:
     return Path(out)
 
 
+_BUNDLE_PACKAGE = '''"""rescascade's runtime kernel alone, as a bundle carries it: `rescascade.serve`."""
+'''
+
+
 def _copy_runtime(dest: Path) -> None:
-    """Copy the deployed runtime's modules (deploy.RUNTIME_MODULES) into dest/rescascade/, as installed."""
-    for name in RUNTIME_MODULES:
-        spec = importlib.util.find_spec(name)
-        parts = name.split(".")
-        target = dest.joinpath(*parts, "__init__.py") if spec.submodule_search_locations is not None else \
-            dest.joinpath(*parts[:-1], parts[-1] + ".py")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(spec.origin, target)
+    """Copy the runtime kernel (the `rescascade.serve` folder, every module of it, as installed) into
+    dest/rescascade/serve/, under a `rescascade` package of its own."""
+    from . import serve
+    (dest / "rescascade").mkdir()
+    write_text(dest / "rescascade" / "__init__.py", _BUNDLE_PACKAGE)
+    shutil.copytree(Path(serve.__file__).parent, dest / "rescascade" / "serve",
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
 
 
 def _foreign_files(out: Path, ours) -> list[str]:

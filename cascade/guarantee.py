@@ -22,7 +22,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 from scipy.stats import binom
 
-from .confidence import fit_temperature
+from .temperature import fit_temperature
 from .costs import CostModel
 from .optimizer import DEFAULT_TOLERANCES, Cascade, Stage, StageViews, greedy, reference_resolution, simulate
 from .predictions import Predictions

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .confidence import combine, confidence, log_probs
+from .serve.confidence import combine, confidence, log_probs
 from .costs import CostModel
 from .predictions import Predictions
 

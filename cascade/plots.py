@@ -5,7 +5,7 @@ import math
 
 from matplotlib.figure import Figure
 
-from rescascade.training.fileio import atomic_path
+from rescascade.serve.fileio import atomic_path
 
 # Figures are drawn on a Figure of their own (matplotlib's Agg canvas when saved), never through pyplot: the
 # caller's backend and open figures are left as they are.

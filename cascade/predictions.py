@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from rescascade.training.errors import ArtifactError, ConfigError
+from rescascade.serve.errors import ArtifactError, ConfigError
 
 SUPPORTED = 1
 

@@ -25,8 +25,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from rescascade.training.errors import ConfigError, RescascadeError, check_int
-from rescascade.training.images import Encoded
+from rescascade.serve.errors import ConfigError, RescascadeError, check_int
+from rescascade.serve.images import Encoded
 from rescascade.training.progress import progress
 
 from .costs import CostModel

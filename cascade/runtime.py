@@ -18,17 +18,18 @@ from PIL import Image
 
 from rescascade.profiling.backends import get_backend
 from rescascade.profiling.measure import torch_threads
-from rescascade.training.config import MAX_BATCH, MAX_THREADS
-from rescascade.training.errors import ConfigError, RescascadeError, check_int
-from rescascade.training.fileio import sha256_file
-from rescascade.training.images import DEFAULT_MAX_PIXELS, Encoded, from_pil
+from rescascade.serve.errors import ConfigError, RescascadeError, check_int
+from rescascade.serve.fileio import sha256_file
+from rescascade.serve.images import DEFAULT_MAX_PIXELS, Encoded
+from rescascade.serve.limits import MAX_BATCH, MAX_THREADS
+from rescascade.training.images import as_tensor, from_pil
 from rescascade.training.preprocess import channels_last_batch, eval_resize_size, preprocess, stage_min_side
 from rescascade.training.store import load_family, weights_id
 
 from .config import CascadeConfig, read_config
-from .exits import (Answers, CascadeResult, StageTiming, decision_step, decode_stage, exit_step, in_batches,
+from .serve.exits import (Answers, CascadeResult, StageTiming, decision_step, decode_stage, exit_step, in_batches,
                     load_inputs, warmup_sizes)
-from .monitor import ExitCounts, plan_identity
+from .serve.counts import ExitCounts, plan_identity
 from .optimizer import Cascade, Stage
 
 __all__ = ["CascadeRunner", "CascadeResult", "StageTiming", "decision_step", "exit_step"]
@@ -232,7 +233,7 @@ class CascadeRunner:
                 break
             t0 = time.perf_counter()
             side = stage_min_side(cascade.decode_at or stage.resolution, self.crop_fraction, self.decode_scale)
-            kept, t.decoded = decode_stage(items, pixels, active, side, errors, tensors=True)
+            kept, t.decoded = decode_stage(items, pixels, active, side, errors, as_tensor)
             if len(kept) < len(active):  # rows whose data failed to decode: drop them, and their history
                 still = np.isin(active, kept)
                 history = [h[still] for h in history]

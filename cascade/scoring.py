@@ -11,9 +11,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from rescascade.serve.errors import ConfigError, RescascadeError
+from rescascade.serve.images import ImageError
 from rescascade.training.data import ImageSet, heldout_listing, resolve_source
-from rescascade.training.errors import ConfigError, RescascadeError
-from rescascade.training.images import ImageError, pixel_digest
+from rescascade.training.images import pixel_digest
 from rescascade.training.store import read_family_json
 
 from .predictions import Predictions, load_predictions

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from rescascade.training.errors import ConfigError, check_number
+from rescascade.serve.errors import ConfigError, check_number
 
 KINDS = ("best", "accuracy", "max_drop", "budget")
 

@@ -35,8 +35,8 @@ class TritonPythonModel:
         self.pb = pb_utils
         version_dir = Path(args["model_repository"]) / args["model_version"]
         sys.path.insert(0, str(version_dir / "bundle"))  # the bundle's own copy of the runtime
-        from rescascade.deploy import BundleRunner
-        from rescascade.monitor import continue_counts
+        from rescascade.serve.bundle import BundleRunner
+        from rescascade.serve.counts import continue_counts
 
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}

@@ -1,7 +1,7 @@
 """What decoding a JPEG costs each stage: per (source size, resolution), the decode the cascade runtime does.
 
 A family that decodes per stage (family.json preprocessing.decode_scale "stage") decodes a JPEG at the smallest
-DCT scale that covers the stage's resize (`training.images.jpeg_scale`); "full" decodes in full for every stage.
+DCT scale that covers the stage's resize (`serve.images.jpeg_scale`); "full" decodes in full for every stage.
 The profile times exactly that call, `training.images.decode`, on a JPEG of each source size, round-robin like
 the inference rows, and `rescascade profile` writes profile_decode.csv beside profile.csv. The JPEG is synthetic (seeded noise summed over
 octaves, so its spectrum falls off as a photo's does; quality 90): its bytes per pixel are recorded, since the
@@ -18,7 +18,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from rescascade.training.images import decode, jpeg_scale
+from rescascade.serve.images import jpeg_scale
+from rescascade.training.images import decode
 from rescascade.training.preprocess import preprocess, stage_min_side
 
 from .measure import Protocol, cpu_timer, run_protocol, summarize

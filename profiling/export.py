@@ -11,7 +11,7 @@ in RUN_DIR/onnx/ keyed by the family's weights id.
 BatchNorms read their per-channel scale and shift from an external file, and per resolution a patch file of those
 bytes (scale = gamma / sqrt(var + eps), shift = beta - mean * scale, the BatchNorm folded to an affine: 2 numbers a
 channel instead of 4), plus any other tensor the resolution owns (a per-resolution classifier). ONNX Runtime reads a
-stage's patch as that external file (`profiling.ort.stage_session`) and folds it into the convolutions as before.
+stage's patch as that external file (`serve.ort.stage_session`) and folds it into the convolutions as before.
 """
 from __future__ import annotations
 
@@ -25,11 +25,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from rescascade.training.errors import ArtifactError
+from rescascade.serve.errors import ArtifactError
+from rescascade.serve.fileio import atomic_path, sha256_file, write_json
 from rescascade.training.family import ResolutionFamily, res_key
-from rescascade.training.fileio import atomic_path, sha256_file, write_json
 
-from .ort import PATCH_LOCATION, session_options, stage_session
+from rescascade.serve.ort import PATCH_LOCATION, session_options, stage_session
 
 EXPORT_VERSION = 2  # 2: any arch, BatchNorm folded by the exporter
 TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}  # max |logit difference|, relative to max(1, max |logit|)
@@ -134,7 +134,7 @@ def export_shared(family: ResolutionFamily, run_dir, weights_id: str,
                   precision: str = "fp32") -> tuple[Path, dict[int, Path], dict]:
     """The family as one shared ONNX model and one patch file per resolution (see the module), cached in
     RUN_DIR/onnx/shared.<precision>.onnx and RUN_DIR/onnx/r<R>.<precision>.patch. Every resolution's session
-    (`profiling.ort.stage_session`) is checked against its PyTorch plain model. Returns (shared model path,
+    (`serve.ort.stage_session`) is checked against its PyTorch plain model. Returns (shared model path,
     {resolution: patch path}, info with max_abs_diff per resolution).
     Raises ArtifactError past the tolerance, or for an arch whose BatchNorm parameters the exporter renamed."""
     if precision not in TOLERANCE:

@@ -33,7 +33,7 @@ class Protocol:
     smoke: bool = False  # a few iterations to check that things run: its figures never replace measurements
 
     def __post_init__(self):
-        from rescascade.training.errors import check_bool, check_int, check_number
+        from rescascade.serve.errors import check_bool, check_int, check_number
         for name, low in (("warmup_iters", 0), ("min_iters", 1), ("max_iters", 1), ("rounds", 1)):
             check_int(name, getattr(self, name), low)
         for name in ("warmup_seconds", "min_seconds", "max_seconds"):
@@ -110,14 +110,6 @@ def cuda_timer(fn: Callable[[], object]) -> Callable[[], float]:
         end.synchronize()
         return start.elapsed_time(end)
     return step
-
-
-def default_threads() -> int:
-    """The CPUs this process may run on (its affinity mask, e.g. under taskset or a container's cpuset)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:
-        return os.cpu_count() or 1
 
 
 @contextmanager

@@ -23,10 +23,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from rescascade.training.config import MAX_BATCH, MAX_THREADS, parse_size
-from rescascade.training.errors import ConfigError, RescascadeError, check_int
-from rescascade.training.fileio import atomic_path, check_schema, output_file, read_json, write_json
-from rescascade.training.images import DECODE_SCALES, DEFAULT_MAX_PIXELS, jpeg_scale
+from rescascade.serve.errors import ConfigError, RescascadeError, check_int
+from rescascade.serve.fileio import atomic_path, check_schema, output_file, read_json, write_json
+from rescascade.serve.images import DECODE_SCALES, DEFAULT_MAX_PIXELS, jpeg_scale
+from rescascade.serve.limits import MAX_BATCH, MAX_THREADS, default_threads
+from rescascade.training.config import parse_size
 from rescascade.training.preprocess import (CROP_FRACTION, channels_last_batch, eval_resize_size, preprocess,
                                             stage_min_side)
 from rescascade.training.progress import progress
@@ -34,7 +35,7 @@ from rescascade.training.store import family_sha256, load_family, weights_id
 
 from .backends import get_backend
 from .decode import DECODE_COLUMNS, time_decode
-from .measure import (Protocol, after, cpu_timer, cuda_timer, default_threads, device_key, fingerprint, run_protocol,
+from .measure import (Protocol, after, cpu_timer, cuda_timer, device_key, fingerprint, run_protocol,
                       summarize, torch_threads)
 
 PROFILE_SCHEMA = 1

@@ -8,9 +8,9 @@ from torch import nn
 
 from rescascade.cli import main
 from rescascade.profiling.export import export_resolution
+from rescascade.serve.errors import ConfigError, RescascadeError
 from rescascade.training.backbones import build_plain, resolve_arch
 from rescascade.training.data import load_data
-from rescascade.training.errors import ConfigError, RescascadeError
 from rescascade.training.family import ResolutionFamily
 from rescascade.training.store import load_family, save_family, weights_id
 from rescascade.training.trainer import TrainConfig, train

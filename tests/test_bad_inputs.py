@@ -291,7 +291,7 @@ def test_info_prints_the_top1_table(workspace, capsys):
 
 def test_python_errors_name_the_parameter_and_the_cli_its_flag(capsys):
     from rescascade.builder import CascadeBuilder
-    from rescascade.training.errors import ConfigError
+    from rescascade.serve.errors import ConfigError
     with pytest.raises(ConfigError) as caught:
         CascadeBuilder(guarantee=(2.0, 0.1))
     assert str(caught.value).startswith("`guarantee` EPS,DELTA") and isinstance(caught.value, ValueError)

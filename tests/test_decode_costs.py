@@ -11,26 +11,26 @@ import pytest
 import torch
 
 from rescascade.build import run_build
+from rescascade.builder import CascadeBuilder
 from rescascade.config import read_config
 from rescascade.costs import CostModel
 from rescascade.evaluate import run_eval
-from rescascade.profiling.measure import QUICK
-from rescascade.profiling.profile import Profile, decode_path, run_profile
-from rescascade.runtime import CascadeRunner, decision_step
-from rescascade.training.data import EvalDataset, load_data
-from rescascade.training.errors import ConfigError, RescascadeError
-from rescascade.training.images import jpeg_scale
-from rescascade.training.predict import write_predictions
-from rescascade.training.run import run_train
-from rescascade.training.trainer import TrainConfig
-from rescascade.builder import CascadeBuilder
-from rescascade.deploy import BundleRunner
 from rescascade.export import export_bundle
 from rescascade.optimizer import Cascade, Stage
 from rescascade.predictions import Predictions, load_predictions
+from rescascade.profiling.measure import QUICK
+from rescascade.profiling.profile import Profile, decode_path, run_profile
 from rescascade.refine import refined_costs
+from rescascade.runtime import CascadeRunner, decision_step
+from rescascade.serve.bundle import BundleRunner
+from rescascade.serve.errors import ConfigError, RescascadeError
+from rescascade.serve.errors import ArtifactError
+from rescascade.serve.images import jpeg_scale
 from rescascade.target import Target
-from rescascade.training.errors import ArtifactError
+from rescascade.training.data import EvalDataset, load_data
+from rescascade.training.predict import write_predictions
+from rescascade.training.run import run_train
+from rescascade.training.trainer import TrainConfig
 
 from .conftest import JPEG_SIZE as SIZE  # r32 (resize 37) decodes at 1/4, r48 (resize 55) at 1/2
 

@@ -15,15 +15,15 @@ from PIL import Image
 
 from rescascade.cli import main as cli_main
 from rescascade.config import read_config
-from rescascade.deploy import Bundle, BundleRunner
-from rescascade.deploy import main as deploy_main
 from rescascade.export import export_bundle
-from rescascade.monitor import ExitCounts
 from rescascade.optimizer import Cascade, Stage
 from rescascade.runtime import CascadeRunner
-from rescascade.training.errors import ArtifactError, BackendUnavailable, ConfigError, RescascadeError
+from rescascade.serve.bundle import Bundle, BundleRunner
+from rescascade.serve.bundle import main as deploy_main
+from rescascade.serve.counts import ExitCounts
+from rescascade.serve.errors import ArtifactError, BackendUnavailable, ConfigError, RescascadeError
+from rescascade.serve.preprocess_np import preprocess_pixels, resize_center_crop_pixels
 from rescascade.training.preprocess import preprocess, resize_center_crop
-from rescascade.training.preprocess_np import preprocess_pixels, resize_center_crop_pixels
 
 from .conftest import encode, photo
 
@@ -154,11 +154,15 @@ class Block(importlib.abc.MetaPathFinder):
             raise ImportError(f"{name} is not installed here")
 sys.meta_path.insert(0, Block())
 sys.path.insert(0, sys.argv[1])
-import rescascade
-from rescascade.deploy import BundleRunner
+import importlib, pkgutil, rescascade, rescascade.serve
+kernel = sorted(m.name for m in pkgutil.iter_modules(rescascade.serve.__path__) if m.name != "__main__")
+for name in kernel:  # every module of the kernel imports here
+    importlib.import_module("rescascade.serve." + name)
+from rescascade.serve.bundle import BundleRunner
 r = BundleRunner(sys.argv[1], threads=1)([open(p, "rb").read() for p in sys.argv[2:]])
 print(json.dumps({"module": rescascade.__file__, "labels": r.labels.tolist(), "exits": r.exit_stage.tolist(),
-                  "probs": r.probs.tolist(), "heavy": [m for m in sys.modules if m.split(".")[0] in ("torch", "scipy")]}))
+                  "probs": r.probs.tolist(), "kernel": kernel,
+                  "heavy": [m for m in sys.modules if m.split(".")[0] in ("torch", "scipy")]}))
 """
 
 
@@ -174,10 +178,15 @@ def test_bundle_runs_without_torch(bundle, tmp_path, capsys):
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout.strip().splitlines()[-1])
     assert Path(got["module"]).resolve().is_relative_to(bundle.resolve()) and got["heavy"] == []
+    import pkgutil
+
+    import rescascade.serve
+    assert got["kernel"] == sorted(m.name for m in pkgutil.iter_modules(rescascade.serve.__path__)
+                                   if m.name != "__main__")  # the whole folder, each module importing without torch
     want = BundleRunner(bundle, threads=1, warmup=False)([f.read_bytes() for f in files])
     assert got["labels"] == want.labels.tolist() and got["exits"] == want.exit_stage.tolist()
     assert np.abs(np.array(got["probs"]) - want.probs).max() <= 1e-6
-    cli = subprocess.run([sys.executable, "-m", "rescascade.deploy", str(bundle), str(files[0]), "nothing.jpg"],
+    cli = subprocess.run([sys.executable, "-m", "rescascade.serve", str(bundle), str(files[0]), "nothing.jpg"],
                          cwd=tmp_path, env={"PYTHONPATH": str(bundle), "PATH": "/usr/bin:/bin"},
                          capture_output=True, text=True, timeout=300)
     lines = cli.stdout.strip().splitlines()

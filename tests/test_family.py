@@ -7,11 +7,11 @@ import torchvision
 from torch import nn
 
 from rescascade.cli import main
-from rescascade.training.errors import RescascadeError
+from rescascade.serve.errors import RescascadeError
+from rescascade.training.backbones import resolve_arch
 from rescascade.training.family import ResolutionFamily, check_resolutions
 from rescascade.training.params import count_parameters
 from rescascade.training.store import load_family, save_family
-from rescascade.training.backbones import resolve_arch
 from rescascade.training.weights import hub_cache_path, load_state_dict_file, resolve_weights, torchvision_weights
 
 RES = (32, 48, 64)

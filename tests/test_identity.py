@@ -16,15 +16,16 @@ from PIL import Image
 from rescascade.cli import main
 from rescascade.config import read_config
 from rescascade.costs import CostModel
-from rescascade.deploy import Bundle
 from rescascade.evaluate import run_eval
 from rescascade.export import export_bundle
-from rescascade.monitor import ExitCounts, continue_counts, drift_report, format_drift, plan_identity
+from rescascade.monitor import drift_report, format_drift
 from rescascade.profiling.measure import QUICK
 from rescascade.profiling.profile import Profile, run_profile
 from rescascade.runtime import CascadeRunner, decision_step
 from rescascade.scoring import images_to_score
-from rescascade.training.errors import ArtifactError, ConfigError, RescascadeError
+from rescascade.serve.bundle import Bundle
+from rescascade.serve.counts import ExitCounts, continue_counts, plan_identity
+from rescascade.serve.errors import ArtifactError, ConfigError, RescascadeError
 from rescascade.training.run import run_train
 from rescascade.training.synthetic import make_synthetic
 from rescascade.training.trainer import TrainConfig

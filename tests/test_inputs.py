@@ -22,9 +22,10 @@ from rescascade.evaluate import images_to_score, run_eval
 from rescascade.profiling.measure import QUICK
 from rescascade.profiling.profile import run_profile
 from rescascade.runtime import CascadeRunner, decision_step
+from rescascade.serve.errors import RescascadeError
+from rescascade.serve.images import Encoded, ImageError, _draft_request, jpeg_scale, probe
 from rescascade.training.data import list_image_folder, load_data
-from rescascade.training.errors import RescascadeError
-from rescascade.training.images import Encoded, ImageError, _draft_request, decode, jpeg_scale, probe
+from rescascade.training.images import decode, decode_encoded
 from rescascade.training.preprocess import bound_aspect, resize_center_crop
 from rescascade.training.run import run_train
 from rescascade.training.synthetic import class_names, make_synthetic
@@ -131,12 +132,12 @@ def test_jpeg_scale_predicts_pillows_choice_and_encoded_shares_one_decode_per_sc
     buf = io.BytesIO()
     Image.new("RGB", (500, 375), (90, 120, 30)).save(buf, "JPEG")
     enc = Encoded(buf.getvalue())
-    a, b = enc.decode(110), enc.decode(146)   # both 1/2: one decode
+    a, b = decode_encoded(enc, 110), decode_encoded(enc, 146)   # both 1/2: one decode
     assert a is b and a.shape == (3, 188, 250) and enc.scale(110) == 2
-    assert enc.decode(256).shape == (3, 375, 500) and enc.decode(None).shape == (3, 375, 500)
+    assert decode_encoded(enc, 256).shape == (3, 375, 500) and decode_encoded(enc).shape == (3, 375, 500)
     png = io.BytesIO()
     Image.new("RGB", (500, 375)).save(png, "PNG")
-    assert Encoded(png.getvalue()).scale(110) == 1 and Encoded(png.getvalue()).decode(110).shape == (3, 375, 500)
+    assert Encoded(png.getvalue()).scale(110) == 1 and decode_encoded(Encoded(png.getvalue()), 110).shape == (3, 375, 500)
     with pytest.raises(ImageError, match="not an image"):
         Encoded(b"not an image at all")
 

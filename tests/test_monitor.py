@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 
 from rescascade.config import read_config
-from rescascade.monitor import ExitCounts, drift_report, plan_identity
+from rescascade.monitor import drift_report
 from rescascade.optimizer import Cascade, Stage
 from rescascade.runtime import CascadeRunner
-from rescascade.training.errors import ArtifactError, ConfigError
+from rescascade.serve.counts import ExitCounts, plan_identity
+from rescascade.serve.errors import ArtifactError, ConfigError
 from rescascade.training.synthetic import make_synthetic
 
 

@@ -4,11 +4,12 @@ import math
 import numpy as np
 import pytest
 
-from rescascade.confidence import combine, confidence, fit_temperature
 from rescascade.costs import CostModel
 from rescascade.guarantee import binomial_p_value, certify, certify_settings, split_calib
 from rescascade.optimizer import (Cascade, Stage, StageViews, exact_search, greedy, pareto_front, reference_resolution,
                                   simulate, tolerance_sweep)
+from rescascade.serve.confidence import combine, confidence
+from rescascade.temperature import fit_temperature
 from rescascade.synthetic_predictions import synthetic_predictions
 
 RES = [96, 128, 160, 192, 224]

@@ -1,4 +1,4 @@
-"""Outputs never replace what is not rescascade's: one writer (training/fileio.output_file + atomic_path) refuses a
+"""Outputs never replace what is not rescascade's: one writer (serve/fileio.output_file + atomic_path) refuses a
 path that is not a regular file (a device, a FIFO, a directory) before any work, writes through a symbolic link
 (the link kept), and exports replace only an earlier export of the same cascade, one export at a time."""
 import json
@@ -11,11 +11,11 @@ import pytest
 
 from rescascade.cli import main
 from rescascade.config import read_config
-from rescascade.deploy import Bundle, BundleRunner
 from rescascade.export import _export_lock, export_bundle
-from rescascade.monitor import ExitCounts
-from rescascade.training.errors import ConfigError
-from rescascade.training.fileio import output_file, write_json
+from rescascade.serve.bundle import Bundle, BundleRunner
+from rescascade.serve.counts import ExitCounts
+from rescascade.serve.errors import ConfigError
+from rescascade.serve.fileio import output_file, write_json
 
 QUIET = dict(log=lambda s: None)
 

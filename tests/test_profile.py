@@ -8,7 +8,7 @@ from rescascade.profiling.export import check_onnx, export_resolution
 from rescascade.profiling.measure import QUICK, Protocol, run_protocol, summarize
 from rescascade.profiling.profile import KEY, format_profile, read_profile, run_profile
 from rescascade.runtime import decision_step
-from rescascade.training.errors import RescascadeError
+from rescascade.serve.errors import RescascadeError
 from rescascade.training.family import ResolutionFamily
 from rescascade.training.store import load_family, save_family, weights_id
 

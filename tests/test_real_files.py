@@ -16,10 +16,10 @@ import pytest
 from PIL import Image
 
 from rescascade.cli import main
-from rescascade.deploy import BundleRunner, main as deploy_main
 from rescascade.export import export_bundle
 from rescascade.runtime import CascadeRunner
-from rescascade.training.images import Encoded, ImageError, decode_pixels
+from rescascade.serve.bundle import BundleRunner, main as deploy_main
+from rescascade.serve.images import Encoded, ImageError, decode_pixels
 
 from .conftest import encode, photo
 
@@ -82,7 +82,7 @@ def test_runtimes_answer_an_mpo_as_its_jpeg_and_fail_a_bad_exif_alone(split_casc
 def test_the_pixel_limit_holds_when_another_library_turned_pillows_off(tmp_path):
     (tmp_path / "bomb.png").write_bytes(png_header_only(20000, 20000))
     code = ("import PIL.Image; PIL.Image.MAX_IMAGE_PIXELS = None\n"  # another library, imported first
-            "from rescascade.training.images import ImageError, decode_pixels\n"
+            "from rescascade.serve.images import ImageError, decode_pixels\n"
             "try:\n    decode_pixels(open('bomb.png', 'rb').read())\nexcept ImageError as e:\n    print('refused:', e)\n")
     run = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and "refused: 20000x20000 = 400,000,000 pixels exceeds the limit" in run.stdout, \

@@ -13,8 +13,8 @@ from rescascade.evaluate import run_eval
 from rescascade.optimizer import Cascade, Stage, StageViews, simulate
 from rescascade.predictions import load_predictions
 from rescascade.runtime import CascadeRunner
+from rescascade.serve.errors import RescascadeError
 from rescascade.training.data import load_data
-from rescascade.training.errors import RescascadeError
 
 QUIET = dict(log=lambda s: None)
 

@@ -12,8 +12,8 @@ import torch
 from PIL import Image
 
 from rescascade.profiling.engines import independent_ids, onnx_predictors, onnxruntime_predictors
+from rescascade.serve.errors import RescascadeError
 from rescascade.training.data import FileReader, ImageSet, load_data
-from rescascade.training.errors import RescascadeError
 from rescascade.training.family import ResolutionFamily
 from rescascade.training.predict import predict_logits
 from rescascade.training.preprocess import resize_center_crop

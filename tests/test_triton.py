@@ -9,10 +9,10 @@ import pytest
 
 from benchmarks._triton import TritonServer, TritonUnavailable, classify, server_environment
 from rescascade.cli import main as cli_main
-from rescascade.deploy import BundleRunner
 from rescascade.export import export_triton
-from rescascade.monitor import ExitCounts
-from rescascade.training.errors import ConfigError
+from rescascade.serve.bundle import BundleRunner
+from rescascade.serve.counts import ExitCounts
+from rescascade.serve.errors import ConfigError
 
 from .conftest import encode, photo
 from .test_real_files import bad_exif_jpeg

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .errors import ConfigError, RescascadeError
+from rescascade.serve.errors import ConfigError, RescascadeError
 
 DEFAULT_ARCH = "mobilenet_v2"  # the paper's model
 SOURCES = ("torchvision", "timm")

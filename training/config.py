@@ -7,12 +7,10 @@ import re
 from dataclasses import dataclass
 from typing import Iterable
 
-from .errors import ConfigError, check_bool, check_int, check_number
+from rescascade.serve.errors import ConfigError, check_bool, check_int, check_number
 
 MIN_RESOLUTION = 32    # the usual CNNs downsample 32x
 MAX_RESOLUTION = 1024  # above, a batch's activations outgrow any machine's memory (r=20000: ~38 GB per image)
-MAX_BATCH = 65536      # larger batch sizes are typos: their activations would need terabytes
-MAX_THREADS = 256      # more threads than any machine's cores only slow things down (and each costs memory)
 
 
 def parse_size(text: str) -> tuple[int, int]:

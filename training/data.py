@@ -8,7 +8,7 @@ Sources (the --data argument):
 
 Held-out images (never trained on) are split into calib and test deterministically (stratified, seeded), from
 the listing alone, so the same data and options always give the same ids. Then every listed image's header is
-read (training/images.py: no pixel decoded): unreadable images and images over the pixel limit are left out and
+read (serve/images.py: no pixel decoded): unreadable images and images over the pixel limit are left out and
 named, and a class left without images stops with one line. An image that fails later, in the middle of its
 data, is skipped where it is read and named too; one bad image never stops a batch.
 """
@@ -25,9 +25,11 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .errors import ConfigError, DataError, check_int
-from .fileio import printable
-from .images import DECODE_SCALES, DEFAULT_MAX_PIXELS, Encoded, ImageError, decode, pixel_digest, probe
+from rescascade.serve.errors import ConfigError, DataError, check_int
+from rescascade.serve.fileio import printable
+from rescascade.serve.images import DECODE_SCALES, DEFAULT_MAX_PIXELS, Encoded, ImageError, probe
+
+from .images import decode, decode_encoded, pixel_digest
 from .progress import progress
 
 MAX_SYNTHETIC = 200_000  # synthetic training images (with their held-out images: ~22 GB of pixels)
@@ -526,7 +528,7 @@ class EvalDataset(torch.utils.data.Dataset):
             side = self._min_side(r, self.crop_fraction, "stage")
             scale = 1 if enc is None else enc.scale(side)
             if scale not in sources:
-                sources[scale] = enc.decode(side)
+                sources[scale] = decode_encoded(enc, side)
             return sources[scale]
         views = [self._resize(source(r), r, self.crop_fraction) for r in self.resolutions]
         views += [self._resize(source(at), r, self.crop_fraction) for r, at in self.pairs]

@@ -20,7 +20,7 @@ from .backbones import (DEFAULT_ARCH, build_plain, check_patchable, classifier_n
                         forward_at_every_resolution, is_timm_batchnorm_act, logits_layer_name, require_linear,
                         resolve_arch, train_logits)
 from .config import check_resolutions
-from .errors import ConfigError, RescascadeError
+from rescascade.serve.errors import ConfigError, RescascadeError
 
 PATCH_KINDS = ("scale_bias_stats", "scale_bias")  # γ,β,μ,σ² private | γ,β private, statistics shared
 CLASSIFIER_KINDS = ("shared", "per_resolution")

@@ -11,8 +11,8 @@ import numpy as np
 import torch
 
 from .data import EvalDataset, ImageSet, collate_skipping
-from .errors import RescascadeError
-from .fileio import atomic_path
+from rescascade.serve.errors import RescascadeError
+from rescascade.serve.fileio import atomic_path
 from .preprocess import CROP_FRACTION, to_model_input
 from .progress import progress
 

@@ -8,7 +8,7 @@ import torch
 import torchvision.transforms.v2 as T
 import torchvision.transforms.v2.functional as TF
 
-from .preprocess_np import (CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, MAX_ASPECT, aspect_window,  # noqa: F401
+from rescascade.serve.preprocess_np import (CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, MAX_ASPECT, aspect_window,  # noqa: F401
                             eval_resize_size, stage_min_side)
 
 

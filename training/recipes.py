@@ -72,7 +72,7 @@ def split_options(opts: dict) -> tuple[dict, dict]:
 
 
 def preset(name: str | None) -> dict:
-    from .errors import ConfigError
+    from rescascade.serve.errors import ConfigError
     if name is None:
         return {}
     if name not in PRESETS:

@@ -13,10 +13,10 @@ import torch.distributed as dist
 from . import rundir
 from .backbones import build_plain, check_preprocessing, copy_state, resolve_arch
 from .data import DataSplits, load_data, resolve_source
-from .errors import ConfigError, RescascadeError
+from rescascade.serve.errors import ConfigError, RescascadeError
 from .family import DEFAULT_ARCH, ResolutionFamily, res_key
-from .fileio import write_json
-from .images import DECODE_SCALES
+from rescascade.serve.fileio import write_json
+from rescascade.serve.images import DECODE_SCALES
 from .predict import predict_logits, top1, write_predictions
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
 from .store import library_versions, save_family, weights_id
@@ -218,7 +218,7 @@ def _save_independent(model: IndependentModels, out: Path, class_names, provenan
     """The baseline's directory: one full plain-model state dict per resolution; not a family."""
     from safetensors.torch import save_file
 
-    from .fileio import atomic_path, sha256_file
+    from rescascade.serve.fileio import atomic_path, sha256_file
     files = {}
     for r in model.resolutions:
         path = out / "models" / f"{res_key(r)}.safetensors"

@@ -8,7 +8,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import ConfigError, RescascadeError
+from rescascade.serve.errors import ConfigError, RescascadeError
 
 # what train, profile, build and eval write into a family directory by default (glob patterns, relative to it)
 OWN_FILES = ("family.json", "independent.json", "shared.safetensors", "patches/r[0-9][0-9][0-9].safetensors",

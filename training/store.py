@@ -15,10 +15,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .backbones import SOURCES, resolve_arch
-from .errors import ArtifactError, ConfigError, RescascadeError
+from rescascade.serve.errors import ArtifactError, ConfigError, RescascadeError
 from .family import CLASSIFIER_KINDS, PATCH_KINDS, ResolutionFamily, check_resolutions, res_key
-from .fileio import atomic_path, check_schema, read_json, sha256_file, write_json
-from .images import DECODE_SCALES
+from rescascade.serve.fileio import atomic_path, check_schema, read_json, sha256_file, write_json
+from rescascade.serve.images import DECODE_SCALES
 from .params import count_parameters
 from .preprocess import CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD
 

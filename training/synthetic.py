@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .errors import ConfigError
+from rescascade.serve.errors import ConfigError
 
 COARSE_HUES = np.array([[0.85, 0.20, 0.20], [0.20, 0.70, 0.25], [0.20, 0.35, 0.90], [0.90, 0.80, 0.15],
                         [0.75, 0.30, 0.80], [0.15, 0.80, 0.80]])

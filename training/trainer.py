@@ -28,9 +28,9 @@ from torch import nn
 from .backbones import batchnorm_layers, train_logits
 from .config import TrainConfig
 from .data import ImageSet, TrainDataset, collate_skipping
-from .errors import ConfigError, RescascadeError
+from rescascade.serve.errors import ConfigError, RescascadeError
 from .family import PatchedBatchNorm2d, PatchedLinear, res_key
-from .fileio import atomic_path, write_text
+from rescascade.serve.fileio import atomic_path, write_text
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD, resize_center_crop
 from .progress import progress
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from .backbones import DEFAULT_ARCH, Arch, resolve_arch
-from .errors import ConfigError, RescascadeError
+from rescascade.serve.errors import ConfigError, RescascadeError
 
 NORMALIZATION_IMAGES = 32    # training images the input-normalization check feeds
 MAX_VARIANCE_FACTOR = 2.5    # the first BatchNorm's input variance vs its running variance: beyond, another normalization

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Callable, Protocol
 
-from rescascade.training.errors import ConfigError, RescascadeError
+from rescascade.serve.errors import ConfigError, RescascadeError
 
 if TYPE_CHECKING:  # the CLI reads BACKEND_NAMES for --help: no torch import for that
     import torch

@@ -2,7 +2,7 @@
 
 A family's stages run as a bundle deploys them: the family's shared ONNX model (exported once,
 `profiling.export.export_shared`) made each resolution's model by that resolution's patch bytes
-(`profiling.ort.stage_session`), so what is profiled is what is deployed, and K resolutions cost one export.
+(`serve.ort.stage_session`), so what is profiled is what is deployed, and K resolutions cost one export.
 Under the TensorRT provider, which builds an engine per input shape anyway, each resolution is its own ONNX file:
 that path is written to TensorRT's documented provider options and has not run here (no TensorRT on these
 machines)."""
@@ -14,11 +14,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from rescascade.training.errors import BackendUnavailable, ConfigError
+from rescascade.serve.errors import BackendUnavailable, ConfigError
 
 from ..export import export_resolution, export_shared
 from ..measure import cpu_timer, cuda_timer
-from ..ort import session_options, stage_session
+from rescascade.serve.ort import session_options, stage_session
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from rescascade.training.errors import BackendUnavailable, ConfigError
-from rescascade.training.fileio import atomic_path
+from rescascade.serve.errors import BackendUnavailable, ConfigError
+from rescascade.serve.fileio import atomic_path
 
 from ..export import export_resolution
 from ..measure import cuda_timer

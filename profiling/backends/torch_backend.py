@@ -5,7 +5,7 @@ import time
 
 import torch
 
-from rescascade.training.errors import BackendUnavailable, ConfigError
+from rescascade.serve.errors import BackendUnavailable, ConfigError
 
 from ..measure import cpu_timer, cuda_timer
 from . import bucket

@@ -1,5 +1,5 @@
-"""Stage outputs and their confidence: temperature scaling, max-prob / margin / negative entropy, and the
-optional free ensemble (a stage averages its log-probabilities with those of the stages already run).
+"""Stage outputs and their confidence: temperature scaling (the temperatures are fitted by
+`rescascade.temperature`), max-prob / margin / negative entropy, and the optional free ensemble (a stage averages its log-probabilities with those of the stages already run).
 
 The optimizer (on stored logits) and the runtime (on live logits) call the same functions, so a threshold
 means the same thing in both.
@@ -38,20 +38,6 @@ def confidence(logp: np.ndarray, measure: str) -> np.ndarray:
         p = np.exp(logp)
         return (p * logp).sum(-1)
     raise ValueError(f"unknown confidence measure {measure!r}; choose one of {', '.join(MEASURES)}")
-
-
-def fit_temperature(logits: np.ndarray, labels: np.ndarray) -> float:
-    """The temperature that minimises the negative log-likelihood (Guo et al. 2017), in [0.05, 20]."""
-    from scipy.optimize import minimize_scalar  # here, not above: the deployed runtime needs numpy alone
-    from scipy.special import log_softmax
-
-    logits = np.asarray(logits, dtype=np.float64)
-    rows = np.arange(len(labels))
-
-    def nll(log_t: float) -> float:
-        return float(-log_softmax(logits / np.exp(log_t), axis=-1)[rows, labels].mean())
-    res = minimize_scalar(nll, bounds=(np.log(0.05), np.log(20.0)), method="bounded", options={"xatol": 1e-4})
-    return float(np.exp(res.x))
 
 
 def _is_int(v) -> bool:

@@ -1,5 +1,5 @@
 """The eval preprocessing in numpy alone, pixel for pixel what `training.preprocess.preprocess` computes on CPU:
-for runtimes without torch (`rescascade.deploy`), and the geometry both share (resize size, center crop, aspect
+for runtimes without torch (`rescascade.serve.bundle`), and the geometry both share (resize size, center crop, aspect
 bound, normalization constants).
 
 Resize: torch's CPU kernel for uint8 antialiased bilinear resizing (aten/src/ATen/native/cpu/UpSampleKernel.cpp,

@@ -1,14 +1,15 @@
-"""ONNX Runtime session settings shared by the profiler's backend and the deployed runtime (`rescascade.deploy`),
+"""ONNX Runtime session settings shared by the profiler's backend and the deployed runtime (`rescascade.serve.bundle`),
 so a bundle runs its models as they were timed. No torch import."""
 from __future__ import annotations
 
-from .measure import default_threads
+import onnxruntime as ort
+
+from .limits import default_threads
 
 
 def session_options(threads: int | None = None):
     """onnxruntime.SessionOptions for one of a cascade's sessions: all graph optimizations, sequential execution,
     `threads` intra-op threads (default: the CPUs this process may use), workers that sleep when idle."""
-    import onnxruntime as ort
     opts = ort.SessionOptions()
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
@@ -35,7 +36,6 @@ def stage_session(model: str, patch: bytes, resolution: int, options, providers)
     resolution; SessionOptions.add_initializer would not: the optimizer folds the file's values), and the spatial
     size fixed to resolution x resolution. Keep `patch` alive as long as the session. `options`: a fresh
     SessionOptions (`session_options`) per session."""
-    import onnxruntime as ort
     options.add_external_initializers_from_files_in_memory([PATCH_LOCATION], [patch], [len(patch)])
     options.add_free_dimension_override_by_name("height", resolution)
     options.add_free_dimension_override_by_name("width", resolution)

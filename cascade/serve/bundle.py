@@ -3,19 +3,19 @@
 `rescascade export CASCADE_JSON --out DIR` writes a bundle: the family's shared weights once as one ONNX model,
 and per stage (and for the reference) its patch file, the BatchNorm scale and shift that make the shared model that
 resolution's model (each checked against PyTorch), bundle.json (the cascade: stages, thresholds,
-temperatures, confidence measure; the preprocessing; the class names; every model's sha256), and a copy of the
-modules this runtime imports (DIR/rescascade/), so the bundle runs where only onnxruntime, numpy and Pillow are
+temperatures, confidence measure; the preprocessing; the class names; every model's sha256), and a copy of this
+folder, the runtime kernel (DIR/rescascade/serve/), so the bundle runs where only onnxruntime, numpy and Pillow are
 installed:
 
     import sys; sys.path.insert(0, "DIR")            # or install rescascade without its dependencies
-    from rescascade.deploy import BundleRunner
+    from rescascade.serve.bundle import BundleRunner
     result = BundleRunner("DIR")(["a.jpg", open("b.png", "rb").read()])
     result.names, result.probs, result.exit_stage
 
-or `python -m rescascade.deploy DIR a.jpg b.png` from DIR's parent with DIR on PYTHONPATH. It computes what
-`CascadeRunner` computes on CPU: the same decode (`training.images`), the same pixels (`training.preprocess_np`
-reproduces torch's resize exactly), the same exit decision (`exits.exit_step`), so the same labels, exit stages
-and probabilities (tests/test_deploy.py).
+or `python -m rescascade.serve DIR a.jpg b.png` from DIR's parent with DIR on PYTHONPATH. It computes what
+`CascadeRunner` computes on CPU: the same decode (`images`), the same pixels (`preprocess_np` reproduces torch's
+resize exactly), the same exit decision (`exits.exit_step`), so the same labels, exit stages and probabilities
+(tests/test_deploy.py).
 """
 from __future__ import annotations
 
@@ -29,32 +29,24 @@ from pathlib import Path, PurePosixPath
 from typing import Sequence
 
 import numpy as np
+import onnxruntime as ort
 from PIL import Image
 
-from rescascade.profiling.ort import session_options, stage_session
-from rescascade.training.config import MAX_BATCH, MAX_THREADS
-from rescascade.training.errors import (ArtifactError, BackendUnavailable, ConfigError, RescascadeError, check_bool,
-                                        check_int)
-from rescascade.training.fileio import check_schema, printable_streams, read_json, sha256_file
-from rescascade.training.images import DECODE_SCALES, DEFAULT_MAX_PIXELS, Encoded, pil_pixels
-from rescascade.training.preprocess_np import CHUNK, eval_resize_size, preprocess_pixels, stage_min_side
-
 from .confidence import exit_problem
+from .counts import ExitCounts, plan_identity
+from .errors import ArtifactError, BackendUnavailable, ConfigError, RescascadeError, check_bool, check_int
 from .exits import (Answers, CascadeResult, StageTiming, decode_stage, exit_step, in_batches, load_inputs,
                     warmup_sizes)
-from .monitor import ExitCounts, plan_identity
+from .fileio import check_schema, printable_streams, read_json, sha256_file
+from .images import DECODE_SCALES, DEFAULT_MAX_PIXELS, Encoded, pil_pixels
+from .limits import MAX_BATCH, MAX_THREADS
+from .ort import session_options, stage_session
+from .preprocess_np import CHUNK, eval_resize_size, preprocess_pixels, stage_min_side
 
 BUNDLE_FORMAT = "rescascade-bundle"
 BUNDLE_SCHEMA = 3  # 2: the cascade's "decode" plan; 3: one shared model + a patch per stage (1-2: a model per stage)
 RESIZE = "torch-uint8-antialias-bilinear"  # the only resize this runtime implements (preprocess_np)
 PRECISIONS = ("fp32", "fp16")
-# The modules this file imports, directly or not: `export` copies them into the bundle. tests/test_deploy.py runs
-# the copy where torch cannot be imported, so a module missing here fails there.
-RUNTIME_MODULES = ("rescascade", "rescascade.deploy", "rescascade.exits", "rescascade.confidence",
-                   "rescascade.monitor", "rescascade.profiling", "rescascade.profiling.measure",
-                   "rescascade.profiling.ort", "rescascade.training", "rescascade.training.config",
-                   "rescascade.training.errors", "rescascade.training.fileio", "rescascade.training.images",
-                   "rescascade.training.preprocess_np")
 
 
 def _inside(file) -> bool:
@@ -192,7 +184,7 @@ class BundleRunner:
     bundle: the bundle directory (or its bundle.json, or a Bundle). providers: ONNX Runtime execution providers in
     order of preference (default CPU; ("CUDAExecutionProvider", "CPUExecutionProvider") on an NVIDIA GPU with
     onnxruntime-gpu). threads: ONNX Runtime's intra-op threads and the preprocessing's (default: the CPUs this
-    process may use; the sessions are set up as the profiler's, `profiling.ort.session_options`). reference: run the
+    process may use; the sessions are set up as the profiler's, `serve.ort.session_options`). reference: run the
     reference model alone instead of the cascade (to compare costs). max_image_pixels: refuse larger images
     (None: no limit). batch_size: the most inputs run at once (default: the batch size the cascade was built for);
     a call with more runs them in batches of this size, one after the other, so memory is set by it, not by the
@@ -213,8 +205,6 @@ class BundleRunner:
     def __init__(self, bundle, providers: Sequence[str] | None = None, threads: int | None = None,
                  reference: bool = False, max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
                  warmup: bool | Sequence[int] = True, batch_size: int | None = None):
-        import onnxruntime as ort
-
         if threads is not None:
             check_int("threads", threads, 1, MAX_THREADS)
         if max_image_pixels is not None:
@@ -344,7 +334,7 @@ class BundleRunner:
                 break
             t0 = time.perf_counter()
             side = stage_min_side(self.decode_at or r, self.crop_fraction, self.decode_scale)
-            kept, t.decoded = decode_stage(items, pixels, active, side, errors, tensors=False)
+            kept, t.decoded = decode_stage(items, pixels, active, side, errors)
             if len(kept) < len(active):  # rows whose data failed to decode: drop them, and their history
                 still = np.isin(active, kept)
                 history = [h[still] for h in history]
@@ -373,9 +363,9 @@ class BundleRunner:
 
 
 def main(argv=None) -> int:
-    """`python -m rescascade.deploy BUNDLE_DIR IMAGE...`: one line per image (label, probability, exit stage)."""
+    """`python -m rescascade.serve BUNDLE_DIR IMAGE...`: one line per image (label, probability, exit stage)."""
     import argparse
-    parser = argparse.ArgumentParser(prog="python -m rescascade.deploy",
+    parser = argparse.ArgumentParser(prog="python -m rescascade.serve",
                                      description="Classify images with an exported cascade (no torch needed).")
     parser.add_argument("bundle", help="the directory `rescascade export` wrote")
     parser.add_argument("images", nargs="+", help="image files")

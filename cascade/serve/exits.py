@@ -1,5 +1,5 @@
 """A stage's exit decision and what a cascade run returns, shared by both runtimes (`CascadeRunner` on torch,
-`rescascade.deploy.BundleRunner` on ONNX Runtime alone): plain numpy, no torch import.
+`rescascade.serve.bundle.BundleRunner` on ONNX Runtime alone): plain numpy, no torch import.
 
 The decision calls the same confidence functions the optimizer used on stored logits, so a threshold means the
 same thing when a cascade is built and when it is served.
@@ -14,12 +14,11 @@ from typing import Callable, Sequence
 
 import numpy as np
 
-from rescascade.training.config import MAX_BATCH
-from rescascade.training.errors import ConfigError, check_int
-from rescascade.training.images import Encoded
-
 from .confidence import combine, confidence, log_probs
-from .monitor import ExitCounts
+from .counts import ExitCounts
+from .errors import ConfigError, check_int
+from .images import Encoded
+from .limits import MAX_BATCH
 
 
 @dataclass
@@ -145,7 +144,7 @@ def load_inputs(images: Sequence, max_pixels: int, to_pixels: Callable) -> tuple
 
 
 def decode_stage(items: list, pixels: list, active: np.ndarray, min_side: int | None, errors: dict[int, str],
-                 tensors: bool) -> tuple[np.ndarray, int]:
+                 convert: Callable | None = None) -> tuple[np.ndarray, int]:
     """Decode a stage's active encoded inputs (`Encoded`) at the scale min_side needs, keeping the
     last decode where it has that scale; decoded inputs in `items` pass as they are. pixels[i] becomes row i's
     current pixels (uint8 tensors [3, H, W] if `tensors`, else arrays [H, W, 3]). -> (the rows still active: a
@@ -155,7 +154,7 @@ def decode_stage(items: list, pixels: list, active: np.ndarray, min_side: int | 
         item = items[i]
         if isinstance(item, Encoded):
             try:
-                now = item.decode(min_side) if tensors else item.pixels(min_side)
+                now = item.pixels(min_side) if convert is None else item.view(min_side, convert)
             except (OSError, ValueError) as e:  # damaged data behind a readable header
                 errors[int(i)] = error_text(e)
                 continue
