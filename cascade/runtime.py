@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 from functools import partial
 from typing import Sequence
 
@@ -23,14 +22,14 @@ from rescascade.serve.fileio import sha256_file
 from rescascade.serve.images import DEFAULT_MAX_PIXELS, Encoded
 from rescascade.serve.limits import MAX_BATCH, MAX_THREADS
 from rescascade.training.images import as_tensor, from_pil
-from rescascade.training.preprocess import channels_last_batch, eval_resize_size, preprocess, stage_min_side
+from rescascade.training.preprocess import channels_last_batch, eval_resize_size, preprocess
 from rescascade.training.store import load_family, weights_id
 
 from .config import CascadeConfig, read_config
-from .serve.exits import (Answers, CascadeResult, StageTiming, decision_step, decode_stage, exit_step, in_batches,
-                    load_inputs, warmup_sizes)
-from .serve.counts import ExitCounts, plan_identity
 from .optimizer import Cascade, Stage
+from .serve.counts import ExitCounts, plan_identity
+from .serve.exits import CascadeResult, StageTiming, decision_step, exit_step, in_batches, load_inputs, warmup_sizes
+from .serve.loop import Plan, run_plan
 
 __all__ = ["CascadeRunner", "CascadeResult", "StageTiming", "decision_step", "exit_step"]
 
@@ -121,6 +120,10 @@ class CascadeRunner:
         self._served = self.cascade  # what `counts` counts: not warm-up runs, not cascades swapped in by `use`
         self.temperatures = self.config.temperatures
         self.measure, self.combined = self.config.measure, self.config.combined
+        self._plan = Plan(stages=(), temperatures=self.temperatures, measure=self.measure, combined=self.combined,
+                          decode_at=None, crop_fraction=self.crop_fraction, decode_scale=self.decode_scale,
+                          mean=None if self.mean is None else tuple(self.mean),
+                          std=None if self.std is None else tuple(self.std), class_names=tuple(doc["class_names"]))
         self.counts = ExitCounts.for_cascade(self.cascade.resolutions, self.measure, doc["num_classes"], plan_identity(
             self.config.doc, [(st.resolution, st.threshold) for st in self.cascade.stages], self.cascade.decode_at))
         self.num_classes = doc["num_classes"]
@@ -215,51 +218,27 @@ class CascadeRunner:
             return in_batches(partial(self._run, cascade=self.cascade), images, self.batch_size)
 
     def _run(self, images, cascade: Cascade) -> CascadeResult:
-        t_start = time.perf_counter()
+        """Run `cascade` on `images` (counted where it is the cascade served)."""
         items, errors = self._load(images)
-        n = len(items)
-        pixels = [item if isinstance(item, torch.Tensor) else None for item in items]  # the current decode
-        answers = Answers.empty(n, self.num_classes)
-        active = np.array([i for i in range(n) if items[i] is not None], dtype=np.int64)
-        source_row = np.full(n, -1, dtype=np.int64)
+        plan = self._plan.running([(st.resolution, st.threshold) for st in cascade.stages], cascade.decode_at)
+        return run_plan(items, errors, plan, self, self.counts if cascade is self._served else None)
+
+    # ---- the loop's engine (`serve.loop.Engine`): torch tensors, torch preprocessing, the backend's engines --------
+    convert = staticmethod(as_tensor)  # decoded images become uint8 [3, H, W] tensors over the same memory
+
+    def inputs(self, pixels: list):
+        """Stage inputs of one run: the rows' pixels copied to the device as one batch when they are new (stage 1,
+        or rows decoded again), each stage resized from it."""
+        source_row = np.full(len(pixels), -1, dtype=np.int64)
         source = None
-        history: list[np.ndarray] = []  # log-probs of the stages run so far, rows aligned with `active`
-        timings = []
-        stages = cascade.stages
-        for k, stage in enumerate(stages):
-            t = StageTiming(stage.resolution)
-            timings.append(t)
-            if len(active) == 0:
-                break
-            t0 = time.perf_counter()
-            side = stage_min_side(cascade.decode_at or stage.resolution, self.crop_fraction, self.decode_scale)
-            kept, t.decoded = decode_stage(items, pixels, active, side, errors, as_tensor)
-            if len(kept) < len(active):  # rows whose data failed to decode: drop them, and their history
-                still = np.isin(active, kept)
-                history = [h[still] for h in history]
-                active = kept
-            t1 = time.perf_counter()
-            if k == 0 or t.decoded:  # new pixels: one batch of the rows still running, copied to the device once
-                source = self._source_batch(pixels, active)
-                source_row[active] = np.arange(len(active))
-            if len(active):
-                x = self._stage_input(pixels, source, source_row, active, stage.resolution)
-            t2 = time.perf_counter()
-            if len(active) == 0:
-                t.decode_s = t1 - t0
-                break
-            logits = self.engines[stage.resolution].run(x)
-            logits = logits.detach().float().cpu().numpy()
-            t3 = time.perf_counter()
-            t.rows, t.calls = len(active), 1
-            threshold = -math.inf if k == len(stages) - 1 else stage.threshold
-            active, history = exit_step(logits, k, threshold, self.temperatures.get(stage.resolution, 1.0),
-                                        self.measure, self.combined, history, active, answers,
-                                        self.counts if cascade is self._served else None)
-            t.decode_s, t.preprocess_s, t.inference_s = t1 - t0, t2 - t1, t3 - t2
-            t.decide_s = time.perf_counter() - t3
-        if cascade is self._served:
-            self.counts.inputs += n
-            self.counts.errors += len(errors)
-        return CascadeResult(answers.labels, answers.probs, answers.exit_stage, answers.confidence, errors, timings,
-                             time.perf_counter() - t_start, self.class_names)
+
+        def make(rows: np.ndarray, resolution: int, new_pixels: bool) -> torch.Tensor:
+            nonlocal source
+            if new_pixels:
+                source = self._source_batch(pixels, rows)
+                source_row[rows] = np.arange(len(rows))
+            return self._stage_input(pixels, source, source_row, rows, resolution)
+        return make
+
+    def infer(self, resolution: int, x: torch.Tensor) -> np.ndarray:
+        return self.engines[resolution].run(x).detach().float().cpu().numpy()

@@ -240,7 +240,7 @@ def test_a_cascade_decoded_once_runs_as_its_predictions_say(jpeg_family, tmp_pat
     first, second = res.stage_timings
     assert first.decoded == second.rows == len(files) and second.decoded == 0  # decoded once
     bundle = BundleRunner(export_bundle(path, tmp_path / "bundle", log=lambda *a: None).parent, warmup=False)
-    assert bundle.decode_at == 48
+    assert bundle.plan.decode_at == 48
     got = bundle(files)
     assert (got.labels == res.labels).all() and (got.exit_stage == res.exit_stage).all()
     assert got.stage_timings[1].decoded == 0

@@ -23,7 +23,6 @@ import io
 import math
 import os
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Sequence
@@ -35,13 +34,13 @@ from PIL import Image
 from .confidence import exit_problem
 from .counts import ExitCounts, plan_identity
 from .errors import ArtifactError, BackendUnavailable, ConfigError, RescascadeError, check_bool, check_int
-from .exits import (Answers, CascadeResult, StageTiming, decode_stage, exit_step, in_batches, load_inputs,
-                    warmup_sizes)
+from .exits import CascadeResult, in_batches, load_inputs, warmup_sizes
 from .fileio import check_schema, printable_streams, read_json, sha256_file
 from .images import DECODE_SCALES, DEFAULT_MAX_PIXELS, Encoded, pil_pixels
 from .limits import MAX_BATCH, MAX_THREADS
+from .loop import Plan, run_plan
 from .ort import session_options, stage_session
-from .preprocess_np import CHUNK, eval_resize_size, preprocess_pixels, stage_min_side
+from .preprocess_np import CHUNK, eval_resize_size, preprocess_pixels
 
 BUNDLE_FORMAT = "rescascade-bundle"
 BUNDLE_SCHEMA = 3  # 2: the cascade's "decode" plan; 3: one shared model + a patch per stage (1-2: a model per stage)
@@ -226,18 +225,19 @@ class BundleRunner:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
         doc = self.bundle.doc
         prep = doc["preprocessing"]
-        self.crop_fraction, self.decode_scale = prep["crop_fraction"], prep["decode_scale"]
-        self.mean, self.std = prep["mean"], prep["std"]
-        self.stages = [(self.bundle.reference, -math.inf)] if reference else self.bundle.stages
-        self.decode_at = None if reference else self.bundle.decode_at
-        self.temperatures = {int(r): float(t) for r, t in doc["confidence"].get("temperatures", {}).items()}
-        self.measure, self.combined = doc["confidence"]["measure"], bool(doc["confidence"].get("combine", False))
-        self.class_names = list(doc["class_names"])
+        self.plan = Plan(stages=tuple([(self.bundle.reference, -math.inf)] if reference else self.bundle.stages),
+                         temperatures={int(r): float(t) for r, t in doc["confidence"].get("temperatures", {}).items()},
+                         measure=doc["confidence"]["measure"], combined=bool(doc["confidence"].get("combine", False)),
+                         decode_at=None if reference else self.bundle.decode_at, crop_fraction=prep["crop_fraction"],
+                         decode_scale=prep["decode_scale"], mean=tuple(prep["mean"]), std=tuple(prep["std"]),
+                         class_names=tuple(doc["class_names"]))
+        self.stages, self.class_names = list(self.plan.stages), list(self.plan.class_names)
         self.num_classes = len(self.class_names)
+        self._preprocessing = (self.plan.crop_fraction, self.plan.mean, self.plan.std)
         self.max_image_pixels = max_image_pixels
         self.batch_size = batch_size or int(doc.get("profile", {}).get("batch_size") or 1)
-        self.counts = ExitCounts.for_cascade([r for r, _ in self.stages], self.measure, self.num_classes,
-                                             plan_identity(doc, self.stages, self.decode_at))
+        self.counts = ExitCounts.for_cascade(self.plan.resolutions, self.plan.measure, self.num_classes,
+                                             plan_identity(doc, self.stages, self.plan.decode_at))
         options = session_options(threads)
         self._pool = ThreadPoolExecutor(options.intra_op_num_threads, thread_name_prefix="rescascade-preprocess")
         self.sessions, self._patches = {}, {}
@@ -262,10 +262,10 @@ class BundleRunner:
     def warmup(self, batch_size: int = 1) -> None:
         """Run every stage on a batch of grey JPEGs (the top stage's resize size), not counted: what a first
         request would otherwise pay alone (sessions allocate and plan on their first run at a batch size)."""
-        side = eval_resize_size(max(r for r, _ in self.stages), self.crop_fraction)
+        side = eval_resize_size(max(self.plan.resolutions), self.plan.crop_fraction)
         jpeg = io.BytesIO()
         Image.new("RGB", (side, side), (128, 128, 128)).save(jpeg, "JPEG")
-        every = [(r, math.inf) for r, _ in self.stages]  # no row exits early
+        every = self.plan.running([(r, math.inf) for r in self.plan.resolutions], self.plan.decode_at)  # none exits
         self._run([jpeg.getvalue()] * check_int("batch_size", batch_size, 1, MAX_BATCH), every, None)
 
     # ---- inputs --------------------------------------------------------------------------------------------
@@ -301,9 +301,9 @@ class BundleRunner:
         def run(js: list[int]) -> None:
             batch = np.stack([pixels[rows[j]] for j in js])
             if js[-1] - js[0] == len(js) - 1:  # consecutive rows (images of one size): written in place
-                preprocess_pixels(batch, resolution, self.crop_fraction, self.mean, self.std, out=out[js[0]:js[-1] + 1])
+                preprocess_pixels(batch, resolution, *self._preprocessing, out=out[js[0]:js[-1] + 1])
             else:
-                out[js] = preprocess_pixels(batch, resolution, self.crop_fraction, self.mean, self.std)
+                out[js] = preprocess_pixels(batch, resolution, *self._preprocessing)
         if len(tasks) == 1:
             run(tasks[0])
         else:
@@ -314,52 +314,24 @@ class BundleRunner:
     def __call__(self, images) -> CascadeResult:
         """Classify `images` (see the class) -> CascadeResult. ConfigError for a container of the wrong kind (one
         bad input fails only itself)."""
-        return in_batches(lambda part: self._run(part, self.stages, self.counts), self._inputs(images),
+        return in_batches(lambda part: self._run(part, self.plan, self.counts), self._inputs(images),
                           self.batch_size)
 
-    def _run(self, images, stages: list[tuple[int, float]], counts: ExitCounts | None) -> CascadeResult:
-        """Run `stages` [(resolution, threshold)] on `images`, recording into `counts` (None: not counted)."""
-        t_start = time.perf_counter()
+    def _run(self, images, plan: Plan, counts: ExitCounts | None) -> CascadeResult:
+        """Run `plan` on `images`, recording into `counts` (None: not counted)."""
         items, errors = self._load(images)
-        n = len(items)
-        pixels = [item if isinstance(item, np.ndarray) else None for item in items]  # the current decode
-        answers = Answers.empty(n, self.num_classes)
-        active = np.array([i for i in range(n) if items[i] is not None], dtype=np.int64)
-        history: list[np.ndarray] = []  # log-probs of the stages run so far, rows aligned with `active`
-        timings = []
-        for k, (r, threshold) in enumerate(stages):
-            t = StageTiming(r)
-            timings.append(t)
-            if len(active) == 0:
-                break
-            t0 = time.perf_counter()
-            side = stage_min_side(self.decode_at or r, self.crop_fraction, self.decode_scale)
-            kept, t.decoded = decode_stage(items, pixels, active, side, errors)
-            if len(kept) < len(active):  # rows whose data failed to decode: drop them, and their history
-                still = np.isin(active, kept)
-                history = [h[still] for h in history]
-                active = kept
-            t1 = time.perf_counter()
-            t.decode_s = t1 - t0
-            if len(active) == 0:
-                break
-            session, dtype = self.sessions[r]
-            x = self._stage_input(pixels, active, r).astype(dtype, copy=False)
-            t2 = time.perf_counter()
-            logits = session.run(None, {session.get_inputs()[0].name: x})[0].astype(np.float32, copy=False)
-            t3 = time.perf_counter()
-            t.rows, t.calls = len(active), 1
-            if k == len(stages) - 1:
-                threshold = -math.inf
-            active, history = exit_step(logits, k, threshold, self.temperatures.get(r, 1.0), self.measure,
-                                        self.combined, history, active, answers, counts)
-            t.preprocess_s, t.inference_s = t2 - t1, t3 - t2
-            t.decide_s = time.perf_counter() - t3
-        if counts is not None:
-            counts.inputs += n
-            counts.errors += len(errors)
-        return CascadeResult(answers.labels, answers.probs, answers.exit_stage, answers.confidence, errors, timings,
-                             time.perf_counter() - t_start, self.class_names)
+        return run_plan(items, errors, plan, self, counts)
+
+    # ---- the loop's engine (`loop.Engine`): numpy pixels, numpy preprocessing, ONNX Runtime ---------------------
+    convert = None  # decoded images stay uint8 [H, W, 3] arrays
+
+    def inputs(self, pixels: list):
+        return lambda rows, resolution, new_pixels: self._stage_input(pixels, rows, resolution)
+
+    def infer(self, resolution: int, x: np.ndarray) -> np.ndarray:
+        session, dtype = self.sessions[resolution]
+        return session.run(None, {session.get_inputs()[0].name: x.astype(dtype, copy=False)})[0].astype(
+            np.float32, copy=False)
 
 
 def main(argv=None) -> int:

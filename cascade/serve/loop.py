@@ -1,0 +1,107 @@
+"""The stage loop every runtime runs (`CascadeRunner` on torch, `BundleRunner` on ONNX Runtime alone): decode what
+each stage needs, make its input, infer, decide who exits, record the timings and the counts.
+
+What differs between runtimes is only the `Engine`: the layout of decoded pixels, how a stage's input is made
+from them and how the model runs. The plan (`Plan`: stages, thresholds, confidence, decode plan, preprocessing,
+class names) is the same object for a cascade.json and a bundle.json.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Protocol, Sequence
+
+import numpy as np
+
+from .counts import ExitCounts
+from .exits import Answers, CascadeResult, StageTiming, decode_stage, exit_step
+from .images import Encoded
+from .preprocess_np import stage_min_side
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a runtime runs: stages [(resolution, threshold)] in order (the last one answers everything, whatever
+    its threshold), the confidence setting (per-resolution temperatures, measure, free ensemble), the decode plan
+    (decode_at: None, each stage decodes a JPEG at its own scale; R, every stage from one decode at R's scale), the
+    preprocessing (crop_fraction, decode_scale "stage" | "full", mean and std or None for ImageNet's) and the class
+    names (index -> name)."""
+    stages: tuple[tuple[int, float], ...]
+    temperatures: dict[int, float]
+    measure: str
+    combined: bool
+    decode_at: int | None
+    crop_fraction: float
+    decode_scale: str
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    class_names: tuple[str, ...]
+
+    @property
+    def resolutions(self) -> list[int]:
+        return [r for r, _ in self.stages]
+
+    def running(self, stages: Sequence[tuple[int, float]], decode_at: int | None) -> "Plan":
+        """The same plan with other stages and decode plan (the reference alone, a warm-up, a cascade compared)."""
+        return dataclasses.replace(self, stages=tuple((int(r), float(t)) for r, t in stages), decode_at=decode_at)
+
+
+class Engine(Protocol):
+    """A runtime's side of the loop. `convert`: what an `Encoded` image's decoded uint8 [H, W, 3] pixels become
+    (None: they stay arrays). `inputs(pixels)` -> a function (rows, resolution, new pixels since its last call) ->
+    the model input of those rows at that resolution: it may keep what it made from the pixels (e.g. one batch
+    copied to a GPU) between the stages of one run. `infer(resolution, x)` -> logits float32 [rows, C]."""
+    convert: Callable | None
+
+    def inputs(self, pixels: list) -> Callable: ...
+
+    def infer(self, resolution: int, x) -> np.ndarray: ...
+
+
+def run_plan(items: list, errors: dict[int, str], plan: Plan, engine: Engine,
+             counts: ExitCounts | None) -> CascadeResult:
+    """Run `plan` on loaded inputs (`exits.load_inputs`: decoded pixels in the engine's layout, `Encoded` images,
+    or None where an input failed, its error in `errors`), recording exits and inputs into `counts` (None: not
+    counted). Stage 1 runs on every readable input; the confident ones exit; only the rest are decoded (where
+    the next stage needs a larger scale) and sent on. -> CascadeResult in input order."""
+    t_start = time.perf_counter()
+    n = len(items)
+    pixels = [None if item is None or isinstance(item, Encoded) else item for item in items]  # the current decode
+    answers = Answers.empty(n, len(plan.class_names))
+    active = np.array([i for i in range(n) if items[i] is not None], dtype=np.int64)
+    history: list[np.ndarray] = []  # log-probs of the stages run so far, rows aligned with `active`
+    timings = []
+    make_input = engine.inputs(pixels)
+    for k, (r, threshold) in enumerate(plan.stages):
+        t = StageTiming(r)
+        timings.append(t)
+        if len(active) == 0:
+            break
+        t0 = time.perf_counter()
+        side = stage_min_side(plan.decode_at or r, plan.crop_fraction, plan.decode_scale)
+        kept, t.decoded = decode_stage(items, pixels, active, side, errors, engine.convert)
+        if len(kept) < len(active):  # rows whose data failed to decode: drop them, and their history
+            still = np.isin(active, kept)
+            history = [h[still] for h in history]
+            active = kept
+        t1 = time.perf_counter()
+        t.decode_s = t1 - t0
+        if len(active) == 0:
+            break
+        x = make_input(active, r, k == 0 or t.decoded > 0)
+        t2 = time.perf_counter()
+        logits = engine.infer(r, x)
+        t3 = time.perf_counter()
+        t.rows, t.calls = len(active), 1
+        last = k == len(plan.stages) - 1
+        active, history = exit_step(logits, k, -math.inf if last else threshold, plan.temperatures.get(r, 1.0),
+                                    plan.measure, plan.combined, history, active, answers, counts)
+        t.preprocess_s, t.inference_s = t2 - t1, t3 - t2
+        t.decide_s = time.perf_counter() - t3
+    if counts is not None:
+        counts.inputs += n
+        counts.errors += len(errors)
+    return CascadeResult(answers.labels, answers.probs, answers.exit_stage, answers.confidence, errors, timings,
+                         time.perf_counter() - t_start, list(plan.class_names))
