@@ -3,6 +3,7 @@
 import hashlib
 import json
 import math
+import shutil
 import subprocess
 import sys
 import threading
@@ -192,6 +193,21 @@ def test_bundle_runs_without_torch(bundle, tmp_path, capsys):
     lines = cli.stdout.strip().splitlines()
     assert cli.returncode == 1 and len(lines) == 2 and "\tr" in lines[0] and lines[1].endswith(
         "error: cannot read nothing.jpg: No such file or directory"), cli
+    odd = tmp_path / "tab\there\nnewline.jpg"  # one line per image, whatever the file is called
+    odd.write_bytes(files[0].read_bytes())
+    capsys.readouterr()
+    assert deploy_main([str(bundle), str(odd)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert len(lines) == 1 and lines[0].split("\t")[0] == str(odd).replace("\t", "\\t").replace("\n", "\\n")
+    part = tmp_path / "part"  # a bundle copied without one of its runtime's modules: one line, exit 2
+    shutil.copytree(bundle, part)
+    (part / "rescascade" / "serve" / "ort.py").unlink()
+    cli = subprocess.run([sys.executable, "-m", "rescascade.serve", str(part), str(files[0])], cwd=tmp_path,
+                         env={"PYTHONPATH": str(part), "PATH": "/usr/bin:/bin"}, capture_output=True, text=True,
+                         timeout=300)
+    assert cli.returncode == 2 and cli.stderr.strip().splitlines() == [
+        "error: the bundle's runtime cannot load: rescascade.serve.ort is missing; copy the whole bundle directory, "
+        "or export it again (`rescascade export CASCADE_JSON --out DIR`)"], cli.stderr
     assert deploy_main([str(bundle), str(files[0]), "--max-image-pixels", "100"]) == 1
     assert "exceeds the limit of 100 " in capsys.readouterr().out
 
@@ -221,7 +237,6 @@ def test_the_shared_weights_are_stored_once(tmp_path):
 
 
 def test_bundle_refuses_damage_and_bad_arguments(split_cascade, bundle, tmp_path, monkeypatch, capsys):
-    import shutil
     copy = tmp_path / "copy"
     shutil.copytree(bundle, copy)
     first, second = sorted((copy / "patches").glob("r*.patch"))
@@ -258,7 +273,8 @@ def test_bundle_refuses_damage_and_bad_arguments(split_cascade, bundle, tmp_path
                           (lambda d: d["shared"].update(input="pixels"), 'input "input"'),
                           (lambda d: d["shared"].update(precision="int8"), "precision"),
                           (lambda d: d["shared"].update(patch_bytes="many"), "patch_bytes"),
-                          (lambda d: d.update(schema_version="3"), "must be a whole number, got '3'")):
+                          (lambda d: d.update(schema_version="3"), "must be a whole number, got '3'"),
+                          (lambda d: d.update(schema_version=True), "must be a whole number, got True")):
         changed = json.loads(json.dumps(doc))
         edit(changed)
         (copy / "bundle.json").write_text(json.dumps(changed))

@@ -114,7 +114,8 @@ class Bundle:
         doc = read_json(self.path, "a bundle written by `rescascade export`")
         if doc.get("format") != BUNDLE_FORMAT:
             raise ArtifactError(f"{self.path} is not a rescascade bundle (format {doc.get('format')!r})")
-        if isinstance(doc.get("schema_version"), int) and doc["schema_version"] < 3:
+        old = doc.get("schema_version")
+        if isinstance(old, int) and not isinstance(old, bool) and old < 3:
             source = (doc.get("source") or {}).get("cascade_json") or "CASCADE_JSON"
             raise ArtifactError(f"{self.path} holds one model per stage (bundle schema {doc['schema_version']}), which "
                                 f"this rescascade no longer runs; export it again: `rescascade export {source} --out "
@@ -334,6 +335,11 @@ class BundleRunner:
             np.float32, copy=False)
 
 
+def _one_field(name: str) -> str:
+    """A file name as one field of a tab-separated line: control characters (tab, newline) written as escapes."""
+    return "".join(c if c.isprintable() or c == " " else c.encode("unicode_escape").decode() for c in name)
+
+
 def main(argv=None) -> int:
     """`python -m rescascade.serve BUNDLE_DIR IMAGE...`: one line per image (label, probability, exit stage)."""
     import argparse
@@ -361,10 +367,10 @@ def main(argv=None) -> int:
         failed = failed or bool(result.errors)
         for i, path in enumerate(paths):
             if i in result.errors:
-                print(f"{path}\terror: {result.errors[i]}")
+                print(f"{_one_field(path)}\terror: {result.errors[i]}")
             else:
                 stage = runner.stages[result.exit_stage[i]][0]
-                print(f"{path}\t{result.names[i]}\t{result.probs[i].max():.4f}\tr{stage}")
+                print(f"{_one_field(path)}\t{result.names[i]}\t{result.probs[i].max():.4f}\tr{stage}")
     return 1 if failed else 0
 
 
