@@ -10,7 +10,9 @@ in RUN_DIR/onnx/ keyed by the family's weights id.
 `export_shared` writes the family as deployment stores it (K models for the price of one): one shared model whose
 BatchNorms read their per-channel scale and shift from an external file, and per resolution a patch file of those
 bytes (scale = gamma / sqrt(var + eps), shift = beta - mean * scale, the BatchNorm folded to an affine: 2 numbers a
-channel instead of 4), plus any other tensor the resolution owns (a per-resolution classifier). ONNX Runtime reads a
+channel instead of 4), plus any other tensor the resolution owns (a per-resolution classifier), then a trailer
+naming the resolution and the family's weights id (`serve.ort.patch_trailer`; the shared model's metadata records
+the id too), so a patch of another resolution or family is told apart. ONNX Runtime reads a
 stage's patch as that external file (`serve.ort.stage_session`) and folds it into the convolutions as before.
 """
 from __future__ import annotations
@@ -29,9 +31,9 @@ from rescascade.serve.errors import ArtifactError
 from rescascade.serve.fileio import atomic_path, sha256_file, write_json
 from rescascade.training.family import ResolutionFamily, res_key
 
-from rescascade.serve.ort import PATCH_LOCATION, session_options, stage_session
+from rescascade.serve.ort import PATCH_LOCATION, WEIGHTS_KEY, patch_trailer, session_options, stage_session
 
-EXPORT_VERSION = 2  # 2: any arch, BatchNorm folded by the exporter
+EXPORT_VERSION = 3  # 2: any arch, BatchNorm folded by the exporter; 3: patches and shared model name their family
 TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}  # max |logit difference|, relative to max(1, max |logit|)
 
 
@@ -157,8 +159,9 @@ def export_shared(family: ResolutionFamily, run_dir, weights_id: str,
             torch.onnx.export(model, (example,), str(tmp), dynamo=False, do_constant_folding=False,
                               input_names=["input"], output_names=["logits"], opset_version=17,
                               dynamic_axes={"input": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}})
-        layout = _split_patch(tmp, set(family.patch_state_dict(top)))
-        data = {r: _patch_bytes(layout, family.patch_state_dict(r)) for r in family.resolutions}
+        layout = _split_patch(tmp, set(family.patch_state_dict(top)), weights_id)
+        data = {r: _patch_bytes(layout, family.patch_state_dict(r)) + patch_trailer(r, weights_id)
+                for r in family.resolutions}
         diffs = {}
         for r in family.resolutions:
             sess = stage_session(str(tmp), data[r], r, session_options(), ["CPUExecutionProvider"])
@@ -188,9 +191,9 @@ def _distinct_batchnorms(model: nn.Module) -> nn.Module:
     return model
 
 
-def _split_patch(path: Path, owned: set[str]) -> list[tuple]:
-    """Rewrite the ONNX model at `path` so that every tensor a resolution owns (`owned`: its patch's state-dict
-    names) is read from the external file PATCH_LOCATION: each BatchNorm's scale and bias (its mean and variance
+def _split_patch(path: Path, owned: set[str], weights_id: str) -> list[tuple]:
+    """Rewrite the ONNX model at `path` (recording weights_id in its metadata) so that every tensor a resolution
+    owns (`owned`: its patch's state-dict names) is read from the external file PATCH_LOCATION: each BatchNorm's scale and bias (its mean and variance
     become shared zeros and ones), and any other owned initializer as it is. -> the patch layout [(name, kind, eps,
     state-dict prefix or name, numpy dtype, shape, offset)]."""
     import onnx
@@ -249,6 +252,7 @@ def _split_patch(path: Path, owned: set[str]) -> list[tuple]:
             raise ArtifactError(f"{name!r}, a tensor each resolution owns, is not a tensor of the exported model; "
                                 "this arch cannot be exported as one shared model; please report it")
         place(name, "tensor", 0.0, name)
+    helper.set_model_props(model, {WEIGHTS_KEY: weights_id})  # which family's weights: its patches name it too
     nodes = made + list(model.graph.node)
     del model.graph.node[:]
     model.graph.node.extend(nodes)

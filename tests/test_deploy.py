@@ -257,17 +257,45 @@ def test_bundle_refuses_damage_and_bad_arguments(split_cascade, bundle, tmp_path
     doc = json.loads((bundle / "bundle.json").read_text())
     # a patch cut short with bundle.json edited to match: refused by its size, or, where bundle.json does not record
     # the size, by ONNX Runtime, as one typed line either way
-    first.write_bytes(original[:-8])
+    first.write_bytes(original[:-200])  # into the tensors, past the trailer
     cut = json.loads(json.dumps(doc))
-    cut["models"]["32"]["sha256"] = hashlib.sha256(original[:-8]).hexdigest()
+    cut["models"]["32"]["sha256"] = hashlib.sha256(original[:-200]).hexdigest()
     (copy / "bundle.json").write_text(json.dumps(cut))
-    with pytest.raises(ArtifactError, match=f"holds {len(original) - 8} bytes where the shared model reads"):
+    with pytest.raises(ArtifactError, match=f"holds {len(original) - 200} bytes where the shared model reads"):
         Bundle(copy)
     del cut["shared"]["patch_bytes"]
     (copy / "bundle.json").write_text(json.dumps(cut))
     with pytest.raises(ArtifactError, match="ONNX Runtime cannot load them"):
         BundleRunner(copy, warmup=False)
     first.write_bytes(original)
+    # the two patches swapped, bundle.json edited to match; a patch of another family (same size): each named
+    swapped = json.loads(json.dumps(doc))
+    swapped["models"]["32"]["file"], swapped["models"]["48"]["file"] = doc["models"]["48"]["file"], \
+        doc["models"]["32"]["file"]
+    swapped["models"]["32"]["sha256"], swapped["models"]["48"]["sha256"] = doc["models"]["48"]["sha256"], \
+        doc["models"]["32"]["sha256"]
+    (copy / "bundle.json").write_text(json.dumps(swapped))
+    with pytest.raises(ArtifactError, match="is the patch of resolution 48 .* not of resolution 32"):
+        Bundle(copy)
+    foreign = original[:-64] + b"f" * 64  # the trailer's weights id: another family's
+    first.write_bytes(foreign)
+    cut["models"]["32"]["sha256"] = hashlib.sha256(foreign).hexdigest()
+    cut["shared"]["patch_bytes"] = len(foreign)
+    (copy / "bundle.json").write_text(json.dumps(cut))
+    with pytest.raises(ArtifactError, match="of the family with weights ffffffffffff"):
+        Bundle(copy)
+    first.write_bytes(original)
+    import onnx  # a shared model of another family (its metadata), bundle.json edited to match
+    shared = onnx.load(str(copy / "model.fp32.onnx"), load_external_data=False)
+    onnx.helper.set_model_props(shared, {"rescascade.weights_sha256": "f" * 64})
+    model_bytes = (copy / "model.fp32.onnx").read_bytes()
+    onnx.save(shared, str(copy / "model.fp32.onnx"))
+    other = json.loads(json.dumps(doc))
+    other["shared"]["sha256"] = hashlib.sha256((copy / "model.fp32.onnx").read_bytes()).hexdigest()
+    (copy / "bundle.json").write_text(json.dumps(other))
+    with pytest.raises(ArtifactError, match="holds the weights of another family"):
+        BundleRunner(copy, warmup=False)
+    (copy / "model.fp32.onnx").write_bytes(model_bytes)
     for edit, message in ((lambda d: d["shared"].update(file="../model.fp32.onnx"), "inside the bundle"),
                           (lambda d: d["models"]["32"].update(file=str(first)), "inside the bundle"),
                           (lambda d: d["shared"].update(input="pixels"), 'input "input"'),

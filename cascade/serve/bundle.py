@@ -39,7 +39,7 @@ from .fileio import check_schema, printable_streams, read_json, sha256_file
 from .images import DECODE_SCALES, DEFAULT_MAX_PIXELS, Encoded, pil_pixels
 from .limits import MAX_BATCH, MAX_THREADS
 from .loop import Plan, run_plan
-from .ort import session_options, stage_session
+from .ort import WEIGHTS_KEY, patch_identity, session_options, stage_session
 from .preprocess_np import CHUNK, eval_resize_size, preprocess_pixels
 
 BUNDLE_FORMAT = "rescascade-bundle"
@@ -137,6 +137,13 @@ class Bundle:
             if entry is not doc["shared"] and size is not None and file.stat().st_size != size:
                 raise ArtifactError(f"{file} ({what}) holds {file.stat().st_size} bytes where the shared model reads "
                                     f"{size}: it is not a patch of this model; export the bundle again")
+        weights = (doc.get("source") or {}).get("weights_sha256")
+        for r, entry in doc["models"].items():
+            named = patch_identity((self.dir / entry["file"]).read_bytes())
+            if named is not None and named != (int(r), weights):
+                raise ArtifactError(f"{self.dir / entry['file']} is the patch of resolution {named[0]} of the family "
+                                    f"with weights {named[1][:12]}, not of resolution {r} of this bundle's family "
+                                    f"({str(weights)[:12]}); export the bundle again")
         self.doc = doc
 
     @property
@@ -251,6 +258,10 @@ class BundleRunner:
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
                 raise ArtifactError(f"{shared} with {self.bundle.patch_path(r)}: ONNX Runtime cannot load them "
                                     f"({first}); export the bundle again") from None
+            made_for = session.get_modelmeta().custom_metadata_map.get(WEIGHTS_KEY)
+            if made_for is not None and made_for != doc.get("source", {}).get("weights_sha256"):
+                raise ArtifactError(f"{shared} holds the weights of another family ({made_for[:12]}) than bundle.json "
+                                    "names; export the bundle again")
             dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
             classes = session.get_outputs()[0].shape[-1]
             if isinstance(classes, int) and classes != self.num_classes:

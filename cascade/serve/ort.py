@@ -27,6 +27,26 @@ def session_options(threads: int | None = None):
 # A shared model (profiling.export.export_shared) reads every tensor a resolution owns from this file name; each
 # stage supplies its own patch file's bytes under it.
 PATCH_LOCATION = "patch.bin"
+# What a patch is the patch of, after the tensors the model reads (ONNX Runtime reads only their offsets): magic,
+# resolution (uint32, little-endian), the family's weights id (64 hex digits). The shared model records the same id
+# in its metadata (WEIGHTS_KEY).
+_PATCH_MAGIC = b"rescascade-patch"
+PATCH_TRAILER_BYTES = len(_PATCH_MAGIC) + 4 + 64
+WEIGHTS_KEY = "rescascade.weights_sha256"
+
+
+def patch_trailer(resolution: int, weights_id: str) -> bytes:
+    """The last PATCH_TRAILER_BYTES of resolution's patch of the family with weights id `weights_id`."""
+    return _PATCH_MAGIC + int(resolution).to_bytes(4, "little") + weights_id.encode("ascii").ljust(64)[:64]
+
+
+def patch_identity(patch: bytes) -> tuple[int, str] | None:
+    """(resolution, weights id) a patch's trailer names; None for bytes without one."""
+    tail = patch[-PATCH_TRAILER_BYTES:]
+    if len(tail) < PATCH_TRAILER_BYTES or not tail.startswith(_PATCH_MAGIC):
+        return None
+    rest = tail[len(_PATCH_MAGIC):]
+    return int.from_bytes(rest[:4], "little"), rest[4:].decode("ascii", "replace").strip()
 
 
 def stage_session(model: str, patch: bytes, resolution: int, options, providers):
