@@ -3,8 +3,9 @@
 MobileNetV2 1.0 (the shared ImageNet weights, 1000 classes) at 96..224, each resolution's BatchNorms made to differ
 as trained patches do. Side by side in one run: bytes of one ONNX model per resolution (how bundles were stored
 before schema 3) vs the shared model + one patch per resolution; per-image latency of each resolution's session at
-batch 1 and 32 (ONNX Runtime CPU), per-resolution file vs shared model + patch, timed in alternation; resident
-memory of five loaded sessions vs one, each form in a fresh process.
+batch 1 and 32 (ONNX Runtime CPU), per-resolution file vs shared model + patch (BatchNorm folded per session, the
+default) vs one copy of the weights for every stage (`BundleRunner(weights="shared")`), timed in alternation;
+resident memory of five loaded sessions vs one, each form in a fresh process.
 
     python benchmarks/bundle_storage.py [--rounds 7] [--out DIR]
 """
@@ -22,7 +23,7 @@ import torch
 from _common import IMAGENET_WEIGHTS, ROOT, imagenet_family, table
 
 from rescascade.profiling.export import export_resolution, export_shared
-from rescascade.serve.ort import session_options, stage_session
+from rescascade.serve.ort import session_options, shared_weights, stage_session
 from rescascade.training.family import PatchedBatchNorm2d
 from rescascade.training.store import load_family, save_family, weights_id
 
@@ -45,13 +46,19 @@ def family_with_patches(out: Path) -> Path:
     return fam_dir
 
 
+FORMS = ("per-resolution file", "shared + patch", "one weights copy")
+
+
 def sessions(form: str, files: dict, resolutions) -> dict:
-    """resolution -> ONNX Runtime session of one form: "per-resolution file" or "shared + patch"."""
+    """resolution -> ONNX Runtime session of one form: "per-resolution file", "shared + patch" (the bundle's
+    default: BatchNorm folded per session) or "one weights copy" (`BundleRunner(weights="shared")`)."""
     out = {}
+    weights = shared_weights(files["shared"]) if form == "one weights copy" else None
     for r in resolutions:
-        if form == "shared + patch":
+        if form != "per-resolution file":
             patch = Path(files["patches"][str(r)]).read_bytes()
-            out[r] = (stage_session(files["shared"], patch, r, session_options(), ["CPUExecutionProvider"]), patch)
+            out[r] = (stage_session(files["shared"], patch, r, session_options(), ["CPUExecutionProvider"], weights),
+                      (patch, weights))
         else:
             import onnxruntime as ort
             out[r] = (ort.InferenceSession(files["per_resolution"][str(r)], session_options(),
@@ -79,14 +86,14 @@ print(rss() - before)
 
 
 def latency_rows(files: dict, rounds: int) -> list[list]:
-    """ms per image of each resolution at batch 1 and 32, both forms timed in alternation (median of rounds)."""
-    forms = ("per-resolution file", "shared + patch")
+    """ms per image of each resolution at batch 1 and 32, the forms timed in alternation (median of rounds)."""
+    forms = FORMS
     opened = {f: sessions(f, files, RES) for f in forms}
     rows = []
     for r in RES:
         x = np.random.default_rng(r).random((32, 3, r, r), dtype=np.float32)
-        same = np.abs(opened[forms[0]][r][0].run(None, {"input": x})[0] -
-                      opened[forms[1]][r][0].run(None, {"input": x})[0]).max()
+        want = opened[forms[0]][r][0].run(None, {"input": x})[0]
+        same = max(np.abs(opened[f][r][0].run(None, {"input": x})[0] - want).max() for f in forms[1:])
         for b in (1, 32):
             times = {f: [] for f in forms}
             for _ in range(rounds):
@@ -100,8 +107,8 @@ def latency_rows(files: dict, rounds: int) -> list[list]:
                         n += 1
                     times[f].append(1000 * (time.perf_counter() - t0) / n / b)
             med = {f: float(np.median(v)) for f, v in times.items()}
-            rows.append([f"r{r}", b, f"{med[forms[0]]:.3f}", f"{med[forms[1]]:.3f}",
-                         f"{med[forms[1]] / med[forms[0]]:.3f}", f"{same:.1e}"])
+            rows.append([f"r{r}", b, f"{med[forms[0]]:.3f}", f"{med[forms[1]]:.3f}", f"{med[forms[2]]:.3f}",
+                         f"{med[forms[1]] / med[forms[0]]:.3f}", f"{med[forms[2]] / med[forms[0]]:.3f}", f"{same:.1e}"])
     return rows
 
 
@@ -130,12 +137,12 @@ def main() -> None:
                  ["  of which one patch", f"{patches[96].stat().st_size / 1e6:.3f}",
                   f"{patches[96].stat().st_size / one:.4f}"]]))
     print("\n## Per-image latency, ms (ONNX Runtime CPU, median of alternating rounds)\n")
-    print(table(["stage", "batch", "per-resolution file", "shared + patch", "ratio", "max |logit diff|"],
+    print(table(["stage", "batch", *FORMS, "ratio shared + patch", "ratio one weights copy", "max |logit diff|"],
                 latency_rows(files, args.rounds)))
     print("\n## Resident memory of loaded sessions, MiB (a fresh process each)\n")
     print(table(["form", "1 stage (r224)", "5 stages"],
                 [[f, f"{resident_mib(f, files, 1):.0f}", f"{resident_mib(f, files, 5):.0f}"]
-                 for f in ("per-resolution file", "shared + patch")]))
+                 for f in FORMS]))
 
 
 if __name__ == "__main__":

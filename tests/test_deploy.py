@@ -103,6 +103,10 @@ def test_bundle_gives_the_runtimes_answers(split_cascade, bundle, tmp_path):
     assert got.names == want.names
     assert runner.counts.reached[0] == 16 and runner.counts.exited == [int((want.exit_stage == k).sum()) for k in (0, 1)]
     assert [t.decoded for t in got.stage_timings] == [t.decoded for t in want.stage_timings]
+    # one copy of the weights for every stage (BatchNorms not folded): the same answers, to float rounding
+    shared = BundleRunner(bundle, threads=1, weights="shared")(bundle_side)
+    assert np.array_equal(shared.labels, got.labels) and np.array_equal(shared.exit_stage, got.exit_stage)
+    assert np.abs(shared.probs[ok] - got.probs[ok]).max() <= 1e-5
     # one uint8 array [N, H, W, 3] is a batch, as a uint8 tensor [N, 3, H, W] is to CascadeRunner
     batch = np.stack([photo(64, 80, s) for s in range(5)])
     a = BundleRunner(bundle, threads=1, warmup=False)(batch)
@@ -337,7 +341,7 @@ def test_bundle_refuses_damage_and_bad_arguments(split_cascade, bundle, tmp_path
     runner = BundleRunner(bundle, warmup=False)
     with pytest.raises(ConfigError, match="threads"):
         BundleRunner(bundle, threads=0)
-    for bad in (dict(warmup="yes"), dict(providers="CPUExecutionProvider"), dict(reference="no")):
+    for bad in (dict(warmup="yes"), dict(providers="CPUExecutionProvider"), dict(reference="no"), dict(weights="one")):
         with pytest.raises(ConfigError):
             BundleRunner(bundle, **bad)
     with pytest.raises(ConfigError):

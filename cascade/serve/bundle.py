@@ -39,13 +39,14 @@ from .fileio import check_schema, printable_streams, read_json, sha256_file
 from .images import DECODE_SCALES, DEFAULT_MAX_PIXELS, Encoded, pil_pixels
 from .limits import MAX_BATCH, MAX_THREADS
 from .loop import Plan, run_plan
-from .ort import WEIGHTS_KEY, patch_identity, session_options, stage_session
+from .ort import WEIGHTS_KEY, patch_identity, session_options, shared_weights, stage_session
 from .preprocess_np import CHUNK, eval_resize_size, preprocess_pixels
 
 BUNDLE_FORMAT = "rescascade-bundle"
 BUNDLE_SCHEMA = 3  # 2: the cascade's "decode" plan; 3: one shared model + a patch per stage (1-2: a model per stage)
 RESIZE = "torch-uint8-antialias-bilinear"  # the only resize this runtime implements (preprocess_np)
 PRECISIONS = ("fp32", "fp16")
+WEIGHT_FORMS = ("folded", "shared")  # a session per stage with its BatchNorms folded; one copy of the weights
 
 
 def _inside(file) -> bool:
@@ -196,6 +197,10 @@ class BundleRunner:
     (None: no limit). batch_size: the most inputs run at once (default: the batch size the cascade was built for);
     a call with more runs them in batches of this size, one after the other, so memory is set by it, not by the
     number of inputs. warmup: run every stage at load on batches of these sizes (True: 1; False: none).
+    weights: "folded" (default: a session per stage, each with its patch folded into its own copy of the weights,
+    the fastest) or "shared" (one copy of the weights in memory for every stage, each stage's BatchNorms applied
+    as they are: MobileNetV2's five stages in ~40 % less memory, 2-4x slower per image on CPU; needs the onnx
+    package; `serve.ort.stage_session`, benchmarks/bundle_storage.py).
     Raises ArtifactError for a missing or changed bundle, BackendUnavailable for a provider that is not there,
     ConfigError for bad arguments.
 
@@ -211,7 +216,7 @@ class BundleRunner:
 
     def __init__(self, bundle, providers: Sequence[str] | None = None, threads: int | None = None,
                  reference: bool = False, max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
-                 warmup: bool | Sequence[int] = True, batch_size: int | None = None):
+                 warmup: bool | Sequence[int] = True, batch_size: int | None = None, weights: str = "folded"):
         if threads is not None:
             check_int("threads", threads, 1, MAX_THREADS)
         if max_image_pixels is not None:
@@ -220,6 +225,8 @@ class BundleRunner:
             check_int("batch_size", batch_size, 1, MAX_BATCH)
         warmup = warmup_sizes(warmup)
         check_bool("reference", reference)
+        if weights not in WEIGHT_FORMS:
+            raise ConfigError(f"weights {weights!r}: choose {' or '.join(map(repr, WEIGHT_FORMS))}")
         if isinstance(providers, str) or not (providers is None or all(isinstance(p, str) for p in providers)):
             raise ConfigError(f"providers {providers!r}: give a list such as ['CUDAExecutionProvider', "
                               "'CPUExecutionProvider']")
@@ -250,10 +257,12 @@ class BundleRunner:
         self._pool = ThreadPoolExecutor(options.intra_op_num_threads, thread_name_prefix="rescascade-preprocess")
         self.sessions, self._patches = {}, {}
         shared = str(self.bundle.shared_path)
+        self._weights = shared_weights(shared) if weights == "shared" else None  # one copy, alive with the sessions
         for r, _ in self.stages:  # the shared model made resolution r's by its patch (ONNX Runtime folds it in)
             self._patches[r] = self.bundle.patch_path(r).read_bytes()
             try:
-                session = stage_session(shared, self._patches[r], r, session_options(threads), providers)
+                session = stage_session(shared, self._patches[r], r, session_options(threads), providers,
+                                        self._weights)
             except Exception as e:  # onnxruntime's own exception types, whatever the damage
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
                 raise ArtifactError(f"{shared} with {self.bundle.patch_path(r)}: ONNX Runtime cannot load them "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import onnxruntime as ort
 
+from .errors import BackendUnavailable
 from .limits import default_threads
 
 
@@ -49,14 +50,40 @@ def patch_identity(patch: bytes) -> tuple[int, str] | None:
     return int.from_bytes(rest[:4], "little"), rest[4:].decode("ascii", "replace").strip()
 
 
-def stage_session(model: str, patch: bytes, resolution: int, options, providers):
+def stage_session(model: str, patch: bytes, resolution: int, options, providers, weights: dict | None = None):
     """One stage's onnxruntime.InferenceSession: the shared model (its file's path; from bytes in memory a
     MobileNetV2 session held 66 MiB instead of 53 here) with this resolution's patch bytes as its external data
     (read before graph optimization, so BatchNorm folds into the convolutions as in a model exported per
     resolution; SessionOptions.add_initializer would not: the optimizer folds the file's values), and the spatial
     size fixed to resolution x resolution. Keep `patch` alive as long as the session. `options`: a fresh
-    SessionOptions (`session_options`) per session."""
+    SessionOptions (`session_options`) per session.
+
+    weights (`shared_weights`): the shared model's tensors, handed to every stage's session as the same memory.
+    Such a session keeps each BatchNorm apart (folding it would make a copy of the weights) and skips the blocked
+    layouts and prepacking that copy them too: one copy of the weights for all stages, but 2-4x slower per image
+    on CPU (benchmarks/bundle_storage.py)."""
     options.add_external_initializers_from_files_in_memory([PATCH_LOCATION], [patch], [len(patch)])
     options.add_free_dimension_override_by_name("height", resolution)
     options.add_free_dimension_override_by_name("width", resolution)
-    return ort.InferenceSession(model, options, providers=providers)
+    if weights is None:
+        return ort.InferenceSession(model, options, providers=providers)
+    for name, value in weights.items():
+        options.add_initializer(name, value)
+    options.add_session_config_entry("session.disable_prepacking", "1")
+    return ort.InferenceSession(model, options, providers=providers,
+                                disabled_optimizers=["ConvBNFusion", "NchwcTransformer"])
+
+
+def shared_weights(model: str) -> dict:
+    """The shared model's weight tensors (every initializer of 2 or more dimensions it stores itself, not its
+    patches') as OrtValues, for `stage_session(weights=...)`. Reads the model with the onnx package (not needed
+    otherwise): BackendUnavailable where it is not installed."""
+    try:
+        import onnx
+        from onnx import numpy_helper
+    except ImportError:
+        raise BackendUnavailable("one copy of the weights for all stages reads the model with the onnx package: "
+                                 "pip install onnx, or keep the default (a session per stage)") from None
+    graph = onnx.load(model, load_external_data=False).graph
+    return {t.name: ort.OrtValue.ortvalue_from_numpy(numpy_helper.to_array(t)) for t in graph.initializer
+            if t.data_location != onnx.TensorProto.EXTERNAL and len(t.dims) >= 2}
