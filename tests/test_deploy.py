@@ -303,6 +303,7 @@ def test_bundle_refuses_damage_and_bad_arguments(split_cascade, bundle, tmp_path
     (copy / "model.fp32.onnx").write_bytes(model_bytes)
     for edit, message in ((lambda d: d["shared"].update(file="../model.fp32.onnx"), "inside the bundle"),
                           (lambda d: d["models"]["32"].update(file=str(first)), "inside the bundle"),
+                          (lambda d: d["models"]["32"].update(file="patches"), "is a directory where bundle.json"),
                           (lambda d: d["shared"].update(input="pixels"), 'input "input"'),
                           (lambda d: d["shared"].update(precision="int8"), "precision"),
                           (lambda d: d["shared"].update(patch_bytes="many"), "patch_bytes"),
@@ -325,6 +326,9 @@ def test_bundle_refuses_damage_and_bad_arguments(split_cascade, bundle, tmp_path
     assert "`rescascade export" in err and " --out " in err, err
     with pytest.raises(ArtifactError, match="not found"):
         Bundle(tmp_path / "nowhere")
+    (copy / "bundle.json").write_text("null")
+    with pytest.raises(ArtifactError, match="holds a JSON null, not an object"):
+        Bundle(copy)
     for edit, message in ((lambda d: d["stages"][-1].update(resolution=999), "resolution"),
                           (lambda d: d["stages"][0].update(threshold=2.0), "threshold"),
                           (lambda d: d["confidence"].update(combine="no"), "combine"),

@@ -129,6 +129,9 @@ class Bundle:
         for what, entry in [("the shared model", doc["shared"])] + \
                 [(f"resolution {r}'s patch", m) for r, m in doc["models"].items()]:
             file = self.dir / entry["file"]
+            if file.is_dir():
+                raise ArtifactError(f"{file} ({what}) is a directory where bundle.json names a file; export the "
+                                    "bundle again")
             if not file.is_file():
                 raise ArtifactError(f"{file} ({what}) is missing from the bundle; copy the whole directory")
             if sha256_file(file) != entry["sha256"]:

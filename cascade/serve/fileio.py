@@ -111,7 +111,9 @@ def read_json(path, what: str) -> dict:
     except UnicodeDecodeError:
         raise ArtifactError(f"{path} is not a text file; expected {what}") from None
     if not isinstance(doc, dict):
-        raise ArtifactError(f"{path} holds a JSON {type(doc).__name__}, not an object; expected {what}")
+        kind = {type(None): "null", list: "array", str: "string", bool: "boolean", int: "number", float: "number"}
+        raise ArtifactError(f"{path} holds a JSON {kind.get(type(doc), type(doc).__name__)}, not an object; "
+                            f"expected {what}")
     return doc
 
 
