@@ -126,8 +126,11 @@ class Bundle:
         problem = _bundle_problem(doc)
         if problem:
             raise ArtifactError(f"{self.path}: {problem}; the file was edited or damaged: export the bundle again")
-        for what, entry in [("the shared model", doc["shared"])] + \
-                [(f"resolution {r}'s patch", m) for r, m in doc["models"].items()]:
+        size = doc["shared"].get("patch_bytes")  # bundles from before the field: unchecked
+        weights = (doc.get("source") or {}).get("weights_sha256")
+        self._patches: dict[int, bytes] = {}  # read once here, handed to the sessions
+        for r, what, entry in [(None, "the shared model", doc["shared"])] + \
+                [(int(r), f"resolution {r}'s patch", m) for r, m in doc["models"].items()]:
             file = self.dir / entry["file"]
             if file.is_dir():
                 raise ArtifactError(f"{file} ({what}) is a directory where bundle.json names a file; export the "
@@ -137,17 +140,18 @@ class Bundle:
             if sha256_file(file) != entry["sha256"]:
                 raise ArtifactError(f"{file} ({what}) is not the file exported with this bundle.json (sha256 "
                                     "differs: changed, or from another export); export the bundle again")
-            size = doc["shared"].get("patch_bytes")
-            if entry is not doc["shared"] and size is not None and file.stat().st_size != size:
-                raise ArtifactError(f"{file} ({what}) holds {file.stat().st_size} bytes where the shared model reads "
-                                    f"{size}: it is not a patch of this model; export the bundle again")
-        weights = (doc.get("source") or {}).get("weights_sha256")
-        for r, entry in doc["models"].items():
-            named = patch_identity((self.dir / entry["file"]).read_bytes())
-            if named is not None and named != (int(r), weights):
-                raise ArtifactError(f"{self.dir / entry['file']} is the patch of resolution {named[0]} of the family "
-                                    f"with weights {named[1][:12]}, not of resolution {r} of this bundle's family "
+            if r is None:
+                continue
+            data = file.read_bytes()
+            if size is not None and len(data) != size:
+                raise ArtifactError(f"{file} ({what}) holds {len(data)} bytes where the shared model reads {size}: it "
+                                    "is not a patch of this model; export the bundle again")
+            named = patch_identity(data)
+            if named is not None and named != (r, weights):
+                raise ArtifactError(f"{file} is the patch of resolution {named[0]} of the family with weights "
+                                    f"{named[1][:12]}, not of resolution {r} of this bundle's family "
                                     f"({str(weights)[:12]}); export the bundle again")
+            self._patches[r] = data
         self.doc = doc
 
     @property
@@ -174,6 +178,10 @@ class Bundle:
     def patch_path(self, resolution: int) -> Path:
         """The patch that makes the shared model the model of `resolution`."""
         return self.dir / self.doc["models"][str(resolution)]["file"]
+
+    def patch(self, resolution: int) -> bytes:
+        """The bytes of `resolution`'s patch, as checked when the bundle was read."""
+        return self._patches[resolution]
 
 
 def _array_pixels(item) -> np.ndarray:
@@ -251,20 +259,18 @@ class BundleRunner:
                          class_names=tuple(doc["class_names"]))
         self.stages, self.class_names = list(self.plan.stages), list(self.plan.class_names)
         self.num_classes = len(self.class_names)
-        self._preprocessing = (self.plan.crop_fraction, self.plan.mean, self.plan.std)
         self.max_image_pixels = max_image_pixels
         self.batch_size = batch_size or int(doc.get("profile", {}).get("batch_size") or 1)
         self.counts = ExitCounts.for_cascade(self.plan.resolutions, self.plan.measure, self.num_classes,
                                              plan_identity(doc, self.stages, self.plan.decode_at))
         options = session_options(threads)
         self._pool = ThreadPoolExecutor(options.intra_op_num_threads, thread_name_prefix="rescascade-preprocess")
-        self.sessions, self._patches = {}, {}
+        self.sessions = {}
         shared = str(self.bundle.shared_path)
         self._weights = shared_weights(shared) if weights == "shared" else None  # one copy, alive with the sessions
         for r, _ in self.stages:  # the shared model made resolution r's by its patch (ONNX Runtime folds it in)
-            self._patches[r] = self.bundle.patch_path(r).read_bytes()
             try:
-                session = stage_session(shared, self._patches[r], r, session_options(threads), providers,
+                session = stage_session(shared, self.bundle.patch(r), r, session_options(threads), providers,
                                         self._weights)
             except Exception as e:  # onnxruntime's own exception types, whatever the damage
                 first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
@@ -316,6 +322,7 @@ class BundleRunner:
     def _stage_input(self, pixels: list[np.ndarray], rows: np.ndarray, resolution: int) -> np.ndarray:
         """The model input [len(rows), 3, r, r] float32: images of one size preprocessed together, a few at a time
         on each of the runner's threads (numpy releases the GIL in its products)."""
+        plan = self.plan
         out = np.empty((len(rows), 3, resolution, resolution), dtype=np.float32)
         by_shape: dict[tuple, list[int]] = {}
         for j, i in enumerate(rows):
@@ -325,9 +332,9 @@ class BundleRunner:
         def run(js: list[int]) -> None:
             batch = np.stack([pixels[rows[j]] for j in js])
             if js[-1] - js[0] == len(js) - 1:  # consecutive rows (images of one size): written in place
-                preprocess_pixels(batch, resolution, *self._preprocessing, out=out[js[0]:js[-1] + 1])
+                preprocess_pixels(batch, resolution, plan.crop_fraction, plan.mean, plan.std, out=out[js[0]:js[-1] + 1])
             else:
-                out[js] = preprocess_pixels(batch, resolution, *self._preprocessing)
+                out[js] = preprocess_pixels(batch, resolution, plan.crop_fraction, plan.mean, plan.std)
         if len(tasks) == 1:
             run(tasks[0])
         else:
