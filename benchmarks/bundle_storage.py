@@ -2,7 +2,7 @@
 
 MobileNetV2 1.0 (the shared ImageNet weights, 1000 classes) at 96..224, each resolution's BatchNorms made to differ
 as trained patches do. Side by side in one run: bytes of one ONNX model per resolution (how bundles were stored
-before schema 3) vs the shared model + one patch per resolution; per-image latency of each resolution's session at
+before schema 3) vs the shared model + one packed patch per resolution; per-image latency of each resolution's session at
 batch 1 and 32 (ONNX Runtime CPU), per-resolution file vs shared model + patch (BatchNorm folded per session, the
 default) vs one copy of the weights for every stage (`BundleRunner(weights="shared")`), timed in alternation;
 resident memory of five loaded sessions vs one, each form in a fresh process.
@@ -23,7 +23,7 @@ import torch
 from _common import IMAGENET_WEIGHTS, ROOT, imagenet_family, table
 
 from rescascade.profiling.export import export_resolution, export_shared
-from rescascade.serve.ort import session_options, shared_weights, stage_session
+from rescascade.serve.ort import session_options, shared_weights, stage_session, unpack_patch
 from rescascade.training.family import PatchedBatchNorm2d
 from rescascade.training.store import load_family, save_family, weights_id
 
@@ -56,7 +56,7 @@ def sessions(form: str, files: dict, resolutions) -> dict:
     weights = shared_weights(files["shared"]) if form == "one weights copy" else None
     for r in resolutions:
         if form != "per-resolution file":
-            patch = Path(files["patches"][str(r)]).read_bytes()
+            patch = unpack_patch(Path(files["patches"][str(r)]).read_bytes())
             out[r] = (stage_session(files["shared"], patch, r, session_options(), ["CPUExecutionProvider"], weights),
                       (patch, weights))
         else:
@@ -131,7 +131,7 @@ def main() -> None:
     print("## Bundle bytes, MobileNetV2 1.0 at 96..224 (x one resolution's ONNX file)\n")
     print(table(["stored", "MB", "x one model"],
                 [["one model per resolution (bundle schema 1-2)", f"{old / 1e6:.2f}", f"{old / one:.3f}"],
-                 ["shared model + 5 patches (schema 3)", f"{new / 1e6:.2f}", f"{new / one:.3f}"],
+                 ["shared model + 5 packed patches (schema 4)", f"{new / 1e6:.2f}", f"{new / one:.3f}"],
                  ["  of which the shared model", f"{shared.stat().st_size / 1e6:.2f}",
                   f"{shared.stat().st_size / one:.3f}"],
                  ["  of which one patch", f"{patches[96].stat().st_size / 1e6:.3f}",

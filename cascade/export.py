@@ -30,6 +30,7 @@ from rescascade.profiling.export import TOLERANCE, export_shared
 from rescascade.serve.errors import ConfigError, check_bool, check_int
 from rescascade.serve.fileio import sha256_file, write_json, write_text
 from rescascade.serve.limits import MAX_BATCH, MAX_THREADS
+from rescascade.serve.ort import unpack_patch
 from rescascade.serve.preprocess_np import CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, MAX_ASPECT
 from rescascade.training.family import res_key
 from rescascade.training.store import weights_id
@@ -88,7 +89,7 @@ def _write_bundle(config: CascadeConfig, tmp: Path, name: str, precision: str, l
     file = f"model.{precision}.onnx"
     shutil.copyfile(shared_path, tmp / file)
     shared = {"file": file, "sha256": sha256_file(tmp / file), "precision": precision, "input": "input",
-              "output": "logits", "patch_bytes": patches[config.reference].stat().st_size}
+              "output": "logits", "patch_bytes": len(unpack_patch(patches[config.reference].read_bytes()))}
     models = {}
     (tmp / "patches").mkdir()
     for r in resolutions:

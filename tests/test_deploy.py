@@ -23,6 +23,7 @@ from rescascade.serve.bundle import Bundle, BundleRunner
 from rescascade.serve.bundle import main as deploy_main
 from rescascade.serve.counts import ExitCounts
 from rescascade.serve.errors import ArtifactError, BackendUnavailable, ConfigError, RescascadeError
+from rescascade.serve.ort import PATCH_TRAILER_BYTES, pack_patch, unpack_patch
 from rescascade.serve.preprocess_np import preprocess_pixels, resize_center_crop_pixels
 from rescascade.training.preprocess import preprocess, resize_center_crop
 
@@ -241,6 +242,46 @@ def test_the_shared_weights_are_stored_once(tmp_path):
     assert export_shared(family, tmp_path, "test-weights")[2] == meta  # cached: not exported again
 
 
+def test_a_stage_more_is_a_patch_more(split_cascade, bundle, tmp_path):
+    """The same family's bundle without the first stage holds the same shared model and patches, bit for bit, less
+    that stage's patch: adding a stage to a deployed bundle adds its patch file (and bundle.json changes)."""
+    doc = json.loads(split_cascade.read_text())
+    low, high = doc["stages"][0]["resolution"], doc["stages"][1]["resolution"]
+    doc["stages"] = doc["stages"][1:]
+    doc["reference"] = {**doc["reference"], "resolution": high}
+    for split in ("calib", "test"):
+        doc["expected"][split]["exit_fractions"] = [1.0]
+    (tmp_path / "one.json").write_text(json.dumps(doc))
+    one = export_bundle(tmp_path / "one.json", tmp_path / "one", **QUIET).parent
+
+    def files(root: Path) -> dict:
+        return {str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest() for f in root.rglob("*")
+                if f.is_file() and f.name not in ("bundle.json", "README.txt") and "__pycache__" not in f.parts}
+    small, big = files(one), files(bundle)
+    assert set(big) - set(small) == {f"patches/r{low:03d}.fp32.patch"}
+    assert all(big[name] == sha for name, sha in small.items())
+
+
+def test_patches_pack_losslessly(tiny_family, tmp_path):
+    """pack_patch / unpack_patch give back every byte for every element size; an fp16 shared model's patches
+    (2-byte elements) check against PyTorch at every resolution and pack smaller than they unpack."""
+    from rescascade.profiling.export import export_shared
+    from rescascade.training.store import load_family, weights_id
+    rng = np.random.default_rng(0)
+    for dtype in (np.float32, np.float16, np.uint8):
+        data = rng.normal(1, 0.2, 999).astype(dtype).tobytes()
+        packed = pack_patch(data, np.dtype(dtype).itemsize, 96, "a" * 64)
+        assert unpack_patch(packed) == data and len(packed) < len(data) + PATCH_TRAILER_BYTES + 100
+    with pytest.raises(ValueError, match="not a whole number of 4-byte elements"):
+        pack_patch(b"abcdef", 4, 96, "a" * 64)
+    family, doc = load_family(tiny_family)
+    shared, patches, meta = export_shared(family, tmp_path, weights_id(doc), "fp16")
+    assert set(meta["max_abs_diff"]) == {str(r) for r in family.resolutions}
+    for r, path in patches.items():
+        data = path.read_bytes()
+        assert len(unpack_patch(data)) > len(data) - PATCH_TRAILER_BYTES
+
+
 def test_bundle_refuses_damage_and_bad_arguments(split_cascade, bundle, tmp_path, monkeypatch, capsys):
     copy = tmp_path / "copy"
     shutil.copytree(bundle, copy)
@@ -255,24 +296,38 @@ def test_bundle_refuses_damage_and_bad_arguments(split_cascade, bundle, tmp_path
             Bundle(copy)
         file.write_bytes(original)
     original = first.read_bytes()
-    first.write_bytes(second.read_bytes())  # another resolution's patch (of the same size) in its place
+    first.write_bytes(second.read_bytes())  # another resolution's patch in its place
     with pytest.raises(ArtifactError, match="resolution 32's patch"):
         Bundle(copy)
     first.write_bytes(original)
     doc = json.loads((bundle / "bundle.json").read_text())
-    # a patch cut short with bundle.json edited to match: refused by its size, or, where bundle.json does not record
-    # the size, by ONNX Runtime, as one typed line either way
-    first.write_bytes(original[:-200])  # into the tensors, past the trailer
-    cut = json.loads(json.dumps(doc))
-    cut["models"]["32"]["sha256"] = hashlib.sha256(original[:-200]).hexdigest()
-    (copy / "bundle.json").write_text(json.dumps(cut))
-    with pytest.raises(ArtifactError, match=f"holds {len(original) - 200} bytes where the shared model reads"):
+
+    def replace_patch(data: bytes, **shared) -> None:  # with bundle.json edited to match
+        first.write_bytes(data)
+        edited = json.loads(json.dumps(doc))
+        edited["models"]["32"]["sha256"] = hashlib.sha256(data).hexdigest()
+        edited["shared"].update(shared)
+        (copy / "bundle.json").write_text(json.dumps(edited))
+
+    tail = original[-PATCH_TRAILER_BYTES:]
+    for damaged, message in ((original[:-PATCH_TRAILER_BYTES - 40] + tail, "is damaged"),  # packed bytes cut short
+                             (original[:-PATCH_TRAILER_BYTES], "is not a rescascade patch"),  # the trailer gone
+                             (original[:-1], "is not a rescascade patch")):
+        replace_patch(damaged)
+        with pytest.raises(ArtifactError, match=message):
+            Bundle(copy)
+    # a well-formed patch of the wrong length: refused by the size the model reads, or, where bundle.json does not
+    # record the size, by ONNX Runtime, as one typed line either way
+    unpacked = unpack_patch(original)
+    short = pack_patch(unpacked[:-200], 4, 32, doc["source"]["weights_sha256"])
+    replace_patch(short)
+    with pytest.raises(ArtifactError, match=f"holds {len(unpacked) - 200} bytes where the shared model reads"):
         Bundle(copy)
-    del cut["shared"]["patch_bytes"]
-    (copy / "bundle.json").write_text(json.dumps(cut))
+    replace_patch(short, patch_bytes=None)
     with pytest.raises(ArtifactError, match="ONNX Runtime cannot load them"):
         BundleRunner(copy, warmup=False)
     first.write_bytes(original)
+    cut = json.loads(json.dumps(doc))
     # the two patches swapped, bundle.json edited to match; a patch of another family (same size): each named
     swapped = json.loads(json.dumps(doc))
     swapped["models"]["32"]["file"], swapped["models"]["48"]["file"] = doc["models"]["48"]["file"], \
@@ -285,7 +340,6 @@ def test_bundle_refuses_damage_and_bad_arguments(split_cascade, bundle, tmp_path
     foreign = original[:-64] + b"f" * 64  # the trailer's weights id: another family's
     first.write_bytes(foreign)
     cut["models"]["32"]["sha256"] = hashlib.sha256(foreign).hexdigest()
-    cut["shared"]["patch_bytes"] = len(foreign)
     (copy / "bundle.json").write_text(json.dumps(cut))
     with pytest.raises(ArtifactError, match="of the family with weights ffffffffffff"):
         Bundle(copy)
@@ -317,7 +371,10 @@ def test_bundle_refuses_damage_and_bad_arguments(split_cascade, bundle, tmp_path
     (copy / "bundle.json").write_text(json.dumps({**doc, "schema_version": 99}))
     with pytest.raises(ArtifactError, match="schema_version"):
         Bundle(copy)
-    (copy / "bundle.json").write_text(json.dumps({**doc, "schema_version": 2}))  # an older export: one line, its fix
+    (copy / "bundle.json").write_text(json.dumps({**doc, "schema_version": 3}))  # older exports: one line, its fix
+    with pytest.raises(ArtifactError, match=r"unpacked patches \(bundle schema 3\), .* `rescascade export \S+ --out "):
+        Bundle(copy)
+    (copy / "bundle.json").write_text(json.dumps({**doc, "schema_version": 2}))
     with pytest.raises(ArtifactError, match=r"one model per stage .* export it again: `rescascade export \S+ --out "):
         Bundle(copy)
     capsys.readouterr()

@@ -2,7 +2,7 @@
 
 `rescascade export CASCADE_JSON --out DIR` writes a bundle: the family's shared weights once as one ONNX model,
 and per stage (and for the reference) its patch file, the BatchNorm scale and shift that make the shared model that
-resolution's model (each checked against PyTorch), bundle.json (the cascade: stages, thresholds,
+resolution's model (packed losslessly, `ort.pack_patch`; each checked against PyTorch), bundle.json (the cascade: stages, thresholds,
 temperatures, confidence measure; the preprocessing; the class names; every model's sha256), and a copy of this
 folder, the runtime kernel (DIR/rescascade/serve/), so the bundle runs where only onnxruntime, numpy and Pillow are
 installed:
@@ -39,11 +39,12 @@ from .fileio import check_schema, printable_streams, read_json, sha256_file
 from .images import DECODE_SCALES, DEFAULT_MAX_PIXELS, Encoded, pil_pixels
 from .limits import MAX_BATCH, MAX_THREADS
 from .loop import Plan, run_plan
-from .ort import WEIGHTS_KEY, patch_identity, session_options, shared_weights, stage_session
+from .ort import WEIGHTS_KEY, patch_identity, session_options, shared_weights, stage_session, unpack_patch
 from .preprocess_np import CHUNK, eval_resize_size, preprocess_pixels
 
 BUNDLE_FORMAT = "rescascade-bundle"
-BUNDLE_SCHEMA = 3  # 2: the cascade's "decode" plan; 3: one shared model + a patch per stage (1-2: a model per stage)
+BUNDLE_SCHEMA = 4  # 2: the cascade's "decode" plan; 3: one shared model + a patch per stage (1-2: a model per
+# stage); 4: the patches packed (`ort.pack_patch`)
 RESIZE = "torch-uint8-antialias-bilinear"  # the only resize this runtime implements (preprocess_np)
 PRECISIONS = ("fp32", "fp16")
 WEIGHT_FORMS = ("folded", "shared")  # a session per stage with its BatchNorms folded; one copy of the weights
@@ -68,7 +69,7 @@ def _bundle_problem(doc: dict) -> str | None:
         return "every file must be a relative path inside the bundle (no /, .. or \\ at its start or in it)"
     if shared.get("input") != "input" or shared.get("output") != "logits" or shared.get("precision") not in PRECISIONS:
         return f'shared must name input "input", output "logits" and a precision of {", ".join(PRECISIONS)}'
-    size = shared.get("patch_bytes")  # every patch is this long (bundles from before the field: unchecked)
+    size = shared.get("patch_bytes")  # every patch unpacks to this many bytes (before the field: unchecked)
     if size is not None and not (isinstance(size, int) and not isinstance(size, bool) and size > 0):
         return "shared.patch_bytes must be a positive whole number"
     if not (isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) for n in names)):
@@ -116,11 +117,11 @@ class Bundle:
         if doc.get("format") != BUNDLE_FORMAT:
             raise ArtifactError(f"{self.path} is not a rescascade bundle (format {doc.get('format')!r})")
         old = doc.get("schema_version")
-        if isinstance(old, int) and not isinstance(old, bool) and old < 3:
+        if isinstance(old, int) and not isinstance(old, bool) and old < BUNDLE_SCHEMA:
             source = (doc.get("source") or {}).get("cascade_json") or "CASCADE_JSON"
-            raise ArtifactError(f"{self.path} holds one model per stage (bundle schema {doc['schema_version']}), which "
-                                f"this rescascade no longer runs; export it again: `rescascade export {source} --out "
-                                f"{self.dir}`")
+            holds = "one model per stage" if old < 3 else "unpacked patches"
+            raise ArtifactError(f"{self.path} holds {holds} (bundle schema {old}), which this rescascade no longer "
+                                f"runs; export it again: `rescascade export {source} --out {self.dir}`")
         check_schema(doc, self.path, "bundle", BUNDLE_SCHEMA, ("shared", "models", "stages", "reference",
                                                                  "confidence", "preprocessing", "class_names"))
         problem = _bundle_problem(doc)
@@ -143,14 +144,15 @@ class Bundle:
             if r is None:
                 continue
             data = file.read_bytes()
-            if size is not None and len(data) != size:
-                raise ArtifactError(f"{file} ({what}) holds {len(data)} bytes where the shared model reads {size}: it "
-                                    "is not a patch of this model; export the bundle again")
             named = patch_identity(data)
             if named is not None and named != (r, weights):
                 raise ArtifactError(f"{file} is the patch of resolution {named[0]} of the family with weights "
                                     f"{named[1][:12]}, not of resolution {r} of this bundle's family "
                                     f"({str(weights)[:12]}); export the bundle again")
+            data = unpack_patch(data, f"{file} ({what})")
+            if size is not None and len(data) != size:
+                raise ArtifactError(f"{file} ({what}) holds {len(data)} bytes where the shared model reads {size}: it "
+                                    "is not a patch of this model; export the bundle again")
             self._patches[r] = data
         self.doc = doc
 
@@ -180,7 +182,8 @@ class Bundle:
         return self.dir / self.doc["models"][str(resolution)]["file"]
 
     def patch(self, resolution: int) -> bytes:
-        """The bytes of `resolution`'s patch, as checked when the bundle was read."""
+        """The bytes the shared model reads for `resolution` (its patch file unpacked), as checked when the bundle
+        was read."""
         return self._patches[resolution]
 
 

@@ -18,14 +18,14 @@ from rescascade.serve.errors import BackendUnavailable, ConfigError
 
 from ..export import export_resolution, export_shared
 from ..measure import cpu_timer, cuda_timer
-from rescascade.serve.ort import session_options, stage_session
+from rescascade.serve.ort import session_options, stage_session, unpack_patch
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider", "tensorrt": "TensorrtExecutionProvider"}
 
 
 class OnnxRuntimeEngine:
     """One resolution's model on ONNX Runtime: onnx_path, a model of that resolution, or a family's shared model
-    with `patch`, the resolution's patch bytes (`export_shared`). Sessions are made on first use."""
+    with `patch`, the resolution's unpacked patch bytes (`export_shared`, `serve.ort.unpack_patch`). Sessions are made on first use."""
 
     def __init__(self, onnx_path: Path, resolution: int, provider: str, precision: str, threads: int | None,
                  cache_dir: Path, patch: bytes | None = None):
@@ -141,4 +141,4 @@ class OnnxRuntimeBackend:
             return OnnxRuntimeEngine(path, resolution, self.provider, precision, threads, cache)
         shared, patches, _ = export_shared(family, run_dir, weights_id, onnx_precision)
         return OnnxRuntimeEngine(shared, resolution, self.provider, precision, threads, cache,
-                                 patch=patches[resolution].read_bytes())
+                                 patch=unpack_patch(patches[resolution].read_bytes(), str(patches[resolution])))
