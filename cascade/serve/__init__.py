@@ -6,6 +6,8 @@ own library, ONNX Runtime in `ort`) are all it imports: no torch, no scipy at mo
 - `confidence`, `exits`: the confidence measures and the stage loop's exit decision
 - `counts`: what a served cascade saw, for drift tests
 - `ort`: ONNX Runtime sessions as profiled (a family's shared model made a stage's model by its patch)
+- `loop`: the stage loop every runtime runs, over a `Plan`, with an engine
+- `ort_engine`: the loop's engine on ONNX Runtime (numpy inputs, a session per stage)
 - `bundle`: an exported bundle read and checked, and `BundleRunner`, which runs it
 - `errors`, `fileio`, `limits`: typed errors, safe file reads and writes, the bounds arguments are checked against
 

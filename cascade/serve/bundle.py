@@ -23,7 +23,6 @@ import io
 import math
 import os
 import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path, PurePosixPath
 from typing import Sequence
 
@@ -39,8 +38,9 @@ from .fileio import check_schema, printable_streams, read_json, sha256_file
 from .images import DECODE_SCALES, DEFAULT_MAX_PIXELS, Encoded, pil_pixels
 from .limits import MAX_BATCH, MAX_THREADS
 from .loop import Plan, run_plan
-from .ort import WEIGHTS_KEY, patch_identity, session_options, shared_weights, stage_session, unpack_patch
-from .preprocess_np import CHUNK, eval_resize_size, preprocess_pixels
+from .ort import patch_identity, unpack_patch
+from .ort_engine import OrtEngine
+from .preprocess_np import eval_resize_size
 
 BUNDLE_FORMAT = "rescascade-bundle"
 BUNDLE_SCHEMA = 4  # 2: the cascade's "decode" plan; 3: one shared model + a patch per stage (1-2: a model per
@@ -266,29 +266,10 @@ class BundleRunner:
         self.batch_size = batch_size or int(doc.get("profile", {}).get("batch_size") or 1)
         self.counts = ExitCounts.for_cascade(self.plan.resolutions, self.plan.measure, self.num_classes,
                                              plan_identity(doc, self.stages, self.plan.decode_at))
-        options = session_options(threads)
-        self._pool = ThreadPoolExecutor(options.intra_op_num_threads, thread_name_prefix="rescascade-preprocess")
-        self.sessions = {}
-        shared = str(self.bundle.shared_path)
-        self._weights = shared_weights(shared) if weights == "shared" else None  # one copy, alive with the sessions
-        for r, _ in self.stages:  # the shared model made resolution r's by its patch (ONNX Runtime folds it in)
-            try:
-                session = stage_session(shared, self.bundle.patch(r), r, session_options(threads), providers,
-                                        self._weights)
-            except Exception as e:  # onnxruntime's own exception types, whatever the damage
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-                raise ArtifactError(f"{shared} with {self.bundle.patch_path(r)}: ONNX Runtime cannot load them "
-                                    f"({first}); export the bundle again") from None
-            made_for = session.get_modelmeta().custom_metadata_map.get(WEIGHTS_KEY)
-            if made_for is not None and made_for != doc.get("source", {}).get("weights_sha256"):
-                raise ArtifactError(f"{shared} holds the weights of another family ({made_for[:12]}) than bundle.json "
-                                    "names; export the bundle again")
-            dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
-            classes = session.get_outputs()[0].shape[-1]
-            if isinstance(classes, int) and classes != self.num_classes:
-                raise ArtifactError(f"{self.bundle.shared_path} gives {classes} logits but bundle.json names "
-                                    f"{self.num_classes} classes; export the bundle again")
-            self.sessions[r] = (session, dtype)
+        self.engine = OrtEngine(str(self.bundle.shared_path), {r: self.bundle.patch(r) for r, _ in self.stages},
+                                {r: str(self.bundle.patch_path(r)) for r, _ in self.stages}, prep["crop_fraction"],
+                                prep["mean"], prep["std"], providers, threads, weights,
+                                doc.get("source", {}).get("weights_sha256"), self.num_classes)
         for b in ([1] if warmup is True else warmup or []):
             self.warmup(b)
 
@@ -322,28 +303,6 @@ class BundleRunner:
         input failed, with its error."""
         return load_inputs(images, self.max_image_pixels, _array_pixels)
 
-    def _stage_input(self, pixels: list[np.ndarray], rows: np.ndarray, resolution: int) -> np.ndarray:
-        """The model input [len(rows), 3, r, r] float32: images of one size preprocessed together, a few at a time
-        on each of the runner's threads (numpy releases the GIL in its products)."""
-        plan = self.plan
-        out = np.empty((len(rows), 3, resolution, resolution), dtype=np.float32)
-        by_shape: dict[tuple, list[int]] = {}
-        for j, i in enumerate(rows):
-            by_shape.setdefault(pixels[i].shape, []).append(j)
-        tasks = [js[c:c + CHUNK] for js in by_shape.values() for c in range(0, len(js), CHUNK)]  # a chunk per task
-
-        def run(js: list[int]) -> None:
-            batch = np.stack([pixels[rows[j]] for j in js])
-            if js[-1] - js[0] == len(js) - 1:  # consecutive rows (images of one size): written in place
-                preprocess_pixels(batch, resolution, plan.crop_fraction, plan.mean, plan.std, out=out[js[0]:js[-1] + 1])
-            else:
-                out[js] = preprocess_pixels(batch, resolution, plan.crop_fraction, plan.mean, plan.std)
-        if len(tasks) == 1:
-            run(tasks[0])
-        else:
-            list(self._pool.map(run, tasks))
-        return out
-
     # ---- running -------------------------------------------------------------------------------------------
     def __call__(self, images) -> CascadeResult:
         """Classify `images` (see the class) -> CascadeResult. ConfigError for a container of the wrong kind (one
@@ -354,18 +313,7 @@ class BundleRunner:
     def _run(self, images, plan: Plan, counts: ExitCounts | None) -> CascadeResult:
         """Run `plan` on `images`, recording into `counts` (None: not counted)."""
         items, errors = self._load(images)
-        return run_plan(items, errors, plan, self, counts)
-
-    # ---- the loop's engine (`loop.Engine`): numpy pixels, numpy preprocessing, ONNX Runtime ---------------------
-    convert = None  # decoded images stay uint8 [H, W, 3] arrays
-
-    def inputs(self, pixels: list):
-        return lambda rows, resolution, new_pixels: self._stage_input(pixels, rows, resolution)
-
-    def infer(self, resolution: int, x: np.ndarray) -> np.ndarray:
-        session, dtype = self.sessions[resolution]
-        return session.run(None, {session.get_inputs()[0].name: x.astype(dtype, copy=False)})[0].astype(
-            np.float32, copy=False)
+        return run_plan(items, errors, plan, self.engine, counts)
 
 
 def _one_field(name: str) -> str:

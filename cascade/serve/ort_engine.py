@@ -1,0 +1,91 @@
+"""The stage loop's engine on ONNX Runtime (`loop.Engine`): decoded pixels stay numpy arrays, each stage's input is
+made by `preprocess_np` on a thread pool, and each stage runs in a session of the family's shared model made that
+stage's model by its patch (`ort.stage_session`). `BundleRunner` runs a bundle with it."""
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from .errors import ArtifactError
+from .ort import WEIGHTS_KEY, session_options, shared_weights, stage_session
+from .preprocess_np import CHUNK, preprocess_pixels
+
+
+class OrtEngine:
+    """Stage sessions on ONNX Runtime and the numpy inputs they take.
+
+    shared: the shared model's path. patches: resolution -> the bytes its session reads (`ort.unpack_patch`);
+    patch_names: resolution -> where those bytes came from (for messages). crop_fraction, mean, std: the
+    preprocessing (`preprocess_np.preprocess_pixels`). providers: ONNX Runtime execution providers in order of
+    preference. threads: intra-op threads of each session and the preprocessing's threads (None: the CPUs this
+    process may use). weights: "folded" (a session per stage with its BatchNorms folded into its own copy of the
+    weights) or "shared" (one copy of the weights for every stage; `ort.stage_session`). weights_id, num_classes:
+    what the shared model must hold and give (None: unchecked).
+    Raises ArtifactError when ONNX Runtime cannot load a stage, or the model is another family's or gives another
+    number of logits.
+    """
+
+    convert = None  # decoded images stay uint8 [H, W, 3] arrays
+
+    def __init__(self, shared: str, patches: Mapping[int, bytes], patch_names: Mapping[int, str],
+                 crop_fraction: float, mean: Sequence[float], std: Sequence[float], providers: Sequence[str],
+                 threads: int | None = None, weights: str = "folded", weights_id: str | None = None,
+                 num_classes: int | None = None):
+        self.crop_fraction, self.mean, self.std = crop_fraction, tuple(mean), tuple(std)
+        options = session_options(threads)
+        self._pool = ThreadPoolExecutor(options.intra_op_num_threads, thread_name_prefix="rescascade-preprocess")
+        self._weights = shared_weights(shared) if weights == "shared" else None  # one copy, alive with the sessions
+        self._patches = dict(patches)  # alive as long as the sessions that read them
+        self.sessions: dict[int, tuple] = {}
+        for r, patch in self._patches.items():  # the shared model made resolution r's by its patch
+            try:
+                session = stage_session(shared, patch, r, session_options(threads), list(providers), self._weights)
+            except Exception as e:  # onnxruntime's own exception types, whatever the damage
+                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+                raise ArtifactError(f"{shared} with {patch_names[r]}: ONNX Runtime cannot load them ({first}); "
+                                    "export again") from None
+            made_for = session.get_modelmeta().custom_metadata_map.get(WEIGHTS_KEY)
+            if weights_id is not None and made_for is not None and made_for != weights_id:
+                raise ArtifactError(f"{shared} holds the weights of another family ({made_for[:12]}) than "
+                                    f"{weights_id[:12]}; export again")
+            classes = session.get_outputs()[0].shape[-1]
+            if num_classes is not None and isinstance(classes, int) and classes != num_classes:
+                raise ArtifactError(f"{shared} gives {classes} logits where {num_classes} classes are named; export "
+                                    "again")
+            dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
+            self.sessions[r] = (session, dtype)
+
+    def inputs(self, pixels: list):
+        """Stage inputs of one run: each made from the rows' decoded pixels (`stage_input`)."""
+        return lambda rows, resolution, new_pixels: self.stage_input(pixels, rows, resolution)
+
+    def stage_input(self, pixels: list[np.ndarray], rows: np.ndarray, resolution: int) -> np.ndarray:
+        """The model input [len(rows), 3, r, r] float32 of `rows` (indices into pixels, uint8 [H, W, 3] arrays):
+        images of one size preprocessed together, a few (CHUNK) at a time on each of the engine's threads (numpy
+        releases the GIL in its products)."""
+        out = np.empty((len(rows), 3, resolution, resolution), dtype=np.float32)
+        by_shape: dict[tuple, list[int]] = {}
+        for j, i in enumerate(rows):
+            by_shape.setdefault(pixels[i].shape, []).append(j)
+        tasks = [js[c:c + CHUNK] for js in by_shape.values() for c in range(0, len(js), CHUNK)]  # a chunk per task
+
+        def run(js: list[int]) -> None:
+            batch = np.stack([pixels[rows[j]] for j in js])
+            if js[-1] - js[0] == len(js) - 1:  # consecutive rows (images of one size): written in place
+                preprocess_pixels(batch, resolution, self.crop_fraction, self.mean, self.std,
+                                  out=out[js[0]:js[-1] + 1])
+            else:
+                out[js] = preprocess_pixels(batch, resolution, self.crop_fraction, self.mean, self.std)
+        if len(tasks) == 1:
+            run(tasks[0])
+        else:
+            list(self._pool.map(run, tasks))
+        return out
+
+    def infer(self, resolution: int, x: np.ndarray) -> np.ndarray:
+        """Logits float32 [rows, C] of resolution's session on x [rows, 3, r, r]."""
+        session, dtype = self.sessions[resolution]
+        return session.run(None, {session.get_inputs()[0].name: x.astype(dtype, copy=False)})[0].astype(
+            np.float32, copy=False)
