@@ -2,7 +2,8 @@
 
 A three-stage cascade r96 -> r160 -> r224 of MobileNetV2 1.0 on ONNX Runtime CPU, thresholds set so that about
 half the batch exits at each early stage. For each batch, the runner is timed end to end; then the same rows
-each stage received are pushed through the same engines directly (preprocessing and inference timed apart).
+each stage received are pushed through the runner's engine directly (its numpy preprocessing and its sessions,
+timed apart).
 Overhead = runner wall / (sum of stage preprocessing + inference) - 1; target <= 5 %. Interleaved, medians.
 
 A second table times preprocessing alone per resolution, side by side: torchvision's to_dtype + normalize on a
@@ -94,10 +95,10 @@ def main() -> None:
     ths = []
     for r in STAGES[:2]:
         x = torch.stack([preprocess(im, r) for im in images[:64]])
-        ths.append(float(np.median(confidence(log_probs(probe.engines[r].run(x).numpy()), "max_prob"))))
+        ths.append(float(np.median(confidence(log_probs(probe.engine.infer(r, x.numpy())), "max_prob"))))
     sizes = [int(v) for v in args.batch_sizes.split(",")]
     runner = CascadeRunner(read_config(write_cascade(fam, ths + [None])), batch_size=max(sizes))
-    engines = runner.engines
+    engine = runner.engine  # ONNX Runtime's CPU engine: numpy inputs, the bundle's sessions
     rows = []
     for b in sizes:
         batches = [images[(i * b) % len(images):][:b] for i in range(args.batches)]
@@ -108,17 +109,17 @@ def main() -> None:
             for batch in batches:
                 res = runner(batch)
                 pre = inf = 0.0
-                with torch_threads(1):  # the runner's own setting for ONNX Runtime CPU
-                    for k, r in enumerate(STAGES):
-                        rows_k = [im for im, e in zip(batch, res.exit_stage) if e >= k]
-                        if not rows_k:
-                            continue
-                        t0 = time.perf_counter()
-                        x = preprocess(channels_last_batch(rows_k).permute(0, 3, 1, 2), r)
-                        t1 = time.perf_counter()
-                        engines[r].run(x)
-                        t2 = time.perf_counter()
-                        pre, inf = pre + t1 - t0, inf + t2 - t1
+                arrays = [im.permute(1, 2, 0).numpy() for im in batch]
+                for k, r in enumerate(STAGES):
+                    rows_k = np.flatnonzero(res.exit_stage >= k)
+                    if not len(rows_k):
+                        continue
+                    t0 = time.perf_counter()
+                    x = engine.stage_input(arrays, rows_k, r)
+                    t1 = time.perf_counter()
+                    engine.infer(r, x)
+                    t2 = time.perf_counter()
+                    pre, inf = pre + t1 - t0, inf + t2 - t1
                 w_rep.append(res.wall_s)
                 p_rep.append(pre)
                 i_rep.append(inf)

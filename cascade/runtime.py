@@ -3,6 +3,11 @@
 Stage 1 runs on the whole batch; rows whose confidence reaches the stage's threshold exit; only the rest are
 resized to the next stage's resolution and sent on. Outputs come back in input order with the exit stage.
 The confidence is computed by the same functions the optimizer used on stored logits.
+
+The stage loop is the kernel's (`serve.loop.run_plan`); the engine is the backend's. On ONNX Runtime's CPU provider
+it is the bundle's own (`serve.ort_engine.OrtEngine`: the family's shared model and patches, numpy inputs), so a
+cascade runs and is timed here exactly as its exported bundle runs; on the other backends it is `TorchStages`
+(the backend's engines, torch inputs on the backend's device: the same pixels).
 """
 from __future__ import annotations
 
@@ -16,11 +21,15 @@ import torch
 from PIL import Image
 
 from rescascade.profiling.backends import get_backend
+from rescascade.profiling.export import export_shared
 from rescascade.profiling.measure import torch_threads
 from rescascade.serve.errors import ConfigError, RescascadeError, check_int
 from rescascade.serve.fileio import sha256_file
 from rescascade.serve.images import DEFAULT_MAX_PIXELS, Encoded
 from rescascade.serve.limits import MAX_BATCH, MAX_THREADS
+from rescascade.serve.ort import unpack_patch
+from rescascade.serve.ort_engine import OrtEngine
+from rescascade.serve.preprocess_np import IMAGENET_MEAN, IMAGENET_STD
 from rescascade.training.images import as_tensor, from_pil
 from rescascade.training.preprocess import channels_last_batch, eval_resize_size, preprocess
 from rescascade.training.store import load_family, weights_id
@@ -131,8 +140,18 @@ class CascadeRunner:
         self.max_image_pixels = max_image_pixels
         be = get_backend(self.backend_name)
         self.device = be.device
-        self.engines = {}
-        self._open = lambda r: be.open(family, fam_dir, weights_id(doc), r, self.precision, threads)
+        wid = weights_id(doc)
+        if be.numpy_inputs:  # ONNX Runtime's CPU provider: the bundle's engine, the same sessions and numpy inputs
+            be.check_precision(self.precision)
+            shared, patches, _ = export_shared(family, fam_dir, wid, "fp32")
+            self.engine = OrtEngine(str(shared), {}, {}, self.crop_fraction, self.mean or IMAGENET_MEAN,
+                                    self.std or IMAGENET_STD, ["CPUExecutionProvider"], threads, weights_id=wid,
+                                    num_classes=doc["num_classes"])
+            self._open = lambda r: self.engine.open(r, unpack_patch(patches[r].read_bytes(), str(patches[r])),
+                                                    str(patches[r]))
+        else:
+            self.engine = TorchStages(be.device, self.crop_fraction, self.mean, self.std)
+            self._open = lambda r: self.engine.add(r, be.open(family, fam_dir, wid, r, self.precision, threads))
         self.use(self.cascade)
         built = int(self.config.doc["profile"].get("batch_size", 1))
         self.batch_size = built if batch_size is None else check_int("batch_size", batch_size, 1, MAX_BATCH)
@@ -144,8 +163,8 @@ class CascadeRunner:
         """Run `cascade` from now on (same family, confidence setting and backend): its stages' engines are
         opened where not open yet. For comparing cascades on one runner (`build --refine`)."""
         for s in cascade.stages:
-            if s.resolution not in self.engines:
-                self.engines[s.resolution] = self._open(s.resolution)
+            if s.resolution not in self.engine.sessions:
+                self._open(s.resolution)
         self.cascade = cascade
 
     def warmup(self, batch_size: int = 1, source_size=None) -> None:
@@ -162,9 +181,8 @@ class CascadeRunner:
         Image.new("RGB", (w, h), (128, 128, 128)).save(jpeg, "JPEG")
         every = Cascade([Stage(s.resolution, math.inf) for s in self.cascade.stages],  # no row exits early
                         decode_at=self.cascade.decode_at)
-        with torch_threads(next(iter(self.engines.values())).preprocess_threads):
-            # not counted; requests meanwhile unaffected
-            self._run([jpeg.getvalue()] * check_int("batch_size", batch_size, 1, MAX_BATCH), every)
+        # not counted; requests meanwhile unaffected
+        self._run([jpeg.getvalue()] * check_int("batch_size", batch_size, 1, MAX_BATCH), every)
 
     # ---- inputs --------------------------------------------------------------------------------------------
     def _inputs(self, images) -> list:
@@ -186,59 +204,77 @@ class CascadeRunner:
     def _load(self, images: list) -> tuple[list[torch.Tensor | Encoded | None], dict[int, str]]:
         """Inputs -> decoded tensors, or `Encoded` images (header checked, decoded stage by stage), or None
         where an input failed, with its error."""
-        return load_inputs(images, self.max_image_pixels, partial(_tensor_pixels, max_pixels=self.max_image_pixels))
-
-    def _source_batch(self, images: list[torch.Tensor | None], rows: np.ndarray) -> torch.Tensor | None:
-        """The readable images as one contiguous uint8 batch [n, H, W, 3] (channels-last, the layout decode_image
-        gives and the resize's fast path), copied to the device once for all stages; None if sizes differ."""
-        if len(rows) == 0 or len({tuple(images[i].shape) for i in rows}) != 1:
-            return None
-        return channels_last_batch([images[i] for i in rows], self.device)
-
-    def _stage_input(self, images: list[torch.Tensor | None], source: torch.Tensor | None, source_row: np.ndarray,
-                     rows: np.ndarray, r: int) -> torch.Tensor:
-        kwargs = dict(crop_fraction=self.crop_fraction)
-        if self.mean is not None:
-            kwargs.update(mean=self.mean, std=self.std)
-        if source is not None:  # one resize call for the rows still running
-            pick = source_row[rows]
-            if len(pick) < len(source):
-                source = source.index_select(0, torch.from_numpy(pick).to(source.device))
-            return preprocess(source.permute(0, 3, 1, 2), r, **kwargs)
-        return torch.stack([preprocess(images[i].to(self.device), r, **kwargs) for i in rows])
+        pixels = partial(_tensor_pixels, max_pixels=self.max_image_pixels)
+        if self.engine.convert is None:  # a numpy engine: uint8 [H, W, 3] arrays over the same memory
+            return load_inputs(images, self.max_image_pixels, lambda item: _array_view(pixels(item)))
+        return load_inputs(images, self.max_image_pixels, pixels)
 
     # ---- running -------------------------------------------------------------------------------------------
     def __call__(self, images) -> CascadeResult:
         """Classify `images` (see the class): -> CascadeResult with labels [N] (int64, -1 for a failed input),
         names, probs [N, C] float32, exit_stage [N], confidence [N], errors {index: message}, wall_s and
         per-stage timings. ConfigError for a container of the wrong kind (one bad input fails only itself)."""
-        images = self._inputs(images)
-        threads = next(iter(self.engines.values())).preprocess_threads
-        with torch_threads(threads):
-            return in_batches(partial(self._run, cascade=self.cascade), images, self.batch_size)
+        return in_batches(partial(self._run, cascade=self.cascade), self._inputs(images), self.batch_size)
 
     def _run(self, images, cascade: Cascade) -> CascadeResult:
         """Run `cascade` on `images` (counted where it is the cascade served)."""
         items, errors = self._load(images)
         plan = self._plan.running([(st.resolution, st.threshold) for st in cascade.stages], cascade.decode_at)
-        return run_plan(items, errors, plan, self, self.counts if cascade is self._served else None)
+        return run_plan(items, errors, plan, self.engine, self.counts if cascade is self._served else None)
 
-    # ---- the loop's engine (`serve.loop.Engine`): torch tensors, torch preprocessing, the backend's engines --------
+
+def _array_view(item):
+    """A uint8 [3, H, W] tensor as the uint8 [H, W, 3] array over its memory (on the CPU); `Encoded` as it is."""
+    return item if isinstance(item, Encoded) else item.permute(1, 2, 0).cpu().numpy()
+
+
+class TorchStages:
+    """The stage loop's engine (`serve.loop.Engine`) on a backend's engines (torch, TensorRT, ONNX Runtime's GPU
+    providers: `profiling.backends`): decoded images as uint8 [3, H, W] tensors, the rows' pixels copied to the
+    device as one channels-last batch when they are new (stage 1, or rows decoded again), each stage's input
+    resized from it by torch (`training.preprocess.preprocess`: the same pixels as `serve.preprocess_np`, which the
+    ONNX Runtime CPU engine uses), run with the torch threads the backend preprocesses with.
+
+    device: "cpu" or "cuda". crop_fraction, mean, std: the family's preprocessing (mean/std None: ImageNet's)."""
+
     convert = staticmethod(as_tensor)  # decoded images become uint8 [3, H, W] tensors over the same memory
 
+    def __init__(self, device: str, crop_fraction: float, mean=None, std=None):
+        self.device = device
+        self.kwargs = dict(crop_fraction=crop_fraction) if mean is None else \
+            dict(crop_fraction=crop_fraction, mean=mean, std=std)
+        self.sessions: dict[int, object] = {}  # resolution -> the backend's engine
+
+    def add(self, resolution: int, engine) -> None:
+        """Run resolution's stage on `engine` (a backend's `open`)."""
+        self.sessions[resolution] = engine
+
+    def _threads(self):
+        return torch_threads(next(iter(self.sessions.values())).preprocess_threads)
+
     def inputs(self, pixels: list):
-        """Stage inputs of one run: the rows' pixels copied to the device as one batch when they are new (stage 1,
-        or rows decoded again), each stage resized from it."""
+        """Stage inputs of one run: the rows' pixels copied to the device as one batch when they are new, each
+        stage resized from it (one resize call for the rows still running)."""
         source_row = np.full(len(pixels), -1, dtype=np.int64)
         source = None
 
         def make(rows: np.ndarray, resolution: int, new_pixels: bool) -> torch.Tensor:
             nonlocal source
-            if new_pixels:
-                source = self._source_batch(pixels, rows)
-                source_row[rows] = np.arange(len(rows))
-            return self._stage_input(pixels, source, source_row, rows, resolution)
+            with self._threads():
+                if new_pixels:
+                    same_size = len(rows) and len({tuple(pixels[i].shape) for i in rows}) == 1
+                    source = channels_last_batch([pixels[i] for i in rows], self.device) if same_size else None
+                    source_row[rows] = np.arange(len(rows))
+                if source is None:  # images of several sizes: one at a time
+                    return torch.stack([preprocess(pixels[i].to(self.device), resolution, **self.kwargs)
+                                        for i in rows])
+                pick = source_row[rows]
+                batch = source if len(pick) == len(source) else \
+                    source.index_select(0, torch.from_numpy(pick).to(source.device))
+                return preprocess(batch.permute(0, 3, 1, 2), resolution, **self.kwargs)
         return make
 
     def infer(self, resolution: int, x: torch.Tensor) -> np.ndarray:
-        return self.engines[resolution].run(x).detach().float().cpu().numpy()
+        """Logits float32 [rows, C] of resolution's engine on x [rows, 3, r, r]."""
+        with self._threads():
+            return self.sessions[resolution].run(x).detach().float().cpu().numpy()

@@ -13,12 +13,14 @@ from __future__ import annotations
 import datetime as _dt
 import io
 import math
+from functools import partial
 
 import numpy as np
 import pandas as pd
 from PIL import Image
 
 from rescascade.serve.images import jpeg_scale
+from rescascade.serve.preprocess_np import preprocess_pixels
 from rescascade.training.images import decode
 from rescascade.training.preprocess import preprocess, stage_min_side
 
@@ -51,13 +53,14 @@ def synthetic_photo(width: int, height: int, seed: int = 0, quality: int = JPEG_
 
 
 def time_decode(sizes: list[tuple[int, int]], resolutions: list[int], crop_fraction: float, decode_scale: str,
-                protocol: Protocol, log=print) -> pd.DataFrame:
+                protocol: Protocol, log=print, numpy_inputs: bool = False) -> pd.DataFrame:
     """Time `decode` of a synthetic JPEG of each (width, height) in `sizes` for each stage resolution, and the
     stage's preprocessing of one image from that decode (resize, crop, normalize: it grows with the source),
     round-robin over `protocol.rounds`; stages that decode at the same scale share one decode timing. A family
     that decodes per stage also gets, per stage r and larger resolution R, r's preprocessing from R's decode
     (decoded_for R: a cascade decoded once at R's scale, `Cascade.decode_at`). -> profile_decode.csv's rows
-    (DECODE_COLUMNS; times in ms per image)."""
+    (DECODE_COLUMNS; times in ms per image). numpy_inputs: time the preprocessing of the ONNX Runtime CPU engine
+    (`serve.preprocess_np`), else torch's."""
     import PIL
     rows, times, jobs = [], {}, {}
     for w, h in sizes:
@@ -76,8 +79,11 @@ def time_decode(sizes: list[tuple[int, int]], resolutions: list[int], crop_fract
         for w, h in sizes:
             for r, R in pairs:
                 image = decoded[w, h, jpeg_scale(w, h, stage_min_side(R, crop_fraction, decode_scale))]
-                prep.setdefault((w, h, r, R), []).append(run_protocol(
-                    cpu_timer(lambda x=image, r=r: preprocess(x, r, crop_fraction)), part))
+                if numpy_inputs:
+                    step = partial(preprocess_pixels, image.permute(0, 2, 3, 1).numpy(), r, crop_fraction)
+                else:
+                    step = partial(preprocess, image, r, crop_fraction)
+                prep.setdefault((w, h, r, R), []).append(run_protocol(cpu_timer(step), part))
     now = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     for w, h in sizes:
         for r, R in pairs:

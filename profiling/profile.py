@@ -15,8 +15,9 @@ from __future__ import annotations
 import datetime as _dt
 import itertools
 import os
-from dataclasses import dataclass
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from rescascade.serve.errors import ConfigError, RescascadeError, check_int
 from rescascade.serve.fileio import atomic_path, check_schema, output_file, read_json, write_json
 from rescascade.serve.images import DECODE_SCALES, DEFAULT_MAX_PIXELS, jpeg_scale
 from rescascade.serve.limits import MAX_BATCH, MAX_THREADS, default_threads
+from rescascade.serve.preprocess_np import IMAGENET_MEAN, IMAGENET_STD, preprocess_rows
 from rescascade.training.config import parse_size
 from rescascade.training.preprocess import (CROP_FRACTION, channels_last_batch, eval_resize_size, preprocess,
                                             stage_min_side)
@@ -80,6 +82,20 @@ def time_preprocess(resolution: int, batch: int, pool: list[torch.Tensor], devic
     step = after(between, (cuda_timer if device == "cuda" else cpu_timer)(work))
     with torch_threads(threads):
         return run_protocol(step, protocol)
+
+
+def time_numpy_preprocess(resolution: int, batch: int, pool: list[torch.Tensor], crop_fraction: float,
+                          protocol: Protocol, threads: int | None = None, between=None) -> np.ndarray:
+    """Median cost of turning b decoded images into the model input at r as the ONNX Runtime CPU engine does
+    (`serve.preprocess_np.preprocess_rows` over a pool of `threads` workers, as `serve.ort_engine.OrtEngine`): no
+    upload and no gather, each stage reads the decoded arrays. `between` as in `time_preprocess`."""
+    arrays = [im.permute(1, 2, 0).numpy() for im in pool]
+    batches = cycle_batches(arrays, batch)
+    with ThreadPoolExecutor(threads or default_threads()) as workers:
+        def work():
+            return preprocess_rows(next(batches), range(batch), resolution, crop_fraction, IMAGENET_MEAN,
+                                   IMAGENET_STD, workers)
+        return run_protocol(after(between, cpu_timer(work)), protocol)
 
 
 def time_upload(batch: int, pool: list[torch.Tensor], device: str, protocol: Protocol, threads: int | None = None,
@@ -326,8 +342,8 @@ def run_profile(run_dir, backend: str = "onnxruntime", precision: str = "fp32", 
     with torch_threads(threads):
         rows = _measure(family, run_dir, wid, engine_backend, backend, precision, resolutions, batch_sizes, threads,
                         protocol, source_size, decision_step, decode_scale, crop_fraction)
-    decode_rows = time_decode(decode_sizes, resolutions, crop_fraction, decode_scale, protocol) if decode_sizes \
-        else None
+    decode_rows = time_decode(decode_sizes, resolutions, crop_fraction, decode_scale, protocol,
+                              numpy_inputs=engine_backend.numpy_inputs) if decode_sizes else None
     new = pd.DataFrame(rows, columns=COLUMNS)
     if old is not None:
         keys = set(map(tuple, new[KEY].astype(str).values))
@@ -412,19 +428,25 @@ def _measure(family, run_dir, wid: str, engine_backend, backend: str, precision:
         part = protocol.round(k)
         for r, b in combos:
             inference[r, b].append(run_protocol(timers[r, b], part))
-            prep[r, b].append(time_preprocess(r, b, pools[decoded[r]], device, part, engines[r].preprocess_threads,
-                                              between=timers[r, b]))
+            if engine_backend.numpy_inputs:
+                prep[r, b].append(time_numpy_preprocess(r, b, pools[decoded[r]], crop_fraction, part, threads,
+                                                        between=timers[r, b]))
+            else:
+                prep[r, b].append(time_preprocess(r, b, pools[decoded[r]], device, part,
+                                                  engines[r].preprocess_threads, between=timers[r, b]))
             bar.update(1)
         for b in batch_sizes:
             decide[b].append(time_decision(decision_step, b, family.num_classes, part,
                                            between=timers[resolutions[0], b]))
+            if engine_backend.numpy_inputs:  # nothing is uploaded or gathered: each stage reads the arrays
+                continue
             for times, t in zip(moves[b], time_upload(b, pool, device, part, engines[resolutions[0]].preprocess_threads,
                                                       between=timers[resolutions[0], b])):
                 times.append(t)
     bar.close()
     decision = {b: summarize(np.concatenate(times)) for b, times in decide.items()}
-    upload = {b: summarize(np.concatenate(up))["median_ms"] for b, (up, _) in moves.items()}
-    gather = {b: summarize(np.concatenate(g))["median_ms"] for b, (_, g) in moves.items()}
+    upload = {b: summarize(np.concatenate(up))["median_ms"] if up else 0.0 for b, (up, _) in moves.items()}
+    gather = {b: summarize(np.concatenate(g))["median_ms"] if g else 0.0 for b, (_, g) in moves.items()}
     rows = []
     for r, b in combos:
         stats = summarize(np.concatenate(inference[r, b]))

@@ -417,22 +417,11 @@ def test_eval_other_data_matches_classes_by_name(folder_cascade, tmp_path):
 # ---- 10. a warm first request ----------------------------------------------------------------------------
 def test_runner_warms_every_stage_at_load(built, monkeypatch):
     import rescascade.runtime as rt
+    from rescascade.serve.ort_engine import OrtEngine
     _, out, config = built
     calls = []
-    real = rt.get_backend
-
-    def counting_backend(name):
-        be = real(name)
-        open_engine = be.open
-
-        def open_counting(*a, **kw):
-            engine = open_engine(*a, **kw)
-            run = engine.run
-            engine.run = lambda x, r=engine.resolution: calls.append((r, len(x))) or run(x)
-            return engine
-        be.open = open_counting
-        return be
-    monkeypatch.setattr(rt, "get_backend", counting_backend)
+    infer = OrtEngine.infer
+    monkeypatch.setattr(OrtEngine, "infer", lambda self, r, x: calls.append((r, len(x))) or infer(self, r, x))
     rt.CascadeRunner(out, backend="onnxruntime", warmup=False)
     assert calls == []
     rt.CascadeRunner(out, backend="onnxruntime")

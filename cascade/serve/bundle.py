@@ -12,10 +12,11 @@ installed:
     result = BundleRunner("DIR")(["a.jpg", open("b.png", "rb").read()])
     result.names, result.probs, result.exit_stage
 
-or `python -m rescascade.serve DIR a.jpg b.png` from DIR's parent with DIR on PYTHONPATH. It computes what
-`CascadeRunner` computes on CPU: the same decode (`images`), the same pixels (`preprocess_np` reproduces torch's
-resize exactly), the same exit decision (`exits.exit_step`), so the same labels, exit stages and probabilities
-(tests/test_deploy.py).
+or `python -m rescascade.serve DIR a.jpg b.png` from DIR's parent with DIR on PYTHONPATH. It runs the stage loop
+(`loop.run_plan`) with the ONNX Runtime engine (`ort_engine.OrtEngine`), as `CascadeRunner` does on ONNX Runtime's
+CPU provider, so the two give the same labels, exit stages and probabilities bit for bit, at the same cost; on
+torch backends `CascadeRunner` computes the same pixels with torch (`preprocess_np` reproduces torch's resize
+exactly; tests/test_deploy.py).
 """
 from __future__ import annotations
 

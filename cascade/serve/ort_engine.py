@@ -10,7 +10,7 @@ import numpy as np
 
 from .errors import ArtifactError
 from .ort import WEIGHTS_KEY, session_options, shared_weights, stage_session
-from .preprocess_np import CHUNK, preprocess_pixels
+from .preprocess_np import preprocess_rows
 
 
 class OrtEngine:
@@ -33,56 +33,47 @@ class OrtEngine:
                  crop_fraction: float, mean: Sequence[float], std: Sequence[float], providers: Sequence[str],
                  threads: int | None = None, weights: str = "folded", weights_id: str | None = None,
                  num_classes: int | None = None):
+        self.shared, self.providers, self.threads = shared, list(providers), threads
+        self.weights_id, self.num_classes = weights_id, num_classes
         self.crop_fraction, self.mean, self.std = crop_fraction, tuple(mean), tuple(std)
         options = session_options(threads)
         self._pool = ThreadPoolExecutor(options.intra_op_num_threads, thread_name_prefix="rescascade-preprocess")
         self._weights = shared_weights(shared) if weights == "shared" else None  # one copy, alive with the sessions
-        self._patches = dict(patches)  # alive as long as the sessions that read them
+        self._patches: dict[int, bytes] = {}  # alive as long as the sessions that read them
         self.sessions: dict[int, tuple] = {}
-        for r, patch in self._patches.items():  # the shared model made resolution r's by its patch
-            try:
-                session = stage_session(shared, patch, r, session_options(threads), list(providers), self._weights)
-            except Exception as e:  # onnxruntime's own exception types, whatever the damage
-                first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-                raise ArtifactError(f"{shared} with {patch_names[r]}: ONNX Runtime cannot load them ({first}); "
-                                    "export again") from None
-            made_for = session.get_modelmeta().custom_metadata_map.get(WEIGHTS_KEY)
-            if weights_id is not None and made_for is not None and made_for != weights_id:
-                raise ArtifactError(f"{shared} holds the weights of another family ({made_for[:12]}) than "
-                                    f"{weights_id[:12]}; export again")
-            classes = session.get_outputs()[0].shape[-1]
-            if num_classes is not None and isinstance(classes, int) and classes != num_classes:
-                raise ArtifactError(f"{shared} gives {classes} logits where {num_classes} classes are named; export "
-                                    "again")
-            dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
-            self.sessions[r] = (session, dtype)
+        for r, patch in patches.items():
+            self.open(r, patch, patch_names[r])
+
+    def open(self, resolution: int, patch: bytes, patch_name: str) -> None:
+        """Add resolution's session: the shared model made resolution's model by its patch bytes (from
+        patch_name). ArtifactError as the class says."""
+        try:
+            session = stage_session(self.shared, patch, resolution, session_options(self.threads), self.providers,
+                                    self._weights)
+        except Exception as e:  # onnxruntime's own exception types, whatever the damage
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise ArtifactError(f"{self.shared} with {patch_name}: ONNX Runtime cannot load them ({first}); "
+                                "export again") from None
+        made_for = session.get_modelmeta().custom_metadata_map.get(WEIGHTS_KEY)
+        if self.weights_id is not None and made_for is not None and made_for != self.weights_id:
+            raise ArtifactError(f"{self.shared} holds the weights of another family ({made_for[:12]}) than "
+                                f"{self.weights_id[:12]}; export again")
+        classes = session.get_outputs()[0].shape[-1]
+        if self.num_classes is not None and isinstance(classes, int) and classes != self.num_classes:
+            raise ArtifactError(f"{self.shared} gives {classes} logits where {self.num_classes} classes are named; "
+                                "export again")
+        dtype = np.float16 if session.get_inputs()[0].type == "tensor(float16)" else np.float32
+        self._patches[resolution] = patch
+        self.sessions[resolution] = (session, dtype)
 
     def inputs(self, pixels: list):
         """Stage inputs of one run: each made from the rows' decoded pixels (`stage_input`)."""
         return lambda rows, resolution, new_pixels: self.stage_input(pixels, rows, resolution)
 
     def stage_input(self, pixels: list[np.ndarray], rows: np.ndarray, resolution: int) -> np.ndarray:
-        """The model input [len(rows), 3, r, r] float32 of `rows` (indices into pixels, uint8 [H, W, 3] arrays):
-        images of one size preprocessed together, a few (CHUNK) at a time on each of the engine's threads (numpy
-        releases the GIL in its products)."""
-        out = np.empty((len(rows), 3, resolution, resolution), dtype=np.float32)
-        by_shape: dict[tuple, list[int]] = {}
-        for j, i in enumerate(rows):
-            by_shape.setdefault(pixels[i].shape, []).append(j)
-        tasks = [js[c:c + CHUNK] for js in by_shape.values() for c in range(0, len(js), CHUNK)]  # a chunk per task
-
-        def run(js: list[int]) -> None:
-            batch = np.stack([pixels[rows[j]] for j in js])
-            if js[-1] - js[0] == len(js) - 1:  # consecutive rows (images of one size): written in place
-                preprocess_pixels(batch, resolution, self.crop_fraction, self.mean, self.std,
-                                  out=out[js[0]:js[-1] + 1])
-            else:
-                out[js] = preprocess_pixels(batch, resolution, self.crop_fraction, self.mean, self.std)
-        if len(tasks) == 1:
-            run(tasks[0])
-        else:
-            list(self._pool.map(run, tasks))
-        return out
+        """The model input [len(rows), 3, r, r] float32 of `rows` (indices into pixels, uint8 [H, W, 3] arrays),
+        made on the engine's threads (`preprocess_np.preprocess_rows`)."""
+        return preprocess_rows(pixels, rows, resolution, self.crop_fraction, self.mean, self.std, self._pool)
 
     def infer(self, resolution: int, x: np.ndarray) -> np.ndarray:
         """Logits float32 [rows, C] of resolution's session on x [rows, 3, r, r]."""

@@ -271,3 +271,28 @@ def preprocess_pixels(images: np.ndarray, resolution: int, crop_fraction: float 
         _normalize_into(out[i:i + CHUNK], _resize_center_crop_chunk(images[i:i + CHUNK], resolution,
                                                                      crop_fraction), mean, std)
     return out
+
+
+def preprocess_rows(pixels: list, rows, resolution: int, crop_fraction: float, mean, std, pool=None) -> np.ndarray:
+    """The model input float32 [len(rows), 3, r, r] of `rows` (indices into pixels, uint8 [H, W, 3] arrays of any
+    sizes), as a runtime makes a stage's input: images of one size preprocessed together, CHUNK at a time, the
+    chunks spread over `pool` (a concurrent.futures executor; None: this thread): numpy releases the GIL in its
+    products. ValueError as `preprocess_pixels`."""
+    out = np.empty((len(rows), 3, resolution, resolution), dtype=np.float32)
+    by_shape: dict[tuple, list[int]] = {}
+    for j, i in enumerate(rows):
+        by_shape.setdefault(pixels[i].shape, []).append(j)
+    tasks = [js[c:c + CHUNK] for js in by_shape.values() for c in range(0, len(js), CHUNK)]  # a chunk per task
+
+    def run(js: list[int]) -> None:
+        batch = np.stack([pixels[rows[j]] for j in js])
+        if js[-1] - js[0] == len(js) - 1:  # consecutive rows (images of one size): written in place
+            preprocess_pixels(batch, resolution, crop_fraction, mean, std, out=out[js[0]:js[-1] + 1])
+        else:
+            out[js] = preprocess_pixels(batch, resolution, crop_fraction, mean, std)
+    if pool is None or len(tasks) == 1:
+        for js in tasks:
+            run(js)
+    else:
+        list(pool.map(run, tasks))
+    return out

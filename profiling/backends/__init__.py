@@ -1,7 +1,9 @@
 """Inference backends, one registry (like timm's): a name -> a backend that opens one resolution as an Engine.
 
 An Engine runs preprocessed float32 input on its device and returns logits; `timer(batch)` gives the
-profiler a step function on a device-resident input. The profiler and the cascade runtime both use these, so a
+profiler a step function on a device-resident input. A backend's `numpy_inputs` says how a cascade's stage inputs
+are made on it, and so how the profiler times them: numpy on the CPU (`serve.preprocess_np`, the bundle's way: ONNX
+Runtime's CPU provider) or torch on the backend's device. The profiler and the cascade runtime both use these, so a
 cascade runs on exactly what was measured.
 
   onnxruntime            ONNX Runtime, CPUExecutionProvider (threads pinned)

@@ -111,6 +111,8 @@ class OnnxRuntimeBackend:
         self.provider = provider
         self.name = "onnxruntime" if provider == "cpu" else f"onnxruntime-{provider}"
         self.device = "cpu" if provider == "cpu" else "cuda"
+        # on the CPU a cascade's stages run as its bundle runs them (`serve.ort_engine.OrtEngine`): numpy inputs
+        self.numpy_inputs = provider == "cpu"
 
     def check(self) -> None:
         try:
@@ -126,13 +128,17 @@ class OnnxRuntimeBackend:
         if self.device == "cuda" and not torch.cuda.is_available():
             raise BackendUnavailable(f"backend {self.name} needs an NVIDIA GPU; none is visible here")
 
-    def open(self, family, run_dir, weights_id: str, resolution: int, precision: str = "fp32",
-             threads: int | None = None) -> OnnxRuntimeEngine:
+    def check_precision(self, precision: str) -> None:
+        """ConfigError / BackendUnavailable for a precision this provider does not run."""
         if precision not in ("fp32", "fp16"):
             raise ConfigError(f"precision {precision!r}: ONNX Runtime takes fp32 or fp16")
         if precision == "fp16" and self.provider == "cpu":
             raise BackendUnavailable("fp16 on ONNX Runtime's CPU provider is slower than fp32, not a deployment option; "
                                      "use --precision fp32")
+
+    def open(self, family, run_dir, weights_id: str, resolution: int, precision: str = "fp32",
+             threads: int | None = None) -> OnnxRuntimeEngine:
+        self.check_precision(precision)
         # CUDA EP has no fp16 switch: it needs an fp16 model. The TensorRT EP takes fp32 + trt_fp16_enable.
         onnx_precision = "fp16" if precision == "fp16" and self.provider == "cuda" else "fp32"
         cache = Path(run_dir) / "engines" / "ort-tensorrt"

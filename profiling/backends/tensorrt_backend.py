@@ -127,6 +127,7 @@ class TensorRTEngine:
 class TensorRTBackend:
     name = "tensorrt"
     device = "cuda"
+    numpy_inputs = False  # torch inputs on the GPU (`runtime.TorchStages`)
 
     def check(self) -> None:
         try:

@@ -85,6 +85,8 @@ class TorchEngine:
 
 
 class TorchBackend:
+    numpy_inputs = False  # torch inputs on the backend's device (`runtime.TorchStages`)
+
     def __init__(self, device: str, graphs: bool = False, compile: bool = False):
         self.device, self.graphs, self.compile = device, graphs, compile
         self.name = "torch" + ("-cuda" if device == "cuda" else "") + ("-graphs" if graphs else "") + \
