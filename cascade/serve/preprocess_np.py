@@ -185,11 +185,18 @@ def _resample_height(y: np.ndarray, n_in: int, n_out: int, start: int, count: in
     return _round(out, clamp)
 
 
-CHUNK = 4  # images resized together: enough for large matrix products, few enough to stay in the CPU's caches
+CHUNK = 4  # images resized together: enough for large matrix products, few enough to stay in the CPU's caches...
+CHUNK_BYTES = 1 << 19  # ...and more while their pixels stay under this: small images cost Python calls, not products
+
+
+def chunk_size(height: int, width: int) -> int:
+    """How many height x width images are resized together: CHUNK, more for small ones (up to CHUNK_BYTES of
+    pixels), whose cost is per call, not per pixel (32 images of 64x64 to r32: 0.10 -> 0.04 ms per image)."""
+    return max(CHUNK, CHUNK_BYTES // max(1, height * width * 3))
 
 
 def _resize_center_crop_chunk(images: np.ndarray, resolution: int, crop_fraction: float) -> np.ndarray:
-    """Up to CHUNK equal-size uint8 images [N, H, W, 3] -> float [N, r, 3, r] (row, channel, column) in this
+    """A chunk (`chunk_size`) of equal-size uint8 images [N, H, W, 3] -> float [N, r, 3, r] (row, channel, column) in this
     thread's workspace: valid until the thread's next call."""
     n, r = images.shape[0], resolution
     top, left, h, w = aspect_window(*images.shape[1:3])
@@ -231,8 +238,9 @@ def resize_center_crop_pixels(images: np.ndarray, resolution: int,
     for another shape or dtype, a resolution below 1 or a crop_fraction outside (0, 1]."""
     _check_arguments(images, resolution, crop_fraction)
     out = np.empty((len(images), resolution, resolution, 3), dtype=np.float32)
-    for i in range(0, len(images), CHUNK):  # each chunk's result lives in the workspace until the next one
-        out[i:i + CHUNK] = _resize_center_crop_chunk(images[i:i + CHUNK], resolution, crop_fraction).transpose(
+    chunk = chunk_size(*images.shape[1:3])
+    for i in range(0, len(images), chunk):  # each chunk's result lives in the workspace until the next one
+        out[i:i + chunk] = _resize_center_crop_chunk(images[i:i + chunk], resolution, crop_fraction).transpose(
             0, 1, 3, 2)
     return out
 
@@ -267,22 +275,24 @@ def preprocess_pixels(images: np.ndarray, resolution: int, crop_fraction: float 
     elif not isinstance(out, np.ndarray) or out.shape != shape or out.dtype != np.float32:
         got = f"{out.dtype} {list(out.shape)}" if isinstance(out, np.ndarray) else type(out).__name__
         raise ValueError(f"out must be a float32 array {list(shape)}, got {got}")
-    for i in range(0, len(images), CHUNK):
-        _normalize_into(out[i:i + CHUNK], _resize_center_crop_chunk(images[i:i + CHUNK], resolution,
+    chunk = chunk_size(*images.shape[1:3])
+    for i in range(0, len(images), chunk):
+        _normalize_into(out[i:i + chunk], _resize_center_crop_chunk(images[i:i + chunk], resolution,
                                                                      crop_fraction), mean, std)
     return out
 
 
 def preprocess_rows(pixels: list, rows, resolution: int, crop_fraction: float, mean, std, pool=None) -> np.ndarray:
     """The model input float32 [len(rows), 3, r, r] of `rows` (indices into pixels, uint8 [H, W, 3] arrays of any
-    sizes), as a runtime makes a stage's input: images of one size preprocessed together, CHUNK at a time, the
+    sizes), as a runtime makes a stage's input: images of one size preprocessed together, `chunk_size` at a time, the
     chunks spread over `pool` (a concurrent.futures executor; None: this thread): numpy releases the GIL in its
     products. ValueError as `preprocess_pixels`."""
     out = np.empty((len(rows), 3, resolution, resolution), dtype=np.float32)
     by_shape: dict[tuple, list[int]] = {}
     for j, i in enumerate(rows):
         by_shape.setdefault(pixels[i].shape, []).append(j)
-    tasks = [js[c:c + CHUNK] for js in by_shape.values() for c in range(0, len(js), CHUNK)]  # a chunk per task
+    tasks = [js[c:c + size] for shape, js in by_shape.items() for size in [chunk_size(*shape[:2])]
+             for c in range(0, len(js), size)]  # a chunk per task
 
     def run(js: list[int]) -> None:
         batch = np.stack([pixels[rows[j]] for j in js])
