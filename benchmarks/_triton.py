@@ -142,7 +142,7 @@ def classify(url: str, model: str, images: list[bytes]) -> dict:
     data = np.array(images, dtype=object).reshape(-1, 1)
     tensor = http.InferInput("IMAGE", list(data.shape), "BYTES")
     tensor.set_data_from_numpy(data)
-    names = ("LABEL", "CLASS_NAME", "PROBABILITY", "EXIT_STAGE", "RESOLUTION", "ERROR")
+    names = ("LABEL", "CLASS_NAME", "PROBABILITY", "EXIT_STAGE", "RESOLUTION", "STAGE", "ERROR")
     result = client.infer(model, [tensor], outputs=[http.InferRequestedOutput(n) for n in names])
     return {n: result.as_numpy(n).reshape(-1) for n in names}
 

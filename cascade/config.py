@@ -59,7 +59,7 @@ class CascadeConfig:
         and the expected figures on calib and on `test` (default: the family's predictions/test.npz, never seen
         by the choice). Not written until `save`."""
         from rescascade.serve.fileio import sha256_file
-        from rescascade.training.store import read_family_json, weights_id
+        from rescascade.training.store import model_name, read_family_json, weights_id
 
         from .predictions import load_predictions
         builder.check_fitted()
@@ -94,9 +94,9 @@ class CascadeConfig:
                            "temperature_fitted_on": (None if not b.temperature else
                                                      "calib" if b.guarantee is None else "the select part of calib"),
                            "combine": b.combine_},
-            "stages": stages_json(cascade),
+            "stages": stages_json(cascade, model_name(doc)),
             **decode_json(cascade),
-            "reference": {"resolution": b.reference_, "accuracy_calib": ref_out.accuracy,
+            "reference": {"resolution": b.reference_, "model": model_name(doc), "accuracy_calib": ref_out.accuracy,
                           "accuracy_test": ref_test.accuracy, "cost_ms": ref_out.mean_cost},
             "target": {"kind": b.target.kind, "value": b.target.value, "description": b.target.describe()},
             "expected": expected,
@@ -158,10 +158,11 @@ def config_path(path, what: str = "path") -> Path:
     return path / "cascade.json" if path.is_dir() else path
 
 
-def stages_json(cascade: Cascade) -> list[dict]:
-    """Stages as JSON: the last one's threshold is null (it answers everything)."""
-    return [{"resolution": s.resolution, "threshold": None if not math.isfinite(s.threshold) else s.threshold}
-            for s in cascade.stages]
+def stages_json(cascade: Cascade, model: str | None = None) -> list[dict]:
+    """Stages as JSON: the last one's threshold is null (it answers everything); each names the model it runs
+    (`serve.names`) where `model` is given."""
+    return [{"resolution": s.resolution, "threshold": None if not math.isfinite(s.threshold) else s.threshold,
+             **({"model": model} if model else {})} for s in cascade.stages]
 
 
 def decode_json(cascade: Cascade) -> dict:

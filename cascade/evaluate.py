@@ -21,6 +21,7 @@ from rescascade.profiling.measure import torch_threads
 from rescascade.serve.errors import ConfigError, RescascadeError, check_int
 from rescascade.serve.fileio import output_file, write_json
 from rescascade.serve.limits import MAX_BATCH, MAX_THREADS
+from rescascade.serve.names import stage_name, stage_names
 from rescascade.training.progress import progress
 
 from .config import read_config
@@ -89,7 +90,8 @@ def run_eval(cascade_json, data: str | None = None, backend: str | None = None, 
                     "images_per_s": 1000 / ms_img_c,
                     "exit_fractions": [float((exits == k).mean()) for k in range(len(config.doc["stages"]))],
                     "stage_seconds": stage_time["cascade"]},
-        "reference": {"resolution": ref, "accuracy": acc_r, "ms_per_image": ms_img_r,
+        "reference": {"resolution": ref, "stage": stage_names(config.doc)[ref], "accuracy": acc_r,
+                      "ms_per_image": ms_img_r,
                       "stage_seconds": stage_time["reference"],
                       "batch_ms_median": float(np.median(per_batch_r)), "batch_ms_p90": float(np.percentile(per_batch_r, 90)),
                       "images_per_s": 1000 / ms_img_r},
@@ -202,7 +204,8 @@ def _add_stage_times(into: dict, timings) -> None:
 
 def format_eval(r: dict) -> str:
     c, ref = r["cascade"], r["reference"]
-    stages = " -> ".join(f"r{s['resolution']}" for s in c["stages"])
+    stages = " -> ".join(stage_name(s.get("model"), s["resolution"]) for s in c["stages"])
+    reference = ref.get("stage") or stage_name(None, ref["resolution"])
     pred = r["predicted_cost_ratio"]
     lines = [f"measured on {r['images']} {r['split']} images, {r['backend']} {r['precision']}, batch {r['batch_size']}, "
              f"{r['threads']} threads, median of {r['repeats']} passes",
@@ -211,7 +214,7 @@ def format_eval(r: dict) -> str:
              "|---|---|---|---|---|---|---|",
              f"| cascade {stages} | {100 * c['accuracy']:.2f}% | {c['ms_per_image']:.3f} | {c['batch_ms_median']:.2f} | "
              f"{c['batch_ms_p90']:.2f} | {c['images_per_s']:.1f} | {r['measured_cost_ratio']:.3f}x |",
-             f"| reference r{ref['resolution']} | {100 * ref['accuracy']:.2f}% | {ref['ms_per_image']:.3f} | "
+             f"| reference {reference} | {100 * ref['accuracy']:.2f}% | {ref['ms_per_image']:.3f} | "
              f"{ref['batch_ms_median']:.2f} | {ref['batch_ms_p90']:.2f} | {ref['images_per_s']:.1f} | 1.000x |",
              "",
              f"exits per stage: {' / '.join(f'{100 * e:.1f}%' for e in c['exit_fractions'])}; "
@@ -224,7 +227,7 @@ def format_eval(r: dict) -> str:
                   "| model | top-1 | ms/image | of which decode | cost vs reference |", "|---|---|---|---|---|",
                   f"| cascade {stages} | {100 * fb['cascade']['accuracy']:.2f}% | {fb['cascade']['ms_per_image']:.3f} | "
                   f"{fb['cascade']['decode_ms_per_image']:.3f} | {fb['measured_cost_ratio']:.3f}x |",
-                  f"| reference r{ref['resolution']} | {100 * fb['reference']['accuracy']:.2f}% | "
+                  f"| reference {reference} | {100 * fb['reference']['accuracy']:.2f}% | "
                   f"{fb['reference']['ms_per_image']:.3f} | {fb['reference']['decode_ms_per_image']:.3f} | 1.000x |",
                   "", f"end-to-end cost ratio measured {fb['measured_cost_ratio']:.3f}x" +
                   (f", predicted {p:.3f}x" if p is not None else

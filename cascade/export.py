@@ -288,6 +288,7 @@ output [
   {{ name: "PROBABILITY" data_type: TYPE_FP32 dims: [ 1 ] }},
   {{ name: "EXIT_STAGE" data_type: TYPE_INT64 dims: [ 1 ] }},
   {{ name: "RESOLUTION" data_type: TYPE_INT32 dims: [ 1 ] }},
+  {{ name: "STAGE" data_type: TYPE_STRING dims: [ 1 ] }},
   {{ name: "ERROR" data_type: TYPE_STRING dims: [ 1 ] }}
 ]
 parameters: [

@@ -21,6 +21,7 @@ import numpy as np
 
 from rescascade.serve.counts import ExitCounts, plan_identity
 from rescascade.serve.errors import ConfigError, check_number
+from rescascade.serve.names import stage_name, stage_names
 
 POWER = 0.8        # the power at which the report states the difference each stage's test can detect
 
@@ -43,7 +44,7 @@ def drift_report(config, counts: ExitCounts, alpha: float = 0.01, split: str = "
 
     config: a CascadeConfig or a deploy.Bundle (anything with the validated `doc` and its `path`). counts: the
     served ExitCounts (several runtimes' added up). alpha: the family-wise false-alarm rate (Bonferroni over the
-    tested stages). -> {"stages": [{resolution, expected, served, n_expected, n_served, p_value, detectable,
+    tested stages). -> {"stages": [{resolution, stage (its name), expected, served, n_expected, n_served, p_value, detectable,
     drifted}], "drifted": bool, "alpha", "split", "inputs", "errors"}; detectable: the difference in the exit
     fraction the stage's test sees with 80 % power (None without traffic). Raises ConfigError when the counts
     were served by another plan (`plan_identity`) or alpha is not in (0, 1)."""
@@ -57,7 +58,7 @@ def drift_report(config, counts: ExitCounts, alpha: float = 0.01, split: str = "
     if not 0 < alpha < 1:
         raise ConfigError(f"--alpha {alpha}: give a false-alarm rate in (0, 1), e.g. 0.01")
     doc = config.doc
-    stages = [int(s["resolution"]) for s in doc["stages"]]
+    stages, names = [int(s["resolution"]) for s in doc["stages"]], stage_names(doc)
     measure, plan = doc["confidence"]["measure"], plan_identity(doc)
     if counts.plan != plan:
         same_stages = counts.stages == stages and counts.measure == measure
@@ -83,7 +84,8 @@ def drift_report(config, counts: ExitCounts, alpha: float = 0.01, split: str = "
                 p_value = float(chi2_contingency(np.round(table), correction=True)[1])
             else:
                 p_value = 1.0  # nobody (or everybody) exits on either side: nothing differs
-        rows.append({"resolution": stages[k], "expected": p_e, "served": p_s, "n_expected": round(reach_e),
+        rows.append({"resolution": stages[k], "stage": names[stages[k]], "expected": p_e, "served": p_s,
+                     "n_expected": round(reach_e),
                      "n_served": reach_s, "p_value": p_value,
                      "detectable": None if math.isnan(p_e) else _detectable(p_e, reach_e, reach_s, level),
                      "drifted": p_value is not None and p_value < level})
@@ -102,7 +104,8 @@ def format_drift(report: dict) -> str:
         served = "" if math.isnan(r["served"]) else f"{100 * r['served']:.1f}%"
         expected = "n/a" if math.isnan(r["expected"]) else f"{100 * r['expected']:.1f}%"
         seen = "n/a" if r["detectable"] is None else f"+-{100 * r['detectable']:.1f} points"
-        lines.append(f"| r{r['resolution']} | {expected} | {served} | {r['n_expected']} / {r['n_served']} | {p} | "
+        stage = r.get("stage") or stage_name(None, r["resolution"])
+        lines.append(f"| {stage} | {expected} | {served} | {r['n_expected']} / {r['n_served']} | {p} | "
                      f"{seen} | {'yes' if r['drifted'] else 'no'} |")
     lines.append("")
     if report["drifted"]:

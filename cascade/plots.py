@@ -57,14 +57,14 @@ def eval_plot(report: dict, path) -> None:
     c, ref = report["cascade"], report["reference"]
     fig = Figure(figsize=(8, 3.4))
     axes = fig.subplots(1, 2)
-    axes[0].bar(["cascade", f"r{ref['resolution']}"], [c["ms_per_image"], ref["ms_per_image"]],
+    axes[0].bar(["cascade", ref.get("stage") or f"r{ref['resolution']}"], [c["ms_per_image"], ref["ms_per_image"]],
                 color=["tab:orange", "tab:grey"])
     if report["predicted_cost_ratio"] is not None:
         axes[0].axhline(report["predicted_cost_ratio"] * ref["ms_per_image"], ls="--", color="tab:blue",
                         label="predicted (profile)")
         axes[0].legend(fontsize=7)
     axes[0].set_ylabel("ms per image (measured)")
-    axes[1].bar(["cascade", f"r{ref['resolution']}"], [100 * c["accuracy"], 100 * ref["accuracy"]],
+    axes[1].bar(["cascade", ref.get("stage") or f"r{ref['resolution']}"], [100 * c["accuracy"], 100 * ref["accuracy"]],
                 color=["tab:orange", "tab:grey"])
     lo = min(c["accuracy"], ref["accuracy"]) * 100
     axes[1].set_ylim(max(0, lo - 5), min(100, max(c["accuracy"], ref["accuracy"]) * 100 + 2))

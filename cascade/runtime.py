@@ -39,6 +39,7 @@ from .optimizer import Cascade, Stage
 from .serve.counts import ExitCounts, plan_identity
 from .serve.exits import CascadeResult, StageTiming, decision_step, exit_step, in_batches, load_inputs, warmup_sizes
 from .serve.loop import Plan, run_plan
+from .serve.names import stage_names
 
 __all__ = ["CascadeRunner", "CascadeResult", "StageTiming", "decision_step", "exit_step"]
 
@@ -132,9 +133,11 @@ class CascadeRunner:
         self._plan = Plan(stages=(), temperatures=self.temperatures, measure=self.measure, combined=self.combined,
                           decode_at=None, crop_fraction=self.crop_fraction, decode_scale=self.decode_scale,
                           mean=None if self.mean is None else tuple(self.mean),
-                          std=None if self.std is None else tuple(self.std), class_names=tuple(doc["class_names"]))
+                          std=None if self.std is None else tuple(self.std), class_names=tuple(doc["class_names"]),
+                          names=stage_names(self.config.doc))
         self.counts = ExitCounts.for_cascade(self.cascade.resolutions, self.measure, doc["num_classes"], plan_identity(
-            self.config.doc, [(st.resolution, st.threshold) for st in self.cascade.stages], self.cascade.decode_at))
+            self.config.doc, [(st.resolution, st.threshold) for st in self.cascade.stages], self.cascade.decode_at),
+            self._plan.running([(st.resolution, st.threshold) for st in self.cascade.stages], None).stage_names)
         self.num_classes = doc["num_classes"]
         self.class_names = list(doc["class_names"])
         self.max_image_pixels = max_image_pixels

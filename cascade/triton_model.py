@@ -9,12 +9,14 @@ numpy, Pillow: no torch in Triton's Python environment) and answers each request
 Inputs (one of them per request): IMAGE, TYPE_STRING [1]: an encoded image file (JPEG, PNG, ...); PIXELS,
 TYPE_UINT8 [H, W, 3]: decoded RGB. Outputs per image: LABEL (INT64, -1 where the image failed), CLASS_NAME,
 PROBABILITY (FP32, of the answer), EXIT_STAGE (INT64, index of the answering stage), RESOLUTION (INT32, its
-resolution), ERROR (empty, or what is wrong with that image). Parameters (config.pbtxt): reference ("true": the
+resolution), STAGE (its name: the model it runs and its resolution, "mobilenet_v2/r96"), ERROR (empty, or what is
+wrong with that image). Parameters (config.pbtxt): reference ("true": the
 reference model alone), providers (comma-separated ONNX Runtime providers), threads, counts_path (where the exit
 counts are written, for `rescascade drift`; relative paths are inside the model's directory; {instance} becomes
 the instance's name, so instances do not overwrite each other's counts; a reloaded or restarted model goes on
 counting into the file of its plan, and writes a new file, never over one of another plan). Exits per stage
-are also Triton metrics: rescascade_stage_inputs_total and rescascade_stage_exits_total{model, stage="rN"}.
+are also Triton metrics: rescascade_stage_inputs_total and rescascade_stage_exits_total{model, stage}, stage
+the stage's name.
 """
 from __future__ import annotations
 
@@ -66,8 +68,9 @@ class TritonPythonModel:
         except AttributeError:  # a Triton before custom metrics: the counts file still has them
             return
         self._families = (inputs, exits)  # a family must outlive its metrics
-        self.reached = [inputs.Metric({"model": model, "stage": f"r{r}"}) for r in self.resolutions]
-        self.exited = [exits.Metric({"model": model, "stage": f"r{r}"}) for r in self.resolutions]
+        names = self.runner.plan.stage_names
+        self.reached = [inputs.Metric({"model": model, "stage": name}) for name in names]
+        self.exited = [exits.Metric({"model": model, "stage": name}) for name in names]
 
     def _inputs(self, request) -> list:
         image = self.pb.get_input_tensor_by_name(request, "IMAGE")
@@ -105,6 +108,7 @@ class TritonPythonModel:
             outputs = {"LABEL": labels.astype(np.int64), "PROBABILITY": prob.astype(np.float32),
                        "EXIT_STAGE": stage.astype(np.int64),
                        "RESOLUTION": np.array([self.resolutions[s] if s >= 0 else 0 for s in stage], np.int32),
+                       "STAGE": np.array([name or "" for name in result.exit_names[rows]], dtype=object),
                        "CLASS_NAME": np.array(names, dtype=object), "ERROR": np.array(errors, dtype=object)}
             responses.append(self.pb.InferenceResponse(
                 output_tensors=[self.pb.Tensor(name, value.reshape(n, 1)) for name, value in outputs.items()]))

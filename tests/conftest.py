@@ -87,8 +87,9 @@ def split_cascade(built, tmp_path_factory):
     probe = [encode(photo(60 + 7 * i, 90 - 3 * i, i), "JPEG") for i in range(24)]
     first = CascadeRunner(config, threads=1, warmup=False, stages=Cascade([Stage(low, -math.inf)]))
     doc = json.loads(Path(path).read_text())
-    doc["stages"] = [{"resolution": low, "threshold": float(np.median(first(probe).confidence))},
-                     {"resolution": high, "threshold": None}]
+    model = doc["reference"]["model"]
+    doc["stages"] = [{"resolution": low, "threshold": float(np.median(first(probe).confidence)), "model": model},
+                     {"resolution": high, "threshold": None, "model": model}]
     for split in ("calib", "test"):
         doc["expected"][split]["exit_fractions"] = [0.5, 0.5]
     doc["family"]["path"] = str(family.resolve())

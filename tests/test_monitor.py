@@ -58,6 +58,34 @@ def test_runtime_counts_what_the_served_cascade_saw(built, tmp_path):
     assert ExitCounts.load(tmp_path / "counts.json") == c
 
 
+def test_stages_are_named_by_model_and_resolution(built, tmp_path):
+    """cascade.json names the model of every stage and of the reference; results, counts and the drift report name
+    a stage "MODEL/rR"; a cascade.json from before the field names it "rR"; a model that is not a name is refused."""
+    from rescascade.monitor import format_drift
+    _, cascade_json, _ = built
+    built_doc = json.loads(cascade_json.read_text())
+    model = built_doc["reference"]["model"]
+    assert model == "mobilenet_v2_x0.35" and {s["model"] for s in built_doc["stages"]} == {model}
+    config = two_stages(cascade_json)  # stages written without their model: named by resolution alone
+    low, high = [s["resolution"] for s in config.doc["stages"]]
+    images, _ = make_synthetic(8, size=64, seed=3)
+    assert CascadeRunner(config, warmup=False)(list(images)).stage_names == [f"r{low}", f"r{high}"]
+    for s in config.doc["stages"]:
+        s["model"] = model
+    runner = CascadeRunner(config, warmup=False)
+    want = [f"{model}/r{low}", f"{model}/r{high}"]
+    res = runner(list(images) + [b"not an image"])
+    assert res.stage_names == want == runner.counts.names
+    assert res.exit_names == [want[k] for k in res.exit_stage[:8]] + [None]
+    runner.counts.save(tmp_path / "counts.json")
+    assert ExitCounts.load(tmp_path / "counts.json").names == want
+    report = drift_report(config, runner.counts)
+    assert [r["stage"] for r in report["stages"]] == want[:1] and f"| {want[0]} |" in format_drift(report)
+    config.doc["stages"][0]["model"] = 7
+    with pytest.raises(ArtifactError, match="model must be a name"):
+        config.save(tmp_path / "bad.json")
+
+
 def test_drift_flags_traffic_that_exits_otherwise(built, tmp_path):
     _, cascade_json, _ = built
     config = two_stages(cascade_json)

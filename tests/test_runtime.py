@@ -177,5 +177,6 @@ def test_cli_pipeline_end_to_end(tmp_path, capsys):
     assert main(["eval", str(fam / "cascade.json"), "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "family / one model" in out and "| cascade" in out and "cost vs reference" in out
+    assert "| cascade mobilenet_v2_x0.35/r" in out and "| reference mobilenet_v2_x0.35/r" in out  # stage names
     assert main(["build", str(fam), "--target", "150"]) == 2
     assert "is ambiguous" in capsys.readouterr().err

@@ -66,6 +66,8 @@ def test_served_cascade_answers_as_the_bundle(repo, split_cascade, capsys):
         assert got["ERROR"][5].decode().startswith("ImageError") and not any(got["ERROR"][ok])
         assert got["ERROR"][9] and int(got["LABEL"][9]) == -1 and ok.sum() == len(images) - 2
         assert set(got["EXIT_STAGE"][ok]) == {0, 1}, "the test needs rows answered by each stage"
+        assert [b.decode() for b in got["STAGE"][ok]] == [n for n in want.exit_names if n is not None]
+        assert all("/r" in n for n in want.stage_names)  # the model it runs and its resolution
         ref = classify(server.url, "reference", images)
         assert ref["LABEL"].tolist() == want_ref.labels.tolist() and set(ref["EXIT_STAGE"][ok]) == {0}
         # concurrent single-image requests: the dynamic batcher groups them, each gets its own row back
@@ -76,7 +78,7 @@ def test_served_cascade_answers_as_the_bundle(repo, split_cascade, capsys):
         import re
         import urllib.request
         metrics = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
-        exits = re.findall(r'rescascade_stage_exits_total\{model="cascade",stage="r\d+"\} (\d+)', metrics)
+        exits = re.findall(r'rescascade_stage_exits_total\{model="cascade",stage="[^"]+/r\d+"\} (\d+)', metrics)
         assert len(exits) == 2 and sum(map(int, exits)) == 2 * int(ok.sum()), metrics  # two passes of the images
         # killed mid-service: requests fail (no answer at all), and after a restart the answers are the same
         server.stop(kill=True)

@@ -82,6 +82,13 @@ def save_family(family: ResolutionFamily, run_dir, class_names=None, provenance:
     return doc
 
 
+def model_name(doc: dict) -> str:
+    """A family's model, as a cascade's stages name it: its arch, with its width where not 1 (family.json's content
+    -> "mobilenet_v2_x0.35", "resnet50", "tf_efficientnet_lite0")."""
+    width = float(doc.get("width_mult", 1.0))
+    return doc["arch"] if width == 1.0 else f"{doc['arch']}_x{width:g}"
+
+
 def read_family_json(run_dir) -> dict:
     path = Path(run_dir) / "family.json"
     if Path(run_dir).is_file():

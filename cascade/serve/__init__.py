@@ -5,6 +5,7 @@ own library, ONNX Runtime in `ort`) are all it imports: no torch, no scipy at mo
 - `preprocess_np`: resize, center crop, normalization, the same pixels as torch's
 - `confidence`, `exits`: the confidence measures and the stage loop's exit decision
 - `counts`: what a served cascade saw, for drift tests
+- `names`: how outputs name a stage (the model it runs and its resolution)
 - `ort`: ONNX Runtime sessions as profiled (a family's shared model made a stage's model by its patch)
 - `loop`: the stage loop every runtime runs, over a `Plan`, with an engine
 - `ort_engine`: the loop's engine on ONNX Runtime (numpy inputs, a session per stage)

@@ -39,6 +39,7 @@ from .fileio import check_schema, printable_streams, read_json, sha256_file
 from .images import DECODE_SCALES, DEFAULT_MAX_PIXELS, Encoded, pil_pixels
 from .limits import MAX_BATCH, MAX_THREADS
 from .loop import Plan, run_plan
+from .names import stage_names
 from .ort import patch_identity, unpack_patch
 from .ort_engine import OrtEngine
 from .preprocess_np import eval_resize_size
@@ -260,13 +261,14 @@ class BundleRunner:
                          measure=doc["confidence"]["measure"], combined=bool(doc["confidence"].get("combine", False)),
                          decode_at=None if reference else self.bundle.decode_at, crop_fraction=prep["crop_fraction"],
                          decode_scale=prep["decode_scale"], mean=tuple(prep["mean"]), std=tuple(prep["std"]),
-                         class_names=tuple(doc["class_names"]))
+                         class_names=tuple(doc["class_names"]), names=stage_names(doc))
         self.stages, self.class_names = list(self.plan.stages), list(self.plan.class_names)
         self.num_classes = len(self.class_names)
         self.max_image_pixels = max_image_pixels
         self.batch_size = batch_size or int(doc.get("profile", {}).get("batch_size") or 1)
         self.counts = ExitCounts.for_cascade(self.plan.resolutions, self.plan.measure, self.num_classes,
-                                             plan_identity(doc, self.stages, self.plan.decode_at))
+                                             plan_identity(doc, self.stages, self.plan.decode_at),
+                                             self.plan.stage_names)
         self.engine = OrtEngine(str(self.bundle.shared_path), {r: self.bundle.patch(r) for r, _ in self.stages},
                                 {r: str(self.bundle.patch_path(r)) for r, _ in self.stages}, prep["crop_fraction"],
                                 prep["mean"], prep["std"], providers, threads, weights,
@@ -351,8 +353,8 @@ def main(argv=None) -> int:
             if i in result.errors:
                 print(f"{_one_field(path)}\terror: {result.errors[i]}")
             else:
-                stage = runner.stages[result.exit_stage[i]][0]
-                print(f"{_one_field(path)}\t{result.names[i]}\t{result.probs[i].max():.4f}\tr{stage}")
+                print(f"{_one_field(path)}\t{result.names[i]}\t{result.probs[i].max():.4f}\t"
+                      f"{_one_field(result.exit_names[i])}")
     return 1 if failed else 0
 
 

@@ -50,7 +50,8 @@ def _is_number(v) -> bool:
 
 def exit_problem(doc: dict, resolutions, num_classes: int) -> str | None:
     """What is wrong with the exit decision a cascade.json or a bundle.json describes (confidence: measure,
-    temperatures, one for every stage and the reference, combine; stages: resolution and threshold; reference;
+    temperatures, one for every stage and the reference, combine; stages: resolution, threshold and model name;
+    reference;
     the expected exit figures, `expected_problem`), None if nothing: `resolutions` are the ones it may use,
     thresholds must lie in the measure's range for `num_classes` classes."""
     conf, stages, ref = doc.get("confidence"), doc.get("stages"), doc.get("reference")
@@ -80,6 +81,9 @@ def exit_problem(doc: dict, resolutions, num_classes: int) -> str | None:
                 f"[{low:.4g}, {high:g}])"
     if not (isinstance(ref, dict) and _is_int(ref.get("resolution")) and ref["resolution"] in resolutions):
         return f"reference.resolution must be one of {sorted(resolutions)}"
+    if not all(isinstance(e.get("model", "-"), str) and e.get("model", "-") and "\n" not in e.get("model", "-")
+               for e in [*stages, ref]):
+        return "a stage's or the reference's model must be a name (one line of text)"
     untempered = [r for r in [s["resolution"] for s in stages] + [ref["resolution"]] if str(r) not in temps]
     if untempered:  # a threshold cuts the tempered probability: without its temperature it cuts another one
         return f"confidence.temperatures lacks r{untempered[0]}'s temperature (every stage's and the reference's)"

@@ -41,7 +41,7 @@ def plan_identity(doc: dict, stages=None, decode_at=None) -> str:
 
 @dataclass
 class ExitCounts:
-    """Running counts of a served cascade. stages: the stages' resolutions; edges: the confidence histogram's bin
+    """Running counts of a served cascade. stages: the stages' resolutions (names: their names); edges: the confidence histogram's bin
     edges (the measure's range); plan: the `plan_identity` of the cascade served; ids: one per runtime whose
     counts these are (added counts hold each); reached[k] / exited[k]: inputs that reached / left at stage k;
     histograms[k]: confidences at stage k of every input that reached it; inputs, errors: inputs seen, inputs
@@ -56,15 +56,17 @@ class ExitCounts:
     histograms: list[list[int]] = field(default_factory=list)
     inputs: int = 0
     errors: int = 0
+    names: list[str] = field(default_factory=list)  # the stages' names ("MODEL/rR"; empty in counts saved before)
 
     @classmethod
-    def for_cascade(cls, resolutions: list[int], measure: str, num_classes: int, plan: str) -> "ExitCounts":
-        """Empty counts of a new runtime serving stages `resolutions` with `measure` over num_classes classes,
-        the plan `plan` (`plan_identity`)."""
+    def for_cascade(cls, resolutions: list[int], measure: str, num_classes: int, plan: str,
+                    names: list[str] | None = None) -> "ExitCounts":
+        """Empty counts of a new runtime serving stages `resolutions` (named `names`, `serve.names`) with `measure`
+        over num_classes classes, the plan `plan` (`plan_identity`)."""
         low, high = (-math.log(num_classes), 0.0) if measure == "entropy" else (0.0, 1.0)
         k = len(resolutions)
         return cls(list(resolutions), measure, list(np.linspace(low, high, BINS + 1)), plan, [uuid.uuid4().hex],
-                   [0] * k, [0] * k, [[0] * BINS for _ in range(k)])
+                   [0] * k, [0] * k, [[0] * BINS for _ in range(k)], names=list(names or []))
 
     def add_stage(self, k: int, confidence: np.ndarray, exits: np.ndarray) -> None:
         """Stage k saw these confidences [n] (float) and let the rows where exits [n] (bool) is True go."""
@@ -97,7 +99,9 @@ class ExitCounts:
             k = len(counts.stages)
             ok = k > 0 and len(counts.reached) == len(counts.exited) == len(counts.histograms) == k and all(
                 0 <= e <= r for e, r in zip(counts.exited, counts.reached)) and isinstance(counts.plan, str) and \
-                isinstance(counts.ids, list) and counts.ids and all(isinstance(i, str) for i in counts.ids)
+                isinstance(counts.ids, list) and counts.ids and all(isinstance(i, str) for i in counts.ids) and \
+                isinstance(counts.names, list) and len(counts.names) in (0, k) and all(isinstance(n, str) for n in
+                                                                                       counts.names)
         except (TypeError, ValueError) as e:
             raise ArtifactError(f"{path} is not a counts file of this version ({e}); save it again with "
                                 "runner.counts.save(path)") from None
@@ -121,7 +125,7 @@ class ExitCounts:
                           [a + b for a, b in zip(self.reached, other.reached)],
                           [a + b for a, b in zip(self.exited, other.exited)],
                           [[a + b for a, b in zip(h, g)] for h, g in zip(self.histograms, other.histograms)],
-                          self.inputs + other.inputs, self.errors + other.errors)
+                          self.inputs + other.inputs, self.errors + other.errors, self.names or other.names)
 
 
 def continue_counts(path, fresh: ExitCounts) -> tuple[ExitCounts, Path]:

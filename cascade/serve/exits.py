@@ -45,11 +45,17 @@ class CascadeResult:
     stage_timings: list[StageTiming] = field(default_factory=list)
     wall_s: float = 0.0
     class_names: list[str] = field(default_factory=list)   # the family's, index -> name
+    stage_names: list[str] = field(default_factory=list)   # the stages', in order: "MODEL/rR" (`names`)
 
     @property
     def names(self) -> list[str | None]:
         """[N] the predicted class names (None where the input failed)."""
         return [self.class_names[k] if k >= 0 else None for k in self.labels]
+
+    @property
+    def exit_names(self) -> list[str | None]:
+        """[N] the name of the stage that answered each input (None where the input failed)."""
+        return [self.stage_names[k] if k >= 0 else None for k in self.exit_stage]
 
 
 @dataclass
@@ -120,7 +126,7 @@ def in_batches(run: Callable[[list], CascadeResult], items: list, batch_size: in
     return CascadeResult(np.concatenate([p.labels for p in parts]), np.concatenate([p.probs for p in parts]),
                          np.concatenate([p.exit_stage for p in parts]), np.concatenate([p.confidence for p in parts]),
                          {int(start) + i: e for start, p in zip(starts, parts) for i, e in p.errors.items()},
-                         timings, sum(p.wall_s for p in parts), parts[0].class_names)
+                         timings, sum(p.wall_s for p in parts), parts[0].class_names, parts[0].stage_names)
 
 
 def load_inputs(images: Sequence, max_pixels: int, to_pixels: Callable) -> tuple[list, dict[int, str]]:

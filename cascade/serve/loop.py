@@ -18,6 +18,7 @@ import numpy as np
 from .counts import ExitCounts
 from .exits import Answers, CascadeResult, StageTiming, decode_stage, exit_step
 from .images import Encoded
+from .names import stage_name
 from .preprocess_np import stage_min_side
 
 
@@ -26,8 +27,8 @@ class Plan:
     """What a runtime runs: stages [(resolution, threshold)] in order (the last one answers everything, whatever
     its threshold), the confidence setting (per-resolution temperatures, measure, free ensemble), the decode plan
     (decode_at: None, each stage decodes a JPEG at its own scale; R, every stage from one decode at R's scale), the
-    preprocessing (crop_fraction, decode_scale "stage" | "full", mean and std or None for ImageNet's) and the class
-    names (index -> name)."""
+    preprocessing (crop_fraction, decode_scale "stage" | "full", mean and std or None for ImageNet's), the class
+    names (index -> name) and the stages' names (resolution -> "MODEL/rR", `names.stage_names`)."""
     stages: tuple[tuple[int, float], ...]
     temperatures: dict[int, float]
     measure: str
@@ -38,10 +39,16 @@ class Plan:
     mean: tuple[float, ...] | None
     std: tuple[float, ...] | None
     class_names: tuple[str, ...]
+    names: dict[int, str] = dataclasses.field(default_factory=dict)  # resolution -> stage name (`names.stage_name`)
 
     @property
     def resolutions(self) -> list[int]:
         return [r for r, _ in self.stages]
+
+    @property
+    def stage_names(self) -> list[str]:
+        """The stages' names, in order: the model each runs and its resolution ("rR" where not recorded)."""
+        return [self.names.get(r) or stage_name(None, r) for r in self.resolutions]
 
     def running(self, stages: Sequence[tuple[int, float]], decode_at: int | None) -> "Plan":
         """The same plan with other stages and decode plan (the reference alone, a warm-up, a cascade compared)."""
@@ -104,4 +111,4 @@ def run_plan(items: list, errors: dict[int, str], plan: Plan, engine: Engine,
         counts.inputs += n
         counts.errors += len(errors)
     return CascadeResult(answers.labels, answers.probs, answers.exit_stage, answers.confidence, errors, timings,
-                         time.perf_counter() - t_start, list(plan.class_names))
+                         time.perf_counter() - t_start, list(plan.class_names), plan.stage_names)
