@@ -80,17 +80,19 @@ def run_eval(cascade_json, data: str | None = None, backend: str | None = None, 
     acc_c, acc_r = float((pred_c == labels).mean()), float((pred_r == labels).mean())
     ms_img_c, ms_img_r = per_batch_c.sum() / n, per_batch_r.sum() / n
     exp = config.doc["expected"].get(split, {})
+    names = stage_names(config.doc)
     report = {
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "cascade_json": str(Path(cascade_json).resolve()), "data": spec, "split": split, "images": n,
         "backend": casc.backend_name, "precision": casc.precision, "batch_size": b, "repeats": repeats,
         "threads": threads_used,
-        "cascade": {"stages": config.doc["stages"], "accuracy": acc_c, "ms_per_image": ms_img_c,
+        "cascade": {"stages": config.doc["stages"],
+                    "stage_names": [names[s["resolution"]] for s in config.doc["stages"]], "accuracy": acc_c, "ms_per_image": ms_img_c,
                     "batch_ms_median": float(np.median(per_batch_c)), "batch_ms_p90": float(np.percentile(per_batch_c, 90)),
                     "images_per_s": 1000 / ms_img_c,
                     "exit_fractions": [float((exits == k).mean()) for k in range(len(config.doc["stages"]))],
                     "stage_seconds": stage_time["cascade"]},
-        "reference": {"resolution": ref, "stage": stage_names(config.doc)[ref], "accuracy": acc_r,
+        "reference": {"resolution": ref, "stage": names[ref], "accuracy": acc_r,
                       "ms_per_image": ms_img_r,
                       "stage_seconds": stage_time["reference"],
                       "batch_ms_median": float(np.median(per_batch_r)), "batch_ms_p90": float(np.percentile(per_batch_r, 90)),
@@ -204,7 +206,7 @@ def _add_stage_times(into: dict, timings) -> None:
 
 def format_eval(r: dict) -> str:
     c, ref = r["cascade"], r["reference"]
-    stages = " -> ".join(stage_name(s.get("model"), s["resolution"]) for s in c["stages"])
+    stages = " -> ".join(c.get("stage_names") or [stage_name(None, s["resolution"]) for s in c["stages"]])
     reference = ref.get("stage") or stage_name(None, ref["resolution"])
     pred = r["predicted_cost_ratio"]
     lines = [f"measured on {r['images']} {r['split']} images, {r['backend']} {r['precision']}, batch {r['batch_size']}, "

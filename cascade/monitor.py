@@ -66,6 +66,10 @@ def drift_report(config, counts: ExitCounts, alpha: float = 0.01, split: str = "
                           f"{', the same stages with other thresholds, temperatures or weights' if same_stages else ''})"
                           f"; {config.path} is plan {plan} ({stages} {measure}): compare counts with the cascade.json "
                           "(or bundle) that served them")
+    if counts.names and counts.names != [names[r] for r in stages]:
+        raise ConfigError(f"the counts name their stages {' -> '.join(counts.names)}, {config.path} names them "
+                          f"{' -> '.join(names[r] for r in stages)}: compare counts with the cascade.json (or bundle) "
+                          "that served them")
     exp = doc["expected"][split]
     n, fractions = int(exp["n"]), exp["exit_fractions"]
     tested = len(stages) - 1

@@ -81,9 +81,19 @@ def test_stages_are_named_by_model_and_resolution(built, tmp_path):
     assert ExitCounts.load(tmp_path / "counts.json").names == want
     report = drift_report(config, runner.counts)
     assert [r["stage"] for r in report["stages"]] == want[:1] and f"| {want[0]} |" in format_drift(report)
-    config.doc["stages"][0]["model"] = 7
-    with pytest.raises(ArtifactError, match="model must be a name"):
-        config.save(tmp_path / "bad.json")
+    saved = json.loads((tmp_path / "counts.json").read_text())
+    for names, message in ((want[:1], "names must be its 2 stages' names"), (["a\nb", "c"], "names must be"),
+                           ([1, 2], "names must be")):
+        (tmp_path / "edited.json").write_text(json.dumps({**saved, "names": names}))
+        with pytest.raises(ArtifactError, match=message):
+            ExitCounts.load(tmp_path / "edited.json")
+    (tmp_path / "edited.json").write_text(json.dumps({**saved, "names": ["resnet50/r1", "resnet50/r2"]}))
+    with pytest.raises(ConfigError, match="the counts name their stages resnet50/r1 -> resnet50/r2"):
+        drift_report(config, ExitCounts.load(tmp_path / "edited.json"))
+    for model in (7, "", "a/b", "two\nlines"):
+        config.doc["stages"][0]["model"] = model
+        with pytest.raises(ArtifactError, match="model must be a name"):
+            config.save(tmp_path / "bad.json")
 
 
 def test_drift_flags_traffic_that_exits_otherwise(built, tmp_path):
@@ -115,6 +125,17 @@ def test_drift_refuses_counts_of_another_cascade_or_a_damaged_file(built, tmp_pa
                                                    "exited": [5], "histograms": [[1]]}))
     with pytest.raises(ArtifactError, match="more exits than arrivals"):
         ExitCounts.load(tmp_path / "bad.json")
+    served = served_counts(config, [0.6, 0.4], 40)
+    served.save(tmp_path / "served.json")
+    doc = json.loads((tmp_path / "served.json").read_text())
+    for edit, message in (({"reached": [99, 16]}, "histogram holds more inputs than reached it|more inputs reached"),
+                          ({"reached": [40, 30]}, "more inputs reached a stage than went on"),
+                          ({"inputs": 10}, "more inputs reached the first stage or failed than the 10"),
+                          ({"errors": 41}, "or failed than the 40"), ({"inputs": -1}, "whole numbers"),
+                          ({"histograms": [[99] + [0] * 19, [0] * 20]}, "histogram holds more inputs")):
+        (tmp_path / "edited.json").write_text(json.dumps({**doc, **edit}))
+        with pytest.raises(ArtifactError, match=message):
+            ExitCounts.load(tmp_path / "edited.json")
     run = subprocess.run([sys.executable, "-m", "rescascade", "drift", str(cascade_json), str(tmp_path / "none.json")],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode != 0 and "Traceback" not in run.stderr and len(run.stderr.strip().splitlines()) == 1

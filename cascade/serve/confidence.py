@@ -81,9 +81,9 @@ def exit_problem(doc: dict, resolutions, num_classes: int) -> str | None:
                 f"[{low:.4g}, {high:g}])"
     if not (isinstance(ref, dict) and _is_int(ref.get("resolution")) and ref["resolution"] in resolutions):
         return f"reference.resolution must be one of {sorted(resolutions)}"
-    if not all(isinstance(e.get("model", "-"), str) and e.get("model", "-") and "\n" not in e.get("model", "-")
-               for e in [*stages, ref]):
-        return "a stage's or the reference's model must be a name (one line of text)"
+    models = [e.get("model", "-") for e in [*stages, ref]]
+    if not all(isinstance(m, str) and m and m.isprintable() and "/" not in m for m in models):
+        return "a stage's or the reference's model must be a name (one line of text, no /)"
     untempered = [r for r in [s["resolution"] for s in stages] + [ref["resolution"]] if str(r) not in temps]
     if untempered:  # a threshold cuts the tempered probability: without its temperature it cuts another one
         return f"confidence.temperatures lacks r{untempered[0]}'s temperature (every stage's and the reference's)"

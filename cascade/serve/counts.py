@@ -96,19 +96,38 @@ class ExitCounts:
             if version != COUNTS_SCHEMA:
                 raise ValueError(f"schema_version {version!r}")
             counts = cls(**doc)
-            k = len(counts.stages)
-            ok = k > 0 and len(counts.reached) == len(counts.exited) == len(counts.histograms) == k and all(
-                0 <= e <= r for e, r in zip(counts.exited, counts.reached)) and isinstance(counts.plan, str) and \
-                isinstance(counts.ids, list) and counts.ids and all(isinstance(i, str) for i in counts.ids) and \
-                isinstance(counts.names, list) and len(counts.names) in (0, k) and all(isinstance(n, str) for n in
-                                                                                       counts.names)
+            problem = counts._problem()
         except (TypeError, ValueError) as e:
             raise ArtifactError(f"{path} is not a counts file of this version ({e}); save it again with "
                                 "runner.counts.save(path)") from None
-        if not ok:
-            raise ArtifactError(f"{path}: reached/exited/histograms do not fit its {len(counts.stages)} stages "
-                                "(or more exits than arrivals, or no plan identity); the file was edited or damaged")
+        if problem:
+            raise ArtifactError(f"{path}: {problem}; the file was edited or damaged")
         return counts
+
+    def _problem(self) -> str | None:
+        """What is wrong with counts read from a file (they must be what a runtime can have counted), None if
+        nothing. TypeError for fields of the wrong kind."""
+        k = len(self.stages)
+        if not (k and len(self.reached) == len(self.exited) == len(self.histograms) == k):
+            return f"reached/exited/histograms do not fit its {k} stages"
+        if not (isinstance(self.plan, str) and isinstance(self.ids, list) and self.ids and
+                all(isinstance(i, str) for i in self.ids)):
+            return "it has no plan identity or runtime ids"
+        if not (isinstance(self.names, list) and len(self.names) in (0, k) and
+                all(isinstance(n, str) and n and n.isprintable() for n in self.names)):
+            return f"names must be its {k} stages' names (one line each), or absent"
+        numbers = [self.inputs, self.errors, *self.reached, *self.exited, *(c for h in self.histograms for c in h)]
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in numbers):
+            raise TypeError("counts must be whole numbers >= 0")
+        if any(e > r for e, r in zip(self.exited, self.reached)):
+            return "a stage has more exits than arrivals"
+        if any(sum(h) > r for h, r in zip(self.histograms, self.reached)):
+            return "a stage's confidence histogram holds more inputs than reached it"
+        if any(self.reached[j + 1] > self.reached[j] - self.exited[j] for j in range(k - 1)):
+            return "more inputs reached a stage than went on from the stage before"
+        if self.reached[0] > self.inputs or self.errors > self.inputs:
+            return f"more inputs reached the first stage or failed than the {self.inputs} that came in"
+        return None
 
     def __add__(self, other: "ExitCounts") -> "ExitCounts":
         """The counts of two runtimes serving the same plan (e.g. Triton instances). ConfigError for counts of
