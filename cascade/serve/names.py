@@ -5,7 +5,7 @@ from __future__ import annotations
 
 
 def stage_name(model: str | None, resolution: int) -> str:
-    """"MODEL/rR", or "rR" where the model is not known (None or empty)."""
+    """The stage's name: MODEL/rR, or rR where the model is not known (None or empty)."""
     return f"{model}/r{int(resolution)}" if model else f"r{int(resolution)}"
 
 

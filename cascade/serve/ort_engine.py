@@ -1,6 +1,7 @@
 """The stage loop's engine on ONNX Runtime (`loop.Engine`): decoded pixels stay numpy arrays, each stage's input is
 made by `preprocess_np` on a thread pool, and each stage runs in a session of the family's shared model made that
-stage's model by its patch (`ort.stage_session`). `BundleRunner` runs a bundle with it."""
+stage's model by its patch (`ort.stage_session`). `BundleRunner` runs a bundle with it, and `CascadeRunner` a
+cascade.json on ONNX Runtime's CPU provider, so the two compute the same."""
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
