@@ -135,9 +135,10 @@ class CascadeRunner:
                           mean=None if self.mean is None else tuple(self.mean),
                           std=None if self.std is None else tuple(self.std), class_names=tuple(doc["class_names"]),
                           names=stage_names(self.config.doc))
-        self.counts = ExitCounts.for_cascade(self.cascade.resolutions, self.measure, doc["num_classes"], plan_identity(
-            self.config.doc, [(st.resolution, st.threshold) for st in self.cascade.stages], self.cascade.decode_at),
-            self._plan.running([(st.resolution, st.threshold) for st in self.cascade.stages], None).stage_names)
+        served = self._plan.running([(st.resolution, st.threshold) for st in self.cascade.stages],
+                                    self.cascade.decode_at)
+        self.counts = ExitCounts.for_cascade(served.resolutions, self.measure, doc["num_classes"], plan_identity(
+            self.config.doc, served.stages, served.decode_at), served.stage_names)
         self.num_classes = doc["num_classes"]
         self.class_names = list(doc["class_names"])
         self.max_image_pixels = max_image_pixels

@@ -20,6 +20,7 @@ exactly; tests/test_deploy.py).
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import math
 import os
@@ -140,12 +141,13 @@ class Bundle:
                                     "bundle again")
             if not file.is_file():
                 raise ArtifactError(f"{file} ({what}) is missing from the bundle; copy the whole directory")
-            if sha256_file(file) != entry["sha256"]:
+            data = None if r is None else file.read_bytes()  # a patch: read once, hashed and kept
+            digest = sha256_file(file) if data is None else hashlib.sha256(data).hexdigest()
+            if digest != entry["sha256"]:
                 raise ArtifactError(f"{file} ({what}) is not the file exported with this bundle.json (sha256 "
                                     "differs: changed, or from another export); export the bundle again")
-            if r is None:
+            if data is None:
                 continue
-            data = file.read_bytes()
             named = patch_identity(data)
             if named is not None and named != (r, weights):
                 raise ArtifactError(f"{file} is the patch of resolution {named[0]} of the family with weights "
