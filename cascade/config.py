@@ -1,8 +1,9 @@
 """cascade.json: the deployable cascade config, versioned.
 
 Anyone can deploy from this file and the family directory alone: it names the family (and its hashes), the
-backend and batch size its costs were measured at, the confidence measure and per-stage temperatures, the
-ordered stages, the reference model, and the expected figures on calib and test.
+backend and batch size its costs were measured at, and the plan (`serve.plan`, the schema bundle.json shares):
+the confidence measure and per-stage temperatures, the ordered stages, the decode plan, the reference model, and
+the expected figures on calib and test.
 """
 from __future__ import annotations
 
@@ -13,12 +14,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rescascade.serve.errors import ArtifactError, ConfigError
-from rescascade.serve.fileio import check_schema, output_file, read_json, write_json
+from rescascade.serve.fileio import check_schema, output_file, read_json, sha256_file, write_json
 from rescascade.serve.limits import MAX_BATCH
+from rescascade.training.store import model_name, read_family_json, weights_id
 
-from .serve.confidence import exit_problem
 from .optimizer import Cascade, Stage, paired_difference
-from .predictions import Predictions
+from .predictions import Predictions, load_predictions
+from .serve.plan import plan_decode_at, plan_problem, plan_stages, plan_temperatures
 
 SCHEMA_VERSION = 2  # 2: the "decode" plan; a config without one (the per-stage plan) is written as version 1
 # the optimizer methods' names in cascade.json (greedy-answers: the guarantee's conservative path, guarantee.py)
@@ -58,10 +60,6 @@ class CascadeConfig:
         family.json hashes) and profile (a `Profile`) it was built on, the costs (CostModel) it was chosen with,
         and the expected figures on calib and on `test` (default: the family's predictions/test.npz, never seen
         by the choice). Not written until `save`."""
-        from rescascade.serve.fileio import sha256_file
-        from rescascade.training.store import model_name, read_family_json, weights_id
-
-        from .predictions import load_predictions
         builder.check_fitted()
         b, family_dir = builder, Path(family_dir).resolve()
         doc = read_family_json(family_dir)
@@ -119,9 +117,8 @@ class CascadeConfig:
 
     @property
     def cascade(self) -> Cascade:
-        return Cascade([Stage(int(s["resolution"]), -math.inf if s.get("threshold") is None else float(s["threshold"]))
-                        for s in self.doc["stages"]], method=self.doc.get("optimizer", {}).get("method", "greedy"),
-                       decode_at=self.doc.get("decode", {}).get("resolution"))
+        return Cascade([Stage(r, t) for r, t in plan_stages(self.doc)],
+                       method=self.doc.get("optimizer", {}).get("method", "greedy"), decode_at=plan_decode_at(self.doc))
 
     @property
     def measure(self) -> str:
@@ -129,7 +126,7 @@ class CascadeConfig:
 
     @property
     def temperatures(self) -> dict[int, float]:
-        return {int(r): float(t) for r, t in self.doc["confidence"].get("temperatures", {}).items()}
+        return plan_temperatures(self.doc)
 
     @property
     def combined(self) -> bool:
@@ -209,16 +206,8 @@ def validate(doc: dict, path) -> None:
            "profile.backend and profile.precision must be names")
     _check(_is_int(prof.get("batch_size")) and 1 <= prof["batch_size"] <= MAX_BATCH, path,
            f"profile.batch_size must be 1..{MAX_BATCH}")
-    problem = exit_problem(doc, resolutions, fam["num_classes"])
+    problem = plan_problem(doc, resolutions, fam["num_classes"])
     _check(problem is None, path, problem)
-    if "decode" in doc:
-        plan = doc["decode"]
-        _check(doc.get("schema_version", SCHEMA_VERSION) >= 2, path,
-               "a decode plan needs schema_version 2 (a version-1 reader would decode per stage)")
-        _check(isinstance(plan, dict) and plan.get("plan") == "once" and _is_int(plan.get("resolution")) and
-               plan["resolution"] in resolutions and all(s["resolution"] <= plan["resolution"] for s in doc["stages"]),
-               path, 'decode must be {"plan": "once", "resolution": R}, R one of family.resolutions and no stage '
-                     'above it')
 
 
 def read_config(path) -> CascadeConfig:

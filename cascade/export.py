@@ -35,9 +35,10 @@ from rescascade.serve.preprocess_np import CROP_FRACTION, IMAGENET_MEAN, IMAGENE
 from rescascade.training.family import res_key
 from rescascade.training.store import weights_id
 
-from .config import CascadeConfig, decode_json, read_config
+from .config import CascadeConfig, read_config
 from .runtime import open_family
 from .serve.bundle import BUNDLE_FORMAT, BUNDLE_SCHEMA, RESIZE, Bundle
+from .serve.plan import plan_fields
 
 _README = """A rescascade cascade, exported by `rescascade export` from {source}.
 
@@ -105,8 +106,7 @@ def _write_bundle(config: CascadeConfig, tmp: Path, name: str, precision: str, l
                    if config.path else None, "weights_sha256": wid,
                    "family_json_sha256": config.doc["family"]["family_json_sha256"]},
         "shared": shared, "models": models,
-        "stages": config.doc["stages"], **decode_json(config.cascade), "reference": config.doc["reference"],
-        "confidence": config.doc["confidence"], "expected": config.doc["expected"],
+        **plan_fields(config.doc),  # the plan, as cascade.json holds it (`serve.plan`)
         "profile": {k: config.doc["profile"].get(k) for k in ("backend", "precision", "batch_size", "device")},
         "preprocessing": {"resize": RESIZE, "crop_fraction": prep.get("crop_fraction", CROP_FRACTION),
                           "mean": list(prep.get("mean") or IMAGENET_MEAN),

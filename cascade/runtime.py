@@ -11,6 +11,7 @@ cascade runs and is timed here exactly as its exported bundle runs; on the other
 """
 from __future__ import annotations
 
+import io
 import math
 import os
 from functools import partial
@@ -38,8 +39,8 @@ from .config import CascadeConfig, read_config
 from .optimizer import Cascade, Stage
 from .serve.counts import ExitCounts, plan_identity
 from .serve.exits import CascadeResult, StageTiming, decision_step, exit_step, in_batches, load_inputs, warmup_sizes
-from .serve.loop import Plan, run_plan
-from .serve.names import stage_names
+from .serve.loop import run_plan
+from .serve.plan import Plan
 
 __all__ = ["CascadeRunner", "CascadeResult", "StageTiming", "decision_step", "exit_step"]
 
@@ -128,13 +129,9 @@ class CascadeRunner:
         self.mean, self.std = prep.get("mean"), prep.get("std")
         self.cascade = self.config.cascade if stages is None else stages
         self._served = self.cascade  # what `counts` counts: not warm-up runs, not cascades swapped in by `use`
-        self.temperatures = self.config.temperatures
-        self.measure, self.combined = self.config.measure, self.config.combined
-        self._plan = Plan(stages=(), temperatures=self.temperatures, measure=self.measure, combined=self.combined,
-                          decode_at=None, crop_fraction=self.crop_fraction, decode_scale=self.decode_scale,
-                          mean=None if self.mean is None else tuple(self.mean),
-                          std=None if self.std is None else tuple(self.std), class_names=tuple(doc["class_names"]),
-                          names=stage_names(self.config.doc))
+        self._plan = Plan.from_doc(self.config.doc, doc["class_names"], self.crop_fraction, self.decode_scale,
+                                   self.mean, self.std)
+        self.temperatures, self.measure, self.combined = self._plan.temperatures, self._plan.measure, self._plan.combined
         served = self._plan.running([(st.resolution, st.threshold) for st in self.cascade.stages],
                                     self.cascade.decode_at)
         self.counts = ExitCounts.for_cascade(served.resolutions, self.measure, doc["num_classes"], plan_identity(
@@ -175,10 +172,6 @@ class CascadeRunner:
         """Run every stage (decode, preprocessing, inference, decision) on a batch of grey JPEGs of source_size
         [H, W] (default: the top stage's resize size): what a first request would otherwise pay alone (Pillow
         loads its format plugins on the first decode, sessions allocate on their first run at a batch size)."""
-        import io
-
-        from PIL import Image
-
         side = eval_resize_size(max(s.resolution for s in self.cascade.stages), self.crop_fraction)
         h, w = source_size or (side, side)
         jpeg = io.BytesIO()

@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
+import torch
+
+from rescascade.serve.errors import check_bool, check_int, check_number
 
 
 @dataclass
@@ -33,7 +36,6 @@ class Protocol:
     smoke: bool = False  # a few iterations to check that things run: its figures never replace measurements
 
     def __post_init__(self):
-        from rescascade.serve.errors import check_bool, check_int, check_number
         for name, low in (("warmup_iters", 0), ("min_iters", 1), ("max_iters", 1), ("rounds", 1)):
             check_int(name, getattr(self, name), low)
         for name in ("warmup_seconds", "min_seconds", "max_seconds"):
@@ -99,7 +101,6 @@ def after(untimed: Callable[[], object] | None, step: Callable[[], float]) -> Ca
 
 def cuda_timer(fn: Callable[[], object]) -> Callable[[], float]:
     """Time fn on the current stream with CUDA events, synchronising before and after (no async lies)."""
-    import torch
     start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
 
     def step() -> float:
@@ -116,7 +117,6 @@ def cuda_timer(fn: Callable[[], object]) -> Callable[[], float]:
 def torch_threads(n: int | None):
     """Run torch ops with n intra-op threads (None: leave as is). ONNX Runtime CPU backends preprocess with one
     torch thread: torch's idle OpenMP threads spin-wait and starve ORT's pool otherwise (measured 2x slower)."""
-    import torch
     if n is None:
         yield
         return
@@ -141,7 +141,6 @@ def cpu_model() -> str:
 
 def fingerprint(threads: int | None = None) -> dict:
     """What the numbers were measured on: CPU, threads, GPU, driver, CUDA and library versions."""
-    import torch
     fp = {"hostname": platform.node(), "platform": platform.platform(), "cpu": cpu_model(),
           "logical_cores": os.cpu_count(), "threads": threads, "python": platform.python_version(),
           "torch": torch.__version__}

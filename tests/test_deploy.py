@@ -24,6 +24,7 @@ from rescascade.serve.bundle import main as deploy_main
 from rescascade.serve.counts import ExitCounts
 from rescascade.serve.errors import ArtifactError, BackendUnavailable, ConfigError, RescascadeError
 from rescascade.serve.ort import PATCH_TRAILER_BYTES, pack_patch, unpack_patch
+from rescascade.serve.plan import Plan, plan_fields
 from rescascade.serve.preprocess_np import preprocess_pixels, resize_center_crop_pixels
 from rescascade.training.preprocess import preprocess, resize_center_crop
 
@@ -131,6 +132,36 @@ def test_bundle_reference_and_drift(split_cascade, bundle, tmp_path):
     assert ExitCounts.load(counts).reached[0] == 6
     assert cli_main(["drift", str(bundle), str(counts)]) == 0
     assert cli_main(["drift", str(bundle / "bundle.json"), str(counts)]) == 0
+
+
+def test_one_plan_schema_for_cascade_and_bundle(split_cascade, bundle, tmp_path):
+    """cascade.json and bundle.json hold the plan in one schema: the bundle's plan fields are the cascade's, both
+    read into the same Plan, and the same edit of the plan is refused by both with the same message."""
+    config, exported = read_config(split_cascade), Bundle(bundle)
+    assert plan_fields(exported.doc) == plan_fields(config.doc)
+    prep = exported.doc["preprocessing"]
+    args = (exported.doc["class_names"], prep["crop_fraction"], prep["decode_scale"], prep["mean"], prep["std"])
+    assert Plan.from_doc(config.doc, *args) == Plan.from_doc(exported.doc, *args)
+    assert BundleRunner(bundle, warmup=False).plan == Plan.from_doc(config.doc, *args)
+    high = config.doc["stages"][-1]["resolution"]
+    edits = {"threshold 2": lambda d: d["stages"][0].update(threshold=2.0),
+             "no temperature": lambda d: d["confidence"]["temperatures"].pop(str(high)),
+             "decode below a stage": lambda d: d.update(decode={"plan": "once", "resolution": d["stages"][0]["resolution"]},
+                                                        schema_version=max(2, d["schema_version"])),
+             "a model with /": lambda d: d["reference"].update(model="a/b"),
+             "exit fractions": lambda d: d["expected"]["test"].update(exit_fractions=[1.0])}
+    for what, edit in edits.items():
+        messages = []
+        for source, load in ((split_cascade, read_config), (bundle / "bundle.json", Bundle)):
+            doc = json.loads(Path(source).read_text())
+            edit(doc)
+            edited = tmp_path / f"{what}, {load.__name__}" / Path(source).name
+            shutil.copytree(Path(source).parent, edited.parent)
+            edited.write_text(json.dumps(doc))
+            with pytest.raises(ArtifactError) as caught:
+                load(edited)
+            messages.append(str(caught.value).split(": ", 1)[1].split(";")[0])
+        assert messages[0] == messages[1], what
 
 
 def test_warmup_meanwhile_changes_no_answer_and_no_count(split_cascade, bundle):

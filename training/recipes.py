@@ -4,6 +4,8 @@ Each preset fills TrainConfig fields and family options; anything given explicit
 """
 from __future__ import annotations
 
+from rescascade.serve.errors import ConfigError
+
 PRESETS: dict[str, dict] = {
     # Multitask fine-tuning of everything from ImageNet weights (the paper's multitask mode, short schedule).
     "finetune": {
@@ -72,7 +74,6 @@ def split_options(opts: dict) -> tuple[dict, dict]:
 
 
 def preset(name: str | None) -> dict:
-    from rescascade.serve.errors import ConfigError
     if name is None:
         return {}
     if name not in PRESETS:

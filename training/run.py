@@ -9,13 +9,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors.torch import save_file
 
 from . import rundir
 from .backbones import build_plain, check_preprocessing, copy_state, resolve_arch
 from .data import DataSplits, load_data, resolve_source
 from rescascade.serve.errors import ConfigError, RescascadeError
 from .family import DEFAULT_ARCH, ResolutionFamily, res_key
-from rescascade.serve.fileio import write_json
+from rescascade.serve.fileio import atomic_path, sha256_file, write_json
 from rescascade.serve.images import DECODE_SCALES
 from .predict import predict_logits, top1, write_predictions
 from .preprocess import IMAGENET_MEAN, IMAGENET_STD
@@ -216,9 +217,6 @@ def typical_size(images, n: int = 32) -> list[int] | None:
 
 def _save_independent(model: IndependentModels, out: Path, class_names, provenance, arch) -> dict:
     """The baseline's directory: one full plain-model state dict per resolution; not a family."""
-    from safetensors.torch import save_file
-
-    from rescascade.serve.fileio import atomic_path, sha256_file
     files = {}
     for r in model.resolutions:
         path = out / "models" / f"{res_key(r)}.safetensors"

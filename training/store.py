@@ -6,6 +6,8 @@ the plain model's state dict for that resolution.
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
+import json
 import math
 import platform
 from pathlib import Path
@@ -207,8 +209,6 @@ def load_family(run_dir, verify: bool = True) -> tuple[ResolutionFamily, dict]:
 def weights_id(doc: dict) -> str:
     """The identity of a family's weights: a sha256 over the sha256 of every weight file. Predictions and
     profiles record it; it stays the same when family.json gains figures (top-1) after training."""
-    import hashlib
-    import json
     return hashlib.sha256(json.dumps(doc["files"], sort_keys=True).encode()).hexdigest()
 
 

@@ -32,17 +32,16 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image
 
-from .confidence import exit_problem
 from .counts import ExitCounts, plan_identity
 from .errors import ArtifactError, BackendUnavailable, ConfigError, RescascadeError, check_bool, check_int
 from .exits import CascadeResult, in_batches, load_inputs, warmup_sizes
 from .fileio import check_schema, printable_streams, read_json, sha256_file
 from .images import DECODE_SCALES, DEFAULT_MAX_PIXELS, Encoded, pil_pixels
 from .limits import MAX_BATCH, MAX_THREADS
-from .loop import Plan, run_plan
-from .names import stage_names
+from .loop import run_plan
 from .ort import patch_identity, unpack_patch
 from .ort_engine import OrtEngine
+from .plan import Plan, plan_decode_at, plan_problem, plan_stages
 from .preprocess_np import eval_resize_size
 
 BUNDLE_FORMAT = "rescascade-bundle"
@@ -77,17 +76,9 @@ def _bundle_problem(doc: dict) -> str | None:
         return "shared.patch_bytes must be a positive whole number"
     if not (isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) for n in names)):
         return "class_names must be a list of at least 2 names"
-    problem = exit_problem(doc, {int(r) for r in models}, len(names))
+    problem = plan_problem(doc, {int(r) for r in models}, len(names))
     if problem:
         return problem
-    if "decode" in doc:
-        plan = doc["decode"]
-        if doc.get("schema_version", BUNDLE_SCHEMA) < 2:
-            return "a decode plan needs schema_version 2 (a version-1 reader would decode per stage)"
-        if not (isinstance(plan, dict) and plan.get("plan") == "once" and isinstance(plan.get("resolution"), int)
-                and str(plan["resolution"]) in models and
-                all(s["resolution"] <= plan["resolution"] for s in doc["stages"])):
-            return 'decode must be {"plan": "once", "resolution": R}, R one of the models and no stage above it'
     if not isinstance(prep, dict) or prep.get("resize") != RESIZE:
         return f"preprocessing.resize must be {RESIZE}, the one this runtime implements"
     crop, mean, std = prep.get("crop_fraction"), prep.get("mean"), prep.get("std")
@@ -163,8 +154,7 @@ class Bundle:
     @property
     def stages(self) -> list[tuple[int, float]]:
         """[(resolution, threshold)] in order; the last stage's threshold is -inf (it answers everything)."""
-        return [(int(s["resolution"]), -math.inf if s.get("threshold") is None else float(s["threshold"]))
-                for s in self.doc["stages"]]
+        return plan_stages(self.doc)
 
     @property
     def reference(self) -> int:
@@ -174,7 +164,7 @@ class Bundle:
     def decode_at(self) -> int | None:
         """The resolution whose JPEG scale every stage decodes at (the cascade is decoded once), or None (each
         stage at its own scale)."""
-        return int(self.doc["decode"]["resolution"]) if "decode" in self.doc else None
+        return plan_decode_at(self.doc)
 
     @property
     def shared_path(self) -> Path:
@@ -258,12 +248,9 @@ class BundleRunner:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle(bundle)
         doc = self.bundle.doc
         prep = doc["preprocessing"]
-        self.plan = Plan(stages=tuple([(self.bundle.reference, -math.inf)] if reference else self.bundle.stages),
-                         temperatures={int(r): float(t) for r, t in doc["confidence"].get("temperatures", {}).items()},
-                         measure=doc["confidence"]["measure"], combined=bool(doc["confidence"].get("combine", False)),
-                         decode_at=None if reference else self.bundle.decode_at, crop_fraction=prep["crop_fraction"],
-                         decode_scale=prep["decode_scale"], mean=tuple(prep["mean"]), std=tuple(prep["std"]),
-                         class_names=tuple(doc["class_names"]), names=stage_names(doc))
+        plan = Plan.from_doc(doc, doc["class_names"], prep["crop_fraction"], prep["decode_scale"], prep["mean"],
+                             prep["std"])
+        self.plan = plan.running([(self.bundle.reference, -math.inf)], None) if reference else plan
         self.stages, self.class_names = list(self.plan.stages), list(self.plan.class_names)
         self.num_classes = len(self.class_names)
         self.max_image_pixels = max_image_pixels

@@ -6,8 +6,6 @@ means the same thing in both.
 """
 from __future__ import annotations
 
-import math
-
 import numpy as np
 
 MEASURES = ("max_prob", "margin", "entropy")
@@ -38,70 +36,3 @@ def confidence(logp: np.ndarray, measure: str) -> np.ndarray:
         p = np.exp(logp)
         return (p * logp).sum(-1)
     raise ValueError(f"unknown confidence measure {measure!r}; choose one of {', '.join(MEASURES)}")
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, int) and not isinstance(v, bool)
-
-
-def _is_number(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def exit_problem(doc: dict, resolutions, num_classes: int) -> str | None:
-    """What is wrong with the exit decision a cascade.json or a bundle.json describes (confidence: measure,
-    temperatures, one for every stage and the reference, combine; stages: resolution, threshold and model name;
-    reference;
-    the expected exit figures, `expected_problem`), None if nothing: `resolutions` are the ones it may use,
-    thresholds must lie in the measure's range for `num_classes` classes."""
-    conf, stages, ref = doc.get("confidence"), doc.get("stages"), doc.get("reference")
-    if not isinstance(conf, dict) or conf.get("measure") not in MEASURES:
-        return f"confidence.measure must be one of {', '.join(MEASURES)}"
-    measure, temps = conf["measure"], conf.get("temperatures", {})
-    if not (isinstance(temps, dict) and all(str(k).isdigit() and _is_number(t) and t > 0 for k, t in temps.items())):
-        return "confidence.temperatures must map resolutions to positive numbers"
-    if not isinstance(conf.get("combine", False), bool):
-        return "confidence.combine must be true or false"
-    if not (isinstance(stages, list) and stages):
-        return "stages must be a non-empty list of {resolution, threshold}"
-    low, high = (-math.log(num_classes), 0.0) if measure == "entropy" else (0.0, 1.0)
-    seen = set()
-    for k, s in enumerate(stages, 1):
-        if not (isinstance(s, dict) and _is_int(s.get("resolution")) and s["resolution"] in resolutions):
-            return f"stage {k}'s resolution must be one of {sorted(resolutions)}"
-        if s["resolution"] in seen:
-            return f"stage {k} repeats resolution {s['resolution']}"
-        seen.add(s["resolution"])
-        last, threshold = k == len(stages), s.get("threshold")
-        if last != (threshold is None):
-            return f"only the last stage may (and must) have threshold null; stage {k} " + \
-                ("has none" if not last else "has one")
-        if not last and not (_is_number(threshold) and low <= threshold <= high):
-            return f"stage {k}'s threshold {threshold!r} is not a {measure} confidence (a number in " \
-                f"[{low:.4g}, {high:g}])"
-    if not (isinstance(ref, dict) and _is_int(ref.get("resolution")) and ref["resolution"] in resolutions):
-        return f"reference.resolution must be one of {sorted(resolutions)}"
-    models = [e.get("model", "-") for e in [*stages, ref]]
-    if not all(isinstance(m, str) and m and m.isprintable() and "/" not in m for m in models):
-        return "a stage's or the reference's model must be a name (one line of text, no /)"
-    untempered = [r for r in [s["resolution"] for s in stages] + [ref["resolution"]] if str(r) not in temps]
-    if untempered:  # a threshold cuts the tempered probability: without its temperature it cuts another one
-        return f"confidence.temperatures lacks r{untempered[0]}'s temperature (every stage's and the reference's)"
-    return expected_problem(doc.get("expected"), len(stages))
-
-
-def expected_problem(expected, n_stages: int) -> str | None:
-    """What is wrong with the "expected" figures of a cascade.json or bundle.json (per split calib and test: the
-    images n and the fraction exiting at each of the n_stages stages), None if nothing. `rescascade drift` tests
-    served traffic against them."""
-    if not isinstance(expected, dict):
-        return "expected must hold the calib and test figures"
-    for split in ("calib", "test"):
-        e = expected.get(split)
-        if not (isinstance(e, dict) and _is_int(e.get("n")) and e["n"] > 0):
-            return f"expected.{split}.n must be the number of {split} images (an integer > 0)"
-        fractions = e.get("exit_fractions")
-        if not (isinstance(fractions, list) and len(fractions) == n_stages and
-                all(_is_number(f) and 0 <= f <= 1 for f in fractions) and abs(sum(fractions) - 1) < 1e-6):
-            return f"expected.{split}.exit_fractions must be {n_stages} fractions (one per stage) that sum to 1"
-    return None

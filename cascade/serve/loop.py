@@ -2,57 +2,22 @@
 each stage needs, make its input, infer, decide who exits, record the timings and the counts.
 
 What differs between runtimes is only the `Engine`: the layout of decoded pixels, how a stage's input is made
-from them and how the model runs. The plan (`Plan`: stages, thresholds, confidence, decode plan, preprocessing,
-class names) is the same object for a cascade.json and a bundle.json.
+from them and how the model runs. The plan (`plan.Plan`: stages, thresholds, confidence, decode plan,
+preprocessing, class names) is read from a cascade.json or a bundle.json by the same function.
 """
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
-from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Callable, Protocol
 
 import numpy as np
 
 from .counts import ExitCounts
 from .exits import Answers, CascadeResult, StageTiming, decode_stage, exit_step
 from .images import Encoded
-from .names import stage_name
+from .plan import Plan
 from .preprocess_np import stage_min_side
-
-
-@dataclass(frozen=True)
-class Plan:
-    """What a runtime runs: stages [(resolution, threshold)] in order (the last one answers everything, whatever
-    its threshold), the confidence setting (per-resolution temperatures, measure, free ensemble), the decode plan
-    (decode_at: None, each stage decodes a JPEG at its own scale; R, every stage from one decode at R's scale), the
-    preprocessing (crop_fraction, decode_scale "stage" | "full", mean and std or None for ImageNet's), the class
-    names (index -> name) and the stages' names (resolution -> "MODEL/rR", `names.stage_names`)."""
-    stages: tuple[tuple[int, float], ...]
-    temperatures: dict[int, float]
-    measure: str
-    combined: bool
-    decode_at: int | None
-    crop_fraction: float
-    decode_scale: str
-    mean: tuple[float, ...] | None
-    std: tuple[float, ...] | None
-    class_names: tuple[str, ...]
-    names: dict[int, str] = dataclasses.field(default_factory=dict)  # resolution -> stage name (`names.stage_name`)
-
-    @property
-    def resolutions(self) -> list[int]:
-        return [r for r, _ in self.stages]
-
-    @property
-    def stage_names(self) -> list[str]:
-        """The stages' names, in order: the model each runs and its resolution ("rR" where not recorded)."""
-        return [self.names.get(r) or stage_name(None, r) for r in self.resolutions]
-
-    def running(self, stages: Sequence[tuple[int, float]], decode_at: int | None) -> "Plan":
-        """The same plan with other stages and decode plan (the reference alone, a warm-up, a cascade compared)."""
-        return dataclasses.replace(self, stages=tuple((int(r), float(t)) for r, t in stages), decode_at=decode_at)
 
 
 class Engine(Protocol):
