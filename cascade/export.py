@@ -90,7 +90,10 @@ def _write_bundle(config: CascadeConfig, tmp: Path, name: str, precision: str, l
     file = f"model.{precision}.onnx"
     shutil.copyfile(shared_path, tmp / file)
     shared = {"file": file, "sha256": sha256_file(tmp / file), "precision": precision, "input": "input",
-              "output": "logits", "patch_bytes": len(unpack_patch(patches[config.reference].read_bytes()))}
+              "output": "logits", "patch_bytes": len(unpack_patch(patches[config.reference].read_bytes())),
+              "exporter": meta.get("exporter", "legacy"), "opset": meta.get("opset", 17)}  # exports before: legacy
+    if meta.get("fallback"):
+        log(f"  the shared model was exported by the legacy exporter ({meta['fallback']})")
     models = {}
     (tmp / "patches").mkdir()
     for r in resolutions:

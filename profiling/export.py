@@ -2,10 +2,12 @@
 
 The graph is the arch's plain model in eval mode, input `input` [batch, 3, r, r] (spatial size static, batch dynamic
 so ONNX Runtime serves any batch and TensorRT builds one static-shape engine per batch size from it), output
-`logits`. BatchNorm is folded by the tools, not by walking a model's layout: the exporter folds each BatchNorm into
-the convolution before it in eval mode, and ONNX Runtime's and TensorRT's graph optimizers fuse whatever is left.
-Each export is checked numerically against the PyTorch model; past the tolerance it fails loudly. Exports are cached
-in RUN_DIR/onnx/ keyed by the family's weights id.
+`logits`. The exporter is the one torch recommends, torch.export-based (`torch.onnx.export(dynamo=True)`, with
+onnxscript); the legacy TorchScript exporter exports only where it fails, and says why (`onnx_export`; the meta
+file records which one). BatchNorm is folded by the tools, not by walking a model's layout: the exporter's optimizer
+folds each BatchNorm into the convolution before it, and ONNX Runtime's and TensorRT's graph optimizers fuse
+whatever is left. Each export is checked numerically against the PyTorch model; past the tolerance it fails loudly.
+Exports are cached in RUN_DIR/onnx/ keyed by the family's weights id.
 
 `export_shared` writes the family as deployment stores it (K models for the price of one): one shared model whose
 BatchNorms read their per-channel scale and shift from an external file, and per resolution a patch file of those
@@ -21,14 +23,19 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 import warnings
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
+import onnx
+import onnxruntime as ort
 import torch
+from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
-from rescascade.serve.errors import ArtifactError
+from rescascade.serve.errors import ArtifactError, ConfigError
 from rescascade.serve.fileio import atomic_path, sha256_file, write_json
 from rescascade.training.family import ResolutionFamily, res_key
 
@@ -39,22 +46,93 @@ EXPORT_VERSION = 4  # 2: any arch, BatchNorm folded by the exporter; 3: patches 
 TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}  # max |logit difference|, relative to max(1, max |logit|)
 
 
-def _export(model: nn.Module, example: torch.Tensor, path: Path) -> None:
-    kwargs = dict(input_names=["input"], output_names=["logits"], opset_version=17,
-                  dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}})
+EXPORTERS = ("dynamo", "legacy")
+EXPORTER_ENV = "RESCASCADE_ONNX_EXPORTER"  # "legacy" skips torch.export (the test suite: 0.3 s an export, not 5-25)
+
+
+def exporter() -> str:
+    """The exporter to try first: "dynamo" (torch.export-based, the one torch recommends; the default) or "legacy"
+    (TorchScript-based, deprecated since torch 2.9), from the environment variable RESCASCADE_ONNX_EXPORTER.
+    ConfigError for another value."""
+    name = os.environ.get(EXPORTER_ENV, "dynamo")
+    if name not in EXPORTERS:
+        raise ConfigError(f"{EXPORTER_ENV}={name!r}: choose {' or '.join(EXPORTERS)} (unset: dynamo)")
+    return name
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"[:300]
+
+
+def onnx_export(model: nn.Module, example: torch.Tensor, path: Path, finish: Callable[[Path], object],
+                dynamic: tuple[int, ...] = (0,), keep_batchnorms: bool = False) -> tuple[object, dict]:
+    """Export model (eval mode) to ONNX at `path`: input "input" shaped like `example` [N, 3, H, W], its `dynamic`
+    axes left free (0: batch; 2, 3: height and width), output "logits". Then `finish(path)` rewrites and checks the
+    file against PyTorch (raising ArtifactError past the tolerance) and its result is returned.
+
+    torch.export (`dynamo=True`, which torch recommends) exports first; where it fails, or its file fails `finish`,
+    the legacy TorchScript exporter exports again and a RuntimeWarning says why. keep_batchnorms: every BatchNorm
+    stays a node with its parameters named as in the state dict (no constant folding, no optimizer), for
+    `export_shared`. -> (finish's result, {"exporter": "dynamo" | "legacy", "fallback": why legacy or None,
+    "opset": N})."""
+    reason = f"{EXPORTER_ENV}=legacy"
+    if exporter() == "dynamo":
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.onnx.export(model, (example,), str(path), dynamo=True, optimize=not keep_batchnorms,
+                                  verbose=False, input_names=["input"], output_names=["logits"],
+                                  dynamic_shapes=({axis: torch.export.Dim.AUTO for axis in dynamic},))
+            fixed = _tidy(path, dynamic, fold=keep_batchnorms)
+            if fixed:  # torch.export specialised an axis the model's code fixes (e.g. a view to batch 1)
+                raise ArtifactError(f"torch.export fixed input axes {fixed} that must stay free")
+            return finish(path), {"exporter": "dynamo", "fallback": None, "opset": _opset(path)}
+        except Exception as e:  # noqa: BLE001 (whatever torch.export or onnxscript raise, the legacy path follows)
+            reason = f"torch.export failed: {_first_line(e)}"
+            warnings.warn(f"exported {type(model).__name__} with the legacy TorchScript ONNX exporter: {reason}",
+                          RuntimeWarning, stacklevel=2)
+    names = {0: "batch", 2: "height", 3: "width"}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        try:  # the TorchScript-based exporter: fast and dependable for plain CNNs
-            torch.onnx.export(model, (example,), str(path), dynamo=False, **kwargs)
-        except (TypeError, RuntimeError, AttributeError):  # newer torch without it: the torch.export path
-            batch = torch.export.Dim("batch", min=1, max=4096)
-            torch.onnx.export(model, (example,), str(path), dynamo=True, input_names=["input"],
-                              output_names=["logits"], dynamic_shapes=({0: batch},))
+        torch.onnx.export(model, (example,), str(path), dynamo=False, do_constant_folding=not keep_batchnorms,
+                          input_names=["input"], output_names=["logits"], opset_version=17,
+                          dynamic_axes={"input": {axis: names[axis] for axis in dynamic},
+                                        "logits": {0: "batch"} if 0 in dynamic else {}})
+    return finish(path), {"exporter": "legacy", "fallback": reason, "opset": _opset(path)}
+
+
+def _tidy(path: Path, dynamic: tuple[int, ...], fold: bool) -> list[int]:
+    """Rewrite torch.export's ONNX file as small as the legacy exporter's, which a deployed bundle ships: without the
+    per-node metadata it records (stack traces, module scopes: ~12 % of MobileNetV2's file), the intermediate shapes
+    and the all-zero biases it gives convolutions without one; where `fold`, with its constant subgraphs folded
+    (onnxscript's constant folding alone: its optimizer would also fold the BatchNorms `export_shared` keeps).
+    -> the axes of `dynamic` its input fixes."""
+    import onnxscript.optimizer  # here: 1 s to import, which only torch.export's files need
+    model = onnx.load(str(path))
+    if fold:
+        onnxscript.optimizer.fold_constants(model)
+    inits = {t.name: t for t in model.graph.initializer}
+    for node in model.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+        if node.op_type == "Conv" and len(node.input) == 3 and node.input[2] in inits and \
+                not numpy_helper.to_array(inits[node.input[2]]).any():
+            del node.input[2]  # the zero bias torch.export gives a convolution without one
+    onnxscript.optimizer.remove_unused_nodes(model)  # and the initializers no node reads
+    del model.graph.value_info[:]  # intermediate shapes: ONNX Runtime infers them again
+    onnx.save(model, str(path))
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    return [axis for axis in dynamic if dims[axis].HasField("dim_value")]
+
+
+def _opset(path: Path) -> int:
+    model = onnx.load(str(path), load_external_data=False)
+    return next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
 
 
 def check_onnx(path: Path, reference: nn.Module, resolution: int, precision: str, n: int = 4) -> float:
     """Max |ONNX - PyTorch| logits on random inputs (ONNX Runtime CPU); raises past the tolerance."""
-    import onnxruntime as ort
     return check_session(ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]), reference, resolution,
                          precision, n)
 
@@ -76,9 +154,10 @@ def check_session(sess, reference: nn.Module, resolution: int, precision: str, n
     return diff
 
 
-def export_model(model: nn.Module, resolution: int, out: Path, precision: str = "fp32") -> float:
-    """Export a copy of a plain model to OUT (atomically) and check it against the model; returns the max |logit
-    difference|. Raises ArtifactError past the tolerance."""
+def export_model(model: nn.Module, resolution: int, out: Path, precision: str = "fp32") -> tuple[float, dict]:
+    """Export a copy of a plain model to OUT (atomically, `onnx_export`) and check it against the model; returns
+    (the max |logit difference|, which exporter made it: `onnx_export`'s info). Raises ArtifactError past the
+    tolerance."""
     reference = model.eval()  # what the export must match
     exported = copy.deepcopy(reference)
     example = torch.randn(1, 3, resolution, resolution)
@@ -86,8 +165,7 @@ def export_model(model: nn.Module, resolution: int, out: Path, precision: str = 
         exported = exported.half()
         example = example.half()
     with atomic_path(out) as tmp:
-        _export(exported, example, tmp)
-        return check_onnx(tmp, reference, resolution, precision)
+        return onnx_export(exported, example, tmp, lambda path: check_onnx(path, reference, resolution, precision))
 
 
 def export_resolution(family: ResolutionFamily, run_dir, resolution: int, weights_id: str,
@@ -107,9 +185,9 @@ def cached_export(make_model, resolution: int, out: Path, weights_id: str,
     meta = _cache_hit(meta_path, weights_id, [out])
     if meta is not None:
         return out, meta
-    diff = export_model(make_model(), resolution, out, precision)
+    diff, how = export_model(make_model(), resolution, out, precision)
     meta = _cache_record(meta_path, weights_id, [out], resolution=resolution, precision=precision,
-                         max_abs_diff=diff, opset=17, batch="dynamic")
+                         max_abs_diff=diff, batch="dynamic", **how)
     return out, meta
 
 
@@ -154,27 +232,30 @@ def export_shared(family: ResolutionFamily, run_dir, weights_id: str,
     example = torch.randn(1, 3, top, top)
     if precision == "fp16":
         model, example = copy.deepcopy(model).half(), example.half()
-    with atomic_path(out) as tmp:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            # no constant folding: the BatchNorms stay nodes of their own, their inputs named as in the state dict
-            torch.onnx.export(model, (example,), str(tmp), dynamo=False, do_constant_folding=False,
-                              input_names=["input"], output_names=["logits"], opset_version=17,
-                              dynamic_axes={"input": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"}})
-        layout = _split_patch(tmp, set(family.patch_state_dict(top)), weights_id)
+    patch_names = set(family.patch_state_dict(top))
+
+    def split_and_check(path: Path) -> tuple[dict, dict]:
+        """The exported file made the shared model, every resolution's session checked -> (diffs, packed patches)."""
+        layout = _split_patch(path, patch_names, weights_id)
         itemsizes = {entry[4].itemsize for entry in layout}
         itemsize = itemsizes.pop() if len(itemsizes) == 1 else 1  # one element size: shuffled by it
         diffs, packed = {}, {}
         for r in family.resolutions:
             data = _patch_bytes(layout, family.patch_state_dict(r))
-            sess = stage_session(str(tmp), data, r, session_options(), ["CPUExecutionProvider"])
+            sess = stage_session(str(path), data, r, session_options(), ["CPUExecutionProvider"])
             diffs[str(r)] = check_session(sess, family.plain_model(r), r, precision)
             packed[r] = pack_patch(data, itemsize, r, weights_id)
+        return diffs, packed
+
+    with atomic_path(out) as tmp:
+        # height and width free: one file serves every resolution
+        (diffs, packed), how = onnx_export(model, example, tmp, split_and_check, dynamic=(0, 2, 3),
+                                           keep_batchnorms=True)
         for r, path in patches.items():  # only once every resolution checked
             with atomic_path(path) as ptmp:
                 ptmp.write_bytes(packed[r])
-    meta = _cache_record(meta_path, weights_id, [out, *patches.values()], precision=precision, opset=17,
-                         max_abs_diff=diffs)
+    meta = _cache_record(meta_path, weights_id, [out, *patches.values()], precision=precision,
+                         max_abs_diff=diffs, **how)
     return out, patches, meta
 
 
@@ -200,9 +281,6 @@ def _split_patch(path: Path, owned: set[str], weights_id: str) -> list[tuple]:
     owns (`owned`: its patch's state-dict names) is read from the external file PATCH_LOCATION: each BatchNorm's scale and bias (its mean and variance
     become shared zeros and ones), and any other owned initializer as it is. -> the patch layout [(name, kind, eps,
     state-dict prefix or name, numpy dtype, shape, offset)]."""
-    import onnx
-    from onnx import TensorProto, helper, numpy_helper
-
     model = onnx.load(str(path))
     inits = {t.name: t for t in model.graph.initializer}
     layout, offset, consumed = [], 0, set()

@@ -4,6 +4,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# The suite exports with the legacy exporter, 0.3-1.6 s an export here against 4-23 s for torch.export's (the default;
+# tests/test_archs.py::test_torch_export_* export with it): RESCASCADE_ONNX_EXPORTER=dynamo runs every test with it.
+os.environ.setdefault("RESCASCADE_ONNX_EXPORTER", "legacy")
+
 SHARED = Path(os.environ.get("RESCASCADE_SHARED", Path(__file__).resolve().parents[2] / "shared"))
 SHARED_DATA = SHARED / "data"
 IMAGENET_WEIGHTS = SHARED_DATA / "mobilenet_v2_imagenet" / "mobilenet_v2_tv_imagenet1k_qnnpack_dequant.pth"

@@ -1,13 +1,14 @@
 """Any BatchNorm CNN as a resolution family: the family invariants over torchvision's and timm's architectures."""
 import importlib.util
 import json
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
 from rescascade.cli import main
-from rescascade.profiling.export import export_resolution
+from rescascade.profiling.export import EXPORTER_ENV, export_resolution, export_shared
 from rescascade.serve.errors import ConfigError, RescascadeError
 from rescascade.training.backbones import build_plain, resolve_arch
 from rescascade.training.data import load_data
@@ -104,6 +105,53 @@ def test_save_load_is_bit_exact_and_export_matches_pytorch(arch, tmp_path, capsy
     out = capsys.readouterr().out
     counts = doc["parameters"]
     assert arch.split(":")[-1] in out and f"{counts['family']:,}" in out and counts["family_over_one_model"] < 1.5
+
+
+# torch.export takes 4-23 s an export here (the legacy exporter 0.3-1.6 s, which the rest of the suite uses,
+# conftest.py): one arch of each BatchNorm kind (timm's test model: BatchNormAct2d, 0.1 M parameters);
+# benchmarks/exporters.py exports every arch above with both
+@pytest.mark.parametrize("arch", ["resnet18", pytest.param("timm:test_efficientnet", marks=needs_timm)])
+def test_torch_export_exports_the_shared_model_and_a_resolution_as_pytorch_computes(arch, tmp_path, monkeypatch):
+    """The default exporter is torch.export's: the shared model (height and width free, BatchNorms kept by their
+    state-dict names) and a plain resolution (BatchNorms folded by its optimizer) each match PyTorch at every
+    resolution (export_shared and export_resolution raise past the tolerance), as small as the legacy exporter's."""
+    monkeypatch.setenv(EXPORTER_ENV, "dynamo")
+    fam = family_from(arch, classifier="per_resolution")
+    with torch.no_grad():  # every patch different
+        for i, r in enumerate(RES):
+            for p in fam.patch_parameters(r):
+                p.add_(0.01 * (i + 1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)  # a fallback to the legacy exporter warns: fails here
+        shared, patches, meta = export_shared(fam, tmp_path / "dynamo", "w" * 64)
+        path, one = export_resolution(fam, tmp_path / "dynamo", RES[-1], "w" * 64)
+    assert (meta["exporter"], one["exporter"], meta["fallback"], one["fallback"]) == ("dynamo", "dynamo", None, None)
+    assert set(meta["max_abs_diff"]) == {str(r) for r in RES} and max(meta["max_abs_diff"].values()) < 1e-3
+    monkeypatch.setenv(EXPORTER_ENV, "legacy")
+    legacy, _, old = export_shared(fam, tmp_path / "legacy", "w" * 64)
+    assert old["exporter"] == "legacy" and shared.stat().st_size <= 1.01 * legacy.stat().st_size
+
+
+def test_the_legacy_exporter_is_a_fallback_that_says_why(tmp_path, monkeypatch):
+    """Where torch.export fails, the legacy exporter exports, a RuntimeWarning and the meta file say why; a wrong
+    RESCASCADE_ONNX_EXPORTER is one line."""
+    real = torch.onnx.export
+
+    def export(*args, dynamo=True, **kwargs):
+        if dynamo:
+            raise RuntimeError("Cannot export this graph\nmore detail")
+        return real(*args, dynamo=dynamo, **kwargs)
+    monkeypatch.setattr(torch.onnx, "export", export)
+    monkeypatch.setenv(EXPORTER_ENV, "dynamo")
+    fam = family_from("resnet18")
+    with pytest.warns(RuntimeWarning, match="legacy TorchScript ONNX exporter: torch.export failed: RuntimeError: "
+                                            "Cannot export this graph$"):
+        _, meta = export_resolution(fam, tmp_path, RES[0], "w" * 64)
+    assert meta["exporter"] == "legacy" and meta["fallback"] == "torch.export failed: RuntimeError: Cannot export " \
+        "this graph" and meta["max_abs_diff"] < 1e-3
+    monkeypatch.setenv(EXPORTER_ENV, "torchscript")
+    with pytest.raises(ConfigError, match="RESCASCADE_ONNX_EXPORTER='torchscript': choose dynamo or legacy"):
+        export_resolution(fam, tmp_path / "again", RES[0], "w" * 64)
 
 
 @pytest.mark.parametrize("arch", ["resnet18", pytest.param("timm:mobilenetv3_small_050", marks=needs_timm)])
