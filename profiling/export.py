@@ -82,7 +82,8 @@ def onnx_export(model: nn.Module, example: torch.Tensor, path: Path, finish: Cal
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 torch.onnx.export(model, (example,), str(path), dynamo=True, optimize=not keep_batchnorms,
-                                  verbose=False, input_names=["input"], output_names=["logits"],
+                                  verbose=False, external_data=False,  # one file, no PATH.data beside it
+                                  input_names=["input"], output_names=["logits"],
                                   dynamic_shapes=({axis: torch.export.Dim.AUTO for axis in dynamic},))
             fixed = _tidy(path, dynamic, fold=keep_batchnorms)
             if fixed:  # torch.export specialised an axis the model's code fixes (e.g. a view to batch 1)
