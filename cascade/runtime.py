@@ -131,7 +131,8 @@ class CascadeRunner:
         self._served = self.cascade  # what `counts` counts: not warm-up runs, not cascades swapped in by `use`
         self._plan = Plan.from_doc(self.config.doc, doc["class_names"], self.crop_fraction, self.decode_scale,
                                    self.mean, self.std)
-        self.temperatures, self.measure, self.combined = self._plan.temperatures, self._plan.measure, self._plan.combined
+        plan = self._plan
+        self.temperatures, self.measure, self.combined = plan.temperatures, plan.measure, plan.combined
         served = self._plan.running([(st.resolution, st.threshold) for st in self.cascade.stages],
                                     self.cascade.decode_at)
         self.counts = ExitCounts.for_cascade(served.resolutions, self.measure, doc["num_classes"], plan_identity(

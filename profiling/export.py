@@ -74,8 +74,8 @@ def onnx_export(model: nn.Module, example: torch.Tensor, path: Path, finish: Cal
     torch.export (`dynamo=True`, which torch recommends) exports first; where it fails, or its file fails `finish`,
     the legacy TorchScript exporter exports again and a RuntimeWarning says why. keep_batchnorms: every BatchNorm
     stays a node with its parameters named as in the state dict (constants folded, but no optimizer, which would
-    fold them into the convolutions), for `export_shared`. -> (finish's result, {"exporter": "dynamo" | "legacy", "fallback": why legacy or None,
-    "opset": N})."""
+    fold them into the convolutions), for `export_shared`. -> (finish's result, {"exporter": "dynamo" | "legacy",
+    "fallback": why legacy or None, "opset": N})."""
     reason = f"{EXPORTER_ENV}=legacy"
     if exporter() == "dynamo":
         try:

@@ -127,7 +127,8 @@ def test_torch_export_exports_the_shared_model_and_a_resolution_as_pytorch_compu
         path, one = export_resolution(fam, tmp_path / "dynamo", RES[-1], "w" * 64)
     assert (meta["exporter"], one["exporter"], meta["fallback"], one["fallback"]) == ("dynamo", "dynamo", None, None)
     assert sorted(f.name for f in (tmp_path / "dynamo" / "onnx").iterdir()) == [  # nothing else left beside them
-        "r032.fp32.patch", "r048.fp32.json", "r048.fp32.onnx", "r048.fp32.patch", "shared.fp32.json", "shared.fp32.onnx"]
+        "r032.fp32.patch", "r048.fp32.json", "r048.fp32.onnx", "r048.fp32.patch", "shared.fp32.json",
+        "shared.fp32.onnx"]
     assert set(meta["max_abs_diff"]) == {str(r) for r in RES} and max(meta["max_abs_diff"].values()) < 1e-3
     monkeypatch.setenv(EXPORTER_ENV, "legacy")
     legacy, _, old = export_shared(fam, tmp_path / "legacy", "w" * 64)

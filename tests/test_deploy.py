@@ -146,8 +146,8 @@ def test_one_plan_schema_for_cascade_and_bundle(split_cascade, bundle, tmp_path)
     high = config.doc["stages"][-1]["resolution"]
     edits = {"threshold 2": lambda d: d["stages"][0].update(threshold=2.0),
              "no temperature": lambda d: d["confidence"]["temperatures"].pop(str(high)),
-             "decode below a stage": lambda d: d.update(decode={"plan": "once", "resolution": d["stages"][0]["resolution"]},
-                                                        schema_version=max(2, d["schema_version"])),
+             "decode below a stage": lambda d: d.update(schema_version=max(2, d["schema_version"]), decode={
+                 "plan": "once", "resolution": d["stages"][0]["resolution"]}),
              "a model with /": lambda d: d["reference"].update(model="a/b"),
              "exit fractions": lambda d: d["expected"]["test"].update(exit_fractions=[1.0])}
     for what, edit in edits.items():
