@@ -16,7 +16,6 @@ from pathlib import Path
 from rescascade.serve.errors import ArtifactError, ConfigError
 from rescascade.serve.fileio import check_schema, output_file, read_json, sha256_file, write_json
 from rescascade.serve.limits import MAX_BATCH
-from rescascade.training.store import model_name, read_family_json, weights_id
 
 from .optimizer import Cascade, Stage, paired_difference
 from .predictions import Predictions, load_predictions
@@ -60,6 +59,8 @@ class CascadeConfig:
         family.json hashes) and profile (a `Profile`) it was built on, the costs (CostModel) it was chosen with,
         and the expected figures on calib and on `test` (default: the family's predictions/test.npz, never seen
         by the choice). Not written until `save`."""
+        from rescascade.training.store import model_name, read_family_json, weights_id  # here: it imports torch,
+        # which reading a cascade.json (`rescascade drift`, eval's checks) does not need
         builder.check_fitted()
         b, family_dir = builder, Path(family_dir).resolve()
         doc = read_family_json(family_dir)
