@@ -47,7 +47,7 @@ TOLERANCE = {"fp32": 1e-3, "fp16": 5e-2}  # max |logit difference|, relative to 
 
 
 EXPORTERS = ("dynamo", "legacy")
-EXPORTER_ENV = "RESCASCADE_ONNX_EXPORTER"  # "legacy" skips torch.export (the test suite: 0.3 s an export, not 5-25)
+EXPORTER_ENV = "RESCASCADE_ONNX_EXPORTER"  # "legacy" skips torch.export (the suite: 0.5-1.8 s an export, not 5-24)
 
 
 def exporter() -> str:

@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-# The suite exports with the legacy exporter, 0.3-1.6 s an export here against 4-23 s for torch.export's (the default;
+# The suite exports with the legacy exporter, 0.5-1.8 s an export here against 5-24 s for torch.export's (the default;
 # tests/test_archs.py::test_torch_export_* export with it): RESCASCADE_ONNX_EXPORTER=dynamo runs every test with it.
 os.environ.setdefault("RESCASCADE_ONNX_EXPORTER", "legacy")
 
