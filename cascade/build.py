@@ -184,6 +184,20 @@ def _temperature_words(confidence: dict) -> str:
     return f"temperature-scaled (fitted on {fitted})" if fitted else "no temperature scaling"
 
 
+def oracle_lines(expected: dict) -> list[str]:
+    """The distance from the limit: the oracle's cost (each image at the pool's cheapest stage agreeing with the
+    reference) and the share of its saving the cascade captures, on calib and test (none for a config written
+    before they were recorded)."""
+    parts = []
+    for split in ("calib", "test"):
+        o = expected[split].get("oracle")
+        if o:
+            share = "-" if o["captured"] is None else f"{100 * o['captured']:.0f} %"
+            parts.append(f"{split} {o['cost_vs_reference']:.3f}x (the cascade captures {share} of that saving)")
+    return ["oracle, each image at the cheapest stage agreeing with the reference: " + "; ".join(parts)] \
+        if parts else []
+
+
 def format_build_summary(config: dict, out) -> str:
     e, ref = config["expected"], config["reference"]
     prof = config["profile"]
@@ -208,6 +222,7 @@ def format_build_summary(config: dict, out) -> str:
     pd_ = e["test"]["paired_difference"]
     lines.append(f"\ntest: cascade - reference = {100 * pd_['difference']:+.2f} points "
                  f"(95% CI {100 * pd_['ci95'][0]:+.2f} .. {100 * pd_['ci95'][1]:+.2f})")
+    lines += oracle_lines(e)
     ex = config["optimizer"].get("exact")
     if ex:
         lines.append(f"exact search ({ex['nodes']} nodes, {ex['seconds']} s): {ex['cascade']} at "

@@ -24,8 +24,9 @@ from .temperature import fit_temperature
 from .config import stages_json
 from .costs import CostModel
 from .guarantee import certify_settings
-from .optimizer import (DEFAULT_TOLERANCES, Candidate, Cascade, Outcome, Stage, StageViews, best_under_budget,
-                        cheapest_meeting, exact_search, pareto_front, reference_resolution, simulate, tolerance_sweep)
+from .optimizer import (DEFAULT_TOLERANCES, Candidate, Cascade, Oracle, Outcome, Stage, StageViews, best_under_budget,
+                        cheapest_meeting, exact_search, oracle, pareto_front, reference_resolution, simulate,
+                        tolerance_sweep)
 from .predictions import Predictions
 from .target import Target
 
@@ -58,7 +59,8 @@ class CascadeBuilder:
     calib), measure_, combine_ (bool), temperatures_ ({resolution: T}), resolutions_, exact_ (dict or None),
     certificate_ (guarantee.Certified or None), decode_plans_ (the `Cascade.decode_at` plans compared: None, each
     stage at its own scale; R, decoded once at R's scale), plan_choices_ ({plan: the Candidate the target picks
-    within that plan, None where none meets it}).
+    within that plan, None where none meets it}), oracle_ (Oracle on calib: each image at the cheapest stage
+    agreeing with the reference, the limit of the saving; `captured_share` of it is the cascade's).
     """
 
     def __init__(self, target: Target | str | None = None, *, guarantee: tuple[float, float] | None = None,
@@ -133,6 +135,7 @@ class CascadeBuilder:
         self.cascade_ = self.chosen_.cascade
         self.front_ = pareto_front(self.candidates_)
         self.exact_ = self._exact(calib, costs) if self._wants_exact() else None
+        self.oracle_ = self.oracle(costs)
         return self
 
     def pool(self, calib: Predictions) -> list[int]:
@@ -246,6 +249,13 @@ class CascadeBuilder:
         self.check_fitted()
         return (simulate(self.cascade_, self._views, costs),
                 simulate(Cascade([Stage(self.reference_, -math.inf)]), self._views, costs))
+
+    def oracle(self, costs: CostModel, predictions: Predictions | None = None) -> Oracle:
+        """The pool's oracle (`optimizer.oracle`) against the fitted reference, priced by `costs`, on
+        `predictions` (None: the calib ones the choice was made on)."""
+        self.check_fitted()
+        preds = self._views.preds if predictions is None else predictions.restrict(self.resolutions_)
+        return oracle(preds, costs, self.resolutions_, self.reference_)
 
     def simulate(self, predictions: Predictions, costs: CostModel) -> tuple[Outcome, Outcome]:
         """The chosen cascade and the reference on other predictions (e.g. test), with the fitted confidence

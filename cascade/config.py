@@ -74,9 +74,11 @@ class CascadeConfig:
         cascade, ref_out = b.cascade_, b.reference_outcome_
         casc_test, ref_test = b.simulate(test, costs)
         expected = {
-            "calib": {**b.chosen_.outcome.summary(ref_out.mean_cost), "reference_accuracy": ref_out.accuracy},
+            "calib": {**b.chosen_.outcome.summary(ref_out.mean_cost), "reference_accuracy": ref_out.accuracy,
+                      "oracle": b.oracle(costs).summary(ref_out.mean_cost, b.chosen_.outcome.mean_cost)},
             "test": {**casc_test.summary(ref_test.mean_cost), "reference_accuracy": ref_test.accuracy,
-                     "paired_difference": paired_difference(casc_test.correct_mask, ref_test.correct_mask)},
+                     "paired_difference": paired_difference(casc_test.correct_mask, ref_test.correct_mask),
+                     "oracle": b.oracle(costs, test).summary(ref_test.mean_cost, casc_test.mean_cost)},
         }
         if costs.decode_ms:  # the costs include the JPEG decode: what the same cascade costs on decoded inputs
             decoded = costs.without_decode()

@@ -159,6 +159,51 @@ def simulate(cascade: Cascade, views: StageViews, costs: CostModel) -> Outcome:
                    [float(e) for e in exits], [float(r) for r in reach], exit_stage, correct)
 
 
+@dataclass
+class Oracle:
+    """The limit of a pool's cascades on a set of examples: each example answered by the cheapest single stage
+    whose top-1 equals the reference's (`oracle`). mean_cost: ms per image; exit_fractions: the share of examples
+    each stage answers, per stage of `stages` (cheapest first)."""
+    stages: list[int]
+    exit_fractions: list[float]
+    mean_cost: float
+    n: int
+
+    def summary(self, reference_cost: float, cascade_cost: float) -> dict:
+        """As cascade.json records it: its cost, its cost vs the reference, the share of the saving it shows
+        possible that a cascade costing `cascade_cost` captures (`captured_share`), and where it exits."""
+        return {"mean_cost_ms": self.mean_cost, "cost_vs_reference": self.mean_cost / reference_cost,
+                "captured": captured_share(cascade_cost / reference_cost, self.mean_cost / reference_cost),
+                "stages": self.stages, "exit_fractions": self.exit_fractions}
+
+
+def oracle(preds: Predictions, costs: CostModel, resolutions, reference: int) -> Oracle:
+    """The oracle that exits each example at the cheapest stage of the pool agreeing with the reference (same
+    top-1; the reference always does), paying that stage alone as a single model would (its inference,
+    preprocessing and decode). No cascade of these stages that keeps the reference's answers costs less: one
+    also pays the stages it runs before the exit, and knows no labels. preds: logits [N, R, C]; costs: per-stage
+    ms; resolutions: the pool (with the reference). Its ratio to the reference's cost is the saving possible
+    with these stages; `captured_share` says how much of it a cascade takes."""
+    single = {r: costs.expected([r], [1.0]) for r in resolutions}
+    order = sorted(resolutions, key=lambda r: (single[r], r))
+    answer = preds.column(reference).argmax(-1)
+    left = np.ones(preds.n, dtype=bool)
+    fractions, total = [], 0.0
+    for r in order:
+        takes = left & (preds.column(r).argmax(-1) == answer) if r != reference else left.copy()
+        left &= ~takes
+        fractions.append(np.count_nonzero(takes) / preds.n)
+        total += fractions[-1] * single[r]
+    return Oracle(order, [float(f) for f in fractions], float(total), preds.n)
+
+
+def captured_share(cascade_ratio: float, oracle_ratio: float) -> float | None:
+    """(1 - cascade cost ratio) / (1 - oracle cost ratio), both vs the reference: the share of the oracle's saving
+    a cascade captures (1: all of it; 0: none; negative: it costs more than the reference). None where the
+    oracle saves nothing (the reference is the pool's cheapest stage agreeing with itself everywhere)."""
+    return (1 - cascade_ratio) / (1 - oracle_ratio) if oracle_ratio < 1 - 1e-12 else None
+
+
 def reference_resolution(views: StageViews, resolutions) -> int:
     """The most accurate single resolution on these examples (ties: the cheaper, i.e. lower, one)."""
     accs = {r: views.view((), r)[1].mean() for r in resolutions}

@@ -6,8 +6,9 @@ import pytest
 
 from rescascade.costs import CostModel
 from rescascade.guarantee import binomial_p_value, certify, certify_settings, split_calib
-from rescascade.optimizer import (Cascade, Stage, StageViews, exact_search, greedy, pareto_front, reference_resolution,
-                                  simulate, tolerance_sweep)
+from rescascade.optimizer import (Cascade, Stage, StageViews, captured_share, exact_search, greedy, oracle,
+                                  pareto_front, reference_resolution, simulate, tolerance_sweep)
+from rescascade.predictions import Predictions
 from rescascade.serve.confidence import combine, confidence
 from rescascade.temperature import fit_temperature
 from rescascade.synthetic_predictions import synthetic_predictions
@@ -133,6 +134,38 @@ def test_the_upload_is_paid_once_and_later_stages_pay_the_gather():
     # a profile without the two columns (older) charges every stage its full row, as before
     old = CostModel.from_profile(pd.DataFrame(rows).drop(columns=["upload_ms", "gather_ms"]), [96, 224], None, None, 32)
     assert old.expected([96, 224], [1.0, 0.5]) == pytest.approx(full[96] + 0.5 * full[224])
+
+
+def test_the_oracle_exits_each_image_at_the_cheapest_stage_agreeing_with_the_reference():
+    """Six images, three stages costing 1, 2 and 4 ms (the reference, r3): the oracle answers each image at the
+    cheapest stage whose top-1 is the reference's, right or wrong, and pays that stage alone."""
+    top1 = {1: [0, 1, 1, 0, 2, 2], 2: [0, 0, 1, 1, 2, 0], 3: [0, 0, 1, 1, 1, 1]}  # the reference: resolution 3
+    logits = np.stack([np.eye(3, dtype=np.float32)[top1[r]] for r in (1, 2, 3)], axis=1)  # [6, 3, 3]
+    preds = Predictions(logits, np.array([0, 0, 1, 1, 1, 2]), [1, 2, 3], np.arange(6).astype(str), "w" * 64)
+    costs = CostModel("test", "fp32", 1, False, {1: {1: 1.0}, 2: {1: 2.0}, 3: {1: 4.0}})
+    o = oracle(preds, costs, [1, 2, 3], 3)
+    # r1 agrees on images 0 and 2; r2 on 1 and 3 of the rest; the reference answers 4 and 5 itself
+    assert o.stages == [1, 2, 3] and o.exit_fractions == [2 / 6, 2 / 6, 2 / 6]
+    assert o.mean_cost == pytest.approx((2 * 1 + 2 * 2 + 2 * 4) / 6)
+    # ordered by cost, not by resolution: r3 as the cheapest stage answers every image before the others
+    dear = CostModel("test", "fp32", 1, False, {1: {1: 5.0}, 2: {1: 6.0}, 3: {1: 4.0}})
+    assert oracle(preds, dear, [1, 2, 3], 3).exit_fractions == [1.0, 0.0, 0.0]
+    s = o.summary(reference_cost=4.0, cascade_cost=3.5)
+    assert s["cost_vs_reference"] == pytest.approx(14 / 24)
+    assert s["captured"] == pytest.approx((1 - 3.5 / 4) / (1 - 14 / 24))
+    assert captured_share(0.9, 1.0) is None and captured_share(1.1, 0.5) < 0
+
+
+def test_a_cascade_never_beats_the_oracle_at_the_references_answers(preds):
+    """On synthetic ImageNet-like logits, no greedy cascade matching the reference's answers on every image exits
+    cheaper than the oracle, and the chosen one captures a share in (0, 1]."""
+    views, costs = StageViews(preds), flops_costs()
+    o = oracle(preds, costs, RES, 224)
+    ref_cost = simulate(Cascade([Stage(224, -math.inf)]), views, costs).mean_cost
+    assert 0 < o.mean_cost < ref_cost and sum(o.exit_fractions) == pytest.approx(1)
+    out = simulate(greedy(views, costs, 224, RES, 0.0), views, costs)
+    share = captured_share(out.mean_cost / ref_cost, o.mean_cost / ref_cost)
+    assert out.mean_cost > o.mean_cost and 0 < share < 1
 
 
 def test_pareto_front_is_monotone(preds):

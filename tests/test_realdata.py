@@ -60,6 +60,7 @@ def test_cascade_realdata_benchmark_quick(tmp_path, imagenet_weights_path):
         assert f"## {task}: the optimizer's levers" in res.stdout
         assert f"## {task}: the chosen family's cascade with its thresholds set on more images" in res.stdout
     assert "sample images r64..r128" in res.stdout and "cost ratio measured" in res.stdout
+    assert "| oracle cost ratio | oracle's saving captured |" in res.stdout
 
 
 @pytest.fixture(scope="module")

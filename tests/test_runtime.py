@@ -161,8 +161,17 @@ def test_build_summary_says_what_was_done(tiny_family, tmp_path):
     assert set(config["confidence"]["temperatures"].values()) == {1.0}
     assert "no temperature scaling" in logs[-1] and "temperature-scaled" not in logs[-1]
     logs.clear()
-    run_build(tiny_family, batch_size=1, out=tmp_path / "c.json", plots=False, log=logs.append)
+    config = run_build(tiny_family, batch_size=1, out=tmp_path / "c.json", plots=False, log=logs.append)
     assert "temperature-scaled (fitted on calib)" in logs[-1]
+    # the distance from the limit, on both splits: the oracle's cost and the share of its saving captured
+    for split in ("calib", "test"):
+        o, e = config["expected"][split]["oracle"], config["expected"][split]
+        assert o["cost_vs_reference"] <= 1 and sorted(o["stages"]) == sorted(config["family"]["resolutions"])
+        assert sum(o["exit_fractions"]) == pytest.approx(1)
+        if o["captured"] is not None:
+            assert o["captured"] == pytest.approx((1 - e["cost_vs_reference"]) / (1 - o["cost_vs_reference"]))
+    assert "oracle, each image at the cheapest stage agreeing with the reference: calib " in logs[-1]
+    assert read_config(tmp_path / "c.json").doc["expected"] == json.loads(json.dumps(config["expected"]))
 
 
 def test_cli_pipeline_end_to_end(tmp_path, capsys):
