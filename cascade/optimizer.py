@@ -8,11 +8,12 @@ Greedy (after Streeter, "Approximation Algorithms for Cascading Prediction Model
 candidate is *admissible* when, on the examples it would answer, it is at least as accurate as the reference
 model on those same examples (minus a tolerance). Repeatedly add the admissible candidate that resolves the
 most examples per unit of added cost, while it lowers the expected cost; finish with the reference. Stages run
-in increasing resolution (a later stage sees more detail), the same chains the exact search enumerates. With
-tolerance 0 the cascade is at least as accurate as the reference on calib, by construction.
+in increasing measured cost (`stage_order`: in one family, as a rule, increasing resolution), the same chains the
+exact search enumerates. With tolerance 0 the cascade is at least as accurate as the reference on calib, by
+construction.
 
-Exact search enumerates every increasing chain of resolutions over a threshold grid (branch and bound on
-packed bitsets), under the global accuracy constraint, to measure the greedy's gap.
+Exact search enumerates every chain in that order over a threshold grid (branch and bound on packed bitsets),
+under the global accuracy constraint, to measure the greedy's gap.
 """
 from __future__ import annotations
 
@@ -185,7 +186,7 @@ def oracle(preds: Predictions, costs: CostModel, resolutions, reference: int) ->
     ms; resolutions: the pool (with the reference). Its ratio to the reference's cost is the saving possible
     with these stages; `captured_share` says how much of it a cascade takes."""
     single = {r: costs.expected([r], [1.0]) for r in resolutions}
-    order = sorted(resolutions, key=lambda r: (single[r], r))
+    order = stage_order(costs, resolutions)
     answer = preds.column(reference).argmax(-1)
     left = np.ones(preds.n, dtype=bool)
     fractions, total = [], 0.0
@@ -202,6 +203,14 @@ def captured_share(cascade_ratio: float, oracle_ratio: float) -> float | None:
     a cascade captures (1: all of it; 0: none; negative: it costs more than the reference). None where the
     oracle saves nothing (the reference is the pool's cheapest stage agreeing with itself everywhere)."""
     return (1 - cascade_ratio) / (1 - oracle_ratio) if oracle_ratio < 1 - 1e-12 else None
+
+
+def stage_order(costs: CostModel, resolutions) -> list[int]:
+    """The order a cascade runs the pool's stages in: by per-image cost as a single model (inference,
+    preprocessing, decode, at the costs' batch size), ties by resolution. Measured costs need not grow with the
+    resolution (a kernel tuned for one input size), and a pool's stages of several models have no resolution
+    order at all; a cheap stage first is what lets a cascade save."""
+    return sorted(resolutions, key=lambda r: (costs.expected([r], [1.0]), r))
 
 
 def reference_resolution(views: StageViews, resolutions) -> int:
@@ -260,6 +269,7 @@ def greedy(views: StageViews, costs: CostModel, reference: int, candidates, tole
     _, ref_correct = views.view((), reference, at)
     remaining = np.ones(n, dtype=bool)
     stages, prefix = [], ()
+    rank = {r: k for k, r in enumerate(stage_order(costs, candidates))}
     pool = [r for r in candidates if r != reference]
     levels = np.linspace(0, 1, quantiles + 1)[:-1]
     while pool:
@@ -306,7 +316,7 @@ def greedy(views: StageViews, costs: CostModel, reference: int, candidates, tole
         remaining &= ~(conf >= t)
         stages.append(Stage(r, t))
         prefix = prefix + (r,)
-        pool = [q for q in pool if q > r]  # stages run in increasing resolution, as the exact search's chains
+        pool = [q for q in pool if rank[q] > rank[r]]  # stages run in increasing cost, as the exact search's chains
     stages.append(Stage(reference, -math.inf))
     return Cascade(stages, tolerance=tolerance, method="greedy", decode_at=at)
 
@@ -324,7 +334,7 @@ def _count(packed: np.ndarray) -> int:
 def exact_search(views: StageViews, costs: CostModel, resolutions, min_correct: int, grid: int = 16,
                  extra_thresholds: dict[int, list[float]] | None = None,
                  max_nodes: int = 5_000_000, decode_at: int | None = None) -> tuple[Cascade | None, int, bool]:
-    """Cheapest cascade over increasing chains x threshold grid with at least min_correct correct answers.
+    """Cheapest cascade over chains in `stage_order` x threshold grid with at least min_correct correct answers.
 
     The grid per resolution is `grid` confidence quantiles plus `extra_thresholds` (pass the greedy's, so the
     greedy's own cascade is in the search space and the reported gap is >= 0). Branch and bound on expected
@@ -334,7 +344,7 @@ def exact_search(views: StageViews, costs: CostModel, resolutions, min_correct: 
     some later stage where any could (the union of the later stages' correct rows; without the free ensemble,
     whose correctness depends on the stages before) or, at most, all of them. decode_at: the decode plan searched
     within (`Cascade.decode_at`)."""
-    resolutions = sorted(resolutions)
+    resolutions = stage_order(costs, resolutions)
     n = views.preds.n
     def cost_of(r: int, frac: float, prev: int | None) -> float:
         return frac * costs.stage_cost(r, prev, max(1.0, frac * costs.batch_size) if costs.batch_aware else None,

@@ -7,7 +7,7 @@ import pytest
 from rescascade.costs import CostModel
 from rescascade.guarantee import binomial_p_value, certify, certify_settings, split_calib
 from rescascade.optimizer import (Cascade, Stage, StageViews, captured_share, exact_search, greedy, oracle,
-                                  pareto_front, reference_resolution, simulate, tolerance_sweep)
+                                  pareto_front, reference_resolution, simulate, stage_order, tolerance_sweep)
 from rescascade.predictions import Predictions
 from rescascade.serve.confidence import combine, confidence
 from rescascade.temperature import fit_temperature
@@ -73,11 +73,11 @@ def test_greedy_tolerance_trades_accuracy_for_cost(preds):
         assert out.accuracy >= ref_acc - tol - 1e-9  # the per-stage deficit bounds the total
 
 
-def brute_force(views, costs, min_correct, thresholds):
-    """Every increasing chain x every threshold combination, evaluated by simulate()."""
+def brute_force(views, costs, min_correct, thresholds, order=RES):
+    """Every chain in `order` x every threshold combination, evaluated by simulate()."""
     best = (math.inf, None)
-    for k in range(1, len(RES) + 1):
-        for chain in itertools.combinations(RES, k):
+    for k in range(1, len(order) + 1):
+        for chain in itertools.combinations(order, k):
             for ts in itertools.product(*[thresholds[r] for r in chain[:-1]]):
                 c = Cascade([Stage(r, t) for r, t in zip(chain[:-1], ts)] + [Stage(chain[-1], -math.inf)])
                 out = simulate(c, views, costs)
@@ -86,16 +86,47 @@ def brute_force(views, costs, min_correct, thresholds):
     return best
 
 
-def test_exact_search_matches_brute_force_on_a_small_instance():
+# measured costs need not grow with the resolution: here r96 costs more than r128 and r160
+UNORDERED = {96: 0.6, 128: 0.33, 160: 0.51, 192: 0.73, 224: 1.0}
+
+
+@pytest.mark.parametrize("unit", [{r: (r / 224) ** 2 for r in RES}, UNORDERED], ids=["flops", "non-monotone"])
+def test_exact_search_matches_brute_force_on_a_small_instance(unit):
+    """Over chains in order of cost (`stage_order`), not of resolution."""
     small = synthetic_predictions(300, RES, num_classes=4, seed=3)
-    views, costs = StageViews(small), flops_costs()
+    views, costs = StageViews(small), CostModel("test", "fp32", 1, False, {r: {1: c} for r, c in unit.items()})
+    order = stage_order(costs, RES)
+    assert order == sorted(RES, key=unit.get)
     ref_correct = int(views.view((), 224)[1].sum())
     grid = 3
     cascade, nodes, cut = exact_search(views, costs, RES, ref_correct, grid=grid)
     thresholds = {r: np.unique(np.quantile(views.view((), r)[0], np.linspace(0, 1, grid + 1)[1:-1])) for r in RES}
-    best_cost, _ = brute_force(views, costs, ref_correct, thresholds)
+    best_cost, _ = brute_force(views, costs, ref_correct, thresholds, order)
     assert not cut and cascade is not None
     assert simulate(cascade, views, costs).mean_cost == pytest.approx(best_cost)
+    assert cascade.resolutions == sorted(cascade.resolutions, key=order.index)
+
+
+def test_stages_run_in_order_of_cost_not_of_resolution():
+    """Three stages, resolution 1 the reference (4 ms), 2 at 1.5 ms and 3 at 1 ms: 3 is sure and right on images
+    0-1, 2 on images 2-3, only the reference on 4-5. The cheapest cascade at the reference's accuracy runs them
+    by cost, 3 -> 2 -> 1: by resolution, the reference would have had to come first."""
+    labels = np.array([0, 1, 0, 1, 0, 1])
+
+    def stage(sure):  # logits [6, 2]: right with margin 6 on `sure`, wrong with margin 0.2 elsewhere
+        right = np.isin(np.arange(6), sure)
+        margin = np.where(right, 6.0, -0.2)
+        return np.stack([np.where(labels == 0, margin, 0), np.where(labels == 1, margin, 0)], -1)
+    logits = np.stack([stage(range(6)), stage([2, 3]), stage([0, 1])], axis=1).astype(np.float32)
+    views = StageViews(Predictions(logits, labels, [1, 2, 3], np.arange(6).astype(str), "w" * 64))
+    costs = CostModel("test", "fp32", 1, False, {1: {1: 4.0}, 2: {1: 1.5}, 3: {1: 1.0}})
+    assert stage_order(costs, [1, 2, 3]) == [3, 2, 1]
+    casc = greedy(views, costs, 1, [1, 2, 3], tolerance=0.0)
+    assert casc.resolutions == [3, 2, 1]
+    out = simulate(casc, views, costs)
+    assert out.correct == 6 and out.mean_cost == pytest.approx(1 + 4 / 6 * 1.5 + 2 / 6 * 4)
+    exact, _, _ = exact_search(views, costs, [1, 2, 3], 6, grid=4)
+    assert exact.resolutions == [3, 2, 1] and simulate(exact, views, costs).mean_cost == pytest.approx(out.mean_cost)
 
 
 def test_exact_is_never_worse_than_greedy_when_given_its_thresholds(preds):
