@@ -33,7 +33,7 @@ from rescascade.serve.limits import MAX_BATCH, MAX_THREADS
 from rescascade.serve.ort import unpack_patch
 from rescascade.serve.preprocess_np import CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, MAX_ASPECT
 from rescascade.training.family import res_key
-from rescascade.training.store import weights_id
+from rescascade.training.store import model_name, weights_id
 
 from .config import CascadeConfig, read_config
 from .runtime import open_family
@@ -89,7 +89,8 @@ def _write_bundle(config: CascadeConfig, tmp: Path, name: str, precision: str, l
     shared_path, patches, meta = export_shared(family, fam_dir, wid, precision)
     file = f"model.{precision}.onnx"
     shutil.copyfile(shared_path, tmp / file)
-    shared = {"file": file, "sha256": sha256_file(tmp / file), "precision": precision, "input": "input",
+    shared = {"file": file, "sha256": sha256_file(tmp / file), "model": model_name(doc), "precision": precision,
+              "input": "input",
               "output": "logits", "patch_bytes": len(unpack_patch(patches[config.reference].read_bytes())),
               "exporter": meta.get("exporter", "legacy"), "opset": meta.get("opset", 17)}  # exports before: legacy
     if meta.get("fallback"):

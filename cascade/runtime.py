@@ -26,7 +26,7 @@ from rescascade.profiling.export import export_shared
 from rescascade.profiling.measure import torch_threads
 from rescascade.serve.errors import ConfigError, RescascadeError, check_int
 from rescascade.serve.fileio import sha256_file
-from rescascade.serve.images import DEFAULT_MAX_PIXELS, Encoded
+from rescascade.serve.images import DEFAULT_MAX_PIXELS, Encoded, ImageError
 from rescascade.serve.limits import MAX_BATCH, MAX_THREADS
 from rescascade.serve.ort import unpack_patch
 from rescascade.serve.ort_engine import OrtEngine
@@ -63,17 +63,17 @@ def open_family(config: CascadeConfig):
 
 def _tensor_pixels(item, max_pixels: int) -> torch.Tensor | Encoded:
     """A decoded input (a PIL image or a uint8 [3, H, W] tensor) -> uint8 [3, H, W]; a uint8 [L] tensor of
-    encoded bytes (torchvision's `read_file`) -> `Encoded`; ValueError otherwise."""
+    encoded bytes (torchvision's `read_file`) -> `Encoded`; ImageError (a ValueError) otherwise."""
     if isinstance(item, torch.Tensor) and item.dim() == 1 and item.dtype == torch.uint8:
         return Encoded(item, max_pixels)
     if isinstance(item, Image.Image):
         item = from_pil(item)
     if not (isinstance(item, torch.Tensor) and item.dim() == 3 and item.shape[0] == 3 and item.dtype == torch.uint8):
         got = f"a {item.dtype} tensor {list(item.shape)}" if isinstance(item, torch.Tensor) else type(item).__name__
-        raise ValueError(f"not an image: got {got}; give a file path, encoded bytes, a PIL image or a uint8 [3, H, W] "
+        raise ImageError(f"not an image: got {got}; give a file path, encoded bytes, a PIL image or a uint8 [3, H, W] "
                          "tensor")
     if 0 in item.shape[1:]:
-        raise ValueError(f"an empty image ({item.shape[1]}x{item.shape[2]} pixels)")
+        raise ImageError(f"an empty image ({item.shape[1]}x{item.shape[2]} pixels)")
     return item
 
 

@@ -392,6 +392,10 @@ def test_bundle_refuses_damage_and_bad_arguments(split_cascade, bundle, tmp_path
                           (lambda d: d["shared"].update(input="pixels"), 'input "input"'),
                           (lambda d: d["shared"].update(precision="int8"), "precision"),
                           (lambda d: d["shared"].update(patch_bytes="many"), "patch_bytes"),
+                          # a plan naming a model the bundle lacks: its stage's, or the shared weights' name
+                          (lambda d: d["stages"][0].update(model="resnet50"), "runs model 'resnet50', but the "
+                           "bundle's shared weights are 'mobilenet_v2_x0.35'"),
+                          (lambda d: d["shared"].update(model="resnet50"), "shared weights are 'resnet50'"),
                           (lambda d: d.update(schema_version="3"), "must be a whole number, got '3'"),
                           (lambda d: d.update(schema_version=True), "must be a whole number, got True")):
         changed = json.loads(json.dumps(doc))
@@ -450,7 +454,8 @@ def test_bundle_refuses_damage_and_bad_arguments(split_cascade, bundle, tmp_path
         runner(np.zeros((2, 8, 8, 4), np.uint8))
     res = runner([np.zeros((8, 8), np.uint8), np.zeros((0, 5, 3), np.uint8), np.zeros((6, 6, 3), np.uint8), "", 7])
     assert set(res.errors) == {0, 1, 3, 4} and res.labels[2] >= 0
-    assert res.errors[3] == "ValueError: an empty path" and "got int;" in res.errors[4]
+    assert res.errors[3] == "an empty path: give the image file's path" and "got int;" in res.errors[4]
+    assert not any(e.startswith(("ImageError", "ConfigError", "ValueError")) for e in res.errors.values())
     # export: into a directory that holds something else, refused; over an earlier bundle, replaced
     other = tmp_path / "other"
     other.mkdir()

@@ -36,7 +36,7 @@ from .counts import ExitCounts, plan_identity
 from .errors import ArtifactError, BackendUnavailable, ConfigError, RescascadeError, check_bool, check_int
 from .exits import CascadeResult, in_batches, load_inputs, warmup_sizes
 from .fileio import check_schema, printable_streams, read_json, sha256_file
-from .images import DECODE_SCALES, DEFAULT_MAX_PIXELS, Encoded, pil_pixels
+from .images import DECODE_SCALES, DEFAULT_MAX_PIXELS, Encoded, ImageError, pil_pixels
 from .limits import MAX_BATCH, MAX_THREADS
 from .loop import run_plan
 from .ort import patch_identity, unpack_patch
@@ -79,6 +79,11 @@ def _bundle_problem(doc: dict) -> str | None:
     problem = plan_problem(doc, {int(r) for r in models}, len(names))
     if problem:
         return problem
+    model = shared.get("model")  # the model the shared weights are (before the field: unchecked)
+    if model is not None:
+        other = next((e["model"] for e in [*doc["stages"], doc["reference"]] if e.get("model", model) != model), None)
+        if other is not None:
+            return f"the plan runs model {other!r}, but the bundle's shared weights are {model!r}'s"
     if not isinstance(prep, dict) or prep.get("resize") != RESIZE:
         return f"preprocessing.resize must be {RESIZE}, the one this runtime implements"
     crop, mean, std = prep.get("crop_fraction"), prep.get("mean"), prep.get("std")
@@ -182,15 +187,16 @@ class Bundle:
 
 
 def _array_pixels(item) -> np.ndarray:
-    """A decoded input (a PIL image or a uint8 [H, W, 3] array) -> uint8 [H, W, 3]; ValueError otherwise."""
+    """A decoded input (a PIL image or a uint8 [H, W, 3] array) -> uint8 [H, W, 3]; ImageError (a ValueError)
+    otherwise."""
     if isinstance(item, Image.Image):
         item = pil_pixels(item)
     if not (isinstance(item, np.ndarray) and item.ndim == 3 and item.shape[2] == 3 and item.dtype == np.uint8):
         got = f"a {item.dtype} array {list(item.shape)}" if isinstance(item, np.ndarray) else type(item).__name__
-        raise ValueError(f"not an image: got {got}; give a file path, encoded bytes, a PIL image or a uint8 [H, W, 3] "
+        raise ImageError(f"not an image: got {got}; give a file path, encoded bytes, a PIL image or a uint8 [H, W, 3] "
                          "array")
     if 0 in item.shape[:2]:
-        raise ValueError(f"an empty image ({item.shape[0]}x{item.shape[1]} pixels)")
+        raise ImageError(f"an empty image ({item.shape[0]}x{item.shape[1]} pixels)")
     return item
 
 

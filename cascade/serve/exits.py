@@ -16,8 +16,8 @@ import numpy as np
 
 from .confidence import combine, confidence, log_probs
 from .counts import ExitCounts
-from .errors import ConfigError, check_int
-from .images import Encoded
+from .errors import ConfigError, RescascadeError, check_int
+from .images import Encoded, ImageError
 from .limits import MAX_BATCH
 
 
@@ -139,7 +139,7 @@ def load_inputs(images: Sequence, max_pixels: int, to_pixels: Callable) -> tuple
         try:
             if isinstance(item, (str, os.PathLike)):
                 if not str(item):
-                    raise ValueError("an empty path")
+                    raise ImageError("an empty path: give the image file's path")
                 item = Path(item).read_bytes()
             out.append(Encoded(item, max_pixels) if isinstance(item, (bytes, bytearray, memoryview))
                        else to_pixels(item))
@@ -171,10 +171,13 @@ def decode_stage(items: list, pixels: list, active: np.ndarray, min_side: int | 
 
 
 def error_text(e: Exception) -> str:
-    """One line for an input that failed: what is wrong with it."""
+    """One line for an input that failed: what is wrong with it. rescascade's own errors (`ImageError`, ...) and
+    the machine's (a file that cannot be read) say it in words; another library's exception keeps its type's
+    name, the only hint of where it came from."""
     if isinstance(e, OSError) and e.strerror and e.filename:  # the machine's answer, not Python's repr of it
         return f"cannot read {e.filename}: {e.strerror}"
-    return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else 'unreadable'}"
+    text = str(e).splitlines()[0][:200] if str(e).strip() else "unreadable"
+    return text if isinstance(e, RescascadeError) else f"{type(e).__name__}: {text}"
 
 
 def warmup_sizes(warmup) -> bool | list[int]:
