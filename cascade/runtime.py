@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from rescascade.profiling.backends import get_backend
-from rescascade.profiling.export import export_shared
+from rescascade.profiling.export import cached_shared, export_shared
 from rescascade.profiling.measure import torch_threads
 from rescascade.serve.errors import ConfigError, RescascadeError, check_int
 from rescascade.serve.fileio import sha256_file
@@ -33,7 +33,7 @@ from rescascade.serve.ort_engine import OrtEngine
 from rescascade.serve.preprocess_np import IMAGENET_MEAN, IMAGENET_STD
 from rescascade.training.images import as_tensor, from_pil
 from rescascade.training.preprocess import channels_last_batch, eval_resize_size, preprocess
-from rescascade.training.store import load_family, weights_id
+from rescascade.training.store import load_family, read_family_json, verify_files, weights_id
 
 from .config import CascadeConfig, read_config
 from .optimizer import Cascade, Stage
@@ -45,9 +45,10 @@ from .serve.plan import Plan
 __all__ = ["CascadeRunner", "CascadeResult", "StageTiming", "decision_step", "exit_step"]
 
 
-def open_family(config: CascadeConfig):
-    """The family a cascade.json was built on, with its hashes checked: -> (ResolutionFamily, family.json doc).
-    Raises RescascadeError when the family is not where cascade.json says or its files changed since the build."""
+def check_family(config: CascadeConfig) -> dict:
+    """The family.json doc of the family a cascade.json was built on, with its hashes and every weight file's
+    checked, without loading the weights. Raises RescascadeError when the family is not where cascade.json says or
+    its files changed since the build."""
     fam_dir, doc_family = config.family_dir, config.doc["family"]
     if not (fam_dir / "family.json").is_file():
         raise RescascadeError(f"the family {fam_dir} named by {config.path} is not there; copy the family "
@@ -55,9 +56,18 @@ def open_family(config: CascadeConfig):
     if sha256_file(fam_dir / "family.json") != doc_family["family_json_sha256"]:
         raise RescascadeError(f"{fam_dir}/family.json changed since {config.path} was built; "
                               "re-run `rescascade build` for this family")
-    family, doc = load_family(fam_dir)  # verifies every weight file's sha256
+    doc = read_family_json(fam_dir)
     if weights_id(doc) != doc_family["weights_sha256"]:
         raise RescascadeError(f"the weights in {fam_dir} are not the ones {config.path} was built for")
+    verify_files(fam_dir, doc)
+    return doc
+
+
+def open_family(config: CascadeConfig):
+    """The family a cascade.json was built on, loaded, with its hashes checked (`check_family`): ->
+    (ResolutionFamily, family.json doc)."""
+    doc = check_family(config)
+    family, _ = load_family(config.family_dir, verify=False)  # just verified
     return family, doc
 
 
@@ -120,7 +130,7 @@ class CascadeRunner:
         warmup = warmup_sizes(warmup)
         self.config: CascadeConfig = config if isinstance(config, CascadeConfig) else read_config(config)
         fam_dir = self.config.family_dir
-        family, doc = open_family(self.config)
+        doc = check_family(self.config)
         self.backend_name = backend or self.config.doc["profile"]["backend"]
         self.precision = precision or self.config.doc["profile"]["precision"]
         prep = doc.get("preprocessing", {})
@@ -145,13 +155,16 @@ class CascadeRunner:
         wid = weights_id(doc)
         if be.numpy_inputs:  # ONNX Runtime's CPU provider: the bundle's engine, the same sessions and numpy inputs
             be.check_precision(self.precision)
-            shared, patches, _ = export_shared(family, fam_dir, wid, "fp32")
+            # the checked export of these weights where there is one: no model to build, no weights to load
+            shared, patches, _ = cached_shared(fam_dir, wid, doc["resolutions"]) or \
+                export_shared(load_family(fam_dir, verify=False)[0], fam_dir, wid, "fp32")
             self.engine = OrtEngine(str(shared), {}, {}, self.crop_fraction, self.mean or IMAGENET_MEAN,
                                     self.std or IMAGENET_STD, ["CPUExecutionProvider"], threads, weights_id=wid,
                                     num_classes=doc["num_classes"])
             self._open = lambda r: self.engine.open(r, unpack_patch(patches[r].read_bytes(), str(patches[r])),
                                                     str(patches[r]))
         else:
+            family, _ = load_family(fam_dir, verify=False)
             self.engine = TorchStages(be.device, self.crop_fraction, self.mean, self.std)
             self._open = lambda r: self.engine.add(r, be.open(family, fam_dir, wid, r, self.precision, threads))
         self.use(self.cascade)

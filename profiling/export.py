@@ -213,6 +213,20 @@ def _cache_record(meta_path: Path, weights_id: str, files: list[Path], **info) -
     return meta
 
 
+def cached_shared(run_dir, weights_id: str, resolutions, precision: str = "fp32") \
+        -> tuple[Path, dict[int, Path], dict] | None:
+    """`export_shared`'s result where RUN_DIR/onnx holds it for these weights (weights_id) and every resolution,
+    each file unchanged since it was checked against PyTorch; None where it must export. Needs no family in
+    memory: a runtime on ONNX Runtime opens its sessions from these files alone."""
+    if precision not in TOLERANCE:
+        raise ArtifactError(f"precision {precision!r} is not one of {', '.join(TOLERANCE)}")
+    folder = Path(run_dir) / "onnx"
+    out, meta_path = folder / f"shared.{precision}.onnx", folder / f"shared.{precision}.json"
+    patches = {r: folder / f"{res_key(r)}.{precision}.patch" for r in resolutions}
+    meta = _cache_hit(meta_path, weights_id, [out, *patches.values()])
+    return None if meta is None else (out, patches, meta)
+
+
 def export_shared(family: ResolutionFamily, run_dir, weights_id: str,
                   precision: str = "fp32") -> tuple[Path, dict[int, Path], dict]:
     """The family as one shared ONNX model and one patch file per resolution (see the module), cached in
@@ -220,14 +234,12 @@ def export_shared(family: ResolutionFamily, run_dir, weights_id: str,
     (`serve.ort.stage_session`) is checked against its PyTorch plain model. Returns (shared model path,
     {resolution: patch path}, info with max_abs_diff per resolution).
     Raises ArtifactError past the tolerance, or for an arch whose BatchNorm parameters the exporter renamed."""
-    if precision not in TOLERANCE:
-        raise ArtifactError(f"precision {precision!r} is not one of {', '.join(TOLERANCE)}")
+    cached = cached_shared(run_dir, weights_id, family.resolutions, precision)
+    if cached is not None:
+        return cached
     folder = Path(run_dir) / "onnx"
     out, meta_path = folder / f"shared.{precision}.onnx", folder / f"shared.{precision}.json"
     patches = {r: folder / f"{res_key(r)}.{precision}.patch" for r in family.resolutions}
-    meta = _cache_hit(meta_path, weights_id, [out, *patches.values()])
-    if meta is not None:
-        return out, patches, meta
     top = max(family.resolutions)
     model = _distinct_batchnorms(family.plain_model(top))
     example = torch.randn(1, 3, top, top)

@@ -13,7 +13,7 @@ from rescascade.evaluate import run_eval
 from rescascade.optimizer import Cascade, Stage, StageViews, simulate
 from rescascade.predictions import load_predictions
 from rescascade.runtime import CascadeRunner
-from rescascade.serve.errors import RescascadeError
+from rescascade.serve.errors import ArtifactError, RescascadeError
 from rescascade.training.data import load_data
 
 QUIET = dict(log=lambda s: None)
@@ -189,3 +189,23 @@ def test_cli_pipeline_end_to_end(tmp_path, capsys):
     assert "| cascade mobilenet_v2_x0.35/r" in out and "| reference mobilenet_v2_x0.35/r" in out  # stage names
     assert main(["build", str(fam), "--target", "150"]) == 2
     assert "is ambiguous" in capsys.readouterr().err
+
+
+def test_a_weight_file_changed_after_the_build_is_refused(built, tmp_path):
+    """The ONNX Runtime runner opens its sessions from the family's checked export without loading the weights,
+    yet a weight file changed since the build (the shared weights or a patch, one bit) is refused on every backend."""
+    family, cascade_json, _ = built
+    copy = tmp_path / "family"
+    shutil.copytree(family, copy)
+    config = read_config(cascade_json)
+    config.doc["family"]["path"] = str(copy)
+    config.save(tmp_path / "cascade.json")
+    assert (copy / "onnx" / "shared.fp32.json").is_file()  # the export the runner reuses
+    CascadeRunner(tmp_path / "cascade.json", warmup=False)
+    for name in ("shared.safetensors", "patches/r032.safetensors"):
+        data = (copy / name).read_bytes()
+        (copy / name).write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+        for backend in ("onnxruntime", "torch"):
+            with pytest.raises(ArtifactError, match=f"{name} does not match the sha256 recorded in family.json"):
+                CascadeRunner(tmp_path / "cascade.json", backend=backend, warmup=False)
+        (copy / name).write_bytes(data)
