@@ -38,7 +38,7 @@ _EXPORTS = {
     "Protocol": "rescascade.profiling.measure",
     "CostModel": "rescascade.costs", "Target": "rescascade.target",
     "load_predictions": "rescascade.predictions", "CascadeConfig": "rescascade.config",
-    "CascadeBuilder": "rescascade.builder",
+    "CascadeBuilder": "rescascade.builder", "Pool": "rescascade.pool",
     "run_build": "rescascade.build", "run_eval": "rescascade.evaluate",
     "CascadeRunner": "rescascade.runtime", "decision_step": "rescascade.serve.exits",
     "ExitCounts": "rescascade.serve.counts", "drift_report": "rescascade.monitor",

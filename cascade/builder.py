@@ -46,8 +46,9 @@ class CascadeBuilder:
       temperature: fit a temperature per resolution on calib (log-loss).
       combine: "off", "on" (a stage decides on the mean log-probability of the stages so far) or "auto".
       exact: "auto" (an exact search up to MAX_EXACT_RESOLUTIONS resolutions, no budget, no guarantee), "on", "off".
-      reference: the single model to match (None: the most accurate on calib).
-      resolutions: the pool (None: every resolution predicted).
+      reference: the single model to match (None: the most accurate on calib): a resolution, or a pool's stage name.
+      resolutions: the pool (None: every resolution predicted): resolutions of one family, or the stage names
+        (MODEL/rR) of a `rescascade.pool.Pool`'s predictions and costs.
       seed, guarantee_fraction: the guarantee's split of calib (select part, certify part).
       tolerances: the greedy's tolerance sweep.
       decode_plan: "auto" (compare decoding a JPEG at each stage's own scale with decoding it once at a larger
@@ -93,9 +94,9 @@ class CascadeBuilder:
         if not 0 < guarantee_fraction < 1:
             raise ConfigError(f"--guarantee-fraction {guarantee_fraction} must be in (0, 1)")
         if reference is not None:
-            reference = check_int("reference", reference, 1)
+            reference = reference if _is_stage_name(reference) else check_int("reference", reference, 1)
         if resolutions is not None:
-            resolutions = check_resolutions(resolutions if not isinstance(resolutions, int) else [resolutions])
+            resolutions = _check_stages(resolutions)
         try:
             tolerances = tuple(check_number("tolerances", float(t), 0) for t in tolerances)
         except (TypeError, ValueError):
@@ -109,7 +110,8 @@ class CascadeBuilder:
 
     # ---- fitting ------------------------------------------------------------------------------------------
     def fit(self, calib: Predictions, costs: CostModel) -> "CascadeBuilder":
-        """Choose on calib (logits [N, K, C] of the pool's resolutions) with per-stage costs in ms. Returns self.
+        """Choose on calib (logits [N, K, C] of the pool's resolutions, or of a `Pool`'s stages: `Pool.predictions`)
+        with per-stage costs in ms (`CostModel.from_profile`, `Pool.costs`). Returns self.
         Raises ConfigError for arguments of the wrong kind, costs missing a resolution or a reference outside
         the pool, RescascadeError when the target is unreachable or no cascade fits the budget."""
         if not isinstance(calib, Predictions):
@@ -264,6 +266,21 @@ class CascadeBuilder:
         views = StageViews(predictions.restrict(self.resolutions_), self.measure_, self.temperatures_, self.combine_)
         return (simulate(self.cascade_, views, costs),
                 simulate(Cascade([Stage(self.reference_, -math.inf)]), views, costs))
+
+
+def _is_stage_name(key) -> bool:
+    """A pool's stage key (`pool.Pool`): its model and resolution, MODEL/rR."""
+    return isinstance(key, str) and "/r" in key
+
+
+def _check_stages(stages) -> tuple:
+    """The pool to choose from: resolutions (one family: `check_resolutions`) or a pool's stage names."""
+    stages = [stages] if isinstance(stages, (int, str)) else list(stages)
+    if stages and all(_is_stage_name(s) for s in stages):
+        if len(set(stages)) != len(stages):
+            raise ConfigError(f"resolutions= {stages} repeats a stage; give each once")
+        return tuple(stages)
+    return check_resolutions(stages)
 
 
 def _select(cands: list[Candidate], target: Target, reference_acc: float, reachable_msg: str) -> Candidate:

@@ -1,7 +1,8 @@
 """Choosing a cascade: Streeter-style cost-aware greedy, exact search for small pools, and the Pareto sweep.
 
 A cascade is an ordered list of stages (resolution, threshold); an input exits at the first stage whose
-confidence reaches its threshold, and the last stage answers everything.
+confidence reaches its threshold, and the last stage answers everything. In a pool of several families
+(`pool.Pool`) a stage is keyed by its name, MODEL/rR, where one family keys it by its resolution.
 
 Greedy (after Streeter, "Approximation Algorithms for Cascading Prediction Models", ICML 2018): candidates are
 (resolution, threshold) with thresholds at confidence quantiles of the still-unresolved calib examples. A
@@ -31,8 +32,13 @@ DEFAULT_TOLERANCES = (0.0, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 
 
 @dataclass(frozen=True)
 class Stage:
-    resolution: int
+    resolution: int | str  # a family's resolution, or a pool's stage name (MODEL/rR, `pool.Pool`)
     threshold: float  # -inf for the last stage
+
+
+def stage_label(key: int | str) -> str:
+    """How a stage reads in text: rR for a family's resolution R, its name for a pool's stage (MODEL/rR)."""
+    return key if isinstance(key, str) else f"r{key}"
 
 
 @dataclass
@@ -52,7 +58,7 @@ class Cascade:
         return tuple((s.resolution, round(s.threshold, 9)) for s in self.stages) + (self.decode_at,)
 
     def describe(self) -> str:
-        parts = [f"r{s.resolution}" + (f"@{s.threshold:.4g}" if math.isfinite(s.threshold) else "")
+        parts = [stage_label(s.resolution) + (f"@{s.threshold:.4g}" if math.isfinite(s.threshold) else "")
                  for s in self.stages]
         return " -> ".join(parts) + (f" (decoded once at r{self.decode_at}'s scale)" if self.decode_at else "")
 
@@ -165,7 +171,7 @@ class Oracle:
     """The limit of a pool's cascades on a set of examples: each example answered by the cheapest single stage
     whose top-1 equals the reference's (`oracle`). mean_cost: ms per image; exit_fractions: the share of examples
     each stage answers, per stage of `stages` (cheapest first)."""
-    stages: list[int]
+    stages: list[int | str]
     exit_fractions: list[float]
     mean_cost: float
     n: int
@@ -178,11 +184,11 @@ class Oracle:
                 "stages": self.stages, "exit_fractions": self.exit_fractions}
 
 
-def oracle(preds: Predictions, costs: CostModel, resolutions, reference: int) -> Oracle:
+def oracle(preds: Predictions, costs: CostModel, resolutions, reference: int | str) -> Oracle:
     """The oracle that exits each example at the cheapest stage of the pool agreeing with the reference (same
     top-1; the reference always does), paying that stage alone as a single model would (its inference,
-    preprocessing and decode). No cascade of these stages that keeps the reference's answers costs less: one
-    also pays the stages it runs before the exit, and knows no labels. preds: logits [N, R, C]; costs: per-stage
+    preprocessing and decode). No cascade of these stages that keeps the reference's answers costs less (but for a
+    decode one stage leaves the next): it also pays the stages it runs before the exit, and knows no labels. preds: logits [N, R, C]; costs: per-stage
     ms; resolutions: the pool (with the reference). Its ratio to the reference's cost is the saving possible
     with these stages; `captured_share` says how much of it a cascade takes."""
     single = {r: costs.expected([r], [1.0]) for r in resolutions}
@@ -200,7 +206,9 @@ def oracle(preds: Predictions, costs: CostModel, resolutions, reference: int) ->
 
 def captured_share(cascade_ratio: float, oracle_ratio: float) -> float | None:
     """(1 - cascade cost ratio) / (1 - oracle cost ratio), both vs the reference: the share of the oracle's saving
-    a cascade captures (1: all of it; 0: none; negative: it costs more than the reference). None where the
+    a cascade captures (1: all of it; 0: none; negative: it costs more than the reference; above 1 only where it
+    answers images otherwise than the reference, right where the reference is wrong and wrong where it is right,
+    which the oracle does not). None where the
     oracle saves nothing (the reference is the pool's cheapest stage agreeing with itself everywhere)."""
     return (1 - cascade_ratio) / (1 - oracle_ratio) if oracle_ratio < 1 - 1e-12 else None
 

@@ -1,0 +1,114 @@
+"""A pool of two tiny architectures on the same synthetic data: one cascade chosen over the stages of both."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from rescascade.builder import CascadeBuilder
+from rescascade.optimizer import stage_order
+from rescascade.pool import Pool
+from rescascade.serve.errors import ConfigError, RescascadeError
+from rescascade.target import Target
+
+from .conftest import TINY_RES
+
+
+@pytest.fixture(scope="module")
+def second_member(tmp_path_factory):
+    """timm's test_efficientnet trained on the tiny family's data, seed and splits (~11 s with its profile)."""
+    from rescascade.profiling.measure import QUICK
+    from rescascade.profiling.profile import run_profile
+    from rescascade.runtime import decision_step
+    from rescascade.training.run import run_train
+    from rescascade.training.trainer import TrainConfig
+
+    out = tmp_path_factory.mktemp("member") / "effnet"
+    cfg = TrainConfig(TINY_RES, epochs=4, batch_size=16, optimizer="adamw", lr=0.003, workers=0, seed=0)
+    run_train("synthetic:384", out, cfg, arch="timm:test_efficientnet", weights="none", log=lambda s: None,
+              data_options={"heldout_per_class": 20})
+    run_profile(out, "onnxruntime", "fp32", (1, 4), protocol=QUICK, threads=1, log=lambda s: None,
+                decision_step=decision_step)
+    return out
+
+
+def test_a_pool_chooses_over_the_stages_of_every_member(tiny_family, second_member):
+    pool = Pool.load([tiny_family, second_member])
+    names = [f"mobilenet_v2_x0.35/r{r}" for r in TINY_RES] + [f"test_efficientnet/r{r}" for r in TINY_RES]
+    assert pool.stages == names
+    calib, test = pool.predictions("calib"), pool.predictions("test")
+    assert calib.resolutions == names and calib.logits.shape[1] == 4 and test.n == pool.members[0].predictions["test"].n
+    for k, name in enumerate(names):  # each stage's logits are its member's, as predicted
+        member, r = pool.stage(name)
+        assert np.array_equal(calib.logits[:, k], member.predictions["calib"].column(r))
+    costs = pool.costs(batch_size=4)
+    assert sorted(costs.table) == sorted(names)
+    assert costs.per_image(names[2]) == pytest.approx(pool.members[1].profile.table.query(
+        "resolution == 32 and batch_size == 4").eval("(median_ms + preprocess_ms + overhead_ms) / 4").iloc[0]
+        - costs.once_per_image(), rel=1e-6)
+    # the choice: among every member's stages, run cheapest first, finished by the most accurate stage on calib
+    builder = CascadeBuilder(Target.best(), exact="on").fit(calib, costs)
+    accuracy = {s: float((calib.column(s).argmax(-1) == calib.labels).mean()) for s in names}
+    assert accuracy[builder.reference_] == max(accuracy.values())
+    order = stage_order(costs, names)
+    for c in builder.candidates_:
+        assert set(c.cascade.resolutions) <= set(names)
+        assert c.cascade.resolutions[:-1] == sorted(c.cascade.resolutions[:-1], key=order.index)
+    assert builder.chosen_.outcome.accuracy >= builder.reference_outcome_.accuracy - 1e-12
+    assert " -> " in builder.cascade_.describe() or builder.cascade_.describe() == builder.reference_
+    assert builder.exact_ is not None and builder.exact_["greedy_gap"] >= -1e-9
+    o = builder.oracle_
+    assert sorted(o.stages) == sorted(names) and sum(o.exit_fractions) == pytest.approx(1)
+    # the oracle pays, per image, the cheapest stage agreeing with the reference: never more than the reference
+    single = {s: costs.expected([s], [1.0]) for s in names}
+    assert single[o.stages[0]] <= o.mean_cost <= single[builder.reference_] + 1e-12
+    casc_test, ref_test = builder.simulate(test, costs)  # scored on the pool's test images
+    assert casc_test.n == test.n and 0 <= casc_test.accuracy <= 1
+    # a reference given by its stage name; a sub-pool by stage names
+    only = CascadeBuilder(Target.best(), reference=names[3], resolutions=[names[0], names[3]]).fit(calib, costs)
+    assert only.reference_ == names[3] and set(only.cascade_.resolutions) <= {names[0], names[3]}
+
+
+def test_members_that_cannot_be_compared_are_one_line_naming_both(tiny_family, second_member, tmp_path):
+    with pytest.raises(ConfigError, match="at least two members"):
+        Pool.load([tiny_family])
+    with pytest.raises(ConfigError, match="list of family directories"):
+        Pool.load(str(tiny_family))
+    with pytest.raises(RescascadeError, match="the same family twice"):
+        Pool.load([tiny_family, tiny_family])
+    with pytest.raises(RescascadeError, match="profile.csv not found|not found"):
+        Pool.load([tiny_family, tmp_path / "nothing"])
+
+    def edited(name, edit):  # a copy of the second member with one file edited
+        copy = tmp_path / name
+        shutil.copytree(second_member, copy)
+        edit(copy)
+        return copy
+
+    def family_json(copy, change):
+        doc = json.loads((copy / "family.json").read_text())
+        change(doc)
+        (copy / "family.json").write_text(json.dumps(doc))
+
+    def test_ids(copy):  # the same weights id, another test image at index 3
+        with np.load(copy / "predictions" / "test.npz") as z:
+            arrays = dict(z)
+        arrays["ids"] = arrays["ids"].copy()
+        arrays["ids"][3] = "another.png"
+        np.savez(copy / "predictions" / "test.npz", **arrays)
+
+    def device(copy):
+        doc = json.loads((copy / "profile.json").read_text())
+        doc["device"]["cpu"] = "another CPU"
+        (copy / "profile.json").write_text(json.dumps(doc))
+
+    for name, edit, message in (
+            ("classes", lambda c: family_json(c, lambda d: d["class_names"].reverse()), "predict different classes"),
+            ("crop", lambda c: family_json(c, lambda d: d["preprocessing"].update(crop_fraction=0.5)),
+             "preprocess differently \\(crop_fraction"),
+            ("images", test_ids, "hold different test images: image ids differ from image 3 on"),
+            ("device", device, "were profiled on different devices")):
+        copy = edited(name, edit)
+        with pytest.raises(RescascadeError, match=message) as e:
+            Pool.load([tiny_family, copy])
+        assert str(tiny_family) in str(e.value) and str(copy) in str(e.value)
