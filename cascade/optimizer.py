@@ -188,9 +188,10 @@ def oracle(preds: Predictions, costs: CostModel, resolutions, reference: int | s
     """The oracle that exits each example at the cheapest stage of the pool agreeing with the reference (same
     top-1; the reference always does), paying that stage alone as a single model would (its inference,
     preprocessing and decode). No cascade of these stages that keeps the reference's answers costs less (but for a
-    decode one stage leaves the next): it also pays the stages it runs before the exit, and knows no labels. preds: logits [N, R, C]; costs: per-stage
-    ms; resolutions: the pool (with the reference). Its ratio to the reference's cost is the saving possible
-    with these stages; `captured_share` says how much of it a cascade takes."""
+    decode one stage leaves the next): it also pays the stages it runs before the exit, and knows no labels.
+    preds: logits [N, R, C]; costs: per-stage ms; resolutions: the pool (with the reference). Its ratio to the
+    reference's cost is the saving possible with these stages; `captured_share` says how much of it a cascade
+    takes."""
     single = {r: costs.expected([r], [1.0]) for r in resolutions}
     order = stage_order(costs, resolutions)
     answer = preds.column(reference).argmax(-1)

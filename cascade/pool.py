@@ -186,10 +186,10 @@ def check_members(members: list[Member]) -> None:
         for split in SPLITS:
             p, q = first.predictions[split], m.predictions[split]
             _check_same_images(p, q, f"{pair} hold different {split} images")
-        if device_key(first.profile.meta["device"]) != device_key(m.profile.meta["device"]):
-            raise RescascadeError(f"{pair} were profiled on different devices ({device_key(first.profile.meta['device'])}"
-                                  f" vs {device_key(m.profile.meta['device'])}): profile every member where the "
-                                  "cascade will run")
+        devices = [device_key(x.profile.meta["device"]) for x in (first, m)]
+        if devices[0] != devices[1]:
+            raise RescascadeError(f"{pair} were profiled on different devices ({devices[0]} vs {devices[1]}): profile "
+                                  "every member where the cascade will run")
 
 
 def _check_same_images(p: Predictions, q: Predictions, what: str) -> None:
