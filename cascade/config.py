@@ -62,6 +62,10 @@ class CascadeConfig:
         from rescascade.training.store import model_name, read_family_json, weights_id  # here: it imports torch,
         # which reading a cascade.json (`rescascade drift`, eval's checks) does not need
         builder.check_fitted()
+        if any(isinstance(r, str) for r in builder.resolutions_):
+            raise ConfigError("this CascadeBuilder chose among a pool's stages (MODEL/rR): cascade.json holds one "
+                              "family's cascade so far; read the pool's choice from the builder (cascade_, "
+                              "oracle_, simulate)")
         b, family_dir = builder, Path(family_dir).resolve()
         doc = read_family_json(family_dir)
         test = test if test is not None else load_predictions(family_dir / "predictions" / "test.npz")

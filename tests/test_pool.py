@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from rescascade.builder import CascadeBuilder
+from rescascade.config import CascadeConfig
 from rescascade.optimizer import stage_order
 from rescascade.pool import Pool
 from rescascade.serve.errors import ConfigError, RescascadeError
@@ -64,6 +65,8 @@ def test_a_pool_chooses_over_the_stages_of_every_member(tiny_family, second_memb
     assert single[o.stages[0]] <= o.mean_cost <= single[builder.reference_] + 1e-12
     casc_test, ref_test = builder.simulate(test, costs)  # scored on the pool's test images
     assert casc_test.n == test.n and 0 <= casc_test.accuracy <= 1
+    with pytest.raises(ConfigError, match="cascade.json holds one family's cascade so far"):
+        CascadeConfig.from_builder(builder, tiny_family, pool.members[0].profile, costs)
     # a reference given by its stage name; a sub-pool by stage names
     only = CascadeBuilder(Target.best(), reference=names[3], resolutions=[names[0], names[3]]).fit(calib, costs)
     assert only.reference_ == names[3] and set(only.cascade_.resolutions) <= {names[0], names[3]}
