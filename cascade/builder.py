@@ -94,6 +94,9 @@ class CascadeBuilder:
         if not 0 < guarantee_fraction < 1:
             raise ConfigError(f"--guarantee-fraction {guarantee_fraction} must be in (0, 1)")
         if reference is not None:
+            if isinstance(reference, str) and not _is_stage_name(reference):
+                raise ConfigError(f"--reference {reference!r}: give a resolution (e.g. 224) or a pool's stage name "
+                                  "(MODEL/rR, Pool.stages)")
             reference = reference if _is_stage_name(reference) else check_int("reference", reference, 1)
         if resolutions is not None:
             resolutions = _check_stages(resolutions)
@@ -276,6 +279,9 @@ def _is_stage_name(key) -> bool:
 def _check_stages(stages) -> tuple:
     """The pool to choose from: resolutions (one family: `check_resolutions`) or a pool's stage names."""
     stages = [stages] if isinstance(stages, (int, str)) else list(stages)
+    if any(isinstance(s, str) for s in stages) and not all(_is_stage_name(s) for s in stages):
+        raise ConfigError(f"resolutions= {stages!r}: give resolutions (e.g. 96, 128) or a pool's stage names "
+                          "(MODEL/rR, Pool.stages), not a mix")
     if stages and all(_is_stage_name(s) for s in stages):
         if len(set(stages)) != len(stages):
             raise ConfigError(f"resolutions= {stages} repeats a stage; give each once")

@@ -25,7 +25,7 @@ import numpy as np
 
 from rescascade.profiling.measure import device_key
 from rescascade.profiling.profile import Profile
-from rescascade.serve.errors import ConfigError, RescascadeError
+from rescascade.serve.errors import ArtifactError, ConfigError, RescascadeError
 from rescascade.serve.names import stage_name
 from rescascade.training.store import model_name, read_family_json, weights_id
 
@@ -64,6 +64,9 @@ class Member:
         doc = read_family_json(run_dir)
         wid = weights_id(doc)
         preds = {s: load_predictions(run_dir / "predictions" / f"{s}.npz") for s in SPLITS}
+        if preds["calib"].resolutions != preds["test"].resolutions:
+            raise ArtifactError(f"{run_dir}: calib and test predictions cover different resolutions "
+                                f"({preds['calib'].resolutions} vs {preds['test'].resolutions}); re-run prediction")
         for p in preds.values():
             if p.weights_sha256 != wid:
                 raise RescascadeError(f"{p.path} was predicted by another family (weights {p.weights_sha256[:12]}, "
@@ -139,6 +142,13 @@ class Pool:
                                                     decode_scale=m.doc.get("preprocessing", {}).get("decode_scale")))
             except RescascadeError as e:
                 raise type(e)(f"pool member {m.run_dir}: {e.cli_message}") from None
+        for m, c in zip(self.members, parts):  # one serving batch size, measured by every member: else mixed pricing
+            unprofiled = [r for r in c.table if batch_size not in c.table[r]]
+            if unprofiled:
+                raise RescascadeError(f"pool member {m.run_dir} has no batch-size-{batch_size} row for resolution(s) "
+                                      f"{unprofiled} (it has {sorted(c.table[unprofiled[0]])}): profile every member "
+                                      f"at the batch size served, `rescascade profile {m.run_dir} --batch-sizes "
+                                      f"{batch_size}`")
         kinds = {(c.backend, c.precision) for c in parts}
         if len(kinds) > 1:
             raise RescascadeError(f"the members' profiles price different backends/precisions ({sorted(kinds)}); give "
@@ -162,16 +172,19 @@ def check_members(members: list[Member]) -> None:
     naming the first difference and both members."""
     if len(members) < 2:
         raise ConfigError(f"a pool needs at least two members, got {len(members)}")
-    first = members[0]
-    names = {}
+    bad = [type(m).__name__ for m in members if not isinstance(m, Member)]
+    if bad:
+        raise ConfigError(f"a Pool holds Members, got {bad[0]}: use Pool.load([run_dir, ...])")
+    holder = {}  # stage name -> the member holding it
     for m in members:
         for s in m.stages:
-            if s in names:
-                raise RescascadeError(f"{names[s]} and {m.run_dir} both hold stage {s}: " + (
-                    "the same family twice" if names[s].resolve() == m.run_dir.resolve() or
-                    first.weights_sha256 == m.weights_sha256 else "two families of one model at one resolution "
-                    "cannot be told apart; keep one of them"))
-            names[s] = m.run_dir
+            if s in holder:
+                other = holder[s]
+                raise RescascadeError(f"{other.run_dir} and {m.run_dir} both hold stage {s}: " + (
+                    "the same family twice" if other.weights_sha256 == m.weights_sha256 else
+                    "two families of one model at one resolution cannot be told apart; keep one of them"))
+            holder[s] = m
+    first = members[0]
     for m in members[1:]:
         pair = f"{first.run_dir} and {m.run_dir}"
         if list(m.doc["class_names"]) != list(first.doc["class_names"]):
@@ -186,10 +199,18 @@ def check_members(members: list[Member]) -> None:
         for split in SPLITS:
             p, q = first.predictions[split], m.predictions[split]
             _check_same_images(p, q, f"{pair} hold different {split} images")
-        devices = [device_key(x.profile.meta["device"]) for x in (first, m)]
+        devices = [device_key(x.profile.meta["device"]) + _threads(x.profile) for x in (first, m)]
         if devices[0] != devices[1]:
             raise RescascadeError(f"{pair} were profiled on different devices ({devices[0]} vs {devices[1]}): profile "
                                   "every member where the cascade will run")
+
+
+def _threads(profile: Profile) -> str:
+    """The threads a profile's rows ran on, as device_key's suffix: members timed on other thread counts are
+    priced unlike each other."""
+    if "threads" not in profile.table.columns:
+        return ""
+    return f", threads {sorted({int(t) for t in profile.table.threads.dropna()})}"
 
 
 def _check_same_images(p: Predictions, q: Predictions, what: str) -> None:

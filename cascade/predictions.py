@@ -61,6 +61,12 @@ class Predictions:
                            self.path, digests, {k: v[idx] for k, v in self.decoded_at.items()})
 
     def restrict(self, resolutions) -> "Predictions":
+        """These predictions at `resolutions` only (or a pool's stage names), in that order. ConfigError naming
+        what they lack."""
+        missing = [r for r in resolutions if r not in self.resolutions]
+        if missing:
+            raise ConfigError(f"{self.path or 'these predictions'} hold no logits of {missing} (they cover "
+                              f"{self.resolutions}): they come from another family or pool")
         k = [self.resolutions.index(r) for r in resolutions]
         return Predictions(self.logits[:, k], self.labels, list(resolutions), self.ids, self.weights_sha256, self.path,
                            self.pixel_digests, {p: v for p, v in self.decoded_at.items() if set(p) <= set(resolutions)})

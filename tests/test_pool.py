@@ -9,7 +9,7 @@ from rescascade.builder import CascadeBuilder
 from rescascade.config import CascadeConfig
 from rescascade.optimizer import stage_order
 from rescascade.pool import Pool
-from rescascade.serve.errors import ConfigError, RescascadeError
+from rescascade.serve.errors import ArtifactError, ConfigError, RescascadeError
 from rescascade.target import Target
 
 from .conftest import TINY_RES
@@ -105,12 +105,40 @@ def test_members_that_cannot_be_compared_are_one_line_naming_both(tiny_family, s
         doc["device"]["cpu"] = "another CPU"
         (copy / "profile.json").write_text(json.dumps(doc))
 
+    def calib_r48(copy):  # calib predictions of r48 only, test of both
+        with np.load(copy / "predictions" / "calib.npz") as z:
+            arrays = dict(z)
+        arrays["logits"], arrays["resolutions"] = arrays["logits"][:, 1:], arrays["resolutions"][1:]
+        np.savez(copy / "predictions" / "calib.npz", **arrays)
+
+    def threads(copy):  # the same device, timed on another thread count
+        import pandas as pd
+        df = pd.read_csv(copy / "profile.csv")
+        df["threads"] = df["threads"] + 1
+        df.to_csv(copy / "profile.csv", index=False)
+
+    with pytest.raises(ArtifactError, match="calib and test predictions cover different resolutions"):
+        Pool.load([tiny_family, edited("res", calib_r48)])
+    with pytest.raises(RescascadeError, match="has no batch-size-32 row"):
+        Pool.load([tiny_family, second_member]).costs(batch_size=32, batch_aware=True)
+    with pytest.raises(RescascadeError, match="the same family twice"):  # a copy, third in the pool
+        Pool.load([tiny_family, second_member, edited("copy", lambda c: None)])
+    with pytest.raises(ConfigError, match="a Pool holds Members, got str"):
+        Pool(["a", "b"])
+    pool = Pool.load([tiny_family, second_member])
+    for bad in ({"reference": "r48"}, {"resolutions": ["test_efficientnet/r32", 48]}):
+        with pytest.raises(ConfigError, match="stage name"):
+            CascadeBuilder(**bad)
+    fitted = CascadeBuilder(Target.best()).fit(pool.predictions("calib"), pool.costs(batch_size=4))
+    with pytest.raises(ConfigError, match="hold no logits of .*another family or pool"):
+        fitted.simulate(pool.members[0].predictions["test"], pool.costs(batch_size=4))
     for name, edit, message in (
             ("classes", lambda c: family_json(c, lambda d: d["class_names"].reverse()), "predict different classes"),
             ("crop", lambda c: family_json(c, lambda d: d["preprocessing"].update(crop_fraction=0.5)),
              "preprocess differently \\(crop_fraction"),
             ("images", test_ids, "hold different test images: image ids differ from image 3 on"),
-            ("device", device, "were profiled on different devices")):
+            ("device", device, "were profiled on different devices"),
+            ("threads", threads, "were profiled on different devices .*threads")):
         copy = edited(name, edit)
         with pytest.raises(RescascadeError, match=message) as e:
             Pool.load([tiny_family, copy])

@@ -170,7 +170,7 @@ def test_build_summary_says_what_was_done(tiny_family, tmp_path):
         assert sum(o["exit_fractions"]) == pytest.approx(1)
         if o["captured"] is not None:
             assert o["captured"] == pytest.approx((1 - e["cost_vs_reference"]) / (1 - o["cost_vs_reference"]))
-    assert "oracle, each image at the cheapest stage agreeing with the reference: calib " in logs[-1]
+    assert "oracle, each image at the cheapest stage giving the reference's answer: calib " in logs[-1]
     assert read_config(tmp_path / "c.json").doc["expected"] == json.loads(json.dumps(config["expected"]))
 
 
