@@ -218,13 +218,19 @@ def cached_shared(run_dir, weights_id: str, resolutions, precision: str = "fp32"
     """`export_shared`'s result where RUN_DIR/onnx holds it for these weights (weights_id) and every resolution,
     each file unchanged since it was checked against PyTorch; None where it must export. Needs no family in
     memory: a runtime on ONNX Runtime opens its sessions from these files alone."""
+    out, meta_path, patches = _shared_paths(run_dir, resolutions, precision)
+    meta = _cache_hit(meta_path, weights_id, [out, *patches.values()])
+    return None if meta is None else (out, patches, meta)
+
+
+def _shared_paths(run_dir, resolutions, precision: str) -> tuple[Path, Path, dict[int, Path]]:
+    """Where `export_shared` caches a family's export: (RUN_DIR/onnx/shared.<precision>.onnx, its meta file,
+    {resolution: RUN_DIR/onnx/r<R>.<precision>.patch}). ArtifactError for an unknown precision."""
     if precision not in TOLERANCE:
         raise ArtifactError(f"precision {precision!r} is not one of {', '.join(TOLERANCE)}")
     folder = Path(run_dir) / "onnx"
-    out, meta_path = folder / f"shared.{precision}.onnx", folder / f"shared.{precision}.json"
-    patches = {r: folder / f"{res_key(r)}.{precision}.patch" for r in resolutions}
-    meta = _cache_hit(meta_path, weights_id, [out, *patches.values()])
-    return None if meta is None else (out, patches, meta)
+    return (folder / f"shared.{precision}.onnx", folder / f"shared.{precision}.json",
+            {r: folder / f"{res_key(r)}.{precision}.patch" for r in resolutions})
 
 
 def export_shared(family: ResolutionFamily, run_dir, weights_id: str,
@@ -237,9 +243,7 @@ def export_shared(family: ResolutionFamily, run_dir, weights_id: str,
     cached = cached_shared(run_dir, weights_id, family.resolutions, precision)
     if cached is not None:
         return cached
-    folder = Path(run_dir) / "onnx"
-    out, meta_path = folder / f"shared.{precision}.onnx", folder / f"shared.{precision}.json"
-    patches = {r: folder / f"{res_key(r)}.{precision}.patch" for r in family.resolutions}
+    out, meta_path, patches = _shared_paths(run_dir, family.resolutions, precision)
     top = max(family.resolutions)
     model = _distinct_batchnorms(family.plain_model(top))
     example = torch.randn(1, 3, top, top)
