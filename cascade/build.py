@@ -6,13 +6,16 @@ on test (never seen by the optimizer).
 from __future__ import annotations
 
 import math
+import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
 
 from rescascade.profiling.profile import Profile
-from rescascade.serve.errors import RescascadeError, check_int
+from rescascade.serve.errors import ConfigError, RescascadeError, check_int
 from rescascade.serve.fileio import output_file
+from rescascade.serve.names import stage_names
+from rescascade.serve.plan import plan_keys, plan_reference, stage_label
 from rescascade.training.store import read_family_json, verify_files, weights_id
 
 from .builder import CascadeBuilder
@@ -28,18 +31,22 @@ REFINE_AUTO = 200  # calib images the default cost check runs on (where the cali
 CALIB_HALF_WIDTH = 0.01  # warn when calib pins the reference's accuracy down to less than +-1 point (95 %)
 
 
-def build_warnings(calib: Predictions, profile, costs: CostModel, resolutions, guarantee) -> list[str]:
+def build_warnings(calib: Predictions, profiles, costs: CostModel, stages, guarantee) -> list[str]:
     """What makes the chosen cascade's figures less trustworthy than they look: smoke-test costs, and (without a
     guarantee, which accounts for it) a calib set too small to pin the reference's accuracy down: thresholds
-    matched to it there move on new images."""
+    matched to it there move on new images. profiles: [(a profile's table, the resolutions it prices)], one per
+    family (a pool's members); stages: the stage keys chosen among."""
     out = []
-    used = profile.batch_size <= costs.batch_size if costs.batch_aware else profile.batch_size == costs.batch_size
-    rows = profile[(profile.backend == costs.backend) & (profile.precision == costs.precision) &
-                   profile.resolution.isin(resolutions) & used]
-    if rows.smoke.any():
+    smoke = False
+    for df, resolutions in profiles:
+        used = df.batch_size <= costs.batch_size if costs.batch_aware else df.batch_size == costs.batch_size
+        rows = df[(df.backend == costs.backend) & (df.precision == costs.precision) &
+                  df.resolution.isin(resolutions) & used]
+        smoke = smoke or bool(rows.smoke.any())
+    if smoke:
         out.append("the costs come from a --quick profile (smoke figures of a few iterations); profile without "
                    "--quick before relying on them")
-    accuracy = max(float((calib.column(r).argmax(-1) == calib.labels).mean()) for r in resolutions)
+    accuracy = max(float((calib.column(r).argmax(-1) == calib.labels).mean()) for r in stages)
     half_width = 1.96 * math.sqrt(max(accuracy * (1 - accuracy), 1 / calib.n) / calib.n)
     if half_width > CALIB_HALF_WIDTH and guarantee is None:
         out.append(f"calib has {calib.n} images: the best model's calib accuracy ({100 * accuracy:.1f} %) is known to "
@@ -77,7 +84,7 @@ def _check_same_family(calib: Predictions, test: Predictions, wid: str, profile_
 def run_build(run_dir, profile=None, backend: str | None = None, precision: str | None = None, batch_size: int = 1,
               target: str | None = None, max_drop: float | None = None, budget: float | None = None,
               guarantee: tuple[float, float] | None = None, measure: str = "max_prob", temperature: bool = True,
-              combine: str = "off", batch_aware: bool = False, exact: str = "auto", reference: int | None = None,
+              combine: str = "off", batch_aware: bool = False, exact: str = "auto", reference: int | str | None = None,
               resolutions=None, out=None, plots: bool = True, seed: int = 0, guarantee_fraction: float = 0.5,
               tolerances=DEFAULT_TOLERANCES, source_size="auto", refine: int | str = "auto",
               decode_plan: str = "auto", log=print) -> dict:
@@ -93,37 +100,68 @@ def run_build(run_dir, profile=None, backend: str | None = None, precision: str 
     warning says why): the profile alone mispredicts the runtime by 10-50 % on small models and at batch 1 (per-call
     overheads, shrinking batches); 0: off.
     decode_plan: "auto" also weighs decoding each JPEG once at a larger stage's scale (CascadeBuilder), "stage"
-    decodes per stage only. Raises RescascadeError for files of another family, ConfigError for bad values."""
-    run_dir = Path(run_dir)
+    decodes per stage only.
+    run_dir may also list several family directories: a pool (`pool.Pool`, its members checked alike), whose
+    stages MODEL/rR of every member the cascade chooses among, each priced by its member's own profile.csv
+    (`profile` must be None); `reference` and `resolutions` then name stages (MODEL/rR), and `out` is required
+    (a pool's cascade.json belongs to no one member). Raises RescascadeError for files of another family,
+    ConfigError for bad values."""
+    run_dirs = _run_dirs(run_dir)
+    pooled = len(run_dirs) > 1
+    run_dir = run_dirs[0]
     t_start = time.perf_counter()
     check_int("batch_size", batch_size, 1)
     if refine != "auto":
         check_int("refine", refine, 0)
+    if pooled and profile is not None:
+        raise ConfigError("--profile names one family's profile: a pool's members are each priced by their own "
+                          "RUN_DIR/profile.csv; leave --profile out")
+    if pooled and out is None:
+        raise ConfigError("a pool's cascade.json belongs to no one member: give --out (a file, or a directory for "
+                          "DIR/cascade.json)")
     out = config_path(out if out is not None else run_dir, "--out")
     for path in (out, *([out.with_name(out.stem + "_pareto.png"), out.with_name(out.stem + "_exits.png")] if plots
                         else [])):
         output_file(path)  # before the work: an output that cannot be written fails now, not after the fit
-    doc = read_family_json(run_dir)
-    verify_files(run_dir, doc)  # cascade.json vouches for these weights
-    wid = weights_id(doc)
-    calib = load_predictions(run_dir / "predictions" / "calib.npz")
-    test = load_predictions(run_dir / "predictions" / "test.npz")
-    profile_path = Path(profile) if profile else run_dir / "profile.csv"
-    profile = Profile.load(profile_path)
-    df, profile_meta = profile.table, profile.meta
-    _check_same_family(calib, test, wid, profile_meta, run_dir)
     builder = CascadeBuilder(Target.parse(target, max_drop, budget), guarantee=guarantee, measure=measure,
                              temperature=temperature, combine=combine, exact=exact, reference=reference,
                              resolutions=resolutions, seed=seed, guarantee_fraction=guarantee_fraction,
                              tolerances=tolerances, decode_plan=decode_plan)
-    pool = builder.pool(calib)
-    no_decode_rows = source_size == "auto" and profile.decode is None
-    if no_decode_rows:
-        source_size = None
-        no_decode_rows = doc.get("preprocessing", {}).get("held_out_files", True)  # else nothing to warn about
-    costs = CostModel.from_profile(profile, pool, backend, precision, batch_size, batch_aware, str(profile_path),
-                                   source_size, doc.get("preprocessing", {}).get("decode_scale", "full"))
-    warnings = build_warnings(calib, df, costs, pool, guarantee)  # printed with the summary, in cascade.json
+    if pooled:
+        from .pool import Pool
+        fitted_on = Pool.load(run_dirs)
+        for m in fitted_on.members:
+            verify_files(m.run_dir, m.doc)  # cascade.json vouches for these weights
+        calib, test = fitted_on.predictions("calib"), fitted_on.predictions("test")
+        stages = builder.pool(calib)
+        profiles = [(m.profile, str(m.profile.path), m.predictions["calib"].resolutions) for m in fitted_on.members]
+        no_decode = source_size == "auto" and any(m.profile.decode is None for m in fitted_on.members)
+        costs = fitted_on.costs(backend, precision, batch_size, batch_aware,
+                                None if no_decode else source_size)
+        docs, profile = [m.doc for m in fitted_on.members], None
+        arch = " + ".join(m.model for m in fitted_on.members) + " pool"
+    else:
+        fitted_on = run_dir
+        doc = read_family_json(run_dir)
+        verify_files(run_dir, doc)  # cascade.json vouches for these weights
+        wid = weights_id(doc)
+        calib = load_predictions(run_dir / "predictions" / "calib.npz")
+        test = load_predictions(run_dir / "predictions" / "test.npz")
+        profile_path = Path(profile) if profile else run_dir / "profile.csv"
+        profile = Profile.load(profile_path)
+        _check_same_family(calib, test, wid, profile.meta, run_dir)
+        stages = builder.pool(calib)
+        no_decode = source_size == "auto" and profile.decode is None
+        costs = CostModel.from_profile(profile, stages, backend, precision, batch_size, batch_aware,
+                                       str(profile_path), None if no_decode else source_size,
+                                       doc.get("preprocessing", {}).get("decode_scale", "full"))
+        profiles, docs, arch = [(profile, str(profile_path), stages)], [doc], f"{doc['arch']} family"
+    # printed with the summary, in cascade.json
+    warnings = build_warnings(calib, [(prof.table, res) for prof, _, res in profiles], costs, stages, guarantee)
+    if no_decode and any(d.get("preprocessing", {}).get("held_out_files", True) for d in docs):
+        warnings.append(f"{' and '.join(p for prof, p, _ in profiles if prof.decode is None)} times no JPEG decoding: "
+                        "the costs are those of decoded inputs; re-run `rescascade profile` to count the decode "
+                        "encoded images pay")
     inputs = None
     if refine == "auto":
         refine = min(REFINE_AUTO, calib.n)
@@ -141,20 +179,18 @@ def run_build(run_dir, profile=None, backend: str | None = None, precision: str 
     if 0 < refine < REFINE_FEW:
         warnings.append(f"--refine {refine}: the cost check runs on {refine} images; its ratios are noisy below "
                         f"{REFINE_FEW}")
-    if no_decode_rows:
-        warnings.append(f"{profile_path} times no JPEG decoding: the costs are those of decoded inputs; re-run "
-                        "`rescascade profile` to count the decode encoded images pay")
     builder.fit(calib, costs)
-    warnings += _unweighed_plans(builder, calib, costs, pool, profile_path)
+    if not pooled:
+        warnings += _unweighed_plans(builder, calib, costs, stages, profile_path)
     check = None
     if refine:
         def make_runner(b, c):
             from .runtime import CascadeRunner
             # no warm-up at load: the refinement's first pass over the calib images is its warm-up
-            return CascadeRunner(CascadeConfig.from_builder(b, run_dir, profile, c, test), warmup=False)
+            return CascadeRunner(CascadeConfig.from_builder(b, fitted_on, profile, c, test), warmup=False)
         check = refine_choice(builder, calib, costs, make_runner, refine, log=log, inputs=inputs)
         profile_costs, costs = costs, check.pop("costs")
-    cascade_config = CascadeConfig.from_builder(builder, run_dir, profile, costs, test, warnings)
+    cascade_config = CascadeConfig.from_builder(builder, fitted_on, profile, costs, test, warnings)
     config = cascade_config.doc
     if check is not None:  # on test too: the ratio the profile's costs give the final choice, and the refined one
         for suffix, (before, after) in {"": (profile_costs, costs), "_decoded_inputs": (
@@ -169,14 +205,30 @@ def run_build(run_dir, profile=None, backend: str | None = None, precision: str 
     config["optimizer"]["seconds"] = round(time.perf_counter() - t_start, 3)
     if plots:  # before cascade.json: an interrupt leaves the old config with its own plots
         from .plots import exit_histogram, pareto_plot
-        title = f"{doc['arch']} family, {costs.backend} {costs.precision} batch {costs.batch_size}"
+        title = f"{arch}, {costs.backend} {costs.precision} batch {costs.batch_size}"
         pareto_plot(out.with_name(out.stem + "_pareto.png"), builder.candidates_, builder.front_, builder.chosen_,
                     builder.reference_outcome_.mean_cost, builder.reference_outcome_.accuracy, title)
-        exit_histogram(out.with_name(out.stem + "_exits.png"), [f"r{r}" for r in builder.cascade_.resolutions],
+        exit_histogram(out.with_name(out.stem + "_exits.png"), plan_names(config),
                        builder.chosen_.outcome.exit_fractions, config["expected"]["test"]["exit_fractions"])
     cascade_config.save(out)
     log(format_build_summary(cascade_config.doc, out))
     return cascade_config.doc
+
+
+def _run_dirs(run_dir) -> list[Path]:
+    """The family directories `build` was given: one (a path), or a pool's (a list of 2 or more, each once)."""
+    if isinstance(run_dir, (str, os.PathLike)):
+        return [Path(run_dir)]
+    if not isinstance(run_dir, (list, tuple)) or not run_dir or \
+            not all(isinstance(d, (str, os.PathLike)) for d in run_dir):
+        raise ConfigError(f"run_dir {run_dir!r}: give a family directory, or a list of them (a pool)")
+    return [Path(d) for d in run_dir]
+
+
+def plan_names(config: dict) -> list[str]:
+    """The names of a cascade.json's stages, in order (MODEL/rR)."""
+    names = stage_names(config)
+    return [names[key] for key in plan_keys(config)]
 
 
 def _temperature_words(confidence: dict) -> str:
@@ -204,10 +256,11 @@ def oracle_lines(expected: dict) -> list[str]:
 
 
 def format_build_summary(config: dict, out) -> str:
-    e, ref = config["expected"], config["reference"]
+    e = config["expected"]
     prof = config["profile"]
-    stages = [f"r{s['resolution']}" + (f" (conf >= {s['threshold']:.4g})" if s["threshold"] is not None else "")
-              for s in config["stages"]]
+    keys = plan_keys(config)
+    stages = [stage_label(k) + (f" (conf >= {s['threshold']:.4g})" if s["threshold"] is not None else "")
+              for k, s in zip(keys, config["stages"])]
     once = config.get("decode", {}).get("resolution")
     lines = [f"cascade: {' -> '.join(stages)}" + (f" (JPEGs decoded once, at r{once}'s scale)" if once else ""),
              f"confidence: {config['confidence']['measure']}, {_temperature_words(config['confidence'])}, "
@@ -216,7 +269,8 @@ def format_build_summary(config: dict, out) -> str:
              + (f"JPEG decode of {'x'.join(map(str, prof['decode']['source_size']))} included" if 'decode' in prof
                 else "no decode counted (decoded inputs)"),
              "",
-             "| split | cascade top-1 | reference r%d top-1 | cascade ms/img | reference ms/img | cost vs reference | exits per stage |" % ref["resolution"],
+             f"| split | cascade top-1 | reference {stage_label(plan_reference(config))} top-1 | cascade ms/img | "
+             "reference ms/img | cost vs reference | exits per stage |",
              "|---|---|---|---|---|---|---|"]
     for split in ("calib", "test"):
         x = e[split]
@@ -249,7 +303,7 @@ def format_build_summary(config: dict, out) -> str:
             for p in plans))
     lines += [f"warning: {w}" for w in config.get("warnings", [])]
     if config["single_model_wins"]:
-        lines.append(f"no cascade beats the single model r{config['stages'][0]['resolution']} here "
+        lines.append(f"no cascade beats the single model {stage_label(keys[0])} here "
                      f"({prof['backend']}, batch {prof['batch_size']}): the config is the single model")
     lines.append(f"wrote {out}")
     return "\n".join(lines)

@@ -92,6 +92,21 @@ def _resolutions(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(e.cli_message) from None
 
 
+def _stage(text: str) -> int | str:
+    """A family's resolution (an integer >= 1) or a pool's stage name (MODEL/rR)."""
+    from rescascade.serve.names import is_stage_name
+    if is_stage_name(text.strip()):
+        return text.strip()
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"expected a resolution (an integer >= 1) or a pool's stage name MODEL/rR, "
+                                         f"got {text!r}") from None
+
+
+_stages = _list(_stage)
+
+
 def _crop_scale(text: str) -> tuple[float, float]:
     scale = _list(_number(float, what="numbers"))(text)
     if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
@@ -348,7 +363,7 @@ def _guarantee(text: str) -> tuple[float, float]:
 
 def cmd_build(args) -> None:
     from rescascade.build import run_build
-    run_build(args.run_dir, profile=args.profile, backend=args.backend, precision=args.precision,
+    run_build(args.run_dir if len(args.run_dir) > 1 else args.run_dir[0], profile=args.profile, backend=args.backend, precision=args.precision,
               batch_size=args.batch_size, target=args.target, max_drop=args.max_drop, budget=args.budget,
               guarantee=args.guarantee, measure=args.confidence, temperature=not args.no_temperature,
               combine=args.combine, batch_aware=args.batch_aware, exact=args.exact, reference=args.reference,
@@ -362,9 +377,12 @@ def add_build_parser(sub) -> None:
                        formatter_class=_Formatter,
                        description="Choose which resolutions run in which order and the confidence threshold at "
                                    "which each stops, from the calib predictions and the measured profile; "
-                                   "writes cascade.json, a Pareto plot and an exit histogram.")
-    s.add_argument("run_dir", help="family directory (with predictions/)")
-    s.add_argument("--profile", help="profile.csv (default: RUN_DIR/profile.csv)")
+                                   "writes cascade.json, a Pareto plot and an exit histogram. Several family "
+                                   "directories make a pool: the cascade chooses among every stage (MODEL/rR) of "
+                                   "all of them, each priced by its own profile.csv.")
+    s.add_argument("run_dir", nargs="+", help="family directory (with predictions/ and profile.csv), or several: a "
+                                              "pool of families predicting the same images (then --out is needed)")
+    s.add_argument("--profile", help="profile.csv (default: RUN_DIR/profile.csv; a pool: each member's own)")
     s.add_argument("--backend", help="backend rows of the profile to cost with (default: its only backend)")
     s.add_argument("--precision", help="precision rows of the profile (default: its only precision)")
     s.add_argument("--batch-size", type=_batch, default=1,
@@ -395,9 +413,10 @@ def add_build_parser(sub) -> None:
                    help="a later stage averages its log-probabilities with the stages already run (default: off)")
     s.add_argument("--exact", default="auto", choices=["auto", "on", "off"],
                    help="exact search over threshold grids (default: auto: pools of <= 6 resolutions)")
-    s.add_argument("--reference", type=_positive_int, help="reference resolution (default: the most accurate on "
-                                                           "calib)")
-    s.add_argument("--resolutions", type=_ints, help="restrict the pool to these resolutions (default: all)")
+    s.add_argument("--reference", type=_stage, help="reference resolution, or a pool's stage MODEL/rR (default: the "
+                                                    "most accurate on calib)")
+    s.add_argument("--resolutions", type=_stages, help="restrict the choice to these resolutions, or a pool's stages "
+                                                       "MODEL/rR,... (default: all)")
     s.add_argument("--refine", type=_refine, default="auto", metavar="N",
                    help="check the costs with the real runtime on N calib images (this machine, the profile's "
                         "backend): the choice, its closest alternatives and the reference; re-estimate each "

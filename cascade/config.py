@@ -4,6 +4,11 @@ Anyone can deploy from this file and the family directory alone: it names the fa
 backend and batch size its costs were measured at, and the plan (`serve.plan`, the schema bundle.json shares):
 the confidence measure and per-stage temperatures, the ordered stages, the decode plan, the reference model, and
 the expected figures on calib and test.
+
+A pool's cascade (`pool.Pool`: stages of several families) names its families under "members" instead of
+"family", each as "family" names one plus its model, and keys its stages, temperatures and reference by stage name
+(MODEL/rR, `serve.names`): schema version 3, which earlier readers refuse. Its first member is the one whose data
+provenance and held-out images eval reads (every member predicted the same images: the pool checks it).
 """
 from __future__ import annotations
 
@@ -19,12 +24,13 @@ from rescascade.serve.limits import MAX_BATCH
 
 from .optimizer import Cascade, Stage, paired_difference
 from .predictions import Predictions, load_predictions
-from .serve.plan import plan_decode_at, plan_problem, plan_stages, plan_temperatures
+from .serve.names import is_pool_doc, key_model, key_resolution, stage_name
+from .serve.plan import plan_decode_at, plan_problem, plan_reference, plan_stages, plan_temperatures
 
-SCHEMA_VERSION = 2  # 2: the "decode" plan; a config without one (the per-stage plan) is written as version 1
+SCHEMA_VERSION = 3  # 3: a pool's "members"; 2: the "decode" plan; a config with neither is written as version 1
 # the optimizer methods' names in cascade.json (greedy-answers: the guarantee's conservative path, guarantee.py)
 METHODS = {"greedy": "streeter-greedy", "greedy-answers": "streeter-greedy on the reference's answers"}
-REQUIRED = ("family", "profile", "confidence", "stages", "reference", "expected")
+REQUIRED = ("profile", "confidence", "stages", "reference", "expected")  # and "family", or a pool's "members"
 
 
 @dataclass
@@ -40,13 +46,12 @@ class CascadeConfig:
         return read_config(path)
 
     def save(self, path) -> Path:
-        """Write atomically to `path` (a directory: PATH/cascade.json), the family path recorded relative to it
-        (the pair stays deployable when copied together). Returns the path written."""
+        """Write atomically to `path` (a directory: PATH/cascade.json), the family's path (each member's) recorded
+        relative to it (they stay deployable when copied together). Returns the path written."""
         path = config_path(path)
-        family = self.family_dir
-        # relative to where the file really lands (a link is written through)
-        doc = versioned({**self.doc, "family": {**self.doc["family"], "path": os.path.relpath(
-            family.resolve(), output_file(path, "path").parent)}})
+        here = output_file(path, "path").parent  # relative to where the file really lands (a link is written through)
+        entries = [{**e, "path": os.path.relpath(d.resolve(), here)} for e, d in zip(self.members, self.member_dirs)]
+        doc = versioned({**self.doc, **({"members": entries} if self.pooled else {"family": entries[0]})})
         validate(doc, path)
         write_config(path, doc)
         self.doc, self.path = doc, path
@@ -58,23 +63,46 @@ class CascadeConfig:
         """The config of a fitted CascadeBuilder: its stages and confidence setting, the family (family_dir, its
         family.json hashes) and profile (a `Profile`) it was built on, the costs (CostModel) it was chosen with,
         and the expected figures on calib and on `test` (default: the family's predictions/test.npz, never seen
-        by the choice). Not written until `save`."""
+        by the choice). For a builder fitted on a pool's stages, family_dir is the `pool.Pool` (its members'
+        profiles are its own: profile is ignored; test default: the pool's test predictions). Not written until
+        `save`. ConfigError for a pool's builder without its Pool or the reverse, ArtifactError for predictions or
+        a profile of other weights."""
         from rescascade.training.store import model_name, read_family_json, weights_id  # here: it imports torch,
         # which reading a cascade.json (`rescascade drift`, eval's checks) does not need
         builder.check_fitted()
-        if any(isinstance(r, str) for r in builder.resolutions_):
-            raise ConfigError("this CascadeBuilder chose among a pool's stages (MODEL/rR): cascade.json holds one "
-                              "family's cascade so far; read the pool's choice from the builder (cascade_, "
-                              "oracle_, simulate)")
-        b, family_dir = builder, Path(family_dir).resolve()
-        doc = read_family_json(family_dir)
-        test = test if test is not None else load_predictions(family_dir / "predictions" / "test.npz")
-        for what, wid in (("the builder was fitted on predictions", b.weights_sha256_),
-                          ("the test predictions are", test.weights_sha256),
-                          ("the profile measured", profile.meta.get("weights_sha256"))):
-            if wid != weights_id(doc):
-                raise ArtifactError(f"{what} of another family (weights {str(wid)[:12]}, {family_dir} has "
+        b = builder
+        pool = family_dir if hasattr(family_dir, "members") else None
+        pooled_fit = any(isinstance(r, str) for r in b.resolutions_)
+        if pooled_fit != (pool is not None):
+            raise ConfigError("this CascadeBuilder chose among a pool's stages (MODEL/rR): give the Pool it was "
+                              "fitted on, not a family directory" if pooled_fit else
+                              "this CascadeBuilder chose among one family's resolutions: give its family directory, "
+                              "not a Pool")
+        if pool is not None:
+            members = [(m.run_dir.resolve(), m.doc, m.profile) for m in pool.members]
+            wid, where = pool.weights_sha256, "the pool"
+            test = test if test is not None else pool.predictions("test")
+        else:
+            family_dir = Path(family_dir).resolve()
+            members = [(family_dir, read_family_json(family_dir), profile)]
+            wid, where = weights_id(members[0][1]), str(family_dir)
+            test = test if test is not None else load_predictions(family_dir / "predictions" / "test.npz")
+        for what, got in (("the builder was fitted on predictions", b.weights_sha256_),
+                          ("the test predictions are", test.weights_sha256)):
+            if got != wid:
+                raise ArtifactError(f"{what} of another family (weights {str(got)[:12]}, {where} has {wid[:12]}): "
+                                    "fit on this family's predictions and profile")
+        for fam_dir, doc, prof in members:
+            if prof.meta.get("weights_sha256") != weights_id(doc):
+                raise ArtifactError(f"the profile measured another family (weights "
+                                    f"{str(prof.meta.get('weights_sha256'))[:12]}, {fam_dir} has "
                                     f"{weights_id(doc)[:12]}): fit on this family's predictions and profile")
+        entries = [{"path": str(fam_dir), "family_json_sha256": sha256_file(fam_dir / "family.json"),
+                    "weights_sha256": weights_id(doc), "resolutions": doc["resolutions"],
+                    "num_classes": doc["num_classes"], **({"model": model_name(doc)} if pool is not None else {})}
+                   for fam_dir, doc, _ in members]
+        model = None if pool is not None else model_name(members[0][1])
+        first = members[0]
         cascade, ref_out = b.cascade_, b.reference_outcome_
         casc_test, ref_test = b.simulate(test, costs)
         expected = {
@@ -89,19 +117,20 @@ class CascadeConfig:
             for split, (casc_dec, ref_dec) in (("calib", b.simulate_calib(decoded)), ("test", b.simulate(test, decoded))):
                 expected[split]["decoded_inputs"] = {"mean_cost_ms": casc_dec.mean_cost,
                                                      "cost_vs_reference": casc_dec.mean_cost / ref_dec.mean_cost}
+        profile_paths = [str(Path(prof.path).resolve()) for _, _, prof in members]
         config = {
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "family": {"path": str(family_dir), "family_json_sha256": sha256_file(family_dir / "family.json"),
-                       "weights_sha256": weights_id(doc), "resolutions": doc["resolutions"],
-                       "num_classes": doc["num_classes"]},
-            "profile": {"path": str(Path(profile.path).resolve()), **costs.describe(), "device": profile.meta["device"]},
+            **({"members": entries} if pool is not None else {"family": entries[0]}),
+            "profile": {**({"paths": profile_paths} if pool is not None else {"path": profile_paths[0]}),
+                        **costs.describe(), "device": first[2].meta["device"]},
             "confidence": {"measure": b.measure_, "temperatures": {str(r): b.temperatures_[r] for r in b.resolutions_},
                            "temperature_fitted_on": (None if not b.temperature else
                                                      "calib" if b.guarantee is None else "the select part of calib"),
                            "combine": b.combine_},
-            "stages": stages_json(cascade, model_name(doc)),
+            "stages": stages_json(cascade, model),
             **decode_json(cascade),
-            "reference": {"resolution": b.reference_, "model": model_name(doc), "accuracy_calib": ref_out.accuracy,
+            "reference": {"resolution": key_resolution(b.reference_), "model": key_model(b.reference_) or model,
+                          "accuracy_calib": ref_out.accuracy,
                           "accuracy_test": ref_test.accuracy, "cost_ms": ref_out.mean_cost},
             "target": {"kind": b.target.kind, "value": b.target.value, "description": b.target.describe()},
             "expected": expected,
@@ -140,16 +169,36 @@ class CascadeConfig:
         return bool(self.doc["confidence"].get("combine", False))
 
     @property
-    def family_dir(self) -> Path:
-        """The family directory: as recorded, or relative to cascade.json when it was moved with it."""
-        recorded = Path(self.doc["family"]["path"])
-        if recorded.is_absolute() or self.path is None:
-            return recorded
-        return (self.path.resolve().parent / recorded).resolve()  # next to the file itself, not to a link to it
+    def pooled(self) -> bool:
+        """Whether this is a pool's cascade (stages of several families, keyed MODEL/rR)."""
+        return is_pool_doc(self.doc)
 
     @property
-    def reference(self) -> int:
-        return int(self.doc["reference"]["resolution"])
+    def members(self) -> list[dict]:
+        """The families it runs, as recorded (path, hashes, resolutions, num_classes; a pool's also model): a
+        pool's members in order, or the one family."""
+        return list(self.doc["members"]) if self.pooled else [self.doc["family"]]
+
+    @property
+    def member_dirs(self) -> list[Path]:
+        """Each member's directory: as recorded, or relative to cascade.json when it was moved with it."""
+        out = []
+        for entry in self.members:
+            recorded = Path(entry["path"])
+            out.append(recorded if recorded.is_absolute() or self.path is None else
+                       (self.path.resolve().parent / recorded).resolve())  # next to the file itself, not a link
+        return out
+
+    @property
+    def family_dir(self) -> Path:
+        """The family directory (a pool's first member's: its data provenance and held-out images are every
+        member's): as recorded, or relative to cascade.json when it was moved with it."""
+        return self.member_dirs[0]
+
+    @property
+    def reference(self) -> int | str:
+        """The reference model's stage key: its resolution (a pool's: MODEL/rR)."""
+        return plan_reference(self.doc)
 
 
 def config_path(path, what: str = "path") -> Path:
@@ -164,9 +213,11 @@ def config_path(path, what: str = "path") -> Path:
 
 def stages_json(cascade: Cascade, model: str | None = None) -> list[dict]:
     """Stages as JSON: the last one's threshold is null (it answers everything); each names the model it runs
-    (`serve.names`) where `model` is given."""
-    return [{"resolution": s.resolution, "threshold": None if not math.isfinite(s.threshold) else s.threshold,
-             **({"model": model} if model else {})} for s in cascade.stages]
+    (`serve.names`): its key's (a pool's stage MODEL/rR), else `model` where given."""
+    return [{"resolution": key_resolution(s.resolution),
+             "threshold": None if not math.isfinite(s.threshold) else s.threshold,
+             **({"model": key_model(s.resolution) or model} if key_model(s.resolution) or model else {})}
+            for s in cascade.stages]
 
 
 def decode_json(cascade: Cascade) -> dict:
@@ -176,10 +227,11 @@ def decode_json(cascade: Cascade) -> dict:
 
 
 def versioned(doc: dict) -> dict:
-    """The doc with the schema_version it is written at: 1 unless it needs version 2's "decode" plan, so that a
-    reader that would ignore the plan refuses the file instead (a loaded doc's own version is replaced)."""
+    """The doc with the schema_version it is written at: 3 for a pool's, 2 for version 2's "decode" plan, else 1,
+    so that a reader that would ignore what it cannot read refuses the file instead (a loaded doc's own version is
+    replaced)."""
     body = {k: v for k, v in doc.items() if k != "schema_version"}
-    return {"schema_version": SCHEMA_VERSION if "decode" in body else 1, **body}
+    return {"schema_version": 3 if "members" in body else 2 if "decode" in body else 1, **body}
 
 
 def write_config(path, doc: dict) -> None:
@@ -196,24 +248,52 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _family_entry_problem(fam, what: str) -> str | None:
+    """What is wrong with cascade.json's record of a family ("family", or one of a pool's "members")."""
+    if not isinstance(fam, dict):
+        return f"{what} must be an object"
+    if not (isinstance(fam.get("path"), str) and fam["path"] != ""):
+        return f"{what}.path must name the family directory"
+    for key in ("family_json_sha256", "weights_sha256"):
+        if not (isinstance(fam.get(key), str) and len(fam[key]) == 64):
+            return f"{what}.{key} must be a sha256"
+    resolutions = fam.get("resolutions")
+    if not (isinstance(resolutions, list) and resolutions and all(_is_int(r) and r > 0 for r in resolutions)):
+        return f"{what}.resolutions must be a list of positive integers"
+    if not (_is_int(fam.get("num_classes")) and fam["num_classes"] >= 2):
+        return f"{what}.num_classes must be >= 2"
+    return None
+
+
 def validate(doc: dict, path) -> None:
     """Every field the runtime and eval use, with the values it may take; raises RescascadeError naming the field."""
     for key in REQUIRED:
         _check(isinstance(doc[key], list if key == "stages" else dict), path,
                f"{key} must be {'a list' if key == 'stages' else 'an object'}")
-    fam, prof = doc["family"], doc["profile"]
-    _check(isinstance(fam.get("path"), str) and fam["path"] != "", path, "family.path must name the family directory")
-    for key in ("family_json_sha256", "weights_sha256"):
-        _check(isinstance(fam.get(key), str) and len(fam[key]) == 64, path, f"family.{key} must be a sha256")
-    resolutions = fam.get("resolutions")
-    _check(isinstance(resolutions, list) and resolutions and all(_is_int(r) and r > 0 for r in resolutions), path,
-           "family.resolutions must be a list of positive integers")
-    _check(_is_int(fam.get("num_classes")) and fam["num_classes"] >= 2, path, "family.num_classes must be >= 2")
+    if is_pool_doc(doc):
+        members = doc["members"]
+        _check(isinstance(members, list) and len(members) >= 2, path, "members must list the pool's families (2 or more)")
+        for k, entry in enumerate(members):
+            problem = _family_entry_problem(entry, f"members[{k}]")
+            _check(problem is None, path, problem)
+            model = entry.get("model")
+            _check(isinstance(model, str) and model and model.isprintable() and "/" not in model, path,
+                   f"members[{k}].model must name its model (one line of text, no /)")
+        _check(len({m["model"] for m in members}) == len(members), path, "two members name the same model")
+        _check(len({m["num_classes"] for m in members}) == 1, path, "the members must predict the same classes")
+        allowed = [stage_name(m["model"], r) for m in members for r in m["resolutions"]]
+        num_classes = members[0]["num_classes"]
+    else:
+        _check("family" in doc, path, 'it names no family ("family") and no pool ("members")')
+        problem = _family_entry_problem(doc["family"], "family")
+        _check(problem is None, path, problem)
+        allowed, num_classes = doc["family"]["resolutions"], doc["family"]["num_classes"]
+    prof = doc["profile"]
     _check(isinstance(prof.get("backend"), str) and isinstance(prof.get("precision"), str), path,
            "profile.backend and profile.precision must be names")
     _check(_is_int(prof.get("batch_size")) and 1 <= prof["batch_size"] <= MAX_BATCH, path,
            f"profile.batch_size must be 1..{MAX_BATCH}")
-    problem = plan_problem(doc, resolutions, fam["num_classes"])
+    problem = plan_problem(doc, allowed, num_classes)
     _check(problem is None, path, problem)
 
 

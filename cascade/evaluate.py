@@ -21,7 +21,8 @@ from rescascade.profiling.measure import torch_threads
 from rescascade.serve.errors import ConfigError, RescascadeError, check_int
 from rescascade.serve.fileio import output_file, write_json
 from rescascade.serve.limits import MAX_BATCH, MAX_THREADS
-from rescascade.serve.names import stage_name, stage_names
+from rescascade.serve.names import key_resolution, stage_name, stage_names
+from rescascade.serve.plan import plan_keys
 from rescascade.training.progress import progress
 
 from .config import read_config
@@ -87,12 +88,13 @@ def run_eval(cascade_json, data: str | None = None, backend: str | None = None, 
         "backend": casc.backend_name, "precision": casc.precision, "batch_size": b, "repeats": repeats,
         "threads": threads_used,
         "cascade": {"stages": config.doc["stages"],
-                    "stage_names": [names[s["resolution"]] for s in config.doc["stages"]], "accuracy": acc_c, "ms_per_image": ms_img_c,
+                    "stage_names": [names[key] for key in plan_keys(config.doc)], "accuracy": acc_c,
+                    "ms_per_image": ms_img_c,
                     "batch_ms_median": float(np.median(per_batch_c)), "batch_ms_p90": float(np.percentile(per_batch_c, 90)),
                     "images_per_s": 1000 / ms_img_c,
                     "exit_fractions": [float((exits == k).mean()) for k in range(len(config.doc["stages"]))],
                     "stage_seconds": stage_time["cascade"]},
-        "reference": {"resolution": ref, "stage": names[ref], "accuracy": acc_r,
+        "reference": {"resolution": key_resolution(ref), "stage": names[ref], "accuracy": acc_r,
                       "ms_per_image": ms_img_r,
                       "stage_seconds": stage_time["reference"],
                       "batch_ms_median": float(np.median(per_batch_r)), "batch_ms_p90": float(np.percentile(per_batch_r, 90)),
@@ -198,7 +200,7 @@ def _time_side_by_side(casc, refr, decoded: list, batch_size: int, repeats: int,
 
 def _add_stage_times(into: dict, timings) -> None:
     for t in timings:
-        s = into.setdefault(str(t.resolution), {"rows": 0, "decoded": 0, "decode_s": 0.0, "preprocess_s": 0.0,
+        s = into.setdefault(str(t.stage), {"rows": 0, "decoded": 0, "decode_s": 0.0, "preprocess_s": 0.0,
                                                 "inference_s": 0.0, "decide_s": 0.0})
         for key in s:
             s[key] += getattr(t, key)

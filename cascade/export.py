@@ -65,13 +65,22 @@ def export_bundle(config, out, precision: str = "fp32", overwrite: bool = False,
         raise ConfigError(f"precision {precision!r}: choose one of {', '.join(TOLERANCE)}")
     out = _out_dir(out)
     check_bool("overwrite", overwrite)
-    config = config if isinstance(config, CascadeConfig) else read_config(config)
+    config = _one_family(config if isinstance(config, CascadeConfig) else read_config(config))
     source = _source(config)
     with _staged(out, _bundle_files, "a bundle", source, overwrite) as tmp:
         models = _write_bundle(config, tmp, out.name, precision, log)
     log(f"wrote {out}/ (bundle.json, the shared model and {models} patches, the runtime): "
         f"PYTHONPATH={out} python -m rescascade.serve {out} IMAGE...")
     return out / "bundle.json"
+
+
+def _one_family(config: CascadeConfig) -> CascadeConfig:
+    """The config, where it is one family's: a bundle holds one shared model so far. ConfigError for a pool's."""
+    if config.pooled:
+        raise ConfigError(f"{config.path} is a pool's cascade ({len(config.members)} families): a bundle holds one "
+                          "family's shared model and patches so far; run the pool's cascade with `rescascade eval` "
+                          "or CascadeRunner")
+    return config
 
 
 def _source(config: CascadeConfig) -> str | None:
@@ -327,7 +336,7 @@ def export_triton(config, out, precision: str = "fp32", max_batch_size: int = 32
         raise ConfigError(f"device {device!r}: choose one of {', '.join(TRITON_DEVICES)}")
     out = _out_dir(out)
     check_bool("overwrite", overwrite)
-    config = config if isinstance(config, CascadeConfig) else read_config(config)
+    config = _one_family(config if isinstance(config, CascadeConfig) else read_config(config))
     with _staged(out, _repository_files, "a model repository written by rescascade", _source(config),
                  overwrite) as tmp:
         kind, providers = TRITON_DEVICES[device]

@@ -21,7 +21,8 @@ import numpy as np
 
 from rescascade.serve.counts import ExitCounts, plan_identity
 from rescascade.serve.errors import ConfigError, check_number
-from rescascade.serve.names import stage_name, stage_names
+from rescascade.serve.names import key_resolution, stage_name, stage_names
+from rescascade.serve.plan import plan_keys
 
 POWER = 0.8        # the power at which the report states the difference each stage's test can detect
 
@@ -58,7 +59,7 @@ def drift_report(config, counts: ExitCounts, alpha: float = 0.01, split: str = "
     if not 0 < alpha < 1:
         raise ConfigError(f"--alpha {alpha}: give a false-alarm rate in (0, 1), e.g. 0.01")
     doc = config.doc
-    stages, names = [int(s["resolution"]) for s in doc["stages"]], stage_names(doc)
+    stages, names = plan_keys(doc), stage_names(doc)
     measure, plan = doc["confidence"]["measure"], plan_identity(doc)
     if counts.plan != plan:
         same_stages = counts.stages == stages and counts.measure == measure
@@ -88,7 +89,7 @@ def drift_report(config, counts: ExitCounts, alpha: float = 0.01, split: str = "
                 p_value = float(chi2_contingency(np.round(table), correction=True)[1])
             else:
                 p_value = 1.0  # nobody (or everybody) exits on either side: nothing differs
-        rows.append({"resolution": stages[k], "stage": names[stages[k]], "expected": p_e, "served": p_s,
+        rows.append({"resolution": key_resolution(stages[k]), "stage": names[stages[k]], "expected": p_e, "served": p_s,
                      "n_expected": round(reach_e),
                      "n_served": reach_s, "p_value": p_value,
                      "detectable": None if math.isnan(p_e) else _detectable(p_e, reach_e, reach_s, level),

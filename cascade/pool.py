@@ -16,7 +16,6 @@ must come from one device and backend.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +26,7 @@ from rescascade.profiling.measure import device_key
 from rescascade.profiling.profile import Profile
 from rescascade.serve.errors import ArtifactError, ConfigError, RescascadeError
 from rescascade.serve.names import stage_name
+from rescascade.serve.plan import pool_weights_id
 from rescascade.training.store import model_name, read_family_json, weights_id
 
 from .costs import CostModel
@@ -117,7 +117,7 @@ class Pool:
     @property
     def weights_sha256(self) -> str:
         """The pool's identity: a sha256 over its members' weights ids, in order."""
-        return hashlib.sha256("\n".join(m.weights_sha256 for m in self.members).encode()).hexdigest()
+        return pool_weights_id(m.weights_sha256 for m in self.members)
 
     def predictions(self, split: str = "calib") -> Predictions:
         """Every member's logits of `split` side by side: logits [N, S, C] over the pool's S stages (keyed by stage

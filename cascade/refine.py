@@ -70,9 +70,10 @@ def measure_cascades(runner, cascades: list[Cascade], inputs: list, batch_size: 
                 wall[k, j, rep] = res.wall_s
                 inside = 0.0
                 for t in res.stage_timings:
-                    s = stats[k]["stages"].setdefault(t.resolution, {"rows": 0, "work_s": 0.0, "calls": []})
+                    s = stats[k]["stages"].setdefault(t.stage, {"rows": 0, "work_s": 0.0, "calls": []})
                     # a decode belongs to the scale it decodes at: a cascade decoded once decodes at decode_at's
-                    d = stats[k]["decode"].setdefault(cascades[k].decode_at or t.resolution,
+                    # (keyed as costs.decode_ms is: by stage key)
+                    d = stats[k]["decode"].setdefault(cascades[k].decode_at or t.stage,
                                                       {"decoded": 0, "decode_s": 0.0})
                     s["rows"] += t.rows
                     d["decoded"] += t.decoded

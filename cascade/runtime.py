@@ -33,34 +33,47 @@ from rescascade.serve.ort_engine import OrtEngine
 from rescascade.serve.preprocess_np import IMAGENET_MEAN, IMAGENET_STD
 from rescascade.training.images import as_tensor, from_pil
 from rescascade.training.preprocess import channels_last_batch, eval_resize_size, preprocess
-from rescascade.training.store import load_family, read_family_json, verify_files, weights_id
+from rescascade.training.store import load_family, model_name, read_family_json, verify_files, weights_id
 
 from .config import CascadeConfig, read_config
 from .optimizer import Cascade, Stage
 from .serve.counts import ExitCounts, plan_identity
 from .serve.exits import CascadeResult, StageTiming, decision_step, exit_step, in_batches, load_inputs, warmup_sizes
-from .serve.loop import run_plan
+from .serve.loop import MemberEngines, run_plan
+from .serve.names import key_model, key_resolution
 from .serve.plan import Plan
 
 __all__ = ["CascadeRunner", "CascadeResult", "StageTiming", "decision_step", "exit_step"]
 
 
-def check_family(config: CascadeConfig) -> dict:
-    """The family.json doc of the family a cascade.json was built on, with its hashes and every weight file's
-    checked, without loading the weights. Raises RescascadeError when the family is not where cascade.json says or
-    its files changed since the build."""
-    fam_dir, doc_family = config.family_dir, config.doc["family"]
+def check_member(config: CascadeConfig, k: int = 0) -> dict:
+    """The family.json doc of the k-th family a cascade.json runs (the family, or a pool's k-th member), with its
+    hashes and every weight file's checked, without loading the weights. Raises RescascadeError when the family is
+    not where cascade.json says or its files changed since the build."""
+    fam_dir, entry = config.member_dirs[k], config.members[k]
     if not (fam_dir / "family.json").is_file():
         raise RescascadeError(f"the family {fam_dir} named by {config.path} is not there; copy the family "
                               "directory next to cascade.json as recorded, or re-run build")
-    if sha256_file(fam_dir / "family.json") != doc_family["family_json_sha256"]:
+    if sha256_file(fam_dir / "family.json") != entry["family_json_sha256"]:
         raise RescascadeError(f"{fam_dir}/family.json changed since {config.path} was built; "
                               "re-run `rescascade build` for this family")
     doc = read_family_json(fam_dir)
-    if weights_id(doc) != doc_family["weights_sha256"]:
+    if weights_id(doc) != entry["weights_sha256"]:
         raise RescascadeError(f"the weights in {fam_dir} are not the ones {config.path} was built for")
     verify_files(fam_dir, doc)
+    if config.pooled and model_name(doc) != entry["model"]:
+        raise RescascadeError(f"{fam_dir} holds model {model_name(doc)!r}, {config.path} runs {entry['model']!r} "
+                              "from it; re-run `rescascade build`")
     return doc
+
+
+def check_family(config: CascadeConfig) -> dict:
+    """The family.json doc of the family a cascade.json was built on (`check_member`); ConfigError for a pool's
+    cascade.json, which runs several."""
+    if config.pooled:
+        raise ConfigError(f"{config.path} is a pool's cascade (stages of {len(config.members)} families); this step "
+                          "takes one family's cascade.json so far")
+    return check_member(config)
 
 
 def open_family(config: CascadeConfig):
@@ -129,8 +142,8 @@ class CascadeRunner:
                               f"{type(stages).__name__}")
         warmup = warmup_sizes(warmup)
         self.config: CascadeConfig = config if isinstance(config, CascadeConfig) else read_config(config)
-        fam_dir = self.config.family_dir
-        doc = check_family(self.config)
+        self._docs = [check_member(self.config, k) for k in range(len(self.config.members))]
+        doc = self._docs[0]  # a pool's members share classes and preprocessing (checked at build)
         self.backend_name = backend or self.config.doc["profile"]["backend"]
         self.precision = precision or self.config.doc["profile"]["precision"]
         prep = doc.get("preprocessing", {})
@@ -145,28 +158,22 @@ class CascadeRunner:
         self.temperatures, self.measure, self.combined = plan.temperatures, plan.measure, plan.combined
         served = self._plan.running([(st.resolution, st.threshold) for st in self.cascade.stages],
                                     self.cascade.decode_at)
-        self.counts = ExitCounts.for_cascade(served.resolutions, self.measure, doc["num_classes"], plan_identity(
+        self.counts = ExitCounts.for_cascade(served.keys, self.measure, doc["num_classes"], plan_identity(
             self.config.doc, served.stages, served.decode_at), served.stage_names)
         self.num_classes = doc["num_classes"]
         self.class_names = list(doc["class_names"])
         self.max_image_pixels = max_image_pixels
-        be = get_backend(self.backend_name)
+        self._backend = be = get_backend(self.backend_name)
         self.device = be.device
-        wid = weights_id(doc)
-        if be.numpy_inputs:  # ONNX Runtime's CPU provider: the bundle's engine, the same sessions and numpy inputs
+        self._thread_count = threads
+        if be.numpy_inputs:
             be.check_precision(self.precision)
-            # the checked export of these weights where there is one: no model to build, no weights to load
-            shared, patches, _ = cached_shared(fam_dir, wid, doc["resolutions"]) or \
-                export_shared(load_family(fam_dir, verify=False)[0], fam_dir, wid, "fp32")
-            self.engine = OrtEngine(str(shared), {}, {}, self.crop_fraction, self.mean or IMAGENET_MEAN,
-                                    self.std or IMAGENET_STD, ["CPUExecutionProvider"], threads, weights_id=wid,
-                                    num_classes=doc["num_classes"])
-            self._open = lambda r: self.engine.open(r, unpack_patch(patches[r].read_bytes(), str(patches[r])),
-                                                    str(patches[r]))
+        self._openers: dict = {}  # model (None: the family's) -> open(resolution) of its engine
+        self._opened: set = set()  # the stage keys whose engines are open
+        if self.config.pooled:  # each member's engine made when a stage of it is first opened
+            self.engine = MemberEngines({})
         else:
-            family, _ = load_family(fam_dir, verify=False)
-            self.engine = TorchStages(be.device, self.crop_fraction, self.mean, self.std)
-            self._open = lambda r: self.engine.add(r, be.open(family, fam_dir, wid, r, self.precision, threads))
+            self.engine, self._openers[None] = self._member_engine(0)
         self.use(self.cascade)
         built = int(self.config.doc["profile"].get("batch_size", 1))
         self.batch_size = built if batch_size is None else check_int("batch_size", batch_size, 1, MAX_BATCH)
@@ -174,11 +181,39 @@ class CascadeRunner:
         for b in sizes:
             self.warmup(b, doc.get("provenance", {}).get("data", {}).get("source_size"))
 
+    def _member_engine(self, k: int):
+        """(engine, open(resolution)) of the k-th family the cascade runs, on the runner's backend. On ONNX
+        Runtime's CPU provider: the bundle's engine (`OrtEngine`) on the checked export of its weights where there
+        is one (no model to build, no weights to load), the same sessions and numpy inputs; elsewhere the
+        backend's engines (`TorchStages`)."""
+        fam_dir, doc, be = self.config.member_dirs[k], self._docs[k], self._backend
+        wid = weights_id(doc)
+        if be.numpy_inputs:
+            shared, patches, _ = cached_shared(fam_dir, wid, doc["resolutions"]) or \
+                export_shared(load_family(fam_dir, verify=False)[0], fam_dir, wid, "fp32")
+            engine = OrtEngine(str(shared), {}, {}, self.crop_fraction, self.mean or IMAGENET_MEAN,
+                               self.std or IMAGENET_STD, ["CPUExecutionProvider"], self._thread_count, weights_id=wid,
+                               num_classes=doc["num_classes"])
+            return engine, lambda r: engine.open(r, unpack_patch(patches[r].read_bytes(), str(patches[r])),
+                                                 str(patches[r]))
+        family, _ = load_family(fam_dir, verify=False)
+        engine = TorchStages(be.device, self.crop_fraction, self.mean, self.std)
+        return engine, lambda r: engine.add(r, be.open(family, fam_dir, wid, r, self.precision, self._thread_count))
+
+    def _open(self, key) -> None:
+        """Open the engine of the stage keyed `key` (its resolution; a pool's MODEL/rR)."""
+        model = key_model(key)
+        if model not in self._openers:  # a pool member's first stage: its engine
+            k = [m["model"] for m in self.config.members].index(model)
+            self.engine.engines[model], self._openers[model] = self._member_engine(k)
+        self._openers[model](key_resolution(key))
+        self._opened.add(key)
+
     def use(self, cascade: Cascade) -> None:
-        """Run `cascade` from now on (same family, confidence setting and backend): its stages' engines are
-        opened where not open yet. For comparing cascades on one runner (`build --refine`)."""
+        """Run `cascade` from now on (same family or pool, confidence setting and backend): its stages' engines
+        are opened where not open yet. For comparing cascades on one runner (`build --refine`)."""
         for s in cascade.stages:
-            if s.resolution not in self.engine.sessions:
+            if s.resolution not in self._opened:
                 self._open(s.resolution)
         self.cascade = cascade
 
@@ -186,7 +221,7 @@ class CascadeRunner:
         """Run every stage (decode, preprocessing, inference, decision) on a batch of grey JPEGs of source_size
         [H, W] (default: the top stage's resize size): what a first request would otherwise pay alone (Pillow
         loads its format plugins on the first decode, sessions allocate on their first run at a batch size)."""
-        side = eval_resize_size(max(s.resolution for s in self.cascade.stages), self.crop_fraction)
+        side = eval_resize_size(max(key_resolution(s.resolution) for s in self.cascade.stages), self.crop_fraction)
         h, w = source_size or (side, side)
         jpeg = io.BytesIO()
         Image.new("RGB", (w, h), (128, 128, 128)).save(jpeg, "JPEG")

@@ -257,9 +257,9 @@ def test_smoke_warning_only_for_the_rows_build_uses(workspace):
     rows = pd.read_csv(workspace / "fam" / "profile.csv")
     rows["smoke"] = rows.batch_size == 4  # measured at batch 1, smoke figures at batch 4
     costs = CostModel.from_profile(rows, [32, 48], None, None, 1)
-    assert not any("--quick" in w for w in build_warnings(calib, rows, costs, [32, 48], None))
+    assert not any("--quick" in w for w in build_warnings(calib, [(rows, [32, 48])], costs, [32, 48], None))
     costs = CostModel.from_profile(rows, [32, 48], None, None, 4)
-    assert any("--quick" in w for w in build_warnings(calib, rows, costs, [32, 48], None))
+    assert any("--quick" in w for w in build_warnings(calib, [(rows, [32, 48])], costs, [32, 48], None))
 
 
 def test_help_is_fast_and_says_every_default():

@@ -65,11 +65,97 @@ def test_a_pool_chooses_over_the_stages_of_every_member(tiny_family, second_memb
     assert single[o.stages[0]] <= o.mean_cost <= single[builder.reference_] + 1e-12
     casc_test, ref_test = builder.simulate(test, costs)  # scored on the pool's test images
     assert casc_test.n == test.n and 0 <= casc_test.accuracy <= 1
-    with pytest.raises(ConfigError, match="cascade.json holds one family's cascade so far"):
+    with pytest.raises(ConfigError, match="give the Pool it was fitted on"):
         CascadeConfig.from_builder(builder, tiny_family, pool.members[0].profile, costs)
     # a reference given by its stage name; a sub-pool by stage names
     only = CascadeBuilder(Target.best(), reference=names[3], resolutions=[names[0], names[3]]).fit(calib, costs)
     assert only.reference_ == names[3] and set(only.cascade_.resolutions) <= {names[0], names[3]}
+
+
+def test_the_pool_journey_build_run_eval_drift(tiny_family, second_member, tmp_path, capsys):
+    """`build RUN_DIR RUN_DIR` writes a pool's cascade.json (members, stages keyed by model and resolution); the
+    runtime runs it on both backends with the exits and answers the optimizer simulated on the stored logits;
+    eval measures it, drift reads its counts, export refuses it in one line; a pool's cascade.json moved with its
+    members still runs, one edited or with a member changed is refused."""
+    import math
+
+    from rescascade.cli import main
+    from rescascade.optimizer import Cascade, Stage, StageViews, simulate
+    from rescascade.runtime import CascadeRunner
+    from rescascade.serve.counts import ExitCounts
+    from rescascade.training.data import load_data
+    work = tmp_path / "work"  # the members and the pool's cascade.json side by side, to be moved together
+    tiny_family, second_member = (shutil.copytree(d, work / name) for d, name in ((tiny_family, "mv2"),
+                                                                                    (second_member, "effnet")))
+    pool = Pool.load([tiny_family, second_member])
+    out = work / "pool" / "cascade.json"
+    out.parent.mkdir()
+    assert main(["build", str(tiny_family), str(second_member), "--batch-size", "4", "--refine", "0",
+                 "--exact", "off", "--target", "0.05", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    doc = json.loads(out.read_text())
+    assert doc["schema_version"] == 3 and "family" not in doc
+    assert [m["model"] for m in doc["members"]] == ["mobilenet_v2_x0.35", "test_efficientnet"]
+    assert [m["weights_sha256"] for m in doc["members"]] == [m.weights_sha256 for m in pool.members]
+    assert set(doc["confidence"]["temperatures"]) <= set(pool.stages)
+    config = CascadeConfig.load(out)
+    assert config.pooled and all(s.resolution in pool.stages for s in config.cascade.stages)
+    assert f"reference {config.reference} top-1" in printed and "wrote" in printed
+    # the runtime: a two-stage cascade across both members with about half exiting, against simulate()
+    test = pool.predictions("test")
+    views = StageViews(test, config.measure, config.temperatures, config.combined)
+    first, last = "test_efficientnet/r32", "mobilenet_v2_x0.35/r48"
+    two = Cascade([Stage(first, float(np.median(views.view((), first)[0]))), Stage(last, -math.inf)])
+    sim = simulate(two, views, pool.costs(batch_size=4))
+    expected = np.where(sim.exit_stage == 0, test.column(first).argmax(-1), test.column(last).argmax(-1))
+    heldout = load_data("synthetic:384", seed=0, heldout_per_class=20).test
+    images = [heldout.read(i) for i in range(test.n)]
+    for backend in ("onnxruntime", "torch"):
+        res = CascadeRunner(out, backend=backend, stages=two, warmup=False)(images)
+        assert np.mean(res.exit_stage == sim.exit_stage) > 0.97 and 0 < (res.exit_stage == 0).mean() < 1
+        assert np.mean(res.labels == expected) > 0.97
+        assert res.stage_names == [first, last] and [t.stage for t in res.stage_timings] == [first, last]
+    # the cascade served, its counts and drift; eval against the pool's reference
+    runner = CascadeRunner(out)
+    runner(images[:16])
+    runner.counts.save(tmp_path / "counts.json")
+    assert ExitCounts.load(tmp_path / "counts.json").names == [f"{s.resolution}" for s in config.cascade.stages]
+    assert main(["drift", str(out), str(tmp_path / "counts.json")]) == 0
+    assert main(["eval", str(out), "--repeats", "1", "--limit", "16", "--out", str(tmp_path / "eval.json")]) == 0
+    report = json.loads((tmp_path / "eval.json").read_text())
+    assert report["reference"]["stage"] == config.reference
+    assert report["cascade"]["stage_names"] == [s.resolution for s in config.cascade.stages]
+    capsys.readouterr()
+    assert main(["export", str(out), "--out", str(tmp_path / "bundle")]) == 2
+    assert "a pool's cascade" in capsys.readouterr().err and not (tmp_path / "bundle").exists()
+    # moved with its members: still runs; a member changed since the build: refused
+    moved = work.rename(tmp_path / "moved")
+    assert CascadeRunner(moved / "pool" / "cascade.json", warmup=False)(images[:4]).labels.min() >= 0
+    family_json = moved / "effnet" / "family.json"
+    family_json.write_text(family_json.read_text().replace('"epochs"', '"epochs" ', 1))
+    with pytest.raises(RescascadeError, match="changed since"):
+        CascadeRunner(moved / "pool" / "cascade.json", warmup=False)
+    edited = json.loads((moved / "pool" / "cascade.json").read_text())
+    edited["stages"][0]["model"] = "resnet18"
+    (tmp_path / "edited.json").write_text(json.dumps(edited))
+    with pytest.raises(ArtifactError, match="stage 1's stage"):
+        CascadeConfig.load(tmp_path / "edited.json")
+
+
+def test_a_pool_build_refuses_what_it_cannot_do_in_one_line(tiny_family, second_member, tmp_path, capsys):
+    from rescascade.cli import main
+    cases = [([str(tiny_family), str(second_member)], "give --out"),
+             ([str(tiny_family), str(second_member), "--profile", str(tiny_family / "profile.csv"), "--out",
+               str(tmp_path / "c.json")], "leave --profile out"),
+             ([str(tiny_family), str(tiny_family), "--out", str(tmp_path / "c.json")], "the same family twice"),
+             ([str(tiny_family), str(second_member), "--reference", "resnet18/r32", "--out", str(tmp_path / "c.json")],
+              "resnet18/r32"),
+             ([str(tiny_family), "--reference", "mobilenet_v2_x0.35/r32"], "resolution")]
+    for argv, message in cases:
+        assert main(["build", *argv]) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
+    assert not (tmp_path / "c.json").exists()
 
 
 def test_members_that_cannot_be_compared_are_one_line_naming_both(tiny_family, second_member, tmp_path):

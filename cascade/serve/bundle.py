@@ -39,6 +39,7 @@ from .fileio import check_schema, printable_streams, read_json, sha256_file
 from .images import DECODE_SCALES, DEFAULT_MAX_PIXELS, Encoded, ImageError, pil_pixels
 from .limits import MAX_BATCH, MAX_THREADS
 from .loop import run_plan
+from .names import key_resolution
 from .ort import patch_identity, unpack_patch
 from .ort_engine import OrtEngine
 from .plan import Plan, plan_decode_at, plan_problem, plan_stages
@@ -261,7 +262,7 @@ class BundleRunner:
         self.num_classes = len(self.class_names)
         self.max_image_pixels = max_image_pixels
         self.batch_size = batch_size or int(doc.get("profile", {}).get("batch_size") or 1)
-        self.counts = ExitCounts.for_cascade(self.plan.resolutions, self.plan.measure, self.num_classes,
+        self.counts = ExitCounts.for_cascade(self.plan.keys, self.plan.measure, self.num_classes,
                                              plan_identity(doc, self.stages, self.plan.decode_at),
                                              self.plan.stage_names)
         self.engine = OrtEngine(str(self.bundle.shared_path), {r: self.bundle.patch(r) for r, _ in self.stages},
@@ -274,10 +275,10 @@ class BundleRunner:
     def warmup(self, batch_size: int = 1) -> None:
         """Run every stage on a batch of grey JPEGs (the top stage's resize size), not counted: what a first
         request would otherwise pay alone (sessions allocate and plan on their first run at a batch size)."""
-        side = eval_resize_size(max(self.plan.resolutions), self.plan.crop_fraction)
+        side = eval_resize_size(max(map(key_resolution, self.plan.keys)), self.plan.crop_fraction)
         jpeg = io.BytesIO()
         Image.new("RGB", (side, side), (128, 128, 128)).save(jpeg, "JPEG")
-        every = self.plan.running([(r, math.inf) for r in self.plan.resolutions], self.plan.decode_at)  # none exits
+        every = self.plan.running([(key, math.inf) for key in self.plan.keys], self.plan.decode_at)  # none exits
         self._run([jpeg.getvalue()] * check_int("batch_size", batch_size, 1, MAX_BATCH), every, None)
 
     # ---- inputs --------------------------------------------------------------------------------------------

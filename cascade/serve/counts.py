@@ -16,6 +16,8 @@ import numpy as np
 
 from .errors import ArtifactError, ConfigError
 from .fileio import read_json, write_json
+from .names import is_pool_doc
+from .plan import plan_keys, pool_weights_id
 
 BINS = 20
 COUNTS_SCHEMA = 2  # 2: the plan's identity and the runtimes' ids
@@ -24,15 +26,17 @@ COUNTS_SCHEMA = 2  # 2: the plan's identity and the runtimes' ids
 def plan_identity(doc: dict, stages=None, decode_at=None) -> str:
     """A short fingerprint (16 hex digits) of what decides a served cascade's exits, from a cascade.json or
     bundle.json `doc` (validated): the weights, the stages with their thresholds, their temperatures, the measure,
-    the free ensemble and the decode plan. stages: [(resolution, threshold)] a runtime runs instead of the doc's
+    the free ensemble and the decode plan. stages: [(stage key, threshold)] a runtime runs instead of the doc's
     (the last stage's threshold is ignored: it answers everything), with decode_at its decode plan."""
     conf = doc["confidence"]
     if stages is None:
-        stages = [(s["resolution"], s["threshold"]) for s in doc["stages"]]
+        stages = [(key, s["threshold"]) for key, s in zip(plan_keys(doc), doc["stages"])]
         decode_at = doc.get("decode", {}).get("resolution")
-    stages = [(int(r), None if k == len(stages) - 1 or t is None or not math.isfinite(t) else float(t))
+    stages = [(r if isinstance(r, str) else int(r),
+               None if k == len(stages) - 1 or t is None or not math.isfinite(t) else float(t))
               for k, (r, t) in enumerate(stages)]
-    weights = (doc.get("family") or doc.get("source") or {}).get("weights_sha256")
+    weights = pool_weights_id([m["weights_sha256"] for m in doc["members"]]) if is_pool_doc(doc) else \
+        (doc.get("family") or doc.get("source") or {}).get("weights_sha256")
     plan = {"weights": weights, "stages": stages, "measure": conf["measure"],
             "temperatures": [float(conf.get("temperatures", {}).get(str(r), 1.0)) for r, _ in stages],
             "combine": bool(conf.get("combine", False)), "decode_at": decode_at}
@@ -41,12 +45,12 @@ def plan_identity(doc: dict, stages=None, decode_at=None) -> str:
 
 @dataclass
 class ExitCounts:
-    """Running counts of a served cascade. stages: the stages' resolutions (names: their names); edges: the confidence histogram's bin
+    """Running counts of a served cascade. stages: the stages' keys (`names.stage_key`; names: their names); edges: the confidence histogram's bin
     edges (the measure's range); plan: the `plan_identity` of the cascade served; ids: one per runtime whose
     counts these are (added counts hold each); reached[k] / exited[k]: inputs that reached / left at stage k;
     histograms[k]: confidences at stage k of every input that reached it; inputs, errors: inputs seen, inputs
     that failed."""
-    stages: list[int]
+    stages: list[int | str]
     measure: str
     edges: list[float]
     plan: str
@@ -59,13 +63,13 @@ class ExitCounts:
     names: list[str] = field(default_factory=list)  # the stages' names ("MODEL/rR"; empty in counts saved before)
 
     @classmethod
-    def for_cascade(cls, resolutions: list[int], measure: str, num_classes: int, plan: str,
+    def for_cascade(cls, keys: list[int | str], measure: str, num_classes: int, plan: str,
                     names: list[str] | None = None) -> "ExitCounts":
-        """Empty counts of a new runtime serving stages `resolutions` (named `names`, `serve.names`) with `measure`
-        over num_classes classes, the plan `plan` (`plan_identity`)."""
+        """Empty counts of a new runtime serving the stages keyed `keys` (named `names`, `serve.names`) with
+        `measure` over num_classes classes, the plan `plan` (`plan_identity`)."""
         low, high = (-math.log(num_classes), 0.0) if measure == "entropy" else (0.0, 1.0)
-        k = len(resolutions)
-        return cls(list(resolutions), measure, list(np.linspace(low, high, BINS + 1)), plan, [uuid.uuid4().hex],
+        k = len(keys)
+        return cls(list(keys), measure, list(np.linspace(low, high, BINS + 1)), plan, [uuid.uuid4().hex],
                    [0] * k, [0] * k, [[0] * BINS for _ in range(k)], names=list(names or []))
 
     def add_stage(self, k: int, confidence: np.ndarray, exits: np.ndarray) -> None:

@@ -24,8 +24,9 @@ from .limits import MAX_BATCH
 @dataclass
 class StageTiming:
     """What one stage of a run did: rows it classified, inference calls, rows it decoded, and seconds spent
-    decoding, preprocessing, in inference and deciding."""
-    resolution: int
+    decoding, preprocessing, in inference and deciding. stage: its key (its resolution in a family's plan, MODEL/rR
+    in a pool's: `names.stage_key`)."""
+    stage: int | str
     rows: int = 0
     calls: int = 0
     decoded: int = 0            # rows decoded at this stage (0 where it reuses the last stage's decode)
@@ -117,7 +118,7 @@ def in_batches(run: Callable[[list], CascadeResult], items: list, batch_size: in
     if len(items) <= batch_size:
         return run(items)
     parts = [run(items[s:s + batch_size]) for s in range(0, len(items), batch_size)]
-    timings = [StageTiming(t.resolution) for t in max((p.stage_timings for p in parts), key=len)]
+    timings = [StageTiming(t.stage) for t in max((p.stage_timings for p in parts), key=len)]
     for part in parts:
         for total, t in zip(timings, part.stage_timings):
             for key in ("rows", "calls", "decoded", "decode_s", "preprocess_s", "inference_s", "decide_s"):

@@ -16,6 +16,7 @@ import numpy as np
 from .counts import ExitCounts
 from .exits import Answers, CascadeResult, StageTiming, decode_stage, exit_step
 from .images import Encoded
+from .names import key_model, key_resolution
 from .plan import Plan
 from .preprocess_np import stage_min_side
 
@@ -24,12 +25,35 @@ class Engine(Protocol):
     """A runtime's side of the loop. `convert`: what an `Encoded` image's decoded uint8 [H, W, 3] pixels become
     (None: they stay arrays). `inputs(pixels)` -> a function (rows, resolution, new pixels since its last call) ->
     the model input of those rows at that resolution: it may keep what it made from the pixels (e.g. one batch
-    copied to a GPU) between the stages of one run. `infer(resolution, x)` -> logits float32 [rows, C]."""
+    copied to a GPU) between the stages of one run. `infer(key, x)` -> logits float32 [rows, C] of the stage
+    keyed `key` (`names.stage_key`: its resolution in a family's plan, MODEL/rR in a pool's)."""
     convert: Callable | None
 
     def inputs(self, pixels: list) -> Callable: ...
 
-    def infer(self, resolution: int, x) -> np.ndarray: ...
+    def infer(self, key: int | str, x) -> np.ndarray: ...
+
+
+class MemberEngines:
+    """The loop's engine of a pool's plan: the stage MODEL/rR runs on model MODEL's engine at resolution R
+    (`engines`: model -> a family's engine keyed by resolution). The members preprocess alike (the pool checks it),
+    so one member's engine makes every stage's input."""
+
+    def __init__(self, engines: dict):
+        self.engines = engines
+
+    def _any(self):
+        return next(e for e in self.engines.values() if e.sessions)
+
+    @property
+    def convert(self):
+        return self._any().convert
+
+    def inputs(self, pixels: list) -> Callable:
+        return self._any().inputs(pixels)
+
+    def infer(self, key: str, x) -> np.ndarray:
+        return self.engines[key_model(key)].infer(key_resolution(key), x)
 
 
 def run_plan(items: list, errors: dict[int, str], plan: Plan, engine: Engine,
@@ -46,8 +70,9 @@ def run_plan(items: list, errors: dict[int, str], plan: Plan, engine: Engine,
     history: list[np.ndarray] = []  # log-probs of the stages run so far, rows aligned with `active`
     timings = []
     make_input = engine.inputs(pixels)
-    for k, (r, threshold) in enumerate(plan.stages):
-        t = StageTiming(r)
+    for k, (key, threshold) in enumerate(plan.stages):
+        r = key_resolution(key)
+        t = StageTiming(key)
         timings.append(t)
         if len(active) == 0:
             break
@@ -64,11 +89,11 @@ def run_plan(items: list, errors: dict[int, str], plan: Plan, engine: Engine,
             break
         x = make_input(active, r, k == 0 or t.decoded > 0)
         t2 = time.perf_counter()
-        logits = engine.infer(r, x)
+        logits = engine.infer(key, x)
         t3 = time.perf_counter()
         t.rows, t.calls = len(active), 1
         last = k == len(plan.stages) - 1
-        active, history = exit_step(logits, k, -math.inf if last else threshold, plan.temperatures.get(r, 1.0),
+        active, history = exit_step(logits, k, -math.inf if last else threshold, plan.temperatures.get(key, 1.0),
                                     plan.measure, plan.combined, history, active, answers, counts)
         t.preprocess_s, t.inference_s = t2 - t1, t3 - t2
         t.decide_s = time.perf_counter() - t3
