@@ -7,6 +7,8 @@ DIR/model.<precision>.onnx  the family's shared weights, once (profiling.export.
 DIR/patches/r<R>.<precision>.patch  each stage's and the reference's patch: its BatchNorms' scale and shift
                     (and anything else the resolution owns); with the shared model, that resolution's model,
                     checked against PyTorch. K resolutions of MobileNetV2 weigh about 1 + 0.01 K models.
+DIR/MODEL/...       a pool's cascade (`pool.Pool`): each member the plan runs in a folder of its own, holding its
+                    shared model and its stages' patches as above (bundle.json's "members", schema 5)
 DIR/rescascade/serve/  the runtime kernel (`rescascade.serve`, copied whole): onnxruntime, numpy and Pillow
                     are all it needs
 DIR/README.txt      how to run it
@@ -33,16 +35,17 @@ from rescascade.serve.limits import MAX_BATCH, MAX_THREADS
 from rescascade.serve.ort import unpack_patch
 from rescascade.serve.preprocess_np import CROP_FRACTION, IMAGENET_MEAN, IMAGENET_STD, MAX_ASPECT
 from rescascade.training.family import res_key
-from rescascade.training.store import model_name, weights_id
+from rescascade.training.store import load_family, model_name, weights_id
 
 from .config import CascadeConfig, read_config
-from .runtime import open_family
-from .serve.bundle import BUNDLE_FORMAT, BUNDLE_SCHEMA, RESIZE, Bundle
-from .serve.plan import plan_fields
+from .runtime import check_member
+from .serve.bundle import BUNDLE_FORMAT, BUNDLE_SCHEMA, FAMILY_SCHEMA, RESIZE, Bundle, bundle_members
+from .serve.names import key_model, key_resolution
+from .serve.plan import plan_fields, stage_label
 
 _README = """A rescascade cascade, exported by `rescascade export` from {source}.
 
-Stages: {stages}; reference: r{reference}. Needs Python >= 3.10 with onnxruntime,
+Stages: {stages}; reference: {reference}. Needs Python >= 3.10 with onnxruntime,
 numpy and Pillow (no torch). From the directory that holds this one:
 
     PYTHONPATH={name} python -m rescascade.serve {name} photo.jpg   # name, probability, exit stage; exit 1 if an image failed
@@ -65,22 +68,13 @@ def export_bundle(config, out, precision: str = "fp32", overwrite: bool = False,
         raise ConfigError(f"precision {precision!r}: choose one of {', '.join(TOLERANCE)}")
     out = _out_dir(out)
     check_bool("overwrite", overwrite)
-    config = _one_family(config if isinstance(config, CascadeConfig) else read_config(config))
+    config = config if isinstance(config, CascadeConfig) else read_config(config)
     source = _source(config)
     with _staged(out, _bundle_files, "a bundle", source, overwrite) as tmp:
         models = _write_bundle(config, tmp, out.name, precision, log)
     log(f"wrote {out}/ (bundle.json, the shared model and {models} patches, the runtime): "
         f"PYTHONPATH={out} python -m rescascade.serve {out} IMAGE...")
     return out / "bundle.json"
-
-
-def _one_family(config: CascadeConfig) -> CascadeConfig:
-    """The config, where it is one family's: a bundle holds one shared model so far. ConfigError for a pool's."""
-    if config.pooled:
-        raise ConfigError(f"{config.path} is a pool's cascade ({len(config.members)} families): a bundle holds one "
-                          "family's shared model and patches so far; run the pool's cascade with `rescascade eval` "
-                          "or CascadeRunner")
-    return config
 
 
 def _source(config: CascadeConfig) -> str | None:
@@ -91,34 +85,51 @@ def _source(config: CascadeConfig) -> str | None:
 
 def _write_bundle(config: CascadeConfig, tmp: Path, name: str, precision: str, log) -> int:
     """The bundle's files, into the directory tmp (see the module). -> how many patches it holds."""
-    family, doc = open_family(config)
-    fam_dir, wid = config.family_dir, weights_id(doc)
-    resolutions = sorted({s.resolution for s in config.cascade.stages} | {config.reference})
-    log(f"exporting the shared model and the patches of {', '.join(f'r{r}' for r in resolutions)} ({precision}) ...")
-    shared_path, patches, meta = export_shared(family, fam_dir, wid, precision)
-    file = f"model.{precision}.onnx"
-    shutil.copyfile(shared_path, tmp / file)
-    shared = {"file": file, "sha256": sha256_file(tmp / file), "model": model_name(doc), "precision": precision,
-              "input": "input",
-              "output": "logits", "patch_bytes": len(unpack_patch(patches[config.reference].read_bytes())),
-              "exporter": meta.get("exporter", "legacy"), "opset": meta.get("opset", 17)}  # exports before: legacy
-    if meta.get("fallback"):
-        log(f"  the shared model was exported by the legacy exporter ({meta['fallback']})")
-    models = {}
-    (tmp / "patches").mkdir()
-    for r in resolutions:
-        file = f"patches/{res_key(r)}.{precision}.patch"
-        shutil.copyfile(patches[r], tmp / file)
-        models[str(r)] = {"file": file, "sha256": sha256_file(tmp / file), "max_abs_diff": meta["max_abs_diff"][str(r)]}
+    pooled = config.pooled
+    keys = {s.resolution for s in config.cascade.stages} | {config.reference}
+    members, patch_count, doc = [], 0, None
+    for k, entry in enumerate(config.members):
+        model = entry.get("model") if pooled else None
+        resolutions = sorted(key_resolution(key) for key in keys if key_model(key) == model)
+        if not resolutions:  # a pool member the plan never runs: not deployed
+            continue
+        member_doc = check_member(config, k)
+        doc = doc or member_doc  # the preprocessing and class names (a pool's members share them)
+        fam_dir, wid = config.member_dirs[k], weights_id(member_doc)
+        family, _ = load_family(fam_dir, verify=False)  # just verified
+        log(f"exporting {model_name(member_doc)}'s shared model and the patches of "
+            f"{', '.join(f'r{r}' for r in resolutions)} ({precision}) ...")
+        shared_path, patches, meta = export_shared(family, fam_dir, wid, precision)
+        folder = f"{model_name(member_doc)}/" if pooled else ""  # a pool's members side by side
+        file = f"{folder}model.{precision}.onnx"
+        (tmp / folder / "patches").mkdir(parents=True)
+        shutil.copyfile(shared_path, tmp / file)
+        shared = {"file": file, "sha256": sha256_file(tmp / file), "model": model_name(member_doc),
+                  "precision": precision, "input": "input", "output": "logits",
+                  "patch_bytes": len(unpack_patch(patches[resolutions[0]].read_bytes())),
+                  "exporter": meta.get("exporter", "legacy"), "opset": meta.get("opset", 17)}  # exports before: legacy
+        if meta.get("fallback"):
+            log(f"  the shared model was exported by the legacy exporter ({meta['fallback']})")
+        models = {}
+        for r in resolutions:
+            file = f"{folder}patches/{res_key(r)}.{precision}.patch"
+            shutil.copyfile(patches[r], tmp / file)
+            models[str(r)] = {"file": file, "sha256": sha256_file(tmp / file),
+                              "max_abs_diff": meta["max_abs_diff"][str(r)]}
+        members.append({"model": model_name(member_doc), "weights_sha256": wid,
+                        "family_json_sha256": entry["family_json_sha256"], "shared": shared, "models": models})
+        patch_count += len(models)
     _copy_runtime(tmp)
     prep = doc.get("preprocessing", {})
+    one = members[0]
     bundle = {
-        "format": BUNDLE_FORMAT, "schema_version": BUNDLE_SCHEMA,
+        "format": BUNDLE_FORMAT, "schema_version": BUNDLE_SCHEMA if pooled else FAMILY_SCHEMA,
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "source": {"cascade_json": _source(config), "cascade_json_sha256": sha256_file(config.path)
-                   if config.path else None, "weights_sha256": wid,
-                   "family_json_sha256": config.doc["family"]["family_json_sha256"]},
-        "shared": shared, "models": models,
+                   if config.path else None,
+                   **({} if pooled else {"weights_sha256": one["weights_sha256"],
+                                         "family_json_sha256": one["family_json_sha256"]})},
+        **({"members": members} if pooled else {"shared": one["shared"], "models": one["models"]}),
         **plan_fields(config.doc),  # the plan, as cascade.json holds it (`serve.plan`)
         "profile": {k: config.doc["profile"].get(k) for k in ("backend", "precision", "batch_size", "device")},
         "preprocessing": {"resize": RESIZE, "crop_fraction": prep.get("crop_fraction", CROP_FRACTION),
@@ -129,10 +140,11 @@ def _write_bundle(config: CascadeConfig, tmp: Path, name: str, precision: str, l
     }
     write_json(tmp / "bundle.json", bundle)
     write_text(tmp / "README.txt", _README.format(
-        source=Path(config.path).resolve() if config.path else "a CascadeConfig", name=name, reference=config.reference,
-        stages=" -> ".join(f"r{s.resolution}" for s in config.cascade.stages)))
+        source=Path(config.path).resolve() if config.path else "a CascadeConfig", name=name,
+        reference=stage_label(config.reference),
+        stages=" -> ".join(stage_label(s.resolution) for s in config.cascade.stages)))
     Bundle(tmp)  # reads back as the runtime will
-    return len(models)
+    return patch_count
 
 
 def _out_dir(out) -> Path:
@@ -177,7 +189,8 @@ def _bundle_files(root: Path):
     was exported from; None where root holds no bundle."""
     doc = _bundle_doc(root / "bundle.json")
     try:
-        models = {m["file"] for m in doc["models"].values()} | ({doc["shared"]["file"]} if "shared" in doc else set())
+        models = {m["file"] for member in bundle_members(doc) for m in member["models"].values()} | \
+            {member["shared"]["file"] for member in bundle_members(doc) if member.get("shared")}
         source = doc["source"]["cascade_json"]
     except (TypeError, KeyError, AttributeError):
         return None
@@ -336,7 +349,7 @@ def export_triton(config, out, precision: str = "fp32", max_batch_size: int = 32
         raise ConfigError(f"device {device!r}: choose one of {', '.join(TRITON_DEVICES)}")
     out = _out_dir(out)
     check_bool("overwrite", overwrite)
-    config = _one_family(config if isinstance(config, CascadeConfig) else read_config(config))
+    config = config if isinstance(config, CascadeConfig) else read_config(config)
     with _staged(out, _repository_files, "a model repository written by rescascade", _source(config),
                  overwrite) as tmp:
         kind, providers = TRITON_DEVICES[device]
@@ -350,8 +363,9 @@ def export_triton(config, out, precision: str = "fp32", max_batch_size: int = 32
             if name != "cascade":
                 shutil.copytree(bundle, version / "bundle")
             shutil.copyfile(model_py, version / "model.py")
-            what = f"The reference model r{config.reference} of a rescascade cascade, alone," if name == "reference" \
-                else "A rescascade cascade, " + " -> ".join(f"r{s.resolution}" for s in config.cascade.stages) + ","
+            what = f"The reference model {stage_label(config.reference)} of a rescascade cascade, alone," \
+                if name == "reference" else \
+                "A rescascade cascade, " + " -> ".join(stage_label(s.resolution) for s in config.cascade.stages) + ","
             write_text(tmp / name / "config.pbtxt", _CONFIG_PBTXT.format(
                 what=what, name=name, max_batch_size=max_batch_size, max_queue_delay_us=max_queue_delay_us,
                 instances=instances, kind=kind, reference=reference, providers=providers,

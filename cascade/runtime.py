@@ -67,23 +67,6 @@ def check_member(config: CascadeConfig, k: int = 0) -> dict:
     return doc
 
 
-def check_family(config: CascadeConfig) -> dict:
-    """The family.json doc of the family a cascade.json was built on (`check_member`); ConfigError for a pool's
-    cascade.json, which runs several."""
-    if config.pooled:
-        raise ConfigError(f"{config.path} is a pool's cascade (stages of {len(config.members)} families); this step "
-                          "takes one family's cascade.json so far")
-    return check_member(config)
-
-
-def open_family(config: CascadeConfig):
-    """The family a cascade.json was built on, loaded, with its hashes checked (`check_family`): ->
-    (ResolutionFamily, family.json doc)."""
-    doc = check_family(config)
-    family, _ = load_family(config.family_dir, verify=False)  # just verified
-    return family, doc
-
-
 def _tensor_pixels(item, max_pixels: int) -> torch.Tensor | Encoded:
     """A decoded input (a PIL image or a uint8 [3, H, W] tensor) -> uint8 [3, H, W]; a uint8 [L] tensor of
     encoded bytes (torchvision's `read_file`) -> `Encoded`; ImageError (a ValueError) otherwise."""

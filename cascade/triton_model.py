@@ -39,6 +39,7 @@ class TritonPythonModel:
         sys.path.insert(0, str(version_dir / "bundle"))  # the bundle's own copy of the runtime
         from rescascade.serve.bundle import BundleRunner
         from rescascade.serve.counts import continue_counts
+        from rescascade.serve.names import key_resolution
 
         config = json.loads(args["model_config"])
         params = {k: v["string_value"] for k, v in config.get("parameters", {}).items()}
@@ -48,7 +49,7 @@ class TritonPythonModel:
         self.runner = BundleRunner(version_dir / "bundle", providers=providers, threads=threads,
                                    reference=params.get("reference", "false") == "true", warmup=sorted({1, batch}),
                                    batch_size=max(1, int(config.get("max_batch_size", 1))))
-        self.resolutions = [r for r, _ in self.runner.stages]
+        self.resolutions = [key_resolution(key) for key, _ in self.runner.stages]
         counts = params.get("counts_path", "").replace("{instance}", args["model_instance_name"])
         self.counts_path = None if not counts else (Path(counts) if Path(counts).is_absolute()
                                                      else Path(args["model_repository"]) / counts)

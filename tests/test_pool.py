@@ -75,13 +75,15 @@ def test_a_pool_chooses_over_the_stages_of_every_member(tiny_family, second_memb
 def test_the_pool_journey_build_run_eval_drift(tiny_family, second_member, tmp_path, capsys):
     """`build RUN_DIR RUN_DIR` writes a pool's cascade.json (members, stages keyed by model and resolution); the
     runtime runs it on both backends with the exits and answers the optimizer simulated on the stored logits;
-    eval measures it, drift reads its counts, export refuses it in one line; a pool's cascade.json moved with its
-    members still runs, one edited or with a member changed is refused."""
+    eval measures it, drift reads its counts; export writes each member's shared model once with its patches, and
+    the bundle answers as the runtime; moved with its members the cascade.json still runs, one edited or with a
+    member changed is refused, as is a bundle with a member's patch changed."""
     import math
 
     from rescascade.cli import main
     from rescascade.optimizer import Cascade, Stage, StageViews, simulate
     from rescascade.runtime import CascadeRunner
+    from rescascade.serve.bundle import BundleRunner
     from rescascade.serve.counts import ExitCounts
     from rescascade.training.data import load_data
     work = tmp_path / "work"  # the members and the pool's cascade.json side by side, to be moved together
@@ -125,12 +127,38 @@ def test_the_pool_journey_build_run_eval_drift(tiny_family, second_member, tmp_p
     report = json.loads((tmp_path / "eval.json").read_text())
     assert report["reference"]["stage"] == config.reference
     assert report["cascade"]["stage_names"] == [s.resolution for s in config.cascade.stages]
+    # the bundle of a two-member cascade: each member's shared model once, its patches beside it; the bundle's
+    # answers are the runtime's bit for bit, its counts of the same plan
+    two_doc = json.loads(out.read_text())
+    two_doc["stages"] = [{"resolution": 32, "model": "test_efficientnet", "threshold": two.stages[0].threshold},
+                         {"resolution": 48, "model": "mobilenet_v2_x0.35", "threshold": None}]
+    for split in ("calib", "test"):
+        two_doc["expected"][split]["exit_fractions"] = [0.5, 0.5]
+    two_json = out.with_name("two.json")
+    two_json.write_text(json.dumps(two_doc))
     capsys.readouterr()
-    assert main(["export", str(out), "--out", str(tmp_path / "bundle")]) == 2
-    assert "a pool's cascade" in capsys.readouterr().err and not (tmp_path / "bundle").exists()
+    assert main(["export", str(two_json), "--out", str(work / "bundle")]) == 0, capsys.readouterr().err
+    bundle = json.loads((work / "bundle" / "bundle.json").read_text())
+    assert bundle["schema_version"] == 5 and sorted(m["model"] for m in bundle["members"]) == \
+        sorted({"test_efficientnet", "mobilenet_v2_x0.35", doc["reference"]["model"]})
+    for m in bundle["members"]:
+        assert m["shared"]["file"] == f"{m['model']}/model.fp32.onnx"
+        assert all(e["file"].startswith(f"{m['model']}/patches/") for e in m["models"].values())
+    served = CascadeRunner(two_json, backend="onnxruntime", warmup=False)
+    deployed = BundleRunner(work / "bundle", warmup=False)
+    arrays = [im.permute(1, 2, 0).numpy() for im in images]  # the bundle's layout, uint8 [H, W, 3]
+    a, b = served(images), deployed(arrays)
+    assert np.array_equal(a.labels, b.labels) and np.array_equal(a.exit_stage, b.exit_stage)
+    assert np.array_equal(a.probs, b.probs) and b.stage_names == [first, last] and 0 < (b.exit_stage == 0).mean() < 1
+    assert deployed.counts.plan == served.counts.plan
     # moved with its members: still runs; a member changed since the build: refused
     moved = work.rename(tmp_path / "moved")
     assert CascadeRunner(moved / "pool" / "cascade.json", warmup=False)(images[:4]).labels.min() >= 0
+    assert np.array_equal(BundleRunner(moved / "bundle", warmup=False)(arrays[:4]).labels, b.labels[:4])
+    patch = next((moved / "bundle" / "test_efficientnet" / "patches").iterdir())
+    patch.write_bytes(patch.read_bytes()[:-1] + b"x")
+    with pytest.raises(ArtifactError, match="test_efficientnet's resolution 32's patch"):
+        BundleRunner(moved / "bundle", warmup=False)
     family_json = moved / "effnet" / "family.json"
     family_json.write_text(family_json.read_text().replace('"epochs"', '"epochs" ', 1))
     with pytest.raises(RescascadeError, match="changed since"):
@@ -229,3 +257,38 @@ def test_members_that_cannot_be_compared_are_one_line_naming_both(tiny_family, s
         with pytest.raises(RescascadeError, match=message) as e:
             Pool.load([tiny_family, copy])
         assert str(tiny_family) in str(e.value) and str(copy) in str(e.value)
+
+
+@pytest.mark.slow
+def test_triton_serves_a_pools_cascade_as_its_bundle(tiny_family, second_member, tmp_path):
+    """A two-member cascade exported as a Triton model repository, served by a real tritonserver: its answers,
+    exit stages and stage names are the bundle's. Skipped, with one line, where the server cannot run."""
+    from benchmarks._triton import TritonServer, TritonUnavailable, classify, server_environment
+    from rescascade.export import export_triton
+    from rescascade.serve.bundle import BundleRunner
+
+    from .conftest import encode, photo
+    pool = Pool.load([tiny_family, second_member])
+    costs = pool.costs(batch_size=4)
+    builder = CascadeBuilder(Target.best()).fit(pool.predictions("calib"), costs)
+    doc = CascadeConfig.from_builder(builder, pool, None, costs).doc
+    doc["stages"] = [{"resolution": 32, "model": "test_efficientnet", "threshold": 0.5},
+                     {"resolution": 48, "model": "mobilenet_v2_x0.35", "threshold": None}]
+    for split in ("calib", "test"):
+        doc["expected"][split]["exit_fractions"] = [0.5, 0.5]
+    path = CascadeConfig(doc).save(tmp_path / "two.json")
+    repo = export_triton(path, tmp_path / "models", max_batch_size=8, log=lambda s: None)
+    images = [encode(photo(60 + 13 * i, 140 - 5 * i, 300 + i), "JPEG") for i in range(8)]
+    want = BundleRunner(repo / "cascade" / "1" / "bundle", threads=1, warmup=False)(images)
+    try:
+        server_environment(log=lambda s: None)
+        server = TritonServer(repo, log=lambda s: None).start()
+    except TritonUnavailable as e:
+        pytest.skip(f"Triton cannot run here: {e}")
+    try:
+        got = classify(server.url, "cascade", images)
+    finally:
+        server.stop()
+    assert got["LABEL"].tolist() == want.labels.tolist() and got["EXIT_STAGE"].tolist() == want.exit_stage.tolist()
+    assert [b.decode() for b in got["STAGE"]] == want.exit_names
+    assert got["RESOLUTION"].tolist() == [[32, 48][s] for s in want.exit_stage]

@@ -38,16 +38,17 @@ from .exits import CascadeResult, in_batches, load_inputs, warmup_sizes
 from .fileio import check_schema, printable_streams, read_json, sha256_file
 from .images import DECODE_SCALES, DEFAULT_MAX_PIXELS, Encoded, ImageError, pil_pixels
 from .limits import MAX_BATCH, MAX_THREADS
-from .loop import run_plan
-from .names import key_resolution
+from .loop import MemberEngines, run_plan
+from .names import is_pool_doc, key_model, key_resolution, stage_name
 from .ort import patch_identity, unpack_patch
 from .ort_engine import OrtEngine
-from .plan import Plan, plan_decode_at, plan_problem, plan_stages
+from .plan import Plan, plan_decode_at, plan_problem, plan_reference, plan_stages
 from .preprocess_np import eval_resize_size
 
 BUNDLE_FORMAT = "rescascade-bundle"
-BUNDLE_SCHEMA = 4  # 2: the cascade's "decode" plan; 3: one shared model + a patch per stage (1-2: a model per
-# stage); 4: the patches packed (`ort.pack_patch`)
+BUNDLE_SCHEMA = 5  # 2: the cascade's "decode" plan; 3: one shared model + a patch per stage (1-2: a model per
+# stage); 4: the patches packed (`ort.pack_patch`); 5: a pool's bundle ("members"; a family's is still written as 4)
+FAMILY_SCHEMA = 4  # what a family's bundle is written as: readers of version 4 run it
 RESIZE = "torch-uint8-antialias-bilinear"  # the only resize this runtime implements (preprocess_np)
 PRECISIONS = ("fp32", "fp16")
 WEIGHT_FORMS = ("folded", "shared")  # a session per stage with its BatchNorms folded; one copy of the weights
@@ -59,9 +60,17 @@ def _inside(file) -> bool:
         and ".." not in PurePosixPath(file).parts
 
 
-def _bundle_problem(doc: dict) -> str | None:
-    """What is wrong with a bundle.json's content (beyond its schema version and keys), None if nothing."""
-    models, prep, names, shared = doc["models"], doc["preprocessing"], doc["class_names"], doc["shared"]
+def bundle_members(doc: dict) -> list[dict]:
+    """The families a bundle.json's content holds, each {"model", "weights_sha256", "shared", "models"}: a pool's
+    "members", or the one family ("shared", "models" and source.weights_sha256)."""
+    if is_pool_doc(doc):
+        return doc["members"]
+    return [{"model": (doc.get("shared") or {}).get("model"), "shared": doc.get("shared"),
+             "models": doc.get("models"), "weights_sha256": (doc.get("source") or {}).get("weights_sha256")}]
+
+
+def _member_problem(shared, models) -> str | None:
+    """What is wrong with one family's files in bundle.json (its shared model and patches), None if nothing."""
     if not (isinstance(models, dict) and models and all(
             str(r).isdigit() and isinstance(m, dict) and isinstance(m.get("file"), str) and
             isinstance(m.get("sha256"), str) for r, m in models.items())):
@@ -75,13 +84,35 @@ def _bundle_problem(doc: dict) -> str | None:
     size = shared.get("patch_bytes")  # every patch unpacks to this many bytes (before the field: unchecked)
     if size is not None and not (isinstance(size, int) and not isinstance(size, bool) and size > 0):
         return "shared.patch_bytes must be a positive whole number"
+    return None
+
+
+def _bundle_problem(doc: dict) -> str | None:
+    """What is wrong with a bundle.json's content (beyond its schema version and keys), None if nothing."""
+    prep, names = doc["preprocessing"], doc["class_names"]
+    pooled = is_pool_doc(doc)
+    if pooled and not (isinstance(doc["members"], list) and doc["members"] and
+                       all(isinstance(m, dict) for m in doc["members"])):
+        return "members must list the pool's families it runs, each {model, weights_sha256, shared, models}"
+    members = bundle_members(doc)
+    for m in members:
+        problem = _member_problem(m.get("shared"), m.get("models"))
+        if problem:
+            return f"member {m.get('model')!r}: {problem}" if pooled else problem
+        if pooled and not (isinstance(m.get("model"), str) and m["model"] == m["shared"].get("model") and
+                           isinstance(m.get("weights_sha256"), str)):
+            return "each member must name its model (its shared model's) and weights_sha256"
+    if pooled and len({m["model"] for m in members}) != len(members):
+        return "two members name the same model"
     if not (isinstance(names, list) and len(names) >= 2 and all(isinstance(n, str) for n in names)):
         return "class_names must be a list of at least 2 names"
-    problem = plan_problem(doc, {int(r) for r in models}, len(names))
+    allowed = [stage_name(m["model"], r) for m in members for r in m["models"]] if pooled else \
+        {int(r) for r in members[0]["models"]}
+    problem = plan_problem(doc, allowed, len(names))
     if problem:
         return problem
-    model = shared.get("model")  # the model the shared weights are (before the field: unchecked)
-    if model is not None:
+    model = members[0]["shared"].get("model")  # the model the shared weights are (before the field: unchecked)
+    if not pooled and model is not None:
         other = next((e["model"] for e in [*doc["stages"], doc["reference"]] if e.get("model", model) != model), None)
         if other is not None:
             return f"the plan runs model {other!r}, but the bundle's shared weights are {model!r}'s"
@@ -117,21 +148,30 @@ class Bundle:
         if doc.get("format") != BUNDLE_FORMAT:
             raise ArtifactError(f"{self.path} is not a rescascade bundle (format {doc.get('format')!r})")
         old = doc.get("schema_version")
-        if isinstance(old, int) and not isinstance(old, bool) and old < BUNDLE_SCHEMA:
+        if isinstance(old, int) and not isinstance(old, bool) and old < FAMILY_SCHEMA:
             source = (doc.get("source") or {}).get("cascade_json") or "CASCADE_JSON"
             holds = "one model per stage" if old < 3 else "unpacked patches"
             raise ArtifactError(f"{self.path} holds {holds} (bundle schema {old}), which this rescascade no longer "
                                 f"runs; export it again: `rescascade export {source} --out {self.dir}`")
-        check_schema(doc, self.path, "bundle", BUNDLE_SCHEMA, ("shared", "models", "stages", "reference",
-                                                                 "confidence", "preprocessing", "class_names"))
+        files = ("members",) if is_pool_doc(doc) else ("shared", "models")
+        check_schema(doc, self.path, "bundle", BUNDLE_SCHEMA, (*files, "stages", "reference", "confidence",
+                                                                 "preprocessing", "class_names"))
         problem = _bundle_problem(doc)
         if problem:
             raise ArtifactError(f"{self.path}: {problem}; the file was edited or damaged: export the bundle again")
-        size = doc["shared"].get("patch_bytes")  # bundles from before the field: unchecked
-        weights = (doc.get("source") or {}).get("weights_sha256")
-        self._patches: dict[int, bytes] = {}  # read once here, handed to the sessions
-        for r, what, entry in [(None, "the shared model", doc["shared"])] + \
-                [(int(r), f"resolution {r}'s patch", m) for r, m in doc["models"].items()]:
+        self.doc = doc
+        self._patches: dict = {}  # stage key -> its patch's bytes: read once here, handed to the sessions
+        for member in bundle_members(doc):
+            self._check_member(member)
+
+    def _check_member(self, member: dict) -> None:
+        """Every file of one family (its shared model and patches) present with its exported sha256, each patch
+        of this family and resolution; the patches read into `_patches`. ArtifactError otherwise."""
+        shared, weights, pooled = member["shared"], member["weights_sha256"], self.pooled
+        size = shared.get("patch_bytes")  # bundles from before the field: unchecked
+        of = f"{member['model']}'s " if pooled else ""
+        for r, what, entry in [(None, f"{of}shared model" if pooled else "the shared model", shared)] + \
+                [(int(r), f"{of}resolution {r}'s patch", m) for r, m in member["models"].items()]:
             file = self.dir / entry["file"]
             if file.is_dir():
                 raise ArtifactError(f"{file} ({what}) is a directory where bundle.json names a file; export the "
@@ -154,17 +194,23 @@ class Bundle:
             if size is not None and len(data) != size:
                 raise ArtifactError(f"{file} ({what}) holds {len(data)} bytes where the shared model reads {size}: it "
                                     "is not a patch of this model; export the bundle again")
-            self._patches[r] = data
-        self.doc = doc
+            self._patches[stage_name(member["model"], r) if pooled else r] = data
 
     @property
-    def stages(self) -> list[tuple[int, float]]:
-        """[(resolution, threshold)] in order; the last stage's threshold is -inf (it answers everything)."""
+    def pooled(self) -> bool:
+        """Whether this is a pool's bundle (several families' shared models, stages keyed MODEL/rR)."""
+        return is_pool_doc(self.doc)
+
+    @property
+    def stages(self) -> list[tuple[int | str, float]]:
+        """[(stage key, threshold)] in order (a family's: its resolution; a pool's: MODEL/rR); the last stage's
+        threshold is -inf (it answers everything)."""
         return plan_stages(self.doc)
 
     @property
-    def reference(self) -> int:
-        return int(self.doc["reference"]["resolution"])
+    def reference(self) -> int | str:
+        """The reference model's stage key."""
+        return plan_reference(self.doc)
 
     @property
     def decode_at(self) -> int | None:
@@ -174,17 +220,26 @@ class Bundle:
 
     @property
     def shared_path(self) -> Path:
-        """The shared model (the family's weights, once)."""
-        return self.dir / self.doc["shared"]["file"]
+        """The shared model (the family's weights, once; a pool's first member's)."""
+        return self.shared_path_of(None)
 
-    def patch_path(self, resolution: int) -> Path:
-        """The patch that makes the shared model the model of `resolution`."""
-        return self.dir / self.doc["models"][str(resolution)]["file"]
+    def _member(self, model: str | None) -> dict:
+        members = bundle_members(self.doc)
+        return members[0] if model is None else next(m for m in members if m["model"] == model)
 
-    def patch(self, resolution: int) -> bytes:
-        """The bytes the shared model reads for `resolution` (its patch file unpacked), as checked when the bundle
-        was read."""
-        return self._patches[resolution]
+    def shared_path_of(self, model: str | None) -> Path:
+        """The shared model of `model` (a pool's member; None: the family's)."""
+        return self.dir / self._member(model)["shared"]["file"]
+
+    def patch_path(self, key: int | str) -> Path:
+        """The patch that makes its shared model the model of the stage keyed `key` (a resolution, or a pool's
+        MODEL/rR)."""
+        return self.dir / self._member(key_model(key))["models"][str(key_resolution(key))]["file"]
+
+    def patch(self, key: int | str) -> bytes:
+        """The bytes its shared model reads for the stage keyed `key` (its patch file unpacked), as checked when the
+        bundle was read."""
+        return self._patches[key]
 
 
 def _array_pixels(item) -> np.ndarray:
@@ -265,10 +320,16 @@ class BundleRunner:
         self.counts = ExitCounts.for_cascade(self.plan.keys, self.plan.measure, self.num_classes,
                                              plan_identity(doc, self.stages, self.plan.decode_at),
                                              self.plan.stage_names)
-        self.engine = OrtEngine(str(self.bundle.shared_path), {r: self.bundle.patch(r) for r, _ in self.stages},
-                                {r: str(self.bundle.patch_path(r)) for r, _ in self.stages}, prep["crop_fraction"],
-                                prep["mean"], prep["std"], providers, threads, weights,
-                                doc.get("source", {}).get("weights_sha256"), self.num_classes)
+        engines = {}  # model (None: the family's) -> the engine of its stages, keyed by resolution
+        for member in bundle_members(doc):
+            model = member["model"] if self.bundle.pooled else None
+            keys = [key for key, _ in self.stages if key_model(key) == model]
+            if keys:
+                engines[model] = OrtEngine(
+                    str(self.bundle.shared_path_of(model)), {key_resolution(k): self.bundle.patch(k) for k in keys},
+                    {key_resolution(k): str(self.bundle.patch_path(k)) for k in keys}, prep["crop_fraction"],
+                    prep["mean"], prep["std"], providers, threads, weights, member["weights_sha256"], self.num_classes)
+        self.engine = MemberEngines(engines) if self.bundle.pooled else engines[None]
         for b in ([1] if warmup is True else warmup or []):
             self.warmup(b)
 

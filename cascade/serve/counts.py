@@ -16,8 +16,8 @@ import numpy as np
 
 from .errors import ArtifactError, ConfigError
 from .fileio import read_json, write_json
-from .names import is_pool_doc
-from .plan import plan_keys, pool_weights_id
+from .names import is_pool_doc, key_model
+from .plan import plan_keys, plan_reference, pool_weights_id
 
 BINS = 20
 COUNTS_SCHEMA = 2  # 2: the plan's identity and the runtimes' ids
@@ -35,8 +35,11 @@ def plan_identity(doc: dict, stages=None, decode_at=None) -> str:
     stages = [(r if isinstance(r, str) else int(r),
                None if k == len(stages) - 1 or t is None or not math.isfinite(t) else float(t))
               for k, (r, t) in enumerate(stages)]
-    weights = pool_weights_id([m["weights_sha256"] for m in doc["members"]]) if is_pool_doc(doc) else \
-        (doc.get("family") or doc.get("source") or {}).get("weights_sha256")
+    if is_pool_doc(doc):  # the members the plan runs (a bundle holds those alone)
+        used = {key_model(key) for key in plan_keys(doc) + [plan_reference(doc)]}
+        weights = pool_weights_id([m["weights_sha256"] for m in doc["members"] if m["model"] in used])
+    else:
+        weights = (doc.get("family") or doc.get("source") or {}).get("weights_sha256")
     plan = {"weights": weights, "stages": stages, "measure": conf["measure"],
             "temperatures": [float(conf.get("temperatures", {}).get(str(r), 1.0)) for r, _ in stages],
             "combine": bool(conf.get("combine", False)), "decode_at": decode_at}
