@@ -14,8 +14,8 @@ from types import SimpleNamespace
 from rescascade.profiling.profile import Profile
 from rescascade.serve.errors import ConfigError, RescascadeError, check_int
 from rescascade.serve.fileio import output_file
-from rescascade.serve.names import stage_names
-from rescascade.serve.plan import plan_keys, plan_reference, stage_label
+from rescascade.serve.names import stage_label, stage_names
+from rescascade.serve.plan import plan_keys, plan_reference
 from rescascade.training.store import read_family_json, verify_files, weights_id
 
 from .builder import CascadeBuilder

@@ -20,6 +20,7 @@ from rescascade.serve.errors import ConfigError, RescascadeError, check_bool, ch
 from rescascade.training.config import check_resolutions
 
 from .serve.confidence import MEASURES
+from .serve.names import is_stage_name
 from .temperature import fit_temperature
 from .config import stages_json
 from .costs import CostModel
@@ -94,10 +95,10 @@ class CascadeBuilder:
         if not 0 < guarantee_fraction < 1:
             raise ConfigError(f"--guarantee-fraction {guarantee_fraction} must be in (0, 1)")
         if reference is not None:
-            if isinstance(reference, str) and not _is_stage_name(reference):
+            if isinstance(reference, str) and not is_stage_name(reference):
                 raise ConfigError(f"--reference {reference!r}: give a resolution (e.g. 224) or a pool's stage name "
                                   "(MODEL/rR, Pool.stages)")
-            reference = reference if _is_stage_name(reference) else check_int("reference", reference, 1)
+            reference = reference if is_stage_name(reference) else check_int("reference", reference, 1)
         if resolutions is not None:
             resolutions = _check_stages(resolutions)
         try:
@@ -271,18 +272,13 @@ class CascadeBuilder:
                 simulate(Cascade([Stage(self.reference_, -math.inf)]), views, costs))
 
 
-def _is_stage_name(key) -> bool:
-    """A pool's stage key (`pool.Pool`): its model and resolution, MODEL/rR."""
-    return isinstance(key, str) and "/r" in key
-
-
 def _check_stages(stages) -> tuple:
     """The pool to choose from: resolutions (one family: `check_resolutions`) or a pool's stage names."""
     stages = [stages] if isinstance(stages, (int, str)) else list(stages)
-    if any(isinstance(s, str) for s in stages) and not all(_is_stage_name(s) for s in stages):
+    if any(isinstance(s, str) for s in stages) and not all(is_stage_name(s) for s in stages):
         raise ConfigError(f"resolutions= {stages!r}: give resolutions (e.g. 96, 128) or a pool's stage names "
                           "(MODEL/rR, Pool.stages), not a mix")
-    if stages and all(_is_stage_name(s) for s in stages):
+    if stages and all(is_stage_name(s) for s in stages):
         if len(set(stages)) != len(stages):
             raise ConfigError(f"resolutions= {stages} repeats a stage; give each once")
         return tuple(stages)

@@ -115,7 +115,7 @@ class CostModel:
                 int(row.batch_size): float(row.median_ms + row.preprocess_ms + getattr(row, "overhead_ms", 0.0)
                                            - once.get(int(row.batch_size), 0.0)) / int(row.batch_size)
                 for row in rows.itertuples()}
-            if not batch_aware and batch_size not in table[int(r)]:
+            if batch_size not in table[int(r)]:  # batch-aware too: the first stage runs the full serving batch
                 raise RescascadeError(f"{where} has no batch-size-{batch_size} row for resolution {r} "
                                       f"(has {sorted(table[int(r)])}); profile with --batch-sizes {batch_size} or pick "
                                       "one of those with --batch-size")

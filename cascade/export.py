@@ -40,8 +40,8 @@ from rescascade.training.store import load_family, model_name, weights_id
 from .config import CascadeConfig, read_config
 from .runtime import check_member
 from .serve.bundle import BUNDLE_FORMAT, BUNDLE_SCHEMA, FAMILY_SCHEMA, RESIZE, Bundle, bundle_members
-from .serve.names import key_model, key_resolution
-from .serve.plan import plan_fields, stage_label
+from .serve.names import key_model, key_resolution, stage_label
+from .serve.plan import plan_fields
 
 _README = """A rescascade cascade, exported by `rescascade export` from {source}.
 

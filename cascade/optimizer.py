@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .serve.confidence import combine, confidence, log_probs
+from .serve.names import stage_label
 from .costs import CostModel
 from .predictions import Predictions
 
@@ -34,11 +35,6 @@ DEFAULT_TOLERANCES = (0.0, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 
 class Stage:
     resolution: int | str  # a family's resolution, or a pool's stage name (MODEL/rR, `pool.Pool`)
     threshold: float  # -inf for the last stage
-
-
-def stage_label(key: int | str) -> str:
-    """How a stage reads in text: rR for a family's resolution R, its name for a pool's stage (MODEL/rR)."""
-    return key if isinstance(key, str) else f"r{key}"
 
 
 @dataclass

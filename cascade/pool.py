@@ -142,13 +142,6 @@ class Pool:
                                                     decode_scale=m.doc.get("preprocessing", {}).get("decode_scale")))
             except RescascadeError as e:
                 raise type(e)(f"pool member {m.run_dir}: {e.cli_message}") from None
-        for m, c in zip(self.members, parts):  # one serving batch size, measured by every member: else mixed pricing
-            unprofiled = [r for r in c.table if batch_size not in c.table[r]]
-            if unprofiled:
-                raise RescascadeError(f"pool member {m.run_dir} has no batch-size-{batch_size} row for resolution(s) "
-                                      f"{unprofiled} (it has {sorted(c.table[unprofiled[0]])}): profile every member "
-                                      f"at the batch size served, `rescascade profile {m.run_dir} --batch-sizes "
-                                      f"{batch_size}`")
         kinds = {(c.backend, c.precision) for c in parts}
         if len(kinds) > 1:
             raise RescascadeError(f"the members' profiles price different backends/precisions ({sorted(kinds)}); give "

@@ -107,6 +107,7 @@ CASES = [
     ("build {root}/fam --target 1.5", "is ambiguous"),
     ("build {root}/fam --target 150", "is ambiguous"),
     ("build {root}/fam --batch-size 0", "--batch-size: must be an integer from 1 to 65536"),
+    ("build {root}/fam --batch-size 32 --batch-aware", "has no batch-size-32 row"),  # was priced by extrapolation
     ("eval {root}/bad/cascade_range.json", "is not a max_prob confidence"),
     ("eval {root}/bad/cascade_text.json", "is not a max_prob confidence"),
     ("eval {root}/list.json", "not an object"),

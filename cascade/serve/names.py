@@ -13,6 +13,11 @@ def stage_name(model: str | None, resolution: int) -> str:
     return f"{model}/r{int(resolution)}" if model else f"r{int(resolution)}"
 
 
+def stage_label(key: int | str) -> str:
+    """How text names a stage key: rR for a family's resolution R, the stage's name for a pool's (MODEL/rR)."""
+    return key if isinstance(key, str) else f"r{key}"
+
+
 def is_stage_name(key) -> bool:
     """Whether `key` is a pool's stage key, MODEL/rR (a family's stage key is its resolution, an int)."""
     if not isinstance(key, str) or "/r" not in key:

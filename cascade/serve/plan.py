@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from .confidence import MEASURES
-from .names import is_pool_doc, is_stage_name, key_resolution, stage_key, stage_name, stage_names
+from .names import is_pool_doc, is_stage_name, key_resolution, stage_key, stage_label, stage_name, stage_names
 
 PLAN_FIELDS = ("stages", "reference", "confidence", "decode", "expected")
 
@@ -105,11 +105,6 @@ def plan_problem(doc: dict, stages_allowed, num_classes: int) -> str | None:
                 all(s["resolution"] <= plan["resolution"] for s in stages)):
             return 'decode must be {"plan": "once", "resolution": R}, R one of its resolutions and no stage above it'
     return expected_problem(doc.get("expected"), len(stages))
-
-
-def stage_label(key) -> str:
-    """How a message names a stage key: rR for a family's resolution, the stage name for a pool's."""
-    return key if isinstance(key, str) else f"r{key}"
 
 
 def expected_problem(expected, n_stages: int) -> str | None:
