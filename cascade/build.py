@@ -13,10 +13,10 @@ from types import SimpleNamespace
 
 from rescascade.profiling.profile import Profile
 from rescascade.serve.errors import ConfigError, RescascadeError, check_int
-from rescascade.serve.fileio import output_file
+from rescascade.serve.fileio import not_an_input, output_file
 from rescascade.serve.names import stage_label, stage_names
 from rescascade.serve.plan import plan_keys, plan_reference
-from rescascade.training.store import read_family_json, verify_files, weights_id
+from rescascade.training.store import family_files, read_family_json, verify_files, weights_id
 
 from .builder import CascadeBuilder
 from .config import CascadeConfig, config_path
@@ -120,9 +120,11 @@ def run_build(run_dir, profile=None, backend: str | None = None, precision: str 
         raise ConfigError("a pool's cascade.json belongs to no one member: give --out (a file, or a directory for "
                           "DIR/cascade.json)")
     out = config_path(out if out is not None else run_dir, "--out")
+    inputs = [f for d in run_dirs for f in family_files(d)]
     for path in (out, *([out.with_name(out.stem + "_pareto.png"), out.with_name(out.stem + "_exits.png")] if plots
                         else [])):
         output_file(path)  # before the work: an output that cannot be written fails now, not after the fit
+        not_an_input(path, inputs)
     builder = CascadeBuilder(Target.parse(target, max_drop, budget), guarantee=guarantee, measure=measure,
                              temperature=temperature, combine=combine, exact=exact, reference=reference,
                              resolutions=resolutions, seed=seed, guarantee_fraction=guarantee_fraction,

@@ -19,11 +19,12 @@ import torch
 
 from rescascade.profiling.measure import torch_threads
 from rescascade.serve.errors import ConfigError, RescascadeError, check_int
-from rescascade.serve.fileio import output_file, write_json
+from rescascade.serve.fileio import not_an_input, output_file, write_json
 from rescascade.serve.limits import MAX_BATCH, MAX_THREADS
 from rescascade.serve.names import key_resolution, stage_name, stage_names
 from rescascade.serve.plan import plan_keys
 from rescascade.training.progress import progress
+from rescascade.training.store import family_files
 
 from .config import read_config
 from .optimizer import Cascade, Stage
@@ -60,6 +61,9 @@ def run_eval(cascade_json, data: str | None = None, backend: str | None = None, 
     b = batch_size or int(config.doc["profile"]["batch_size"])
     images, spec, digests, own = images_to_score(config, data, split, limit, log)
     out, plot_path = report_paths(config, out, split, spec, own, limit)
+    inputs = [config.path, *(f for d in config.member_dirs for f in family_files(d))]
+    for path in (out, plot_path):
+        not_an_input(path, inputs)
     with torch_threads(threads):
         calib = None if own else load_predictions(config.family_dir / "predictions" / "calib.npz")
         fitted_on = None if calib is None or calib.pixel_digests is None else set(calib.pixel_digests)

@@ -168,6 +168,12 @@ def check_members(members: list[Member]) -> None:
     bad = [type(m).__name__ for m in members if not isinstance(m, Member)]
     if bad:
         raise ConfigError(f"a Pool holds Members, got {bad[0]}: use Pool.load([run_dir, ...])")
+    models = {}  # model name -> the member of it: a pool's stages, cascade.json and bundle name members by model
+    for m in members:
+        if m.model in models and models[m.model].weights_sha256 != m.weights_sha256:
+            raise RescascadeError(f"{models[m.model].run_dir} and {m.run_dir} are both {m.model}: two families of one "
+                                  "model cannot be told apart in a pool's stage names; keep one of them")
+        models.setdefault(m.model, m)
     holder = {}  # stage name -> the member holding it
     for m in members:
         for s in m.stages:

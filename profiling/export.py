@@ -197,7 +197,12 @@ def _cache_hit(meta_path: Path, weights_id: str, files: list[Path]) -> dict | No
     each unchanged since it was checked (its sha256); None otherwise (export again)."""
     if not (meta_path.is_file() and all(f.is_file() for f in files)):
         return None
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):  # damaged: a cache miss, exported again
+        return None
+    if not isinstance(meta, dict):
+        return None
     same = meta.get("weights_sha256") == weights_id and meta.get("export_version") == EXPORT_VERSION and \
         meta.get("sha256") == {f.name: sha256_file(f) for f in files}
     return meta if same else None

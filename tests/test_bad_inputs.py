@@ -108,6 +108,8 @@ CASES = [
     ("build {root}/fam --target 150", "is ambiguous"),
     ("build {root}/fam --batch-size 0", "--batch-size: must be an integer from 1 to 65536"),
     ("build {root}/fam --batch-size 32 --batch-aware", "has no batch-size-32 row"),  # was priced by extrapolation
+    ("build {root}/fam --out {root}/fam/family.json", "one of this command's inputs"),  # was replaced
+    ("eval {root}/fam/cascade.json --out {root}/fam/cascade.json", "one of this command's inputs"),
     ("eval {root}/bad/cascade_range.json", "is not a max_prob confidence"),
     ("eval {root}/bad/cascade_text.json", "is not a max_prob confidence"),
     ("eval {root}/list.json", "not an object"),

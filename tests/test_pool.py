@@ -179,11 +179,37 @@ def test_a_pool_build_refuses_what_it_cannot_do_in_one_line(tiny_family, second_
              ([str(tiny_family), str(second_member), "--reference", "resnet18/r32", "--out", str(tmp_path / "c.json")],
               "resnet18/r32"),
              ([str(tiny_family), "--reference", "mobilenet_v2_x0.35/r32"], "resolution")]
+    cases += [([str(tiny_family), str(second_member), "--out", str(second_member / name)], "one of this command's "
+               "inputs") for name in ("family.json", "profile.csv", "predictions/calib.npz")]
+    before = {f: f.read_bytes() for f in second_member.rglob("*") if f.is_file()}
     for argv, message in cases:
         assert main(["build", *argv]) == 2, argv
         err = capsys.readouterr().err
         assert message in err and "Traceback" not in err, (argv, err)
     assert not (tmp_path / "c.json").exists()
+    assert {f: f.read_bytes() for f in second_member.rglob("*") if f.is_file()} == before  # nothing replaced
+
+
+def test_two_families_of_one_model_and_stages_not_in_the_pool_are_one_line(tiny_family, second_member, tmp_path):
+    """Two trainings of one model cannot share a pool (its stage names, cascade.json and bundle name members by
+    model): refused up front, not at save. A runner asked for a stage the cascade lacks is a ConfigError."""
+    import dataclasses
+    import math
+
+    from rescascade.optimizer import Cascade, Stage
+    from rescascade.pool import Member, check_members
+    from rescascade.runtime import CascadeRunner
+    a = Member.load(second_member)
+    other = dataclasses.replace(a, run_dir=tmp_path / "eff40", doc={**a.doc, "files": {"other.safetensors": "0" * 64}})
+    with pytest.raises(RescascadeError, match="are both test_efficientnet"):
+        check_members([Member.load(tiny_family), a, other])
+    pool = Pool.load([tiny_family, second_member])
+    costs = pool.costs(batch_size=4)
+    builder = CascadeBuilder(Target.best()).fit(pool.predictions("calib"), costs)
+    path = CascadeConfig.from_builder(builder, pool, None, costs).save(tmp_path / "pool.json")
+    for stage in (48, "resnet18/r32", "test_efficientnet/r99"):
+        with pytest.raises(ConfigError, match="a pool's stages are named MODEL/rR"):
+            CascadeRunner(path, stages=Cascade([Stage(stage, -math.inf)]), warmup=False)
 
 
 def test_members_that_cannot_be_compared_are_one_line_naming_both(tiny_family, second_member, tmp_path):

@@ -191,6 +191,11 @@ def test_cli_pipeline_end_to_end(tmp_path, capsys):
     assert "is ambiguous" in capsys.readouterr().err
 
 
+def _images(n: int) -> list:
+    held = load_data("synthetic:384", seed=0, heldout_per_class=20).test
+    return [held.read(i) for i in range(n)]
+
+
 def test_a_weight_file_changed_after_the_build_is_refused(built, tmp_path):
     """The ONNX Runtime runner opens its sessions from the family's checked export without loading the weights,
     yet a weight file changed since the build (the shared weights or a patch, one bit) is refused on every backend."""
@@ -201,7 +206,10 @@ def test_a_weight_file_changed_after_the_build_is_refused(built, tmp_path):
     config.doc["family"]["path"] = str(copy)
     config.save(tmp_path / "cascade.json")
     assert (copy / "onnx" / "shared.fp32.json").is_file()  # the export the runner reuses
-    CascadeRunner(tmp_path / "cascade.json", warmup=False)
+    want = CascadeRunner(tmp_path / "cascade.json", warmup=False)(_images(4)).labels
+    for damaged in ("not json {", "[1, 2]"):  # a damaged export record: exported again, not a traceback
+        (copy / "onnx" / "shared.fp32.json").write_text(damaged)
+        assert np.array_equal(CascadeRunner(tmp_path / "cascade.json", warmup=False)(_images(4)).labels, want)
     for name in ("shared.safetensors", "patches/r032.safetensors"):
         data = (copy / name).read_bytes()
         (copy / name).write_bytes(data[:-1] + bytes([data[-1] ^ 1]))

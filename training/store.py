@@ -166,6 +166,22 @@ def _load_tensors(path: Path, expected_sha: str | None, what: str) -> dict[str, 
         raise ArtifactError(f"{path} is not a readable safetensors file ({e}); restore it or re-run train") from None
 
 
+FAMILY_INPUTS = ("family.json", "predictions", "patches", "onnx", "shared.safetensors")  # what commands read
+
+
+def family_files(run_dir) -> list[Path]:
+    """The files of a family directory that rescascade's commands read (family.json, weights, patches,
+    predictions, the ONNX export cache, profiles): an output must never be written over one of them."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        return []
+    out = []
+    for entry in run_dir.iterdir():
+        if entry.name in FAMILY_INPUTS or entry.name.startswith("profile"):
+            out += [entry] if entry.is_file() else [f for f in entry.rglob("*") if f.is_file()]
+    return out
+
+
 def verify_files(run_dir, doc: dict) -> None:
     """Every weight file family.json lists is there with the sha256 it records (RescascadeError naming the first that
     is not)."""

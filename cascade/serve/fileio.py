@@ -35,6 +35,18 @@ def printable_streams() -> None:
             stream.reconfigure(errors="backslashreplace")
 
 
+def not_an_input(path, inputs, what: str = "--out") -> None:
+    """ConfigError (naming `what`) when the output `path` (a link: its target) is one of a command's input files
+    `inputs` (paths; those that do not exist are skipped): an output never replaces what the command reads."""
+    target = os.path.realpath(path)
+    if not os.path.exists(target):
+        return
+    for source in inputs:
+        if os.path.exists(source) and os.path.samefile(target, source):
+            raise ConfigError(f"{what} {path} is {source}, one of this command's inputs: writing there would replace "
+                              "it; give another file")
+
+
 def output_file(path, what: str = "--out") -> Path:
     """The file an output named `path` is written to: `path` itself, or the file a symbolic link there points to
     (written through: the link stays a link). Nothing is written here; every writer calls this first, and a command
