@@ -180,6 +180,11 @@ class CascadeConfig:
         return list(self.doc["members"]) if self.pooled else [self.doc["family"]]
 
     @property
+    def stage_keys(self) -> list:
+        """The stage keys it may run: its family's resolutions, or every pool member's MODEL/rR."""
+        return stage_keys(self.doc)
+
+    @property
     def member_dirs(self) -> list[Path]:
         """Each member's directory: as recorded, or relative to cascade.json when it was moved with it."""
         out = []
@@ -248,6 +253,14 @@ def _is_int(v) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def stage_keys(doc: dict) -> list:
+    """The stage keys a cascade.json's content may run (`serve.names.stage_key`): its family's resolutions, or
+    every pool member's MODEL/rR."""
+    if is_pool_doc(doc):
+        return [stage_name(m["model"], r) for m in doc["members"] for r in m["resolutions"]]
+    return list(doc["family"]["resolutions"])
+
+
 def _family_entry_problem(fam, what: str) -> str | None:
     """What is wrong with cascade.json's record of a family ("family", or one of a pool's "members")."""
     if not isinstance(fam, dict):
@@ -281,13 +294,13 @@ def validate(doc: dict, path) -> None:
                    f"members[{k}].model must name its model (one line of text, no /)")
         _check(len({m["model"] for m in members}) == len(members), path, "two members name the same model")
         _check(len({m["num_classes"] for m in members}) == 1, path, "the members must predict the same classes")
-        allowed = [stage_name(m["model"], r) for m in members for r in m["resolutions"]]
         num_classes = members[0]["num_classes"]
     else:
         _check("family" in doc, path, 'it names no family ("family") and no pool ("members")')
         problem = _family_entry_problem(doc["family"], "family")
         _check(problem is None, path, problem)
-        allowed, num_classes = doc["family"]["resolutions"], doc["family"]["num_classes"]
+        num_classes = doc["family"]["num_classes"]
+    allowed = stage_keys(doc)
     prof = doc["profile"]
     _check(isinstance(prof.get("backend"), str) and isinstance(prof.get("precision"), str), path,
            "profile.backend and profile.precision must be names")

@@ -40,7 +40,7 @@ from .optimizer import Cascade, Stage
 from .serve.counts import ExitCounts, plan_identity
 from .serve.exits import CascadeResult, StageTiming, decision_step, exit_step, in_batches, load_inputs, warmup_sizes
 from .serve.loop import MemberEngines, run_plan
-from .serve.names import key_model, key_resolution, stage_name
+from .serve.names import key_model, key_resolution
 from .serve.plan import Plan
 
 __all__ = ["CascadeRunner", "CascadeResult", "StageTiming", "decision_step", "exit_step"]
@@ -185,16 +185,14 @@ class CascadeRunner:
 
     def _open(self, key) -> None:
         """Open the engine of the stage keyed `key` (its resolution; a pool's MODEL/rR)."""
-        members = self.config.members
-        have = [stage_name(m["model"], r) for m in members for r in m["resolutions"]] if self.config.pooled else \
-            list(members[0]["resolutions"])
+        have = self.config.stage_keys
         if key not in have:
             raise ConfigError(f"stage {key!r} is not one of this cascade's (it has {', '.join(map(str, have))}): "
                               + ("a pool's stages are named MODEL/rR" if self.config.pooled else
                                  "a family's stages are its resolutions"))
         model = key_model(key)
         if model not in self._openers:  # a pool member's first stage: its engine
-            k = [m["model"] for m in members].index(model)
+            k = [m["model"] for m in self.config.members].index(model)
             self.engine.engines[model], self._openers[model] = self._member_engine(k)
         self._openers[model](key_resolution(key))
         self._opened.add(key)
